@@ -1,0 +1,152 @@
+# -*- test-case-name: tests.test_auth -*-
+"""
+Local authentication: a twisted.cred checker over the hashed users file and
+a realm that turns an authenticated name into an L{IProxyUser}.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailproxy.config import Config, UpstreamConfig
+from mailproxy.interfaces import IProxyUser
+from mailproxy.passwords import UsersFileError, hashPassword, readUsers, verifyPassword
+
+RunInThread = Callable[[Callable[[], bool]], "Deferred[bool]"]
+
+# Verified for unknown users so that a missing name costs the same time as a
+# wrong password.
+_DECOY_HASH = hashPassword("mailproxy decoy", log2N=15)
+
+
+def threadRunner(reactor: IReactorThreads) -> RunInThread:
+    """
+    Run hashing in C{reactor}'s thread pool, off the reactor thread.
+    """
+
+    def run(work: Callable[[], bool]) -> Deferred[bool]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+    return run
+
+
+def inlineRunner(work: Callable[[], bool]) -> Deferred[bool]:
+    """
+    Run hashing inline: for tests only.
+    """
+    return succeed(work())
+
+
+@implementer(ICredentialsChecker)
+class UsersFileChecker:
+    """
+    Check user names and passwords against a users file of scrypt hashes.
+
+    The file is read again whenever its modification time changes, so
+    C{python -m mailproxy.passwd} takes effect without a restart.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+    log = Logger()
+
+    def __init__(self, path: str, runInThread: RunInThread) -> None:
+        self._path = path
+        self._runInThread = runInThread
+        self._stamp: tuple[int, int] | None = None
+        self._users: dict[str, str] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """
+        Read the users file if it changed.
+
+        @raise UsersFileError: if it cannot be read.
+        """
+        status = os.stat(self._path)
+        stamp = (status.st_mtime_ns, status.st_size)
+        if stamp != self._stamp:
+            self._users = readUsers(self._path)
+            self._stamp = stamp
+
+    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[Any]:
+        try:
+            self.reload()
+        except (OSError, UsersFileError) as error:
+            # Keep serving with the users we had; an admin mid-edit must not
+            # lock everybody out.
+            self.log.error("users file {path} not reloaded: {error}", path=self._path, error=str(error))
+        rawName: bytes | str = credentials.username
+        username = rawName.decode("utf-8", "replace") if isinstance(rawName, bytes) else rawName
+        rawPassword: bytes | str = credentials.password
+        password = rawPassword.encode("utf-8") if isinstance(rawPassword, str) else rawPassword
+        encoded = self._users.get(username)
+        found = encoded is not None
+
+        def check() -> bool:
+            return verifyPassword(password, encoded or _DECOY_HASH) and found
+
+        def decide(ok: bool) -> str:
+            if not ok:
+                raise UnauthorizedLogin()
+            return username
+
+        return self._runInThread(check).addCallback(decide)
+
+
+@implementer(IProxyUser)
+class ProxyUser:
+    """
+    An authenticated user and the upstream their session goes to.
+    """
+
+    def __init__(
+        self, username: str, upstream: UpstreamConfig, upstreamUsername: str, upstreamPassword: str | None
+    ) -> None:
+        self.username = username
+        self.upstream = upstream
+        self.upstreamUsername = upstreamUsername
+        self.upstreamPassword = upstreamPassword
+
+
+class NoRoute(UnauthorizedLogin):
+    """
+    The user authenticated but the configuration routes them nowhere.
+    """
+
+
+@implementer(IRealm)
+class ProxyRealm:
+    """
+    Map local users to their upstream routes.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+
+    def requestAvatar(self, avatarId: Any, mind: object, *interfaces: Any) -> tuple[Any, ProxyUser, Callable[[], None]]:
+        if IProxyUser not in interfaces:
+            raise NotImplementedError("mailproxy only offers IProxyUser avatars")
+        route = self._config.routeFor(avatarId)
+        if route is None:
+            raise NoRoute(f"no upstream route for {avatarId!r}")
+        user = ProxyUser(avatarId, self._config.upstreams[route.upstream], route.username or avatarId, route.password)
+        return IProxyUser, user, lambda: None
+
+
+def makePortal(config: Config, runInThread: RunInThread) -> Portal:
+    """
+    Build the portal every front end logs users in through.
+    """
+    return Portal(ProxyRealm(config), [UsersFileChecker(config.usersFile, runInThread)])

@@ -1,0 +1,306 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The TOML configuration, read into frozen dataclasses.
+
+Every problem is reported as one L{ConfigError} naming the key, so a broken
+configuration stops start-up with one clear line.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.endpoints import serverFromString
+
+
+class ConfigError(Exception):
+    """
+    The configuration is invalid; the message names the key.
+    """
+
+
+class TLSMode(enum.Enum):
+    PLAIN = "plain"
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    endpoint: str
+    tls: TLSMode
+    protocol: str = "imap"
+    certificate: str | None = None
+    privateKey: str | None = None
+    allowPlaintextAuth: bool = False
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    host: str
+    port: int
+    tls: TLSMode
+    caFile: str | None = None
+    verify: bool = True
+    serverName: str | None = None
+    connectTimeout: float = 10.0
+
+    @property
+    def verifyName(self) -> str:
+        """
+        The name the upstream certificate must match.
+        """
+        return self.serverName or self.host
+
+
+@dataclass(frozen=True)
+class UserRoute:
+    """
+    Where a user's session goes and with which credentials.
+
+    @ivar username: upstream user name; C{None} reuses the local name.
+    @ivar password: upstream password; C{None} reuses the client's
+        (passthrough).
+    """
+
+    upstream: str
+    username: str | None = None
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...]
+    upstreams: Mapping[str, UpstreamConfig]
+    usersFile: str
+    defaultRoute: UserRoute | None
+    routes: Mapping[str, UserRoute] = field(default_factory=dict)
+    authFailureDelay: float = 2.0
+    greeting: str = "mailproxy ready."
+    preAuthTimeout: float = 60.0
+    authenticatedTimeout: float = 30 * 60.0
+
+    def routeFor(self, username: str) -> UserRoute | None:
+        """
+        The route of C{username}, or C{None} if it has none.
+        """
+        return self.routes.get(username, self.defaultRoute)
+
+
+def loadConfig(path: str) -> Config:
+    """
+    Read and validate the TOML file at C{path}.
+
+    Relative file names in it are taken relative to the file's directory.
+
+    @raise ConfigError: naming the key and the problem.
+    """
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    return parseConfig(document, os.path.dirname(os.path.abspath(path)))
+
+
+def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
+    """
+    Validate an already-decoded configuration document.
+    """
+    reader = _Reader(document, "", baseDir)
+    _rejectUnknown(reader, {"server", "auth", "listener", "upstream", "routing"})
+    server = reader.table("server")
+    auth = reader.table("auth")
+    _rejectUnknown(server, {"greeting", "preauth_timeout", "authenticated_timeout"})
+    _rejectUnknown(auth, {"users_file", "failure_delay"})
+
+    upstreams = {}
+    upstreamTables = reader.table("upstream")
+    for name in upstreamTables.keys():
+        upstreams[name] = _upstream(name, upstreamTables.table(name))
+    if not upstreams:
+        raise ConfigError("upstream: at least one [upstream.NAME] table is required")
+
+    listeners = tuple(_listener(item) for item in reader.tableArray("listener"))
+    if not listeners:
+        raise ConfigError("listener: at least one [[listener]] is required")
+    names = [listener.name for listener in listeners]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"listener: name {name!r} is used twice")
+
+    routing = reader.table("routing")
+    _rejectUnknown(routing, {"default_upstream", "default_password", "users"})
+    defaultRoute = None
+    defaultUpstream = routing.string("default_upstream", None)
+    if defaultUpstream is not None:
+        _checkUpstream(routing, "default_upstream", defaultUpstream, upstreams)
+        defaultRoute = UserRoute(defaultUpstream, None, _password(routing, "default_password"))
+    routes = {}
+    userTables = routing.table("users")
+    for user in userTables.keys():
+        table = userTables.table(user)
+        _rejectUnknown(table, {"upstream", "username", "password"})
+        upstream = table.string("upstream", defaultUpstream)
+        if upstream is None:
+            raise ConfigError(f"{table.where('upstream')}: required (no routing.default_upstream)")
+        _checkUpstream(table, "upstream", upstream, upstreams)
+        routes[user] = UserRoute(upstream, table.string("username", None), _password(table, "password"))
+
+    return Config(
+        listeners=listeners,
+        upstreams=upstreams,
+        usersFile=auth.path("users_file", required=True) or "",
+        defaultRoute=defaultRoute,
+        routes=routes,
+        authFailureDelay=auth.number("failure_delay", 2.0),
+        greeting=server.string("greeting", "mailproxy ready.") or "mailproxy ready.",
+        preAuthTimeout=server.number("preauth_timeout", 60.0),
+        authenticatedTimeout=server.number("authenticated_timeout", 30 * 60.0),
+    )
+
+
+def _password(table: _Reader, key: str) -> str | None:
+    value = table.string(key, "passthrough")
+    return None if value == "passthrough" else value
+
+
+def _checkUpstream(table: _Reader, key: str, name: str, upstreams: Mapping[str, UpstreamConfig]) -> None:
+    if name not in upstreams:
+        raise ConfigError(f"{table.where(key)}: no upstream named {name!r}")
+
+
+def _listener(table: _Reader) -> ListenerConfig:
+    _rejectUnknown(table, {"name", "protocol", "endpoint", "tls", "certificate", "private_key", "allow_plaintext_auth"})
+    endpoint = table.string("endpoint", None)
+    if endpoint is None:
+        raise ConfigError(f"{table.where('endpoint')}: required (a Twisted endpoint string, e.g. tcp:143)")
+    try:
+        # Parsing builds the endpoint object without touching a reactor.
+        serverFromString(None, endpoint)
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise ConfigError(f"{table.where('endpoint')}: invalid endpoint {endpoint!r}: {error}") from None
+    protocol = table.string("protocol", "imap")
+    if protocol != "imap":
+        raise ConfigError(f"{table.where('protocol')}: unsupported protocol {protocol!r} (supported: imap)")
+    tls = _tlsMode(table)
+    certificate = table.path("certificate")
+    privateKey = table.path("private_key") or certificate
+    if tls is not TLSMode.PLAIN:
+        if certificate is None:
+            raise ConfigError(f"{table.where('certificate')}: required when tls = {tls.value!r}")
+        for key, value in (("certificate", certificate), ("private_key", privateKey)):
+            if value is not None and not os.path.isfile(value):
+                raise ConfigError(f"{table.where(key)}: no such file {value!r}")
+    return ListenerConfig(
+        name=table.string("name", None) or endpoint,
+        endpoint=endpoint,
+        tls=tls,
+        protocol=protocol,
+        certificate=certificate,
+        privateKey=privateKey,
+        allowPlaintextAuth=table.boolean("allow_plaintext_auth", False),
+    )
+
+
+def _upstream(name: str, table: _Reader) -> UpstreamConfig:
+    _rejectUnknown(table, {"host", "port", "tls", "ca_file", "verify", "server_name", "connect_timeout"})
+    host = table.string("host", None)
+    if not host:
+        raise ConfigError(f"{table.where('host')}: required")
+    port = table.number("port", None)
+    if port is None or port != int(port) or not 0 < port < 65536:
+        raise ConfigError(f"{table.where('port')}: required, an integer from 1 to 65535")
+    caFile = table.path("ca_file")
+    if caFile is not None and not os.path.isfile(caFile):
+        raise ConfigError(f"{table.where('ca_file')}: no such file {caFile!r}")
+    return UpstreamConfig(
+        name=name,
+        host=host,
+        port=int(port),
+        tls=_tlsMode(table),
+        caFile=caFile,
+        verify=table.boolean("verify", True),
+        serverName=table.string("server_name", None),
+        connectTimeout=table.number("connect_timeout", 10.0),
+    )
+
+
+def _tlsMode(table: _Reader) -> TLSMode:
+    value = table.string("tls", "plain")
+    try:
+        return TLSMode(value)
+    except ValueError:
+        raise ConfigError(f"{table.where('tls')}: {value!r} is not one of plain, starttls, implicit") from None
+
+
+def _rejectUnknown(table: _Reader, known: set[str]) -> None:
+    for key in table.keys():
+        if key not in known:
+            raise ConfigError(f"{table.where(key)}: unknown key (expected one of {', '.join(sorted(known))})")
+
+
+class _Reader:
+    """
+    Typed access to one TOML table, with its dotted location for messages.
+    """
+
+    def __init__(self, data: Mapping[str, Any], location: str, baseDir: str) -> None:
+        self._data = data
+        self._location = location
+        self._baseDir = baseDir
+
+    def where(self, key: str) -> str:
+        return f"{self._location}.{key}" if self._location else key
+
+    def keys(self) -> list[str]:
+        return list(self._data)
+
+    def table(self, key: str) -> _Reader:
+        value = self._data.get(key, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.where(key)}: must be a table")
+        return _Reader(value, self.where(key), self._baseDir)
+
+    def tableArray(self, key: str) -> list[_Reader]:
+        value = self._data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            raise ConfigError(f"{self.where(key)}: must be an array of tables ([[{key}]])")
+        return [_Reader(item, f"{self.where(key)}[{index}]", self._baseDir) for index, item in enumerate(value)]
+
+    def string(self, key: str, default: str | None) -> str | None:
+        value = self._data.get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{self.where(key)}: must be a string")
+        return value
+
+    def number(self, key: str, default: Any) -> Any:
+        value = self._data.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{self.where(key)}: must be a non-negative number")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._data.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.where(key)}: must be true or false")
+        return value
+
+    def path(self, key: str, required: bool = False) -> str | None:
+        value = self.string(key, None)
+        if value is None:
+            if required:
+                raise ConfigError(f"{self.where(key)}: required")
+            return None
+        return os.path.join(self._baseDir, os.path.expanduser(value))

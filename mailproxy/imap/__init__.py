@@ -1,0 +1,3 @@
+"""
+IMAP: the sans-IO framer, the client-facing server and the upstream client.
+"""

@@ -1,0 +1,178 @@
+# -*- test-case-name: tests.test_imap_framer -*-
+"""
+Sans-IO, literal-aware framing of an IMAP byte stream.
+
+The same framer serves both directions of the proxy: commands from clients
+and responses from servers use the same literal syntax (C{{n}}, C{{n+}},
+C{~{n}}).  It never buffers a literal: literal bytes come out as
+L{LiteralChunk} events as soon as they arrive, so a relay can stream a
+50 MB message without holding it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+CRLF = b"\r\n"
+
+# A line that announces a literal ends with {n}, {n+} (LITERAL+, RFC 7888)
+# or ~{n} (BINARY, RFC 3516) right before CRLF.
+_LITERAL_AT_END = re.compile(rb"(~?)\{([0-9]{1,20})(\+?)\}\r\n\Z")
+# Status responses carry resp-text, which never announces a literal even if
+# its human-readable text happens to end in "{5}".
+_STATUS_RESPONSE = re.compile(rb"\A\S+ (?:OK|NO|BAD|BYE|PREAUTH)(?: |\r\n)", re.IGNORECASE)
+
+
+class FramingError(Exception):
+    """
+    The peer broke IMAP framing (a line longer than allowed, or an
+    impossible literal size); the connection cannot continue safely.
+    """
+
+
+@dataclass(frozen=True)
+class Line:
+    """
+    One CRLF-terminated line, CRLF included.
+
+    @ivar continuation: C{True} if this line continues a command or
+        response that a literal interrupted, C{False} if it starts one.
+    @ivar literal: size of the literal this line announces, or C{None}.
+    @ivar nonSynchronizing: the literal is C{{n+}}: no server continuation
+        is awaited before it is sent.
+    """
+
+    raw: bytes
+    continuation: bool
+    literal: int | None = None
+    nonSynchronizing: bool = False
+
+    @property
+    def complete(self) -> bool:
+        """
+        C{True} if this line ends its command or response.
+        """
+        return self.literal is None
+
+
+@dataclass(frozen=True)
+class LiteralChunk:
+    """
+    Some bytes of a literal; C{remaining} of it are still to come.
+    """
+
+    data: bytes
+    remaining: int
+
+
+Event = Line | LiteralChunk
+
+
+class IMAPFramer:
+    """
+    Split an IMAP stream into lines and streamed literals.
+
+    @param maxLineLength: the longest line (CRLF included) accepted before
+        L{FramingError} is raised; literals do not count.
+    @param responses: C{True} for a server-to-client stream, where status
+        responses (OK/NO/BAD/BYE/PREAUTH) and continuation requests never
+        announce literals.
+    """
+
+    def __init__(self, maxLineLength: int = 65536, *, responses: bool = False) -> None:
+        self.maxLineLength = maxLineLength
+        self._responses = responses
+        self._buffer = b""
+        self._literalRemaining = 0
+        self._continuation = False
+        self.maxLiteralSize: int | None = None
+
+    @property
+    def inLiteral(self) -> bool:
+        """
+        C{True} while literal bytes are expected.
+        """
+        return self._literalRemaining > 0
+
+    @property
+    def atBoundary(self) -> bool:
+        """
+        C{True} if the stream so far ends exactly between two commands or
+        responses, with nothing partial buffered.
+        """
+        return not self._buffer and not self._literalRemaining and not self._continuation
+
+    def pending(self) -> bytes:
+        """
+        Bytes received but not yet framed (a partial line).
+        """
+        return self._buffer
+
+    def cancelLiteral(self) -> None:
+        """
+        Forget an announced synchronising literal that the peer will not send
+        because it was refused (tagged NO/BAD instead of a continuation).
+        """
+        self._literalRemaining = 0
+        self._continuation = False
+
+    def feed(self, data: bytes) -> list[Event]:
+        """
+        Frame C{data}; return the events it completes, in order.
+
+        @raise FramingError: if the stream is not valid IMAP framing.
+        """
+        events: list[Event] = []
+        if self._buffer:
+            data = self._buffer + data
+            self._buffer = b""
+        view = memoryview(data)
+        position = 0
+        end = len(data)
+        while position < end:
+            if self._literalRemaining:
+                take = min(self._literalRemaining, end - position)
+                self._literalRemaining -= take
+                events.append(LiteralChunk(bytes(view[position : position + take]), self._literalRemaining))
+                position += take
+                continue
+            newline = data.find(b"\n", position)
+            if newline < 0:
+                if end - position >= self.maxLineLength:
+                    raise FramingError(f"line longer than {self.maxLineLength} octets")
+                self._buffer = data[position:]
+                break
+            if newline + 1 - position > self.maxLineLength:
+                raise FramingError(f"line longer than {self.maxLineLength} octets")
+            events.append(self._line(data[position : newline + 1]))
+            position = newline + 1
+        return events
+
+    def _line(self, raw: bytes) -> Line:
+        continuation = self._continuation
+        if not raw.endswith(CRLF):
+            # A bare LF ends the line too; tolerate it rather than hang, but
+            # it never announces a literal.
+            self._continuation = False
+            return Line(raw, continuation)
+        size, nonSync = self._announcedLiteral(raw, continuation)
+        if size is None:
+            self._continuation = False
+            return Line(raw, continuation)
+        if self.maxLiteralSize is not None and size > self.maxLiteralSize:
+            raise FramingError(f"literal of {size} octets exceeds {self.maxLiteralSize}")
+        self._literalRemaining = size
+        self._continuation = True
+        return Line(raw, continuation, size, nonSync)
+
+    def _announcedLiteral(self, raw: bytes, continuation: bool) -> tuple[int | None, bool]:
+        if raw[-3:-2] != b"}":
+            return None, False
+        if self._responses and not continuation:
+            if raw.startswith(b"+") or _STATUS_RESPONSE.match(raw):
+                return None, False
+        match = _LITERAL_AT_END.search(raw)
+        if match is None:
+            return None, False
+        return int(match.group(2)), bool(match.group(3))

@@ -1,0 +1,490 @@
+# -*- test-case-name: tests.test_imap_server -*-
+"""
+The client-facing IMAP protocol: the proxy's own pre-authentication dialogue
+(greeting, CAPABILITY, STARTTLS, LOGIN, AUTHENTICATE PLAIN), then a
+literal-aware relay to the user's upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from mailproxy.config import Config, ListenerConfig, TLSMode, UpstreamConfig
+from mailproxy.imap.framer import Event, FramingError, IMAPFramer, Line, LiteralChunk
+from mailproxy.imap.syntax import RELAY_CAPABILITIES, SyntaxError_, parseArguments, rewriteCapabilities, tagAndCommand
+from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession, setNoDelay
+from mailproxy.interfaces import IProxyUser
+
+PREAUTH_MAX_LINE = 64 * 1024
+PREAUTH_MAX_LITERAL = 64 * 1024
+RELAY_MAX_LINE = 1024 * 1024
+
+ConnectUpstream = Callable[[UpstreamConfig, str, str, str], "Deferred[UpstreamSession]"]
+
+# Commands the proxy answers itself after login instead of relaying.
+_ALREADY_AUTHENTICATED = frozenset({b"LOGIN", b"AUTHENTICATE"})
+_NOT_RELAYED = frozenset({b"STARTTLS", b"COMPRESS"})
+
+
+class State(enum.Enum):
+    NOT_AUTHENTICATED = "not authenticated"
+    SASL_RESPONSE = "awaiting SASL response"
+    LOGGING_IN = "logging in"
+    RELAYING = "relaying"
+    CLOSED = "closed"
+
+
+@dataclass
+class ServerContext:
+    """
+    What every connection on one listener shares.
+    """
+
+    config: Config
+    listener: ListenerConfig
+    portal: Portal
+    clock: IReactorTime
+    connectUpstream: ConnectUpstream
+    tlsOptions: Any = None
+
+
+class _PendingCommand:
+    def __init__(self) -> None:
+        self.segments: list[bytes] = []
+        self.literals: list[bytes] = []
+        self._literal = bytearray()
+
+    def addLine(self, line: Line) -> None:
+        self.segments.append(line.raw)
+
+    def addLiteral(self, chunk: LiteralChunk) -> None:
+        self._literal += chunk.data
+        if not chunk.remaining:
+            self.literals.append(bytes(self._literal))
+            self._literal = bytearray()
+
+
+class IMAPServerProtocol(Protocol, TimeoutMixin):
+    """
+    One client connection.
+    """
+
+    log = Logger()
+    transport: ITransport
+
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+        self.state = State.NOT_AUTHENTICATED
+        self.tlsActive = context.listener.tls is TLSMode.IMPLICIT
+        self.framer = IMAPFramer(PREAUTH_MAX_LINE)
+        self.framer.maxLiteralSize = PREAUTH_MAX_LITERAL
+        self.user: Any = None
+        self.upstream: UpstreamIMAPProtocol | None = None
+        self.clientAddress = "?"
+        self._queue: deque[Event] = deque()
+        self._command: _PendingCommand | None = None
+        self._saslTag = b""
+        self._logout: Callable[[], None] | None = None
+        self._localReplies: list[bytes] = []
+        self._discardingTag: bytes | None = None
+        self._upstreamSaidBye = False
+        self.callLater = context.clock.callLater  # type: ignore[method-assign, assignment]
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.clientAddress = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        setNoDelay(self.transport)
+        self.setTimeout(self.context.config.preAuthTimeout)
+        self.log.info(
+            "{client} connected to listener {listener} (tls={tls})",
+            client=self.clientAddress,
+            listener=self.context.listener.name,
+            tls=self.tlsActive,
+        )
+        self._send(b"* OK [CAPABILITY " + self.capabilities() + b"] " + self.context.config.greeting.encode() + b"\r\n")
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.setTimeout(None)
+        self.state = State.CLOSED
+        if self.upstream is not None and self.upstream.connected:
+            self.upstream.transport.loseConnection()
+        if self._logout is not None:
+            logout, self._logout = self._logout, None
+            logout()
+        self.log.info("{client} disconnected", client=self.clientAddress)
+
+    def timeoutConnection(self) -> None:
+        self.log.info("{client} idle too long; disconnecting", client=self.clientAddress)
+        self._sendAtBoundary(b"* BYE Autologout; idle for too long\r\n")
+        self.transport.loseConnection()
+
+    def _send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def _close(self, bye: bytes) -> None:
+        self._send(b"* BYE " + bye + b"\r\n")
+        self.state = State.CLOSED
+        self.transport.loseConnection()
+
+    # -- what the client may do ---------------------------------------------
+
+    @property
+    def authenticationAllowed(self) -> bool:
+        return self.tlsActive or self.context.listener.allowPlaintextAuth
+
+    def capabilities(self) -> bytes:
+        names = [b"IMAP4rev1", b"ID", b"SASL-IR"]
+        if self.context.listener.tls is TLSMode.STARTTLS and not self.tlsActive:
+            names.append(b"STARTTLS")
+        names.append(b"AUTH=PLAIN" if self.authenticationAllowed else b"LOGINDISABLED")
+        return b" ".join(names)
+
+    # -- input ----------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        try:
+            events = self.framer.feed(data)
+        except FramingError as error:
+            self.log.warn("{client} broke IMAP framing: {error}", client=self.clientAddress, error=str(error))
+            self._sendAtBoundary(b"* BYE " + _protocolText(str(error)) + b"\r\n")
+            self.state = State.CLOSED
+            self.transport.loseConnection()
+            return
+        if self.state is State.RELAYING:
+            for event in events:
+                self._relayFromClient(event)
+            return
+        self._queue.extend(events)
+        self._processQueue()
+
+    def _processQueue(self) -> None:
+        while self._queue and self.state in (State.NOT_AUTHENTICATED, State.SASL_RESPONSE):
+            event = self._queue.popleft()
+            if self.state is State.SASL_RESPONSE:
+                self._saslResponse(event)
+            else:
+                self._preAuthEvent(event)
+
+    def _preAuthEvent(self, event: Event) -> None:
+        if self._command is None:
+            self._command = _PendingCommand()
+        if isinstance(event, LiteralChunk):
+            self._command.addLiteral(event)
+            return
+        self._command.addLine(event)
+        if event.literal is not None:
+            if not event.nonSynchronizing:
+                self._send(b"+ Ready for literal data\r\n")
+            return
+        command, self._command = self._command, None
+        self._dispatch(command)
+
+    def _dispatch(self, command: _PendingCommand) -> None:
+        first = command.segments[0]
+        parsed = tagAndCommand(first)
+        if parsed is None:
+            self._send(b"* BAD Invalid tag or command\r\n")
+            return
+        tag, name = parsed
+        handler = getattr(self, "preauth_" + name.decode("ascii").replace("-", "_").replace(".", "_"), None)
+        if handler is None:
+            self._send(tag + b" BAD Command " + name + b" is not valid before authentication\r\n")
+            return
+        segments = [first[len(tag) + 1 + len(name) :]] + command.segments[1:]
+        try:
+            arguments = parseArguments(segments, command.literals)
+        except SyntaxError_ as error:
+            self._send(tag + b" BAD " + _protocolText(str(error)) + b"\r\n")
+            return
+        handler(tag, arguments)
+
+    def preauth_CAPABILITY(self, tag: bytes, arguments: list[bytes]) -> None:
+        self._send(b"* CAPABILITY " + self.capabilities() + b"\r\n" + tag + b" OK CAPABILITY completed\r\n")
+
+    def preauth_NOOP(self, tag: bytes, arguments: list[bytes]) -> None:
+        self._send(tag + b" OK NOOP completed\r\n")
+
+    def preauth_ID(self, tag: bytes, arguments: list[bytes]) -> None:
+        self._send(b'* ID ("name" "mailproxy")\r\n' + tag + b" OK ID completed\r\n")
+
+    def preauth_LOGOUT(self, tag: bytes, arguments: list[bytes]) -> None:
+        self._send(b"* BYE Logging out\r\n" + tag + b" OK LOGOUT completed\r\n")
+        self.state = State.CLOSED
+        self.transport.loseConnection()
+
+    def preauth_STARTTLS(self, tag: bytes, arguments: list[bytes]) -> None:
+        if self.context.listener.tls is not TLSMode.STARTTLS or self.tlsActive:
+            self._send(tag + b" BAD STARTTLS is not available on this connection\r\n")
+            return
+        self._send(tag + b" OK Begin TLS negotiation now\r\n")
+        if self._queue or self.framer.pending():
+            # STARTTLS command injection (CVE-2011-0411 class): whatever
+            # came with the STARTTLS in plaintext must never run as if it
+            # had been sent over TLS.
+            self.log.warn("{client} pipelined data after STARTTLS; disconnecting", client=self.clientAddress)
+            self._queue.clear()
+            self.state = State.CLOSED
+            self.transport.loseConnection()
+            return
+        self.transport.startTLS(self.context.tlsOptions)  # type: ignore[attr-defined]
+        self.tlsActive = True
+        self.framer = IMAPFramer(PREAUTH_MAX_LINE)
+        self.framer.maxLiteralSize = PREAUTH_MAX_LITERAL
+
+    def preauth_LOGIN(self, tag: bytes, arguments: list[bytes]) -> None:
+        if not self._authenticationPermitted(tag):
+            return
+        if len(arguments) != 2:
+            self._send(tag + b" BAD LOGIN expects a user name and a password\r\n")
+            return
+        self._login(tag, arguments[0], arguments[1])
+
+    def preauth_AUTHENTICATE(self, tag: bytes, arguments: list[bytes]) -> None:
+        if not self._authenticationPermitted(tag):
+            return
+        if not arguments or len(arguments) > 2:
+            self._send(tag + b" BAD AUTHENTICATE expects a mechanism\r\n")
+            return
+        if arguments[0].upper() != b"PLAIN":
+            self._send(tag + b" NO [CANNOT] Unsupported authentication mechanism\r\n")
+            return
+        if len(arguments) == 2:
+            self._plain(tag, arguments[1])
+            return
+        self._saslTag = tag
+        self.state = State.SASL_RESPONSE
+        self._send(b"+ \r\n")
+
+    def _saslResponse(self, event: Event) -> None:
+        self.state = State.NOT_AUTHENTICATED
+        if isinstance(event, LiteralChunk) or event.literal is not None:
+            self._close(b"Invalid SASL response")
+            return
+        self._plain(self._saslTag, event.raw.rstrip(b"\r\n"))
+
+    def _plain(self, tag: bytes, response: bytes) -> None:
+        if response == b"*":
+            self._send(tag + b" BAD Authentication cancelled\r\n")
+            return
+        try:
+            decoded = base64.b64decode(b"" if response == b"=" else response, validate=True)
+        except (binascii.Error, ValueError):
+            self._send(tag + b" BAD Invalid base64 in SASL response\r\n")
+            return
+        fields = decoded.split(b"\0")
+        if len(fields) != 3:
+            self._send(tag + b" BAD Malformed PLAIN response\r\n")
+            return
+        authorizationId, username, password = fields
+        if authorizationId and authorizationId != username:
+            self._send(tag + b" NO [AUTHORIZATIONFAILED] Cannot act as another user\r\n")
+            return
+        self._login(tag, username, password)
+
+    def _authenticationPermitted(self, tag: bytes) -> bool:
+        if self.authenticationAllowed:
+            return True
+        self.log.info("{client} tried plaintext authentication without TLS", client=self.clientAddress)
+        self._send(tag + b" NO [PRIVACYREQUIRED] Use STARTTLS before authenticating\r\n")
+        return False
+
+    # -- login ------------------------------------------------------------------
+
+    def _login(self, tag: bytes, username: bytes, password: bytes) -> None:
+        self.state = State.LOGGING_IN
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        name = username.decode("utf-8", "replace")
+        loggingIn = self.context.portal.login(UsernamePassword(username, password), None, IProxyUser)
+        loggingIn.addCallbacks(
+            lambda result: self._authenticated(tag, name, password, result),
+            lambda failure: self._loginFailed(tag, name, failure),
+        )
+
+    def _authenticated(self, tag: bytes, name: str, password: bytes, result: tuple[Any, Any, Any]) -> None:
+        _, user, logout = result
+        self._logout = logout
+        self.user = user
+        if self.state is State.CLOSED:
+            logout()
+            return
+        upstreamPassword = user.upstreamPassword or password.decode("utf-8", "surrogateescape")
+        connecting = self.context.connectUpstream(
+            user.upstream, user.upstreamUsername, upstreamPassword, self.clientAddress
+        )
+        connecting.addCallbacks(
+            lambda session: self._startRelay(tag, session),
+            lambda failure: self._upstreamFailed(tag, name, user, failure),
+        )
+
+    def _loginFailed(self, tag: bytes, name: str, failure: Failure) -> None:
+        if failure.check(UnauthorizedLogin) is None:
+            self.log.failure("login of {user} failed unexpectedly", failure, user=name)
+        self.log.info("{client} authentication failed for {user}", client=self.clientAddress, user=name)
+        self._refuseLater(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.")
+
+    def _upstreamFailed(self, tag: bytes, name: str, user: Any, failure: Failure) -> None:
+        self._logout = None
+        if self.state is State.CLOSED:
+            return
+        error = failure.value
+        if not isinstance(error, UpstreamError):
+            self.log.failure("upstream session for {user} failed unexpectedly", failure, user=name)
+            error = UpstreamError(str(error))
+        self.log.warn(
+            "{client} user {user}: upstream {upstream} unavailable: {error}",
+            client=self.clientAddress,
+            user=name,
+            upstream=user.upstream.name,
+            error=str(error),
+        )
+        if error.authenticationFailed and user.upstreamPassword is None:
+            self._refuseLater(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.")
+        else:
+            self._refuseLater(tag, b"NO [UNAVAILABLE] Upstream server unavailable, try again later.", 0)
+
+    def _refuseLater(self, tag: bytes, reply: bytes, delay: float | None = None) -> None:
+        def refuse() -> None:
+            if self.state is State.CLOSED:
+                return
+            self._send(tag + b" " + reply + b"\r\n")
+            self.state = State.NOT_AUTHENTICATED
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self._processQueue()
+
+        self.context.clock.callLater(self.context.config.authFailureDelay if delay is None else delay, refuse)
+
+    # -- relay --------------------------------------------------------------
+
+    def _startRelay(self, tag: bytes, session: UpstreamSession) -> None:
+        upstream = session.protocol
+        if self.state is State.CLOSED:
+            upstream.transport.loseConnection()
+            return
+        self.upstream = upstream
+        self.state = State.RELAYING
+        capabilities = b" ".join(RELAY_CAPABILITIES(session.capabilities))
+        self._send(tag + b" OK [CAPABILITY " + capabilities + b"] Logged in\r\n")
+        self.log.info(
+            "{client} logged in as {user}, relaying to {upstream}",
+            client=self.clientAddress,
+            user=self.user.username,
+            upstream=self.user.upstream.name,
+        )
+        self.framer.maxLineLength = RELAY_MAX_LINE
+        self.framer.maxLiteralSize = None
+        self.setTimeout(self.context.config.authenticatedTimeout)
+        # Each side pauses the other when its write buffer fills, so a slow
+        # reader never makes the proxy hold a whole message.
+        self.transport.registerProducer(upstream.transport, True)  # type: ignore[attr-defined]
+        upstream.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
+        upstream.startRelay(self._relayFromUpstream, self._upstreamLost)
+        queued, self._queue = self._queue, deque()
+        for event in queued:
+            self._relayFromClient(event)
+        if self.state is State.RELAYING:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _relayFromClient(self, event: Event) -> None:
+        assert self.upstream is not None
+        if self._discardingTag is not None:
+            self._discardBlocked(event)
+            return
+        if isinstance(event, Line) and not event.continuation:
+            parsed = tagAndCommand(event.raw)
+            if parsed is not None and (parsed[1] in _ALREADY_AUTHENTICATED or parsed[1] in _NOT_RELAYED):
+                self._discardingTag = parsed[0]
+                self._discardBlocked(event)
+                return
+        self.upstream.transport.write(event.raw if isinstance(event, Line) else event.data)
+
+    def _discardBlocked(self, event: Event) -> None:
+        """
+        Swallow a command the proxy refuses after login, literals included,
+        then answer it.
+        """
+        if isinstance(event, LiteralChunk):
+            return
+        tag = self._discardingTag
+        assert tag is not None
+        if event.literal is not None and event.nonSynchronizing:
+            return
+        if event.literal is not None:
+            # The client waits for a continuation we will not send; the
+            # tagged reply tells it not to send the literal.
+            self.framer.cancelLiteral()
+        self._discardingTag = None
+        self._sendAtBoundary(tag + b" BAD Command not available after login through this proxy\r\n")
+
+    def _relayFromUpstream(self, event: Event) -> None:
+        self.resetTimeout()
+        if isinstance(event, LiteralChunk):
+            self._send(event.data)
+            return
+        raw = event.raw
+        if not event.continuation:
+            if b"CAPABILITY" in raw[:1024].upper():
+                raw = rewriteCapabilities(raw, RELAY_CAPABILITIES)
+            elif raw[:5].upper() == b"* BYE":
+                self._upstreamSaidBye = True
+        self._send(raw)
+        if event.complete and self._localReplies:
+            replies, self._localReplies = self._localReplies, []
+            self._send(b"".join(replies))
+
+    def _sendAtBoundary(self, data: bytes) -> None:
+        """
+        Write a reply of the proxy's own between two upstream responses.
+        """
+        if self.upstream is None or self.upstream.framer.atBoundary:
+            self._send(data)
+        else:
+            self._localReplies.append(data)
+
+    def _upstreamLost(self, reason: Failure) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.log.info(
+            "{client} upstream closed the session: {reason}", client=self.clientAddress, reason=reason.getErrorMessage()
+        )
+        assert self.upstream is not None
+        if not self._upstreamSaidBye and self.upstream.framer.atBoundary:
+            self._send(b"* BYE Upstream server closed the connection\r\n")
+        self.state = State.CLOSED
+        self.transport.loseConnection()
+
+
+def _protocolText(text: str) -> bytes:
+    return text.encode("ascii", "replace").replace(b"\r", b" ").replace(b"\n", b" ")
+
+
+class IMAPServerFactory(ServerFactory):
+    """
+    Build L{IMAPServerProtocol}s for one listener.
+    """
+
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+
+    def buildProtocol(self, addr: Any) -> IMAPServerProtocol:
+        protocol = IMAPServerProtocol(self.context)
+        protocol.factory = self
+        return protocol

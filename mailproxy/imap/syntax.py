@@ -1,0 +1,182 @@
+# -*- test-case-name: tests.test_imap_syntax -*-
+"""
+The small part of IMAP syntax the proxy itself has to read and write:
+tags and command names, astring arguments (atoms, quoted strings and
+literals) and capability lists.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+_TAG_AND_NAME = re.compile(rb"\A([^\x00-\x20\x7f(){%*\"\\+]+) ([A-Za-z][A-Za-z0-9.\-]*)(?=[ \r\n]|\Z)")
+_ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
+_CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
+_CAPABILITY_RESPONSE = re.compile(rb"\A(\* CAPABILITY )(.*?)(\r?\n)\Z", re.IGNORECASE | re.DOTALL)
+
+
+class SyntaxError_(ValueError):
+    """
+    A command's arguments could not be parsed.
+    """
+
+
+def tagAndCommand(line: bytes) -> tuple[bytes, bytes] | None:
+    """
+    Return the tag and the upper-cased command name that start C{line}, or
+    C{None} if it does not start with them.
+    """
+    match = _TAG_AND_NAME.match(line)
+    if match is None:
+        return None
+    return match.group(1), match.group(2).upper()
+
+
+def parseArguments(segments: Sequence[bytes], literals: Sequence[bytes]) -> list[bytes]:
+    """
+    Parse the astring arguments of a complete command.
+
+    @param segments: the command's lines without the tag and command name,
+        each with its CRLF and any literal announcement at its end; the
+        i-th literal follows the i-th segment.
+    @param literals: the literal values, in order.
+    @return: the argument values (atoms, unquoted strings and literals).
+    @raise SyntaxError_: on a malformed argument.
+    """
+    arguments: list[bytes] = []
+    for index, segment in enumerate(segments):
+        text = segment.rstrip(b"\r\n")
+        hasLiteral = index < len(literals)
+        if hasLiteral:
+            brace = text.rfind(b"{")
+            if text.startswith(b"~", brace - 1) and brace > 0:
+                brace -= 1
+            text = text[:brace]
+        arguments.extend(_tokens(text))
+        if hasLiteral:
+            arguments.append(literals[index])
+    return arguments
+
+
+def _tokens(text: bytes) -> Iterable[bytes]:
+    position = 0
+    length = len(text)
+    while position < length:
+        char = text[position]
+        if char == 0x20:
+            position += 1
+        elif char == 0x22:
+            value = bytearray()
+            position += 1
+            while True:
+                if position >= length:
+                    raise SyntaxError_("unterminated quoted string")
+                char = text[position]
+                if char == 0x5C and position + 1 < length and text[position + 1] in b'"\\':
+                    value.append(text[position + 1])
+                    position += 2
+                elif char == 0x22:
+                    position += 1
+                    break
+                else:
+                    value.append(char)
+                    position += 1
+            yield bytes(value)
+        else:
+            end = text.find(b" ", position)
+            if end < 0:
+                end = length
+            atom = text[position:end]
+            if any(byte in b'(){%*"\\' or byte < 0x20 or byte == 0x7F for byte in atom):
+                raise SyntaxError_("invalid character in atom")
+            yield atom
+            position = end
+
+
+def quoted(value: bytes) -> bytes:
+    """
+    Return C{value} as an IMAP quoted string.
+
+    @raise ValueError: if C{value} cannot be quoted (CR, LF or NUL).
+    """
+    if b"\r" in value or b"\n" in value or b"\0" in value:
+        raise ValueError("value cannot be sent as a quoted string")
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def isAtom(value: bytes) -> bool:
+    """
+    C{True} if C{value} can be sent as an atom.
+    """
+    return bool(value) and not any(byte in _ATOM_SPECIALS or byte > 0x7E for byte in value)
+
+
+def capabilityNames(text: bytes) -> list[bytes]:
+    """
+    Split a capability list into its names.
+    """
+    return text.split()
+
+
+def rewriteCapabilities(line: bytes, transform: CapabilityTransform) -> bytes:
+    """
+    Apply C{transform} to the capability list of a C{* CAPABILITY}
+    response or of a C{[CAPABILITY ...]} response code in C{line}.
+    """
+    response = _CAPABILITY_RESPONSE.match(line)
+    if response is not None:
+        names = transform(capabilityNames(response.group(2)))
+        return response.group(1) + b" ".join(names) + response.group(3)
+    if b"[" not in line:
+        return line
+
+    def replaceCode(match: re.Match[bytes]) -> bytes:
+        return b"[CAPABILITY " + b" ".join(transform(capabilityNames(match.group(1)))) + b"]"
+
+    return _CAPABILITY_CODE.sub(replaceCode, line, count=1)
+
+
+def capabilitiesIn(line: bytes) -> list[bytes] | None:
+    """
+    Return the capability names a response line lists, or C{None}.
+    """
+    response = _CAPABILITY_RESPONSE.match(line)
+    if response is not None:
+        return capabilityNames(response.group(2))
+    code = _CAPABILITY_CODE.search(line)
+    if code is not None:
+        return capabilityNames(code.group(1))
+    return None
+
+
+class CapabilityTransform:
+    """
+    Remove capabilities the proxy cannot relay from a server's list.
+
+    @param hidden: exact names (upper case) to drop.
+    @param hiddenPrefixes: name prefixes (upper case) to drop, such as
+        C{b"AUTH="}.
+    """
+
+    def __init__(self, hidden: Iterable[bytes], hiddenPrefixes: Iterable[bytes] = ()) -> None:
+        self.hidden = frozenset(name.upper() for name in hidden)
+        self.hiddenPrefixes = tuple(prefix.upper() for prefix in hiddenPrefixes)
+
+    def __call__(self, names: list[bytes]) -> list[bytes]:
+        kept = []
+        for name in names:
+            upper = name.upper()
+            if upper in self.hidden or upper.startswith(self.hiddenPrefixes):
+                continue
+            kept.append(name)
+        return kept
+
+
+# What a client must not see after login: the proxy terminates TLS and
+# authentication itself, cannot relay compressed streams, and must not send
+# clients around it with referrals.
+RELAY_CAPABILITIES = CapabilityTransform(
+    hidden=[b"STARTTLS", b"LOGINDISABLED", b"SASL-IR", b"LOGIN-REFERRALS", b"MAILBOX-REFERRALS"],
+    hiddenPrefixes=[b"AUTH=", b"COMPRESS="],
+)

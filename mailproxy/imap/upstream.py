@@ -1,0 +1,329 @@
+# -*- test-case-name: tests.test_imap_upstream -*-
+"""
+The upstream side of an IMAP session: connect, optionally STARTTLS, log in
+with the mapped credentials, then hand every framed response to the relay.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime, ITransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailproxy.config import TLSMode, UpstreamConfig
+from mailproxy.imap.framer import Event, FramingError, IMAPFramer, Line
+from mailproxy.imap.syntax import capabilitiesIn, isAtom, quoted
+from mailproxy.tls import upstreamOptions
+
+# Untagged handshake responses are small; a server that sends more before
+# login is misbehaving.
+_HANDSHAKE_LIMIT = 64 * 1024
+
+
+class UpstreamError(Exception):
+    """
+    The upstream could not be reached or refused the session.
+
+    @ivar authenticationFailed: the upstream rejected the credentials
+        (as opposed to being unreachable or broken).
+    """
+
+    def __init__(self, message: str, *, authenticationFailed: bool = False) -> None:
+        super().__init__(message)
+        self.authenticationFailed = authenticationFailed
+
+
+class UpstreamIMAPProtocol(Protocol):
+    """
+    The connection to the upstream server.
+
+    Until L{startRelay} it collects whole responses for the login handshake;
+    afterwards every framed event goes to the relay as it arrives.
+    """
+
+    log = Logger()
+    transport: ITransport
+
+    def __init__(self) -> None:
+        self.framer = IMAPFramer(responses=True)
+        self.framer.maxLiteralSize = _HANDSHAKE_LIMIT
+        self.connected = False
+        self._responses: deque[bytes] = deque()
+        self._waiting: Deferred[bytes] | None = None
+        self._partial = b""
+        self._lost: Failure | None = None
+        self._onEvent: Callable[[Event], None] | None = None
+        self._onLost: Callable[[Failure], None] | None = None
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        setNoDelay(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            events = self.framer.feed(data)
+        except FramingError as error:
+            self.log.warn("upstream broke IMAP framing: {error}", error=str(error))
+            self.transport.loseConnection()
+            return
+        onEvent = self._onEvent
+        if onEvent is not None:
+            for event in events:
+                onEvent(event)
+            return
+        for event in events:
+            self._collect(event)
+
+    def _collect(self, event: Event) -> None:
+        self._partial += event.raw if isinstance(event, Line) else event.data
+        if len(self._partial) > _HANDSHAKE_LIMIT:
+            self.transport.loseConnection()
+            return
+        if isinstance(event, Line) and event.complete:
+            response, self._partial = self._partial, b""
+            if self._waiting is not None:
+                waiting, self._waiting = self._waiting, None
+                waiting.callback(response)
+            else:
+                self._responses.append(response)
+
+    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+        self.connected = False
+        self._lost = reason
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.errback(UpstreamError(f"upstream closed the connection: {reason.getErrorMessage()}"))
+        if self._onLost is not None:
+            self._onLost(reason)
+        self.closed.callback(None)
+
+    def readResponse(self) -> Deferred[bytes]:
+        """
+        The next whole response (line plus any literals), during the handshake.
+        """
+        if self._responses:
+            return defer.succeed(self._responses.popleft())
+        if self._lost is not None:
+            return defer.fail(UpstreamError("upstream closed the connection"))
+        self._waiting = Deferred()
+        return self._waiting
+
+    def hasBufferedInput(self) -> bool:
+        """
+        C{True} if the upstream sent anything not yet consumed.
+        """
+        return bool(self._responses or self._partial or self.framer.pending())
+
+    def startRelay(self, onEvent: Callable[[Event], None], onLost: Callable[[Failure], None]) -> None:
+        """
+        From now on, deliver every framed event to C{onEvent} as it arrives.
+        """
+        self.framer.maxLiteralSize = None
+        self._onEvent = onEvent
+        self._onLost = onLost
+        pending = list(self._responses)
+        self._responses.clear()
+        for response in pending:
+            onEvent(Line(response, False))
+
+
+def setNoDelay(transport: Any) -> None:
+    """
+    Disable Nagle's algorithm: IMAP is a request-response protocol.
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        setter = getattr(candidate, "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:
+                pass
+            return
+
+
+class UpstreamSession:
+    """
+    A logged-in upstream connection and what it announced.
+    """
+
+    def __init__(self, protocol: UpstreamIMAPProtocol, capabilities: list[bytes]) -> None:
+        self.protocol = protocol
+        self.capabilities = capabilities
+
+
+class _Handshake:
+    def __init__(self, protocol: UpstreamIMAPProtocol) -> None:
+        self.protocol = protocol
+        self._counter = 0
+
+    def nextTag(self) -> bytes:
+        self._counter += 1
+        return b"mp%d" % (self._counter,)
+
+    async def command(self, line: bytes) -> tuple[list[bytes], bytes]:
+        """
+        Send one command line; return its untagged responses and the tagged one.
+        """
+        tag = self.nextTag()
+        self.protocol.transport.write(tag + b" " + line + b"\r\n")
+        return await self.awaitTagged(tag)
+
+    async def awaitTagged(self, tag: bytes) -> tuple[list[bytes], bytes]:
+        untagged: list[bytes] = []
+        while True:
+            response = await self.protocol.readResponse()
+            if response.startswith(tag + b" "):
+                return untagged, response
+            if response.upper().startswith(b"* BYE"):
+                raise UpstreamError(f"upstream said {_text(response)}")
+            untagged.append(response)
+
+
+def _text(response: bytes) -> str:
+    return response.rstrip(b"\r\n").decode("utf-8", "replace")[:200]
+
+
+def _isOK(tagged: bytes) -> bool:
+    fields = tagged.split(None, 2)
+    return len(fields) >= 2 and fields[1].upper() == b"OK"
+
+
+async def connectUpstream(
+    reactor: Any, upstream: UpstreamConfig, username: str, password: str, *, clientAddress: str = ""
+) -> UpstreamSession:
+    """
+    Connect to C{upstream}, secure the connection as configured and log in.
+
+    @raise UpstreamError: if any step fails; the connection is closed.
+    """
+    protocol = await _connect(reactor, upstream)
+    try:
+        return await _loginHandshake(reactor, protocol, upstream, username, password)
+    except BaseException:
+        protocol.transport.loseConnection()
+        raise
+
+
+async def _connect(reactor: IReactorTCP, upstream: UpstreamConfig) -> UpstreamIMAPProtocol:
+    clock: IReactorTime = reactor  # type: ignore[assignment]
+    endpoint: Any = HostnameEndpoint(
+        reactor, upstream.host.encode("idna"), upstream.port, timeout=upstream.connectTimeout
+    )
+    if upstream.tls is TLSMode.IMPLICIT:
+        endpoint = wrapClientTLS(upstreamOptions(upstream), endpoint)
+    connecting = endpoint.connect(Factory.forProtocol(UpstreamIMAPProtocol))
+    connecting.addTimeout(upstream.connectTimeout, clock)
+    try:
+        protocol: UpstreamIMAPProtocol = await connecting
+    except (ConnectError, defer.TimeoutError, OSError) as error:
+        raise UpstreamError(f"cannot connect to {upstream.host}:{upstream.port}: {error}") from None
+    return protocol
+
+
+async def _loginHandshake(
+    reactor: IReactorCore, protocol: UpstreamIMAPProtocol, upstream: UpstreamConfig, username: str, password: str
+) -> UpstreamSession:
+    clock: IReactorTime = reactor  # type: ignore[assignment]
+    handshake = _Handshake(protocol)
+
+    async def withTimeout(work: Any) -> Any:
+        deferred = Deferred.fromCoroutine(work)
+        deferred.addTimeout(upstream.connectTimeout, clock)
+        try:
+            return await deferred
+        except defer.TimeoutError:
+            raise UpstreamError(f"upstream {upstream.host}:{upstream.port} did not answer in time") from None
+
+    greeting = await withTimeout(_awaitResponse(protocol))
+    if not greeting.upper().startswith(b"* OK"):
+        raise UpstreamError(f"upstream greeting was not OK: {_text(greeting)}")
+    capabilities = capabilitiesIn(greeting)
+
+    if upstream.tls is TLSMode.STARTTLS:
+        _, tagged = await withTimeout(handshake.command(b"STARTTLS"))
+        if not _isOK(tagged):
+            raise UpstreamError(f"upstream refused STARTTLS: {_text(tagged)}")
+        if protocol.hasBufferedInput():
+            # Response injection: anything sent before the TLS handshake
+            # could have come from a man in the middle.
+            raise UpstreamError("upstream sent data after STARTTLS before the TLS handshake")
+        protocol.transport.startTLS(upstreamOptions(upstream))  # type: ignore[attr-defined]
+        capabilities = None
+
+    if capabilities is None:
+        untagged, _ = await withTimeout(handshake.command(b"CAPABILITY"))
+        capabilities = _capabilitiesFrom(untagged)
+    upper = {name.upper() for name in capabilities}
+
+    # The TLS handshake result only shows once data flows, so a bad
+    # certificate surfaces as a closed connection in the command above.
+    tagged = await withTimeout(_login(handshake, upper, username.encode("utf-8"), password.encode("utf-8")))
+    if not _isOK(tagged):
+        raise UpstreamError(f"upstream rejected the login: {_text(tagged)}", authenticationFailed=True)
+    loggedIn = capabilitiesIn(tagged)
+    if loggedIn is None:
+        untagged, _ = await withTimeout(handshake.command(b"CAPABILITY"))
+        loggedIn = _capabilitiesFrom(untagged)
+    return UpstreamSession(protocol, loggedIn)
+
+
+async def _awaitResponse(protocol: UpstreamIMAPProtocol) -> bytes:
+    return await protocol.readResponse()
+
+
+def _capabilitiesFrom(untagged: list[bytes]) -> list[bytes]:
+    for response in untagged:
+        found = capabilitiesIn(response)
+        if found is not None:
+            return found
+    raise UpstreamError("upstream sent no CAPABILITY response")
+
+
+async def _login(handshake: _Handshake, capabilities: set[bytes], username: bytes, password: bytes) -> bytes:
+    if b"LOGINDISABLED" in capabilities and b"AUTH=PLAIN" not in capabilities:
+        raise UpstreamError("upstream disables LOGIN on this connection (configure tls = starttls or implicit)")
+    if b"AUTH=PLAIN" in capabilities:
+        # PLAIN carries any octets (base64), so names and passwords with
+        # quotes or 8-bit characters need no literal round trips.
+        response = base64.b64encode(b"\0" + username + b"\0" + password)
+        tag = handshake.nextTag()
+        if b"SASL-IR" in capabilities:
+            handshake.protocol.transport.write(tag + b" AUTHENTICATE PLAIN " + response + b"\r\n")
+        else:
+            handshake.protocol.transport.write(tag + b" AUTHENTICATE PLAIN\r\n")
+            challenge = await handshake.protocol.readResponse()
+            if not challenge.startswith(b"+"):
+                return challenge
+            handshake.protocol.transport.write(response + b"\r\n")
+        _, tagged = await handshake.awaitTagged(tag)
+        return tagged
+    tag = handshake.nextTag()
+    transport = handshake.protocol.transport
+    line = tag + b" LOGIN"
+    for value in (username, password):
+        if isAtom(value):
+            line += b" " + value
+        elif value.isascii() and not any(byte in b"\r\n\0" for byte in value):
+            line += b" " + quoted(value)
+        else:
+            literalPlus = b"LITERAL+" in capabilities
+            transport.write(line + b" {%d%s}\r\n" % (len(value), b"+" if literalPlus else b""))
+            if not literalPlus:
+                ready = await handshake.protocol.readResponse()
+                if not ready.startswith(b"+"):
+                    return ready
+            line = value
+    transport.write(line + b"\r\n")
+    _, tagged = await handshake.awaitTagged(tag)
+    return tagged

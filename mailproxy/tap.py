@@ -1,0 +1,87 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The C{twistd mailproxy} plugin: options and service construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from mailproxy.auth import makePortal, threadRunner
+from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, loadConfig
+from mailproxy.imap.server import IMAPServerFactory, ServerContext
+from mailproxy.imap.upstream import UpstreamSession, connectUpstream
+from mailproxy.passwords import UsersFileError
+from mailproxy.tls import serverOptions, upstreamOptions
+
+log = Logger()
+
+
+class Options(usage.Options):
+    """
+    C{twistd mailproxy --config FILE}.
+    """
+
+    optParameters = [["config", "c", None, "Path to the TOML configuration file."]]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required (see etc/mailproxy.example.toml)")
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """
+    Build one service per listener.
+
+    A broken configuration ends start-up with one line naming the problem.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    try:
+        config = loadConfig(options["config"])
+        return buildService(config, reactor)
+    except (ConfigError, UsersFileError) as error:
+        raise SystemExit(f"mailproxy: configuration error: {error}") from None
+
+
+def buildService(config: Config, reactor: Any) -> MultiService:
+    """
+    Build the listeners of C{config} on C{reactor}.
+
+    @raise ConfigError: if a certificate or key cannot be loaded.
+    """
+    for upstream in config.upstreams.values():
+        upstreamOptions(upstream)  # fail at start-up on an unreadable CA file
+        if not upstream.verify:
+            log.warn("upstream {name}: certificate verification is OFF (verify = false)", name=upstream.name)
+    try:
+        portal = makePortal(config, threadRunner(reactor))
+    except OSError as error:
+        raise ConfigError(f"auth.users_file: cannot read {config.usersFile!r}: {error.strerror}") from None
+
+    def connect(upstream: UpstreamConfig, username: str, password: str, client: str) -> Deferred[UpstreamSession]:
+        return Deferred.fromCoroutine(connectUpstream(reactor, upstream, username, password, clientAddress=client))
+
+    root = MultiService()
+    for index, listener in enumerate(config.listeners):
+        tlsOptions = None
+        if listener.tls is not TLSMode.PLAIN:
+            assert listener.certificate is not None and listener.privateKey is not None
+            tlsOptions = serverOptions(listener.certificate, listener.privateKey, f"listener[{index}]")
+        context = ServerContext(config, listener, portal, reactor, connect, tlsOptions)
+        factory: Any = IMAPServerFactory(context)
+        if tlsOptions is not None and listener.tls is TLSMode.IMPLICIT:
+            factory = TLSMemoryBIOFactory(tlsOptions, False, factory)
+        service = strports.service(listener.endpoint, factory, reactor=reactor)
+        service.setName(listener.name)
+        service.setServiceParent(root)
+    return root

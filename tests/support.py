@@ -1,0 +1,133 @@
+"""
+Shared helpers for the tests: configurations, users files and an in-memory
+proxy connection with a scripted upstream.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from mailproxy.auth import inlineRunner, makePortal
+from mailproxy.config import Config, ListenerConfig, TLSMode, UpstreamConfig, UserRoute
+from mailproxy.imap.server import IMAPServerProtocol, ServerContext
+from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession
+from mailproxy.passwords import hashPassword
+
+FAST_HASH = {"log2N": 4}
+
+
+def writeUsersFile(directory: str, users: dict[str, str]) -> str:
+    """
+    Write a users file with cheap hashes; return its path.
+    """
+    path = os.path.join(directory, "users")
+    with open(path, "w") as handle:
+        for name, password in users.items():
+            handle.write(f"{name}:{hashPassword(password, **FAST_HASH)}\n")
+    return path
+
+
+def makeConfig(usersFile: str, *, routes: dict[str, UserRoute] | None = None, delay: float = 2.0) -> Config:
+    upstream = UpstreamConfig("main", "127.0.0.1", 1, TLSMode.PLAIN)
+    return Config(
+        listeners=(ListenerConfig("imap", "tcp:0", TLSMode.STARTTLS, certificate="x", privateKey="x"),),
+        upstreams={"main": upstream},
+        usersFile=usersFile,
+        defaultRoute=UserRoute("main"),
+        routes=routes or {},
+        authFailureDelay=delay,
+    )
+
+
+class FakeTLSTransport(StringTransport):
+    """
+    A StringTransport that records STARTTLS.
+    """
+
+    tlsStarted: Any = None
+
+    def startTLS(self, options: Any) -> None:
+        self.tlsStarted = options
+
+
+@dataclass
+class UpstreamScript:
+    """
+    Records the upstream connections a server protocol asks for.
+    """
+
+    capabilities: list[bytes] = field(default_factory=lambda: [b"IMAP4rev1", b"IDLE", b"COMPRESS=DEFLATE", b"MOVE"])
+    error: UpstreamError | None = None
+    requests: list[tuple[str, str, str]] = field(default_factory=list)
+    protocol: UpstreamIMAPProtocol | None = None
+    pending: Deferred[UpstreamSession] | None = None
+    hold: bool = False
+
+    def __call__(self, upstream: UpstreamConfig, username: str, password: str, client: str) -> Deferred[UpstreamSession]:
+        self.requests.append((upstream.name, username, password))
+        if self.error is not None:
+            return fail(self.error)
+        protocol = UpstreamIMAPProtocol()
+        protocol.makeConnection(StringTransport())
+        self.protocol = protocol
+        session = UpstreamSession(protocol, self.capabilities)
+        if self.hold:
+            self.pending = Deferred()
+            return self.pending
+        return succeed(session)
+
+    def release(self) -> None:
+        assert self.pending is not None and self.protocol is not None
+        self.pending.callback(UpstreamSession(self.protocol, self.capabilities))
+
+    @property
+    def sent(self) -> bytes:
+        assert self.protocol is not None
+        return self.protocol.transport.value()  # type: ignore[attr-defined, no-any-return]
+
+
+@dataclass
+class ProxyConnection:
+    """
+    One client connection to an in-memory proxy.
+    """
+
+    protocol: IMAPServerProtocol
+    transport: FakeTLSTransport
+    clock: Clock
+    upstream: UpstreamScript
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def received(self) -> bytes:
+        value = self.transport.value()
+        self.transport.clear()
+        return value  # type: ignore[no-any-return]
+
+
+def connect(
+    directory: str,
+    *,
+    tls: TLSMode = TLSMode.STARTTLS,
+    allowPlaintextAuth: bool = False,
+    users: dict[str, str] | None = None,
+    routes: dict[str, UserRoute] | None = None,
+    upstream: UpstreamScript | None = None,
+) -> ProxyConnection:
+    usersFile = writeUsersFile(directory, users or {"alice": "alicepw"})
+    config = makeConfig(usersFile, routes=routes)
+    listener = ListenerConfig("imap", "tcp:0", tls, certificate="x", privateKey="x", allowPlaintextAuth=allowPlaintextAuth)
+    clock = Clock()
+    script = upstream or UpstreamScript()
+    context = ServerContext(config, listener, makePortal(config, inlineRunner), clock, script, tlsOptions="TLS-OPTIONS")
+    protocol = IMAPServerProtocol(context)
+    transport = FakeTLSTransport()
+    protocol.makeConnection(transport)
+    return ProxyConnection(protocol, transport, clock, script)

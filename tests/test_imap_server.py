@@ -1,0 +1,312 @@
+"""
+The client-facing IMAP protocol, driven in memory with a scripted upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from mailproxy.config import TLSMode, UserRoute
+from mailproxy.imap.server import State
+from mailproxy.imap.upstream import UpstreamError
+from tests.support import ProxyConnection, UpstreamScript, connect
+
+
+def loggedIn(tmp_path: Path, **kwargs: object) -> ProxyConnection:
+    """
+    A connection on a plaintext listener allowing auth, logged in as alice.
+    """
+    connection = connect(str(tmp_path), tls=TLSMode.PLAIN, allowPlaintextAuth=True, **kwargs)  # type: ignore[arg-type]
+    connection.received()
+    connection.send(b"a LOGIN alice alicepw\r\n")
+    assert connection.protocol.state is State.RELAYING
+    connection.received()
+    return connection
+
+
+def test_greeting_advertises_starttls_and_logindisabled_before_tls(tmp_path: Path) -> None:
+    """A STARTTLS listener greets with STARTTLS and LOGINDISABLED and no AUTH=."""
+    greeting = connect(str(tmp_path)).received()
+    assert greeting.startswith(b"* OK [CAPABILITY IMAP4rev1 ")
+    assert b"STARTTLS" in greeting and b"LOGINDISABLED" in greeting
+    assert b"AUTH=" not in greeting
+
+
+def test_login_before_starttls_is_refused(tmp_path: Path) -> None:
+    """LOGIN on an unencrypted connection gets NO [PRIVACYREQUIRED] and no upstream."""
+    connection = connect(str(tmp_path))
+    connection.received()
+    connection.send(b"a LOGIN alice alicepw\r\n")
+    assert connection.received() == b"a NO [PRIVACYREQUIRED] Use STARTTLS before authenticating\r\n"
+    assert connection.upstream.requests == []
+
+
+def test_starttls_switches_and_then_offers_auth(tmp_path: Path) -> None:
+    """After STARTTLS, capabilities drop STARTTLS/LOGINDISABLED and offer AUTH=PLAIN."""
+    connection = connect(str(tmp_path))
+    connection.received()
+    connection.send(b"a STARTTLS\r\n")
+    assert connection.received() == b"a OK Begin TLS negotiation now\r\n"
+    assert connection.transport.tlsStarted == "TLS-OPTIONS"
+    connection.send(b"b CAPABILITY\r\n")
+    capabilities = connection.received()
+    assert b"AUTH=PLAIN" in capabilities
+    assert b"STARTTLS" not in capabilities and b"LOGINDISABLED" not in capabilities
+    connection.send(b"c STARTTLS\r\n")
+    assert connection.received().startswith(b"c BAD ")
+
+
+def test_commands_pipelined_after_starttls_are_discarded_and_connection_dropped(tmp_path: Path) -> None:
+    """Plaintext bytes sent with STARTTLS never run: the connection is closed."""
+    connection = connect(str(tmp_path), allowPlaintextAuth=True)
+    connection.received()
+    connection.send(b"a STARTTLS\r\nb LOGIN alice alicepw\r\n")
+    assert connection.received() == b"a OK Begin TLS negotiation now\r\n"
+    assert connection.transport.tlsStarted is None
+    assert connection.transport.disconnecting
+    assert connection.upstream.requests == []
+
+
+def test_partial_line_after_starttls_counts_as_injection(tmp_path: Path) -> None:
+    """Even an incomplete line buffered with STARTTLS closes the connection."""
+    connection = connect(str(tmp_path))
+    connection.received()
+    connection.send(b"a STARTTLS\r\nb CAPA")
+    assert connection.transport.tlsStarted is None
+    assert connection.transport.disconnecting
+
+
+def test_login_relays_with_filtered_upstream_capabilities(tmp_path: Path) -> None:
+    """A good LOGIN connects upstream with passthrough credentials and filters capabilities."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b'a LOGIN alice "alicepw"\r\n')
+    assert connection.upstream.requests == [("main", "alice", "alicepw")]
+    assert connection.received() == b"a OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n"
+
+
+def test_login_with_literals_sends_continuations(tmp_path: Path) -> None:
+    """Synchronising literals in LOGIN get '+' continuations from the proxy."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT, users={"alice": 'p w\\"x"'})
+    connection.received()
+    connection.send(b"a LOGIN {5}\r\n")
+    assert connection.received() == b"+ Ready for literal data\r\n"
+    connection.send(b'alice {7+}\r\np w\\"x"\r\n')
+    assert connection.upstream.requests == [("main", "alice", 'p w\\"x"')]
+
+
+def test_stored_upstream_credentials_replace_the_clients(tmp_path: Path) -> None:
+    """A route with a stored password logs in upstream with it, not the client's."""
+    routes = {"alice": UserRoute("main", "alice@upstream", "s3cret")}
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT, routes=routes)
+    connection.send(b"a LOGIN alice alicepw\r\n")
+    assert connection.upstream.requests == [("main", "alice@upstream", "s3cret")]
+
+
+def test_authenticate_plain_with_initial_response(tmp_path: Path) -> None:
+    """AUTHENTICATE PLAIN with SASL-IR logs in."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.received()
+    response = base64.b64encode(b"\0alice\0alicepw")
+    connection.send(b"a AUTHENTICATE PLAIN " + response + b"\r\n")
+    assert connection.received().startswith(b"a OK [CAPABILITY ")
+
+
+def test_authenticate_plain_with_continuation(tmp_path: Path) -> None:
+    """AUTHENTICATE PLAIN without SASL-IR asks for the response with '+ '."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"a AUTHENTICATE plain\r\n")
+    assert connection.received() == b"+ \r\n"
+    connection.send(base64.b64encode(b"alice\0alice\0alicepw") + b"\r\n")
+    assert connection.received().startswith(b"a OK [CAPABILITY ")
+
+
+def test_authenticate_cancelled_and_bad_base64(tmp_path: Path) -> None:
+    """'*' cancels AUTHENTICATE; invalid base64 is a BAD, and the session goes on."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"a AUTHENTICATE PLAIN\r\n*\r\nb AUTHENTICATE PLAIN !!!\r\nc NOOP\r\n")
+    assert connection.received() == (
+        b"+ \r\na BAD Authentication cancelled\r\nb BAD Invalid base64 in SASL response\r\nc OK NOOP completed\r\n"
+    )
+
+
+def test_unsupported_mechanism_and_other_users_authzid_are_refused(tmp_path: Path) -> None:
+    """Only PLAIN is offered, and it cannot be used to act as another user."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"a AUTHENTICATE CRAM-MD5\r\n")
+    assert connection.received().startswith(b"a NO [CANNOT]")
+    connection.send(b"b AUTHENTICATE PLAIN " + base64.b64encode(b"bob\0alice\0alicepw") + b"\r\n")
+    assert connection.received().startswith(b"b NO [AUTHORIZATIONFAILED]")
+
+
+def test_failed_login_answers_after_the_delay(tmp_path: Path) -> None:
+    """A wrong password gets NO [AUTHENTICATIONFAILED] only after the configured delay."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"a LOGIN alice wrong\r\nb NOOP\r\n")
+    assert connection.received() == b""
+    connection.clock.advance(1.9)
+    assert connection.received() == b""
+    connection.clock.advance(0.2)
+    assert connection.received() == b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\nb OK NOOP completed\r\n"
+    assert connection.upstream.requests == []
+
+
+def test_unknown_user_fails_like_a_wrong_password(tmp_path: Path) -> None:
+    """An unknown user name gets the same answer as a wrong password."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"a LOGIN mallory x\r\n")
+    connection.clock.advance(2.1)
+    assert connection.received() == b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+
+
+def test_upstream_unavailable_gives_no_unavailable(tmp_path: Path) -> None:
+    """An unreachable upstream answers NO [UNAVAILABLE] and the client may retry."""
+    script = UpstreamScript(error=UpstreamError("cannot connect"))
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT, upstream=script)
+    connection.received()
+    connection.send(b"a LOGIN alice alicepw\r\n")
+    connection.clock.advance(0)
+    assert connection.received() == b"a NO [UNAVAILABLE] Upstream server unavailable, try again later.\r\n"
+    assert connection.protocol.state is State.NOT_AUTHENTICATED
+
+
+def test_upstream_rejecting_passthrough_credentials_is_an_auth_failure(tmp_path: Path) -> None:
+    """If the upstream rejects the client's own password, the client sees AUTHENTICATIONFAILED."""
+    script = UpstreamScript(error=UpstreamError("no", authenticationFailed=True))
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT, upstream=script)
+    connection.received()
+    connection.send(b"a LOGIN alice alicepw\r\n")
+    connection.clock.advance(2.1)
+    assert connection.received().startswith(b"a NO [AUTHENTICATIONFAILED]")
+
+
+def test_commands_before_login_are_refused(tmp_path: Path) -> None:
+    """SELECT before authentication is a BAD; garbage is a BAD without a tag."""
+    connection = connect(str(tmp_path))
+    connection.received()
+    connection.send(b"a SELECT INBOX\r\n\r\n")
+    assert connection.received() == (
+        b"a BAD Command SELECT is not valid before authentication\r\n* BAD Invalid tag or command\r\n"
+    )
+
+
+def test_oversized_preauth_literal_closes_the_connection(tmp_path: Path) -> None:
+    """A pre-auth literal over the limit ends the connection with BYE."""
+    connection = connect(str(tmp_path))
+    connection.received()
+    connection.send(b"a LOGIN {99999999}\r\n")
+    assert connection.received().startswith(b"* BYE ")
+    assert connection.transport.disconnecting
+
+
+def test_commands_pipelined_after_login_reach_the_upstream_in_order(tmp_path: Path) -> None:
+    """Commands sent with LOGIN wait for the upstream and are relayed after it."""
+    script = UpstreamScript(hold=True)
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT, upstream=script)
+    connection.received()
+    connection.send(b"a LOGIN alice alicepw\r\nb SELECT INBOX\r\n")
+    connection.send(b"c NOOP\r\n")
+    assert script.sent == b""
+    script.release()
+    assert script.sent == b"b SELECT INBOX\r\nc NOOP\r\n"
+
+
+def test_relay_forwards_literals_byte_exact(tmp_path: Path) -> None:
+    """APPEND literals with CRLF and 8-bit bytes reach the upstream unchanged."""
+    connection = loggedIn(tmp_path)
+    body = b"Subject: \xe4\r\n\r\n{5}\r\n\x00\xff"
+    command = b"x APPEND INBOX {%d}\r\n" % len(body)
+    connection.send(command)
+    connection.upstream.protocol.dataReceived(b"+ OK\r\n")  # type: ignore[union-attr]
+    assert connection.received() == b"+ OK\r\n"
+    connection.send(body[:7])
+    connection.send(body[7:] + b"\r\ny NOOP\r\n")
+    assert connection.upstream.sent == command + body + b"\r\ny NOOP\r\n"
+
+
+def test_relay_streams_response_literals_and_filters_capabilities(tmp_path: Path) -> None:
+    """Upstream FETCH literals pass through; CAPABILITY responses lose COMPRESS."""
+    connection = loggedIn(tmp_path)
+    upstream = connection.upstream.protocol
+    assert upstream is not None
+    upstream.dataReceived(b"* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE IDLE\r\n* 1 FETCH (BODY[] {8}\r\nA\r\n{3}\r\n")
+    upstream.dataReceived(b")\r\nb OK done\r\n")
+    assert connection.received() == b"* CAPABILITY IMAP4rev1 IDLE\r\n* 1 FETCH (BODY[] {8}\r\nA\r\n{3}\r\n)\r\nb OK done\r\n"
+
+
+def test_compress_and_starttls_after_login_are_answered_locally(tmp_path: Path) -> None:
+    """COMPRESS, STARTTLS and a second LOGIN never reach the upstream."""
+    connection = loggedIn(tmp_path)
+    connection.send(b"a COMPRESS DEFLATE\r\nb STARTTLS\r\nc LOGIN {3}\r\nd NOOP\r\n")
+    assert connection.upstream.sent == b"d NOOP\r\n"
+    replies = connection.received()
+    for tag in (b"a", b"b", b"c"):
+        assert tag + b" BAD " in replies
+
+
+def test_local_reply_waits_for_the_upstream_response_boundary(tmp_path: Path) -> None:
+    """A proxy reply never lands inside a relayed literal."""
+    connection = loggedIn(tmp_path)
+    upstream = connection.upstream.protocol
+    assert upstream is not None
+    upstream.dataReceived(b"* 1 FETCH (BODY[] {4}\r\nab")
+    connection.send(b"z COMPRESS DEFLATE\r\n")
+    upstream.dataReceived(b"cd)\r\n")
+    assert connection.received() == b"* 1 FETCH (BODY[] {4}\r\nabcd)\r\nz BAD Command not available after login through this proxy\r\n"
+
+
+def test_each_side_is_registered_as_the_others_producer(tmp_path: Path) -> None:
+    """Backpressure: a full client buffer pauses reading from the upstream and vice versa."""
+    connection = loggedIn(tmp_path)
+    upstream = connection.upstream.protocol
+    assert upstream is not None
+    assert connection.transport.producer is upstream.transport
+    assert upstream.transport.producer is connection.transport  # type: ignore[attr-defined]
+    connection.transport.producer.pauseProducing()
+    assert upstream.transport.producerState == "paused"  # type: ignore[attr-defined]
+
+
+def test_upstream_closing_mid_session_sends_bye(tmp_path: Path) -> None:
+    """If the upstream goes away the client gets * BYE and is disconnected."""
+    connection = loggedIn(tmp_path)
+    upstream = connection.upstream.protocol
+    assert upstream is not None
+    upstream.connectionLost(Failure(ConnectionDone()))
+    assert connection.received() == b"* BYE Upstream server closed the connection\r\n"
+    assert connection.transport.disconnecting
+
+
+def test_upstream_bye_is_not_doubled(tmp_path: Path) -> None:
+    """After LOGOUT the upstream's own BYE is relayed, and no second BYE is added."""
+    connection = loggedIn(tmp_path)
+    upstream = connection.upstream.protocol
+    assert upstream is not None
+    connection.send(b"z LOGOUT\r\n")
+    upstream.dataReceived(b"* BYE Logging out\r\nz OK Logout completed.\r\n")
+    upstream.connectionLost(Failure(ConnectionDone()))
+    assert connection.received() == b"* BYE Logging out\r\nz OK Logout completed.\r\n"
+
+
+def test_client_disconnect_closes_the_upstream(tmp_path: Path) -> None:
+    """Closing the client connection closes the upstream connection."""
+    connection = loggedIn(tmp_path)
+    connection.protocol.connectionLost(Failure(ConnectionDone()))
+    assert connection.upstream.protocol.transport.disconnecting  # type: ignore[union-attr]
+
+
+def test_idle_preauth_connection_times_out(tmp_path: Path) -> None:
+    """A connection that never logs in is closed after the pre-auth timeout."""
+    connection = connect(str(tmp_path))
+    connection.received()
+    connection.clock.advance(61)
+    assert connection.received() == b"* BYE Autologout; idle for too long\r\n"
+    assert connection.transport.disconnecting
