@@ -35,8 +35,8 @@ import hashlib
 import json
 import os
 import pwd
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import stat
@@ -46,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from types import TracebackType
+from typing import NoReturn, TypedDict
 
 import trustme
 
@@ -219,6 +220,22 @@ def stopInstance(baseDir: str, timeout: float = STOP_TIMEOUT) -> int | None:
     return pid
 
 
+class _Instance(TypedDict, total=False):
+    ports: dict[str, int]
+    idle: bool
+
+
+def _savedInstance(baseDir: str) -> _Instance:
+    """Ports and idle flag of the last start in ``baseDir`` (instance.json)."""
+    try:
+        with open(os.path.join(baseDir, "instance.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        ports = {str(k): int(v) for k, v in saved["ports"].items() if k in PORT_NAMES}
+        return {"ports": ports, "idle": bool(saved["idle"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def _tail(path: str, lines: int = 30) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -264,13 +281,17 @@ class DovecotUpstream:
         if baseDir is None:
             baseDir = tempfile.mkdtemp(prefix="mp-dovecot-", dir="/tmp")
         self.baseDir = os.path.abspath(baseDir)
+        if any(c.isspace() or c in "\"'#<$" for c in self.baseDir):
+            # the paths go unquoted into dovecot.conf
+            raise ValueError(f"unsupported character in Dovecot directory {self.baseDir!r}")
         os.makedirs(self.baseDir, exist_ok=True)
         # the mail processes (uid nobody when root) must traverse it
         os.chmod(self.baseDir, 0o755)
 
         self.host = HOST
         self.idle = idle
-        given = dict(ports or {})
+        # ports not given: those of the last start in this directory, if any
+        given = {**_savedInstance(self.baseDir).get("ports", {}), **(ports or {})}
         unknown = set(given) - set(PORT_NAMES)
         if unknown:
             raise ValueError(f"unknown port names {sorted(unknown)}; use {PORT_NAMES}")
@@ -336,6 +357,11 @@ class DovecotUpstream:
         RuntimeError (with the tail of the Dovecot log) on failure.
         """
         if self.running:
+            saved = _savedInstance(self.baseDir)
+            if saved.get("ports") != self.ports or saved.get("idle") != self.idle:
+                raise RuntimeError(
+                    f"Dovecot in {self.baseDir} is already running with another setup ({saved}); stop it first"
+                )
             return
         dovecot = _findDovecot()
         if dovecot is None:
@@ -345,9 +371,7 @@ class DovecotUpstream:
             )
         for binary in ("imap", "pop3"):
             if not os.access(os.path.join(DOVECOT_LIBEXEC, binary), os.X_OK):
-                raise RuntimeError(
-                    f"{DOVECOT_LIBEXEC}/{binary} is missing; install dovecot-{binary}d"
-                )
+                raise RuntimeError(f"{DOVECOT_LIBEXEC}/{binary} is missing; install dovecot-{binary}d")
         self._checkTraversable()
         self._prepareMailDir()
         self._writeUsers()
@@ -443,7 +467,7 @@ class DovecotUpstream:
 
     # -- implementation -----------------------------------------------------
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str) -> NoReturn:
         startup = _tail(self._startupLog, 10).strip()
         raise RuntimeError(
             f"{message}\n--- {self._startupLog} (tail) ---\n{startup}\n"
@@ -611,6 +635,8 @@ class DovecotUpstream:
         conf += [
             "disable_plaintext_auth = no",
             "auth_mechanisms = plain login",
+            # no 2 s penalty after a wrong password: tests try bad ones on purpose
+            "auth_failure_delay = 0",
             "",
             "passdb {",
             "  driver = passwd-file",
@@ -706,15 +732,6 @@ def _parseUser(value: str) -> tuple[str, str]:
     return name, password
 
 
-def _savedPorts(baseDir: str) -> dict[str, int]:
-    try:
-        with open(os.path.join(baseDir, "instance.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-        return {str(k): int(v) for k, v in saved["ports"].items() if k in PORT_NAMES}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.dovecot",
@@ -744,8 +761,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"stopped": pid}))
         return 0
 
-    # restarting a directory keeps its ports unless told otherwise
-    ports = _savedPorts(baseDir)
+    # without options, a directory started before keeps its ports
+    ports: dict[str, int] = {}
     for name in PORT_NAMES:
         port = getattr(args, f"{name}Port")
         if port is not None:

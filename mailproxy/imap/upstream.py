@@ -115,7 +115,7 @@ class UpstreamIMAPProtocol(Protocol):
         if self._responses:
             return defer.succeed(self._responses.popleft())
         if self._lost is not None:
-            return defer.fail(UpstreamError("upstream closed the connection"))
+            return defer.fail(UpstreamError(f"upstream closed the connection: {self._lost.getErrorMessage()}"))
         self._waiting = Deferred()
         return self._waiting
 

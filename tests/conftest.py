@@ -1,0 +1,265 @@
+"""
+Fixtures for integration tests: a private Dovecot and the proxy running as
+a real C{twistd} process in front of it, on 127.0.0.1 high ports.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.mime.application import MIMEApplication
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+
+import pytest
+
+from mailproxy.passwords import hashPassword
+from tests.dovecot import DovecotUpstream
+
+HOST = "127.0.0.1"
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+# Local user -> upstream route; passwords are the same locally and upstream
+# (passthrough) unless the route stores its own.
+UPSTREAM_USERS = {"alice": "alicepw", "bob": "bobpw", "carol": "carolpw", "dora": "dora pw \"q\" ü"}
+LOCAL_USERS = {
+    "alice": "alicepw",  # implicit TLS upstream
+    "bob": "bobpw",  # STARTTLS upstream
+    "carol": "carolpw",  # plaintext upstream
+    "dora": "dora pw \"q\" ü",  # implicit TLS; quotes, space and 8-bit in the password
+    "stored": "localpw",  # stored upstream credentials (logs in upstream as carol)
+    "downuser": "pw",  # upstream port closed
+    "badcert": "pw",  # upstream certificate does not match the name
+}
+
+
+def seedMessages() -> list[bytes]:
+    """
+    Messages with the shapes real mailboxes have, CRLF line ends.
+    """
+    plain = EmailMessage()
+    plain["From"] = "Alice <alice@example.test>"
+    plain["To"] = "bob@example.test"
+    plain["Subject"] = "plain text"
+    plain.set_content("Hello.\n.\nFrom the start of a line.\n")
+
+    eightBit = (
+        "From: Jürgen Müller <juergen@example.test>\r\n"
+        "To: Zoë <zoe@example.test>\r\n"
+        "Subject: Grüße aus Köln – 東京 ✓\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\n"
+        "Größe, Straße, naïve café.\r\n"
+    ).encode()
+
+    multipart = MIMEMultipart("mixed")
+    multipart["From"] = "Bob <bob@example.test>"
+    multipart["To"] = "alice@example.test"
+    multipart["Subject"] = "multipart with a large attachment"
+    multipart.attach(MIMEText("See attachment.\n", "plain", "utf-8"))
+    blob = bytes((index * 7919) % 251 for index in range(1_200_000))
+    multipart.attach(MIMEApplication(blob, Name="blob.bin"))
+
+    alternative = MIMEMultipart("alternative")
+    alternative["From"] = "Ops <ops@example.test>"
+    alternative["Subject"] = "alternative"
+    alternative.attach(MIMEText("text part\n", "plain", "utf-8"))
+    alternative.attach(MIMEText("<p>html part</p>\n", "html", "utf-8"))
+
+    messages = [plain.as_bytes(), eightBit, multipart.as_bytes(), alternative.as_bytes()]
+    return [message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") for message in messages]
+
+
+def tlsContext(caFile: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=caFile)
+    return context
+
+
+@pytest.fixture(scope="session")
+def dovecot() -> Iterator[DovecotUpstream]:
+    upstream = DovecotUpstream()
+    for name, password in UPSTREAM_USERS.items():
+        upstream.addUser(name, password)
+    upstream.start()
+    try:
+        messages = seedMessages()
+        for name in ("alice", "bob", "carol", "dora"):
+            client = imaplib.IMAP4(HOST, upstream.ports["imap"])
+            client.login(name, UPSTREAM_USERS[name]) if name != "dora" else client.authenticate(
+                "PLAIN", lambda _: b"\0dora\0" + UPSTREAM_USERS["dora"].encode()
+            )
+            for message in messages:
+                client.append("INBOX", None, None, message)
+            client.logout()
+        yield upstream
+    finally:
+        upstream.stop()
+        shutil.rmtree(upstream.baseDir, ignore_errors=True)
+
+
+def freePort() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def waitForPort(port: int, process: subprocess.Popen[bytes], logFile: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            stderr = _tail(os.path.join(os.path.dirname(logFile), "stderr.log"))
+            raise RuntimeError(f"twistd exited with {process.returncode}:\n{stderr}{_tail(logFile)}")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"proxy did not listen on {port} within {timeout} s:\n{_tail(logFile)}")
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, errors="replace") as handle:
+            return "".join(handle.readlines()[-40:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class RunningProxy:
+    ports: dict[str, int]
+    caFile: str
+    logFile: str
+    directory: str
+
+    def log(self) -> str:
+        with open(self.logFile, errors="replace") as handle:
+            return handle.read()
+
+
+def writeProxyConfig(directory: str, dovecot: DovecotUpstream, ports: dict[str, int]) -> str:
+    usersFile = os.path.join(directory, "users")
+    with open(usersFile, "w") as handle:
+        for name, password in LOCAL_USERS.items():
+            handle.write(f"{name}:{hashPassword(password, log2N=10)}\n")
+    closedPort = freePort()
+    config = f"""
+[server]
+greeting = "test proxy ready"
+
+[auth]
+users_file = "users"
+failure_delay = 0.3
+
+[[listener]]
+name = "plain"
+endpoint = "tcp:{ports['plain']}:interface=127.0.0.1"
+tls = "plain"
+allow_plaintext_auth = true
+
+[[listener]]
+name = "starttls"
+endpoint = "tcp:{ports['starttls']}:interface=127.0.0.1"
+tls = "starttls"
+certificate = "{dovecot.certFile}"
+private_key = "{dovecot.keyFile}"
+
+[[listener]]
+name = "implicit"
+endpoint = "tcp:{ports['implicit']}:interface=127.0.0.1"
+tls = "implicit"
+certificate = "{dovecot.certFile}"
+private_key = "{dovecot.keyFile}"
+
+[upstream.implicit]
+host = "127.0.0.1"
+port = {dovecot.ports['imaps']}
+tls = "implicit"
+ca_file = "{dovecot.caFile}"
+
+[upstream.starttls]
+host = "localhost"
+port = {dovecot.ports['imap']}
+tls = "starttls"
+ca_file = "{dovecot.caFile}"
+
+[upstream.plain]
+host = "127.0.0.1"
+port = {dovecot.ports['imap']}
+tls = "plain"
+
+[upstream.down]
+host = "127.0.0.1"
+port = {closedPort}
+connect_timeout = 3
+
+[upstream.badcert]
+host = "127.0.0.1"
+port = {dovecot.ports['imaps']}
+tls = "implicit"
+ca_file = "{dovecot.caFile}"
+server_name = "wrong.example"
+
+[routing]
+default_upstream = "implicit"
+
+[routing.users.bob]
+upstream = "starttls"
+
+[routing.users.carol]
+upstream = "plain"
+
+[routing.users.stored]
+upstream = "plain"
+username = "carol"
+password = "carolpw"
+
+[routing.users.downuser]
+upstream = "down"
+
+[routing.users.badcert]
+upstream = "badcert"
+"""
+    path = os.path.join(directory, "mailproxy.toml")
+    with open(path, "w") as handle:
+        handle.write(config)
+    return path
+
+
+@pytest.fixture(scope="session")
+def proxy(dovecot: DovecotUpstream) -> Iterator[RunningProxy]:
+    directory = tempfile.mkdtemp(prefix="mp-proxy-")
+    ports = {name: freePort() for name in ("plain", "starttls", "implicit")}
+    configPath = writeProxyConfig(directory, dovecot, ports)
+    logFile = os.path.join(directory, "twistd.log")
+    with open(os.path.join(directory, "stderr.log"), "wb") as errors:
+        process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", f"--logfile={logFile}", "mailproxy", "--config", configPath],
+            stdin=subprocess.DEVNULL,
+            stdout=errors,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+        )
+    try:
+        for port in ports.values():
+            waitForPort(port, process, logFile)
+        yield RunningProxy(ports, dovecot.caFile, logFile, directory)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
