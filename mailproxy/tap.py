@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application import strports
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -53,6 +54,21 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         raise SystemExit(f"mailproxy: configuration error: {error}") from None
 
 
+class ListenersService(MultiService):
+    """
+    The proxy's listeners; a port that cannot be bound stops start-up with
+    one line naming the listener.
+    """
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        for service in self:
+            try:
+                service.privilegedStartService()
+            except CannotListenError as error:
+                raise SystemExit(f"mailproxy: listener {service.name}: {error}") from None
+
+
 def buildService(config: Config, reactor: Any) -> MultiService:
     """
     Build the listeners of C{config} on C{reactor}.
@@ -71,7 +87,7 @@ def buildService(config: Config, reactor: Any) -> MultiService:
     def connect(upstream: UpstreamConfig, username: str, password: str, client: str) -> Deferred[UpstreamSession]:
         return Deferred.fromCoroutine(connectUpstream(reactor, upstream, username, password, clientAddress=client))
 
-    root = MultiService()
+    root = ListenersService()
     for index, listener in enumerate(config.listeners):
         tlsOptions = None
         if listener.tls is not TLSMode.PLAIN:

@@ -32,12 +32,12 @@ TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 # Local user -> upstream route; passwords are the same locally and upstream
 # (passthrough) unless the route stores its own.
-UPSTREAM_USERS = {"alice": "alicepw", "bob": "bobpw", "carol": "carolpw", "dora": "dora pw \"q\" ü"}
+UPSTREAM_USERS = {"alice": "alicepw", "bob": "bobpw", "carol": "carolpw", "dora": 'dora pw "q" ü'}
 LOCAL_USERS = {
     "alice": "alicepw",  # implicit TLS upstream
     "bob": "bobpw",  # STARTTLS upstream
     "carol": "carolpw",  # plaintext upstream
-    "dora": "dora pw \"q\" ü",  # implicit TLS; quotes, space and 8-bit in the password
+    "dora": 'dora pw "q" ü',  # implicit TLS; quotes, space and 8-bit in the password
     "stored": "localpw",  # stored upstream credentials (logs in upstream as carol)
     "downuser": "pw",  # upstream port closed
     "badcert": "pw",  # upstream certificate does not match the name
@@ -164,39 +164,39 @@ failure_delay = 0.3
 
 [[listener]]
 name = "plain"
-endpoint = "tcp:{ports['plain']}:interface=127.0.0.1"
+endpoint = "tcp:{ports["plain"]}:interface=127.0.0.1"
 tls = "plain"
 allow_plaintext_auth = true
 
 [[listener]]
 name = "starttls"
-endpoint = "tcp:{ports['starttls']}:interface=127.0.0.1"
+endpoint = "tcp:{ports["starttls"]}:interface=127.0.0.1"
 tls = "starttls"
 certificate = "{dovecot.certFile}"
 private_key = "{dovecot.keyFile}"
 
 [[listener]]
 name = "implicit"
-endpoint = "tcp:{ports['implicit']}:interface=127.0.0.1"
+endpoint = "tcp:{ports["implicit"]}:interface=127.0.0.1"
 tls = "implicit"
 certificate = "{dovecot.certFile}"
 private_key = "{dovecot.keyFile}"
 
 [upstream.implicit]
 host = "127.0.0.1"
-port = {dovecot.ports['imaps']}
+port = {dovecot.ports["imaps"]}
 tls = "implicit"
 ca_file = "{dovecot.caFile}"
 
 [upstream.starttls]
 host = "localhost"
-port = {dovecot.ports['imap']}
+port = {dovecot.ports["imap"]}
 tls = "starttls"
 ca_file = "{dovecot.caFile}"
 
 [upstream.plain]
 host = "127.0.0.1"
-port = {dovecot.ports['imap']}
+port = {dovecot.ports["imap"]}
 tls = "plain"
 
 [upstream.down]
@@ -206,7 +206,7 @@ connect_timeout = 3
 
 [upstream.badcert]
 host = "127.0.0.1"
-port = {dovecot.ports['imaps']}
+port = {dovecot.ports["imaps"]}
 tls = "implicit"
 ca_file = "{dovecot.caFile}"
 server_name = "wrong.example"

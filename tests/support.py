@@ -69,7 +69,9 @@ class UpstreamScript:
     pending: Deferred[UpstreamSession] | None = None
     hold: bool = False
 
-    def __call__(self, upstream: UpstreamConfig, username: str, password: str, client: str) -> Deferred[UpstreamSession]:
+    def __call__(
+        self, upstream: UpstreamConfig, username: str, password: str, client: str
+    ) -> Deferred[UpstreamSession]:
         self.requests.append((upstream.name, username, password))
         if self.error is not None:
             return fail(self.error)
@@ -123,7 +125,9 @@ def connect(
 ) -> ProxyConnection:
     usersFile = writeUsersFile(directory, users or {"alice": "alicepw"})
     config = makeConfig(usersFile, routes=routes)
-    listener = ListenerConfig("imap", "tcp:0", tls, certificate="x", privateKey="x", allowPlaintextAuth=allowPlaintextAuth)
+    listener = ListenerConfig(
+        "imap", "tcp:0", tls, certificate="x", privateKey="x", allowPlaintextAuth=allowPlaintextAuth
+    )
     clock = Clock()
     script = upstream or UpstreamScript()
     context = ServerContext(config, listener, makePortal(config, inlineRunner), clock, script, tlsOptions="TLS-OPTIONS")

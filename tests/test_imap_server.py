@@ -240,7 +240,10 @@ def test_relay_streams_response_literals_and_filters_capabilities(tmp_path: Path
     assert upstream is not None
     upstream.dataReceived(b"* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE IDLE\r\n* 1 FETCH (BODY[] {8}\r\nA\r\n{3}\r\n")
     upstream.dataReceived(b")\r\nb OK done\r\n")
-    assert connection.received() == b"* CAPABILITY IMAP4rev1 IDLE\r\n* 1 FETCH (BODY[] {8}\r\nA\r\n{3}\r\n)\r\nb OK done\r\n"
+    assert (
+        connection.received()
+        == b"* CAPABILITY IMAP4rev1 IDLE\r\n* 1 FETCH (BODY[] {8}\r\nA\r\n{3}\r\n)\r\nb OK done\r\n"
+    )
 
 
 def test_compress_and_starttls_after_login_are_answered_locally(tmp_path: Path) -> None:
@@ -261,7 +264,10 @@ def test_local_reply_waits_for_the_upstream_response_boundary(tmp_path: Path) ->
     upstream.dataReceived(b"* 1 FETCH (BODY[] {4}\r\nab")
     connection.send(b"z COMPRESS DEFLATE\r\n")
     upstream.dataReceived(b"cd)\r\n")
-    assert connection.received() == b"* 1 FETCH (BODY[] {4}\r\nabcd)\r\nz BAD Command not available after login through this proxy\r\n"
+    assert (
+        connection.received()
+        == b"* 1 FETCH (BODY[] {4}\r\nabcd)\r\nz BAD Command not available after login through this proxy\r\n"
+    )
 
 
 def test_each_side_is_registered_as_the_others_producer(tmp_path: Path) -> None:

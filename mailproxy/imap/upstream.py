@@ -84,6 +84,11 @@ class UpstreamIMAPProtocol(Protocol):
             return
         for event in events:
             self._collect(event)
+        # Deliver only after the whole read is framed, so the handshake can
+        # see what else arrived with a response (STARTTLS injection check).
+        if self._waiting is not None and self._responses:
+            waiting, self._waiting = self._waiting, None
+            waiting.callback(self._responses.popleft())
 
     def _collect(self, event: Event) -> None:
         self._partial += event.raw if isinstance(event, Line) else event.data
@@ -91,12 +96,8 @@ class UpstreamIMAPProtocol(Protocol):
             self.transport.loseConnection()
             return
         if isinstance(event, Line) and event.complete:
-            response, self._partial = self._partial, b""
-            if self._waiting is not None:
-                waiting, self._waiting = self._waiting, None
-                waiting.callback(response)
-            else:
-                self._responses.append(response)
+            self._responses.append(self._partial)
+            self._partial = b""
 
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
         self.connected = False

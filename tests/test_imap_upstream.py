@@ -1,0 +1,136 @@
+"""
+The upstream login handshake, driven in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailproxy.config import TLSMode, UpstreamConfig
+from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession, _loginHandshake
+from tests.support import FakeTLSTransport
+
+
+class HandshakeTests(SynchronousTestCase):
+    def begin(
+        self, tls: TLSMode = TLSMode.PLAIN, username: str = "alice", password: str = "pw"
+    ) -> tuple[Deferred[UpstreamSession], UpstreamIMAPProtocol, FakeTLSTransport, Clock]:
+        clock = Clock()
+        protocol = UpstreamIMAPProtocol()
+        transport = FakeTLSTransport()
+        protocol.makeConnection(transport)
+        upstream = UpstreamConfig("main", "imap.example", 143, tls, connectTimeout=5)
+        handshake = Deferred.fromCoroutine(_loginHandshake(clock, protocol, upstream, username, password))
+        return handshake, protocol, transport, clock
+
+    def sent(self, transport: FakeTLSTransport) -> bytes:
+        value: bytes = transport.value()
+        transport.clear()
+        return value
+
+    def error(self, handshake: Deferred[Any]) -> UpstreamError:
+        error = self.failureResultOf(handshake, UpstreamError).value
+        assert isinstance(error, UpstreamError)
+        return error
+
+    def test_plain_with_initial_response_when_offered(self) -> None:
+        """With AUTH=PLAIN and SASL-IR the login is one AUTHENTICATE line."""
+        handshake, protocol, transport, _ = self.begin()
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready\r\n")
+        expected = base64.b64encode(b"\0alice\0pw")
+        self.assertEqual(self.sent(transport), b"mp1 AUTHENTICATE PLAIN " + expected + b"\r\n")
+        protocol.dataReceived(b"mp1 OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n")
+        session = self.successResultOf(handshake)
+        self.assertEqual(session.capabilities, [b"IMAP4rev1", b"IDLE", b"MOVE"])
+
+    def test_plain_without_initial_response_waits_for_continuation(self) -> None:
+        """Without SASL-IR the PLAIN response follows the server's '+'."""
+        handshake, protocol, transport, _ = self.begin()
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
+        self.assertEqual(self.sent(transport), b"mp1 AUTHENTICATE PLAIN\r\n")
+        protocol.dataReceived(b"+ \r\n")
+        self.assertEqual(self.sent(transport), base64.b64encode(b"\0alice\0pw") + b"\r\n")
+        protocol.dataReceived(b"mp1 OK Logged in\r\n")
+        self.assertEqual(self.sent(transport), b"mp2 CAPABILITY\r\n")
+        protocol.dataReceived(b"* CAPABILITY IMAP4rev1 IDLE\r\nmp2 OK done\r\n")
+        self.assertEqual(self.successResultOf(handshake).capabilities, [b"IMAP4rev1", b"IDLE"])
+
+    def test_capability_is_asked_when_the_greeting_has_none(self) -> None:
+        """A bare greeting makes the proxy ask for CAPABILITY, then LOGIN with atoms."""
+        handshake, protocol, transport, _ = self.begin()
+        protocol.dataReceived(b"* OK ready\r\n")
+        self.assertEqual(self.sent(transport), b"mp1 CAPABILITY\r\n")
+        protocol.dataReceived(b"* CAPABILITY IMAP4rev1\r\nmp1 OK done\r\n")
+        self.assertEqual(self.sent(transport), b"mp2 LOGIN alice pw\r\n")
+
+    def test_login_quotes_and_uses_literals_for_8bit(self) -> None:
+        """LOGIN quotes specials and sends 8-bit passwords as synchronising literals."""
+        handshake, protocol, transport, _ = self.begin(username='a "b"', password="pässword")
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+        self.assertEqual(self.sent(transport), b'mp1 LOGIN "a \\"b\\"" {9}\r\n')
+        protocol.dataReceived(b"+ go ahead\r\n")
+        self.assertEqual(self.sent(transport), "pässword".encode() + b"\r\n")
+        protocol.dataReceived(b"mp1 OK [CAPABILITY IMAP4rev1] in\r\n")
+        self.successResultOf(handshake)
+
+    def test_login_uses_nonsynchronising_literals_with_literal_plus(self) -> None:
+        """With LITERAL+ the literal goes without waiting for a continuation."""
+        handshake, protocol, transport, _ = self.begin(password="pä")
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready\r\n")
+        self.assertEqual(self.sent(transport), b"mp1 LOGIN alice {3+}\r\n" + "pä".encode() + b"\r\n")
+
+    def test_rejected_credentials_are_an_authentication_failure(self) -> None:
+        """A tagged NO to the login is reported as authenticationFailed."""
+        handshake, protocol, transport, _ = self.begin()
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+        protocol.dataReceived(b"mp1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.assertTrue(self.error(handshake).authenticationFailed)
+
+    def test_starttls_upgrades_before_anything_else(self) -> None:
+        """In STARTTLS mode the proxy negotiates TLS, then re-reads capabilities."""
+        handshake, protocol, transport, _ = self.begin(TLSMode.STARTTLS)
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n")
+        self.assertEqual(self.sent(transport), b"mp1 STARTTLS\r\n")
+        protocol.dataReceived(b"mp1 OK Begin TLS\r\n")
+        self.assertIsNotNone(transport.tlsStarted)
+        self.assertEqual(self.sent(transport), b"mp2 CAPABILITY\r\n")
+
+    def test_data_after_starttls_ok_is_refused_as_injection(self) -> None:
+        """Bytes that arrive with the STARTTLS OK mean a man in the middle: no TLS, no login."""
+        handshake, protocol, transport, _ = self.begin(TLSMode.STARTTLS)
+        protocol.dataReceived(b"* OK ready\r\n")
+        self.sent(transport)
+        protocol.dataReceived(b"mp1 OK Begin TLS\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n")
+        self.assertIn("after STARTTLS", str(self.error(handshake)))
+        self.assertIsNone(transport.tlsStarted)
+
+    def test_starttls_refused_fails_closed(self) -> None:
+        """An upstream that refuses STARTTLS is never logged in to in plaintext."""
+        handshake, protocol, transport, _ = self.begin(TLSMode.STARTTLS)
+        protocol.dataReceived(b"* OK ready\r\n")
+        self.sent(transport)
+        protocol.dataReceived(b"mp1 BAD no TLS here\r\n")
+        self.assertIn("refused STARTTLS", str(self.error(handshake)))
+        self.assertEqual(self.sent(transport), b"")
+
+    def test_logindisabled_without_plain_is_an_error(self) -> None:
+        """LOGINDISABLED without AUTH=PLAIN means the route needs TLS."""
+        handshake, protocol, transport, _ = self.begin()
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 LOGINDISABLED] ready\r\n")
+        self.assertIn("disables LOGIN", str(self.error(handshake)))
+
+    def test_bye_greeting_and_silence_are_errors(self) -> None:
+        """A BYE greeting fails at once; a silent upstream fails after the timeout."""
+        handshake, protocol, _, _ = self.begin()
+        protocol.dataReceived(b"* BYE too many connections\r\n")
+        self.assertIn("greeting", str(self.error(handshake)))
+        handshake, protocol, _, clock = self.begin()
+        clock.advance(4.9)
+        self.assertNoResult(handshake)
+        clock.advance(0.2)
+        self.assertIn("did not answer", str(self.error(handshake)))
