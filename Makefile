@@ -36,7 +36,7 @@ test: system-deps venv lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: system-deps venv
-	$(BIN)/python -m bench.demo
+	$(BIN)/python -m scripts.demo
 
 bench: system-deps venv
 	$(BIN)/python -m bench.relay_fetch

@@ -33,6 +33,7 @@ import contextlib
 import grp
 import hashlib
 import json
+import math
 import os
 import pwd
 import shlex
@@ -44,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import NoReturn, TypedDict
 
@@ -155,6 +156,12 @@ def _greets(host: str, port: int, prefix: bytes, timeout: float = 1.0) -> bool:
         return False
 
 
+def _sleepUntil(wallTime: float) -> None:
+    delay = wallTime - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
 def _processGone(pid: int) -> bool:
     """True if ``pid`` does not exist any more or is a zombie."""
     try:
@@ -218,6 +225,13 @@ def stopInstance(baseDir: str, timeout: float = STOP_TIMEOUT) -> int | None:
             break
         time.sleep(POLL_INTERVAL)
     return pid
+
+
+def _checkUser(name: str, password: str) -> None:
+    _checkField("user name", name)
+    if name in (".", "..") or "/" in name:
+        raise ValueError(f"user name must be usable as a directory name: {name!r}")
+    _checkField("password", password)
 
 
 class _Instance(TypedDict, total=False):
@@ -335,14 +349,20 @@ class DovecotUpstream:
     def addUser(self, name: str, password: str) -> None:
         """Add (or change) a user; works before and after start().
 
-        Dovecot rereads the passwd-file when its mtime or size changes.
+        Dovecot's auth process looks at the passwd-file at most once per
+        second and rereads it when its mtime or size changed.  So when
+        Dovecot is running this waits for the next full second (0.5 s on
+        average) to make the user usable as soon as it returns.
         """
-        _checkField("user name", name)
-        if name in (".", "..") or "/" in name:
-            raise ValueError(f"user name must be usable as a directory name: {name!r}")
-        _checkField("password", password)
-        self._users[name] = password
-        self._writeUsers()
+        self.addUsers({name: password})
+
+    def addUsers(self, users: Mapping[str, str]) -> None:
+        """Add several users at once (a single wait when running)."""
+        for name, password in users.items():
+            _checkUser(name, password)
+        self._users.update(users)
+        if self._writeUsers() and self.running:
+            _sleepUntil(math.floor(time.time()) + 1.01)
 
     def wipe(self, user: str) -> None:
         """Delete all mail (the whole home directory) of ``user``."""
@@ -374,7 +394,7 @@ class DovecotUpstream:
                 raise RuntimeError(f"{DOVECOT_LIBEXEC}/{binary} is missing; install dovecot-{binary}d")
         self._checkTraversable()
         self._prepareMailDir()
-        self._writeUsers()
+        self._writeUsers(force=True)
         self._writeConfig()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self._runDir, "master.pid"))
@@ -563,13 +583,20 @@ class DovecotUpstream:
                 users[name] = password[len("{PLAIN}") :]
         return users
 
-    def _writeUsers(self) -> None:
-        data = "".join(f"{n}:{{PLAIN}}{p}::::::\n" for n, p in self._users.items())
-        # passwd-file is reread when mtime or size changes: make sure the
-        # mtime moves even for a same-size rewrite within one second
-        mtime = time.time()
-        with contextlib.suppress(FileNotFoundError):
-            mtime = max(mtime, os.stat(self.usersFile).st_mtime + 1)
+    def _writeUsers(self, force: bool = False) -> bool:
+        """Write the passwd-file if its content changed; True if written."""
+        data = "".join(f"{n}:{{PLAIN}}{p}::::::\n" for n, p in self._users.items()).encode()
+        try:
+            with open(self.usersFile, "rb") as f:
+                unchanged = f.read() == data
+            oldMtime: float | None = os.stat(self.usersFile).st_mtime
+        except FileNotFoundError:
+            unchanged, oldMtime = False, None
+        if unchanged and not force:
+            return False
+        # Dovecot compares whole-second mtimes (and the size): each version
+        # gets a new one, counting down so it never lies in the future
+        mtime = time.time() if oldMtime is None else math.floor(oldMtime) - 1.0
         owner: tuple[int, int] | None = None
         mode = 0o600
         if self._isRoot():
@@ -577,7 +604,8 @@ class DovecotUpstream:
             with contextlib.suppress(KeyError):
                 owner = (0, grp.getgrnam(ROOT_INTERNAL_GROUP).gr_gid)
                 mode = 0o640
-        self._writeFile(self.usersFile, data.encode("utf-8"), mode, owner, mtime)
+        self._writeFile(self.usersFile, data, mode, owner, mtime)
+        return True
 
     def _writeInstanceInfo(self) -> None:
         data = json.dumps({"ports": self.ports, "idle": self.idle}, indent=1) + "\n"
@@ -769,8 +797,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ports[name] = port
     try:
         upstream = DovecotUpstream(baseDir, idle=not args.no_idle, ports=ports)
-        for name, password in args.user:
-            upstream.addUser(name, password)
+        upstream.addUsers(dict(args.user))
         upstream.start()
     except (RuntimeError, ValueError) as e:
         print(f"tests.dovecot: {e}", file=sys.stderr)
