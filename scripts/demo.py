@@ -12,13 +12,12 @@ from __future__ import annotations
 import imaplib
 import os
 import signal
-import subprocess
-import sys
 import time
 from email.message import EmailMessage
 
 from mailproxy.passwords import hashPassword, writeUser
 from tests.dovecot import DovecotUpstream
+from tests.proxyprocess import ProxyProcess
 
 HOST = "127.0.0.1"
 PROXY_IMAP_PORT = int(os.environ.get("DEMO_IMAP_PORT", "10143"))
@@ -86,7 +85,7 @@ def main() -> int:
     upstream = DovecotUpstream(os.path.join("/tmp", f"mailproxy-demo-dovecot-{os.getuid()}"))
     upstream.addUser(USER, PASSWORD)
     upstream.start()
-    proxy: subprocess.Popen[bytes] | None = None
+    proxy: ProxyProcess | None = None
     try:
         seed(upstream)
         writeUser(os.path.join(demoDir, "users"), USER, hashPassword(PASSWORD))
@@ -117,17 +116,15 @@ Ctrl-C stops the proxy and Dovecot.
 """,
             flush=True,
         )
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        proxy = subprocess.Popen([twistd, "-n", "--pidfile=", "mailproxy", "--config", configPath])
-        while proxy.poll() is None:
+        proxy = ProxyProcess(configPath)
+        while proxy.process.poll() is None:
             time.sleep(0.5)
-        return proxy.returncode or 0
+        return proxy.process.returncode or 0
     except KeyboardInterrupt:
         return 0
     finally:
-        if proxy is not None and proxy.poll() is None:
-            proxy.send_signal(signal.SIGTERM)
-            proxy.wait(timeout=10)
+        if proxy is not None:
+            proxy.stop()
         upstream.stop()
         print("demo stopped", flush=True)
 

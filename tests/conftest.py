@@ -8,13 +8,8 @@ from __future__ import annotations
 import imaplib
 import os
 import shutil
-import signal
-import socket
 import ssl
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -26,18 +21,17 @@ import pytest
 
 from mailproxy.passwords import hashPassword
 from tests.dovecot import DovecotUpstream
-
-HOST = "127.0.0.1"
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+from tests.proxyprocess import HOST, ProxyProcess, freePort
 
 # Local user -> upstream route; passwords are the same locally and upstream
 # (passthrough) unless the route stores its own.
-UPSTREAM_USERS = {"alice": "alicepw", "bob": "bobpw", "carol": "carolpw", "dora": 'dora pw "q" ü'}
+UPSTREAM_USERS = {"alice": "alicepw", "bob": "bobpw", "carol": "carolpw", "dora": 'dora pw "q" ü', "kim": "kimpw"}
 LOCAL_USERS = {
     "alice": "alicepw",  # implicit TLS upstream
     "bob": "bobpw",  # STARTTLS upstream
     "carol": "carolpw",  # plaintext upstream
     "dora": 'dora pw "q" ü',  # implicit TLS; quotes, space and 8-bit in the password
+    "kim": "kimpw",  # implicit TLS; gets kicked by the upstream
     "stored": "localpw",  # stored upstream credentials (logs in upstream as carol)
     "downuser": "pw",  # upstream port closed
     "badcert": "pw",  # upstream certificate does not match the name
@@ -96,8 +90,9 @@ def dovecot() -> Iterator[DovecotUpstream]:
         messages = seedMessages()
         for name in ("alice", "bob", "carol", "dora"):
             client = imaplib.IMAP4(HOST, upstream.ports["imap"])
-            client.login(name, UPSTREAM_USERS[name]) if name != "dora" else client.authenticate(
-                "PLAIN", lambda _: b"\0dora\0" + UPSTREAM_USERS["dora"].encode()
+            password = UPSTREAM_USERS[name].encode()
+            client.authenticate(
+                "PLAIN", lambda _, name=name, password=password: b"\0" + name.encode() + b"\0" + password
             )
             for message in messages:
                 client.append("INBOX", None, None, message)
@@ -108,44 +103,14 @@ def dovecot() -> Iterator[DovecotUpstream]:
         shutil.rmtree(upstream.baseDir, ignore_errors=True)
 
 
-def freePort() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
-
-
-def waitForPort(port: int, process: subprocess.Popen[bytes], logFile: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            stderr = _tail(os.path.join(os.path.dirname(logFile), "stderr.log"))
-            raise RuntimeError(f"twistd exited with {process.returncode}:\n{stderr}{_tail(logFile)}")
-        try:
-            with socket.create_connection((HOST, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"proxy did not listen on {port} within {timeout} s:\n{_tail(logFile)}")
-
-
-def _tail(path: str) -> str:
-    try:
-        with open(path, errors="replace") as handle:
-            return "".join(handle.readlines()[-40:])
-    except OSError:
-        return "(no log)"
-
-
 @dataclass
 class RunningProxy:
     ports: dict[str, int]
     caFile: str
-    logFile: str
-    directory: str
+    process: ProxyProcess
 
     def log(self) -> str:
-        with open(self.logFile, errors="replace") as handle:
-            return handle.read()
+        return self.process.log()
 
 
 def writeProxyConfig(directory: str, dovecot: DovecotUpstream, ports: dict[str, int]) -> str:
@@ -242,24 +207,10 @@ def proxy(dovecot: DovecotUpstream) -> Iterator[RunningProxy]:
     directory = tempfile.mkdtemp(prefix="mp-proxy-")
     ports = {name: freePort() for name in ("plain", "starttls", "implicit")}
     configPath = writeProxyConfig(directory, dovecot, ports)
-    logFile = os.path.join(directory, "twistd.log")
-    with open(os.path.join(directory, "stderr.log"), "wb") as errors:
-        process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", f"--logfile={logFile}", "mailproxy", "--config", configPath],
-            stdin=subprocess.DEVNULL,
-            stdout=errors,
-            stderr=subprocess.STDOUT,
-            cwd=directory,
-        )
+    process = ProxyProcess(configPath, os.path.join(directory, "twistd.log"))
     try:
-        for port in ports.values():
-            waitForPort(port, process, logFile)
-        yield RunningProxy(ports, dovecot.caFile, logFile, directory)
+        process.waitForPorts(list(ports.values()))
+        yield RunningProxy(ports, dovecot.caFile, process)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.stop()
         shutil.rmtree(directory, ignore_errors=True)

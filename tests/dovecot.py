@@ -51,7 +51,7 @@ from typing import NoReturn, TypedDict
 
 import trustme
 
-__all__ = ["PORT_NAMES", "DovecotUpstream", "stopInstance"]
+__all__ = ["HOST", "PORT_NAMES", "DovecotUpstream", "stopInstance"]
 
 HOST = "127.0.0.1"
 PORT_NAMES: tuple[str, ...] = ("imap", "imaps", "pop3", "pop3s")
@@ -227,13 +227,6 @@ def stopInstance(baseDir: str, timeout: float = STOP_TIMEOUT) -> int | None:
     return pid
 
 
-def _checkUser(name: str, password: str) -> None:
-    _checkField("user name", name)
-    if name in (".", "..") or "/" in name:
-        raise ValueError(f"user name must be usable as a directory name: {name!r}")
-    _checkField("password", password)
-
-
 class _Instance(TypedDict, total=False):
     ports: dict[str, int]
     idle: bool
@@ -263,14 +256,35 @@ def _checkField(kind: str, value: str) -> None:
         raise ValueError(f"{kind} must be non-empty without ':', CR, LF or NUL: {value!r}")
 
 
+def _checkUser(name: str, password: str) -> None:
+    _checkField("user name", name)
+    if name in (".", "..") or "/" in name:
+        raise ValueError(f"user name must be usable as a directory name: {name!r}")
+    _checkField("password", password)
+
+
 class DovecotUpstream:
     """A private Dovecot on 127.0.0.1 high ports for tests and the demo.
 
     ``baseDir`` holds everything (``etc/dovecot.conf``, ``etc/users``,
     ``ssl/``, ``run/``, ``state/``, ``log/dovecot.log``, ``mail/USER``); by
     default a new directory under /tmp.  ``ports`` maps ``imap``, ``imaps``,
-    ``pop3`` and ``pop3s`` to TCP ports; missing entries are picked free.
-    With ``idle=False`` the server does not advertise IDLE.
+    ``pop3`` and ``pop3s`` to TCP ports; missing entries are those of the
+    last start in ``baseDir`` (``instance.json``) or else picked free.  With
+    ``idle=False`` the server advertises no IDLE (before or after login).
+
+    Things worth knowing:
+
+    - start() takes about 0.05 s; stop() about 1.1 s (the Dovecot master
+      always sleeps one second for its log process before it exits).
+    - addUser() on a running instance returns at the next full second: the
+      auth process looks at the passwd-file at most once per second
+      (addUsers() adds several with one wait; before start() there is none).
+    - No auth penalty: a wrong password does not slow down later logins
+      from 127.0.0.1; a failed login is answered within 0.5 s.
+    - The server certificate (``certFile``/``keyFile``, for localhost,
+      127.0.0.1 and ::1, signed by ``caFile``) is kept in ``baseDir`` and
+      can be reused, e.g. as the proxy's own certificate.
     """
 
     host: str
@@ -351,8 +365,8 @@ class DovecotUpstream:
 
         Dovecot's auth process looks at the passwd-file at most once per
         second and rereads it when its mtime or size changed.  So when
-        Dovecot is running this waits for the next full second (0.5 s on
-        average) to make the user usable as soon as it returns.
+        Dovecot is running this waits for the next full second (up to 1 s),
+        after which the change is certain to be seen.
         """
         self.addUsers({name: password})
 
@@ -663,7 +677,6 @@ class DovecotUpstream:
         conf += [
             "disable_plaintext_auth = no",
             "auth_mechanisms = plain login",
-            # no 2 s penalty after a wrong password: tests try bad ones on purpose
             "auth_failure_delay = 0",
             "",
             "passdb {",
@@ -720,8 +733,25 @@ class DovecotUpstream:
                 "  process_limit = 1000",
                 "}",
             ]
-        conf += ["service anvil {", "  client_limit = 4000", *chroot, "}"]
-        conf += ["service auth {", "  client_limit = 4000", "}"]
+        # No auth penalty: after a failed login Dovecot delays every further
+        # login from that IP (2, 4, ... 15 s), which would make one test's
+        # wrong password slow down the next ones.  The penalty is off when
+        # the auth process cannot reach anvil's penalty socket: mode 0, and
+        # auth runs as the (non-root) internal user.  A failed login is still
+        # answered after up to 0.5 s (auth_failure_delay = 0 plus a timer).
+        conf += [
+            "service anvil {",
+            "  client_limit = 4000",
+            "  unix_listener anvil-auth-penalty {",
+            "    mode = 0",
+            "  }",
+            *chroot,
+            "}",
+            "service auth {",
+            "  client_limit = 4000",
+            "  user = $default_internal_user",
+            "}",
+        ]
         if not root:
             for service in ("ipc", "old-stats", "aggregator"):
                 conf += [f"service {service} {{", *chroot, "}"]

@@ -249,3 +249,19 @@ def test_tls_listener_rejects_plaintext_clients_cleanly(proxy: RunningProxy) -> 
         socket.create_connection((HOST, proxy.ports["implicit"]), timeout=10), server_hostname="localhost"
     ) as secure:
         assert secure.recv(1024).startswith(b"* OK")
+
+
+def test_upstream_ending_the_session_reaches_the_client_as_bye(proxy: RunningProxy, dovecot: DovecotUpstream) -> None:
+    """When Dovecot drops the session (doveadm kick) the client gets * BYE and EOF; others go on."""
+    with socket.create_connection((HOST, proxy.ports["plain"]), timeout=30) as raw:
+        reader = raw.makefile("rb")
+        reader.readline()
+        raw.sendall(b"a LOGIN kim kimpw\r\nb SELECT INBOX\r\n")
+        while not reader.readline().startswith(b"b OK"):
+            pass
+        subprocess.run(["doveadm", "-c", dovecot.confFile, "kick", "kim"], check=True, capture_output=True)
+        rest = reader.read()
+    assert rest.startswith(b"* BYE ") and rest.endswith(b"\r\n")
+    other = proxyClient(proxy, "implicit")
+    assert other.login("alice", "alicepw")[0] == "OK"
+    other.logout()

@@ -1,0 +1,95 @@
+"""
+Run the proxy as a real C{twistd -n mailproxy} process (tests, benchmarks
+and the demo share this).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+HOST = "127.0.0.1"
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def freePort() -> int:
+    """
+    A TCP port on 127.0.0.1 that nothing listens on right now.
+    """
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def tail(path: str, lines: int = 40) -> str:
+    try:
+        with open(path, errors="replace") as handle:
+            return "".join(handle.readlines()[-lines:])
+    except OSError:
+        return f"({path}: no log)\n"
+
+
+class ProxyProcess:
+    """
+    C{twistd -n mailproxy --config CONFIG}, logging to C{logFile} (stdout
+    when C{None}); stopped by PID.
+    """
+
+    def __init__(self, configPath: str, logFile: str | None = None) -> None:
+        self.configPath = configPath
+        self.logFile = logFile
+        directory = os.path.dirname(configPath)
+        self.stderrFile = os.path.join(directory, "twistd-stderr.log")
+        command = [TWISTD, "-n", "--pidfile=", "mailproxy", "--config", configPath]
+        if logFile is not None:
+            command[2:2] = [f"--logfile={logFile}"]
+        with open(self.stderrFile, "wb") as errors:
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=errors if logFile is not None else None,
+                stderr=subprocess.STDOUT if logFile is not None else None,
+                cwd=directory,
+            )
+
+    def waitForPorts(self, ports: list[int], timeout: float = 20.0) -> None:
+        """
+        Return once every port accepts connections.
+
+        @raise RuntimeError: with the proxy's output if it exits or is slow.
+        """
+        deadline = time.monotonic() + timeout
+        for port in ports:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"twistd exited with {self.process.returncode}:\n{self.output()}")
+                try:
+                    with socket.create_connection((HOST, port), timeout=0.2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"proxy not listening on {port} after {timeout} s:\n{self.output()}"
+                        ) from None
+                    time.sleep(0.05)
+
+    def output(self) -> str:
+        return tail(self.stderrFile) + (tail(self.logFile) if self.logFile else "")
+
+    def log(self) -> str:
+        assert self.logFile is not None
+        with open(self.logFile, errors="replace") as handle:
+            return handle.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
