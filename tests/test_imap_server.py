@@ -233,6 +233,21 @@ def test_relay_forwards_literals_byte_exact(tmp_path: Path) -> None:
     assert connection.upstream.sent == command + body + b"\r\ny NOOP\r\n"
 
 
+def test_literal_refused_by_the_upstream_is_not_expected_from_the_client(tmp_path: Path) -> None:
+    """A tagged NO instead of '+' cancels the literal: the next line is a new command again."""
+    connection = loggedIn(tmp_path)
+    upstream = connection.upstream.protocol
+    assert upstream is not None
+    connection.send(b"x APPEND INBOX {99999}\r\n")
+    upstream.dataReceived(b"x NO [TOOBIG] too big\r\n")
+    connection.send(b"y COMPRESS DEFLATE\r\nz NOOP\r\n")
+    assert connection.upstream.sent == b"x APPEND INBOX {99999}\r\nz NOOP\r\n"
+    assert (
+        connection.received()
+        == b"x NO [TOOBIG] too big\r\ny BAD Command not available after login through this proxy\r\n"
+    )
+
+
 def test_relay_streams_response_literals_and_filters_capabilities(tmp_path: Path) -> None:
     """Upstream FETCH literals pass through; CAPABILITY responses lose COMPRESS."""
     connection = loggedIn(tmp_path)

@@ -103,6 +103,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self._logout: Callable[[], None] | None = None
         self._localReplies: list[bytes] = []
         self._discardingTag: bytes | None = None
+        self._awaitingContinuation: bytes | None = None
+        self._clientTag: bytes | None = None
         self._upstreamSaidBye = False
         self.callLater = context.clock.callLater  # type: ignore[method-assign, assignment]
 
@@ -408,13 +410,19 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if self._discardingTag is not None:
             self._discardBlocked(event)
             return
-        if isinstance(event, Line) and not event.continuation:
+        if isinstance(event, LiteralChunk):
+            self.upstream.transport.write(event.data)
+            return
+        if not event.continuation:
             parsed = tagAndCommand(event.raw)
+            self._clientTag = parsed[0] if parsed is not None else None
             if parsed is not None and (parsed[1] in _ALREADY_AUTHENTICATED or parsed[1] in _NOT_RELAYED):
                 self._discardingTag = parsed[0]
                 self._discardBlocked(event)
                 return
-        self.upstream.transport.write(event.raw if isinstance(event, Line) else event.data)
+        if event.literal is not None and not event.nonSynchronizing:
+            self._awaitingContinuation = self._clientTag
+        self.upstream.transport.write(event.raw)
 
     def _discardBlocked(self, event: Event) -> None:
         """
@@ -441,6 +449,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             return
         raw = event.raw
         if not event.continuation:
+            if self._awaitingContinuation is not None:
+                self._continuationAnswered(raw)
             if b"CAPABILITY" in raw[:1024].upper():
                 raw = rewriteCapabilities(raw, RELAY_CAPABILITIES)
             elif raw[:5].upper() == b"* BYE":
@@ -449,6 +459,19 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if event.complete and self._localReplies:
             replies, self._localReplies = self._localReplies, []
             self._send(b"".join(replies))
+
+    def _continuationAnswered(self, response: bytes) -> None:
+        """
+        Follow the upstream's answer to a synchronising literal: a tagged
+        reply instead of C{+} means the client will not send the literal.
+        """
+        tag = self._awaitingContinuation
+        assert tag is not None
+        if response.startswith(b"+"):
+            self._awaitingContinuation = None
+        elif response.startswith(tag + b" "):
+            self._awaitingContinuation = None
+            self.framer.cancelLiteral()
 
     def _sendAtBoundary(self, data: bytes) -> None:
         """
