@@ -33,8 +33,14 @@ def writeUsersFile(directory: str, users: dict[str, str]) -> str:
     return path
 
 
-def makeConfig(usersFile: str, *, routes: dict[str, UserRoute] | None = None, delay: float = 2.0) -> Config:
-    upstream = UpstreamConfig("main", "127.0.0.1", 1, TLSMode.PLAIN)
+def makeConfig(
+    usersFile: str,
+    *,
+    routes: dict[str, UserRoute] | None = None,
+    delay: float = 2.0,
+    upstream: UpstreamConfig | None = None,
+) -> Config:
+    upstream = upstream or UpstreamConfig("main", "127.0.0.1", 1, TLSMode.PLAIN)
     return Config(
         listeners=(ListenerConfig("imap", "tcp:0", TLSMode.STARTTLS, certificate="x", privateKey="x"),),
         upstreams={"main": upstream},

@@ -8,11 +8,12 @@ import base64
 from pathlib import Path
 
 from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from mailproxy.config import TLSMode, UserRoute
 from mailproxy.imap.server import State
-from mailproxy.imap.upstream import UpstreamError
+from mailproxy.imap.upstream import UpstreamError, setNoDelay
 from tests.support import ProxyConnection, UpstreamScript, connect
 
 
@@ -331,3 +332,24 @@ def test_idle_preauth_connection_times_out(tmp_path: Path) -> None:
     connection.clock.advance(61)
     assert connection.received() == b"* BYE Autologout; idle for too long\r\n"
     assert connection.transport.disconnecting
+
+
+def test_nagle_is_disabled_on_client_and_upstream_sockets() -> None:
+    """TCP_NODELAY is set on the transport (or the TCP transport under TLS)."""
+
+    class TCPTransport(StringTransport):
+        noDelay = False
+
+        def setTcpNoDelay(self, enabled: bool) -> None:
+            self.noDelay = enabled
+
+    direct = TCPTransport()
+    setNoDelay(direct)
+    assert direct.noDelay
+
+    class TLSWrapper:
+        transport = TCPTransport()
+
+    wrapped = TLSWrapper()
+    setNoDelay(wrapped)
+    assert wrapped.transport.noDelay
