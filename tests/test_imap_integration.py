@@ -11,7 +11,6 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -45,17 +44,6 @@ def fetchAll(client: imaplib.IMAP4, mailbox: str = "INBOX") -> list[bytes]:
     typ, data = client.uid("FETCH", "1:*", "(BODY.PEEK[])")
     assert typ == "OK"
     return [item[1] for item in data if isinstance(item, tuple)]
-
-
-@pytest.fixture
-def session(proxy: RunningProxy) -> Iterator[imaplib.IMAP4]:
-    client = proxyClient(proxy, "implicit")
-    client.login("alice", "alicepw")
-    yield client
-    try:
-        client.logout()
-    except (imaplib.IMAP4.abort, OSError):
-        pass
 
 
 @pytest.mark.parametrize("clientMode", CLIENT_MODES)
@@ -144,9 +132,13 @@ def test_unreachable_or_unverified_upstream_gives_unavailable(proxy: RunningProx
     assert f"user {user}: upstream" in proxy.log() and expected in proxy.log()
 
 
-def test_mailbox_operations_through_the_proxy(session: imaplib.IMAP4, dovecot: DovecotUpstream) -> None:
-    """CREATE, APPEND, SEARCH, STORE, COPY, MOVE, RENAME, EXPUNGE, DELETE all work as upstream."""
-    client = session
+@pytest.mark.parametrize(("clientMode", "user"), [("plain", "carol"), ("starttls", "bob"), ("implicit", "alice")])
+def test_mailbox_operations_through_the_proxy(
+    proxy: RunningProxy, dovecot: DovecotUpstream, clientMode: str, user: str
+) -> None:
+    """CREATE, APPEND, SEARCH, STORE, COPY, MOVE, RENAME, EXPUNGE, DELETE, LOGOUT all work as upstream."""
+    client = proxyClient(proxy, clientMode)
+    client.login(user, LOCAL_USERS[user])
     for name in ("ProxyTest", "ProxyTest2", "ProxyRenamed"):
         client.delete(name)
     assert client.create("ProxyTest")[0] == "OK"
@@ -168,13 +160,14 @@ def test_mailbox_operations_through_the_proxy(session: imaplib.IMAP4, dovecot: D
     assert client.select("ProxyTest")[1] == [b"0"]
     assert client.close()[0] == "OK"
     assert client.rename("ProxyTest2", "ProxyRenamed")[0] == "OK"
-    direct = directClient(dovecot, "alice")
+    direct = directClient(dovecot, user)
     assert direct.select("ProxyRenamed", readonly=True)[1] == [b"2"]
     direct.logout()
     assert client.delete("ProxyRenamed")[0] == "OK"
     assert client.delete("ProxyTest")[0] == "OK"
     typ, listing = client.list()
     assert typ == "OK" and not [line for line in listing if b"ProxyTest" in line or b"ProxyRenamed" in line]  # type: ignore[operator]
+    assert client.logout()[0] == "BYE"
 
 
 def test_pipelined_commands_after_login(proxy: RunningProxy) -> None:
