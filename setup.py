@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=find_packages(exclude=["tests", "tests.*", "bench"]) + ["twisted.plugins"],
+    packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*", "scripts", "scripts.*"])
+    + ["twisted.plugins"],
     package_data={"mailproxy": ["py.typed"]},
     install_requires=[
         "twisted[tls]>=24.7",
