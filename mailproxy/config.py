@@ -156,6 +156,9 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         _checkUpstream(table, "upstream", upstream, upstreams)
         routes[user] = UserRoute(upstream, table.string("username", None), _password(table, "password"))
 
+    greeting = server.string("greeting", "mailproxy ready.") or "mailproxy ready."
+    if not greeting.isascii() or not greeting.isprintable():
+        raise ConfigError("server.greeting: must be printable ASCII on one line")
     return Config(
         listeners=listeners,
         upstreams=upstreams,
@@ -163,7 +166,7 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         defaultRoute=defaultRoute,
         routes=routes,
         authFailureDelay=auth.number("failure_delay", 2.0),
-        greeting=server.string("greeting", "mailproxy ready.") or "mailproxy ready.",
+        greeting=greeting,
         preAuthTimeout=server.number("preauth_timeout", 60.0),
         authenticatedTimeout=server.number("authenticated_timeout", 30 * 60.0),
     )

@@ -209,6 +209,16 @@ def test_oversized_preauth_literal_closes_the_connection(tmp_path: Path) -> None
     assert connection.transport.disconnecting
 
 
+def test_preauth_command_with_endless_literals_is_cut_off(tmp_path: Path) -> None:
+    """Many small literals in one pre-auth command cannot grow memory without bound."""
+    connection = connect(str(tmp_path))
+    connection.received()
+    chunk = b"x" * 60000
+    connection.send(b"a ID {60000+}\r\n" + chunk + b" {60000+}\r\n" + chunk + b" {60000+}\r\n")
+    assert connection.received().endswith(b"* BYE Command too long\r\n")
+    assert connection.transport.disconnecting
+
+
 def test_commands_pipelined_after_login_reach_the_upstream_in_order(tmp_path: Path) -> None:
     """Commands sent with LOGIN wait for the upstream and are relayed after it."""
     script = UpstreamScript(hold=True)

@@ -33,6 +33,7 @@ from mailproxy.interfaces import IProxyUser
 
 PREAUTH_MAX_LINE = 64 * 1024
 PREAUTH_MAX_LITERAL = 64 * 1024
+PREAUTH_MAX_COMMAND = 128 * 1024
 RELAY_MAX_LINE = 1024 * 1024
 
 ConnectUpstream = Callable[[UpstreamConfig, str, str, str], "Deferred[UpstreamSession]"]
@@ -69,12 +70,15 @@ class _PendingCommand:
         self.segments: list[bytes] = []
         self.literals: list[bytes] = []
         self._literal = bytearray()
+        self.size = 0
 
     def addLine(self, line: Line) -> None:
         self.segments.append(line.raw)
+        self.size += len(line.raw)
 
     def addLiteral(self, chunk: LiteralChunk) -> None:
         self._literal += chunk.data
+        self.size += len(chunk.data)
         if not chunk.remaining:
             self.literals.append(bytes(self._literal))
             self._literal = bytearray()
@@ -193,6 +197,11 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             self._command.addLiteral(event)
             return
         self._command.addLine(event)
+        if self._command.size + (event.literal or 0) > PREAUTH_MAX_COMMAND:
+            self.log.warn("{client} sent an oversized command before login", client=self.clientAddress)
+            self._queue.clear()
+            self._close(b"Command too long")
+            return
         if event.literal is not None:
             if not event.nonSynchronizing:
                 self._send(b"+ Ready for literal data\r\n")
