@@ -64,7 +64,7 @@ class UsersFileChecker:
     def __init__(self, path: str, runInThread: RunInThread) -> None:
         self._path = path
         self._runInThread = runInThread
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, str] = {}
         self.reload()
 
@@ -75,7 +75,9 @@ class UsersFileChecker:
         @raise UsersFileError: if it cannot be read.
         """
         status = os.stat(self._path)
-        stamp = (status.st_mtime_ns, status.st_size)
+        # The inode changes on every atomic rewrite (mailproxy.passwd renames
+        # a new file into place), even when size and mtime tick do not.
+        stamp = (status.st_ino, status.st_mtime_ns, status.st_size)
         if stamp != self._stamp:
             self._users = readUsers(self._path)
             self._stamp = stamp

@@ -24,6 +24,9 @@ DEFAULT_R = 8
 DEFAULT_P = 1
 _KEY_LENGTH = 32
 _HASH_FORMAT = re.compile(r"\A\$scrypt\$ln=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)\Z")
+# Parameters beyond these would need more than 1 GiB or hours per check:
+# such a line is a typo or an attack on the proxy, not a hash.
+_MAX_MEMORY = 1 << 30
 _USER_NAME = re.compile(r"\A[^\s:#][^\s:]*\Z")
 
 
@@ -52,15 +55,30 @@ def hashPassword(password: str, *, log2N: int = DEFAULT_LOG2_N, r: int = DEFAULT
 
 def _scrypt(password: bytes, salt: bytes, log2N: int, r: int, p: int) -> bytes:
     n = 1 << log2N
-    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=129 * n * r * p + 1024 * 1024, dklen=_KEY_LENGTH)
+    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=_MAX_MEMORY + (1 << 24), dklen=_KEY_LENGTH)
+
+
+def _parse(encoded: str) -> tuple[int, int, int, bytes, bytes] | None:
+    match = _HASH_FORMAT.match(encoded)
+    if match is None:
+        return None
+    log2N, r, p = (int(match.group(index)) for index in (1, 2, 3))
+    if not (1 <= log2N <= 24 and 1 <= r <= 64 and 1 <= p <= 16) or 128 * (1 << log2N) * r * p > _MAX_MEMORY:
+        return None
+    try:
+        salt, key = _unb64(match.group(4)), _unb64(match.group(5))
+    except ValueError:  # binascii.Error: a length no base64 text can have
+        return None
+    if len(key) != _KEY_LENGTH:
+        return None
+    return log2N, r, p, salt, key
 
 
 def isValidHash(encoded: str) -> bool:
     """
     C{True} if C{encoded} is a hash this module can verify.
     """
-    match = _HASH_FORMAT.match(encoded)
-    return match is not None and 1 <= int(match.group(1)) <= 22
+    return _parse(encoded) is not None
 
 
 def verifyPassword(password: bytes, encoded: str) -> bool:
@@ -69,13 +87,11 @@ def verifyPassword(password: bytes, encoded: str) -> bool:
 
     Slow by design: call it off the reactor thread.
     """
-    match = _HASH_FORMAT.match(encoded)
-    if match is None or not isValidHash(encoded):
+    parsed = _parse(encoded)
+    if parsed is None:
         return False
-    log2N, r, p = (int(match.group(index)) for index in (1, 2, 3))
-    expected = _unb64(match.group(5))
-    actual = _scrypt(password, _unb64(match.group(4)), log2N, r, p)
-    return hmac.compare_digest(actual, expected)
+    log2N, r, p, salt, expected = parsed
+    return hmac.compare_digest(_scrypt(password, salt, log2N, r, p), expected)
 
 
 def isValidUserName(name: str) -> bool:

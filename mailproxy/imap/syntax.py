@@ -12,7 +12,9 @@ from collections.abc import Iterable, Sequence
 
 _TAG_AND_NAME = re.compile(rb"\A([^\x00-\x20\x7f(){%*\"\\+]+) ([A-Za-z][A-Za-z0-9.\-]*)(?=[ \r\n]|\Z)")
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
-_CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
+# The code only counts right after the status word of a status response;
+# "[CAPABILITY" elsewhere (a FETCH'd subject, say) is message data.
+_CAPABILITY_CODE = re.compile(rb"\A(\S+ (?:OK|NO|BAD|PREAUTH|BYE) )\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 _CAPABILITY_RESPONSE = re.compile(rb"\A(\* CAPABILITY )(.*?)(\r?\n)\Z", re.IGNORECASE | re.DOTALL)
 
 
@@ -128,13 +130,11 @@ def rewriteCapabilities(line: bytes, transform: CapabilityTransform) -> bytes:
     if response is not None:
         names = transform(capabilityNames(response.group(2)))
         return response.group(1) + b" ".join(names) + response.group(3)
-    if b"[" not in line:
+    code = _CAPABILITY_CODE.match(line)
+    if code is None:
         return line
-
-    def replaceCode(match: re.Match[bytes]) -> bytes:
-        return b"[CAPABILITY " + b" ".join(transform(capabilityNames(match.group(1)))) + b"]"
-
-    return _CAPABILITY_CODE.sub(replaceCode, line, count=1)
+    names = transform(capabilityNames(code.group(2)))
+    return code.group(1) + b"[CAPABILITY " + b" ".join(names) + b"]" + line[code.end() :]
 
 
 def capabilitiesIn(line: bytes) -> list[bytes] | None:
@@ -144,9 +144,9 @@ def capabilitiesIn(line: bytes) -> list[bytes] | None:
     response = _CAPABILITY_RESPONSE.match(line)
     if response is not None:
         return capabilityNames(response.group(2))
-    code = _CAPABILITY_CODE.search(line)
+    code = _CAPABILITY_CODE.match(line)
     if code is not None:
-        return capabilityNames(code.group(1))
+        return capabilityNames(code.group(2))
     return None
 
 
