@@ -119,6 +119,17 @@ class ProxyConnection:
         self.transport.clear()
         return value  # type: ignore[no-any-return]
 
+    @property
+    def upstreamProtocol(self) -> UpstreamIMAPProtocol:
+        """
+        The upstream connection the proxy opened (after login).
+        """
+        assert self.upstream.protocol is not None
+        return self.upstream.protocol
+
+    def fromUpstream(self, data: bytes) -> None:
+        self.upstreamProtocol.dataReceived(data)
+
 
 def connect(
     directory: str,

@@ -237,7 +237,7 @@ def test_relay_forwards_literals_byte_exact(tmp_path: Path) -> None:
     body = b"Subject: \xe4\r\n\r\n{5}\r\n\x00\xff"
     command = b"x APPEND INBOX {%d}\r\n" % len(body)
     connection.send(command)
-    connection.upstream.protocol.dataReceived(b"+ OK\r\n")  # type: ignore[union-attr]
+    connection.fromUpstream(b"+ OK\r\n")
     assert connection.received() == b"+ OK\r\n"
     connection.send(body[:7])
     connection.send(body[7:] + b"\r\ny NOOP\r\n")
@@ -247,10 +247,8 @@ def test_relay_forwards_literals_byte_exact(tmp_path: Path) -> None:
 def test_literal_refused_by_the_upstream_is_not_expected_from_the_client(tmp_path: Path) -> None:
     """A tagged NO instead of '+' cancels the literal: the next line is a new command again."""
     connection = loggedIn(tmp_path)
-    upstream = connection.upstream.protocol
-    assert upstream is not None
     connection.send(b"x APPEND INBOX {99999}\r\n")
-    upstream.dataReceived(b"x NO [TOOBIG] too big\r\n")
+    connection.fromUpstream(b"x NO [TOOBIG] too big\r\n")
     connection.send(b"y COMPRESS DEFLATE\r\nz NOOP\r\n")
     assert connection.upstream.sent == b"x APPEND INBOX {99999}\r\nz NOOP\r\n"
     assert (
@@ -262,10 +260,8 @@ def test_literal_refused_by_the_upstream_is_not_expected_from_the_client(tmp_pat
 def test_relay_streams_response_literals_and_filters_capabilities(tmp_path: Path) -> None:
     """Upstream FETCH literals pass through; CAPABILITY responses lose COMPRESS."""
     connection = loggedIn(tmp_path)
-    upstream = connection.upstream.protocol
-    assert upstream is not None
-    upstream.dataReceived(b"* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE IDLE\r\n* 1 FETCH (BODY[] {8}\r\nA\r\n{3}\r\n")
-    upstream.dataReceived(b")\r\nb OK done\r\n")
+    connection.fromUpstream(b"* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE IDLE\r\n* 1 FETCH (BODY[] {8}\r\nA\r\n{3}\r\n")
+    connection.fromUpstream(b")\r\nb OK done\r\n")
     assert (
         connection.received()
         == b"* CAPABILITY IMAP4rev1 IDLE\r\n* 1 FETCH (BODY[] {8}\r\nA\r\n{3}\r\n)\r\nb OK done\r\n"
@@ -285,11 +281,9 @@ def test_compress_and_starttls_after_login_are_answered_locally(tmp_path: Path) 
 def test_local_reply_waits_for_the_upstream_response_boundary(tmp_path: Path) -> None:
     """A proxy reply never lands inside a relayed literal."""
     connection = loggedIn(tmp_path)
-    upstream = connection.upstream.protocol
-    assert upstream is not None
-    upstream.dataReceived(b"* 1 FETCH (BODY[] {4}\r\nab")
+    connection.fromUpstream(b"* 1 FETCH (BODY[] {4}\r\nab")
     connection.send(b"z COMPRESS DEFLATE\r\n")
-    upstream.dataReceived(b"cd)\r\n")
+    connection.fromUpstream(b"cd)\r\n")
     assert (
         connection.received()
         == b"* 1 FETCH (BODY[] {4}\r\nabcd)\r\nz BAD Command not available after login through this proxy\r\n"
@@ -299,8 +293,7 @@ def test_local_reply_waits_for_the_upstream_response_boundary(tmp_path: Path) ->
 def test_each_side_is_registered_as_the_others_producer(tmp_path: Path) -> None:
     """Backpressure: a full client buffer pauses reading from the upstream and vice versa."""
     connection = loggedIn(tmp_path)
-    upstream = connection.upstream.protocol
-    assert upstream is not None
+    upstream = connection.upstreamProtocol
     assert connection.transport.producer is upstream.transport
     assert upstream.transport.producer is connection.transport  # type: ignore[attr-defined]
     connection.transport.producer.pauseProducing()
@@ -310,8 +303,7 @@ def test_each_side_is_registered_as_the_others_producer(tmp_path: Path) -> None:
 def test_upstream_closing_mid_session_sends_bye(tmp_path: Path) -> None:
     """If the upstream goes away the client gets * BYE and is disconnected."""
     connection = loggedIn(tmp_path)
-    upstream = connection.upstream.protocol
-    assert upstream is not None
+    upstream = connection.upstreamProtocol
     upstream.connectionLost(Failure(ConnectionDone()))
     assert connection.received() == b"* BYE Upstream server closed the connection\r\n"
     assert connection.transport.disconnecting
@@ -320,10 +312,9 @@ def test_upstream_closing_mid_session_sends_bye(tmp_path: Path) -> None:
 def test_upstream_bye_is_not_doubled(tmp_path: Path) -> None:
     """After LOGOUT the upstream's own BYE is relayed, and no second BYE is added."""
     connection = loggedIn(tmp_path)
-    upstream = connection.upstream.protocol
-    assert upstream is not None
+    upstream = connection.upstreamProtocol
     connection.send(b"z LOGOUT\r\n")
-    upstream.dataReceived(b"* BYE Logging out\r\nz OK Logout completed.\r\n")
+    connection.fromUpstream(b"* BYE Logging out\r\nz OK Logout completed.\r\n")
     upstream.connectionLost(Failure(ConnectionDone()))
     assert connection.received() == b"* BYE Logging out\r\nz OK Logout completed.\r\n"
 
@@ -332,7 +323,7 @@ def test_client_disconnect_closes_the_upstream(tmp_path: Path) -> None:
     """Closing the client connection closes the upstream connection."""
     connection = loggedIn(tmp_path)
     connection.protocol.connectionLost(Failure(ConnectionDone()))
-    assert connection.upstream.protocol.transport.disconnecting  # type: ignore[union-attr]
+    assert connection.upstreamProtocol.transport.disconnecting  # type: ignore[attr-defined]
 
 
 def test_idle_preauth_connection_times_out(tmp_path: Path) -> None:
