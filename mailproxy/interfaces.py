@@ -1,8 +1,15 @@
 """
 Public interfaces of mailproxy.
+
+Filters are objects providing any of L{ICommandFilter}, L{IResponseFilter}
+and L{ISessionObserver}; an L{IFilterFactory} plugin builds them from the
+options in the configuration.  Each filter method may return its verdict
+directly or as a Deferred.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from zope.interface import Attribute, Interface
 
@@ -17,3 +24,78 @@ class IProxyUser(Interface):
     upstream = Attribute("The mailproxy.config.UpstreamConfig the session is relayed to.")
     upstreamUsername = Attribute("The user name presented upstream (str).")
     upstreamPassword = Attribute("The stored upstream password (str), or None to reuse the client's (passthrough).")
+
+
+class ISession(Interface):
+    """
+    What a filter knows about the session it sees.
+    """
+
+    protocol = Attribute("'imap' or 'pop3'.")
+    listener = Attribute("The name of the listener the client connected to (str).")
+    clientAddress = Attribute("The client's 'host:port' (str).")
+    tls = Attribute("True if the client connection is encrypted.")
+    user = Attribute("The local user name (str), or None before login.")
+    upstream = Attribute("The upstream's name (str), or None before login.")
+    selected = Attribute("The selected mailbox as the client named it (bytes), or None.")
+
+
+class ICommandFilter(Interface):
+    """
+    Sees every client command after login.
+    """
+
+    def filterCommand(session: ISession, command: Any) -> Any:
+        """
+        Decide about a parsed command (L{mailproxy.imap.model.IMAPCommand}).
+
+        @return: L{mailproxy.filters.PASS}, a L{mailproxy.filters.Rewrite}
+            of the command, a L{mailproxy.filters.Reject} (answered to the
+            client, never relayed), or a Deferred of one of these.
+        """
+
+
+class IResponseFilter(Interface):
+    """
+    Sees every upstream response after login.
+    """
+
+    def filterResponse(session: ISession, response: Any) -> Any:
+        """
+        Decide about a parsed response (L{mailproxy.imap.model.IMAPResponse}).
+
+        @return: L{mailproxy.filters.PASS}, a L{mailproxy.filters.Rewrite},
+            L{mailproxy.filters.DROP} (untagged responses only), or a
+            Deferred of one of these.
+        """
+
+
+class ISessionObserver(Interface):
+    """
+    Told about the life of a session; for logging and accounting.
+    """
+
+    def sessionEvent(session: ISession, event: str, details: dict[str, Any]) -> None:
+        """
+        C{event} is one of C{"connected"}, C{"login"} (details: C{ok},
+        C{mechanism}), C{"command"} (details: C{command}, C{result},
+        C{bytesIn}, C{bytesOut}, C{duration}) and C{"closed"} (details:
+        C{bytesIn}, C{bytesOut}, C{duration}).  Never passwords.
+        """
+
+
+class IFilterFactory(Interface):
+    """
+    A plugin (in the C{mailproxy.plugins} package) that builds a filter from
+    its configuration options.
+    """
+
+    name = Attribute("The name the configuration uses (str).")
+    description = Attribute("One line for humans (str).")
+
+    def build(options: dict[str, Any]) -> Any:
+        """
+        Build a filter.
+
+        @raise ValueError: naming the option that is wrong.
+        """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +27,13 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailproxy.config import Config, ListenerConfig, TLSMode, UpstreamConfig
+from mailproxy.filters.chain import FilterChain
 from mailproxy.imap.framer import Event, FramingError, IMAPFramer, Line, LiteralChunk
-from mailproxy.imap.syntax import RELAY_CAPABILITIES, SyntaxError_, parseArguments, rewriteCapabilities, tagAndCommand
+from mailproxy.imap.relay import Relay
+from mailproxy.imap.syntax import RELAY_CAPABILITIES, SyntaxError_, parseArguments, tagAndCommand
 from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession, setNoDelay
 from mailproxy.interfaces import IProxyUser
+from mailproxy.session import ProxySession
 
 PREAUTH_MAX_LINE = 64 * 1024
 PREAUTH_MAX_LITERAL = 64 * 1024
@@ -39,8 +43,6 @@ RELAY_MAX_LINE = 1024 * 1024
 ConnectUpstream = Callable[[UpstreamConfig, str, str, str], "Deferred[UpstreamSession]"]
 
 # Commands the proxy answers itself after login instead of relaying.
-_ALREADY_AUTHENTICATED = frozenset({b"LOGIN", b"AUTHENTICATE"})
-_NOT_RELAYED = frozenset({b"STARTTLS", b"COMPRESS"})
 
 
 class State(enum.Enum):
@@ -63,6 +65,7 @@ class ServerContext:
     clock: IReactorTime
     connectUpstream: ConnectUpstream
     tlsOptions: Any = None
+    filtersFor: Callable[[str | None], FilterChain] = lambda user: FilterChain()
 
 
 class _PendingCommand:
@@ -105,11 +108,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self._command: _PendingCommand | None = None
         self._saslTag = b""
         self._logout: Callable[[], None] | None = None
-        self._localReplies: list[bytes] = []
-        self._discardingTag: bytes | None = None
-        self._awaitingContinuation: bytes | None = None
-        self._clientTag: bytes | None = None
-        self._upstreamSaidBye = False
+        self.relay: Relay | None = None
+        self.session = ProxySession("imap", context.listener.name, "?", self.tlsActive, context.filtersFor(None))
         self.callLater = context.clock.callLater  # type: ignore[method-assign, assignment]
 
     # -- connection ---------------------------------------------------------
@@ -119,6 +119,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.clientAddress = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         setNoDelay(self.transport)
         self.setTimeout(self.context.config.preAuthTimeout)
+        self.session.clientAddress = self.clientAddress
+        self.session.notify("connected")
         self.log.info(
             "{client} connected to listener {listener} (tls={tls})",
             client=self.clientAddress,
@@ -135,6 +137,13 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if self._logout is not None:
             logout, self._logout = self._logout, None
             logout()
+        relay = self.relay
+        self.session.notify(
+            "closed",
+            bytesIn=relay.bytesIn if relay else 0,
+            bytesOut=relay.bytesOut if relay else 0,
+            duration=time.monotonic() - self.session.started,
+        )
         self.log.info("{client} disconnected", client=self.clientAddress)
 
     def timeoutConnection(self) -> None:
@@ -175,9 +184,9 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             self.state = State.CLOSED
             self.transport.loseConnection()
             return
-        if self.state is State.RELAYING:
+        if self.relay is not None:
             for event in events:
-                self._relayFromClient(event)
+                self.relay.fromClient(event)
             return
         self._queue.extend(events)
         self._processQueue()
@@ -258,6 +267,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             return
         self.transport.startTLS(self.context.tlsOptions)  # type: ignore[attr-defined]
         self.tlsActive = True
+        self.session.tls = True
         self.framer = IMAPFramer(PREAUTH_MAX_LINE)
         self.framer.maxLiteralSize = PREAUTH_MAX_LITERAL
 
@@ -347,6 +357,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         )
 
     def _loginFailed(self, tag: bytes, name: str, failure: Failure) -> None:
+        self.session.notify("login", ok=False, user=name)
         if failure.check(UnauthorizedLogin) is None:
             self.log.failure("login of {user} failed unexpectedly", failure, user=name)
         self.log.info("{client} authentication failed for {user}", client=self.clientAddress, user=name)
@@ -385,14 +396,14 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
 
     # -- relay --------------------------------------------------------------
 
-    def _startRelay(self, tag: bytes, session: UpstreamSession) -> None:
-        upstream = session.protocol
+    def _startRelay(self, tag: bytes, upstreamSession: UpstreamSession) -> None:
+        upstream = upstreamSession.protocol
         if self.state is State.CLOSED:
             upstream.transport.loseConnection()
             return
         self.upstream = upstream
         self.state = State.RELAYING
-        capabilities = b" ".join(RELAY_CAPABILITIES(session.capabilities))
+        capabilities = b" ".join(RELAY_CAPABILITIES(upstreamSession.capabilities))
         self._send(tag + b" OK [CAPABILITY " + capabilities + b"] Logged in\r\n")
         self.log.info(
             "{client} logged in as {user}, relaying to {upstream}",
@@ -407,89 +418,23 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         # reader never makes the proxy hold a whole message.
         self.transport.registerProducer(upstream.transport, True)  # type: ignore[attr-defined]
         upstream.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
-        upstream.startRelay(self._relayFromUpstream, self._upstreamLost)
+        self.session.user = self.user.username
+        self.session.upstream = self.user.upstream.name
+        self.session.chain = self.context.filtersFor(self.user.username)
+        self.session.notify("login", ok=True)
+        relay = self.relay = Relay(self, upstream, self.session.chain, self.session, upstreamSession.capabilities)
+        upstream.startRelay(relay.fromUpstream, self._upstreamLost)
         queued, self._queue = self._queue, deque()
         for event in queued:
-            self._relayFromClient(event)
+            relay.fromClient(event)
         if self.state is State.RELAYING:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
-    def _relayFromClient(self, event: Event) -> None:
-        assert self.upstream is not None
-        if self._discardingTag is not None:
-            self._discardBlocked(event)
-            return
-        if isinstance(event, LiteralChunk):
-            self.upstream.transport.write(event.data)
-            return
-        if not event.continuation:
-            parsed = tagAndCommand(event.raw)
-            self._clientTag = parsed[0] if parsed is not None else None
-            if parsed is not None and (parsed[1] in _ALREADY_AUTHENTICATED or parsed[1] in _NOT_RELAYED):
-                self._discardingTag = parsed[0]
-                self._discardBlocked(event)
-                return
-        if event.literal is not None and not event.nonSynchronizing:
-            self._awaitingContinuation = self._clientTag
-        self.upstream.transport.write(event.raw)
-
-    def _discardBlocked(self, event: Event) -> None:
-        """
-        Swallow a command the proxy refuses after login, literals included,
-        then answer it.
-        """
-        if isinstance(event, LiteralChunk):
-            return
-        tag = self._discardingTag
-        assert tag is not None
-        if event.literal is not None and event.nonSynchronizing:
-            return
-        if event.literal is not None:
-            # The client waits for a continuation we will not send; the
-            # tagged reply tells it not to send the literal.
-            self.framer.cancelLiteral()
-        self._discardingTag = None
-        self._sendAtBoundary(tag + b" BAD Command not available after login through this proxy\r\n")
-
-    def _relayFromUpstream(self, event: Event) -> None:
-        self.resetTimeout()
-        if isinstance(event, LiteralChunk):
-            self._send(event.data)
-            return
-        raw = event.raw
-        if not event.continuation:
-            if self._awaitingContinuation is not None:
-                self._continuationAnswered(raw)
-            if b"CAPABILITY" in raw[:1024].upper():
-                raw = rewriteCapabilities(raw, RELAY_CAPABILITIES)
-            elif raw[:5].upper() == b"* BYE":
-                self._upstreamSaidBye = True
-        self._send(raw)
-        if event.complete and self._localReplies:
-            replies, self._localReplies = self._localReplies, []
-            self._send(b"".join(replies))
-
-    def _continuationAnswered(self, response: bytes) -> None:
-        """
-        Follow the upstream's answer to a synchronising literal: a tagged
-        reply instead of C{+} means the client will not send the literal.
-        """
-        tag = self._awaitingContinuation
-        assert tag is not None
-        if response.startswith(b"+"):
-            self._awaitingContinuation = None
-        elif response.startswith(tag + b" "):
-            self._awaitingContinuation = None
-            self.framer.cancelLiteral()
-
     def _sendAtBoundary(self, data: bytes) -> None:
-        """
-        Write a reply of the proxy's own between two upstream responses.
-        """
-        if self.upstream is None or self.upstream.framer.atBoundary:
-            self._send(data)
+        if self.relay is not None:
+            self.relay.sendLocal(data)
         else:
-            self._localReplies.append(data)
+            self._send(data)
 
     def _upstreamLost(self, reason: Failure) -> None:
         if self.state is State.CLOSED:
@@ -497,8 +442,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.log.info(
             "{client} upstream closed the session: {reason}", client=self.clientAddress, reason=reason.getErrorMessage()
         )
-        assert self.upstream is not None
-        if not self._upstreamSaidBye and self.upstream.framer.atBoundary:
+        assert self.relay is not None
+        if not self.relay.upstreamSaidBye and not self.relay.midResponse:
             self._send(b"* BYE Upstream server closed the connection\r\n")
         self.state = State.CLOSED
         self.transport.loseConnection()

@@ -1,0 +1,455 @@
+# -*- test-case-name: tests.test_imap_relay -*-
+"""
+The relay of a logged-in IMAP session, in both directions.
+
+With no filters configured, framed bytes pass straight through (the fast
+path).  With filters, each command and response is assembled, parsed and
+run through the chain first; literals up to L{BUFFER_LIMIT} are held for
+that (the proxy answers the client's synchronising literals itself and
+forwards them with LITERAL+ or by its own continuation dance upstream),
+larger ones stream: the filters see the command up to the literal, with
+its size, and responses carrying one pass unfiltered.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailproxy.filters import DROP, Reject, Rewrite, Verdict
+from mailproxy.filters.chain import FilterChain
+from mailproxy.imap.framer import Event, Line, LiteralChunk
+from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand, parseResponse, text
+from mailproxy.imap.syntax import RELAY_CAPABILITIES, rewriteCapabilities, tagAndCommand
+
+BUFFER_LIMIT = 256 * 1024
+
+# Commands the proxy answers itself after login instead of relaying.
+NOT_RELAYED = frozenset({b"LOGIN", b"AUTHENTICATE", b"STARTTLS", b"COMPRESS"})
+_NOT_RELAYED_REPLY = b"BAD Command not available after login through this proxy"
+_SYNC_ANNOUNCEMENT = re.compile(rb"\{([0-9]+)\}\r\n\Z")
+_RESPONSE_NAME = re.compile(rb"\A(?:\*|[^ ]+)(?: [0-9]+)? ([A-Za-z][A-Za-z0-9.\-]*)")
+
+Part = bytes | StreamedLiteral
+
+
+@dataclass
+class _Assembly:
+    """
+    A command or response being collected from framed events.
+    """
+
+    parts: list[Part] = field(default_factory=list)
+    literal: bytearray = field(default_factory=bytearray)
+    tag: bytes | None = None
+    name: bytes | None = None
+
+    def addLiteral(self, chunk: LiteralChunk) -> None:
+        self.literal += chunk.data
+        if not chunk.remaining:
+            self.parts.append(bytes(self.literal))
+            self.literal = bytearray()
+
+
+@dataclass
+class _InFlight:
+    command: IMAPCommand | None
+    started: float
+    bytesIn: int
+    bytesOutAtStart: int
+
+
+class Relay:
+    """
+    Relay one session between C{client} (the server protocol) and
+    C{upstream} (an L{UpstreamIMAPProtocol}).
+    """
+
+    log = Logger()
+
+    def __init__(self, client: Any, upstream: Any, chain: FilterChain, session: Any, capabilities: list[bytes]) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.chain = chain
+        self.session = session
+        self.literalPlus = b"LITERAL+" in {name.upper() for name in capabilities}
+        self.bytesIn = 0
+        self.bytesOut = 0
+        self.upstreamSaidBye = False
+        self.midResponse = False
+        self._localReplies: list[bytes] = []
+        # client -> upstream
+        self._clientEvents: deque[Event] = deque()
+        self._clientBlocked = False
+        self._command: _Assembly | None = None
+        self._streamingCommand = False
+        self._discard: tuple[bytes, bytes] | None = None
+        self._awaitingContinuation: bytes | None = None
+        self._clientTag: bytes | None = None
+        # Commands waiting to go upstream, each as its remaining parts; the
+        # first may be stopped at a synchronising literal.
+        self._outbound: deque[tuple[bytes, deque[bytes]]] = deque()
+        self._outboundWaiting = False
+        self._inFlight: dict[bytes, _InFlight] = {}
+        self._pendingSelect: tuple[bytes, bytes | None] | None = None
+        # upstream -> client
+        self._upstreamEvents: deque[Event] = deque()
+        self._upstreamBlocked = False
+        self._response: _Assembly | None = None
+        self._streamingResponse = False
+
+    # -- writing -------------------------------------------------------------
+
+    def toClient(self, data: bytes, *, complete: bool = True) -> None:
+        self.bytesOut += len(data)
+        self.client.transport.write(data)
+        self.midResponse = not complete
+        if complete and self._localReplies:
+            replies, self._localReplies = self._localReplies, []
+            self.client.transport.write(b"".join(replies))
+
+    def sendLocal(self, data: bytes) -> None:
+        """
+        Write a reply of the proxy's own between two upstream responses.
+        """
+        if self.midResponse:
+            self._localReplies.append(data)
+        else:
+            self.client.transport.write(data)
+
+    def toUpstream(self, data: bytes) -> None:
+        self.bytesIn += len(data)
+        self.upstream.transport.write(data)
+
+    # -- client -> upstream ------------------------------------------------------
+
+    def fromClient(self, event: Event) -> None:
+        if not self.chain:
+            self._passthroughFromClient(event)
+            return
+        self._clientEvents.append(event)
+        self._drainClient()
+
+    def _passthroughFromClient(self, event: Event) -> None:
+        if self._discard is not None:
+            self._discardCommand(event)
+            return
+        if isinstance(event, LiteralChunk):
+            self.toUpstream(event.data)
+            return
+        if not event.continuation:
+            parsed = tagAndCommand(event.raw)
+            self._clientTag = parsed[0] if parsed is not None else None
+            if parsed is not None and parsed[1] in NOT_RELAYED:
+                self._startDiscard(event, parsed[0], _NOT_RELAYED_REPLY)
+                return
+        if event.literal is not None and not event.nonSynchronizing:
+            self._awaitingContinuation = self._clientTag
+        self.toUpstream(event.raw)
+
+    def _startDiscard(self, event: Line, tag: bytes, reply: bytes) -> None:
+        self._discard = (tag, reply)
+        self._discardCommand(event)
+
+    def _discardCommand(self, event: Event) -> None:
+        """
+        Swallow a refused command, literals included, then answer it.
+        """
+        assert self._discard is not None
+        if isinstance(event, LiteralChunk) or (event.literal is not None and event.nonSynchronizing):
+            return
+        if event.literal is not None:
+            # The client waits for a continuation we will not send; the
+            # tagged reply tells it not to send the literal.
+            self.client.framer.cancelLiteral()
+        tag, reply = self._discard
+        self._discard = None
+        self.sendLocal(tag + b" " + reply + b"\r\n")
+
+    def _drainClient(self) -> None:
+        while self._clientEvents and not self._clientBlocked:
+            self._filteredFromClient(self._clientEvents.popleft())
+
+    def _filteredFromClient(self, event: Event) -> None:
+        if self._discard is not None:
+            self._discardCommand(event)
+            return
+        if self._streamingCommand:
+            self._passthroughFromClient(event)
+            if isinstance(event, Line) and event.complete:
+                self._streamingCommand = False
+            return
+        if isinstance(event, LiteralChunk):
+            assert self._command is not None
+            self._command.addLiteral(event)
+            return
+        if not event.continuation:
+            parsed = tagAndCommand(event.raw)
+            if parsed is None:
+                # DONE after IDLE, or something the upstream should judge.
+                self._streamingCommand = not event.complete
+                self._passthroughFromClient(event)
+                return
+            if parsed[1] in NOT_RELAYED:
+                self._startDiscard(event, parsed[0], _NOT_RELAYED_REPLY)
+                return
+            self._command = _Assembly(tag=parsed[0], name=parsed[1])
+        command = self._command
+        assert command is not None
+        command.parts.append(event.raw)
+        if event.literal is None:
+            self._command = None
+            self._decide(command.parts)
+        elif event.literal > BUFFER_LIMIT:
+            self._command = None
+            self._decide([*command.parts, StreamedLiteral(event.literal)], streamed=event)
+        elif not event.nonSynchronizing:
+            self.sendLocal(b"+ Ready for literal data\r\n")
+
+    def _decide(self, parts: list[Part], streamed: Line | None = None) -> None:
+        command = parseCommand(parts)
+        if command is None:
+            self._forward(parts, streamed)
+            return
+        verdict = self.chain.filterCommand(self.session, command)
+        if isinstance(verdict, Deferred):
+            self._clientBlocked = True
+            self.client.transport.pauseProducing()
+            verdict.addCallback(self._decided, command, streamed)
+            verdict.addErrback(self._bug)
+            return
+        self._decided(verdict, command, streamed)
+
+    def _decided(self, verdict: Verdict, command: IMAPCommand, streamed: Line | None) -> None:
+        if isinstance(verdict, Reject):
+            self._reject(command, verdict, streamed)
+        else:
+            final = verdict.message if isinstance(verdict, Rewrite) else command
+            self._trackCommand(final)
+            self._forward(final.toWire(literalPlus=self.literalPlus), streamed, final.tag)
+        if self._clientBlocked:
+            self._clientBlocked = False
+            self.client.transport.resumeProducing()
+            self._drainClient()
+
+    def _reject(self, command: IMAPCommand, verdict: Reject, streamed: Line | None) -> None:
+        code = f"[{verdict.code}] " if verdict.code else ""
+        reply = f"{verdict.status} {code}{verdict.text}".encode("utf-8", "replace")
+        self.session.notify("command", command=command, result=verdict.status, bytesIn=0, bytesOut=0, duration=0.0)
+        if streamed is not None:
+            self._startDiscard(streamed, command.tag, reply)
+        else:
+            self.sendLocal(command.tag + b" " + reply + b"\r\n")
+
+    def _forward(self, parts: list[Part], streamed: Line | None, tag: bytes | None = None) -> None:
+        """
+        Send a command upstream; a trailing L{StreamedLiteral} switches to
+        streaming the rest of it as it arrives.
+        """
+        if streamed is not None:
+            self._streamingCommand = True
+            self._clientTag = tag
+            if not streamed.nonSynchronizing:
+                self._awaitingContinuation = tag
+        outbound: deque[bytes] = deque()
+        for index, part in enumerate(parts):
+            if isinstance(part, StreamedLiteral):
+                break
+            if index % 2 == 0 and index + 1 < len(parts) and not isinstance(parts[index + 1], StreamedLiteral):
+                part = self._literalAnnouncement(part)
+            outbound.append(part)
+        self._outbound.append((tag or b"", outbound))
+        self._flushOutbound()
+
+    def _literalAnnouncement(self, text: bytes) -> bytes:
+        """
+        The client's synchronising literals were answered by the proxy; the
+        upstream gets them as LITERAL+ if it can, else the proxy waits for
+        its continuation (see L{_flushOutbound}).
+        """
+        if self.literalPlus:
+            return _SYNC_ANNOUNCEMENT.sub(rb"{\1+}\r\n", text)
+        return text
+
+    def _flushOutbound(self) -> None:
+        while self._outbound and not self._outboundWaiting:
+            _, current = self._outbound[0]
+            while current:
+                part = current.popleft()
+                self.toUpstream(part)
+                if current and _SYNC_ANNOUNCEMENT.search(part):
+                    self._outboundWaiting = True
+                    return
+            self._outbound.popleft()
+
+    def _trackCommand(self, command: IMAPCommand) -> None:
+        self._inFlight[command.tag] = _InFlight(command, time.monotonic(), self.bytesIn, self.bytesOut)
+        if command.name in (b"SELECT", b"EXAMINE"):
+            self._pendingSelect = (command.tag, text(command.arguments[0]) if command.arguments else None)
+        elif command.name in (b"CLOSE", b"UNSELECT"):
+            self._pendingSelect = (command.tag, None)
+
+    # -- upstream -> client --------------------------------------------------------
+
+    def fromUpstream(self, event: Event) -> None:
+        self.client.resetTimeout()
+        if not self.chain:
+            self._passthroughFromUpstream(event)
+            return
+        self._upstreamEvents.append(event)
+        self._drainUpstream()
+
+    def _passthroughFromUpstream(self, event: Event) -> None:
+        if isinstance(event, LiteralChunk):
+            self.toClient(event.data, complete=False)
+            return
+        raw = event.raw
+        if not event.continuation:
+            if self._awaitingContinuation is not None:
+                self._continuationAnswered(raw)
+            raw = self._baseRewrite(raw)
+        self.toClient(raw, complete=event.complete)
+
+    def _baseRewrite(self, raw: bytes) -> bytes:
+        if b"CAPABILITY" in raw[:1024].upper():
+            return rewriteCapabilities(raw, RELAY_CAPABILITIES)
+        if raw[:5].upper() == b"* BYE":
+            self.upstreamSaidBye = True
+        return raw
+
+    def _continuationAnswered(self, response: bytes) -> None:
+        """
+        Follow the upstream's answer to a synchronising literal: a tagged
+        reply instead of C{+} means the client will not send the literal.
+        """
+        tag = self._awaitingContinuation
+        assert tag is not None
+        if response.startswith(b"+"):
+            self._awaitingContinuation = None
+        elif response.startswith(tag + b" "):
+            self._awaitingContinuation = None
+            self._streamingCommand = False
+            self.client.framer.cancelLiteral()
+
+    def _drainUpstream(self) -> None:
+        while self._upstreamEvents and not self._upstreamBlocked:
+            self._filteredFromUpstream(self._upstreamEvents.popleft())
+
+    def _filteredFromUpstream(self, event: Event) -> None:
+        if self._streamingResponse:
+            self._passthroughFromUpstream(event)
+            if isinstance(event, Line) and event.complete:
+                self._streamingResponse = False
+            return
+        if isinstance(event, LiteralChunk):
+            assert self._response is not None
+            self._response.addLiteral(event)
+            return
+        if not event.continuation:
+            if self._outboundWaiting and event.raw.startswith(b"+"):
+                # Our own continuation dance for a buffered literal.
+                self._outboundWaiting = False
+                self._flushOutbound()
+                return
+            if self._outboundWaiting:
+                self._abandonOutbound(event.raw)
+            self._response = _Assembly()
+        response = self._response
+        assert response is not None
+        response.parts.append(event.raw)
+        if event.literal is not None and event.literal > BUFFER_LIMIT:
+            # Large literals (message bodies) stream past the filters.
+            self._response = None
+            self._streamingResponse = True
+            if self._awaitingContinuation is not None:
+                self._continuationAnswered(response.parts[0])  # type: ignore[arg-type]
+            for index, part in enumerate(response.parts):
+                self.toClient(self._baseRewrite(part) if index == 0 else part, complete=False)  # type: ignore[arg-type]
+            return
+        if event.literal is None:
+            self._response = None
+            self._deliver(response.parts)
+
+    def _abandonOutbound(self, raw: bytes) -> None:
+        """
+        The upstream answered a command whose literal it was to accept with
+        a tagged reply: the rest of that command is not sent.
+        """
+        tag, _ = self._outbound[0]
+        if raw.startswith(tag + b" "):
+            self._outbound.popleft()
+            self._outboundWaiting = False
+            self._flushOutbound()
+
+    def _deliver(self, parts: list[Part]) -> None:
+        first = parts[0]
+        assert isinstance(first, bytes)
+        if self._awaitingContinuation is not None:
+            self._continuationAnswered(first)
+        if first.startswith(b"+"):
+            self._writeResponse(parts)
+            return
+        parts[0] = self._baseRewrite(first)
+        match = _RESPONSE_NAME.match(first)
+        name = match.group(1).upper() if match else b""
+        if not self.chain.wantsResponse(name):
+            self._responseDelivered(parts)
+            return
+        response = parseResponse(parts)
+        verdict = self.chain.filterResponse(self.session, response)
+        if isinstance(verdict, Deferred):
+            self._upstreamBlocked = True
+            self.upstream.transport.pauseProducing()
+            verdict.addCallback(self._responseDecided, parts, response)
+            verdict.addErrback(self._bug)
+            return
+        self._responseDecided(verdict, parts, response)
+
+    def _responseDecided(self, verdict: Verdict, parts: list[Part], response: Any) -> None:
+        if verdict is DROP and not response.tagged:
+            pass
+        elif isinstance(verdict, Rewrite):
+            self._responseDelivered(verdict.message.toWire(), verdict.message.tag)
+        else:
+            self._responseDelivered(parts)
+        if self._upstreamBlocked:
+            self._upstreamBlocked = False
+            self.upstream.transport.resumeProducing()
+            self._drainUpstream()
+
+    def _responseDelivered(self, parts: list[Part], tag: bytes | None = None) -> None:
+        self._writeResponse(parts)
+        first = parts[0]
+        assert isinstance(first, bytes)
+        tag = tag or first.split(b" ", 1)[0]
+        flight = self._inFlight.pop(tag, None)
+        if flight is None:
+            return
+        status = first.split(b" ", 2)[1:2]
+        result = status[0].decode("ascii", "replace").upper() if status else "?"
+        if self._pendingSelect is not None and self._pendingSelect[0] == tag:
+            if result == "OK":
+                self.session.selected = self._pendingSelect[1]
+            self._pendingSelect = None
+        self.session.notify(
+            "command",
+            command=flight.command,
+            result=result,
+            bytesIn=self.bytesIn - flight.bytesIn,
+            bytesOut=self.bytesOut - flight.bytesOutAtStart,
+            duration=time.monotonic() - flight.started,
+        )
+
+    def _writeResponse(self, parts: list[Part]) -> None:
+        self.toClient(b"".join(part for part in parts if isinstance(part, bytes)))
+
+    def _bug(self, failure: Failure) -> None:
+        self.log.failure("relay failed; closing the session", failure)
+        self.client.transport.loseConnection()
