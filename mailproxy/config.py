@@ -39,6 +39,18 @@ class ListenerConfig:
     certificate: str | None = None
     privateKey: str | None = None
     allowPlaintextAuth: bool = False
+    filters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """
+    One configured filter: a plugin C{type} and its options.
+    """
+
+    name: str
+    type: str
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,7 @@ class UserRoute:
     upstream: str
     username: str | None = None
     password: str | None = None
+    filters: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,19 @@ class Config:
     greeting: str = "mailproxy ready."
     preAuthTimeout: float = 60.0
     authenticatedTimeout: float = 30 * 60.0
+    filters: Mapping[str, FilterConfig] = field(default_factory=dict)
+    defaultFilters: tuple[str, ...] = ()
+
+    def filterNamesFor(self, listener: ListenerConfig, username: str | None) -> tuple[str, ...]:
+        """
+        The filter chain of a session: the listener's filters, then (after
+        login) the user's own or the default ones.
+        """
+        if username is None:
+            return listener.filters
+        route = self.routes.get(username)
+        own = route.filters if route is not None else None
+        return listener.filters + (self.defaultFilters if own is None else own)
 
     def routeFor(self, username: str) -> UserRoute | None:
         """
@@ -117,7 +143,7 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     Validate an already-decoded configuration document.
     """
     reader = _Reader(document, "", baseDir)
-    _rejectUnknown(reader, {"server", "auth", "listener", "upstream", "routing"})
+    _rejectUnknown(reader, {"server", "auth", "listener", "upstream", "routing", "filters"})
     server = reader.table("server")
     auth = reader.table("auth")
     _rejectUnknown(server, {"greeting", "preauth_timeout", "authenticated_timeout"})
@@ -130,7 +156,11 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     if not upstreams:
         raise ConfigError("upstream: at least one [upstream.NAME] table is required")
 
-    listeners = tuple(_listener(item) for item in reader.tableArray("listener"))
+    filters = {}
+    filterTables = reader.table("filters")
+    for name in filterTables.keys():
+        filters[name] = _filter(name, filterTables.table(name))
+    listeners = tuple(_listener(item, filters) for item in reader.tableArray("listener"))
     if not listeners:
         raise ConfigError("listener: at least one [[listener]] is required")
     names = [listener.name for listener in listeners]
@@ -139,7 +169,7 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
             raise ConfigError(f"listener: name {name!r} is used twice")
 
     routing = reader.table("routing")
-    _rejectUnknown(routing, {"default_upstream", "default_password", "users"})
+    _rejectUnknown(routing, {"default_upstream", "default_password", "default_filters", "users"})
     defaultRoute = None
     defaultUpstream = routing.string("default_upstream", None)
     if defaultUpstream is not None:
@@ -149,12 +179,17 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     userTables = routing.table("users")
     for user in userTables.keys():
         table = userTables.table(user)
-        _rejectUnknown(table, {"upstream", "username", "password"})
+        _rejectUnknown(table, {"upstream", "username", "password", "filters"})
         upstream = table.string("upstream", defaultUpstream)
         if upstream is None:
             raise ConfigError(f"{table.where('upstream')}: required (no routing.default_upstream)")
         _checkUpstream(table, "upstream", upstream, upstreams)
-        routes[user] = UserRoute(upstream, table.string("username", None), _password(table, "password"))
+        routes[user] = UserRoute(
+            upstream,
+            table.string("username", None),
+            _password(table, "password"),
+            _filterNames(table, filters) if "filters" in table.keys() else None,
+        )
 
     greeting = server.string("greeting", "mailproxy ready.") or "mailproxy ready."
     if not greeting.isascii() or not greeting.isprintable():
@@ -167,9 +202,42 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         routes=routes,
         authFailureDelay=auth.number("failure_delay", 2.0),
         greeting=greeting,
-        preAuthTimeout=server.number("preauth_timeout", 60.0),
-        authenticatedTimeout=server.number("authenticated_timeout", 30 * 60.0),
+        preAuthTimeout=_positive(server, "preauth_timeout", 60.0),
+        authenticatedTimeout=_positive(server, "authenticated_timeout", 30 * 60.0),
+        filters=filters,
+        defaultFilters=_filterNames(routing, filters, "default_filters"),
     )
+
+
+def _filter(name: str, table: _Reader) -> FilterConfig:
+    kind = table.string("type", None)
+    if not kind:
+        raise ConfigError(f'{table.where("type")}: required (the filter plugin\'s name, e.g. "audit")')
+    options = {}
+    for key in table.keys():
+        if key == "type":
+            continue
+        value = table.raw(key)
+        # Files named in filter options live next to the configuration too.
+        if key == "file" or key.endswith("_file"):
+            value = table.path(key)
+        options[key] = value
+    return FilterConfig(name, kind, options)
+
+
+def _filterNames(table: _Reader, filters: Mapping[str, FilterConfig], key: str = "filters") -> tuple[str, ...]:
+    names = table.stringList(key)
+    for name in names:
+        if name not in filters:
+            raise ConfigError(f"{table.where(key)}: no filter named {name!r} (define it in [filters.{name}])")
+    return names
+
+
+def _positive(table: _Reader, key: str, default: float) -> float:
+    value = table.number(key, default)
+    if not value:
+        raise ConfigError(f"{table.where(key)}: must be greater than 0")
+    return float(value)
 
 
 def _password(table: _Reader, key: str) -> str | None:
@@ -182,8 +250,10 @@ def _checkUpstream(table: _Reader, key: str, name: str, upstreams: Mapping[str, 
         raise ConfigError(f"{table.where(key)}: no upstream named {name!r}")
 
 
-def _listener(table: _Reader) -> ListenerConfig:
-    _rejectUnknown(table, {"name", "protocol", "endpoint", "tls", "certificate", "private_key", "allow_plaintext_auth"})
+def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerConfig:
+    _rejectUnknown(
+        table, {"name", "protocol", "endpoint", "tls", "certificate", "private_key", "allow_plaintext_auth", "filters"}
+    )
     endpoint = table.string("endpoint", None)
     if endpoint is None:
         raise ConfigError(f"{table.where('endpoint')}: required (a Twisted endpoint string, e.g. tcp:143)")
@@ -212,6 +282,7 @@ def _listener(table: _Reader) -> ListenerConfig:
         certificate=certificate,
         privateKey=privateKey,
         allowPlaintextAuth=table.boolean("allow_plaintext_auth", False),
+        filters=_filterNames(table, filters),
     )
 
 
@@ -285,6 +356,15 @@ class _Reader:
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{self.where(key)}: must be a string")
         return value
+
+    def raw(self, key: str) -> Any:
+        return self._data[key]
+
+    def stringList(self, key: str) -> tuple[str, ...]:
+        value = self._data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{self.where(key)}: must be a list of strings")
+        return tuple(value)
 
     def number(self, key: str, default: Any) -> Any:
         value = self._data.get(key, default)

@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from mailproxy.auth import makePortal, threadRunner
 from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, loadConfig
+from mailproxy.filters.registry import buildFilters, chainFactory
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
 from mailproxy.imap.upstream import UpstreamSession, connectUpstream
 from mailproxy.passwords import UsersFileError
@@ -87,13 +88,16 @@ def buildService(config: Config, reactor: Any) -> MultiService:
     def connect(upstream: UpstreamConfig, username: str, password: str, client: str) -> Deferred[UpstreamSession]:
         return Deferred.fromCoroutine(connectUpstream(reactor, upstream, username, password, clientAddress=client))
 
+    filters = buildFilters(config.filters)
     root = ListenersService()
     for index, listener in enumerate(config.listeners):
         tlsOptions = None
         if listener.tls is not TLSMode.PLAIN:
             assert listener.certificate is not None and listener.privateKey is not None
             tlsOptions = serverOptions(listener.certificate, listener.privateKey, f"listener[{index}]")
-        context = ServerContext(config, listener, portal, reactor, connect, tlsOptions)
+        context = ServerContext(
+            config, listener, portal, reactor, connect, tlsOptions, chainFactory(config, listener, filters)
+        )
         factory: Any = IMAPServerFactory(context)
         if tlsOptions is not None and listener.tls is TLSMode.IMPLICIT:
             factory = TLSMemoryBIOFactory(tlsOptions, False, factory)

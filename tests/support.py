@@ -15,7 +15,8 @@ from twisted.internet.testing import StringTransport
 
 from mailproxy.auth import inlineRunner, makePortal
 from mailproxy.config import Config, ListenerConfig, TLSMode, UpstreamConfig, UserRoute
-from mailproxy.imap.server import IMAPServerProtocol, ServerContext
+from mailproxy.filters.chain import FilterChain
+from mailproxy.imap.server import IMAPServerProtocol, ServerContext, State
 from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession
 from mailproxy.passwords import hashPassword
 
@@ -139,6 +140,7 @@ def connect(
     users: dict[str, str] | None = None,
     routes: dict[str, UserRoute] | None = None,
     upstream: UpstreamScript | None = None,
+    filters: list[object] | None = None,
 ) -> ProxyConnection:
     usersFile = writeUsersFile(directory, users or {"alice": "alicepw"})
     config = makeConfig(usersFile, routes=routes)
@@ -147,8 +149,24 @@ def connect(
     )
     clock = Clock()
     script = upstream or UpstreamScript()
-    context = ServerContext(config, listener, makePortal(config, inlineRunner), clock, script, tlsOptions="TLS-OPTIONS")
+    chain = FilterChain(filters or [])
+    context = ServerContext(
+        config, listener, makePortal(config, inlineRunner), clock, script, "TLS-OPTIONS", lambda user: chain
+    )
     protocol = IMAPServerProtocol(context)
     transport = FakeTLSTransport()
     protocol.makeConnection(transport)
     return ProxyConnection(protocol, transport, clock, script)
+
+
+def loggedIn(tmp_path: Any, **kwargs: Any) -> ProxyConnection:
+    """
+    A connection on a plaintext listener allowing auth, logged in as alice,
+    with the greeting and login reply already read.
+    """
+    connection = connect(str(tmp_path), tls=TLSMode.PLAIN, allowPlaintextAuth=True, **kwargs)
+    connection.received()
+    connection.send(b"a LOGIN alice alicepw\r\n")
+    assert connection.protocol.state is State.RELAYING
+    connection.received()
+    return connection

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -14,19 +15,7 @@ from twisted.python.failure import Failure
 from mailproxy.config import TLSMode, UserRoute
 from mailproxy.imap.server import State
 from mailproxy.imap.upstream import UpstreamError, setNoDelay
-from tests.support import ProxyConnection, UpstreamScript, connect
-
-
-def loggedIn(tmp_path: Path, **kwargs: object) -> ProxyConnection:
-    """
-    A connection on a plaintext listener allowing auth, logged in as alice.
-    """
-    connection = connect(str(tmp_path), tls=TLSMode.PLAIN, allowPlaintextAuth=True, **kwargs)  # type: ignore[arg-type]
-    connection.received()
-    connection.send(b"a LOGIN alice alicepw\r\n")
-    assert connection.protocol.state is State.RELAYING
-    connection.received()
-    return connection
+from tests.support import UpstreamScript, connect, loggedIn
 
 
 def test_greeting_advertises_starttls_and_logindisabled_before_tls(tmp_path: Path) -> None:
@@ -354,3 +343,70 @@ def test_nagle_is_disabled_on_client_and_upstream_sockets() -> None:
     wrapped = TLSWrapper()
     setNoDelay(wrapped)
     assert wrapped.transport.noDelay
+
+
+def test_long_upstream_response_line_is_relayed(tmp_path: Path) -> None:
+    """A SEARCH result of 20,000 UIDs (~110 KB on one line) is ordinary IMAP."""
+    connection = loggedIn(tmp_path)
+    line = b"* SEARCH " + b" ".join(b"%d" % i for i in range(100000, 120000)) + b"\r\n"
+    assert len(line) > 65536
+    connection.send(b"s UID SEARCH ALL\r\n")
+    connection.fromUpstream(line + b"s OK done\r\n")
+    assert not connection.upstreamProtocol.transport.disconnecting
+    assert connection.received() == line + b"s OK done\r\n"
+
+
+def test_preauth_id_with_parameter_list(tmp_path: Path) -> None:
+    """ID is advertised; clients send ID ("name" "x") before login (RFC 2971)."""
+    connection = connect(str(tmp_path))
+    connection.received()
+    connection.send(b'a ID ("name" "Thunderbird" "version" "115")\r\n')
+    assert connection.received() == b'* ID ("name" "mailproxy")\r\na OK ID completed\r\n'
+
+
+def test_upstream_bye_mentioning_capability_is_not_doubled(tmp_path: Path) -> None:
+    """A BYE whose text says CAPABILITY still counts as the upstream's BYE."""
+    connection = loggedIn(tmp_path)
+    connection.fromUpstream(b"* BYE Server restarting to apply new CAPABILITY settings\r\n")
+    connection.upstreamProtocol.connectionLost(Failure(ConnectionDone()))
+    assert connection.received() == b"* BYE Server restarting to apply new CAPABILITY settings\r\n"
+
+
+def test_client_disconnect_during_upstream_connect_cancels_it(tmp_path: Path) -> None:
+    """A client that leaves mid-login stops the upstream login."""
+    script = UpstreamScript(hold=True)
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT, upstream=script)
+    connection.send(b"a LOGIN alice alicepw\r\n")
+    assert script.pending is not None and not script.pending.called
+    connection.protocol.connectionLost(Failure(ConnectionDone()))
+    # The upstream handshake (TCP connect, TLS, LOGIN with the user's
+    # credentials) keeps running for a client that is gone.
+    assert script.pending.called
+
+
+def test_failed_login_leaves_no_delayed_call_after_disconnect(tmp_path: Path) -> None:
+    """The delayed failure reply is cancelled when the client leaves."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.send(b"a LOGIN alice wrong\r\n")
+    connection.protocol.connectionLost(Failure(ConnectionDone()))
+    assert connection.clock.getDelayedCalls() == []
+
+
+def test_avatar_logout_called_when_upstream_fails(tmp_path: Path) -> None:
+    """The realm's logout runs even when the upstream never came up."""
+    script = UpstreamScript(error=UpstreamError("cannot connect"))
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT, upstream=script)
+    calls: list[str] = []
+    realm: Any = connection.protocol.context.portal.realm
+    original = realm.requestAvatar
+
+    def requestAvatar(*args: Any) -> Any:
+        interface, user, _ = original(*args)
+        return interface, user, lambda: calls.append("logout")
+
+    realm.requestAvatar = requestAvatar
+    connection.send(b"a LOGIN alice alicepw\r\n")
+    connection.clock.advance(0)
+    assert connection.protocol.state is State.NOT_AUTHENTICATED
+    connection.protocol.connectionLost(Failure(ConnectionDone()))
+    assert calls == ["logout"]

@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import TLSMode, UpstreamConfig
+from mailproxy.imap.framer import Line
 from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession, _loginHandshake
 from tests.support import FakeTLSTransport
 
@@ -134,3 +135,66 @@ class HandshakeTests(SynchronousTestCase):
         self.assertNoResult(handshake)
         clock.advance(0.2)
         self.assertIn("did not answer", str(self.error(handshake)))
+
+    def test_untagged_ok_before_plain_continuation_is_not_a_login(self) -> None:
+        """An untagged response while waiting for '+' is skipped, not taken as the login result."""
+        d, protocol, transport, _ = self.begin()
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
+        self.assertEqual(transport.value(), b"mp1 AUTHENTICATE PLAIN\r\n")
+        transport.clear()
+        protocol.dataReceived(b"* OK [ALERT] Maintenance tonight\r\n")
+        # Nothing has authenticated yet: the proxy must still be waiting for '+'
+        # and must not send anything else (the server reads the next line as
+        # the SASL response).
+        self.assertEqual(transport.value(), b"")
+        protocol.dataReceived(b"* CAPABILITY IMAP4rev1\r\nmp2 OK done\r\n")
+        self.assertNoResult(d)
+
+    def test_untagged_ok_before_literal_continuation_is_not_a_login(self) -> None:
+        """The password literal waits for '+' even if untagged data comes first."""
+        d, protocol, transport, _ = self.begin(TLSMode.PLAIN, password="p\u00e4ss")
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+        self.assertEqual(transport.value(), b"mp1 LOGIN alice {5}\r\n")
+        transport.clear()
+        protocol.dataReceived(b"* OK [ALERT] hello\r\n")
+        # observed: "mp2 CAPABILITY\r\n" is written where the server expects
+        # the 5-byte password literal, and the login is considered successful.
+        self.assertEqual(transport.value(), b"")
+        protocol.dataReceived(b"* CAPABILITY IMAP4rev1\r\nmp2 OK done\r\n")
+        self.assertNoResult(d)
+
+    def test_untagged_bye_during_login_is_not_an_auth_failure(self) -> None:
+        """A BYE during login means unavailable, not wrong credentials."""
+        d, protocol, transport, _ = self.begin()
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
+        protocol.dataReceived(b"* BYE shutting down\r\n")
+        error = self.failureResultOf(d, UpstreamError).value
+        self.assertFalse(error.authenticationFailed)
+
+    def test_non_utf8_passthrough_password(self) -> None:
+        """A passthrough password that is not UTF-8 goes upstream as the client's own octets."""
+        password = b"p\xe4ss".decode("utf-8", "surrogateescape")
+        d, protocol, transport, _ = self.begin(TLSMode.PLAIN, password=password)
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready\r\n")
+        self.assertEqual(transport.value(), b"mp1 LOGIN alice {4+}\r\np\xe4ss\r\n")
+
+    def test_handshake_buffers_are_bounded(self) -> None:
+        """A flood of small untagged responses before login closes the upstream connection."""
+        d, protocol, transport, _ = self.begin()
+        protocol.dataReceived(b"* OK ready\r\n")  # -> mp1 CAPABILITY
+        flood = b"* OK x\r\n" * 200_000  # 1.6 MB, 25x _HANDSHAKE_LIMIT
+        protocol.dataReceived(flood)
+        self.assertTrue(transport.disconnecting)
+
+    def test_partial_response_with_literal_survives_start_relay(self) -> None:
+        """Bytes of a response already framed before startRelay must reach the relay."""
+        d, protocol, transport, _ = self.begin()
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+        protocol.dataReceived(b"mp1 OK [CAPABILITY IMAP4rev1 IDLE] in\r\n* 1 FETCH (BODY[] {10}\r\nabc")
+        session = self.successResultOf(d)
+        got: list[bytes] = []
+        session.protocol.startRelay(
+            lambda event: got.append(event.raw if isinstance(event, Line) else event.data), lambda r: None
+        )
+        protocol.dataReceived(b"defghij)\r\n")
+        self.assertEqual(b"".join(got), b"* 1 FETCH (BODY[] {10}\r\nabcdefghij)\r\n")

@@ -83,7 +83,8 @@ class IMAPFramer:
     def __init__(self, maxLineLength: int = 65536, *, responses: bool = False) -> None:
         self.maxLineLength = maxLineLength
         self._responses = responses
-        self._buffer = b""
+        self._partial: list[bytes] = []
+        self._partialSize = 0
         self._literalRemaining = 0
         self._continuation = False
         self.maxLiteralSize: int | None = None
@@ -101,13 +102,13 @@ class IMAPFramer:
         C{True} if the stream so far ends exactly between two commands or
         responses, with nothing partial buffered.
         """
-        return not self._buffer and not self._literalRemaining and not self._continuation
+        return not self._partial and not self._literalRemaining and not self._continuation
 
     def pending(self) -> bytes:
         """
         Bytes received but not yet framed (a partial line).
         """
-        return self._buffer
+        return b"".join(self._partial)
 
     def cancelLiteral(self) -> None:
         """
@@ -124,9 +125,18 @@ class IMAPFramer:
         @raise FramingError: if the stream is not valid IMAP framing.
         """
         events: list[Event] = []
-        if self._buffer:
-            data = self._buffer + data
-            self._buffer = b""
+        if self._partial:
+            # Collect a long line's pieces without rescanning or recopying
+            # them on every read.
+            if b"\n" not in data:
+                self._partial.append(data)
+                self._partialSize += len(data)
+                if self._partialSize >= self.maxLineLength:
+                    raise FramingError(f"line longer than {self.maxLineLength} octets")
+                return events
+            data = b"".join(self._partial) + data
+            self._partial = []
+            self._partialSize = 0
         view = memoryview(data)
         position = 0
         end = len(data)
@@ -141,7 +151,9 @@ class IMAPFramer:
             if newline < 0:
                 if end - position >= self.maxLineLength:
                     raise FramingError(f"line longer than {self.maxLineLength} octets")
-                self._buffer = data[position:]
+                if position < end:
+                    self._partial = [data[position:]]
+                    self._partialSize = end - position
                 break
             if newline + 1 - position > self.maxLineLength:
                 raise FramingError(f"line longer than {self.maxLineLength} octets")

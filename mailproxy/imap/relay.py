@@ -318,10 +318,10 @@ class Relay:
         self.toClient(raw, complete=event.complete)
 
     def _baseRewrite(self, raw: bytes) -> bytes:
-        if b"CAPABILITY" in raw[:1024].upper():
-            return rewriteCapabilities(raw, RELAY_CAPABILITIES)
         if raw[:5].upper() == b"* BYE":
             self.upstreamSaidBye = True
+        if b"CAPABILITY" in raw[:1024].upper():
+            return rewriteCapabilities(raw, RELAY_CAPABILITIES)
         return raw
 
     def _continuationAnswered(self, response: bytes) -> None:

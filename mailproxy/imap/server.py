@@ -19,8 +19,8 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -30,15 +30,18 @@ from mailproxy.config import Config, ListenerConfig, TLSMode, UpstreamConfig
 from mailproxy.filters.chain import FilterChain
 from mailproxy.imap.framer import Event, FramingError, IMAPFramer, Line, LiteralChunk
 from mailproxy.imap.relay import Relay
-from mailproxy.imap.syntax import RELAY_CAPABILITIES, SyntaxError_, parseArguments, tagAndCommand
+from mailproxy.imap.syntax import SyntaxError_, parseArguments, tagAndCommand
 from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession, setNoDelay
 from mailproxy.interfaces import IProxyUser
 from mailproxy.session import ProxySession
 
-PREAUTH_MAX_LINE = 64 * 1024
-PREAUTH_MAX_LITERAL = 64 * 1024
+# Before login the proxy holds whole commands (lines and literals) itself;
+# checked per command, not in the framer, so that commands pipelined behind
+# a LOGIN are framed like the relayed commands they are.
 PREAUTH_MAX_COMMAND = 128 * 1024
 RELAY_MAX_LINE = 1024 * 1024
+
+_TAKES_ASTRINGS = frozenset({b"LOGIN", b"AUTHENTICATE"})
 
 ConnectUpstream = Callable[[UpstreamConfig, str, str, str], "Deferred[UpstreamSession]"]
 
@@ -99,8 +102,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.context = context
         self.state = State.NOT_AUTHENTICATED
         self.tlsActive = context.listener.tls is TLSMode.IMPLICIT
-        self.framer = IMAPFramer(PREAUTH_MAX_LINE)
-        self.framer.maxLiteralSize = PREAUTH_MAX_LITERAL
+        self.framer = IMAPFramer(RELAY_MAX_LINE)
         self.user: Any = None
         self.upstream: UpstreamIMAPProtocol | None = None
         self.clientAddress = "?"
@@ -109,6 +111,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self._saslTag = b""
         self._logout: Callable[[], None] | None = None
         self.relay: Relay | None = None
+        self._connecting: Deferred[UpstreamSession] | None = None
+        self._refusal: IDelayedCall | None = None
         self.session = ProxySession("imap", context.listener.name, "?", self.tlsActive, context.filtersFor(None))
         self.callLater = context.clock.callLater  # type: ignore[method-assign, assignment]
 
@@ -132,6 +136,11 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
         self.state = State.CLOSED
+        if self._refusal is not None and self._refusal.active():
+            self._refusal.cancel()
+        if self._connecting is not None:
+            # Stop logging a departed client in upstream.
+            self._connecting.cancel()
         if self.upstream is not None and self.upstream.connected:
             self.upstream.transport.loseConnection()
         if self._logout is not None:
@@ -229,12 +238,16 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if handler is None:
             self._send(tag + b" BAD Command " + name + b" is not valid before authentication\r\n")
             return
-        segments = [first[len(tag) + 1 + len(name) :]] + command.segments[1:]
-        try:
-            arguments = parseArguments(segments, command.literals)
-        except SyntaxError_ as error:
-            self._send(tag + b" BAD " + _protocolText(str(error)) + b"\r\n")
-            return
+        arguments: list[bytes] = []
+        if name in _TAKES_ASTRINGS:
+            # Only these need their arguments; ID's parameter list and the
+            # like are accepted without being understood.
+            segments = [first[len(tag) + 1 + len(name) :]] + command.segments[1:]
+            try:
+                arguments = parseArguments(segments, command.literals)
+            except SyntaxError_ as error:
+                self._send(tag + b" BAD " + _protocolText(str(error)) + b"\r\n")
+                return
         handler(tag, arguments)
 
     def preauth_CAPABILITY(self, tag: bytes, arguments: list[bytes]) -> None:
@@ -268,8 +281,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.transport.startTLS(self.context.tlsOptions)  # type: ignore[attr-defined]
         self.tlsActive = True
         self.session.tls = True
-        self.framer = IMAPFramer(PREAUTH_MAX_LINE)
-        self.framer.maxLiteralSize = PREAUTH_MAX_LITERAL
+        self.framer = IMAPFramer(RELAY_MAX_LINE)
 
     def preauth_LOGIN(self, tag: bytes, arguments: list[bytes]) -> None:
         if not self._authenticationPermitted(tag):
@@ -348,13 +360,18 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             logout()
             return
         upstreamPassword = user.upstreamPassword or password.decode("utf-8", "surrogateescape")
-        connecting = self.context.connectUpstream(
+        connecting = self._connecting = self.context.connectUpstream(
             user.upstream, user.upstreamUsername, upstreamPassword, self.clientAddress
         )
+        connecting.addBoth(self._connected)
         connecting.addCallbacks(
             lambda session: self._startRelay(tag, session),
             lambda failure: self._upstreamFailed(tag, name, user, failure),
         )
+
+    def _connected(self, result: Any) -> Any:
+        self._connecting = None
+        return result
 
     def _loginFailed(self, tag: bytes, name: str, failure: Failure) -> None:
         self.session.notify("login", ok=False, user=name)
@@ -364,8 +381,10 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self._refuseLater(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.")
 
     def _upstreamFailed(self, tag: bytes, name: str, user: Any, failure: Failure) -> None:
-        self._logout = None
-        if self.state is State.CLOSED:
+        if self._logout is not None:
+            logout, self._logout = self._logout, None
+            logout()
+        if self.state is State.CLOSED or failure.check(CancelledError):
             return
         error = failure.value
         if not isinstance(error, UpstreamError):
@@ -387,12 +406,15 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         def refuse() -> None:
             if self.state is State.CLOSED:
                 return
+            self._refusal = None
             self._send(tag + b" " + reply + b"\r\n")
             self.state = State.NOT_AUTHENTICATED
             self.transport.resumeProducing()  # type: ignore[attr-defined]
             self._processQueue()
 
-        self.context.clock.callLater(self.context.config.authFailureDelay if delay is None else delay, refuse)
+        self._refusal = self.context.clock.callLater(
+            self.context.config.authFailureDelay if delay is None else delay, refuse
+        )
 
     # -- relay --------------------------------------------------------------
 
@@ -403,16 +425,12 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             return
         self.upstream = upstream
         self.state = State.RELAYING
-        capabilities = b" ".join(RELAY_CAPABILITIES(upstreamSession.capabilities))
-        self._send(tag + b" OK [CAPABILITY " + capabilities + b"] Logged in\r\n")
         self.log.info(
             "{client} logged in as {user}, relaying to {upstream}",
             client=self.clientAddress,
             user=self.user.username,
             upstream=self.user.upstream.name,
         )
-        self.framer.maxLineLength = RELAY_MAX_LINE
-        self.framer.maxLiteralSize = None
         self.setTimeout(self.context.config.authenticatedTimeout)
         # Each side pauses the other when its write buffer fills, so a slow
         # reader never makes the proxy hold a whole message.
@@ -423,6 +441,10 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.session.chain = self.context.filtersFor(self.user.username)
         self.session.notify("login", ok=True)
         relay = self.relay = Relay(self, upstream, self.session.chain, self.session, upstreamSession.capabilities)
+        # The login reply goes through the relay like an upstream response,
+        # so capability filters see it too.
+        capabilities = b" ".join(upstreamSession.capabilities)
+        relay.fromUpstream(Line(tag + b" OK [CAPABILITY " + capabilities + b"] Logged in\r\n", False))
         upstream.startRelay(relay.fromUpstream, self._upstreamLost)
         queued, self._queue = self._queue, deque()
         for event in queued:

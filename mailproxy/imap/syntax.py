@@ -174,9 +174,9 @@ class CapabilityTransform:
 
 
 # What a client must not see after login: the proxy terminates TLS and
-# authentication itself, cannot relay compressed streams, and must not send
-# clients around it with referrals.
+# authentication itself (no re-authentication either), cannot relay
+# compressed streams, and must not send clients around it with referrals.
 RELAY_CAPABILITIES = CapabilityTransform(
-    hidden=[b"STARTTLS", b"LOGINDISABLED", b"SASL-IR", b"LOGIN-REFERRALS", b"MAILBOX-REFERRALS"],
+    hidden=[b"STARTTLS", b"LOGINDISABLED", b"SASL-IR", b"LOGIN-REFERRALS", b"MAILBOX-REFERRALS", b"UNAUTHENTICATE"],
     hiddenPrefixes=[b"AUTH=", b"COMPRESS="],
 )

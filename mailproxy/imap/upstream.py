@@ -27,7 +27,9 @@ from mailproxy.tls import upstreamOptions
 
 # Untagged handshake responses are small; a server that sends more before
 # login is misbehaving.
-_HANDSHAKE_LIMIT = 64 * 1024
+_HANDSHAKE_LIMIT = 256 * 1024
+# SEARCH, SORT, THREAD or VANISHED replies on a big mailbox are long lines.
+RELAY_MAX_RESPONSE_LINE = 16 * 1024 * 1024
 
 
 class UpstreamError(Exception):
@@ -47,8 +49,9 @@ class UpstreamIMAPProtocol(Protocol):
     """
     The connection to the upstream server.
 
-    Until L{startRelay} it collects whole responses for the login handshake;
-    afterwards every framed event goes to the relay as it arrives.
+    Until L{startRelay} it keeps the framed events of the login handshake,
+    grouped into whole responses; afterwards every framed event goes to the
+    relay as it arrives.
     """
 
     log = Logger()
@@ -58,9 +61,10 @@ class UpstreamIMAPProtocol(Protocol):
         self.framer = IMAPFramer(responses=True)
         self.framer.maxLiteralSize = _HANDSHAKE_LIMIT
         self.connected = False
-        self._responses: deque[bytes] = deque()
+        self._responses: deque[list[Event]] = deque()
+        self._partial: list[Event] = []
+        self._handshakeBytes = 0
         self._waiting: Deferred[bytes] | None = None
-        self._partial = b""
         self._lost: Failure | None = None
         self._onEvent: Callable[[Event], None] | None = None
         self._onLost: Callable[[Failure], None] | None = None
@@ -82,22 +86,22 @@ class UpstreamIMAPProtocol(Protocol):
             for event in events:
                 onEvent(event)
             return
+        self._handshakeBytes += len(data)
+        if self._handshakeBytes > _HANDSHAKE_LIMIT:
+            # Before login a server has no business sending this much.
+            self.log.warn("upstream sent over {limit} octets before login", limit=_HANDSHAKE_LIMIT)
+            self.transport.loseConnection()
+            return
         for event in events:
-            self._collect(event)
+            self._partial.append(event)
+            if isinstance(event, Line) and event.complete:
+                self._responses.append(self._partial)
+                self._partial = []
         # Deliver only after the whole read is framed, so the handshake can
         # see what else arrived with a response (STARTTLS injection check).
         if self._waiting is not None and self._responses:
             waiting, self._waiting = self._waiting, None
-            waiting.callback(self._responses.popleft())
-
-    def _collect(self, event: Event) -> None:
-        self._partial += event.raw if isinstance(event, Line) else event.data
-        if len(self._partial) > _HANDSHAKE_LIMIT:
-            self.transport.loseConnection()
-            return
-        if isinstance(event, Line) and event.complete:
-            self._responses.append(self._partial)
-            self._partial = b""
+            waiting.callback(_joined(self._responses.popleft()))
 
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
         self.connected = False
@@ -114,7 +118,7 @@ class UpstreamIMAPProtocol(Protocol):
         The next whole response (line plus any literals), during the handshake.
         """
         if self._responses:
-            return defer.succeed(self._responses.popleft())
+            return defer.succeed(_joined(self._responses.popleft()))
         if self._lost is not None:
             return defer.fail(UpstreamError(f"upstream closed the connection: {self._lost.getErrorMessage()}"))
         self._waiting = Deferred()
@@ -128,15 +132,22 @@ class UpstreamIMAPProtocol(Protocol):
 
     def startRelay(self, onEvent: Callable[[Event], None], onLost: Callable[[Failure], None]) -> None:
         """
-        From now on, deliver every framed event to C{onEvent} as it arrives.
+        From now on, deliver every framed event to C{onEvent} as it arrives,
+        starting with whatever arrived with the login reply.
         """
         self.framer.maxLiteralSize = None
+        self.framer.maxLineLength = RELAY_MAX_RESPONSE_LINE
         self._onEvent = onEvent
         self._onLost = onLost
-        pending = list(self._responses)
+        pending = [event for response in self._responses for event in response] + self._partial
         self._responses.clear()
-        for response in pending:
-            onEvent(Line(response, False))
+        self._partial = []
+        for event in pending:
+            onEvent(event)
+
+
+def _joined(events: list[Event]) -> bytes:
+    return b"".join(event.raw if isinstance(event, Line) else event.data for event in events)
 
 
 def setNoDelay(transport: Any) -> None:
@@ -179,6 +190,20 @@ class _Handshake:
         tag = self.nextTag()
         self.protocol.transport.write(tag + b" " + line + b"\r\n")
         return await self.awaitTagged(tag)
+
+    async def awaitContinuation(self, tag: bytes) -> bytes | None:
+        """
+        Wait for a C{+} (return C{None}) or the tagged reply that refuses
+        to continue (return it); untagged data in between is skipped.
+        """
+        while True:
+            response = await self.protocol.readResponse()
+            if response.startswith(b"+"):
+                return None
+            if response.startswith(tag + b" "):
+                return response
+            if response.upper().startswith(b"* BYE"):
+                raise UpstreamError(f"upstream said {_text(response)}")
 
     async def awaitTagged(self, tag: bytes) -> tuple[list[bytes], bytes]:
         untagged: list[bytes] = []
@@ -269,7 +294,10 @@ async def _loginHandshake(
 
     # The TLS handshake result only shows once data flows, so a bad
     # certificate surfaces as a closed connection in the command above.
-    tagged = await withTimeout(_login(handshake, upper, username.encode("utf-8"), password.encode("utf-8")))
+    # surrogateescape: a passthrough password that was not UTF-8 goes back
+    # out as the very octets the client sent.
+    credentials = (username.encode("utf-8", "surrogateescape"), password.encode("utf-8", "surrogateescape"))
+    tagged = await withTimeout(_login(handshake, upper, *credentials))
     if not _isOK(tagged):
         raise UpstreamError(f"upstream rejected the login: {_text(tagged)}", authenticationFailed=True)
     loggedIn = capabilitiesIn(tagged)
@@ -303,9 +331,9 @@ async def _login(handshake: _Handshake, capabilities: set[bytes], username: byte
             handshake.protocol.transport.write(tag + b" AUTHENTICATE PLAIN " + response + b"\r\n")
         else:
             handshake.protocol.transport.write(tag + b" AUTHENTICATE PLAIN\r\n")
-            challenge = await handshake.protocol.readResponse()
-            if not challenge.startswith(b"+"):
-                return challenge
+            refused = await handshake.awaitContinuation(tag)
+            if refused is not None:
+                return refused
             handshake.protocol.transport.write(response + b"\r\n")
         _, tagged = await handshake.awaitTagged(tag)
         return tagged
@@ -321,9 +349,9 @@ async def _login(handshake: _Handshake, capabilities: set[bytes], username: byte
             literalPlus = b"LITERAL+" in capabilities
             transport.write(line + b" {%d%s}\r\n" % (len(value), b"+" if literalPlus else b""))
             if not literalPlus:
-                ready = await handshake.protocol.readResponse()
-                if not ready.startswith(b"+"):
-                    return ready
+                refused = await handshake.awaitContinuation(tag)
+                if refused is not None:
+                    return refused
             line = value
     transport.write(line + b"\r\n")
     _, tagged = await handshake.awaitTagged(tag)

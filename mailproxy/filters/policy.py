@@ -1,0 +1,355 @@
+# -*- test-case-name: tests.test_policy_filter -*-
+"""
+The C{policy} filter: which commands and mailboxes a session may use.
+
+Also home of the helpers that find the mailbox a command names
+(L{namedMailboxes}, L{decodeMailbox}); the audit filter logs the same
+mailbox this filter checks.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from functools import cache
+from typing import Any
+
+from zope.interface import implementer
+
+from mailproxy.filters import PASS, Reject, Rewrite, Verdict
+from mailproxy.imap.model import Atom, IMAPCommand, List, StreamedLiteral, String, Token, text
+from mailproxy.interfaces import ICommandFilter, ISession
+
+# Commands whose first argument is a mailbox name.
+_FIRST_ARGUMENT = frozenset(
+    {
+        b"SELECT",
+        b"EXAMINE",
+        b"STATUS",
+        b"APPEND",
+        b"CREATE",
+        b"DELETE",
+        b"SUBSCRIBE",
+        b"UNSUBSCRIBE",
+        b"GETACL",
+        b"SETACL",
+        b"DELETEACL",
+        b"LISTRIGHTS",
+        b"MYRIGHTS",
+        b"GETQUOTAROOT",
+        b"SETMETADATA",
+    }
+)
+# Commands whose second argument is the target mailbox (after a sequence set).
+_SECOND_ARGUMENT = frozenset({b"COPY", b"MOVE", b"REPLACE"})
+_LISTING = frozenset({b"LIST", b"LSUB"})
+
+MAILBOX_COMMANDS = _FIRST_ARGUMENT | _SECOND_ARGUMENT | _LISTING | {b"RENAME", b"GETMETADATA"}
+"""Every command L{namedMailboxes} finds a mailbox in."""
+
+READ_ONLY_REFUSED = frozenset(
+    {
+        b"STORE",
+        b"EXPUNGE",
+        b"APPEND",
+        b"REPLACE",
+        b"DELETE",
+        b"RENAME",
+        b"MOVE",
+        b"COPY",
+        b"CREATE",
+        b"SETACL",
+        b"DELETEACL",
+        b"SETMETADATA",
+        b"SETQUOTA",
+    }
+)
+"""What read-only mode refuses (C{REPLACE} too: it is APPEND and EXPUNGE)."""
+
+READ_ONLY = Reject("Mailbox access is read-only", "NO", "NOPERM")
+TOO_BIG = Reject("Message too large", "NO", "TOOBIG")
+UNREADABLE = Reject("Command arguments could not be checked by the proxy's policy", "BAD")
+
+_COMMAND_NAME = re.compile(r"[A-Za-z][A-Za-z0-9.\-]*\Z")
+_BASE64_RUN = re.compile(rb"&([A-Za-z0-9+,]*)-")
+
+
+def namedMailboxes(command: IMAPCommand) -> list[bytes] | None:
+    """
+    The mailbox names C{command} names, as sent, the most telling first:
+    the first argument of C{SELECT}, C{STATUS}, C{APPEND} and the like, the
+    target of C{COPY} and C{MOVE}, source then destination of C{RENAME},
+    and for C{LIST} and C{LSUB} each pattern with the reference before it.
+
+    @return: the names; C{[]} if C{command} names no mailbox; C{None} if it
+        should name one but its arguments do not say which.
+    """
+    name, arguments = command.name, command.arguments
+    if name in _FIRST_ARGUMENT:
+        return _astrings(arguments[:1], 1)
+    if name in _SECOND_ARGUMENT:
+        return _astrings(arguments[1:2], 1)
+    if name == b"RENAME":
+        return _astrings(arguments[:2], 2)
+    if name == b"GETMETADATA":
+        return _astrings([item for item in arguments if not isinstance(item, List)][:1], 1)
+    if name in _LISTING:
+        return _listed(arguments)
+    return []
+
+
+def _astrings(tokens: Sequence[Token], wanted: int) -> list[bytes] | None:
+    values = [value for value in map(text, tokens) if value is not None]
+    return values if len(values) == wanted else None
+
+
+def _listed(arguments: Sequence[Token]) -> list[bytes] | None:
+    if arguments and isinstance(arguments[0], List):  # LIST-EXTENDED selection options
+        arguments = arguments[1:]
+    if len(arguments) < 2:
+        return None
+    reference, patterns = text(arguments[0]), arguments[1]
+    values = [text(item) for item in (patterns.items if isinstance(patterns, List) else [patterns])]
+    if reference is None or not values or None in values:
+        return None
+    return [reference + value for value in values if value is not None]
+
+
+def decodeMailbox(raw: bytes) -> str:
+    """
+    The text of a mailbox name: modified UTF-7 if it is valid, else UTF-8
+    (as C{UTF8=ACCEPT} clients send it), invalid bytes replaced.
+    """
+    decode = _mutf7Decoder()
+    if decode is not None:
+        try:
+            return decode(raw)
+        except ValueError:
+            pass
+    return raw.decode("utf-8", "replace")
+
+
+@cache
+def _mutf7Decoder() -> Callable[[bytes], str] | None:
+    try:
+        from mailproxy.imap import mutf7
+    except ImportError:
+        return None
+    return mutf7.decode
+
+
+def mailboxReadings(raw: bytes) -> list[str]:
+    """
+    Every text a server might read C{raw} as: just L{decodeMailbox} for
+    valid modified UTF-7; for anything else both UTF-8 and a lenient
+    modified UTF-7 reading, so a non-canonical encoding cannot slip a name
+    past a pattern.
+    """
+    decoded = decodeMailbox(raw)
+    readings = [decoded]
+    if b"&" in raw and decoded == raw.decode("utf-8", "replace"):
+        lenient = _lenientMutf7(raw)
+        if lenient is not None and lenient != decoded:
+            readings.append(lenient)
+    return readings
+
+
+def _lenientMutf7(raw: bytes) -> str | None:
+    pieces = []
+    position = 0
+    for match in _BASE64_RUN.finditer(raw):
+        pieces.append(raw[position : match.start()].decode("utf-8", "replace"))
+        run = match.group(1)
+        try:
+            decoded = base64.b64decode(run.replace(b",", b"/") + b"=" * (-len(run) % 4), validate=True)
+        except binascii.Error:
+            return None
+        pieces.append(decoded.decode("utf-16-be", "replace") if run else "&")
+        position = match.end()
+    pieces.append(raw[position:].decode("utf-8", "replace"))
+    return "".join(pieces)
+
+
+def canonicalName(name: str, separator: str) -> str:
+    """
+    C{name} as patterns see it: C{INBOX} in upper case (it is
+    case-insensitive), without trailing separators (C{CREATE "a/"} creates
+    C{a}).
+    """
+    if separator:
+        while len(name) > 1 and name.endswith(separator):
+            name = name[: -len(separator)]
+    if name[:5].upper() == "INBOX" and (len(name) == 5 or name[5:].startswith(separator)):
+        name = "INBOX" + name[5:]
+    return name
+
+
+def compilePattern(pattern: str, separator: str) -> re.Pattern[str]:
+    """
+    Compile an IMAP mailbox pattern: C{*} matches anything, C{%} anything
+    but the hierarchy C{separator}.
+    """
+    anyButSeparator = f"[^{re.escape(separator)}]*"
+    pieces = []
+    for char in canonicalName(pattern, separator):
+        pieces.append(".*" if char == "*" else anyButSeparator if char == "%" else re.escape(char))
+    return re.compile("".join(pieces), re.DOTALL)
+
+
+@implementer(ICommandFilter)
+class PolicyFilter:
+    """
+    Refuse commands and mailboxes by name, make sessions read-only, limit
+    the size of appended messages.
+
+    @ivar allow: upper-case command names; if not C{None}, only these pass.
+    @ivar deny: upper-case command names refused.
+    """
+
+    def __init__(
+        self,
+        allow: Iterable[str] | None = None,
+        deny: Iterable[str] = (),
+        readOnly: bool = False,
+        mailboxesAllow: Iterable[str] | None = None,
+        mailboxesDeny: Iterable[str] = (),
+        separator: str = "/",
+        maxAppendSize: int | None = None,
+    ) -> None:
+        self.allow = None if allow is None else frozenset(name.upper().encode("ascii") for name in allow)
+        self.deny = frozenset(name.upper().encode("ascii") for name in deny)
+        self.readOnly = readOnly
+        self.separator = separator
+        self.mailboxesAllow = None if mailboxesAllow is None else [compilePattern(p, separator) for p in mailboxesAllow]
+        self.mailboxesDeny = [compilePattern(pattern, separator) for pattern in mailboxesDeny]
+        self.maxAppendSize = maxAppendSize
+
+    @classmethod
+    def fromOptions(cls, options: dict[str, Any]) -> PolicyFilter:
+        """
+        Build the filter from its configuration options.
+
+        @raise ValueError: naming the option that is wrong.
+        """
+        known = {"allow", "deny", "read_only", "mailboxes_allow", "mailboxes_deny", "separator", "max_append_size"}
+        for key in options:
+            if key not in known:
+                raise ValueError(f"unknown option {key!r}")
+        separator = options.get("separator", "/")
+        if not isinstance(separator, str) or len(separator) != 1 or separator in "*%":
+            raise ValueError("option 'separator': must be one character, not '*' or '%'")
+        readOnly = options.get("read_only", False)
+        if not isinstance(readOnly, bool):
+            raise ValueError("option 'read_only': must be true or false")
+        maxAppendSize = options.get("max_append_size")
+        if maxAppendSize is not None and (
+            not isinstance(maxAppendSize, int) or isinstance(maxAppendSize, bool) or maxAppendSize < 0
+        ):
+            raise ValueError("option 'max_append_size': must be a number of octets, 0 or more")
+        return cls(
+            allow=_commandNames(options, "allow"),
+            deny=_commandNames(options, "deny") or (),
+            readOnly=readOnly,
+            mailboxesAllow=_strings(options, "mailboxes_allow"),
+            mailboxesDeny=_strings(options, "mailboxes_deny") or (),
+            separator=separator,
+            maxAppendSize=maxAppendSize,
+        )
+
+    def filterCommand(self, session: ISession, command: IMAPCommand) -> Verdict:
+        """
+        Refuse what the policy forbids; under read-only, rewrite C{SELECT}
+        to C{EXAMINE} so that reading a message cannot set C{\\Seen}.
+        """
+        name = command.name
+        if (self.allow is not None and name not in self.allow) or name in self.deny:
+            shown = command.fullName.decode("ascii", "replace")
+            return Reject(f"{shown} is not permitted by the proxy's policy", "NO", "NOPERM")
+        if self.readOnly and name in READ_ONLY_REFUSED:
+            return READ_ONLY
+        refused = self._checkMailboxes(command)
+        if refused is not None:
+            return refused
+        if self.maxAppendSize is not None and name in (b"APPEND", b"REPLACE"):
+            sizes = appendedSizes(command)
+            if sizes is None:
+                return UNREADABLE
+            if any(size > self.maxAppendSize for size in sizes):
+                return TOO_BIG
+        if self.readOnly and name == b"SELECT":
+            return Rewrite(replace(command, name=b"EXAMINE", wire=None))
+        return PASS
+
+    def _checkMailboxes(self, command: IMAPCommand) -> Reject | None:
+        if self.mailboxesAllow is None and not self.mailboxesDeny:
+            return None
+        names = namedMailboxes(command)
+        if names is None:
+            return UNREADABLE
+        for raw in names:
+            if raw and not self._permitted(raw, listing=command.name in _LISTING):
+                shown = "".join(char if " " <= char <= "~" else "?" for char in raw.decode("ascii", "replace"))
+                return Reject(f'Access to mailbox "{shown}" is not permitted', "NO", "NOPERM")
+        return None
+
+    def _permitted(self, raw: bytes, listing: bool) -> bool:
+        for reading in mailboxReadings(raw):
+            name = canonicalName(reading, self.separator)
+            if any(pattern.fullmatch(name) for pattern in self.mailboxesDeny):
+                return False
+            # A LIST pattern with wildcards is no one mailbox: what it shows
+            # is up to the server (and to filters on its responses).
+            if listing and ("*" in name or "%" in name):
+                continue
+            if self.mailboxesAllow is not None and not any(p.fullmatch(name) for p in self.mailboxesAllow):
+                return False
+        return True
+
+
+def appendedSizes(command: IMAPCommand) -> list[int] | None:
+    """
+    The sizes of the messages an C{APPEND} (or C{REPLACE}) carries: every
+    literal after the mailbox (C{MULTIAPPEND} sends several), and for
+    C{CATENATE} the sum of its C{TEXT} parts.
+
+    @return: the sizes, or C{None} if the arguments hold no message.
+    """
+    start = 2 if command.name == b"REPLACE" else 1
+    arguments = command.arguments[start:]
+    sizes = []
+    for index, token in enumerate(arguments):
+        if isinstance(token, String) and token.literal or isinstance(token, StreamedLiteral):
+            sizes.append(_size(token))
+        elif isinstance(token, List) and index and arguments[index - 1] == Atom(b"CATENATE"):
+            parts = token.items
+            sizes.append(sum(_size(part) for i, part in enumerate(parts) if i and parts[i - 1] == Atom(b"TEXT")))
+    return sizes or None
+
+
+def _size(token: Token) -> int:
+    if isinstance(token, StreamedLiteral):
+        return token.size
+    if isinstance(token, String):
+        return len(token.value)
+    return 0
+
+
+def _strings(options: dict[str, Any], key: str) -> list[str] | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or not all(isinstance(item, str) and item for item in value):
+        raise ValueError(f"option {key!r}: must be a list of non-empty strings")
+    return list(value)
+
+
+def _commandNames(options: dict[str, Any], key: str) -> list[str] | None:
+    names = _strings(options, key)
+    for name in names or ():
+        if not _COMMAND_NAME.match(name):
+            hint = " (name commands without UID: COPY covers UID COPY)" if name.upper().startswith("UID ") else ""
+            raise ValueError(f"option {key!r}: {name!r} is not a command name{hint}")
+    return names

@@ -1,0 +1,58 @@
+# -*- test-case-name: tests.test_filter_registry -*-
+"""
+Find filter plugins and build the configured filters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.plugin import getPlugins
+
+import mailproxy.plugins
+from mailproxy.config import Config, ConfigError, FilterConfig, ListenerConfig
+from mailproxy.filters.chain import FilterChain
+from mailproxy.interfaces import IFilterFactory
+
+
+def filterFactories() -> dict[str, Any]:
+    """
+    Every L{IFilterFactory} plugin, by name: built-in and third-party.
+    """
+    return {factory.name: factory for factory in getPlugins(IFilterFactory, mailproxy.plugins)}
+
+
+def buildFilters(configured: Mapping[str, FilterConfig], factories: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """
+    Build one filter object per configured filter.
+
+    @raise ConfigError: naming the filter and the problem.
+    """
+    if factories is None:
+        factories = filterFactories()
+    built = {}
+    for name, item in configured.items():
+        factory = factories.get(item.type)
+        if factory is None:
+            known = ", ".join(sorted(factories)) or "none"
+            raise ConfigError(f"filters.{name}.type: no filter plugin {item.type!r} (installed: {known})")
+        try:
+            built[name] = factory.build(dict(item.options))
+        except (ValueError, TypeError, OSError) as error:
+            raise ConfigError(f"filters.{name}: {error}") from None
+    return built
+
+
+def chainFactory(
+    config: Config, listener: ListenerConfig, built: Mapping[str, Any]
+) -> Callable[[str | None], FilterChain]:
+    """
+    What a listener's sessions call to get their chain, before (C{None})
+    and after login.
+    """
+
+    def chainFor(username: str | None) -> FilterChain:
+        return FilterChain([built[name] for name in config.filterNamesFor(listener, username)])
+
+    return chainFor

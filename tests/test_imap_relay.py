@@ -1,0 +1,236 @@
+"""
+The filtered relay: commands and responses parsed, decided by filters
+(synchronously or later), and relayed without breaking literals,
+pipelining or IDLE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from mailproxy.filters import DROP, PASS, Reject, Rewrite
+from mailproxy.imap.model import Atom, StreamedLiteral, String
+from mailproxy.interfaces import ICommandFilter, IResponseFilter, ISessionObserver
+from tests.support import UpstreamScript, loggedIn
+
+LITERAL_PLUS = [b"IMAP4rev1", b"LITERAL+", b"IDLE", b"MOVE"]
+
+
+@implementer(ICommandFilter, IResponseFilter, ISessionObserver)
+class Scripted:
+    """
+    A filter that records what it sees and answers from a script.
+    """
+
+    def __init__(self, onCommand: Any = None, onResponse: Any = None) -> None:
+        self.commands: list[Any] = []
+        self.responses: list[Any] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.onCommand = onCommand or (lambda command: PASS)
+        self.onResponse = onResponse or (lambda response: PASS)
+
+    def filterCommand(self, session: Any, command: Any) -> Any:
+        self.commands.append(command)
+        return self.onCommand(command)
+
+    def filterResponse(self, session: Any, response: Any) -> Any:
+        self.responses.append(response)
+        return self.onResponse(response)
+
+    def sessionEvent(self, session: Any, event: str, details: dict[str, Any]) -> None:
+        self.events.append((event, details))
+
+
+def filtered(tmp_path: Path, *filters: object, capabilities: list[bytes] | None = None) -> Any:
+    script = UpstreamScript(capabilities=capabilities or LITERAL_PLUS)
+    return loggedIn(tmp_path, filters=list(filters), upstream=script)
+
+
+def test_passed_commands_reach_the_upstream_unchanged_and_parsed(tmp_path: Path) -> None:
+    """A PASS relays the exact bytes; the filter saw tag, name, UID flag and arguments."""
+    seen = Scripted()
+    connection = filtered(tmp_path, seen)
+    connection.send(b'x UID COPY 1:3 "My Folder"\r\n')
+    assert connection.upstream.sent == b'x UID COPY 1:3 "My Folder"\r\n'
+    [command] = seen.commands
+    assert (command.tag, command.name, command.uid) == (b"x", b"COPY", True)
+    assert command.arguments == [Atom(b"1:3"), String(b"My Folder")]
+
+
+def test_small_synchronising_literals_are_answered_by_the_proxy(tmp_path: Path) -> None:
+    """The proxy sends '+' itself, then forwards the command with LITERAL+ in one go."""
+    seen = Scripted()
+    connection = filtered(tmp_path, seen)
+    connection.send(b"x APPEND INBOX {5}\r\n")
+    assert connection.received() == b"+ Ready for literal data\r\n"
+    assert connection.upstream.sent == b""
+    connection.send(b"ab\r\nc\r\n")
+    assert connection.upstream.sent == b"x APPEND INBOX {5+}\r\nab\r\nc\r\n"
+    assert seen.commands[0].arguments == [Atom(b"INBOX"), String(b"ab\r\nc", literal=True)]
+
+
+def test_without_literal_plus_upstream_continuations_are_awaited_and_swallowed(tmp_path: Path) -> None:
+    """An upstream without LITERAL+ gets a synchronising literal; its '+' never reaches the client."""
+    connection = filtered(tmp_path, Scripted(), capabilities=[b"IMAP4rev1"])
+    connection.send(b"x APPEND INBOX {5}\r\n")
+    connection.received()
+    connection.send(b"hello\r\ny NOOP\r\n")
+    assert connection.upstream.sent == b"x APPEND INBOX {5}\r\n"
+    connection.fromUpstream(b"+ go ahead\r\n")
+    assert connection.upstream.sent == b"x APPEND INBOX {5}\r\nhello\r\ny NOOP\r\n"
+    connection.fromUpstream(b"x OK appended\r\ny OK noop\r\n")
+    assert connection.received() == b"x OK appended\r\ny OK noop\r\n"
+
+
+def test_rewritten_commands_are_serialised_afresh(tmp_path: Path) -> None:
+    """A Rewrite sends the new command; quoting is redone."""
+
+    def rename(command: Any) -> Any:
+        return Rewrite(command.withArguments([String(b"Other Box")]))
+
+    connection = filtered(tmp_path, Scripted(onCommand=rename))
+    connection.send(b"x SELECT INBOX\r\n")
+    assert connection.upstream.sent == b'x SELECT "Other Box"\r\n'
+
+
+def test_rejected_commands_are_answered_and_never_relayed(tmp_path: Path) -> None:
+    """A Reject answers the tag with the given status, code and text."""
+    connection = filtered(tmp_path, Scripted(onCommand=lambda command: Reject("No way", "NO", "NOPERM")))
+    connection.send(b"x DELETE INBOX\r\n")
+    assert connection.received() == b"x NO [NOPERM] No way\r\n"
+    assert connection.upstream.sent == b""
+
+
+def test_deferred_verdicts_keep_pipelined_commands_in_order(tmp_path: Path) -> None:
+    """While a verdict is pending, later commands wait and the client is paused."""
+    pending: list[Deferred[Any]] = []
+
+    def later(command: Any) -> Any:
+        if command.tag == b"x":
+            deferred: Deferred[Any] = Deferred()
+            pending.append(deferred)
+            return deferred
+        return PASS
+
+    connection = filtered(tmp_path, Scripted(onCommand=later))
+    connection.send(b"x NOOP\r\ny NOOP\r\n")
+    assert connection.upstream.sent == b""
+    assert connection.transport.producerState == "paused"
+    pending[0].callback(PASS)
+    assert connection.upstream.sent == b"x NOOP\r\ny NOOP\r\n"
+    assert connection.transport.producerState == "producing"
+
+
+def test_a_raising_filter_gets_serverbug_and_the_session_goes_on(tmp_path: Path) -> None:
+    """An exception in a filter answers NO [SERVERBUG]; the next command works."""
+
+    def explode(command: Any) -> Any:
+        if command.name == b"FETCH":
+            raise RuntimeError("bug")
+        return PASS
+
+    connection = filtered(tmp_path, Scripted(onCommand=explode))
+    connection.send(b"x FETCH 1 FLAGS\r\ny NOOP\r\n")
+    assert connection.received() == b"x NO [SERVERBUG] Internal error in a proxy filter\r\n"
+    assert connection.upstream.sent == b"y NOOP\r\n"
+
+
+def test_large_literals_stream_past_filters_with_their_size(tmp_path: Path) -> None:
+    """A literal over the buffer limit is announced to filters as StreamedLiteral and streamed."""
+    seen = Scripted()
+    connection = filtered(tmp_path, seen)
+    size = 300_000
+    connection.send(b"x APPEND INBOX {%d}\r\n" % size)
+    assert seen.commands[0].arguments[-1] == StreamedLiteral(size)
+    assert connection.upstream.sent == b"x APPEND INBOX {%d}\r\n" % size
+    connection.fromUpstream(b"+ OK\r\n")
+    assert connection.received() == b"+ OK\r\n"
+    connection.send(b"z" * size + b"\r\n")
+    assert connection.upstream.sent.endswith(b"z" * size + b"\r\n")
+
+
+def test_large_literal_rejected_before_it_is_sent(tmp_path: Path) -> None:
+    """Rejecting a streamed APPEND answers at once; the client never sends the literal."""
+    connection = filtered(tmp_path, Scripted(onCommand=lambda command: Reject("Too big", "NO", "TOOBIG")))
+    connection.send(b"x APPEND INBOX {300000}\r\n")
+    assert connection.received() == b"x NO [TOOBIG] Too big\r\n"
+    connection.send(b"y NOOP\r\n")
+    assert connection.upstream.sent == b""
+    assert connection.received() == b"y NO [TOOBIG] Too big\r\n"
+
+
+def test_idle_passes_through_filters(tmp_path: Path) -> None:
+    """IDLE, its continuation, untagged updates and DONE all pass; filters see the updates."""
+    seen = Scripted()
+    connection = filtered(tmp_path, seen)
+    connection.send(b"i IDLE\r\n")
+    connection.fromUpstream(b"+ idling\r\n* 4 EXISTS\r\n")
+    assert connection.received() == b"+ idling\r\n* 4 EXISTS\r\n"
+    connection.send(b"DONE\r\n")
+    connection.fromUpstream(b"i OK Idle completed\r\n")
+    assert connection.upstream.sent == b"i IDLE\r\nDONE\r\n"
+    assert connection.received() == b"i OK Idle completed\r\n"
+    assert [response.name for response in seen.responses][-2:] == [b"EXISTS", b"OK"]
+
+
+def test_response_filters_drop_and_rewrite(tmp_path: Path) -> None:
+    """DROP hides an untagged response; Rewrite replaces one."""
+
+    def decide(response: Any) -> Any:
+        if response.name == b"LIST" and response.arguments[-1] == Atom(b"Secret"):
+            return DROP
+        if response.name == b"STATUS":
+            return Rewrite(response.withArguments([String(b"Shown"), *response.arguments[1:]]))
+        return PASS
+
+    connection = filtered(tmp_path, Scripted(onResponse=decide))
+    connection.send(b'l LIST "" *\r\n')
+    connection.fromUpstream(b'* LIST () "/" INBOX\r\n* LIST () "/" Secret\r\n* STATUS X (MESSAGES 1)\r\nl OK done\r\n')
+    assert connection.received() == b'* LIST () "/" INBOX\r\n* STATUS "Shown" (MESSAGES 1)\r\nl OK done\r\n'
+
+
+def test_responses_with_large_literals_are_relayed_intact(tmp_path: Path) -> None:
+    """A FETCH body over the buffer limit streams to the client byte for byte."""
+    connection = filtered(tmp_path, Scripted())
+    body = bytes(range(256)) * 1200
+    connection.send(b"f FETCH 1 BODY[]\r\n")
+    connection.fromUpstream(b"* 1 FETCH (BODY[] {%d}\r\n" % len(body))
+    for offset in range(0, len(body), 7000):
+        connection.fromUpstream(body[offset : offset + 7000])
+    connection.fromUpstream(b")\r\nf OK done\r\n")
+    assert connection.received() == b"* 1 FETCH (BODY[] {%d}\r\n" % len(body) + body + b")\r\nf OK done\r\n"
+
+
+def test_login_reply_goes_through_response_filters(tmp_path: Path) -> None:
+    """The proxy's own login OK [CAPABILITY] is filtered like an upstream response."""
+
+    def noIdle(response: Any) -> Any:
+        if response.code and response.code.startswith(b"CAPABILITY"):
+            return Rewrite(dataclasses.replace(response, code=response.code.replace(b" IDLE", b""), wire=None))
+        return PASS
+
+    script = UpstreamScript(capabilities=LITERAL_PLUS)
+    from tests.support import connect
+
+    connection = connect(str(tmp_path), allowPlaintextAuth=True, filters=[Scripted(onResponse=noIdle)], upstream=script)
+    connection.received()
+    connection.send(b"a LOGIN alice alicepw\r\n")
+    assert connection.received() == b"a OK [CAPABILITY IMAP4rev1 LITERAL+ MOVE] Logged in\r\n"
+
+
+def test_observers_get_one_event_per_completed_command(tmp_path: Path) -> None:
+    """After the tagged reply, observers hear the command, its result and its bytes."""
+    seen = Scripted()
+    connection = filtered(tmp_path, seen)
+    connection.send(b"s SELECT INBOX\r\n")
+    connection.fromUpstream(b"* 3 EXISTS\r\ns OK [READ-WRITE] done\r\n")
+    [(event, details)] = [item for item in seen.events if item[0] == "command"]
+    assert details["command"].name == b"SELECT" and details["result"] == "OK"
+    assert details["bytesIn"] == len(b"s SELECT INBOX\r\n")
+    assert details["bytesOut"] == len(b"* 3 EXISTS\r\ns OK [READ-WRITE] done\r\n")
+    assert connection.protocol.session.selected == b"INBOX"
