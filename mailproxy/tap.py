@@ -5,6 +5,7 @@ The C{twistd mailproxy} plugin: options and service construction.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.application import strports
@@ -58,8 +59,21 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 class ListenersService(MultiService):
     """
     The proxy's listeners; a port that cannot be bound stops start-up with
-    one line naming the listener.
+    one line naming the listener.  Filters with a C{close} method (files,
+    connections) are closed when the service stops.
     """
+
+    def __init__(self, filters: Iterable[object] = ()) -> None:
+        super().__init__()
+        self.filters = list(filters)
+
+    def stopService(self) -> Any:
+        stopping = super().stopService()
+        for item in self.filters:
+            close = getattr(item, "close", None)
+            if close is not None:
+                close()
+        return stopping
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
@@ -89,7 +103,7 @@ def buildService(config: Config, reactor: Any) -> MultiService:
         return Deferred.fromCoroutine(connectUpstream(reactor, upstream, username, password, clientAddress=client))
 
     filters = buildFilters(config.filters)
-    root = ListenersService()
+    root = ListenersService(filters.values())
     for index, listener in enumerate(config.listeners):
         tlsOptions = None
         if listener.tls is not TLSMode.PLAIN:

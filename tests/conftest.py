@@ -6,6 +6,7 @@ a real C{twistd} process in front of it, on 127.0.0.1 high ports.
 from __future__ import annotations
 
 import imaplib
+import json
 import os
 import shutil
 import ssl
@@ -25,7 +26,16 @@ from tests.proxyprocess import HOST, ProxyProcess, freePort
 
 # Local user -> upstream route; passwords are the same locally and upstream
 # (passthrough) unless the route stores its own.
-UPSTREAM_USERS = {"alice": "alicepw", "bob": "bobpw", "carol": "carolpw", "dora": 'dora pw "q" ü', "kim": "kimpw"}
+UPSTREAM_USERS = {
+    "alice": "alicepw",
+    "bob": "bobpw",
+    "carol": "carolpw",
+    "dora": 'dora pw "q" ü',
+    "kim": "kimpw",
+    "fred": "fredpw",  # filter tests: default filter chain
+    "rita": "ritapw",  # filter tests: read-only chain
+}
+SEEDED_USERS = ("alice", "bob", "carol", "dora", "fred", "rita")
 LOCAL_USERS = {
     "alice": "alicepw",  # implicit TLS upstream
     "bob": "bobpw",  # STARTTLS upstream
@@ -88,7 +98,7 @@ def dovecot() -> Iterator[DovecotUpstream]:
     upstream.start()
     try:
         messages = seedMessages()
-        for name in ("alice", "bob", "carol", "dora"):
+        for name in SEEDED_USERS:
             client = imaplib.IMAP4(HOST, upstream.ports["imap"])
             password = UPSTREAM_USERS[name].encode()
             client.authenticate(
@@ -211,6 +221,87 @@ def proxy(dovecot: DovecotUpstream) -> Iterator[RunningProxy]:
     try:
         process.waitForPorts(list(ports.values()))
         yield RunningProxy(ports, dovecot.caFile, process)
+    finally:
+        process.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+FILTERED_CONFIG = """
+[auth]
+users_file = "users"
+failure_delay = 0.3
+
+[filters.audit]
+type = "audit"
+file = "audit.jsonl"
+
+[filters.readonly]
+type = "policy"
+read_only = true
+
+[filters.limits]
+type = "policy"
+max_append_size = 100000
+mailboxes_deny = ["Archive*"]
+
+[filters.folders]
+type = "folders"
+map = {{ "Gesendet" = "Sent", "Entwürfe" = "Drafts" }}
+hide = ["Junk"]
+
+[filters.caps]
+type = "capabilities"
+hide = ["MOVE"]
+add = ["X-MAILPROXY"]
+
+[[listener]]
+name = "filtered"
+endpoint = "tcp:{port}:interface=127.0.0.1"
+allow_plaintext_auth = true
+filters = ["audit"]
+
+[upstream.plain]
+host = "127.0.0.1"
+port = {upstreamPort}
+
+[routing]
+default_upstream = "plain"
+default_filters = ["limits", "folders", "caps"]
+
+[routing.users.rita]
+filters = ["readonly"]
+"""
+
+
+@dataclass
+class FilteredProxy:
+    port: int
+    directory: str
+    process: ProxyProcess
+
+    def audit(self) -> list[dict[str, object]]:
+        with open(os.path.join(self.directory, "audit.jsonl")) as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def filteredProxy(dovecot: DovecotUpstream) -> Iterator[FilteredProxy]:
+    """
+    The proxy with every built-in filter configured: audit on the listener,
+    limits + folders + capabilities by default, read-only for rita.
+    """
+    directory = tempfile.mkdtemp(prefix="mp-filtered-")
+    with open(os.path.join(directory, "users"), "w") as handle:
+        for name in ("fred", "rita"):
+            handle.write(f"{name}:{hashPassword(UPSTREAM_USERS[name], log2N=10)}\n")
+    port = freePort()
+    configPath = os.path.join(directory, "mailproxy.toml")
+    with open(configPath, "w") as handle:
+        handle.write(FILTERED_CONFIG.format(port=port, upstreamPort=dovecot.ports["imap"]))
+    process = ProxyProcess(configPath, os.path.join(directory, "twistd.log"))
+    try:
+        process.waitForPorts([port])
+        yield FilteredProxy(port, directory, process)
     finally:
         process.stop()
         shutil.rmtree(directory, ignore_errors=True)

@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from mailproxy import tap
+from mailproxy.filters.registry import buildFilters
 from mailproxy.imap.server import IMAPServerFactory
 from tests.support import writeUsersFile
 
@@ -154,9 +155,9 @@ def test_twistd_refuses_to_start_on_a_busy_port(tmp_path: Path) -> None:
 
 
 def test_example_config_is_valid(tmp_path: Path) -> None:
-    """etc/mailproxy.example.toml parses once its files exist."""
+    """etc/mailproxy.example.toml parses and builds its filters once its files exist."""
     text = (REPO / "etc" / "mailproxy.example.toml").read_text()
-    text = text.replace("/etc/mailproxy/", f"{tmp_path}/")
+    text = text.replace("/etc/mailproxy/", f"{tmp_path}/").replace("/var/log/mailproxy/", f"{tmp_path}/")
     os.makedirs(tmp_path / "tls")
     certificate, key = certificateFiles(tmp_path)
     shutil.copy(certificate, tmp_path / "tls" / "fullchain.pem")
@@ -170,3 +171,9 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     assert [listener.name for listener in config.listeners] == ["imap", "imaps"]
     assert config.routeFor("bob") is not None and config.routeFor("bob").upstream == "legacy"  # type: ignore[union-attr]
     assert config.routeFor("anyone").password is None  # type: ignore[union-attr]
+    built = buildFilters(config.filters)
+    assert set(built) == {"audit", "readonly", "standard", "folders"}
+    assert config.filterNamesFor(config.listeners[0], "bob") == ("audit", "readonly")
+    assert config.filterNamesFor(config.listeners[0], "anyone") == ("audit", "standard", "folders")
+    assert config.filterNamesFor(config.listeners[1], None) == ()
+    built["audit"].close()

@@ -25,8 +25,7 @@ from mailproxy.interfaces import ISession, ISessionObserver
 log = Logger(namespace="mailproxy.audit")
 
 _COMMAND_FORMAT = (
-    "{who}@{client} {tag} {command} {where}: {result} "
-    "({bytes_in} bytes in, {bytes_out} bytes out, {duration_ms} ms)"
+    "{who}@{client} {tag} {command} {where}: {result} ({bytes_in} bytes in, {bytes_out} bytes out, {duration_ms} ms)"
 )
 _LOGIN_FORMAT = "login of {who} from {client} {outcome}"
 _CLOSED_FORMAT = "{who}@{client} closed after {duration_ms} ms ({bytes_in} bytes in, {bytes_out} bytes out)"
@@ -52,7 +51,7 @@ class AuditFilter:
         self.clock = clock
         self.file: IO[str] | None = None
         if path is not None:
-            self.file = open(path, "a", encoding="utf-8", errors="backslashreplace", newline="\n", buffering=1)  # noqa: SIM115
+            self.file = open(path, "a", encoding="utf-8", errors="backslashreplace", newline="\n", buffering=1)
 
     @classmethod
     def fromOptions(cls, options: dict[str, Any]) -> AuditFilter:
@@ -101,7 +100,7 @@ class AuditFilter:
             command = details.get("command")
             record.update(commandFields(session, command if isinstance(command, IMAPCommand) else None))
             record["result"] = str(details.get("result", "?"))
-            format = _COMMAND_FORMAT
+            template = _COMMAND_FORMAT
         elif event == "login":
             user = details.get("user")
             if user is not None:
@@ -110,9 +109,9 @@ class AuditFilter:
             if details.get("mechanism") is not None:
                 record["mechanism"] = str(details["mechanism"])
             level = LogLevel.info if record["ok"] else LogLevel.warn
-            format = _LOGIN_FORMAT
+            template = _LOGIN_FORMAT
         elif event == "closed":
-            format = _CLOSED_FORMAT
+            template = _CLOSED_FORMAT
         else:
             return
         if event != "login":
@@ -126,7 +125,7 @@ class AuditFilter:
                 "where": record.get("mailbox") or "-",
                 "outcome": "succeeded" if record.get("ok") else "failed",
             }
-            log.emit(level, format, **record, **shown)
+            log.emit(level, template, **record, **shown)
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.file is not None:

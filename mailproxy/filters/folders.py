@@ -167,7 +167,7 @@ class FolderFilter:
     def filterResponse(self, session: ISession, response: IMAPResponse) -> Verdict:
         """
         Map the mailbox name of a LIST, LSUB or STATUS response; drop it if
-        the mailbox is hidden.
+        the mailbox is hidden or shadowed by a mapped client name.
         """
         if response.tag != b"*" or response.name not in self.responseNames:
             return PASS

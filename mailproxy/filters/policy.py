@@ -199,13 +199,17 @@ def compilePattern(pattern: str, separator: str) -> re.Pattern[str]:
     return re.compile("".join(pieces), re.DOTALL)
 
 
+ALWAYS_ALLOWED = frozenset({b"CAPABILITY", b"NOOP", b"LOGOUT"})
+
+
 @implementer(ICommandFilter)
 class PolicyFilter:
     """
     Refuse commands and mailboxes by name, make sessions read-only, limit
     the size of appended messages.
 
-    @ivar allow: upper-case command names; if not C{None}, only these pass.
+    @ivar allow: upper-case command names; if not C{None}, only these (and
+        L{ALWAYS_ALLOWED}) pass.
     @ivar deny: upper-case command names refused.
     """
 
@@ -219,7 +223,8 @@ class PolicyFilter:
         separator: str = "/",
         maxAppendSize: int | None = None,
     ) -> None:
-        self.allow = None if allow is None else frozenset(name.upper().encode("ascii") for name in allow)
+        # An allow list never locks a client out of the session basics.
+        self.allow = None if allow is None else ALWAYS_ALLOWED | {name.upper().encode("ascii") for name in allow}
         self.deny = frozenset(name.upper().encode("ascii") for name in deny)
         self.readOnly = readOnly
         self.separator = separator
