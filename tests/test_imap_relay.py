@@ -229,8 +229,26 @@ def test_observers_get_one_event_per_completed_command(tmp_path: Path) -> None:
     connection = filtered(tmp_path, seen)
     connection.send(b"s SELECT INBOX\r\n")
     connection.fromUpstream(b"* 3 EXISTS\r\ns OK [READ-WRITE] done\r\n")
-    [(event, details)] = [item for item in seen.events if item[0] == "command"]
+    [(event, details)] = [item for item in seen.events if item[0] == "command" and item[1]["command"].name == b"SELECT"]
     assert details["command"].name == b"SELECT" and details["result"] == "OK"
     assert details["bytesIn"] == len(b"s SELECT INBOX\r\n")
     assert details["bytesOut"] == len(b"* 3 EXISTS\r\ns OK [READ-WRITE] done\r\n")
     assert connection.protocol.session.selected == b"INBOX"
+
+
+def test_observers_hear_preauth_commands_without_credentials(tmp_path: Path) -> None:
+    """Before login observers get CAPABILITY with its result, and LOGIN with no arguments at all."""
+    from tests.support import connect
+
+    seen = Scripted()
+    connection = connect(str(tmp_path), allowPlaintextAuth=True, filters=[seen])
+    connection.send(b"a CAPABILITY\r\nb LOGIN alice alicepw\r\n")
+    commands = [details for event, details in seen.events if event == "command"]
+    assert [(item["command"].name, item["result"]) for item in commands[:2]] == [
+        (b"CAPABILITY", "OK"),
+        (b"LOGIN", "LOGIN"),
+    ]
+    assert commands[1]["command"].arguments == [] and commands[1]["command"].wire is None
+    assert [event for event, _ in seen.events][:1] == ["connected"]
+    assert ("login", {"ok": True}) in seen.events
+    assert b"alicepw" not in repr(seen.events).encode()

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from mailproxy.config import Config, ListenerConfig, TLSMode, UpstreamConfig
 from mailproxy.filters.chain import FilterChain
 from mailproxy.imap.framer import Event, FramingError, IMAPFramer, Line, LiteralChunk
+from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand
 from mailproxy.imap.relay import Relay
 from mailproxy.imap.syntax import SyntaxError_, parseArguments, tagAndCommand
 from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession, setNoDelay
@@ -111,6 +112,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self._saslTag = b""
         self._logout: Callable[[], None] | None = None
         self.relay: Relay | None = None
+        self._written = 0
+        self._lastStatus: dict[bytes, str] = {}
         self._connecting: Deferred[UpstreamSession] | None = None
         self._refusal: IDelayedCall | None = None
         self.session = ProxySession("imap", context.listener.name, "?", self.tlsActive, context.filtersFor(None))
@@ -161,6 +164,13 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.transport.loseConnection()
 
     def _send(self, data: bytes) -> None:
+        self._written += len(data)
+        if self.relay is None:
+            # Remember how the proxy answered each tag, for observers.
+            for line in data.split(b"\r\n"):
+                fields = line.split(b" ", 2)
+                if len(fields) > 1 and line[:1] not in (b"*", b"+"):
+                    self._lastStatus = {fields[0]: fields[1].decode("ascii", "replace")}
         self.transport.write(data)
 
     def _close(self, bye: bytes) -> None:
@@ -234,6 +244,25 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             self._send(b"* BAD Invalid tag or command\r\n")
             return
         tag, name = parsed
+        written = self._written
+        self._handle(command, tag, name)
+        if self.session.chain.observers:
+            self._observePreAuth(command, tag, name, self._written - written)
+
+    def _observePreAuth(self, command: _PendingCommand, tag: bytes, name: bytes, bytesOut: int) -> None:
+        """
+        Tell observers about a command before login; credentials are never
+        part of it (LOGIN and AUTHENTICATE come without arguments).
+        """
+        redacted = name in _TAKES_ASTRINGS
+        model = IMAPCommand(tag=tag, name=name) if redacted else parseCommand(_wireParts(command))
+        # A login's outcome is its own "login" event.
+        result = "LOGIN" if redacted else self._lastStatus.get(tag, "")
+        self.session.notify(
+            "command", command=model, result=result, bytesIn=command.size, bytesOut=bytesOut, duration=0.0
+        )
+
+    def _handle(self, command: _PendingCommand, tag: bytes, name: bytes) -> None:
         handler = getattr(self, "preauth_" + name.decode("ascii").replace("-", "_").replace(".", "_"), None)
         if handler is None:
             self._send(tag + b" BAD Command " + name + b" is not valid before authentication\r\n")
@@ -242,7 +271,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if name in _TAKES_ASTRINGS:
             # Only these need their arguments; ID's parameter list and the
             # like are accepted without being understood.
-            segments = [first[len(tag) + 1 + len(name) :]] + command.segments[1:]
+            segments = [command.segments[0][len(tag) + 1 + len(name) :]] + command.segments[1:]
             try:
                 arguments = parseArguments(segments, command.literals)
             except SyntaxError_ as error:
@@ -469,6 +498,15 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             self._send(b"* BYE Upstream server closed the connection\r\n")
         self.state = State.CLOSED
         self.transport.loseConnection()
+
+
+def _wireParts(command: _PendingCommand) -> list[bytes | StreamedLiteral]:
+    parts: list[bytes | StreamedLiteral] = []
+    for index, segment in enumerate(command.segments):
+        parts.append(segment)
+        if index < len(command.literals):
+            parts.append(command.literals[index])
+    return parts
 
 
 def _protocolText(text: str) -> bytes:
