@@ -263,6 +263,7 @@ def test_through_the_relay_each_command_is_audited_without_the_login_password(tm
     auditor.close()
     commands = [record for record in lines(path) if record["event"] == "command"]
     assert [(r["tag"], r["command"], r["mailbox"], r["result"]) for r in commands] == [
+        ("a", "LOGIN", None, "LOGIN"),  # before login: no arguments, the outcome is the login event
         ("s", "SELECT", "Archive", "OK"),
         ("f", "FETCH", "Archive", "NO"),
     ]
