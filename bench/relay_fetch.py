@@ -5,8 +5,9 @@ Relay overhead, measured in one run against the direct upstream.
 
 Starts a private Dovecot, seeds one mailbox, starts the proxy (twistd) in
 front of it, then interleaves rounds of the same workload direct and through
-the proxy, in plaintext and over TLS (client and upstream side), and prints
-ratios proxy/direct. Absolute times depend on the machine; the ratios are
+the proxy, in plaintext and over TLS (client and upstream side), and through
+a listener with an audit + policy filter chain, and prints ratios:
+proxy/direct, and filtered/unfiltered. Absolute times depend on the machine; the ratios are
 the result.
 """
 
@@ -128,7 +129,7 @@ def measure(port: int, context: ssl.SSLContext | None, count: int) -> dict[str, 
     }
 
 
-def writeConfig(directory: str, upstream: DovecotUpstream, plainPort: int, tlsPort: int) -> str:
+def writeConfig(directory: str, upstream: DovecotUpstream, plainPort: int, tlsPort: int, filteredPort: int) -> str:
     with open(os.path.join(directory, "users"), "w") as handle:
         handle.write(f"{USER}:{hashPassword(PASSWORD)}\n")
     path = os.path.join(directory, "mailproxy.toml")
@@ -141,6 +142,20 @@ users_file = "users"
 name = "plain"
 endpoint = "tcp:{plainPort}:interface=127.0.0.1"
 allow_plaintext_auth = true
+[[listener]]
+name = "filtered"
+endpoint = "tcp:{filteredPort}:interface=127.0.0.1"
+allow_plaintext_auth = true
+filters = ["audit", "policy"]
+[filters.audit]
+type = "audit"
+file = "audit.jsonl"
+log = false
+[filters.policy]
+type = "policy"
+deny = ["SETACL", "DELETEACL"]
+mailboxes_deny = ["Private*"]
+max_append_size = 52428800
 [[listener]]
 name = "tls"
 endpoint = "tcp:{tlsPort}:interface=127.0.0.1"
@@ -176,13 +191,15 @@ def main() -> int:
     try:
         upstream.start()
         seed(upstream, arguments.messages, arguments.size)
-        ports = {"plain": freePort(), "tls": freePort()}
-        proxy = ProxyProcess(writeConfig(directory, upstream, ports["plain"], ports["tls"]), f"{directory}/log")
+        ports = {"plain": freePort(), "tls": freePort(), "filtered": freePort()}
+        configPath = writeConfig(directory, upstream, ports["plain"], ports["tls"], ports["filtered"])
+        proxy = ProxyProcess(configPath, f"{directory}/log")
         proxy.waitForPorts(list(ports.values()))
         context = ssl.create_default_context(cafile=upstream.caFile)
         targets = {
             "direct plain": (upstream.ports["imap"], None),
             "proxy plain": (ports["plain"], None),
+            "proxy filters": (ports["filtered"], None),
             "direct TLS": (upstream.ports["imaps"], context),
             "proxy TLS": (ports["tls"], context),
         }
@@ -215,6 +232,12 @@ def report(results: dict[str, list[dict[str, float]]], arguments: argparse.Names
     print(f"{'target':<14}" + "".join(f"{key:>14}" for key in keys))
     for name, values in medians.items():
         print(f"{name:<14}" + "".join(f"{values[key]:>14.2f}" for key in keys))
+    empty, chained = medians["proxy plain"], medians["proxy filters"]
+    print(
+        f"audit+policy chain vs empty chain: bulk throughput {chained['bulk_MBps'] / empty['bulk_MBps']:.2f}x, "
+        f"per-message FETCH +{chained['fetch_p50_ms'] - empty['fetch_p50_ms']:.3f} ms, "
+        f"NOOP +{chained['noop_p50_us'] - empty['noop_p50_us']:.0f} us"
+    )
     for mode in ("plain", "TLS"):
         direct, proxied = medians[f"direct {mode}"], medians[f"proxy {mode}"]
         print(

@@ -60,6 +60,18 @@ def test_folder_map_and_hide_apply_both_ways(filteredProxy: FilteredProxy, dovec
     assert "Sent/2025" in upstreamNames and "Sent/2024" not in upstreamNames
     assert client.delete("Gesendet/2025")[0] == "OK"
     assert "Sent/2025" not in listed(upstream)
+    assert client.select("INBOX")[0] == "OK"
+    assert client.copy("1", "Gesendet")[0] == "OK"
+    assert client._simple_command("MOVE", "1", "Entw&APw-rfe")[0] == "OK"  # type: ignore[attr-defined]
+    assert client.select("Gesendet", readonly=True)[1] == [b"2"]
+    assert client.create("Gesendet/Abo")[0] == "OK"
+    assert client.subscribe("Gesendet/Abo")[0] == "OK"
+    assert [line for line in client.lsub()[1] if isinstance(line, bytes) and line.endswith(b" Gesendet/Abo")]
+    assert client.unsubscribe("Gesendet/Abo")[0] == "OK"
+    assert not [line for line in client.lsub()[1] if isinstance(line, bytes) and line.endswith(b" Gesendet/Abo")]
+    assert client.delete("Gesendet/Abo")[0] == "OK"
+    assert upstream.select("Sent", readonly=True)[1] == [b"2"]
+    assert upstream.select("Drafts", readonly=True)[1] == [b"2"]
     upstream.logout()
     typ, data = client._simple_command("SELECT", "Junk")  # type: ignore[attr-defined]
     assert typ == "NO" and b"NONEXISTENT" in data[0]

@@ -194,7 +194,8 @@ class HandshakeTests(SynchronousTestCase):
         session = self.successResultOf(d)
         got: list[bytes] = []
         session.protocol.startRelay(
-            lambda event: got.append(event.raw if isinstance(event, Line) else event.data), lambda r: None
+            lambda events: got.extend(event.raw if isinstance(event, Line) else event.data for event in events),
+            lambda reason: None,
         )
         protocol.dataReceived(b"defghij)\r\n")
         self.assertEqual(b"".join(got), b"* 1 FETCH (BODY[] {10}\r\nabcdefghij)\r\n")

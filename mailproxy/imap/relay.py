@@ -299,12 +299,32 @@ class Relay:
     # -- upstream -> client --------------------------------------------------------
 
     def fromUpstream(self, event: Event) -> None:
+        self.fromUpstreamBatch([event])
+
+    def fromUpstreamBatch(self, events: list[Event]) -> None:
+        """
+        Relay what one upstream read framed; without filters, as one write.
+        """
         self.client.resetTimeout()
-        if not self.chain:
-            self._passthroughFromUpstream(event)
+        if self.chain:
+            self._upstreamEvents.extend(events)
+            self._drainUpstream()
             return
-        self._upstreamEvents.append(event)
-        self._drainUpstream()
+        out = []
+        complete = not self.midResponse
+        for event in events:
+            if isinstance(event, LiteralChunk):
+                out.append(event.data)
+                complete = False
+                continue
+            raw = event.raw
+            if not event.continuation:
+                if self._awaitingContinuation is not None:
+                    self._continuationAnswered(raw)
+                raw = self._baseRewrite(raw)
+            out.append(raw)
+            complete = event.complete
+        self.toClient(b"".join(out), complete=complete)
 
     def _passthroughFromUpstream(self, event: Event) -> None:
         if isinstance(event, LiteralChunk):

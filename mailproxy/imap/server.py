@@ -474,7 +474,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         # so capability filters see it too.
         capabilities = b" ".join(upstreamSession.capabilities)
         relay.fromUpstream(Line(tag + b" OK [CAPABILITY " + capabilities + b"] Logged in\r\n", False))
-        upstream.startRelay(relay.fromUpstream, self._upstreamLost)
+        upstream.startRelay(relay.fromUpstreamBatch, self._upstreamLost)
         queued, self._queue = self._queue, deque()
         for event in queued:
             relay.fromClient(event)

@@ -66,7 +66,7 @@ class UpstreamIMAPProtocol(Protocol):
         self._handshakeBytes = 0
         self._waiting: Deferred[bytes] | None = None
         self._lost: Failure | None = None
-        self._onEvent: Callable[[Event], None] | None = None
+        self._onEvents: Callable[[list[Event]], None] | None = None
         self._onLost: Callable[[Failure], None] | None = None
         self.closed: Deferred[None] = Deferred()
 
@@ -81,10 +81,10 @@ class UpstreamIMAPProtocol(Protocol):
             self.log.warn("upstream broke IMAP framing: {error}", error=str(error))
             self.transport.loseConnection()
             return
-        onEvent = self._onEvent
-        if onEvent is not None:
-            for event in events:
-                onEvent(event)
+        onEvents = self._onEvents
+        if onEvents is not None:
+            if events:
+                onEvents(events)
             return
         self._handshakeBytes += len(data)
         if self._handshakeBytes > _HANDSHAKE_LIMIT:
@@ -130,20 +130,21 @@ class UpstreamIMAPProtocol(Protocol):
         """
         return bool(self._responses or self._partial or self.framer.pending())
 
-    def startRelay(self, onEvent: Callable[[Event], None], onLost: Callable[[Failure], None]) -> None:
+    def startRelay(self, onEvents: Callable[[list[Event]], None], onLost: Callable[[Failure], None]) -> None:
         """
-        From now on, deliver every framed event to C{onEvent} as it arrives,
-        starting with whatever arrived with the login reply.
+        From now on, deliver framed events to C{onEvents} as they arrive, a
+        read's worth at a time, starting with whatever arrived with the
+        login reply.
         """
         self.framer.maxLiteralSize = None
         self.framer.maxLineLength = RELAY_MAX_RESPONSE_LINE
-        self._onEvent = onEvent
+        self._onEvents = onEvents
         self._onLost = onLost
         pending = [event for response in self._responses for event in response] + self._partial
         self._responses.clear()
         self._partial = []
-        for event in pending:
-            onEvent(event)
+        if pending:
+            onEvents(pending)
 
 
 def _joined(events: list[Event]) -> bytes:
