@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from mailproxy.imap.syntax import isAtom
+from mailproxy.imap.syntax import SyntaxError_, isAtom, readQuoted
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,8 @@ def text(token: Token | None) -> bytes | None:
     return None
 
 
-class ParseError(ValueError):
-    """
-    The arguments could not be tokenised.
-    """
+# The arguments could not be tokenised.
+ParseError = SyntaxError_
 
 
 _LITERAL = re.compile(rb"~?\{([0-9]+)\+?\}\Z")
@@ -120,22 +118,8 @@ def _scan(data: bytes, stack: list[list[Token]]) -> None:
             stack[-1].append(List(tuple(items)))
             position += 1
         elif char == 0x22:  # "
-            value = bytearray()
-            position += 1
-            while True:
-                if position >= length:
-                    raise ParseError("unterminated quoted string")
-                char = data[position]
-                if char == 0x5C and position + 1 < length:
-                    value.append(data[position + 1])
-                    position += 2
-                elif char == 0x22:
-                    position += 1
-                    break
-                else:
-                    value.append(char)
-                    position += 1
-            stack[-1].append(String(bytes(value)))
+            value, position = readQuoted(data, position)
+            stack[-1].append(String(value))
         else:
             start = position
             depth = 0

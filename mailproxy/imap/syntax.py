@@ -69,22 +69,8 @@ def _tokens(text: bytes) -> Iterable[bytes]:
         if char == 0x20:
             position += 1
         elif char == 0x22:
-            value = bytearray()
-            position += 1
-            while True:
-                if position >= length:
-                    raise SyntaxError_("unterminated quoted string")
-                char = text[position]
-                if char == 0x5C and position + 1 < length and text[position + 1] in b'"\\':
-                    value.append(text[position + 1])
-                    position += 2
-                elif char == 0x22:
-                    position += 1
-                    break
-                else:
-                    value.append(char)
-                    position += 1
-            yield bytes(value)
+            value, position = readQuoted(text, position)
+            yield value
         else:
             end = text.find(b" ", position)
             if end < 0:
@@ -94,6 +80,30 @@ def _tokens(text: bytes) -> Iterable[bytes]:
                 raise SyntaxError_("invalid character in atom")
             yield atom
             position = end
+
+
+def readQuoted(data: bytes, position: int) -> tuple[bytes, int]:
+    """
+    Read the quoted string starting at C{data[position]} (a C{"}); return
+    its value and the position after its closing quote.
+
+    @raise SyntaxError_: if it is not terminated.
+    """
+    value = bytearray()
+    position += 1
+    length = len(data)
+    while True:
+        if position >= length:
+            raise SyntaxError_("unterminated quoted string")
+        char = data[position]
+        if char == 0x5C and position + 1 < length and data[position + 1] in b'"\\':
+            value.append(data[position + 1])
+            position += 2
+        elif char == 0x22:
+            return bytes(value), position + 1
+        else:
+            value.append(char)
+            position += 1
 
 
 def quoted(value: bytes) -> bytes:
