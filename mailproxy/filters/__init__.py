@@ -6,6 +6,7 @@ Filter verdicts and the tools filter authors need.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,4 +52,17 @@ class Reject:
 
 Verdict = _Pass | _Drop | Rewrite | Reject
 
-__all__ = ["DROP", "PASS", "Reject", "Rewrite", "Verdict"]
+
+def checkOptions(options: Mapping[str, Any], known: Iterable[str]) -> None:
+    """
+    For filter factories: refuse options the filter does not know.
+
+    @raise ValueError: naming the first unknown option and the known ones.
+    """
+    allowed = sorted(known)
+    for key in options:
+        if key not in allowed:
+            raise ValueError(f"{key}: unknown option (expected one of: {', '.join(allowed)})")
+
+
+__all__ = ["DROP", "PASS", "Reject", "Rewrite", "Verdict", "checkOptions"]

@@ -18,6 +18,7 @@ from typing import IO, Any
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
+from mailproxy.filters import checkOptions
 from mailproxy.filters.policy import MAILBOX_COMMANDS, decodeMailbox, namedMailboxes
 from mailproxy.imap.model import IMAPCommand
 from mailproxy.interfaces import ISession, ISessionObserver
@@ -60,9 +61,7 @@ class AuditFilter:
 
         @raise ValueError: naming the option that is wrong.
         """
-        for key in options:
-            if key not in ("file", "log"):
-                raise ValueError(f"unknown option {key!r}")
+        checkOptions(options, ("file", "log"))
         path = options.get("file")
         if path is not None and (not isinstance(path, str) or not path):
             raise ValueError("option 'file': must be a file name")

@@ -12,7 +12,7 @@ from typing import Any
 
 from zope.interface import implementer
 
-from mailproxy.filters import PASS, Rewrite, Verdict
+from mailproxy.filters import PASS, Rewrite, Verdict, checkOptions
 from mailproxy.imap.model import Atom, IMAPResponse
 from mailproxy.imap.syntax import RELAY_CAPABILITIES, isAtom
 from mailproxy.interfaces import IResponseFilter, ISession
@@ -44,9 +44,7 @@ class CapabilityFilter:
 
         @raise ValueError: naming the option that is wrong.
         """
-        for key in options:
-            if key not in ("hide", "add"):
-                raise ValueError(f"unknown option {key!r}")
+        checkOptions(options, ("hide", "add"))
         hide, add = _names(options, "hide"), _names(options, "add")
         for name in add:
             if not RELAY_CAPABILITIES([name.encode("ascii")]):

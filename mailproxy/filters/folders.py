@@ -12,7 +12,7 @@ from typing import Any
 
 from zope.interface import implementer
 
-from mailproxy.filters import DROP, PASS, Reject, Rewrite, Verdict
+from mailproxy.filters import DROP, PASS, Reject, Rewrite, Verdict, checkOptions
 from mailproxy.imap import mutf7
 from mailproxy.imap.model import IMAPCommand, IMAPResponse, List, Message, String, Token, astring, text
 from mailproxy.interfaces import ICommandFilter, IResponseFilter, ISession
@@ -114,9 +114,7 @@ class FolderFilter:
 
         @raise ValueError: naming the option that is wrong.
         """
-        for key in options:
-            if key not in _OPTIONS:
-                raise ValueError(f"{key}: unknown option (expected one of: {', '.join(_OPTIONS)})")
+        checkOptions(options, _OPTIONS)
         separator = options.get("separator", "/")
         if not isinstance(separator, str) or len(separator) != 1:
             raise ValueError("separator: expected a single character")

@@ -19,7 +19,7 @@ from typing import Any
 
 from zope.interface import implementer
 
-from mailproxy.filters import PASS, Reject, Rewrite, Verdict
+from mailproxy.filters import PASS, Reject, Rewrite, Verdict, checkOptions
 from mailproxy.imap.model import Atom, IMAPCommand, List, StreamedLiteral, String, Token, text
 from mailproxy.interfaces import ICommandFilter, ISession
 
@@ -240,9 +240,7 @@ class PolicyFilter:
         @raise ValueError: naming the option that is wrong.
         """
         known = {"allow", "deny", "read_only", "mailboxes_allow", "mailboxes_deny", "separator", "max_append_size"}
-        for key in options:
-            if key not in known:
-                raise ValueError(f"unknown option {key!r}")
+        checkOptions(options, known)
         separator = options.get("separator", "/")
         if not isinstance(separator, str) or len(separator) != 1 or separator in "*%":
             raise ValueError("option 'separator': must be one character, not '*' or '%'")
