@@ -99,6 +99,8 @@ class Config:
     greeting: str = "mailproxy ready."
     preAuthTimeout: float = 60.0
     authenticatedTimeout: float = 30 * 60.0
+    idlePollInterval: float = 15.0
+    idleRefresh: float = 25 * 60.0
     filters: Mapping[str, FilterConfig] = field(default_factory=dict)
     defaultFilters: tuple[str, ...] = ()
 
@@ -146,7 +148,9 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     _rejectUnknown(reader, {"server", "auth", "listener", "upstream", "routing", "filters"})
     server = reader.table("server")
     auth = reader.table("auth")
-    _rejectUnknown(server, {"greeting", "preauth_timeout", "authenticated_timeout"})
+    _rejectUnknown(
+        server, {"greeting", "preauth_timeout", "authenticated_timeout", "idle_poll_interval", "idle_refresh"}
+    )
     _rejectUnknown(auth, {"users_file", "failure_delay"})
 
     upstreams = {}
@@ -204,6 +208,8 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         greeting=greeting,
         preAuthTimeout=_positive(server, "preauth_timeout", 60.0),
         authenticatedTimeout=_positive(server, "authenticated_timeout", 30 * 60.0),
+        idlePollInterval=_positive(server, "idle_poll_interval", 15.0),
+        idleRefresh=_positive(server, "idle_refresh", 25 * 60.0),
         filters=filters,
         defaultFilters=_filterNames(routing, filters, "default_filters"),
     )

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from mailproxy.filters import DROP, Reject, Rewrite, Verdict
 from mailproxy.filters.chain import FilterChain
 from mailproxy.imap.framer import Event, Line, LiteralChunk
+from mailproxy.imap.idle import IdleController
 from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand, parseResponse, text
 from mailproxy.imap.syntax import RELAY_CAPABILITIES, rewriteCapabilities, tagAndCommand
 
@@ -38,6 +39,14 @@ _SYNC_ANNOUNCEMENT = re.compile(rb"\{([0-9]+)\}\r\n\Z")
 _RESPONSE_NAME = re.compile(rb"\A(?:\*|[^ ]+)(?: [0-9]+)? ([A-Za-z][A-Za-z0-9.\-]*)")
 
 Part = bytes | StreamedLiteral
+
+
+def _withIdle(names: list[bytes]) -> list[bytes]:
+    """
+    Relayed capabilities plus IDLE, which the proxy emulates.
+    """
+    kept = RELAY_CAPABILITIES(names)
+    return kept if b"IDLE" in {name.upper() for name in kept} else [*kept, b"IDLE"]
 
 
 @dataclass
@@ -79,7 +88,18 @@ class Relay:
         self.upstream = upstream
         self.chain = chain
         self.session = session
-        self.literalPlus = b"LITERAL+" in {name.upper() for name in capabilities}
+        upper = {name.upper() for name in capabilities}
+        self.literalPlus = b"LITERAL+" in upper
+        config = client.context.config
+        self.idle = IdleController(
+            self,
+            client.context.clock,
+            emulate=b"IDLE" not in upper,
+            pollInterval=config.idlePollInterval,
+            refreshInterval=config.idleRefresh,
+            timeout=config.authenticatedTimeout,
+        )
+        self._capabilities = RELAY_CAPABILITIES if b"IDLE" in upper else _withIdle
         self.bytesIn = 0
         self.bytesOut = 0
         self.upstreamSaidBye = False
@@ -150,9 +170,16 @@ class Relay:
             if parsed is not None and parsed[1] in NOT_RELAYED:
                 self._startDiscard(event, parsed[0], _NOT_RELAYED_REPLY)
                 return
+            if event.complete and self._idleHandled(parsed, event.raw):
+                return
         if event.literal is not None and not event.nonSynchronizing:
             self._awaitingContinuation = self._clientTag
         self.toUpstream(event.raw)
+
+    def _idleHandled(self, parsed: tuple[bytes, bytes] | None, raw: bytes) -> bool:
+        if parsed is not None:
+            return parsed[1] == b"IDLE" and self.idle.start(parsed[0])
+        return raw.rstrip(b"\r\n").upper() == b"DONE" and self.idle.clientDone()
 
     def _startDiscard(self, event: Line, tag: bytes, reply: bytes) -> None:
         self._discard = (tag, reply)
@@ -232,8 +259,9 @@ class Relay:
             self._reject(command, verdict, streamed)
         else:
             final = verdict.message if isinstance(verdict, Rewrite) else command
-            self._trackCommand(final)
-            self._forward(final.toWire(literalPlus=self.literalPlus), streamed, final.tag)
+            if not (streamed is None and final.name == b"IDLE" and self.idle.start(final.tag)):
+                self._trackCommand(final)
+                self._forward(final.toWire(literalPlus=self.literalPlus), streamed, final.tag)
         if self._clientBlocked:
             self._clientBlocked = False
             self.client.transport.resumeProducing()
@@ -319,6 +347,8 @@ class Relay:
                 continue
             raw = event.raw
             if not event.continuation:
+                if event.complete and self.idle.swallow(raw):
+                    continue
                 if self._awaitingContinuation is not None:
                     self._continuationAnswered(raw)
                 raw = self._baseRewrite(raw)
@@ -341,7 +371,7 @@ class Relay:
         if raw[:5].upper() == b"* BYE":
             self.upstreamSaidBye = True
         if b"CAPABILITY" in raw[:1024].upper():
-            return rewriteCapabilities(raw, RELAY_CAPABILITIES)
+            return rewriteCapabilities(raw, self._capabilities)
         return raw
 
     def _continuationAnswered(self, response: bytes) -> None:
@@ -373,6 +403,8 @@ class Relay:
             self._response.addLiteral(event)
             return
         if not event.continuation:
+            if event.complete and self.idle.swallow(event.raw):
+                return
             if self._outboundWaiting and event.raw.startswith(b"+"):
                 # Our own continuation dance for a buffered literal.
                 self._outboundWaiting = False

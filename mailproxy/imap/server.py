@@ -141,6 +141,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.state = State.CLOSED
         if self._refusal is not None and self._refusal.active():
             self._refusal.cancel()
+        if self.relay is not None:
+            self.relay.idle.stop()
         if self._connecting is not None:
             # Stop logging a departed client in upstream.
             self._connecting.cancel()

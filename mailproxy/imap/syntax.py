@@ -8,7 +8,7 @@ literals) and capability lists.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 _TAG_AND_NAME = re.compile(rb"\A([^\x00-\x20\x7f(){%*\"\\+]+) ([A-Za-z][A-Za-z0-9.\-]*)(?=[ \r\n]|\Z)")
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
@@ -131,7 +131,7 @@ def capabilityNames(text: bytes) -> list[bytes]:
     return text.split()
 
 
-def rewriteCapabilities(line: bytes, transform: CapabilityTransform) -> bytes:
+def rewriteCapabilities(line: bytes, transform: Callable[[list[bytes]], list[bytes]]) -> bytes:
     """
     Apply C{transform} to the capability list of a C{* CAPABILITY}
     response or of a C{[CAPABILITY ...]} response code in C{line}.

@@ -153,14 +153,17 @@ def _joined(events: list[Event]) -> bytes:
 
 def setNoDelay(transport: Any) -> None:
     """
-    Disable Nagle's algorithm: IMAP is a request-response protocol.
+    Disable Nagle's algorithm (IMAP is a request-response protocol) and
+    enable TCP keepalive (a long IDLE must survive NATs), on the TCP
+    transport itself or the one under TLS.
     """
-    for candidate in (transport, getattr(transport, "transport", None)):
-        setter = getattr(candidate, "setTcpNoDelay", None)
-        if setter is not None:
+    candidates: list[Any] = [transport, getattr(transport, "transport", None)]
+    for candidate in candidates:
+        if hasattr(candidate, "setTcpNoDelay"):
             try:
-                setter(True)
-            except OSError:
+                candidate.setTcpNoDelay(True)
+                candidate.setTcpKeepAlive(True)
+            except (OSError, AttributeError):
                 pass
             return
 
