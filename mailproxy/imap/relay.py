@@ -104,6 +104,7 @@ class Relay:
         self.bytesOut = 0
         self.upstreamSaidBye = False
         self.midResponse = False
+        self._batching = False
         self._localReplies: list[bytes] = []
         # client -> upstream
         self._clientEvents: deque[Event] = deque()
@@ -139,7 +140,7 @@ class Relay:
         """
         Write a reply of the proxy's own between two upstream responses.
         """
-        if self.midResponse:
+        if self.midResponse or self._batching:
             self._localReplies.append(data)
         else:
             self.client.transport.write(data)
@@ -340,6 +341,8 @@ class Relay:
             return
         out = []
         complete = not self.midResponse
+        # Replies of the proxy's own caused by this batch go after it.
+        self._batching = True
         for event in events:
             if isinstance(event, LiteralChunk):
                 out.append(event.data)
@@ -354,6 +357,7 @@ class Relay:
                 raw = self._baseRewrite(raw)
             out.append(raw)
             complete = event.complete
+        self._batching = False
         self.toClient(b"".join(out), complete=complete)
 
     def _passthroughFromUpstream(self, event: Event) -> None:

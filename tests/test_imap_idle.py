@@ -1,0 +1,142 @@
+"""
+IDLE through the relay, in memory: passthrough with the proxy's periodic
+upstream refresh, emulation for upstreams without IDLE, and timeouts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import ProxyConnection, UpstreamScript, loggedIn
+
+WITH_IDLE = [b"IMAP4rev1", b"IDLE", b"LITERAL+"]
+WITHOUT_IDLE = [b"IMAP4rev1", b"LITERAL+"]
+POLL = 15.0
+REFRESH = 25 * 60.0
+TIMEOUT = 30 * 60.0
+
+
+def session(tmp_path: Path, capabilities: list[bytes], filters: list[Any] | None = None) -> ProxyConnection:
+    return loggedIn(tmp_path, upstream=UpstreamScript(capabilities=capabilities), filters=filters)
+
+
+@pytest.fixture(params=["unfiltered", "filtered"])
+def filters(request: pytest.FixtureRequest) -> list[Any]:
+    """Both relay paths: the fast one and the one with a (passing) filter chain."""
+    from tests.test_imap_relay import Scripted
+
+    return [] if request.param == "unfiltered" else [Scripted()]
+
+
+def test_upstream_idle_is_relayed_and_updates_pass_at_once(tmp_path: Path, filters: list[Any]) -> None:
+    """IDLE, '+', untagged updates and DONE are relayed as they come."""
+    connection = session(tmp_path, WITH_IDLE, filters)
+    connection.send(b"i IDLE\r\n")
+    assert connection.upstream.sent == b"i IDLE\r\n"
+    connection.fromUpstream(b"+ idling\r\n")
+    assert connection.received() == b"+ idling\r\n"
+    connection.fromUpstream(b"* 2 EXISTS\r\n")
+    assert connection.received() == b"* 2 EXISTS\r\n"
+    connection.fromUpstream(b"* 1 FETCH (FLAGS (\\Seen))\r\n* 1 EXPUNGE\r\n")
+    assert connection.received() == b"* 1 FETCH (FLAGS (\\Seen))\r\n* 1 EXPUNGE\r\n"
+    connection.send(b"DONE\r\n")
+    connection.fromUpstream(b"i OK Idle completed\r\n")
+    assert connection.upstream.sent == b"i IDLE\r\nDONE\r\n"
+    assert connection.received() == b"i OK Idle completed\r\n"
+
+
+def test_long_idle_is_refreshed_upstream_without_the_client_noticing(tmp_path: Path, filters: list[Any]) -> None:
+    """Every refresh interval the proxy sends DONE and IDLE upstream and hides the replies."""
+    connection = session(tmp_path, WITH_IDLE, filters)
+    connection.send(b"i IDLE\r\n")
+    connection.fromUpstream(b"+ idling\r\n")
+    connection.received()
+    for round in range(2):
+        sent = len(connection.upstream.sent)
+        connection.clock.advance(REFRESH)
+        assert connection.upstream.sent[sent:] == b"DONE\r\n"
+        connection.fromUpstream(b"* 7 EXISTS\r\ni OK Idle completed\r\n")
+        assert connection.upstream.sent[sent:] == b"DONE\r\ni IDLE\r\n"
+        connection.fromUpstream(b"+ idling\r\n")
+        assert connection.received() == b"* 7 EXISTS\r\n"
+    connection.send(b"DONE\r\n")
+    connection.fromUpstream(b"i OK Idle completed\r\n")
+    assert connection.received() == b"i OK Idle completed\r\n"
+
+
+def test_client_done_during_a_refresh_gets_the_refresh_reply(tmp_path: Path) -> None:
+    """DONE arriving after the proxy's own DONE is not sent twice; the tagged reply goes to the client."""
+    connection = session(tmp_path, WITH_IDLE)
+    connection.send(b"i IDLE\r\n")
+    connection.fromUpstream(b"+ idling\r\n")
+    connection.received()
+    connection.clock.advance(REFRESH)
+    connection.send(b"DONE\r\n")
+    assert connection.upstream.sent.count(b"DONE") == 1
+    connection.fromUpstream(b"i OK Idle completed\r\n")
+    assert connection.received() == b"i OK Idle completed\r\n"
+    assert connection.upstream.sent.endswith(b"DONE\r\n")
+
+
+def test_idle_is_emulated_with_noop_polls_when_the_upstream_lacks_it(tmp_path: Path, filters: list[Any]) -> None:
+    """The client sees IDLE offered; the proxy polls with NOOP and relays only the untagged updates."""
+    connection = session(tmp_path, WITHOUT_IDLE, filters)
+    connection.send(b"c CAPABILITY\r\n")
+    connection.fromUpstream(b"* CAPABILITY IMAP4rev1 LITERAL+\r\nc OK done\r\n")
+    assert connection.received() == b"* CAPABILITY IMAP4rev1 LITERAL+ IDLE\r\nc OK done\r\n"
+    connection.send(b"i IDLE\r\n")
+    assert connection.received() == b"+ idling\r\n"
+    assert connection.upstream.sent == b"c CAPABILITY\r\n"
+    connection.clock.advance(POLL)
+    assert connection.upstream.sent.endswith(b"mpi1 NOOP\r\n")
+    connection.fromUpstream(b"* 3 EXISTS\r\nmpi1 OK NOOP completed\r\n")
+    assert connection.received() == b"* 3 EXISTS\r\n"
+    connection.clock.advance(POLL)
+    assert connection.upstream.sent.endswith(b"mpi2 NOOP\r\n")
+    connection.send(b"DONE\r\n")
+    assert connection.received() == b""  # waits for the NOOP in flight
+    connection.fromUpstream(b"* 1 EXPUNGE\r\nmpi2 OK NOOP completed\r\n")
+    assert connection.received() == b"* 1 EXPUNGE\r\ni OK IDLE terminated\r\n"
+    connection.clock.advance(POLL * 3)
+    assert connection.upstream.sent.count(b"NOOP") == 2
+    assert b"DONE" not in connection.upstream.sent
+
+
+def test_login_reply_offers_emulated_idle(tmp_path: Path) -> None:
+    """Without upstream IDLE the login reply's capabilities still list IDLE."""
+    from tests.support import connect
+
+    connection = connect(str(tmp_path), allowPlaintextAuth=True, upstream=UpstreamScript(capabilities=WITHOUT_IDLE))
+    connection.received()
+    connection.send(b"a LOGIN alice alicepw\r\n")
+    assert connection.received() == b"a OK [CAPABILITY IMAP4rev1 LITERAL+ IDLE] Logged in\r\n"
+
+
+@pytest.mark.parametrize("capabilities", [WITH_IDLE, WITHOUT_IDLE], ids=["passthrough", "emulated"])
+def test_an_idling_client_is_not_timed_out(tmp_path: Path, capabilities: list[bytes]) -> None:
+    """While idling the inactivity timeout is off; after DONE it is back."""
+    connection = session(tmp_path, capabilities)
+    connection.send(b"i IDLE\r\n")
+    if capabilities is WITH_IDLE:
+        connection.fromUpstream(b"+ idling\r\n")
+    connection.clock.pump([REFRESH / 2] * 6)  # 75 minutes, refreshes and polls answered below
+    assert not connection.transport.disconnecting
+    connection.send(b"DONE\r\n")
+    # Answer what the proxy sent upstream meanwhile: the last refresh, or
+    # the poll in flight (the next poll waits for its answer).
+    connection.fromUpstream(b"i OK Idle completed\r\n" if capabilities is WITH_IDLE else b"mpi1 OK done\r\n")
+    connection.clock.advance(TIMEOUT + 1)
+    assert connection.transport.disconnecting
+
+
+def test_an_authenticated_session_times_out_after_thirty_minutes_of_silence(tmp_path: Path) -> None:
+    """Not before 30 minutes; then BYE and close."""
+    connection = session(tmp_path, WITH_IDLE)
+    connection.clock.advance(TIMEOUT - 1)
+    assert not connection.transport.disconnecting
+    connection.clock.advance(2)
+    assert connection.received() == b"* BYE Autologout; idle for too long\r\n"
+    assert connection.transport.disconnecting
