@@ -54,7 +54,7 @@ def test_long_idle_is_refreshed_upstream_without_the_client_noticing(tmp_path: P
     connection.send(b"i IDLE\r\n")
     connection.fromUpstream(b"+ idling\r\n")
     connection.received()
-    for round in range(2):
+    for _ in range(2):
         sent = len(connection.upstream.sent)
         connection.clock.advance(REFRESH)
         assert connection.upstream.sent[sent:] == b"DONE\r\n"
