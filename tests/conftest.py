@@ -34,6 +34,7 @@ UPSTREAM_USERS = {
     "kim": "kimpw",
     "fred": "fredpw",  # filter tests: default filter chain
     "rita": "ritapw",  # filter tests: read-only chain
+    "ida": "idapw",  # IDLE tests
 }
 SEEDED_USERS = ("alice", "bob", "carol", "dora", "fred", "rita")
 LOCAL_USERS = {
@@ -45,6 +46,7 @@ LOCAL_USERS = {
     "stored": "localpw",  # stored upstream credentials (logs in upstream as carol)
     "downuser": "pw",  # upstream port closed
     "badcert": "pw",  # upstream certificate does not match the name
+    "ida": "idapw",  # IDLE tests, plaintext upstream
 }
 
 
@@ -195,6 +197,9 @@ upstream = "starttls"
 [routing.users.carol]
 upstream = "plain"
 
+[routing.users.ida]
+upstream = "plain"
+
 [routing.users.stored]
 upstream = "plain"
 username = "carol"
@@ -305,3 +310,54 @@ def filteredProxy(dovecot: DovecotUpstream) -> Iterator[FilteredProxy]:
     finally:
         process.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclass
+class EmulatingProxy:
+    port: int
+    upstream: DovecotUpstream
+    process: ProxyProcess
+
+
+@pytest.fixture(scope="session")
+def emulatingProxy() -> Iterator[EmulatingProxy]:
+    """
+    A Dovecot without IDLE and the proxy in front of it, polling every 0.3 s
+    to emulate IDLE.
+    """
+    upstream = DovecotUpstream(idle=False)
+    upstream.addUser("ida", UPSTREAM_USERS["ida"])
+    upstream.start()
+    directory = tempfile.mkdtemp(prefix="mp-emulating-")
+    process = None
+    try:
+        with open(os.path.join(directory, "users"), "w") as handle:
+            handle.write(f"ida:{hashPassword(UPSTREAM_USERS['ida'], log2N=10)}\n")
+        port = freePort()
+        configPath = os.path.join(directory, "mailproxy.toml")
+        with open(configPath, "w") as handle:
+            handle.write(
+                f"""
+[server]
+idle_poll_interval = 0.3
+[auth]
+users_file = "users"
+[[listener]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+allow_plaintext_auth = true
+[upstream.noidle]
+host = "127.0.0.1"
+port = {upstream.ports["imap"]}
+[routing]
+default_upstream = "noidle"
+"""
+            )
+        process = ProxyProcess(configPath, os.path.join(directory, "twistd.log"))
+        process.waitForPorts([port])
+        yield EmulatingProxy(port, upstream, process)
+    finally:
+        if process is not None:
+            process.stop()
+        upstream.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(upstream.baseDir, ignore_errors=True)
