@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates
 
-.PHONY: demo test check lint typecheck bench system-deps venv clean
+.PHONY: demo test lint typecheck bench system-deps venv clean
 
 venv: $(VENV)/.installed
 
@@ -40,6 +40,7 @@ demo: system-deps venv
 
 bench: system-deps venv
 	$(BIN)/python -m bench.relay_fetch
+	$(BIN)/python -m bench.idle_sessions
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info dropin.cache twisted/plugins/dropin.cache

@@ -272,6 +272,7 @@ class DovecotUpstream:
     ``pop3`` and ``pop3s`` to TCP ports; missing entries are those of the
     last start in ``baseDir`` (``instance.json``) or else picked free.  With
     ``idle=False`` the server advertises no IDLE (before or after login).
+    ``maxSessions`` raises process and connection limits for load runs.
 
     Things worth knowing:
 
@@ -305,7 +306,9 @@ class DovecotUpstream:
         *,
         idle: bool = True,
         ports: dict[str, int] | None = None,
+        maxSessions: int = 1000,
     ) -> None:
+        self.maxSessions = maxSessions
         if baseDir is None:
             baseDir = tempfile.mkdtemp(prefix="mp-dovecot-", dir="/tmp")
         self.baseDir = os.path.abspath(baseDir)
@@ -705,8 +708,8 @@ class DovecotUpstream:
         conf += [
             "}",
             "",
-            "default_process_limit = 1000",
-            "default_client_limit = 4000",
+            f"default_process_limit = {max(1000, self.maxSessions + 100)}",
+            f"default_client_limit = {max(4000, 2 * self.maxSessions + 100)}",
             "default_vsz_limit = 512M",
         ]
         for protocol, plain, tls in (("imap", "imap", "imaps"), ("pop3", "pop3", "pop3s")):
@@ -730,7 +733,7 @@ class DovecotUpstream:
                 *chroot,
                 "}",
                 f"service {protocol} {{",
-                "  process_limit = 1000",
+                f"  process_limit = {max(1000, self.maxSessions + 100)}",
                 "}",
             ]
         # No auth penalty: after a failed login Dovecot delays every further
@@ -741,14 +744,14 @@ class DovecotUpstream:
         # answered after up to 0.5 s (auth_failure_delay = 0 plus a timer).
         conf += [
             "service anvil {",
-            "  client_limit = 4000",
+            f"  client_limit = {max(4000, 2 * self.maxSessions + 100)}",
             "  unix_listener anvil-auth-penalty {",
             "    mode = 0",
             "  }",
             *chroot,
             "}",
             "service auth {",
-            "  client_limit = 4000",
+            f"  client_limit = {max(4000, 2 * self.maxSessions + 100)}",
             "  user = $default_internal_user",
             "}",
         ]
@@ -758,7 +761,7 @@ class DovecotUpstream:
         conf += [
             "",
             "protocol imap {",
-            "  mail_max_userip_connections = 3000",
+            f"  mail_max_userip_connections = {max(3000, self.maxSessions + 100)}",
             "  mail_plugins = $mail_plugins" + (" imap_zlib" if zlib else ""),
             "  imap_idle_notify_interval = 10 secs",
         ]

@@ -140,3 +140,19 @@ def test_an_authenticated_session_times_out_after_thirty_minutes_of_silence(tmp_
     connection.clock.advance(2)
     assert connection.received() == b"* BYE Autologout; idle for too long\r\n"
     assert connection.transport.disconnecting
+
+
+def test_several_tags_in_flight_with_interleaved_responses(tmp_path: Path, filters: list[Any]) -> None:
+    """Pipelined commands go up in order; replies for other tags, interleaved, come back in the upstream's order."""
+    connection = session(tmp_path, WITH_IDLE, filters)
+    connection.send(b"a SELECT INBOX\r\nb FETCH 1:2 (FLAGS)\r\nc STATUS Sent (MESSAGES)\r\nd NOOP\r\n")
+    assert (
+        connection.upstream.sent == b"a SELECT INBOX\r\nb FETCH 1:2 (FLAGS)\r\nc STATUS Sent (MESSAGES)\r\nd NOOP\r\n"
+    )
+    replies = (
+        b"* 2 EXISTS\r\na OK [READ-WRITE] done\r\n* 1 FETCH (FLAGS ())\r\n* STATUS Sent (MESSAGES 4)\r\n"
+        b"c OK status\r\n* 2 FETCH (FLAGS (\\Seen))\r\nd OK noop\r\nb OK fetch\r\n"
+    )
+    for offset in range(0, len(replies), 11):
+        connection.fromUpstream(replies[offset : offset + 11])
+    assert connection.received() == replies
