@@ -99,3 +99,63 @@ class IFilterFactory(Interface):
 
         @raise ValueError: naming the option that is wrong.
         """
+
+
+class IPOP3Maildrop(Interface):
+    """
+    A POP3 maildrop for one session (RFC 1939 TRANSACTION state): a
+    snapshot of the messages taken at login, numbered from 1.  Messages
+    arriving later are not shown until the next session.  Deletions are only
+    marks until L{commit} (QUIT); L{abandon} (dropped connection) deletes
+    nothing.
+
+    Methods may return values or Deferreds of them.  Message numbers that do
+    not exist, or are marked deleted, raise L{mailproxy.pop3.NoSuchMessage}.
+    """
+
+    def stat() -> Any:
+        """
+        C{(count, octets)} of the messages not marked deleted.
+        """
+
+    def listing() -> Any:
+        """
+        C{[(number, octets), ...]} of the messages not marked deleted; octets
+        are exact CRLF sizes as RETR will send them (before byte-stuffing).
+        """
+
+    def uniqueIds() -> Any:
+        """
+        C{[(number, uid), ...]} of the messages not marked deleted; C{uid}
+        is a str of 1 to 70 printable ASCII characters (0x21-0x7E), stable
+        across sessions.
+        """
+
+    def retrieve(number: int, write: Any, bodyLines: Any) -> Any:
+        """
+        Stream message C{number}, CRLF line ends, not byte-stuffed, by
+        calling C{write(bytes)} as data arrives; with C{bodyLines} (int), only
+        the headers, the blank line and that many body lines (TOP).
+
+        @return: a Deferred that fires when the message is complete.
+        """
+
+    def delete(number: int) -> Any:
+        """
+        Mark message C{number} deleted.
+        """
+
+    def reset() -> Any:
+        """
+        Unmark all messages (RSET).
+        """
+
+    def commit() -> Any:
+        """
+        Apply the deletions (QUIT); a Deferred firing when they are done.
+        """
+
+    def abandon() -> None:
+        """
+        The session ended without QUIT: delete nothing and let go.
+        """
