@@ -63,6 +63,11 @@ class UpstreamConfig:
     verify: bool = True
     serverName: str | None = None
     connectTimeout: float = 10.0
+    protocol: str = "imap"
+    bridgeMailbox: str = "INBOX"
+    bridgeUidlFormat: str = "{uid:08X}{uidvalidity:08X}"
+    bridgeMarkSeen: bool = False
+    bridgeFallbackFolder: str | None = None
 
     @property
     def verifyName(self) -> str:
@@ -269,8 +274,8 @@ def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerCo
     except (ValueError, KeyError, TypeError, IndexError) as error:
         raise ConfigError(f"{table.where('endpoint')}: invalid endpoint {endpoint!r}: {error}") from None
     protocol = table.string("protocol", "imap")
-    if protocol != "imap":
-        raise ConfigError(f"{table.where('protocol')}: unsupported protocol {protocol!r} (supported: imap)")
+    if protocol not in ("imap", "pop3"):
+        raise ConfigError(f"{table.where('protocol')}: {protocol!r} is not one of imap, pop3")
     tls = _tlsMode(table)
     certificate = table.path("certificate")
     privateKey = table.path("private_key") or certificate
@@ -293,7 +298,23 @@ def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerCo
 
 
 def _upstream(name: str, table: _Reader) -> UpstreamConfig:
-    _rejectUnknown(table, {"host", "port", "tls", "ca_file", "verify", "server_name", "connect_timeout"})
+    _rejectUnknown(
+        table,
+        {
+            "host",
+            "port",
+            "tls",
+            "ca_file",
+            "verify",
+            "server_name",
+            "connect_timeout",
+            "protocol",
+            "bridge_mailbox",
+            "bridge_uidl_format",
+            "bridge_mark_seen",
+            "bridge_fallback_folder",
+        },
+    )
     host = table.string("host", None)
     if not host:
         raise ConfigError(f"{table.where('host')}: required")
@@ -303,6 +324,19 @@ def _upstream(name: str, table: _Reader) -> UpstreamConfig:
     caFile = table.path("ca_file")
     if caFile is not None and not os.path.isfile(caFile):
         raise ConfigError(f"{table.where('ca_file')}: no such file {caFile!r}")
+    protocol = table.string("protocol", "imap")
+    if protocol not in ("imap", "pop3"):
+        raise ConfigError(f"{table.where('protocol')}: {protocol!r} is not one of imap, pop3")
+    uidlFormat = table.string("bridge_uidl_format", UpstreamConfig.bridgeUidlFormat) or ""
+    try:
+        sample = uidlFormat.format(uid=4294967295, uidvalidity=4294967295)
+    except (KeyError, IndexError, ValueError) as error:
+        raise ConfigError(f"{table.where('bridge_uidl_format')}: invalid format: {error}") from None
+    if not 0 < len(sample) <= 70 or not all(0x21 <= ord(char) <= 0x7E for char in sample):
+        raise ConfigError(
+            f"{table.where('bridge_uidl_format')}: must give 1 to 70 printable characters "
+            "from {uid} and {uidvalidity} (RFC 1939 UIDL)"
+        )
     return UpstreamConfig(
         name=name,
         host=host,
@@ -312,6 +346,11 @@ def _upstream(name: str, table: _Reader) -> UpstreamConfig:
         verify=table.boolean("verify", True),
         serverName=table.string("server_name", None),
         connectTimeout=table.number("connect_timeout", 10.0),
+        protocol=protocol,
+        bridgeMailbox=table.string("bridge_mailbox", "INBOX") or "INBOX",
+        bridgeUidlFormat=uidlFormat,
+        bridgeMarkSeen=table.boolean("bridge_mark_seen", False),
+        bridgeFallbackFolder=table.string("bridge_fallback_folder", None),
     )
 
 

@@ -105,6 +105,8 @@ def buildService(config: Config, reactor: Any) -> MultiService:
     filters = buildFilters(config.filters)
     root = ListenersService(filters.values())
     for index, listener in enumerate(config.listeners):
+        if listener.protocol != "imap":
+            raise ConfigError(f"listener[{index}].protocol: POP3 listeners are not available yet")
         tlsOptions = None
         if listener.tls is not TLSMode.PLAIN:
             assert listener.certificate is not None and listener.privateKey is not None

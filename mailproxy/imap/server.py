@@ -390,6 +390,16 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if self.state is State.CLOSED:
             logout()
             return
+        if user.upstream.protocol != "imap":
+            self.log.error(
+                "{client} user {user}: upstream {upstream} speaks {protocol}; an IMAP session needs an IMAP upstream",
+                client=self.clientAddress,
+                user=name,
+                upstream=user.upstream.name,
+                protocol=user.upstream.protocol,
+            )
+            self._refuseLater(tag, b"NO [UNAVAILABLE] No IMAP service for this account.", 0)
+            return
         upstreamPassword = user.upstreamPassword or password.decode("utf-8", "surrogateescape")
         connecting = self._connecting = self.context.connectUpstream(
             user.upstream, user.upstreamUsername, upstreamPassword, self.clientAddress
