@@ -35,8 +35,20 @@ UPSTREAM_USERS = {
     "fred": "fredpw",  # filter tests: default filter chain
     "rita": "ritapw",  # filter tests: read-only chain
     "ida": "idapw",  # IDLE tests
+    "pat": "patpw",  # POP3 bridge (IMAP upstream)
+    "paul": "paulpw",  # POP3 relay (POP3 upstream, STLS)
+    "pia": "piapw",  # POP3 relay (POP3 upstream, implicit TLS)
+    "pete": "petepw",  # POP3 deletion tests (bridge)
+    "phil": "philpw",  # POP3 deletion tests (relay)
 }
-SEEDED_USERS = ("alice", "bob", "carol", "dora", "fred", "rita")
+POP3_USERS = {
+    "pat": "bridge",
+    "paul": "pop3-stls",
+    "pia": "pop3-implicit",
+    "pete": "bridge",
+    "phil": "pop3-stls",
+}
+SEEDED_USERS = ("alice", "bob", "carol", "dora", "fred", "rita", "pat", "paul", "pia")
 LOCAL_USERS = {
     "alice": "alicepw",  # implicit TLS upstream
     "bob": "bobpw",  # STARTTLS upstream
@@ -361,3 +373,97 @@ default_upstream = "noidle"
         upstream.stop()
         shutil.rmtree(directory, ignore_errors=True)
         shutil.rmtree(upstream.baseDir, ignore_errors=True)
+
+
+POP3_CONFIG = """
+[auth]
+users_file = "users"
+failure_delay = 0.3
+
+[[listener]]
+name = "plain"
+protocol = "pop3"
+endpoint = "tcp:{plain}:interface=127.0.0.1"
+allow_plaintext_auth = true
+
+[[listener]]
+name = "stls"
+protocol = "pop3"
+endpoint = "tcp:{stls}:interface=127.0.0.1"
+tls = "starttls"
+certificate = "{cert}"
+private_key = "{key}"
+
+[[listener]]
+name = "implicit"
+protocol = "pop3"
+endpoint = "tcp:{implicit}:interface=127.0.0.1"
+tls = "implicit"
+certificate = "{cert}"
+private_key = "{key}"
+
+[upstream.bridge]
+host = "127.0.0.1"
+port = {imap}
+
+[upstream.pop3-stls]
+protocol = "pop3"
+host = "localhost"
+port = {pop3}
+tls = "starttls"
+ca_file = "{ca}"
+
+[upstream.pop3-implicit]
+protocol = "pop3"
+host = "localhost"
+port = {pop3s}
+tls = "implicit"
+ca_file = "{ca}"
+
+[routing]
+default_upstream = "bridge"
+{routes}
+"""
+
+
+@dataclass
+class POP3Proxy:
+    ports: dict[str, int]
+    caFile: str
+    directory: str
+    process: ProxyProcess
+
+
+@pytest.fixture(scope="session")
+def pop3Proxy(dovecot: DovecotUpstream) -> Iterator[POP3Proxy]:
+    """
+    POP3 listeners (plain, STLS, implicit TLS) in front of Dovecot: some users
+    bridged to IMAP, others relayed to Dovecot's POP3 (STLS or POP3S).
+    """
+    directory = tempfile.mkdtemp(prefix="mp-pop3-")
+    with open(os.path.join(directory, "users"), "w") as handle:
+        for name in POP3_USERS:
+            handle.write(f"{name}:{hashPassword(UPSTREAM_USERS[name], log2N=10)}\n")
+    ports = {name: freePort() for name in ("plain", "stls", "implicit")}
+    routes = "".join(f'[routing.users.{name}]\nupstream = "{upstream}"\n' for name, upstream in POP3_USERS.items())
+    configPath = os.path.join(directory, "mailproxy.toml")
+    with open(configPath, "w") as handle:
+        handle.write(
+            POP3_CONFIG.format(
+                **ports,
+                cert=dovecot.certFile,
+                key=dovecot.keyFile,
+                ca=dovecot.caFile,
+                imap=dovecot.ports["imap"],
+                pop3=dovecot.ports["pop3"],
+                pop3s=dovecot.ports["pop3s"],
+                routes=routes,
+            )
+        )
+    process = ProxyProcess(configPath, os.path.join(directory, "twistd.log"))
+    try:
+        process.waitForPorts(list(ports.values()))
+        yield POP3Proxy(ports, dovecot.caFile, directory, process)
+    finally:
+        process.stop()
+        shutil.rmtree(directory, ignore_errors=True)
