@@ -65,7 +65,7 @@ class UpstreamConfig:
     connectTimeout: float = 10.0
     protocol: str = "imap"
     bridgeMailbox: str = "INBOX"
-    bridgeUidlFormat: str = "{uid:08X}{uidvalidity:08X}"
+    bridgeUidlFormat: str = "{uid:08x}{uidvalidity:08x}"
     bridgeMarkSeen: bool = False
     bridgeFallbackFolder: str | None = None
 
