@@ -22,6 +22,9 @@ from mailproxy.filters.registry import buildFilters, chainFactory
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
 from mailproxy.imap.upstream import UpstreamSession, connectUpstream
 from mailproxy.passwords import UsersFileError
+from mailproxy.pop3.bridge import openMaildrop
+from mailproxy.pop3.server import POP3Backends, POP3ServerFactory
+from mailproxy.pop3.upstream import connectPOP3Upstream
 from mailproxy.tls import serverOptions, upstreamOptions
 
 log = Logger()
@@ -102,11 +105,16 @@ def buildService(config: Config, reactor: Any) -> MultiService:
     def connect(upstream: UpstreamConfig, username: str, password: str, client: str) -> Deferred[UpstreamSession]:
         return Deferred.fromCoroutine(connectUpstream(reactor, upstream, username, password, clientAddress=client))
 
+    def connectRelay(upstream: UpstreamConfig, username: str, password: str, client: str) -> Deferred[Any]:
+        return Deferred.fromCoroutine(connectPOP3Upstream(reactor, upstream, username, password, clientAddress=client))
+
+    def openBridge(upstream: UpstreamConfig, username: str, password: str, client: str) -> Deferred[Any]:
+        return Deferred.fromCoroutine(openMaildrop(reactor, upstream, username, password, client))
+
+    pop3 = POP3Backends(connectRelay, openBridge)
     filters = buildFilters(config.filters)
     root = ListenersService(filters.values())
     for index, listener in enumerate(config.listeners):
-        if listener.protocol != "imap":
-            raise ConfigError(f"listener[{index}].protocol: POP3 listeners are not available yet")
         tlsOptions = None
         if listener.tls is not TLSMode.PLAIN:
             assert listener.certificate is not None and listener.privateKey is not None
@@ -114,7 +122,7 @@ def buildService(config: Config, reactor: Any) -> MultiService:
         context = ServerContext(
             config, listener, portal, reactor, connect, tlsOptions, chainFactory(config, listener, filters)
         )
-        factory: Any = IMAPServerFactory(context)
+        factory: Any = POP3ServerFactory(context, pop3) if listener.protocol == "pop3" else IMAPServerFactory(context)
         if tlsOptions is not None and listener.tls is TLSMode.IMPLICIT:
             factory = TLSMemoryBIOFactory(tlsOptions, False, factory)
         service = strports.service(listener.endpoint, factory, reactor=reactor)

@@ -168,6 +168,15 @@ class IMAPMaildrop:
 
     # -- opening -----------------------------------------------------------
 
+    def pauseProducing(self) -> None:
+        """
+        The POP3 client is not keeping up: stop reading from the upstream.
+        """
+        self.producer.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self.producer.resumeProducing()  # type: ignore[attr-defined]
+
     def open(self) -> Deferred[None]:
         """
         Select the mailbox and take the snapshot.

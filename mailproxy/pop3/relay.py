@@ -1,0 +1,183 @@
+# -*- test-case-name: tests.test_pop3_server -*-
+"""
+RELAY mode: a logged-in client's TRANSACTION commands go to an upstream
+POP3 server and its responses come back unchanged.
+
+The relay keeps a FIFO of the commands in flight (clients may pipeline,
+RFC 2449) so it knows which responses are multi-line; those stream through
+as they arrive, byte-stuffed as the upstream sent them, up to the
+terminating C{.} line.  Replies the proxy makes itself take their turn in
+the same FIFO, so they never land inside or ahead of an upstream response.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailproxy.pop3.upstream import POP3UpstreamProtocol
+from mailproxy.pop3.wire import TerminatorScanner
+
+# The commands relayed; anything else is refused locally, since an unknown
+# extension could be multi-line and desynchronise the relay.
+RELAYED = frozenset({b"STAT", b"LIST", b"RETR", b"DELE", b"NOOP", b"RSET", b"QUIT", b"TOP", b"UIDL", b"LAST"})
+
+# Status lines are short; a server sending more without a line end is broken.
+MAX_STATUS_LINE = 64 * 1024
+
+
+@dataclass
+class _Pending:
+    multiLine: bool = False
+    reply: bytes | None = None
+    quit: bool = False
+
+
+class POP3Relay:
+    """
+    Relay one client's commands to its upstream session.
+
+    @ivar bytesIn: octets of commands sent upstream.
+    @ivar bytesOut: octets sent to the client after login.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        upstream: POP3UpstreamProtocol,
+        send: Callable[[bytes], None],
+        close: Callable[[], None],
+        activity: Callable[[], None],
+    ) -> None:
+        """
+        @param upstream: the logged-in upstream connection.
+        @param send: writes to the client.
+        @param close: closes the client connection.
+        @param activity: called on upstream traffic (resets the idle timeout).
+        """
+        self.upstream = upstream
+        self._send = send
+        self._close = close
+        self._activity = activity
+        self._pending: deque[_Pending] = deque()
+        self._status = bytearray()
+        self._scanner: TerminatorScanner | None = None
+        self._quitAnswered = False
+        self.closed = False
+        self.bytesIn = 0
+        self.bytesOut = 0
+
+    @property
+    def atBoundary(self) -> bool:
+        """
+        C{True} unless an upstream response is partly sent to the client.
+        """
+        return self._scanner is None and not self._status
+
+    @property
+    def idle(self) -> bool:
+        """
+        C{True} if no command is waiting for its response.
+        """
+        return not self._pending
+
+    def command(self, keyword: bytes, arguments: list[bytes]) -> None:
+        """
+        Relay a TRANSACTION command (C{keyword} upper case).
+        """
+        if keyword not in RELAYED:
+            self.local(b"-ERR Unknown command\r\n")
+            return
+        multiLine = keyword in (b"RETR", b"TOP") or (keyword in (b"LIST", b"UIDL") and not arguments)
+        self._pending.append(_Pending(multiLine=multiLine, quit=keyword == b"QUIT"))
+        # Rebuilt from the parsed words, so "LIST " cannot turn into a
+        # multi-line reply the relay does not expect.
+        line = b" ".join([keyword, *arguments]) + b"\r\n"
+        self.bytesIn += len(line)
+        self.upstream.transport.write(line)
+
+    def local(self, reply: bytes) -> None:
+        """
+        Answer a command locally, in its turn among the relayed ones.
+        """
+        self._pending.append(_Pending(reply=reply))
+        self._flushLocal()
+
+    def _flushLocal(self) -> None:
+        while self._pending and self._pending[0].reply is not None and self.atBoundary:
+            reply = self._pending.popleft().reply
+            assert reply is not None
+            self._write(reply)
+
+    def _write(self, data: bytes) -> None:
+        if data and not self.closed:
+            self.bytesOut += len(data)
+            self._send(data)
+
+    def fromUpstream(self, data: bytes) -> None:
+        """
+        Pass on what the upstream sent, response by response.
+        """
+        self._activity()
+        while data and not self.closed:
+            if self._scanner is not None:
+                end = self._scanner.feed(data)
+                if end == -1:
+                    self._write(data)
+                    return
+                self._write(data[:end])
+                data = data[end:]
+                self._scanner = None
+                self._responseDone()
+                continue
+            self._status += data
+            end = self._status.find(b"\n")
+            if end == -1:
+                if len(self._status) > MAX_STATUS_LINE:
+                    self.log.warn("upstream sent an over-long status line; closing")
+                    self._status.clear()
+                    self._abort()
+                return
+            line, data = bytes(self._status[: end + 1]), bytes(self._status[end + 1 :])
+            self._status.clear()
+            if not self._pending:
+                # Unsolicited (say, an autologout notice): the client did not
+                # ask, and passing it on would shift every later response.
+                self.log.info("upstream sent an unsolicited line: {line!r}", line=line[:200])
+                continue
+            self._write(line)
+            if self._pending[0].multiLine and line[:3].upper() == b"+OK":
+                self._scanner = TerminatorScanner()
+            else:
+                self._responseDone()
+
+    def _responseDone(self) -> None:
+        done = self._pending.popleft()
+        if done.quit:
+            self._quitAnswered = True
+            self.closed = True
+            self._close()
+            return
+        self._flushLocal()
+
+    def _abort(self) -> None:
+        self.closed = True
+        self.upstream.transport.loseConnection()
+        self._close()
+
+    def upstreamLost(self, reason: Failure) -> None:
+        """
+        The upstream connection ended: end the client's too.
+        """
+        if self.closed:
+            return
+        self.log.info("upstream closed the session: {reason}", reason=reason.getErrorMessage())
+        if self._pending and self.atBoundary:
+            self._write(b"-ERR [SYS/TEMP] Upstream server closed the connection\r\n")
+        self.closed = True
+        self._close()

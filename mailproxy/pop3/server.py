@@ -1,0 +1,553 @@
+# -*- test-case-name: tests.test_pop3_server -*-
+"""
+The client-facing POP3 protocol (RFC 1939, CAPA from RFC 2449, STLS from
+RFC 2595, AUTH PLAIN from RFC 5034, response codes from RFC 3206).
+
+The proxy runs the AUTHORIZATION state itself and logs the user in through
+the portal; the TRANSACTION state then goes either to an upstream POP3
+server (RELAY mode, L{mailproxy.pop3.relay}) or to an L{IPOP3Maildrop}
+(BRIDGE mode, L{mailproxy.pop3.transaction}), by the protocol of the user's
+upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, ITransport
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from mailproxy.config import TLSMode, UpstreamConfig
+from mailproxy.imap.server import ServerContext
+from mailproxy.imap.upstream import UpstreamError, setNoDelay
+from mailproxy.interfaces import IProxyUser
+from mailproxy.pop3.relay import POP3Relay
+from mailproxy.pop3.transaction import MaildropSession
+from mailproxy.pop3.upstream import POP3UpstreamSession
+from mailproxy.pop3.wire import LineSplitter, LineTooLong
+from mailproxy.session import ProxySession
+
+# RFC 2449 allows 255 octets per command; be generous, and drop a client
+# whose unfinished line grows past the hard limit.
+MAX_LINE = 1024
+HARD_LINE_LIMIT = 8 * 1024
+
+ConnectRelay = Callable[[UpstreamConfig, str, str, str], "Deferred[POP3UpstreamSession]"]
+OpenMaildrop = Callable[[UpstreamConfig, str, str, str], "Deferred[Any]"]
+
+_REFUSED_AFTER_LOGIN = frozenset({b"STLS", b"AUTH", b"USER", b"PASS", b"APOP"})
+_AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
+_PLAINTEXT_REFUSED = b"-ERR [AUTH] Plaintext authentication disallowed on unencrypted connections\r\n"
+
+
+@dataclass
+class POP3Backends:
+    """
+    Where logged-in POP3 sessions go.
+
+    Both take C{(upstream, username, password, clientAddress)}: the user's
+    L{UpstreamConfig}, the upstream credentials and the client's
+    C{"host:port"}; failures should be L{UpstreamError}s.
+
+    @ivar connectRelay: log in to a POP3 upstream; a Deferred
+        L{POP3UpstreamSession} (RELAY mode).
+    @ivar openMaildrop: open the user's maildrop on an IMAP upstream; a
+        Deferred L{mailproxy.interfaces.IPOP3Maildrop} (BRIDGE mode).
+    """
+
+    connectRelay: ConnectRelay
+    openMaildrop: OpenMaildrop
+
+
+class State(enum.Enum):
+    AUTHORIZATION = "authorization"
+    SASL_RESPONSE = "awaiting SASL response"
+    LOGGING_IN = "logging in"
+    TRANSACTION = "transaction"
+    UPDATE = "update"
+    CLOSED = "closed"
+
+
+class POP3ServerProtocol(Protocol, TimeoutMixin):
+    """
+    One client connection.
+    """
+
+    log = Logger()
+    transport: ITransport
+
+    def __init__(self, context: ServerContext, backends: POP3Backends) -> None:
+        self.context = context
+        self.backends = backends
+        self.state = State.AUTHORIZATION
+        self.tlsActive = context.listener.tls is TLSMode.IMPLICIT
+        self.lines = LineSplitter(MAX_LINE, HARD_LINE_LIMIT)
+        self.clientAddress = "?"
+        self.user: Any = None
+        self.relay: POP3Relay | None = None
+        self.bridge: MaildropSession | None = None
+        self.bytesIn = 0
+        self.bytesOut = 0
+        self._queue: deque[bytes | None] = deque()
+        self._processing = False
+        self._busy = False
+        self._paused = False
+        self._userName: bytes | None = None
+        self._logout: Callable[[], None] | None = None
+        self._connecting: Deferred[Any] | None = None
+        self._refusal: IDelayedCall | None = None
+        self.session = ProxySession("pop3", context.listener.name, "?", self.tlsActive, context.filtersFor(None))
+        self.callLater = context.clock.callLater  # type: ignore[method-assign, assignment]
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.clientAddress = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        setNoDelay(self.transport)
+        self.setTimeout(self.context.config.preAuthTimeout)
+        self.session.clientAddress = self.clientAddress
+        self.session.notify("connected")
+        self.log.info(
+            "{client} connected to POP3 listener {listener} (tls={tls})",
+            client=self.clientAddress,
+            listener=self.context.listener.name,
+            tls=self.tlsActive,
+        )
+        self._send(b"+OK " + self.context.config.greeting.encode("utf-8") + b"\r\n")
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.setTimeout(None)
+        self.state = State.CLOSED
+        if self._refusal is not None and self._refusal.active():
+            self._refusal.cancel()
+        if self._connecting is not None:
+            # Stop logging a departed client in upstream.
+            self._connecting.cancel()
+        if self.relay is not None:
+            self.relay.closed = True
+            self.relay.upstream.transport.loseConnection()
+        if self.bridge is not None:
+            self.bridge.connectionLost()
+        if self._logout is not None:
+            logout, self._logout = self._logout, None
+            logout()
+        self.session.notify(
+            "closed", bytesIn=self.bytesIn, bytesOut=self.bytesOut, duration=time.monotonic() - self.session.started
+        )
+        self.log.info("{client} disconnected", client=self.clientAddress)
+
+    def timeoutConnection(self) -> None:
+        self.log.info("{client} idle too long; disconnecting", client=self.clientAddress)
+        if self._atBoundary():
+            self._send(b"-ERR Autologout; idle for too long\r\n")
+        self._closeConnection()
+
+    def _send(self, data: bytes) -> None:
+        self.bytesOut += len(data)
+        self.transport.write(data)
+
+    def _closeConnection(self) -> None:
+        self.state = State.CLOSED
+        self._queue.clear()
+        self.transport.loseConnection()
+
+    def _atBoundary(self) -> bool:
+        if self.relay is not None:
+            return self.relay.atBoundary
+        return not self._busy
+
+    def _pauseInput(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def _resumeInput(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    # -- what the client may do -----------------------------------------------
+
+    @property
+    def authenticationAllowed(self) -> bool:
+        return self.tlsActive or self.context.listener.allowPlaintextAuth
+
+    @property
+    def loggedIn(self) -> bool:
+        return self.relay is not None or self.bridge is not None
+
+    def capabilities(self) -> bytes:
+        """
+        The CAPA response for the current state.
+        """
+        names = [b"TOP", b"UIDL"]
+        if not self.loggedIn and self.authenticationAllowed:
+            names += [b"USER", b"SASL PLAIN"]
+        names += [b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+        if not self.loggedIn and self.context.listener.tls is TLSMode.STARTTLS and not self.tlsActive:
+            names.append(b"STLS")
+        names.append(b"IMPLEMENTATION mailproxy")
+        return b"+OK Capability list follows\r\n" + b"".join(name + b"\r\n" for name in names) + b".\r\n"
+
+    # -- input ----------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self.bytesIn += len(data)
+        if self.state in (State.UPDATE, State.CLOSED):
+            return
+        try:
+            self._queue.extend(self.lines.feed(data))
+        except LineTooLong:
+            self.log.warn("{client} sent an over-long line; disconnecting", client=self.clientAddress)
+            if self._atBoundary():
+                self._send(b"-ERR Line too long\r\n")
+            self._closeConnection()
+            return
+        self._processQueue()
+
+    def _processQueue(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while (
+                self._queue
+                and not self._busy
+                and self.state in (State.AUTHORIZATION, State.SASL_RESPONSE, State.TRANSACTION)
+            ):
+                self._dispatch(self._queue.popleft())
+        finally:
+            self._processing = False
+
+    def _dispatch(self, line: bytes | None) -> None:
+        if self.state is State.SASL_RESPONSE:
+            self.state = State.AUTHORIZATION
+            if line is None:
+                self._send(b"-ERR Line too long\r\n")
+            else:
+                self._plain(line)
+            return
+        if line is None:
+            self._reply(b"-ERR Line too long\r\n")
+            return
+        keyword, _, rest = line.partition(b" ")
+        keyword = keyword.upper()
+        if self.state is State.TRANSACTION:
+            self._transaction(keyword, rest.split())
+        else:
+            handler = _AUTHORIZATION.get(keyword)
+            if handler is None:
+                self._send(b"-ERR Unknown command or not valid before login\r\n")
+            else:
+                handler(self, rest)
+
+    def _reply(self, data: bytes) -> None:
+        if self.relay is not None:
+            self.relay.local(data)
+        elif self.bridge is not None:
+            self.bridge.local(data)
+        else:
+            self._send(data)
+
+    # -- AUTHORIZATION ---------------------------------------------------------
+
+    def auth_CAPA(self, rest: bytes) -> None:
+        self._send(self.capabilities())
+
+    def auth_QUIT(self, rest: bytes) -> None:
+        self._send(b"+OK Bye\r\n")
+        self._closeConnection()
+
+    def auth_APOP(self, rest: bytes) -> None:
+        self._send(b"-ERR APOP is not supported\r\n")
+
+    def auth_STLS(self, rest: bytes) -> None:
+        if self.context.listener.tls is not TLSMode.STARTTLS or self.tlsActive:
+            self._send(b"-ERR STLS is not available on this connection\r\n")
+            return
+        self._send(b"+OK Begin TLS negotiation\r\n")
+        if self._queue or self.lines.pending():
+            # STARTTLS command injection (CVE-2011-0411 class): whatever
+            # came with the STLS in plaintext must never run as if it had
+            # been sent over TLS.
+            self.log.warn("{client} pipelined data after STLS; disconnecting", client=self.clientAddress)
+            self._closeConnection()
+            return
+        self.transport.startTLS(self.context.tlsOptions)  # type: ignore[attr-defined]
+        self.tlsActive = True
+        self.session.tls = True
+        self._userName = None
+
+    def auth_USER(self, rest: bytes) -> None:
+        if not self._authenticationPermitted():
+            return
+        if not rest:
+            self._send(b"-ERR USER expects a user name\r\n")
+            return
+        self._userName = rest
+        self._send(b"+OK Send PASS\r\n")
+
+    def auth_PASS(self, rest: bytes) -> None:
+        if not self._authenticationPermitted():
+            return
+        if self._userName is None:
+            self._send(b"-ERR USER first\r\n")
+            return
+        username, self._userName = self._userName, None
+        self._login(username, rest, "USER")
+
+    def auth_AUTH(self, rest: bytes) -> None:
+        if not self._authenticationPermitted():
+            return
+        arguments = rest.split()
+        if not arguments:
+            # The pre-RFC 5034 way of listing the mechanisms.
+            self._send(b"+OK\r\nPLAIN\r\n.\r\n")
+            return
+        if len(arguments) > 2:
+            self._send(b"-ERR AUTH expects a mechanism and an optional initial response\r\n")
+            return
+        if arguments[0].upper() != b"PLAIN":
+            self._send(b"-ERR Unsupported authentication mechanism\r\n")
+            return
+        if len(arguments) == 2:
+            self._plain(arguments[1])
+            return
+        self.state = State.SASL_RESPONSE
+        self._send(b"+ \r\n")
+
+    def _plain(self, response: bytes) -> None:
+        if response.strip() == b"*":
+            self._send(b"-ERR Authentication cancelled\r\n")
+            return
+        try:
+            decoded = base64.b64decode(b"" if response == b"=" else response, validate=True)
+        except (binascii.Error, ValueError):
+            self._send(b"-ERR Invalid base64 in SASL response\r\n")
+            return
+        fields = decoded.split(b"\0")
+        if len(fields) != 3:
+            self._send(b"-ERR Malformed PLAIN response\r\n")
+            return
+        authorizationId, username, password = fields
+        if authorizationId and authorizationId != username:
+            self._send(b"-ERR [AUTH] Cannot act as another user\r\n")
+            return
+        self._login(username, password, "PLAIN")
+
+    def _authenticationPermitted(self) -> bool:
+        if self.authenticationAllowed:
+            return True
+        self.log.info("{client} tried plaintext authentication without TLS", client=self.clientAddress)
+        self._send(_PLAINTEXT_REFUSED)
+        return False
+
+    # -- login ------------------------------------------------------------------
+
+    def _login(self, username: bytes, password: bytes, mechanism: str) -> None:
+        self.state = State.LOGGING_IN
+        self._pauseInput()
+        name = username.decode("utf-8", "replace")
+        loggingIn = self.context.portal.login(UsernamePassword(username, password), None, IProxyUser)
+        loggingIn.addCallbacks(
+            lambda result: self._authenticated(name, password, mechanism, result),
+            lambda failure: self._loginFailed(name, mechanism, failure),
+        )
+
+    def _authenticated(self, name: str, password: bytes, mechanism: str, result: tuple[Any, Any, Any]) -> None:
+        _, user, logout = result
+        self.user = user
+        if self.state is State.CLOSED:
+            logout()
+            return
+        self._logout = logout
+        upstream = user.upstream
+        upstreamPassword = user.upstreamPassword or password.decode("utf-8", "surrogateescape")
+        arguments = (upstream, user.upstreamUsername, upstreamPassword, self.clientAddress)
+        start: Callable[[Any], None]
+        if upstream.protocol == "pop3":
+            connecting = maybeDeferred(self.backends.connectRelay, *arguments)
+            start = lambda session: self._startRelay(mechanism, session)  # noqa: E731
+        elif upstream.protocol == "imap":
+            connecting = maybeDeferred(self.backends.openMaildrop, *arguments)
+            start = lambda maildrop: self._startBridge(mechanism, maildrop)  # noqa: E731
+        else:
+            self.log.error(
+                "{client} user {user}: upstream {upstream} speaks {protocol}, which POP3 sessions cannot use",
+                client=self.clientAddress,
+                user=name,
+                upstream=upstream.name,
+                protocol=upstream.protocol,
+            )
+            self._dropLogout()
+            self._refuseLater(b"-ERR [SYS/PERM] No POP3 service for this account.\r\n", 0)
+            return
+        self._connecting = connecting
+        connecting.addBoth(self._connected)
+        connecting.addCallbacks(start, lambda failure: self._upstreamFailed(name, mechanism, user, failure))
+
+    def _connected(self, result: Any) -> Any:
+        self._connecting = None
+        return result
+
+    def _dropLogout(self) -> None:
+        if self._logout is not None:
+            logout, self._logout = self._logout, None
+            logout()
+
+    def _loginFailed(self, name: str, mechanism: str, failure: Failure) -> None:
+        self.session.notify("login", ok=False, user=name, mechanism=mechanism)
+        if failure.check(UnauthorizedLogin) is None:
+            self.log.failure("login of {user} failed unexpectedly", failure, user=name)
+        self.log.info("{client} authentication failed for {user}", client=self.clientAddress, user=name)
+        self._refuseLater(_AUTH_FAILED)
+
+    def _upstreamFailed(self, name: str, mechanism: str, user: Any, failure: Failure) -> None:
+        self._dropLogout()
+        if self.state is State.CLOSED or failure.check(CancelledError):
+            return
+        error = failure.value
+        if not isinstance(error, UpstreamError):
+            self.log.failure("upstream session for {user} failed unexpectedly", failure, user=name)
+            error = UpstreamError(str(error))
+        self.log.warn(
+            "{client} user {user}: upstream {upstream} unavailable: {error}",
+            client=self.clientAddress,
+            user=name,
+            upstream=user.upstream.name,
+            error=str(error),
+        )
+        self.session.notify("login", ok=False, user=name, mechanism=mechanism)
+        if error.authenticationFailed and user.upstreamPassword is None:
+            self._refuseLater(_AUTH_FAILED)
+        else:
+            self._refuseLater(b"-ERR [SYS/TEMP] Upstream server unavailable, try again later.\r\n", 0)
+
+    def _refuseLater(self, reply: bytes, delay: float | None = None) -> None:
+        def refuse() -> None:
+            self._refusal = None
+            if self.state is State.CLOSED:
+                return
+            self._send(reply)
+            self.state = State.AUTHORIZATION
+            self._resumeInput()
+            self._processQueue()
+
+        self._refusal = self.context.clock.callLater(
+            self.context.config.authFailureDelay if delay is None else delay, refuse
+        )
+
+    # -- TRANSACTION -----------------------------------------------------------
+
+    def _startRelay(self, mechanism: str, upstreamSession: POP3UpstreamSession) -> None:
+        upstream = upstreamSession.protocol
+        if self.state is State.CLOSED:
+            upstream.transport.loseConnection()
+            return
+        relay = self.relay = POP3Relay(upstream, self._send, self._closeConnection, self.resetTimeout)
+        self._enterTransaction(mechanism)
+        # Each side pauses the other when its write buffer fills, so a slow
+        # reader never makes the proxy hold a whole message.
+        self.transport.registerProducer(upstream.transport, True)  # type: ignore[attr-defined]
+        upstream.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
+        upstream.startRelay(relay.fromUpstream, relay.upstreamLost)
+        self._beginTransaction()
+
+    def _startBridge(self, mechanism: str, maildrop: Any) -> None:
+        if self.state is State.CLOSED:
+            maildrop.abandon()
+            return
+        self.bridge = MaildropSession(maildrop, self.transport, self._send, self._closeConnection, self.resetTimeout)
+        self._enterTransaction(mechanism)
+        self._beginTransaction()
+
+    def _enterTransaction(self, mechanism: str) -> None:
+        self.state = State.TRANSACTION
+        mode = "relaying to" if self.relay is not None else "bridging to"
+        self.log.info(
+            "{client} logged in as {user}, {mode} {upstream}",
+            client=self.clientAddress,
+            user=self.user.username,
+            mode=mode,
+            upstream=self.user.upstream.name,
+        )
+        self.setTimeout(self.context.config.authenticatedTimeout)
+        self.session.user = self.user.username
+        self.session.upstream = self.user.upstream.name
+        self.session.chain = self.context.filtersFor(self.user.username)
+        self.session.notify("login", ok=True, mechanism=mechanism)
+        self._send(b"+OK Logged in.\r\n")
+
+    def _beginTransaction(self) -> None:
+        if self.state is State.TRANSACTION:
+            self._resumeInput()
+            self._processQueue()
+
+    def _transaction(self, keyword: bytes, arguments: list[bytes]) -> None:
+        if keyword == b"CAPA":
+            self._reply(self.capabilities())
+            return
+        if keyword in _REFUSED_AFTER_LOGIN:
+            self._reply(b"-ERR Command not valid in the TRANSACTION state\r\n")
+            return
+        if keyword == b"QUIT":
+            self.state = State.UPDATE
+        if self.relay is not None:
+            self.relay.command(keyword, arguments)
+            return
+        assert self.bridge is not None
+        running = self.bridge.command(keyword, arguments)
+        if running is None:
+            return
+        self._busy = True
+        running.addBoth(self._commandDone)
+        if self._busy:
+            # Strictly one command at a time: read no more until it is done.
+            self._pauseInput()
+
+    def _commandDone(self, result: None) -> None:
+        self._busy = False
+        if self.state is State.TRANSACTION:
+            self._resumeInput()
+            self._processQueue()
+
+
+_AUTHORIZATION: dict[bytes, Callable[[POP3ServerProtocol, bytes], None]] = {
+    b"CAPA": POP3ServerProtocol.auth_CAPA,
+    b"QUIT": POP3ServerProtocol.auth_QUIT,
+    b"APOP": POP3ServerProtocol.auth_APOP,
+    b"STLS": POP3ServerProtocol.auth_STLS,
+    b"USER": POP3ServerProtocol.auth_USER,
+    b"PASS": POP3ServerProtocol.auth_PASS,
+    b"AUTH": POP3ServerProtocol.auth_AUTH,
+}
+
+
+class POP3ServerFactory(ServerFactory):
+    """
+    Build L{POP3ServerProtocol}s for one listener.
+    """
+
+    def __init__(self, context: ServerContext, backends: POP3Backends) -> None:
+        self.context = context
+        self.backends = backends
+
+    def buildProtocol(self, addr: Any) -> POP3ServerProtocol:
+        protocol = POP3ServerProtocol(self.context, self.backends)
+        protocol.factory = self
+        return protocol

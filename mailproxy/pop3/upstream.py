@@ -1,0 +1,273 @@
+# -*- test-case-name: tests.test_pop3_upstream -*-
+"""
+The upstream side of a relayed POP3 session: connect, optionally STLS, learn
+the capabilities, log in with the mapped credentials, then hand the raw
+response stream to the relay.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, ITransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailproxy.config import TLSMode, UpstreamConfig
+from mailproxy.imap.upstream import UpstreamError, setNoDelay
+from mailproxy.pop3.wire import unstuff
+from mailproxy.tls import upstreamOptions
+
+# A server has no business sending more than this before login.
+_HANDSHAKE_LIMIT = 64 * 1024
+
+# RFC 3206 codes that say the server, not the credentials, is the problem.
+_NOT_CREDENTIALS = (b"[SYS/TEMP]", b"[SYS/PERM]", b"[IN-USE]", b"[LOGIN-DELAY]")
+
+
+class POP3UpstreamProtocol(Protocol):
+    """
+    The connection to the upstream POP3 server.
+
+    Until L{startRelay} it splits what arrives into lines for the login
+    handshake; afterwards every read goes to the relay as it is.
+    """
+
+    log = Logger()
+    transport: ITransport
+
+    def __init__(self) -> None:
+        self.connected = False
+        self._buffer = bytearray()
+        self._lines: deque[bytes] = deque()
+        self._received = 0
+        self._waiting: Deferred[bytes] | None = None
+        self._lost: Failure | None = None
+        self._onData: Callable[[bytes], None] | None = None
+        self._onLost: Callable[[Failure], None] | None = None
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        setNoDelay(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._onData is not None:
+            self._onData(data)
+            return
+        self._received += len(data)
+        if self._received > _HANDSHAKE_LIMIT:
+            self.log.warn("upstream sent over {limit} octets before login", limit=_HANDSHAKE_LIMIT)
+            self.transport.loseConnection()
+            return
+        self._buffer += data
+        while (end := self._buffer.find(b"\n")) != -1:
+            self._lines.append(bytes(self._buffer[: end + 1]))
+            del self._buffer[: end + 1]
+        # Deliver only once the whole read is split, so the handshake sees
+        # what else came with a response (STLS injection check).
+        if self._waiting is not None and self._lines:
+            waiting, self._waiting = self._waiting, None
+            waiting.callback(self._lines.popleft())
+
+    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+        self.connected = False
+        self._lost = reason
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.errback(UpstreamError(f"upstream closed the connection: {reason.getErrorMessage()}"))
+        if self._onLost is not None:
+            self._onLost(reason)
+
+    def readLine(self) -> Deferred[bytes]:
+        """
+        The next line, with its line end, during the handshake.
+        """
+        if self._lines:
+            return defer.succeed(self._lines.popleft())
+        if self._lost is not None:
+            return defer.fail(UpstreamError(f"upstream closed the connection: {self._lost.getErrorMessage()}"))
+        self._waiting = Deferred()
+        return self._waiting
+
+    def hasBufferedInput(self) -> bool:
+        """
+        C{True} if the upstream sent anything not yet consumed.
+        """
+        return bool(self._lines or self._buffer)
+
+    def startRelay(self, onData: Callable[[bytes], None], onLost: Callable[[Failure], None]) -> None:
+        """
+        From now on, pass every read to C{onData}, starting with whatever
+        arrived after the login reply.
+        """
+        self._onData = onData
+        self._onLost = onLost
+        pending = b"".join(self._lines) + bytes(self._buffer)
+        self._lines.clear()
+        self._buffer.clear()
+        if pending:
+            onData(pending)
+        if self._lost is not None:
+            onLost(self._lost)
+
+
+class POP3UpstreamSession:
+    """
+    A logged-in upstream POP3 connection and its CAPA lines.
+    """
+
+    def __init__(self, protocol: POP3UpstreamProtocol, capabilities: list[bytes]) -> None:
+        self.protocol = protocol
+        self.capabilities = capabilities
+
+
+def _text(line: bytes) -> str:
+    return line.rstrip(b"\r\n").decode("utf-8", "replace")[:200]
+
+
+def _isOK(line: bytes) -> bool:
+    return line[:3].upper() == b"+OK"
+
+
+async def connectPOP3Upstream(
+    reactor: Any, upstream: UpstreamConfig, username: str, password: str, *, clientAddress: str = ""
+) -> POP3UpstreamSession:
+    """
+    Connect to the POP3 server C{upstream}, secure the connection as
+    configured and log in.
+
+    @raise UpstreamError: if any step fails; the connection is closed.
+    """
+    protocol = await _connect(reactor, upstream)
+    try:
+        return await loginHandshake(reactor, protocol, upstream, username, password)
+    except BaseException:
+        protocol.transport.loseConnection()
+        raise
+
+
+async def _connect(reactor: IReactorTCP, upstream: UpstreamConfig) -> POP3UpstreamProtocol:
+    clock: IReactorTime = reactor  # type: ignore[assignment]
+    endpoint: Any = HostnameEndpoint(
+        reactor, upstream.host.encode("idna"), upstream.port, timeout=upstream.connectTimeout
+    )
+    if upstream.tls is TLSMode.IMPLICIT:
+        endpoint = wrapClientTLS(upstreamOptions(upstream), endpoint)
+    connecting = endpoint.connect(Factory.forProtocol(POP3UpstreamProtocol))
+    connecting.addTimeout(upstream.connectTimeout, clock)
+    try:
+        protocol: POP3UpstreamProtocol = await connecting
+    except (ConnectError, defer.TimeoutError, OSError) as error:
+        raise UpstreamError(f"cannot connect to {upstream.host}:{upstream.port}: {error}") from None
+    return protocol
+
+
+class _Handshake:
+    def __init__(self, clock: IReactorTime, protocol: POP3UpstreamProtocol, upstream: UpstreamConfig) -> None:
+        self.clock = clock
+        self.protocol = protocol
+        self.upstream = upstream
+
+    async def readLine(self) -> bytes:
+        reading = self.protocol.readLine()
+        reading.addTimeout(self.upstream.connectTimeout, self.clock)
+        try:
+            return await reading
+        except defer.TimeoutError:
+            raise UpstreamError(f"upstream {self.upstream.host}:{self.upstream.port} did not answer in time") from None
+
+    async def command(self, line: bytes) -> bytes:
+        self.protocol.transport.write(line + b"\r\n")
+        return await self.readLine()
+
+    async def multiLine(self) -> list[bytes]:
+        lines: list[bytes] = []
+        while True:
+            line = (await self.readLine()).rstrip(b"\r\n")
+            if line == b".":
+                return unstuff(lines)
+            lines.append(line)
+
+
+async def loginHandshake(
+    reactor: Any, protocol: POP3UpstreamProtocol, upstream: UpstreamConfig, username: str, password: str
+) -> POP3UpstreamSession:
+    """
+    Greeting, STLS if configured, CAPA and login on a connected C{protocol}.
+
+    @raise UpstreamError: if any step fails.
+    """
+    handshake = _Handshake(reactor, protocol, upstream)
+    greeting = await handshake.readLine()
+    if not _isOK(greeting):
+        raise UpstreamError(f"upstream greeting was not +OK: {_text(greeting)}")
+
+    if upstream.tls is TLSMode.STARTTLS:
+        reply = await handshake.command(b"STLS")
+        if not _isOK(reply):
+            raise UpstreamError(f"upstream refused STLS: {_text(reply)}")
+        if protocol.hasBufferedInput():
+            # Response injection: anything sent before the TLS handshake
+            # could have come from a man in the middle.
+            raise UpstreamError("upstream sent data after STLS before the TLS handshake")
+        protocol.transport.startTLS(upstreamOptions(upstream))  # type: ignore[attr-defined]
+
+    # A bad certificate only shows once data flows: as a closed connection
+    # while waiting for the CAPA reply.
+    reply = await handshake.command(b"CAPA")
+    capabilities = await handshake.multiLine() if _isOK(reply) else []
+    mechanisms = _saslMechanisms(capabilities)
+
+    # surrogateescape: a passthrough password that was not UTF-8 goes back
+    # out as the very octets the client sent.
+    user = username.encode("utf-8", "surrogateescape")
+    secret = password.encode("utf-8", "surrogateescape")
+    if b"PLAIN" in mechanisms:
+        reply = await _plain(handshake, user, secret)
+    else:
+        reply = await _userPass(handshake, user, secret)
+    if not _isOK(reply):
+        code = reply[4:].lstrip().upper()
+        failed = not code.startswith(_NOT_CREDENTIALS)
+        raise UpstreamError(f"upstream rejected the login: {_text(reply)}", authenticationFailed=failed)
+    return POP3UpstreamSession(protocol, capabilities)
+
+
+def _saslMechanisms(capabilities: list[bytes]) -> set[bytes]:
+    for line in capabilities:
+        fields = line.upper().split()
+        if fields and fields[0] == b"SASL":
+            return set(fields[1:])
+    return set()
+
+
+async def _plain(handshake: _Handshake, username: bytes, password: bytes) -> bytes:
+    if b"\0" in username or b"\0" in password:
+        raise UpstreamError("credentials contain a NUL octet", authenticationFailed=True)
+    response = base64.b64encode(b"\0" + username + b"\0" + password)
+    # RFC 5034 servers must take the initial response on the AUTH line.
+    reply = await handshake.command(b"AUTH PLAIN " + response)
+    if reply.startswith(b"+ ") or reply.rstrip(b"\r\n") == b"+":
+        # A challenge despite the initial response: cancel rather than guess.
+        await handshake.command(b"*")
+        raise UpstreamError("upstream sent a challenge to AUTH PLAIN with an initial response")
+    return reply
+
+
+async def _userPass(handshake: _Handshake, username: bytes, password: bytes) -> bytes:
+    for value in (username, password):
+        if any(octet in value for octet in b"\r\n\0"):
+            # A line end in a passthrough password would inject commands.
+            raise UpstreamError("credentials contain CR, LF or NUL", authenticationFailed=True)
+    reply = await handshake.command(b"USER " + username)
+    if not _isOK(reply):
+        return reply
+    return await handshake.command(b"PASS " + password)
