@@ -189,6 +189,7 @@ def connect(
     protocol: str = "imap",
     backends: FakeBackends | None = None,
     routes: dict[str, UserRoute] | None = None,
+    filters: list[Any] | None = None,
 ) -> Connection:
     usersFile = writeUsersFile(str(directory), {"alice": "alicepw"})
     upstream = UpstreamConfig("main", "127.0.0.1", 1, TLSMode.PLAIN, protocol=protocol)
@@ -198,7 +199,7 @@ def connect(
     )
     clock = Clock()
     recorder = Recorder()
-    chain = FilterChain([recorder])
+    chain = FilterChain([recorder, *(filters or [])])
     fakes = backends or FakeBackends()
     context = ServerContext(
         config,

@@ -97,7 +97,8 @@ class AuditFilter:
         level = LogLevel.info
         if event == "command":
             command = details.get("command")
-            record.update(commandFields(session, command if isinstance(command, IMAPCommand) else None))
+            # IMAP and POP3 commands both have name, fullName, tag, arguments.
+            record.update(commandFields(session, command if hasattr(command, "fullName") else None))
             record["result"] = str(details.get("result", "?"))
             template = _COMMAND_FORMAT
         elif event == "login":

@@ -52,6 +52,7 @@ MAILBOX_COMMANDS = _FIRST_ARGUMENT | _SECOND_ARGUMENT | _LISTING | {b"RENAME", b
 
 READ_ONLY_REFUSED = frozenset(
     {
+        b"DELE",  # POP3
         b"STORE",
         b"EXPUNGE",
         b"APPEND",

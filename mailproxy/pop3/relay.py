@@ -35,6 +35,9 @@ class _Pending:
     multiLine: bool = False
     reply: bytes | None = None
     quit: bool = False
+    onDone: Callable[[bytes, int], None] | None = None
+    status: bytes = b""
+    bytesOutAtStart: int = 0
 
 
 class POP3Relay:
@@ -86,15 +89,22 @@ class POP3Relay:
         """
         return not self._pending
 
-    def command(self, keyword: bytes, arguments: list[bytes]) -> None:
+    def command(
+        self, keyword: bytes, arguments: list[bytes], onDone: Callable[[bytes, int], None] | None = None
+    ) -> None:
         """
         Relay a TRANSACTION command (C{keyword} upper case).
+
+        @param onDone: called with the response's status line and the
+            octets sent to the client for it, when it is complete.
         """
         if keyword not in RELAYED:
             self.local(b"-ERR Unknown command\r\n")
             return
         multiLine = keyword in (b"RETR", b"TOP") or (keyword in (b"LIST", b"UIDL") and not arguments)
-        self._pending.append(_Pending(multiLine=multiLine, quit=keyword == b"QUIT"))
+        self._pending.append(
+            _Pending(multiLine=multiLine, quit=keyword == b"QUIT", onDone=onDone, bytesOutAtStart=self.bytesOut)
+        )
         # Rebuilt from the parsed words, so "LIST " cannot turn into a
         # multi-line reply the relay does not expect.
         line = b" ".join([keyword, *arguments]) + b"\r\n"
@@ -151,6 +161,7 @@ class POP3Relay:
                 self.log.info("upstream sent an unsolicited line: {line!r}", line=line[:200])
                 continue
             self._write(line)
+            self._pending[0].status = line
             if self._pending[0].multiLine and line[:3].upper() == b"+OK":
                 self._scanner = TerminatorScanner()
             else:
@@ -158,6 +169,8 @@ class POP3Relay:
 
     def _responseDone(self) -> None:
         done = self._pending.popleft()
+        if done.onDone is not None:
+            done.onDone(done.status, self.bytesOut - done.bytesOutAtStart)
         if done.quit:
             self._quitAnswered = True
             self.closed = True

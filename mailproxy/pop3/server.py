@@ -31,9 +31,11 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailproxy.config import TLSMode, UpstreamConfig
+from mailproxy.filters import Reject, Rewrite, Verdict
 from mailproxy.imap.server import ServerContext
 from mailproxy.imap.upstream import UpstreamError, setNoDelay
 from mailproxy.interfaces import IProxyUser
+from mailproxy.pop3.model import POP3Command
 from mailproxy.pop3.relay import POP3Relay
 from mailproxy.pop3.transaction import MaildropSession
 from mailproxy.pop3.upstream import POP3UpstreamSession
@@ -104,6 +106,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._queue: deque[bytes | None] = deque()
         self._processing = False
         self._busy = False
+        self._bridgeRunning = False
+        self._firstLine: bytes | None = b""
         self._paused = False
         self._userName: bytes | None = None
         self._logout: Callable[[], None] | None = None
@@ -157,6 +161,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._closeConnection()
 
     def _send(self, data: bytes) -> None:
+        if self._firstLine is None and data:
+            # The status line of the command in progress, for observers.
+            self._firstLine = data.split(b"\r\n", 1)[0]
         self.bytesOut += len(data)
         self.transport.write(data)
 
@@ -505,16 +512,78 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if keyword in _REFUSED_AFTER_LOGIN:
             self._reply(b"-ERR Command not valid in the TRANSACTION state\r\n")
             return
+        command = POP3Command.fromWords(keyword, arguments)
+        chain = self.session.chain
+        if keyword == b"QUIT" or not chain.commandFilters:
+            self._run(command)
+            return
+        verdict = chain.filterCommand(self.session, command)
+        if isinstance(verdict, Deferred):
+            # Keep commands in order: read no more until the filters decide.
+            self._busy = True
+            self._pauseInput()
+            verdict.addCallback(self._filtered, command, True)
+            verdict.addErrback(self._filterBug)
+            return
+        self._filtered(verdict, command, False)
+
+    def _filtered(self, verdict: Verdict, command: POP3Command, later: bool) -> None:
+        if isinstance(verdict, Reject):
+            code = f"[{verdict.code}] " if verdict.code else ""
+            self._reply(f"-ERR {code}{verdict.text}\r\n".encode("utf-8", "replace"))
+            self.session.notify("command", command=command, result="-ERR", bytesIn=0, bytesOut=0, duration=0.0)
+        else:
+            self._run(verdict.message if isinstance(verdict, Rewrite) else command)
+        if later and not self._bridgeRunning:
+            self._commandDone(None)
+
+    def _filterBug(self, failure: Failure) -> None:
+        self.log.failure("POP3 filter chain failed; closing the session", failure)
+        self._closeConnection()
+
+    def _run(self, command: POP3Command) -> None:
+        """
+        Carry out a command in the session's mode, telling observers how it
+        ended.
+        """
+        keyword, arguments = command.name, command.words()
         if keyword == b"QUIT":
             self.state = State.UPDATE
+        started = time.monotonic()
+        bytesIn = len(keyword) + sum(len(word) + 1 for word in arguments) + 2
+        observed = bool(self.session.chain.observers)
+
+        def report(status: bytes, bytesOut: int) -> None:
+            result = status.split(b" ", 1)[0].decode("ascii", "replace").upper()
+            self.session.notify(
+                "command",
+                command=command,
+                result=result,
+                bytesIn=bytesIn,
+                bytesOut=bytesOut,
+                duration=time.monotonic() - started,
+            )
+
         if self.relay is not None:
-            self.relay.command(keyword, arguments)
+            self.relay.command(keyword, arguments, report if observed else None)
             return
         assert self.bridge is not None
+        startedAt = self.bytesOut
+        self._firstLine = None
         running = self.bridge.command(keyword, arguments)
+
+        def finished(result: object) -> object:
+            self._bridgeRunning = False
+            if observed:
+                report(self._firstLine or b"", self.bytesOut - startedAt)
+            return result
+
         if running is None:
+            finished(None)
             return
         self._busy = True
+        self._bridgeRunning = True
+        running.addBoth(finished)
         running.addBoth(self._commandDone)
         if self._busy:
             # Strictly one command at a time: read no more until it is done.
