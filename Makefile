@@ -41,6 +41,7 @@ demo: system-deps venv
 bench: system-deps venv
 	$(BIN)/python -m bench.relay_fetch
 	$(BIN)/python -m bench.idle_sessions
+	$(BIN)/python -m bench.pop3_download
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info dropin.cache twisted/plugins/dropin.cache
