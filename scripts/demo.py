@@ -22,6 +22,7 @@ from tests.proxyprocess import ProxyProcess
 HOST = "127.0.0.1"
 PROXY_IMAP_PORT = int(os.environ.get("DEMO_IMAP_PORT", "10143"))
 PROXY_IMAPS_PORT = int(os.environ.get("DEMO_IMAPS_PORT", "10993"))
+PROXY_POP3_PORT = int(os.environ.get("DEMO_POP3_PORT", "10110"))
 USER, PASSWORD = "demo", "demo"
 
 CONFIG = """\
@@ -48,6 +49,16 @@ endpoint = "tcp:{imaps}:interface=127.0.0.1"
 tls = "implicit"
 certificate = "{cert}"
 private_key = "{key}"
+
+[[listener]]
+name = "pop3"
+protocol = "pop3"
+endpoint = "tcp:{pop3}:interface=127.0.0.1"
+tls = "starttls"
+certificate = "{cert}"
+private_key = "{key}"
+# Loopback demo only, as above. POP3 users are bridged to IMAP.
+allow_plaintext_auth = true
 
 [upstream.dovecot]
 host = "localhost"
@@ -95,6 +106,7 @@ def main() -> int:
                 CONFIG.format(
                     imap=PROXY_IMAP_PORT,
                     imaps=PROXY_IMAPS_PORT,
+                    pop3=PROXY_POP3_PORT,
                     cert=upstream.certFile,
                     key=upstream.keyFile,
                     ca=upstream.caFile,
@@ -106,11 +118,13 @@ def main() -> int:
 mailproxy demo: Dovecot upstream on {HOST}:{upstream.ports["imaps"]} (implicit TLS), proxy on
   imap://{HOST}:{PROXY_IMAP_PORT}  (STARTTLS; plaintext login allowed for the demo)
   imaps://{HOST}:{PROXY_IMAPS_PORT}
+  pop3://{HOST}:{PROXY_POP3_PORT}  (STLS offered; POP3-to-IMAP bridge)
 user {USER!r}, password {PASSWORD!r}; CA certificate for TLS: {upstream.caFile}
 
 Try, in another terminal:
   curl -u {USER}:{PASSWORD} 'imap://{HOST}:{PROXY_IMAP_PORT}/INBOX;UID=1'
   curl --cacert {upstream.caFile} -u {USER}:{PASSWORD} 'imaps://localhost:{PROXY_IMAPS_PORT}/'
+  curl -u {USER}:{PASSWORD} 'pop3://{HOST}:{PROXY_POP3_PORT}/1'
   python3 -c "import imaplib; c=imaplib.IMAP4('{HOST}', {PROXY_IMAP_PORT}); c.login('{USER}','{PASSWORD}'); print(c.select())"
 Ctrl-C stops the proxy and Dovecot.
 """,
