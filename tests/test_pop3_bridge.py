@@ -185,6 +185,21 @@ class SnapshotTests(SynchronousTestCase):
         self.assertEqual(maildrop.listing(), [(1, 100), (2, 200), (3, 300)])
         self.assertEqual(maildrop.stat(), (3, 600))
 
+    def test_fifty_thousand_messages_in_one_listing(self) -> None:
+        """A 50,000-message maildrop is snapshotted from one UID FETCH command, in UID order."""
+        upstream = Upstream(self)
+        lines = b"".join(
+            b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (number, 2 * number + 7, 1000 + number % 97)
+            for number in range(1, 50001)
+        )
+        upstream.open(lines, 50000)
+        maildrop = upstream.maildrop
+        count, octets = maildrop.stat()
+        self.assertEqual(count, 50000)
+        self.assertEqual(octets, sum(1000 + number % 97 for number in range(1, 50001)))
+        self.assertEqual(maildrop.listing()[-1], (50000, 1000 + 50000 % 97))
+        self.assertEqual(maildrop.uniqueIds()[0][1], "00000009" + "6553f100")
+
     def test_uidl_default_format(self) -> None:
         """The default matches what Dovecot's %08Xu%08Xv writes: lower-case hex."""
         maildrop = self.opened().maildrop
