@@ -246,19 +246,29 @@ async def connectUpstream(
 
 
 async def _connect(reactor: IReactorTCP, upstream: UpstreamConfig) -> UpstreamIMAPProtocol:
+    protocol: UpstreamIMAPProtocol = await openConnection(reactor, upstream, UpstreamIMAPProtocol)
+    return protocol
+
+
+async def openConnection(reactor: IReactorTCP, upstream: UpstreamConfig, protocolClass: type[Protocol]) -> Any:
+    """
+    Connect to C{upstream} (implicit TLS verified as configured) within its
+    connect timeout; IMAP and POP3 upstreams alike.
+
+    @raise UpstreamError: if the connection cannot be made.
+    """
     clock: IReactorTime = reactor  # type: ignore[assignment]
     endpoint: Any = HostnameEndpoint(
         reactor, upstream.host.encode("idna"), upstream.port, timeout=upstream.connectTimeout
     )
     if upstream.tls is TLSMode.IMPLICIT:
         endpoint = wrapClientTLS(upstreamOptions(upstream), endpoint)
-    connecting = endpoint.connect(Factory.forProtocol(UpstreamIMAPProtocol))
+    connecting = endpoint.connect(Factory.forProtocol(protocolClass))
     connecting.addTimeout(upstream.connectTimeout, clock)
     try:
-        protocol: UpstreamIMAPProtocol = await connecting
+        return await connecting
     except (ConnectError, defer.TimeoutError, OSError) as error:
         raise UpstreamError(f"cannot connect to {upstream.host}:{upstream.port}: {error}") from None
-    return protocol
 
 
 async def _loginHandshake(

@@ -14,15 +14,14 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, ITransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailproxy.config import TLSMode, UpstreamConfig
-from mailproxy.imap.upstream import UpstreamError, setNoDelay
+from mailproxy.imap.upstream import UpstreamError, openConnection, setNoDelay
 from mailproxy.pop3.wire import unstuff
 from mailproxy.tls import upstreamOptions
 
@@ -155,18 +154,7 @@ async def connectPOP3Upstream(
 
 
 async def _connect(reactor: IReactorTCP, upstream: UpstreamConfig) -> POP3UpstreamProtocol:
-    clock: IReactorTime = reactor  # type: ignore[assignment]
-    endpoint: Any = HostnameEndpoint(
-        reactor, upstream.host.encode("idna"), upstream.port, timeout=upstream.connectTimeout
-    )
-    if upstream.tls is TLSMode.IMPLICIT:
-        endpoint = wrapClientTLS(upstreamOptions(upstream), endpoint)
-    connecting = endpoint.connect(Factory.forProtocol(POP3UpstreamProtocol))
-    connecting.addTimeout(upstream.connectTimeout, clock)
-    try:
-        protocol: POP3UpstreamProtocol = await connecting
-    except (ConnectError, defer.TimeoutError, OSError) as error:
-        raise UpstreamError(f"cannot connect to {upstream.host}:{upstream.port}: {error}") from None
+    protocol: POP3UpstreamProtocol = await openConnection(reactor, upstream, POP3UpstreamProtocol)
     return protocol
 
 
