@@ -233,3 +233,21 @@ def test_fetchmail_nokeep_deletes_what_it_fetched(pop3Proxy: POP3Proxy, dovecot:
     code, delivered, log = runFetchmail(pop3Proxy, user, keep=False, tls="plain")
     assert code == 0 and delivered == expected, log[-2000:]
     assert countDirect(dovecot, user) == 0
+
+
+def test_no_password_in_the_pop3_log(pop3Proxy: POP3Proxy) -> None:
+    """Logins through every mode are logged, and no password appears in the proxy's log."""
+    for user in ("pat", "paul"):
+        client = login(pop3Proxy, "plain", user)
+        client.stat()
+        client.quit()
+    with socket.create_connection((HOST, pop3Proxy.ports["plain"]), timeout=30) as raw:
+        reader = raw.makefile("rb")
+        reader.readline()
+        raw.sendall(b"USER pat\r\nPASS wrong-secret-123\r\nQUIT\r\n")
+        assert reader.readline().startswith(b"+OK")
+        assert reader.readline().startswith(b"-ERR")
+    log = pop3Proxy.process.log()
+    assert "logged in as pat" in log and "logged in as paul" in log
+    for password in [*UPSTREAM_USERS.values(), "wrong-secret-123"]:
+        assert password not in log
