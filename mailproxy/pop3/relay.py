@@ -155,6 +155,12 @@ class POP3Relay:
                 return
             line, data = bytes(self._status[: end + 1]), bytes(self._status[end + 1 :])
             self._status.clear()
+            # Local replies queued while this line was arriving go first:
+            # they answer earlier commands, and upstream lines never do.
+            while self._pending and self._pending[0].reply is not None:
+                reply = self._pending.popleft().reply
+                assert reply is not None
+                self._write(reply)
             if not self._pending:
                 # Unsolicited (say, an autologout notice): the client did not
                 # ask, and passing it on would shift every later response.

@@ -174,7 +174,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _atBoundary(self) -> bool:
         if self.relay is not None:
-            return self.relay.atBoundary
+            # Between responses and with nothing in flight: a notice now
+            # cannot be taken for the answer to a pipelined command.
+            return self.relay.atBoundary and self.relay.idle
         return not self._busy
 
     def _pauseInput(self) -> None:
@@ -418,6 +420,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             logout()
 
     def _loginFailed(self, name: str, mechanism: str, failure: Failure) -> None:
+        if self.state is State.CLOSED:
+            return
         self.session.notify("login", ok=False, user=name, mechanism=mechanism)
         if failure.check(UnauthorizedLogin) is None:
             self.log.failure("login of {user} failed unexpectedly", failure, user=name)
@@ -528,6 +532,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._filtered(verdict, command, False)
 
     def _filtered(self, verdict: Verdict, command: POP3Command, later: bool) -> None:
+        if self.state is State.CLOSED:
+            return
         if isinstance(verdict, Reject):
             code = f"[{verdict.code}] " if verdict.code else ""
             self._reply(f"-ERR {code}{verdict.text}\r\n".encode("utf-8", "replace"))
@@ -546,6 +552,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         Carry out a command in the session's mode, telling observers how it
         ended.
         """
+        if self.state is State.CLOSED:
+            return
         keyword, arguments = command.name, command.words()
         if keyword == b"QUIT":
             self.state = State.UPDATE

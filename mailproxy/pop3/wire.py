@@ -82,7 +82,7 @@ class ByteStuffer:
         if self._atLineStart and data.startswith(b"."):
             stuffed = b"." + stuffed
         self._atLineStart = data.endswith(b"\n")
-        self._last = data[-1:]
+        self._last = (self._last + data)[-2:]
         return stuffed
 
     def end(self) -> bytes:
@@ -90,9 +90,10 @@ class ByteStuffer:
         What closes the response: a line end if the data lacked its last
         one, then the terminating C{.} line.
         """
-        if self._last == b"\r":
+        if self._last.endswith(b"\r"):
             return b"\n" + TERMINATOR
-        if self._last and not self._atLineStart:
+        if self._last and self._last != b"\r\n":
+            # No line end, or a bare LF: the terminator must follow a CRLF.
             return b"\r\n" + TERMINATOR
         return TERMINATOR
 
