@@ -43,7 +43,7 @@ def test_relay_command_not_sent_after_disconnect(tmp_path: Path) -> None:
         protocol="pop3",
         filters=[Scripted(lambda command: pending if command.name == b"DELE" else PASS)],
     )
-    connection.backends.sent
+    assert b"DELE" not in connection.backends.sent  # login traffic, now read
     connection.send(b"DELE 1\r\n")
     connection.lose()
     pending.callback(PASS)
