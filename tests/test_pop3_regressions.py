@@ -108,3 +108,13 @@ def test_autologout_not_sent_as_answer_to_pending_command(tmp_path: Path) -> Non
     # even with commands in flight; the bridge path (not _busy) would not send it.
     assert connection.received() == b""
     assert connection.transport.disconnecting
+
+
+def test_relay_capa_after_login_reflects_the_upstream(tmp_path: Path) -> None:
+    """In relay mode CAPA lists the upstream's TOP/UIDL and none of the login mechanisms."""
+    connection = loggedIn(tmp_path, protocol="pop3")
+    connection.send(b"CAPA\r\n")
+    lines = connection.received().split(b"\r\n")
+    assert lines[0].startswith(b"+OK") and lines[-2:] == [b".", b""]
+    assert lines[1:3] == [b"TOP", b"UIDL"]
+    assert not [line for line in lines if line.startswith((b"USER", b"SASL", b"STLS"))]

@@ -107,6 +107,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._processing = False
         self._busy = False
         self._bridgeRunning = False
+        self._upstreamCapabilities: list[bytes] = []
         self._firstLine: bytes | None = b""
         self._paused = False
         self._userName: bytes | None = None
@@ -204,6 +205,14 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         The CAPA response for the current state.
         """
         names = [b"TOP", b"UIDL"]
+        if self.loggedIn and self.relay is not None:
+            # What the relayed upstream offers (TOP, UIDL, per-user EXPIRE
+            # or LOGIN-DELAY), never its login or TLS mechanisms.
+            names = [
+                line
+                for line in self._upstreamCapabilities
+                if line.split(b" ", 1)[0].upper() in (b"TOP", b"UIDL", b"EXPIRE", b"LOGIN-DELAY")
+            ]
         if not self.loggedIn and self.authenticationAllowed:
             names += [b"USER", b"SASL PLAIN"]
         names += [b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
@@ -470,6 +479,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if self.state is State.CLOSED:
             upstream.transport.loseConnection()
             return
+        self._upstreamCapabilities = [line.rstrip(b"\r\n") for line in upstreamSession.capabilities]
         relay = self.relay = POP3Relay(upstream, self._send, self._closeConnection, self.resetTimeout)
         self._enterTransaction(mechanism)
         # Each side pauses the other when its write buffer fills, so a slow
