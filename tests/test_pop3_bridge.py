@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,7 +19,7 @@ from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession
 from mailproxy.interfaces import IPOP3Maildrop
 from mailproxy.pop3 import NoSuchMessage
-from mailproxy.pop3.bridge import BridgeError, IMAPMaildrop, uidSets
+from mailproxy.pop3.bridge import COMMIT_TIMEOUT_FACTOR, BridgeError, IMAPMaildrop, uidSets
 from mailproxy.pop3.imapclient import IMAPCommandClient
 
 CAPABILITIES = [b"IMAP4rev1", b"UIDPLUS", b"MOVE", b"LITERAL+"]
@@ -375,6 +376,18 @@ class DeletionTests(SynchronousTestCase):
         upstream.feed(b"* 1 EXPUNGE\r\npb4 OK Expunge completed.\r\n")
         self.successResultOf(done)
         self.assertEqual(upstream.sent(), b"pb5 LOGOUT\r\n")
+        self.assertTrue(upstream.transport.disconnecting)
+
+    def test_commit_against_a_silent_upstream_times_out(self) -> None:
+        """A hung upstream fails the commit after the timeout and is disconnected."""
+        upstream = self.opened()
+        clock = Clock()
+        upstream.maildrop.clock = clock
+        upstream.maildrop.delete(1)
+        done = upstream.maildrop.commit()
+        self.assertNoResult(done)
+        clock.advance(COMMIT_TIMEOUT_FACTOR * upstream.maildrop.upstream.connectTimeout)
+        self.failureResultOf(done, BridgeError)
         self.assertTrue(upstream.transport.disconnecting)
 
     def test_commit_nothing(self) -> None:

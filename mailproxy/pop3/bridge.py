@@ -33,7 +33,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -139,6 +139,10 @@ class _LineLimiter:
         self._write(data[: position + 1])
 
 
+# Deleting needs up to a few round trips (STORE, EXPUNGE or MOVE, LOGOUT).
+COMMIT_TIMEOUT_FACTOR = 6
+
+
 @implementer(IPOP3Maildrop)
 class IMAPMaildrop:
     """
@@ -155,8 +159,9 @@ class IMAPMaildrop:
 
     log = Logger()
 
-    def __init__(self, session: UpstreamSession, upstream: UpstreamConfig) -> None:
+    def __init__(self, session: UpstreamSession, upstream: UpstreamConfig, clock: Any = None) -> None:
         self.upstream = upstream
+        self.clock = clock
         self.capabilities = {name.upper() for name in session.capabilities}
         self.client = IMAPCommandClient(session.protocol)
         self.producer = session.protocol.transport
@@ -259,7 +264,18 @@ class IMAPMaildrop:
             L{UpstreamError} if the connection is lost) if the deletions
             could not all be applied.
         """
-        return Deferred.fromCoroutine(self._commit())
+        committing = Deferred.fromCoroutine(self._commit())
+        if self.clock is not None:
+            # A hung upstream must not keep the client waiting forever; the
+            # upstream connection is dropped, so nothing half-done continues.
+            committing.addTimeout(COMMIT_TIMEOUT_FACTOR * self.upstream.connectTimeout, self.clock)
+            committing.addErrback(self._commitTimedOut)
+        return committing
+
+    def _commitTimedOut(self, failure: Any) -> None:
+        failure.trap(TimeoutError)
+        self._finish()
+        raise BridgeError("the upstream did not finish the deletions in time")
 
     def abandon(self) -> None:
         self._finish()
@@ -415,7 +431,7 @@ async def openMaildrop(
         connection is closed.
     """
     session = await connectUpstream(reactor, upstream, username, password, clientAddress=clientAddress)
-    maildrop = IMAPMaildrop(session, upstream)
+    maildrop = IMAPMaildrop(session, upstream, reactor)
     try:
         await maildrop.open()
     except BaseException:
