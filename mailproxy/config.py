@@ -17,6 +17,8 @@ from typing import Any
 
 from twisted.internet.endpoints import serverFromString
 
+from mailproxy.limits import LimitsConfig
+
 
 class ConfigError(Exception):
     """
@@ -108,6 +110,7 @@ class Config:
     idleRefresh: float = 25 * 60.0
     filters: Mapping[str, FilterConfig] = field(default_factory=dict)
     defaultFilters: tuple[str, ...] = ()
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def filterNamesFor(self, listener: ListenerConfig, username: str | None) -> tuple[str, ...]:
         """
@@ -150,7 +153,7 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     Validate an already-decoded configuration document.
     """
     reader = _Reader(document, "", baseDir)
-    _rejectUnknown(reader, {"server", "auth", "listener", "upstream", "routing", "filters"})
+    _rejectUnknown(reader, {"server", "auth", "listener", "upstream", "routing", "filters", "limits"})
     server = reader.table("server")
     auth = reader.table("auth")
     _rejectUnknown(
@@ -217,7 +220,28 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         idleRefresh=_positive(server, "idle_refresh", 25 * 60.0),
         filters=filters,
         defaultFilters=_filterNames(routing, filters, "default_filters"),
+        limits=_limits(reader.table("limits")),
     )
+
+
+def _limits(table: _Reader) -> LimitsConfig:
+    keys = {
+        "max_connections": "maxConnections",
+        "max_connections_per_ip": "maxConnectionsPerIP",
+        "max_sessions_per_user": "maxSessionsPerUser",
+        "failure_window": "failureWindow",
+        "failures_before_lockout": "failuresBeforeLockout",
+        "lockout_seconds": "lockoutSeconds",
+    }
+    _rejectUnknown(table, set(keys))
+    values: dict[str, Any] = {}
+    for key, attribute in keys.items():
+        default = getattr(LimitsConfig, attribute)
+        value = table.number(key, default)
+        if not value:
+            raise ConfigError(f"{table.where(key)}: must be greater than 0")
+        values[attribute] = type(default)(value)
+    return LimitsConfig(**values)
 
 
 def _filter(name: str, table: _Reader) -> FilterConfig:

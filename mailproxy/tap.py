@@ -12,6 +12,7 @@ from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -21,6 +22,7 @@ from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, loadC
 from mailproxy.filters.registry import buildFilters, chainFactory
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
 from mailproxy.imap.upstream import UpstreamSession, connectUpstream
+from mailproxy.limits import Limits
 from mailproxy.passwords import UsersFileError
 from mailproxy.pop3.bridge import openMaildrop
 from mailproxy.pop3.server import POP3Backends, POP3ServerFactory
@@ -28,6 +30,7 @@ from mailproxy.pop3.upstream import connectPOP3Upstream
 from mailproxy.tls import serverOptions, upstreamOptions
 
 log = Logger()
+PRUNE_INTERVAL = 300.0
 
 
 class Options(usage.Options):
@@ -66,11 +69,22 @@ class ListenersService(MultiService):
     connections) are closed when the service stops.
     """
 
-    def __init__(self, filters: Iterable[object] = ()) -> None:
+    def __init__(self, filters: Iterable[object] = (), limits: Limits | None = None, clock: Any = None) -> None:
         super().__init__()
         self.filters = list(filters)
+        self._pruning = LoopingCall(limits.prune) if limits is not None else None
+        if self._pruning is not None and clock is not None:
+            self._pruning.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        if self._pruning is not None:
+            # Expired authentication failures and lockouts are forgotten.
+            self._pruning.start(PRUNE_INTERVAL, now=False)
 
     def stopService(self) -> Any:
+        if self._pruning is not None and self._pruning.running:
+            self._pruning.stop()
         stopping = super().stopService()
         for item in self.filters:
             close = getattr(item, "close", None)
@@ -113,14 +127,15 @@ def buildService(config: Config, reactor: Any) -> MultiService:
 
     pop3 = POP3Backends(connectRelay, openBridge)
     filters = buildFilters(config.filters)
-    root = ListenersService(filters.values())
+    limits = Limits(config.limits, reactor, config.authFailureDelay)
+    root = ListenersService(filters.values(), limits, reactor)
     for index, listener in enumerate(config.listeners):
         tlsOptions = None
         if listener.tls is not TLSMode.PLAIN:
             assert listener.certificate is not None and listener.privateKey is not None
             tlsOptions = serverOptions(listener.certificate, listener.privateKey, f"listener[{index}]")
         context = ServerContext(
-            config, listener, portal, reactor, connect, tlsOptions, chainFactory(config, listener, filters)
+            config, listener, portal, reactor, connect, tlsOptions, chainFactory(config, listener, filters), limits
         )
         factory: Any = POP3ServerFactory(context, pop3) if listener.protocol == "pop3" else IMAPServerFactory(context)
         if tlsOptions is not None and listener.tls is TLSMode.IMPLICIT:

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -18,6 +19,7 @@ from mailproxy.config import Config, ListenerConfig, TLSMode, UpstreamConfig, Us
 from mailproxy.filters.chain import FilterChain
 from mailproxy.imap.server import IMAPServerProtocol, ServerContext, State
 from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession
+from mailproxy.limits import LimitsConfig
 from mailproxy.passwords import hashPassword
 
 FAST_HASH = {"log2N": 4}
@@ -40,6 +42,7 @@ def makeConfig(
     routes: dict[str, UserRoute] | None = None,
     delay: float = 2.0,
     upstream: UpstreamConfig | None = None,
+    limits: LimitsConfig | None = None,
 ) -> Config:
     upstream = upstream or UpstreamConfig("main", "127.0.0.1", 1, TLSMode.PLAIN)
     return Config(
@@ -49,6 +52,7 @@ def makeConfig(
         defaultRoute=UserRoute("main"),
         routes=routes or {},
         authFailureDelay=delay,
+        limits=limits or LimitsConfig(),
     )
 
 
@@ -141,22 +145,31 @@ def connect(
     routes: dict[str, UserRoute] | None = None,
     upstream: UpstreamScript | None = None,
     filters: list[object] | None = None,
+    limits: LimitsConfig | None = None,
+    clock: Clock | None = None,
 ) -> ProxyConnection:
     usersFile = writeUsersFile(directory, users or {"alice": "alicepw"})
-    config = makeConfig(usersFile, routes=routes)
+    config = makeConfig(usersFile, routes=routes, limits=limits)
     listener = ListenerConfig(
         "imap", "tcp:0", tls, certificate="x", privateKey="x", allowPlaintextAuth=allowPlaintextAuth
     )
-    clock = Clock()
+    clock = clock or Clock()
     script = upstream or UpstreamScript()
     chain = FilterChain(filters or [])
     context = ServerContext(
         config, listener, makePortal(config, inlineRunner), clock, script, "TLS-OPTIONS", lambda user: chain
     )
+    return another(context, script)
+
+
+def another(context: ServerContext, script: UpstreamScript, host: str = "192.0.2.1") -> ProxyConnection:
+    """
+    One more client connection to the same listener (shared limits).
+    """
     protocol = IMAPServerProtocol(context)
-    transport = FakeTLSTransport()
+    transport = FakeTLSTransport(peerAddress=IPv4Address("TCP", host, 40000))
     protocol.makeConnection(transport)
-    return ProxyConnection(protocol, transport, clock, script)
+    return ProxyConnection(protocol, transport, context.clock, script)  # type: ignore[arg-type]
 
 
 def loggedIn(tmp_path: Any, **kwargs: Any) -> ProxyConnection:

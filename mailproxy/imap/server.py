@@ -34,6 +34,7 @@ from mailproxy.imap.relay import Relay
 from mailproxy.imap.syntax import SyntaxError_, parseArguments, tagAndCommand
 from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession, setNoDelay
 from mailproxy.interfaces import IProxyUser
+from mailproxy.limits import Gate, Limits
 from mailproxy.session import ProxySession
 
 # Before login the proxy holds whole commands (lines and literals) itself;
@@ -70,6 +71,11 @@ class ServerContext:
     connectUpstream: ConnectUpstream
     tlsOptions: Any = None
     filtersFor: Callable[[str | None], FilterChain] = lambda user: FilterChain()
+    limits: Limits | None = None
+
+    def __post_init__(self) -> None:
+        if self.limits is None:
+            self.limits = Limits(self.config.limits, self.clock, self.config.authFailureDelay)
 
 
 class _PendingCommand:
@@ -112,6 +118,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self._saslTag = b""
         self._logout: Callable[[], None] | None = None
         self.relay: Relay | None = None
+        self.gate: Gate | None = None
         self._written = 0
         self._lastStatus: dict[bytes, str] = {}
         self._connecting: Deferred[UpstreamSession] | None = None
@@ -125,6 +132,12 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         peer = self.transport.getPeer()
         self.clientAddress = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         setNoDelay(self.transport)
+        assert self.context.limits is not None
+        self.gate = Gate(self.context.limits, self.clientAddress, "imap")
+        refusal = self.gate.admit()
+        if refusal is not None:
+            self._close(b"[UNAVAILABLE] " + refusal.encode("ascii") + b", try again later")
+            return
         self.setTimeout(self.context.config.preAuthTimeout)
         self.session.clientAddress = self.clientAddress
         self.session.notify("connected")
@@ -139,6 +152,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
         self.state = State.CLOSED
+        if self.gate is not None:
+            self.gate.release()
         if self._refusal is not None and self._refusal.active():
             self._refusal.cancel()
         if self.relay is not None:
@@ -377,6 +392,11 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.state = State.LOGGING_IN
         self.transport.pauseProducing()  # type: ignore[attr-defined]
         name = username.decode("utf-8", "replace")
+        assert self.gate is not None
+        if self.gate.lockedOut(name):
+            # Not even checked: a locked-out guesser learns nothing.
+            self._refuseLater(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.", self.gate.failed(name))
+            return
         loggingIn = self.context.portal.login(UsernamePassword(username, password), None, IProxyUser)
         loggingIn.addCallbacks(
             lambda result: self._authenticated(tag, name, password, result),
@@ -389,6 +409,10 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.user = user
         if self.state is State.CLOSED:
             logout()
+            return
+        assert self.gate is not None
+        if not self.gate.succeeded(name):
+            self._refuseLater(tag, b"NO [LIMIT] Too many sessions for this user.", 0)
             return
         if user.upstream.protocol != "imap":
             self.log.error(
@@ -415,11 +439,16 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         return result
 
     def _loginFailed(self, tag: bytes, name: str, failure: Failure) -> None:
+        assert self.gate is not None
+        if self.state is State.CLOSED:
+            self.gate.failed(name)
+            return
         self.session.notify("login", ok=False, user=name)
         if failure.check(UnauthorizedLogin) is None:
             self.log.failure("login of {user} failed unexpectedly", failure, user=name)
         self.log.info("{client} authentication failed for {user}", client=self.clientAddress, user=name)
-        self._refuseLater(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.")
+        assert self.gate is not None
+        self._refuseLater(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.", self.gate.failed(name))
 
     def _upstreamFailed(self, tag: bytes, name: str, user: Any, failure: Failure) -> None:
         if self._logout is not None:
@@ -439,7 +468,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             error=str(error),
         )
         if error.authenticationFailed and user.upstreamPassword is None:
-            self._refuseLater(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.")
+            assert self.gate is not None
+            self._refuseLater(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.", self.gate.failed(name))
         else:
             self._refuseLater(tag, b"NO [UNAVAILABLE] Upstream server unavailable, try again later.", 0)
 

@@ -35,6 +35,7 @@ from mailproxy.filters import Reject, Rewrite, Verdict
 from mailproxy.imap.server import ServerContext
 from mailproxy.imap.upstream import UpstreamError, setNoDelay
 from mailproxy.interfaces import IProxyUser
+from mailproxy.limits import Gate
 from mailproxy.pop3.model import POP3Command
 from mailproxy.pop3.relay import POP3Relay
 from mailproxy.pop3.transaction import MaildropSession
@@ -108,6 +109,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._busy = False
         self._bridgeRunning = False
         self._upstreamCapabilities: list[bytes] = []
+        self.gate: Gate | None = None
         self._firstLine: bytes | None = b""
         self._paused = False
         self._userName: bytes | None = None
@@ -123,6 +125,13 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         peer = self.transport.getPeer()
         self.clientAddress = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         setNoDelay(self.transport)
+        assert self.context.limits is not None
+        self.gate = Gate(self.context.limits, self.clientAddress, "pop3")
+        refusal = self.gate.admit()
+        if refusal is not None:
+            self._send(b"-ERR [SYS/TEMP] " + refusal.encode("ascii") + b", try again later\r\n")
+            self._closeConnection()
+            return
         self.setTimeout(self.context.config.preAuthTimeout)
         self.session.clientAddress = self.clientAddress
         self.session.notify("connected")
@@ -137,6 +146,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
         self.state = State.CLOSED
+        if self.gate is not None:
+            self.gate.release()
         if self._refusal is not None and self._refusal.active():
             self._refusal.cancel()
         if self._connecting is not None:
@@ -381,6 +392,11 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.state = State.LOGGING_IN
         self._pauseInput()
         name = username.decode("utf-8", "replace")
+        assert self.gate is not None
+        if self.gate.lockedOut(name):
+            # Not even checked: a locked-out guesser learns nothing.
+            self._refuseLater(_AUTH_FAILED, self.gate.failed(name))
+            return
         loggingIn = self.context.portal.login(UsernamePassword(username, password), None, IProxyUser)
         loggingIn.addCallbacks(
             lambda result: self._authenticated(name, password, mechanism, result),
@@ -394,6 +410,11 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             logout()
             return
         self._logout = logout
+        assert self.gate is not None
+        if not self.gate.succeeded(name):
+            self._dropLogout()
+            self._refuseLater(b"-ERR [IN-USE] Too many sessions for this user.\r\n", 0)
+            return
         upstream = user.upstream
         upstreamPassword = user.upstreamPassword or password.decode("utf-8", "surrogateescape")
         arguments = (upstream, user.upstreamUsername, upstreamPassword, self.clientAddress)
@@ -429,13 +450,15 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             logout()
 
     def _loginFailed(self, name: str, mechanism: str, failure: Failure) -> None:
+        assert self.gate is not None
         if self.state is State.CLOSED:
+            self.gate.failed(name)
             return
         self.session.notify("login", ok=False, user=name, mechanism=mechanism)
         if failure.check(UnauthorizedLogin) is None:
             self.log.failure("login of {user} failed unexpectedly", failure, user=name)
         self.log.info("{client} authentication failed for {user}", client=self.clientAddress, user=name)
-        self._refuseLater(_AUTH_FAILED)
+        self._refuseLater(_AUTH_FAILED, self.gate.failed(name))
 
     def _upstreamFailed(self, name: str, mechanism: str, user: Any, failure: Failure) -> None:
         self._dropLogout()
@@ -454,7 +477,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         )
         self.session.notify("login", ok=False, user=name, mechanism=mechanism)
         if error.authenticationFailed and user.upstreamPassword is None:
-            self._refuseLater(_AUTH_FAILED)
+            assert self.gate is not None
+            self._refuseLater(_AUTH_FAILED, self.gate.failed(name))
         else:
             self._refuseLater(b"-ERR [SYS/TEMP] Upstream server unavailable, try again later.\r\n", 0)
 
