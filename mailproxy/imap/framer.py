@@ -157,7 +157,11 @@ class IMAPFramer:
                 break
             if newline + 1 - position > self.maxLineLength:
                 raise FramingError(f"line longer than {self.maxLineLength} octets")
-            events.append(self._line(data[position : newline + 1]))
+            line = self._line(data[position : newline + 1])
+            events.append(line)
+            if line.literal == 0:
+                # An empty literal still is a literal: consumers count them.
+                events.append(LiteralChunk(b"", 0))
             position = newline + 1
         return events
 

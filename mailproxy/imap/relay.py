@@ -215,7 +215,10 @@ class Relay:
                 self._streamingCommand = False
             return
         if isinstance(event, LiteralChunk):
-            assert self._command is not None
+            if self._command is None:
+                # Literal octets sent along with a command that was refused
+                # or cancelled before its continuation: not to be relayed.
+                return
             self._command.addLiteral(event)
             return
         if not event.continuation:

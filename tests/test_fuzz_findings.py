@@ -1,0 +1,17 @@
+"""
+Fuzzing findings that are fixed: empty literals (the framer now emits one
+empty chunk for C{{0}}) and literal octets sent with a command the filtered
+relay refuses.  The tests live with the open findings in
+C{fuzz_findings_pending.py} (not collected); the fixed ones run from here.
+"""
+
+from tests.fuzz_findings_pending import (  # noqa: F401
+    test_append_size_limit_holds_for_a_multiappend_starting_with_an_empty_message,
+    test_filtered_relay_forwards_traffic_with_empty_literals_byte_for_byte,
+    test_filtered_relay_survives_a_refused_login_sent_with_its_literal,
+    test_filtered_relay_survives_a_rejected_large_append_sent_with_its_data,
+    test_filtered_relay_survives_an_empty_literal_before_a_large_one,
+    test_login_with_an_empty_literal_password_fails_like_a_wrong_password,
+    test_response_filters_see_an_empty_literal_in_a_response,
+)
+from tests.test_fuzz_protocols import usersDir  # noqa: F401  (fixture)
