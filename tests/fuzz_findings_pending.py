@@ -1,7 +1,7 @@
 """
-Bugs found by the protocol fuzzing in test_fuzz_protocols.py.  A and B are
-fixed: their tests pass and run from test_fuzz_findings.py.  C and D (and the
-tests not imported there) still FAIL; the module name keeps pytest from
+Bugs found by the protocol fuzzing in test_fuzz_protocols.py.  A, B and D
+are fixed: their tests pass and run from test_fuzz_findings.py.  C (the
+tests not imported there) still FAILS; the module name keeps pytest from
 collecting it, so CI stays green.  Run it explicitly with
 
     .venv/bin/python -m pytest -q tests/fuzz_findings_pending.py

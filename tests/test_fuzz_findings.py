@@ -1,7 +1,7 @@
 """
 Fuzzing findings that are fixed: empty literals (the framer now emits one
-empty chunk for C{{0}}) and literal octets sent with a command the filtered
-relay refuses.  The tests live with the open findings in
+empty chunk for C{{0}}), literal octets sent with a command the filtered
+relay refuses, and POP3's pre-login timeout during a login in flight.  The tests live with the open findings in
 C{fuzz_findings_pending.py} (not collected); the fixed ones run from here.
 """
 
@@ -12,6 +12,7 @@ from tests.fuzz_findings_pending import (  # noqa: F401
     test_filtered_relay_survives_a_rejected_large_append_sent_with_its_data,
     test_filtered_relay_survives_an_empty_literal_before_a_large_one,
     test_login_with_an_empty_literal_password_fails_like_a_wrong_password,
+    test_pop3_autologout_is_not_sent_as_the_answer_to_a_pending_pass,
     test_response_filters_see_an_empty_literal_in_a_response,
 )
 from tests.test_fuzz_protocols import usersDir  # noqa: F401  (fixture)

@@ -168,7 +168,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self.log.info("{client} idle too long; disconnecting", client=self.clientAddress)
-        if self._atBoundary():
+        # While a login is in flight any -ERR would read as PASS's answer:
+        # close silently then (the pending upstream login is cancelled).
+        if self._atBoundary() and self.state is not State.LOGGING_IN:
             self._send(b"-ERR Autologout; idle for too long\r\n")
         self._closeConnection()
 
