@@ -1,8 +1,9 @@
 """
-Bugs found by the protocol fuzzing in test_fuzz_protocols.py.  A, B and D
-are fixed: their tests pass and run from test_fuzz_findings.py.  C (the
-tests not imported there) still FAILS; the module name keeps pytest from
-collecting it, so CI stays green.  Run it explicitly with
+Bugs found by the protocol fuzzing in test_fuzz_protocols.py.  A, B (but
+B3), C (but C2) and D are fixed: their tests pass and run from
+test_fuzz_findings.py.  The others (the tests not imported there) still
+FAIL; the module name keeps pytest from collecting it, so CI stays green.
+Run it explicitly with
 
     .venv/bin/python -m pytest -q tests/fuzz_findings_pending.py
 
@@ -11,29 +12,35 @@ it where one applies.  When a fix lands, move its tests into the regular
 suite and drop the matching workaround from test_fuzz_protocols.py (the
 places are named in each section).
 
-A. Zero-length literals.  IMAPFramer emits no LiteralChunk for a {0}
-   literal, and the consumers (relay._Assembly, server._PendingCommand)
+A. (Fixed.) Zero-length literals.  IMAPFramer emitted no LiteralChunk for a
+   {0} literal, and the consumers (relay._Assembly, server._PendingCommand)
    only record a literal when its last chunk arrives, so an empty literal
-   vanishes: the text/literal parts of the command or response shift by one.
-   Workaround in test_fuzz_protocols.py: nonEmptyLiteralData and
-   withoutKnownFilteredRelayCrashes.
+   vanished: the text/literal parts of the command or response shifted.
 
-B. Literal data sent together with a synchronising literal that the filtered
-   relay refuses (LOGIN/AUTHENTICATE/STARTTLS/COMPRESS after login, or a
-   filter's Reject of a streamed command): the framer has already framed the
-   literal when the relay cancels it, and the leftover LiteralChunk hits an
-   assertion.  Workaround: withoutKnownFilteredRelayCrashes.
+B. Literal data sent together with a synchronising literal that the relay
+   refuses (LOGIN/AUTHENTICATE/STARTTLS/COMPRESS after login, or a filter's
+   Reject of a streamed command): the framer has already framed the literal
+   when the relay cancels it.  Fixed: the leftover LiteralChunk no longer
+   hits an assertion in the filtered relay, nor (B2, fixed) the rest of that
+   line framed as a continuation in the same read.  Still open: (B3) the
+   passthrough relay sends those literal octets upstream unexamined, so a
+   command the proxy refuses (COMPRESS, STARTTLS...) reaches the upstream as
+   the literal of a refused LOGIN.  Workaround: withoutKnownFilteredRelayCrashes
+   (filtered); the passthrough properties cannot see B3.
 
-C. Filtered relay to an upstream without LITERAL+, where the proxy forwards
-   a synchronising literal only after the upstream's "+".  Workaround:
-   unambiguousLiteralData and done=False in
+C. Filtered relay: Relay._flushOutbound looks for a synchronising literal
+   announcement at the end of every part it sends, literal data included, so
+   literal data ending in "{n}" CRLF (a message whose last line is "{5}")
+   makes it wait for a "+" no server sends: the rest of the command and
+   every later one stall.  Upstreams with or without LITERAL+ alike.  Also
+   (C2), with an upstream without LITERAL+, a line without a tag (DONE) is
+   sent at once, ahead of a command still waiting for the upstream's "+".
+   Workaround: unambiguousLiteralData, and done=False in
    test_filtered_relay_without_literal_plus_upstream_waits_for_its_continuations_and_hides_them.
 
-D. POP3: while a login is in progress (the upstream or maildrop is slow to
-   open), the pre-login idle timeout still runs and its "-ERR Autologout"
-   goes out as if it answered PASS (the case test_pop3_regressions fixed for
-   relayed commands).  Found while reviewing what the POP3 property cannot
-   tell apart (any -ERR is a valid answer to PASS); no workaround needed.
+D. (Fixed.) POP3: while a login was in progress (the upstream or maildrop
+   slow to open), the pre-login idle timeout's "-ERR Autologout" went out as
+   if it answered PASS.
 """
 
 from __future__ import annotations
@@ -55,7 +62,6 @@ from tests.test_fuzz_protocols import (
     clientCommands,
     clientNoise,
     literalData,
-    nonEmptyLiteralData,
     relayActions,
     relayByteForByte,
     relayCapabilities,
@@ -86,11 +92,12 @@ def filteredSession(directory: Path, *filters: object, capabilities: list[bytes]
 
 
 def test_filtered_relay_forwards_a_command_with_an_empty_literal_unchanged(tmp_path: Path) -> None:
-    """PENDING (A): the literal after an empty one is taken for text, and its data "{1}" is rewritten to "{1+}"."""
+    """PENDING (C since A's fix): a command whose literal data ends in "{1}" CRLF stops before its last line."""
     connection = filteredSession(tmp_path)
     command = b"c1 APPEND INBOX {0+}\r\n {5+}\r\n{1}\r\n\r\n"
     connection.send(command)
-    # Today: b"c1 APPEND INBOX {0+}\r\n {5+}\r\n{1+}\r\n\r\n", six octets in a five-octet literal.
+    # Before A's fix: b"c1 APPEND INBOX {0+}\r\n {5+}\r\n{1+}\r\n\r\n" (six octets in a
+    # five-octet literal); now b"c1 APPEND INBOX {0+}\r\n {5+}\r\n{1}\r\n", waiting (C).
     assert connection.upstream.sent == command
 
 
@@ -171,6 +178,22 @@ def test_filtered_relay_survives_a_rejected_large_append_sent_with_its_data(tmp_
     assert connection.upstream.sent == b""
 
 
+def test_filtered_relay_survives_the_rest_of_a_refused_commands_line_sent_with_its_literal(tmp_path: Path) -> None:
+    """PENDING (B2): AssertionError ("assert command is not None") in Relay._filteredFromClient escapes dataReceived."""
+    connection = filteredSession(tmp_path)
+    connection.send(b"c1 LOGIN {5}\r\nalice pw\r\n")
+    assert connection.received().startswith(b"c1 BAD ")
+
+
+def test_passthrough_relay_never_sends_upstream_a_command_it_refuses(tmp_path: Path) -> None:
+    """PENDING (B3): sent as the literal of a refused LOGIN, COMPRESS reaches the upstream unexamined."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=LITERAL_PLUS))
+    connection.send(b"c1 LOGIN {22}\r\nc2 COMPRESS DEFLATE\r\n\r\n")
+    assert connection.received().startswith(b"c1 BAD ")
+    # Today the upstream gets b"c2 COMPRESS DEFLATE\r\n\r\n" and would start compressing.
+    assert b"COMPRESS" not in connection.upstream.sent
+
+
 @FUZZ
 @given(
     filters=st.sampled_from(["pass", "mixed"]),
@@ -214,6 +237,35 @@ def test_filtered_relay_survives_arbitrary_traffic_with_every_kind_of_literal(
 # -- C. filtered relay, upstream without LITERAL+ ------------------------------------------
 
 
+def test_literal_data_ending_like_an_announcement_does_not_stall_a_literal_plus_upstream(tmp_path: Path) -> None:
+    """PENDING (C): even with LITERAL+, the filtered relay waits for a "+" after literal data ending in "{1}" CRLF."""
+    connection = filteredSession(tmp_path)
+    command = b"c1 APPEND INBOX {5+}\r\n{1}\r\n\r\nc2 NOOP\r\n"
+    connection.send(command)
+    # Today the upstream gets b"c1 APPEND INBOX {5+}\r\n{1}\r\n" and nothing more.
+    assert connection.upstream.sent == command
+
+
+@FUZZ
+@given(
+    commands=st.lists(clientCommands(literalData.map(lambda data: data + b"{1}\r\n")), min_size=1, max_size=8),
+    responses=st.lists(upstreamResponses, max_size=10),
+    clientSizes=splits,
+    upstreamSizes=splits,
+    order=st.lists(st.booleans(), max_size=40),
+)
+def test_filtered_relay_forwards_literal_data_ending_like_an_announcement_byte_for_byte(
+    usersDir: Path,  # noqa: F811
+    commands: list[Wire],
+    responses: list[bytes],
+    clientSizes: list[int],
+    upstreamSizes: list[int],
+    order: list[bool],
+) -> None:
+    """PENDING (C): the byte-for-byte relay property, filtered to a LITERAL+ upstream, any literal data."""
+    relayByteForByte(usersDir, True, commands, responses, clientSizes, upstreamSizes, order, True)
+
+
 def test_literal_data_ending_like_an_announcement_does_not_stall_the_command(tmp_path: Path) -> None:
     """PENDING (C): after sending literal data ending in "{1}" CRLF the relay waits for another "+" forever."""
     connection = filteredSession(tmp_path, capabilities=NO_LITERAL_PLUS)
@@ -236,7 +288,7 @@ def test_untagged_lines_wait_behind_a_command_awaiting_its_continuation(tmp_path
 
 @FUZZ
 @given(
-    commands=st.lists(clientCommands(nonEmptyLiteralData.map(lambda data: data + b"{1}\r\n")), max_size=8),
+    commands=st.lists(clientCommands(literalData.map(lambda data: data + b"{1}\r\n")), max_size=8),
     responses=st.lists(upstreamDataResponses, max_size=10),
     clientSizes=splits,
     upstreamSizes=splits,

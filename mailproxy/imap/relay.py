@@ -116,7 +116,7 @@ class Relay:
         self._clientTag: bytes | None = None
         # Commands waiting to go upstream, each as its remaining parts; the
         # first may be stopped at a synchronising literal.
-        self._outbound: deque[tuple[bytes, deque[bytes]]] = deque()
+        self._outbound: deque[tuple[bytes, deque[tuple[bytes, bool]]]] = deque()
         self._outboundWaiting = False
         self._inFlight: dict[bytes, _InFlight] = {}
         self._pendingSelect: tuple[bytes, bytes | None] | None = None
@@ -233,7 +233,9 @@ class Relay:
                 return
             self._command = _Assembly(tag=parsed[0], name=parsed[1])
         command = self._command
-        assert command is not None
+        if command is None:
+            # The rest of a command whose literal was refused or cancelled.
+            return
         command.parts.append(event.raw)
         if event.literal is None:
             self._command = None
@@ -290,13 +292,15 @@ class Relay:
             self._clientTag = tag
             if not streamed.nonSynchronizing:
                 self._awaitingContinuation = tag
-        outbound: deque[bytes] = deque()
+        # (octets, is text): only text parts announce literals; literal data
+        # that happens to end like "{5}\r\n" must not stop the sending.
+        outbound: deque[tuple[bytes, bool]] = deque()
         for index, part in enumerate(parts):
             if isinstance(part, StreamedLiteral):
                 break
             if index % 2 == 0 and index + 1 < len(parts) and not isinstance(parts[index + 1], StreamedLiteral):
                 part = self._literalAnnouncement(part)
-            outbound.append(part)
+            outbound.append((part, index % 2 == 0))
         self._outbound.append((tag or b"", outbound))
         self._flushOutbound()
 
@@ -314,9 +318,9 @@ class Relay:
         while self._outbound and not self._outboundWaiting:
             _, current = self._outbound[0]
             while current:
-                part = current.popleft()
+                part, isText = current.popleft()
                 self.toUpstream(part)
-                if current and _SYNC_ANNOUNCEMENT.search(part):
+                if current and isText and _SYNC_ANNOUNCEMENT.search(part):
                     self._outboundWaiting = True
                     return
             self._outbound.popleft()
