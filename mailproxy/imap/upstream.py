@@ -237,17 +237,12 @@ async def connectUpstream(
 
     @raise UpstreamError: if any step fails; the connection is closed.
     """
-    protocol = await _connect(reactor, upstream)
+    protocol: UpstreamIMAPProtocol = await openConnection(reactor, upstream, UpstreamIMAPProtocol)
     try:
         return await _loginHandshake(reactor, protocol, upstream, username, password)
     except BaseException:
         protocol.transport.loseConnection()
         raise
-
-
-async def _connect(reactor: IReactorTCP, upstream: UpstreamConfig) -> UpstreamIMAPProtocol:
-    protocol: UpstreamIMAPProtocol = await openConnection(reactor, upstream, UpstreamIMAPProtocol)
-    return protocol
 
 
 async def openConnection(reactor: IReactorTCP, upstream: UpstreamConfig, protocolClass: type[Protocol]) -> Any:

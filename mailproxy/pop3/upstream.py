@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTCP, IReactorTime, ITransport
+from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -145,17 +145,12 @@ async def connectPOP3Upstream(
 
     @raise UpstreamError: if any step fails; the connection is closed.
     """
-    protocol = await _connect(reactor, upstream)
+    protocol: POP3UpstreamProtocol = await openConnection(reactor, upstream, POP3UpstreamProtocol)
     try:
         return await loginHandshake(reactor, protocol, upstream, username, password)
     except BaseException:
         protocol.transport.loseConnection()
         raise
-
-
-async def _connect(reactor: IReactorTCP, upstream: UpstreamConfig) -> POP3UpstreamProtocol:
-    protocol: POP3UpstreamProtocol = await openConnection(reactor, upstream, POP3UpstreamProtocol)
-    return protocol
 
 
 class _Handshake:
