@@ -224,6 +224,10 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     )
 
 
+# Shorter lines would refuse ordinary clients' UID sets.
+MIN_LINE_LENGTH = 1024
+
+
 def _limits(table: _Reader) -> LimitsConfig:
     keys = {
         "max_connections": "maxConnections",
@@ -232,6 +236,8 @@ def _limits(table: _Reader) -> LimitsConfig:
         "failure_window": "failureWindow",
         "failures_before_lockout": "failuresBeforeLockout",
         "lockout_seconds": "lockoutSeconds",
+        "max_line_length": "maxLineLength",
+        "max_preauth_literal": "maxPreauthLiteral",
     }
     _rejectUnknown(table, set(keys))
     values: dict[str, Any] = {}
@@ -241,6 +247,8 @@ def _limits(table: _Reader) -> LimitsConfig:
         if not value:
             raise ConfigError(f"{table.where(key)}: must be greater than 0")
         values[attribute] = type(default)(value)
+    if values["maxLineLength"] < MIN_LINE_LENGTH:
+        raise ConfigError(f"{table.where('max_line_length')}: must be at least {MIN_LINE_LENGTH}")
     return LimitsConfig(**values)
 
 

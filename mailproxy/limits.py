@@ -30,6 +30,8 @@ class LimitsConfig:
     failureWindow: float = 900.0
     failuresBeforeLockout: int = 10
     lockoutSeconds: float = 900.0
+    maxLineLength: int = 65536
+    maxPreauthLiteral: int = 16384
 
 
 class Limits:

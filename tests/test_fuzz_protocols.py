@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from mailproxy.config import TLSMode
 from mailproxy.filters import DROP, PASS, Reject
 from mailproxy.imap.framer import IMAPFramer, Line
-from mailproxy.imap.server import RELAY_MAX_LINE, State
+from mailproxy.imap.server import State
 from mailproxy.imap.syntax import tagAndCommand
 from mailproxy.pop3.relay import RELAYED
 from mailproxy.pop3.server import MAX_LINE
@@ -187,7 +187,7 @@ def lastIMAPCommandIsSTARTTLS(fed: bytes) -> bool:
     """
     C{True} if C{fed} ends exactly with a whole STARTTLS command.
     """
-    framer = IMAPFramer(RELAY_MAX_LINE)
+    framer = IMAPFramer(1024 * 1024)
     starts = [event for event in framer.feed(fed) if isinstance(event, Line) and not event.continuation]
     parsed = tagAndCommand(starts[-1].raw) if starts else None
     return framer.atBoundary and parsed is not None and parsed[1] == b"STARTTLS"

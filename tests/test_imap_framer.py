@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailproxy.imap.framer import FramingError, IMAPFramer, Line, LiteralChunk
+from mailproxy.imap.framer import OVERLONG_HEAD, FramingError, IMAPFramer, Line, LiteralChunk, OverlongLine
 
 
 def lines(events: list[Line | LiteralChunk]) -> list[Line]:
@@ -283,6 +283,42 @@ def test_literal_at_max_literal_size_is_accepted() -> None:
     framer.maxLiteralSize = 100
     [line] = framer.feed(b"a1 APPEND INBOX {100+}\r\n")
     assert line.literal == 100
+
+
+def test_overlong_line_is_discarded_and_reported_when_discarding_is_allowed() -> None:
+    """With discardUpTo, an overlong line becomes one OverlongLine and framing goes on after it."""
+    framer = IMAPFramer(maxLineLength=20, discardUpTo=1000)
+    raw = b"a1 " + b"x" * 200 + b"\r\n"
+    events = framer.feedClient(raw + b"a2 NOOP\r\n")
+    assert events == [OverlongLine(raw[:OVERLONG_HEAD], len(raw), False), Line(b"a2 NOOP\r\n", False)]
+    assert framer.atBoundary
+
+
+def test_overlong_line_arriving_in_pieces_is_reported_once_at_its_end() -> None:
+    """The pieces of an overlong line are counted, not kept; it is reported when its LF arrives."""
+    framer = IMAPFramer(maxLineLength=20, discardUpTo=1000)
+    assert framer.feedClient(b"a1 " + b"x" * 10) == []
+    assert framer.feedClient(b"y" * 10) == []
+    assert framer.feedClient(b"z" * 300) == []
+    [overlong, line] = framer.feedClient(b"zz\r\na2 NOOP\r\n")
+    assert overlong == OverlongLine(b"a1 " + b"x" * 10 + b"y" * 10, 3 + 10 + 10 + 300 + 4, False)
+    assert line == Line(b"a2 NOOP\r\n", False)
+
+
+def test_overlong_continuation_line_is_flagged_and_ends_the_command() -> None:
+    """An overlong line after a literal says so; what follows starts a new command."""
+    framer = IMAPFramer(maxLineLength=30, discardUpTo=1000)
+    events = framer.feedClient(b"a1 APPEND INBOX {2+}\r\nhi" + b" x" * 50 + b"\r\na2 NOOP\r\n")
+    assert isinstance(events[-2], OverlongLine) and events[-2].continuation
+    assert events[-1] == Line(b"a2 NOOP\r\n", False)
+
+
+def test_overlong_line_past_the_discard_limit_raises_framing_error() -> None:
+    """Discarding is bounded too: an endless line is a framing error."""
+    framer = IMAPFramer(maxLineLength=20, discardUpTo=100)
+    framer.feedClient(b"a1 " + b"x" * 50)
+    with pytest.raises(FramingError):
+        framer.feedClient(b"x" * 100)
 
 
 # Cancellation and state

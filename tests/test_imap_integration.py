@@ -182,6 +182,21 @@ def test_pipelined_commands_after_login(proxy: RunningProxy) -> None:
     assert all(b" OK " in line for line in lines if line[:2] in (b"a ", b"b ", b"c ", b"d "))
 
 
+def test_overlong_command_lines_are_refused_before_and_after_login(proxy: RunningProxy) -> None:
+    """A line over the default 64 KiB limit gets BAD [TOOBIG] on both sides of LOGIN; the session goes on."""
+    overlong = b"x" * 70000
+    with socket.create_connection((HOST, proxy.ports["plain"]), timeout=30) as raw:
+        reader = raw.makefile("rb")
+        assert reader.readline().startswith(b"* OK")
+        raw.sendall(b"a NOOP " + overlong + b"\r\nb LOGIN carol carolpw\r\n")
+        assert reader.readline() == b"a BAD [TOOBIG] Command line too long (limit 65536 octets)\r\n"
+        assert reader.readline().startswith(b"b OK ")
+        raw.sendall(b"c SEARCH " + overlong + b"\r\nd NOOP\r\n")
+        replies = [reader.readline(), reader.readline()]
+        assert b"c BAD [TOOBIG] Command line too long (limit 65536 octets)\r\n" in replies
+        assert replies[-1].startswith(b"d OK ")
+
+
 def test_starttls_injection_is_not_executed(proxy: RunningProxy) -> None:
     """Commands pipelined in plaintext after STARTTLS are dropped with the connection."""
     with socket.create_connection((HOST, proxy.ports["starttls"]), timeout=30) as raw:

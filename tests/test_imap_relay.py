@@ -16,6 +16,7 @@ from zope.interface import implementer
 from mailproxy.filters import DROP, PASS, Reject, Rewrite
 from mailproxy.imap.model import Atom, StreamedLiteral, String
 from mailproxy.interfaces import ICommandFilter, IResponseFilter, ISessionObserver
+from mailproxy.limits import LimitsConfig
 from tests.support import UpstreamScript, loggedIn
 
 LITERAL_PLUS = [b"IMAP4rev1", b"LITERAL+", b"IDLE", b"MOVE"]
@@ -252,3 +253,39 @@ def test_observers_hear_preauth_commands_without_credentials(tmp_path: Path) -> 
     assert [event for event, _ in seen.events][:1] == ["connected"]
     assert ("login", {"ok": True}) in seen.events
     assert b"alicepw" not in repr(seen.events).encode()
+
+
+def test_overlong_line_after_login_is_refused_and_never_relayed(tmp_path: Path) -> None:
+    """Passthrough: a command line over max_line_length gets BAD [TOOBIG]; the upstream sees nothing of it."""
+    connection = loggedIn(tmp_path, limits=LimitsConfig(maxLineLength=1024))
+    connection.send(b"x UID FETCH " + b"1," * 1000 + b"2 FLAGS\r\ny NOOP\r\n")
+    assert connection.received() == b"x BAD [TOOBIG] Command line too long (limit 1024 octets)\r\n"
+    assert connection.upstream.sent == b"y NOOP\r\n"
+
+
+def test_overlong_line_is_refused_in_order_by_a_filtered_relay(tmp_path: Path) -> None:
+    """Filtered: the refusal waits for the verdict on an earlier command."""
+    pending: Deferred[Any] = Deferred()
+    connection = loggedIn(
+        tmp_path, filters=[Scripted(onCommand=lambda command: pending)], limits=LimitsConfig(maxLineLength=1024)
+    )
+    connection.send(b"a NOOP\r\nb NOOP " + b"x" * 2000 + b"\r\n")
+    assert connection.received() == b""
+    pending.callback(PASS)
+    assert connection.upstream.sent == b"a NOOP\r\n"
+    assert connection.received() == b"b BAD [TOOBIG] Command line too long (limit 1024 octets)\r\n"
+
+
+def test_overlong_line_inside_a_relayed_command_closes_after_the_current_response(tmp_path: Path) -> None:
+    """Half a command is already upstream: BYE, sent only once the response in progress is complete."""
+    connection = loggedIn(tmp_path, limits=LimitsConfig(maxLineLength=1024))
+    connection.send(b"f FETCH 1 BODY[]\r\n")
+    connection.fromUpstream(b"* 1 FETCH (BODY[] {10}\r\n01234")
+    connection.send(b"x APPEND INBOX {2+}\r\nhi " + b"y" * 2000 + b"\r\n")
+    assert connection.received() == b"* 1 FETCH (BODY[] {10}\r\n01234"
+    assert not connection.transport.disconnecting
+    connection.fromUpstream(b"56789)\r\n")
+    assert connection.received() == (
+        b"56789)\r\nx BAD [TOOBIG] Command line too long (limit 1024 octets)\r\n* BYE Command broken off\r\n"
+    )
+    assert connection.transport.disconnecting

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from mailproxy.config import TLSMode, UserRoute
 from mailproxy.imap.server import State
 from mailproxy.imap.upstream import UpstreamError, setNoDelay
+from mailproxy.limits import LimitsConfig
 from tests.support import UpstreamScript, connect, loggedIn
 
 
@@ -189,11 +190,66 @@ def test_commands_before_login_are_refused(tmp_path: Path) -> None:
     )
 
 
-def test_oversized_preauth_literal_closes_the_connection(tmp_path: Path) -> None:
-    """A pre-auth literal over the limit ends the connection with BYE."""
+def test_oversized_synchronising_preauth_literal_is_refused_without_continuation(tmp_path: Path) -> None:
+    """A pre-auth literal over max_preauth_literal gets BAD [TOOBIG] instead of "+"; the session goes on."""
     connection = connect(str(tmp_path))
     connection.received()
     connection.send(b"a LOGIN {99999999}\r\n")
+    assert connection.received() == b"a BAD [TOOBIG] Literal too large before login\r\n"
+    connection.send(b"b NOOP\r\n")
+    assert connection.received() == b"b OK NOOP completed\r\n"
+    assert not connection.transport.disconnecting
+
+
+def test_oversized_non_synchronising_preauth_literal_ends_the_connection(tmp_path: Path) -> None:
+    """A {n+} literal over the limit is already on its way: BAD, then BYE."""
+    connection = connect(str(tmp_path), limits=LimitsConfig(maxPreauthLiteral=100))
+    connection.received()
+    connection.send(b"a LOGIN {101+}\r\n" + b"x" * 101 + b" pw\r\n")
+    assert connection.received() == b"a BAD [TOOBIG] Literal too large before login\r\n* BYE Literal refused\r\n"
+    assert connection.transport.disconnecting
+
+
+def test_preauth_literal_at_the_limit_is_accepted(tmp_path: Path) -> None:
+    """A literal of exactly max_preauth_literal octets is asked for as usual."""
+    connection = connect(str(tmp_path), limits=LimitsConfig(maxPreauthLiteral=100))
+    connection.received()
+    connection.send(b"a ID {100}\r\n")
+    assert connection.received() == b"+ Ready for literal data\r\n"
+
+
+def test_overlong_command_line_is_refused_with_bad_and_the_session_goes_on(tmp_path: Path) -> None:
+    """A line over max_line_length is discarded and answered with a tagged BAD [TOOBIG]."""
+    connection = connect(str(tmp_path), limits=LimitsConfig(maxLineLength=1024))
+    connection.received()
+    connection.send(b"a7 ID (" + b'"x" ' * 400 + b")\r\nb NOOP\r\n")
+    assert connection.received() == (
+        b"a7 BAD [TOOBIG] Command line too long (limit 1024 octets)\r\nb OK NOOP completed\r\n"
+    )
+    assert not connection.transport.disconnecting
+
+
+def test_repeated_overlong_command_lines_end_the_connection(tmp_path: Path) -> None:
+    """The third overlong line in one connection is answered, then the connection closes."""
+    connection = connect(str(tmp_path), limits=LimitsConfig(maxLineLength=1024))
+    connection.received()
+    for _ in range(2):
+        connection.send(b"a NOOP " + b"x" * 2000 + b"\r\n")
+        assert connection.received().startswith(b"a BAD [TOOBIG]")
+    connection.send(b"a NOOP " + b"x" * 2000 + b"\r\n")
+    assert connection.received().endswith(b"* BYE Too many oversized commands\r\n")
+    assert connection.transport.disconnecting
+
+
+def test_endless_line_is_cut_off_without_being_buffered(tmp_path: Path) -> None:
+    """A line that never ends is counted, not kept, and ends the connection past its bound."""
+    connection = connect(str(tmp_path), limits=LimitsConfig(maxLineLength=1024))
+    connection.received()
+    for _ in range(20):
+        if connection.transport.disconnecting:
+            break
+        connection.send(b"y" * 1024)
+        assert len(connection.protocol.framer.pending()) < 1024
     assert connection.received().startswith(b"* BYE ")
     assert connection.transport.disconnecting
 
@@ -202,8 +258,8 @@ def test_preauth_command_with_endless_literals_is_cut_off(tmp_path: Path) -> Non
     """Many small literals in one pre-auth command cannot grow memory without bound."""
     connection = connect(str(tmp_path))
     connection.received()
-    chunk = b"x" * 60000
-    connection.send(b"a ID {60000+}\r\n" + chunk + b" {60000+}\r\n" + chunk + b" {60000+}\r\n")
+    chunk = b"x" * 16000
+    connection.send(b"a ID {16000+}\r\n" + (chunk + b" {16000+}\r\n") * 9)
     assert connection.received().endswith(b"* BYE Command too long\r\n")
     assert connection.transport.disconnecting
 

@@ -175,3 +175,7 @@ def test_limits_are_configured_in_toml(tmp_path: Path) -> None:
     assert config.limits.maxConnectionsPerIP == 5 and config.limits.lockoutSeconds == 60.0
     with pytest.raises(ConfigError, match="limits.failures_before_lockout: must be greater than 0"):
         parseConfig({**base, "limits": {"failures_before_lockout": 0}}, str(tmp_path))
+    config = parseConfig({**base, "limits": {"max_line_length": 8192, "max_preauth_literal": 4096}}, str(tmp_path))
+    assert (config.limits.maxLineLength, config.limits.maxPreauthLiteral) == (8192, 4096)
+    with pytest.raises(ConfigError, match="limits.max_line_length: must be at least 1024"):
+        parseConfig({**base, "limits": {"max_line_length": 100}}, str(tmp_path))

@@ -31,6 +31,10 @@ class FramingError(Exception):
     """
 
 
+# How much of a discarded overlong line is kept, to name its tag.
+OVERLONG_HEAD = 64
+
+
 @dataclass(frozen=True)
 class Line:
     """
@@ -66,7 +70,21 @@ class LiteralChunk:
     remaining: int
 
 
+@dataclass(frozen=True)
+class OverlongLine:
+    """
+    A line longer than allowed, discarded up to its end; C{head} is its
+    start (enough for a tag), C{size} its full length.
+    """
+
+    head: bytes
+    size: int
+    continuation: bool
+
+
 Event = Line | LiteralChunk
+# What a client-facing framer (one that discards overlong lines) emits.
+ClientEvent = Line | LiteralChunk | OverlongLine
 
 
 class IMAPFramer:
@@ -78,11 +96,17 @@ class IMAPFramer:
     @param responses: C{True} for a server-to-client stream, where status
         responses (OK/NO/BAD/BYE/PREAUTH) and continuation requests never
         announce literals.
+    @param discardUpTo: if set, a line longer than C{maxLineLength} is not
+        an error: it is discarded up to its end and reported as one
+        L{OverlongLine}, unless it grows past C{discardUpTo} octets.
     """
 
-    def __init__(self, maxLineLength: int = 65536, *, responses: bool = False) -> None:
+    def __init__(self, maxLineLength: int = 65536, *, responses: bool = False, discardUpTo: int | None = None) -> None:
         self.maxLineLength = maxLineLength
         self._responses = responses
+        self._discardUpTo = discardUpTo
+        self._discarding: tuple[bytes, bool] | None = None
+        self._discarded = 0
         self._partial: list[bytes] = []
         self._partialSize = 0
         self._literalRemaining = 0
@@ -124,15 +148,30 @@ class IMAPFramer:
 
         @raise FramingError: if the stream is not valid IMAP framing.
         """
-        events: list[Event] = []
-        if self._partial:
+        assert self._discardUpTo is None, "a discarding framer is fed with feedClient"
+        return self._frame(data)  # type: ignore[return-value]
+
+    def feedClient(self, data: bytes) -> list[ClientEvent]:
+        """
+        Like L{feed}, for a framer that discards overlong lines: these come
+        out as L{OverlongLine}s.
+        """
+        return self._frame(data)
+
+    def _frame(self, data: bytes) -> list[ClientEvent]:
+        events: list[ClientEvent] = []
+        if self._discarding is not None:
+            data = self._discard(data, events)
+        elif self._partial:
             # Collect a long line's pieces without rescanning or recopying
             # them on every read.
             if b"\n" not in data:
                 self._partial.append(data)
                 self._partialSize += len(data)
                 if self._partialSize >= self.maxLineLength:
-                    raise FramingError(f"line longer than {self.maxLineLength} octets")
+                    self._startDiscard(b"".join(self._partial), events)
+                    self._partial = []
+                    self._partialSize = 0
                 return events
             data = b"".join(self._partial) + data
             self._partial = []
@@ -147,16 +186,16 @@ class IMAPFramer:
                 events.append(LiteralChunk(bytes(view[position : position + take]), self._literalRemaining))
                 position += take
                 continue
-            newline = data.find(b"\n", position)
+            newline = data.find(b"\n", position, position + self.maxLineLength)
             if newline < 0:
                 if end - position >= self.maxLineLength:
-                    raise FramingError(f"line longer than {self.maxLineLength} octets")
-                if position < end:
-                    self._partial = [data[position:]]
-                    self._partialSize = end - position
+                    rest = self._startDiscard(data[position:], events)
+                    data, position, end = rest, 0, len(rest)
+                    view = memoryview(data)
+                    continue
+                self._partial = [data[position:]]
+                self._partialSize = end - position
                 break
-            if newline + 1 - position > self.maxLineLength:
-                raise FramingError(f"line longer than {self.maxLineLength} octets")
             line = self._line(data[position : newline + 1])
             events.append(line)
             if line.literal == 0:
@@ -164,6 +203,32 @@ class IMAPFramer:
                 events.append(LiteralChunk(b"", 0))
             position = newline + 1
         return events
+
+    def _startDiscard(self, data: bytes, events: list[ClientEvent]) -> bytes:
+        """
+        Begin discarding an overlong line that starts C{data}; return what
+        follows its end in C{data}, if it ends there.
+        """
+        if self._discardUpTo is None:
+            raise FramingError(f"line longer than {self.maxLineLength} octets")
+        self._discarding = (data[:OVERLONG_HEAD], self._continuation)
+        self._discarded = 0
+        return self._discard(data, events)
+
+    def _discard(self, data: bytes, events: list[ClientEvent]) -> bytes:
+        assert self._discarding is not None and self._discardUpTo is not None
+        newline = data.find(b"\n")
+        if newline < 0:
+            self._discarded += len(data)
+            if self._discarded > self._discardUpTo:
+                raise FramingError(f"line longer than {self._discardUpTo} octets")
+            return b""
+        head, continuation = self._discarding
+        self._discarding = None
+        # The line ends the command it belonged to, literal or not.
+        self._continuation = False
+        events.append(OverlongLine(head, self._discarded + newline + 1, continuation))
+        return data[newline + 1 :]
 
     def _line(self, raw: bytes) -> Line:
         continuation = self._continuation

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from mailproxy.filters import DROP, Reject, Rewrite, Verdict
 from mailproxy.filters.chain import FilterChain
-from mailproxy.imap.framer import Event, Line, LiteralChunk
+from mailproxy.imap.framer import ClientEvent, Event, Line, LiteralChunk, OverlongLine
 from mailproxy.imap.idle import IdleController
 from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand, parseResponse, text
 from mailproxy.imap.syntax import RELAY_CAPABILITIES, rewriteCapabilities, tagAndCommand
@@ -106,8 +106,9 @@ class Relay:
         self.midResponse = False
         self._batching = False
         self._localReplies: list[bytes] = []
+        self._closeAfterReplies = False
         # client -> upstream
-        self._clientEvents: deque[Event] = deque()
+        self._clientEvents: deque[ClientEvent] = deque()
         self._clientBlocked = False
         self._command: _Assembly | None = None
         self._streamingCommand = False
@@ -135,6 +136,8 @@ class Relay:
         if complete and self._localReplies:
             replies, self._localReplies = self._localReplies, []
             self.client.transport.write(b"".join(replies))
+            if self._closeAfterReplies:
+                self.client.transport.loseConnection()
 
     def sendLocal(self, data: bytes) -> None:
         """
@@ -145,13 +148,28 @@ class Relay:
         else:
             self.client.transport.write(data)
 
+    def closeAtBoundary(self, data: bytes) -> None:
+        """
+        Send a last reply of the proxy's own (a BYE) and close, without
+        cutting an upstream response in two.
+        """
+        self.client.transport.pauseProducing()
+        self.sendLocal(data)
+        if self._localReplies:
+            self._closeAfterReplies = True
+        else:
+            self.client.transport.loseConnection()
+
     def toUpstream(self, data: bytes) -> None:
         self.bytesIn += len(data)
         self.upstream.transport.write(data)
 
     # -- client -> upstream ------------------------------------------------------
 
-    def fromClient(self, event: Event) -> None:
+    def fromClient(self, event: ClientEvent) -> None:
+        if isinstance(event, OverlongLine):
+            self._overlong(event)
+            return
         if not self.chain:
             self._passthroughFromClient(event)
             return
@@ -176,6 +194,24 @@ class Relay:
         if event.literal is not None and not event.nonSynchronizing:
             self._awaitingContinuation = self._clientTag
         self.toUpstream(event.raw)
+
+    def _overlong(self, event: OverlongLine) -> None:
+        """
+        A command line over the limit never goes upstream.  Handled here, in
+        order, because a filtered relay may still hold earlier commands.
+        """
+        if self.chain and (self._clientEvents or self._clientBlocked):
+            self._clientEvents.append(event)
+            return
+        self.client.refuseOverlong(event, self._overlongTag(event))
+
+    def _overlongTag(self, event: OverlongLine) -> bytes:
+        if event.continuation:
+            tag = self._command.tag if self._command is not None else self._clientTag
+            if tag:
+                return tag
+        parsed = tagAndCommand(event.head)
+        return parsed[0] if parsed is not None else b"*"
 
     def _idleHandled(self, parsed: tuple[bytes, bytes] | None, raw: bytes) -> bool:
         if parsed is not None:
@@ -203,7 +239,11 @@ class Relay:
 
     def _drainClient(self) -> None:
         while self._clientEvents and not self._clientBlocked:
-            self._filteredFromClient(self._clientEvents.popleft())
+            event = self._clientEvents.popleft()
+            if isinstance(event, OverlongLine):
+                self.client.refuseOverlong(event, self._overlongTag(event))
+            else:
+                self._filteredFromClient(event)
 
     def _filteredFromClient(self, event: Event) -> None:
         if self._discard is not None:

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from mailproxy.config import Config, ListenerConfig, TLSMode, UpstreamConfig
 from mailproxy.filters.chain import FilterChain
-from mailproxy.imap.framer import Event, FramingError, IMAPFramer, Line, LiteralChunk
+from mailproxy.imap.framer import ClientEvent, FramingError, IMAPFramer, Line, LiteralChunk, OverlongLine
 from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand
 from mailproxy.imap.relay import Relay
 from mailproxy.imap.syntax import SyntaxError_, parseArguments, tagAndCommand
@@ -41,7 +41,10 @@ from mailproxy.session import ProxySession
 # checked per command, not in the framer, so that commands pipelined behind
 # a LOGIN are framed like the relayed commands they are.
 PREAUTH_MAX_COMMAND = 128 * 1024
-RELAY_MAX_LINE = 1024 * 1024
+# An overlong command line is refused with BAD; so many refusals, or one
+# line this many times the limit, end the connection.
+OVERLONG_STRIKES = 3
+OVERLONG_DISCARD_FACTOR = 16
 
 _TAKES_ASTRINGS = frozenset({b"LOGIN", b"AUTHENTICATE"})
 
@@ -109,11 +112,12 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.context = context
         self.state = State.NOT_AUTHENTICATED
         self.tlsActive = context.listener.tls is TLSMode.IMPLICIT
-        self.framer = IMAPFramer(RELAY_MAX_LINE)
+        self.framer = self._newFramer()
         self.user: Any = None
         self.upstream: UpstreamIMAPProtocol | None = None
         self.clientAddress = "?"
-        self._queue: deque[Event] = deque()
+        self._queue: deque[ClientEvent] = deque()
+        self._overlongStrikes = 0
         self._command: _PendingCommand | None = None
         self._saslTag = b""
         self._logout: Callable[[], None] | None = None
@@ -210,10 +214,14 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
 
     # -- input ----------------------------------------------------------------
 
+    def _newFramer(self) -> IMAPFramer:
+        maxLine = self.context.config.limits.maxLineLength
+        return IMAPFramer(maxLine, discardUpTo=maxLine * OVERLONG_DISCARD_FACTOR)
+
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         try:
-            events = self.framer.feed(data)
+            events = self.framer.feedClient(data)
         except FramingError as error:
             self.log.warn("{client} broke IMAP framing: {error}", client=self.clientAddress, error=str(error))
             self._sendAtBoundary(b"* BYE " + _protocolText(str(error)) + b"\r\n")
@@ -222,6 +230,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             return
         if self.relay is not None:
             for event in events:
+                if self.state is State.CLOSED:
+                    break
                 self.relay.fromClient(event)
             return
         self._queue.extend(events)
@@ -235,13 +245,20 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             else:
                 self._preAuthEvent(event)
 
-    def _preAuthEvent(self, event: Event) -> None:
+    def _preAuthEvent(self, event: ClientEvent) -> None:
+        if isinstance(event, OverlongLine):
+            command, self._command = self._command, None
+            self.refuseOverlong(event, _tagOf(command.segments[0] if command else event.head))
+            return
         if self._command is None:
             self._command = _PendingCommand()
         if isinstance(event, LiteralChunk):
             self._command.addLiteral(event)
             return
         self._command.addLine(event)
+        if event.literal is not None and event.literal > self.context.config.limits.maxPreauthLiteral:
+            self._refuseLiteral(event)
+            return
         if self._command.size + (event.literal or 0) > PREAUTH_MAX_COMMAND:
             self.log.warn("{client} sent an oversized command before login", client=self.clientAddress)
             self._queue.clear()
@@ -253,6 +270,46 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             return
         command, self._command = self._command, None
         self._dispatch(command)
+
+    def refuseOverlong(self, event: OverlongLine, tag: bytes) -> None:
+        """
+        Answer a command line over the limit with BAD; repeated abuse, or
+        an overlong line in the middle of a command already relayed, ends
+        the connection.
+        """
+        limit = self.context.config.limits.maxLineLength
+        self._overlongStrikes += 1
+        self.log.warn(
+            "{client} sent a command line of {size} octets (limit {limit})",
+            client=self.clientAddress,
+            size=event.size,
+            limit=limit,
+        )
+        self._sendAtBoundary(tag + b" BAD [TOOBIG] Command line too long (limit %d octets)\r\n" % limit)
+        if self._overlongStrikes >= OVERLONG_STRIKES or (event.continuation and self.relay is not None):
+            self._closeAtBoundary(b"Too many oversized commands" if not event.continuation else b"Command broken off")
+
+    def _refuseLiteral(self, line: Line) -> None:
+        """
+        Refuse a literal over the pre-login limit: a synchronising one is
+        never asked for; a non-synchronising one is on its way, so the
+        connection ends.
+        """
+        assert self._command is not None
+        tag, self._command = _tagOf(self._command.segments[0]), None
+        self._overlongStrikes += 1
+        self.log.warn(
+            "{client} announced a literal of {size} octets before login (limit {limit})",
+            client=self.clientAddress,
+            size=line.literal,
+            limit=self.context.config.limits.maxPreauthLiteral,
+        )
+        self._send(tag + b" BAD [TOOBIG] Literal too large before login\r\n")
+        if line.nonSynchronizing or self._overlongStrikes >= OVERLONG_STRIKES:
+            self._queue.clear()
+            self._close(b"Too many oversized commands" if not line.nonSynchronizing else b"Literal refused")
+            return
+        self.framer.cancelLiteral()
 
     def _dispatch(self, command: _PendingCommand) -> None:
         first = command.segments[0]
@@ -327,7 +384,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.transport.startTLS(self.context.tlsOptions)  # type: ignore[attr-defined]
         self.tlsActive = True
         self.session.tls = True
-        self.framer = IMAPFramer(RELAY_MAX_LINE)
+        self.framer = self._newFramer()
 
     def preauth_LOGIN(self, tag: bytes, arguments: list[bytes]) -> None:
         if not self._authenticationPermitted(tag):
@@ -353,9 +410,9 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.state = State.SASL_RESPONSE
         self._send(b"+ \r\n")
 
-    def _saslResponse(self, event: Event) -> None:
+    def _saslResponse(self, event: ClientEvent) -> None:
         self.state = State.NOT_AUTHENTICATED
-        if isinstance(event, LiteralChunk) or event.literal is not None:
+        if isinstance(event, LiteralChunk | OverlongLine) or event.literal is not None:
             self._close(b"Invalid SASL response")
             return
         self._plain(self._saslTag, event.raw.rstrip(b"\r\n"))
@@ -529,6 +586,14 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         else:
             self._send(data)
 
+    def _closeAtBoundary(self, bye: bytes) -> None:
+        self._queue.clear()
+        self.state = State.CLOSED
+        if self.relay is not None:
+            self.relay.closeAtBoundary(b"* BYE " + bye + b"\r\n")
+        else:
+            self._close(bye)
+
     def _upstreamLost(self, reason: Failure) -> None:
         if self.state is State.CLOSED:
             return
@@ -549,6 +614,14 @@ def _wireParts(command: _PendingCommand) -> list[bytes | StreamedLiteral]:
         if index < len(command.literals):
             parts.append(command.literals[index])
     return parts
+
+
+def _tagOf(start: bytes) -> bytes:
+    """
+    The tag of the command starting with C{start}, or C{*} if it has none.
+    """
+    parsed = tagAndCommand(start)
+    return parsed[0] if parsed is not None else b"*"
 
 
 def _protocolText(text: str) -> bytes:
