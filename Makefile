@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates
+APT_PACKAGES := dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates systemd
 
 .PHONY: demo test lint typecheck bench system-deps venv clean
 

@@ -5,7 +5,7 @@ The C{twistd mailproxy} plugin: options and service construction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import signal
 from typing import Any
 
 from twisted.application import strports
@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from mailproxy.auth import makePortal, threadRunner
+from mailproxy.auth import UsersFileChecker, makePortal, threadRunner
 from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, loadConfig
 from mailproxy.filters.registry import buildFilters, chainFactory
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
@@ -27,6 +27,7 @@ from mailproxy.passwords import UsersFileError
 from mailproxy.pop3.bridge import openMaildrop
 from mailproxy.pop3.server import POP3Backends, POP3ServerFactory
 from mailproxy.pop3.upstream import connectPOP3Upstream
+from mailproxy.reload import ConfigReloader
 from mailproxy.tls import serverOptions, upstreamOptions
 
 log = Logger()
@@ -57,7 +58,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor = globalReactor
     try:
         config = loadConfig(options["config"])
-        return buildService(config, reactor)
+        return buildService(config, reactor, configPath=options["config"])
     except (ConfigError, UsersFileError) as error:
         raise SystemExit(f"mailproxy: configuration error: {error}") from None
 
@@ -65,13 +66,16 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 class ListenersService(MultiService):
     """
     The proxy's listeners; a port that cannot be bound stops start-up with
-    one line naming the listener.  Filters with a C{close} method (files,
+    one line naming the listener.  SIGHUP reloads the configuration (see
+    L{mailproxy.reload}).  Filters with a C{close} method (files,
     connections) are closed when the service stops.
     """
 
-    def __init__(self, filters: Iterable[object] = (), limits: Limits | None = None, clock: Any = None) -> None:
+    def __init__(self, reloader: ConfigReloader, limits: Limits | None = None, clock: Any = None) -> None:
         super().__init__()
-        self.filters = list(filters)
+        self.reloader = reloader
+        self._clock = clock
+        self._previousHandler: Any = None
         self._pruning = LoopingCall(limits.prune) if limits is not None else None
         if self._pruning is not None and clock is not None:
             self._pruning.clock = clock
@@ -81,15 +85,26 @@ class ListenersService(MultiService):
         if self._pruning is not None:
             # Expired authentication failures and lockouts are forgotten.
             self._pruning.start(PRUNE_INTERVAL, now=False)
+        if self.reloader.path is not None and hasattr(signal, "SIGHUP"):
+            self._previousHandler = signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        # A signal handler may interrupt the reactor anywhere: reload from
+        # the reactor loop instead.
+        self._clock.callFromThread(self._reload)
+
+    def _reload(self) -> None:
+        self.reloader.log.info("SIGHUP received: reloading {path}", path=self.reloader.path)
+        self.reloader.reload()
 
     def stopService(self) -> Any:
+        if self._previousHandler is not None:
+            signal.signal(signal.SIGHUP, self._previousHandler)
+            self._previousHandler = None
         if self._pruning is not None and self._pruning.running:
             self._pruning.stop()
         stopping = super().stopService()
-        for item in self.filters:
-            close = getattr(item, "close", None)
-            if close is not None:
-                close()
+        self.reloader.closeFilters()
         return stopping
 
     def privilegedStartService(self) -> None:
@@ -101,9 +116,10 @@ class ListenersService(MultiService):
                 raise SystemExit(f"mailproxy: listener {service.name}: {error}") from None
 
 
-def buildService(config: Config, reactor: Any) -> MultiService:
+def buildService(config: Config, reactor: Any, configPath: str | None = None) -> ListenersService:
     """
-    Build the listeners of C{config} on C{reactor}.
+    Build the listeners of C{config} on C{reactor}; SIGHUP reloads
+    C{configPath} if given.
 
     @raise ConfigError: if a certificate or key cannot be loaded.
     """
@@ -128,7 +144,11 @@ def buildService(config: Config, reactor: Any) -> MultiService:
     pop3 = POP3Backends(connectRelay, openBridge)
     filters = buildFilters(config.filters)
     limits = Limits(config.limits, reactor, config.authFailureDelay)
-    root = ListenersService(filters.values(), limits, reactor)
+    contexts: list[ServerContext] = []
+    reloader = ConfigReloader(
+        configPath, config, portal, contexts, filters, lambda path: UsersFileChecker(path, threadRunner(reactor))
+    )
+    root = ListenersService(reloader, limits, reactor)
     for index, listener in enumerate(config.listeners):
         tlsOptions = None
         if listener.tls is not TLSMode.PLAIN:
@@ -137,6 +157,7 @@ def buildService(config: Config, reactor: Any) -> MultiService:
         context = ServerContext(
             config, listener, portal, reactor, connect, tlsOptions, chainFactory(config, listener, filters), limits
         )
+        contexts.append(context)
         factory: Any = POP3ServerFactory(context, pop3) if listener.protocol == "pop3" else IMAPServerFactory(context)
         if tlsOptions is not None and listener.tls is TLSMode.IMPLICIT:
             factory = TLSMemoryBIOFactory(tlsOptions, False, factory)
