@@ -27,6 +27,7 @@ from mailproxy.passwords import UsersFileError
 from mailproxy.pop3.bridge import openMaildrop
 from mailproxy.pop3.server import POP3Backends, POP3ServerFactory
 from mailproxy.pop3.upstream import connectPOP3Upstream
+from mailproxy.proxyprotocol import ProxyProtocolFactory
 from mailproxy.tls import serverOptions, upstreamOptions
 
 log = Logger()
@@ -140,6 +141,9 @@ def buildService(config: Config, reactor: Any) -> MultiService:
         factory: Any = POP3ServerFactory(context, pop3) if listener.protocol == "pop3" else IMAPServerFactory(context)
         if tlsOptions is not None and listener.tls is TLSMode.IMPLICIT:
             factory = TLSMemoryBIOFactory(tlsOptions, False, factory)
+        if listener.proxyProtocol:
+            # Outside TLS: load balancers send the header before the handshake.
+            factory = ProxyProtocolFactory(factory, reactor, listener.name, listener.proxyProtocolTrusted)
         service = strports.service(listener.endpoint, factory, reactor=reactor)
         service.setName(listener.name)
         service.setServiceParent(root)
