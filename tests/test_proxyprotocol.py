@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +219,7 @@ def recording(**kwargs: Any) -> tuple[ProxyProtocolWrapper, FakeTLSTransport, Cl
     return protocol, transport, clock, recorder
 
 
-def messages(events: list[dict[str, Any]]) -> list[str]:
+def messages(events: Sequence[dict[str, Any]]) -> list[str]:
     return [formatEvent(event) for event in events]
 
 
