@@ -14,11 +14,12 @@ import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from mailproxy.auth import inlineRunner, makePortal
-from mailproxy.config import ListenerConfig, TLSMode
+from mailproxy.config import ListenerConfig, TLSMode, parseConfig
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
 from mailproxy.limits import LimitsConfig
 from mailproxy.pop3.server import POP3Backends, POP3ServerFactory
@@ -31,6 +32,7 @@ from mailproxy.proxyheader import (
     ProxyHeaderParser,
 )
 from mailproxy.proxyprotocol import HEADER_TIMEOUT, ProxyProtocolFactory, ProxyProtocolWrapper
+from mailproxy.tap import buildService
 from tests.support import FakeTLSTransport, UpstreamScript, makeConfig, writeUsersFile
 
 BALANCER = IPv4Address("TCP", "10.1.2.3", 55555)
@@ -364,3 +366,31 @@ def test_per_ip_connection_limit_counts_the_proxied_client(tmp_path: Path) -> No
         protocol.dataReceived(header)
         greetings.append(transport.value().split(b" ", 2)[:2])
     assert greetings == [[b"*", b"OK"], [b"*", b"OK"], [b"*", b"BYE"]]
+
+
+# -- wiring ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("trusted", "warned"), [([], True), (["10.0.0.0/8"], False)])
+def test_service_wraps_proxy_protocol_listeners_and_warns_without_a_trust_list(
+    tmp_path: Path, trusted: list[str], warned: bool
+) -> None:
+    document = {
+        "auth": {"users_file": writeUsersFile(str(tmp_path), {"alice": "pw"})},
+        "listener": [
+            {"name": "lb", "endpoint": "tcp:0", "proxy_protocol": True, "proxy_protocol_trusted": trusted},
+            {"name": "direct", "endpoint": "tcp:0"},
+        ],
+        "upstream": {"main": {"host": "127.0.0.1", "port": 143}},
+    }
+    reactor = MemoryReactorClock()
+    with capturedLogs() as events:
+        service = buildService(parseConfig(document, str(tmp_path)), reactor)
+    service.privilegedStartService()
+    factories = [port[1] for port in reactor.tcpServers]
+    assert isinstance(factories[0], ProxyProtocolFactory)
+    assert isinstance(factories[0].wrappedFactory, IMAPServerFactory)
+    assert factories[0].trusted == tuple(ipaddress.ip_network(text) for text in trusted)
+    assert isinstance(factories[1], IMAPServerFactory)
+    warning = "listener lb: PROXY protocol headers are believed from any address"
+    assert any(message.startswith(warning) for message in messages(events)) is warned
