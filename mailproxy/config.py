@@ -9,6 +9,7 @@ configuration stops start-up with one clear line.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -42,6 +43,8 @@ class ListenerConfig:
     privateKey: str | None = None
     allowPlaintextAuth: bool = False
     filters: tuple[str, ...] = ()
+    proxyProtocol: bool = False
+    proxyProtocolTrusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class UpstreamConfig:
     bridgeUidlFormat: str = "{uid:08x}{uidvalidity:08x}"
     bridgeMarkSeen: bool = False
     bridgeFallbackFolder: str | None = None
+    forwardClientAddress: bool = False
 
     @property
     def verifyName(self) -> str:
@@ -295,7 +299,19 @@ def _checkUpstream(table: _Reader, key: str, name: str, upstreams: Mapping[str, 
 
 def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerConfig:
     _rejectUnknown(
-        table, {"name", "protocol", "endpoint", "tls", "certificate", "private_key", "allow_plaintext_auth", "filters"}
+        table,
+        {
+            "name",
+            "protocol",
+            "endpoint",
+            "tls",
+            "certificate",
+            "private_key",
+            "allow_plaintext_auth",
+            "filters",
+            "proxy_protocol",
+            "proxy_protocol_trusted",
+        },
     )
     endpoint = table.string("endpoint", None)
     if endpoint is None:
@@ -317,6 +333,10 @@ def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerCo
         for key, value in (("certificate", certificate), ("private_key", privateKey)):
             if value is not None and not os.path.isfile(value):
                 raise ConfigError(f"{table.where(key)}: no such file {value!r}")
+    proxyProtocol = table.boolean("proxy_protocol", False)
+    trusted = _networks(table, "proxy_protocol_trusted")
+    if trusted and not proxyProtocol:
+        raise ConfigError(f"{table.where('proxy_protocol_trusted')}: needs proxy_protocol = true")
     return ListenerConfig(
         name=table.string("name", None) or endpoint,
         endpoint=endpoint,
@@ -326,7 +346,19 @@ def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerCo
         privateKey=privateKey,
         allowPlaintextAuth=table.boolean("allow_plaintext_auth", False),
         filters=_filterNames(table, filters),
+        proxyProtocol=proxyProtocol,
+        proxyProtocolTrusted=trusted,
     )
+
+
+def _networks(table: _Reader, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for text in table.stringList(key):
+        try:
+            networks.append(ipaddress.ip_network(text))
+        except ValueError as error:
+            raise ConfigError(f"{table.where(key)}: {error}") from None
+    return tuple(networks)
 
 
 def _upstream(name: str, table: _Reader) -> UpstreamConfig:
@@ -345,6 +377,7 @@ def _upstream(name: str, table: _Reader) -> UpstreamConfig:
             "bridge_uidl_format",
             "bridge_mark_seen",
             "bridge_fallback_folder",
+            "forward_client_address",
         },
     )
     host = table.string("host", None)
@@ -359,6 +392,9 @@ def _upstream(name: str, table: _Reader) -> UpstreamConfig:
     protocol = table.string("protocol", "imap")
     if protocol not in ("imap", "pop3"):
         raise ConfigError(f"{table.where('protocol')}: {protocol!r} is not one of imap, pop3")
+    forwardClientAddress = table.boolean("forward_client_address", False)
+    if forwardClientAddress and protocol != "imap":
+        raise ConfigError(f"{table.where('forward_client_address')}: only for IMAP upstreams (sent with IMAP ID)")
     uidlFormat = table.string("bridge_uidl_format", UpstreamConfig.bridgeUidlFormat) or ""
     try:
         sample = uidlFormat.format(uid=4294967295, uidvalidity=4294967295)
@@ -383,6 +419,7 @@ def _upstream(name: str, table: _Reader) -> UpstreamConfig:
         bridgeUidlFormat=uidlFormat,
         bridgeMarkSeen=table.boolean("bridge_mark_seen", False),
         bridgeFallbackFolder=table.string("bridge_fallback_folder", None),
+        forwardClientAddress=forwardClientAddress,
     )
 
 

@@ -27,6 +27,7 @@ from mailproxy.passwords import UsersFileError
 from mailproxy.pop3.bridge import openMaildrop
 from mailproxy.pop3.server import POP3Backends, POP3ServerFactory
 from mailproxy.pop3.upstream import connectPOP3Upstream
+from mailproxy.proxyprotocol import ProxyProtocolFactory
 from mailproxy.reload import ConfigReloader
 from mailproxy.tls import serverOptions, upstreamOptions
 
@@ -161,6 +162,15 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
         factory: Any = POP3ServerFactory(context, pop3) if listener.protocol == "pop3" else IMAPServerFactory(context)
         if tlsOptions is not None and listener.tls is TLSMode.IMPLICIT:
             factory = TLSMemoryBIOFactory(tlsOptions, False, factory)
+        if listener.proxyProtocol:
+            if not listener.proxyProtocolTrusted:
+                log.warn(
+                    "listener {name}: PROXY protocol headers are believed from any address "
+                    "(set proxy_protocol_trusted to the load balancers')",
+                    name=listener.name,
+                )
+            # Outside TLS: load balancers send the header before the handshake.
+            factory = ProxyProtocolFactory(factory, reactor, listener.name, listener.proxyProtocolTrusted)
         service = strports.service(listener.endpoint, factory, reactor=reactor)
         service.setName(listener.name)
         service.setServiceParent(root)

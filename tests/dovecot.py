@@ -273,6 +273,8 @@ class DovecotUpstream:
     last start in ``baseDir`` (``instance.json``) or else picked free.  With
     ``idle=False`` the server advertises no IDLE (before or after login).
     ``maxSessions`` raises process and connection limits for load runs.
+    ``loginTrustedNetworks`` (e.g. ``"127.0.0.0/8"``) makes Dovecot believe
+    the client address a proxy forwards (IMAP ID ``x-originating-ip``).
 
     Things worth knowing:
 
@@ -307,8 +309,10 @@ class DovecotUpstream:
         idle: bool = True,
         ports: dict[str, int] | None = None,
         maxSessions: int = 1000,
+        loginTrustedNetworks: str | None = None,
     ) -> None:
         self.maxSessions = maxSessions
+        self.loginTrustedNetworks = loginTrustedNetworks
         if baseDir is None:
             baseDir = tempfile.mkdtemp(prefix="mp-dovecot-", dir="/tmp")
         self.baseDir = os.path.abspath(baseDir)
@@ -661,6 +665,7 @@ class DovecotUpstream:
             f"info_log_path = {self.logFile}",
             'log_timestamp = "%Y-%m-%d %H:%M:%S "',
             "auth_verbose = yes",
+            *([f"login_trusted_networks = {self.loginTrustedNetworks}"] if self.loginTrustedNetworks else []),
             "",
             f"default_login_user = {loginUser}",
             f"default_internal_user = {internalUser}",

@@ -32,9 +32,10 @@ from twisted.python.failure import Failure
 
 from mailproxy.config import TLSMode
 from mailproxy.filters import DROP, PASS, Reject
-from mailproxy.imap.framer import IMAPFramer, Line
+from mailproxy.imap.framer import Event, IMAPFramer, Line
 from mailproxy.imap.server import State
 from mailproxy.imap.syntax import tagAndCommand
+from mailproxy.limits import LimitsConfig
 from mailproxy.pop3.relay import RELAYED
 from mailproxy.pop3.server import MAX_LINE
 from tests.support import UpstreamScript, connect, loggedIn
@@ -188,7 +189,16 @@ def lastIMAPCommandIsSTARTTLS(fed: bytes) -> bool:
     C{True} if C{fed} ends exactly with a whole STARTTLS command.
     """
     framer = IMAPFramer(1024 * 1024)
-    starts = [event for event in framer.feed(fed) if isinstance(event, Line) and not event.continuation]
+    events: list[Event] = []
+    for piece in re.findall(rb"[^\n]*\n|[^\n]+", fed):
+        new = framer.feed(piece)
+        events.extend(new)
+        last = new[-1] if new else None
+        if isinstance(last, Line) and last.literal and not last.nonSynchronizing:
+            if last.literal > LimitsConfig.maxPreauthLiteral:
+                # The proxy refuses it: what follows is a new command.
+                framer.cancelLiteral()
+    starts = [event for event in events if isinstance(event, Line) and not event.continuation]
     parsed = tagAndCommand(starts[-1].raw) if starts else None
     return framer.atBoundary and parsed is not None and parsed[1] == b"STARTTLS"
 

@@ -7,6 +7,7 @@ with the mapped credentials, then hand every framed response to the relay.
 from __future__ import annotations
 
 import base64
+import ipaddress
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,8 @@ from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.imap.framer import Event, FramingError, IMAPFramer, Line
 from mailproxy.imap.syntax import capabilitiesIn, isAtom, quoted
 from mailproxy.tls import upstreamOptions
+
+log = Logger()
 
 # Untagged handshake responses are small; a server that sends more before
 # login is misbehaving.
@@ -239,7 +242,7 @@ async def connectUpstream(
     """
     protocol: UpstreamIMAPProtocol = await openConnection(reactor, upstream, UpstreamIMAPProtocol)
     try:
-        return await _loginHandshake(reactor, protocol, upstream, username, password)
+        return await _loginHandshake(reactor, protocol, upstream, username, password, clientAddress)
     except BaseException:
         protocol.transport.loseConnection()
         raise
@@ -267,7 +270,12 @@ async def openConnection(reactor: IReactorTCP, upstream: UpstreamConfig, protoco
 
 
 async def _loginHandshake(
-    reactor: IReactorCore, protocol: UpstreamIMAPProtocol, upstream: UpstreamConfig, username: str, password: str
+    reactor: IReactorCore,
+    protocol: UpstreamIMAPProtocol,
+    upstream: UpstreamConfig,
+    username: str,
+    password: str,
+    clientAddress: str = "",
 ) -> UpstreamSession:
     clock: IReactorTime = reactor  # type: ignore[assignment]
     handshake = _Handshake(protocol)
@@ -300,6 +308,8 @@ async def _loginHandshake(
         untagged, _ = await withTimeout(handshake.command(b"CAPABILITY"))
         capabilities = _capabilitiesFrom(untagged)
     upper = {name.upper() for name in capabilities}
+    if upstream.forwardClientAddress:
+        await withTimeout(_forwardClientAddress(handshake, upstream, upper, clientAddress))
 
     # The TLS handshake result only shows once data flows, so a bad
     # certificate surfaces as a closed connection in the command above.
@@ -314,6 +324,59 @@ async def _loginHandshake(
         untagged, _ = await withTimeout(handshake.command(b"CAPABILITY"))
         loggedIn = _capabilitiesFrom(untagged)
     return UpstreamSession(protocol, loggedIn)
+
+
+def clientIdCommand(clientAddress: str, proxyAddress: Any) -> bytes | None:
+    """
+    The C{ID} command telling the upstream who the client is: Dovecot's
+    (and others') C{x-originating-ip}/C{-port} for the client, and
+    C{x-connected-ip}/C{-port} for the proxy's own address on this
+    connection.
+
+    @param clientAddress: C{host:port}; an IPv6 host has colons of its own.
+    @param proxyAddress: the upstream connection's C{getHost()}.
+    @return: C{None} if C{clientAddress} is not an IP address and port.
+    """
+    host, _, port = clientAddress.rpartition(":")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not port.isdigit():
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # An IPv4 client on a dual-stack listener: upstreams match trusted
+        # networks and log it as IPv4.
+        address = address.ipv4_mapped
+    fields = [("x-originating-ip", str(address)), ("x-originating-port", port)]
+    proxyHost = str(getattr(proxyAddress, "host", ""))
+    proxyPort = str(getattr(proxyAddress, "port", ""))
+    if proxyHost and proxyPort:
+        fields += [("x-connected-ip", proxyHost), ("x-connected-port", proxyPort)]
+    return b"ID (" + b" ".join(quoted(key.encode()) + b" " + quoted(value.encode()) for key, value in fields) + b")"
+
+
+async def _forwardClientAddress(
+    handshake: _Handshake, upstream: UpstreamConfig, capabilities: set[bytes], clientAddress: str
+) -> None:
+    """
+    Send the client's address before login (best effort: a refusal is
+    logged, the login goes ahead).
+    """
+    command = clientIdCommand(clientAddress, handshake.protocol.transport.getHost())
+    if command is None:
+        log.warn(
+            "upstream {upstream}: client address {client!r} is not forwarded (not an IP address)",
+            upstream=upstream.name,
+            client=clientAddress,
+        )
+        return
+    if b"ID" not in capabilities:
+        log.warn("upstream {upstream} does not offer ID; the client address is not forwarded", upstream=upstream.name)
+        return
+    _, tagged = await handshake.command(command)
+    if not _isOK(tagged):
+        log.warn("upstream {upstream} refused the client address: {reply}", upstream=upstream.name, reply=_text(tagged))
 
 
 async def _awaitResponse(protocol: UpstreamIMAPProtocol) -> bytes:
