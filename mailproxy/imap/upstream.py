@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer
 from twisted.internet import error as error_
 from twisted.internet.defer import Deferred
@@ -54,9 +55,10 @@ class UpstreamError(Exception):
 def lostKind(reason: Failure) -> str:
     """
     The L{UpstreamError.kind} of a connection that closed: a failed TLS
-    handshake (a certificate that does not verify) or a plain close.
+    handshake (an untrusted chain, or a certificate for another name) or a
+    plain close.
     """
-    return "tls" if reason.check(SSL.Error) else "closed"
+    return "tls" if reason.check(SSL.Error, VerificationError) else "closed"
 
 
 class UpstreamIMAPProtocol(Protocol):
