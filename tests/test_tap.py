@@ -169,6 +169,7 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
 
     config = loadConfig(str(path))
     assert [listener.name for listener in config.listeners] == ["imap", "imaps", "pop3s"]
+    assert (config.metricsListen, config.logFormat) == ("tcp:9100:interface=127.0.0.1", "text")
     assert config.routeFor("bob") is not None and config.routeFor("bob").upstream == "legacy"  # type: ignore[union-attr]
     assert config.routeFor("anyone").password is None  # type: ignore[union-attr]
     built = buildFilters(config.filters)
