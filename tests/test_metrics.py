@@ -13,12 +13,14 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
 
 from mailproxy import tap
 from mailproxy.config import ConfigError, TLSMode, parseConfig
 from mailproxy.filters import PASS
 from mailproxy.imap.server import State
 from mailproxy.imap.upstream import UpstreamError
+from mailproxy.interfaces import ICommandFilter
 from mailproxy.metrics import MetricsResource, ProxyMetrics, metricsSite
 from tests.support import UpstreamScript, connect, writeUsersFile
 
@@ -33,6 +35,7 @@ def imapMetrics() -> tuple[ProxyMetrics, object]:
     return metrics, metrics.forListener("imap", "imap", "starttls")
 
 
+@implementer(ICommandFilter)
 class _Observer:
     """A filter that only looks: enough to take the relay off its fast path."""
 
