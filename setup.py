@@ -16,6 +16,7 @@ setup(
         "pyopenssl>=24",
         "service-identity>=24",
         "zope.interface>=6",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "trustme>=1.1"],

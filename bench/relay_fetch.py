@@ -7,7 +7,9 @@ Starts a private Dovecot, seeds one mailbox, starts the proxy (twistd) in
 front of it, then interleaves rounds of the same workload direct and through
 the proxy, in plaintext and over TLS (client and upstream side), and through
 a listener with an audit + policy filter chain, and prints ratios:
-proxy/direct, and filtered/unfiltered. Absolute times depend on the machine; the ratios are
+proxy/direct, and filtered/unfiltered.  With --metrics a second proxy
+process with Prometheus metrics on joins the rounds (metrics are per
+process), and the ratios metrics on/off are printed too. Absolute times depend on the machine; the ratios are
 the result.
 """
 
@@ -129,13 +131,22 @@ def measure(port: int, context: ssl.SSLContext | None, count: int) -> dict[str, 
     }
 
 
-def writeConfig(directory: str, upstream: DovecotUpstream, plainPort: int, tlsPort: int, filteredPort: int) -> str:
+def writeConfig(
+    directory: str,
+    upstream: DovecotUpstream,
+    plainPort: int,
+    tlsPort: int,
+    filteredPort: int,
+    metricsPort: int | None = None,
+) -> str:
     with open(os.path.join(directory, "users"), "w") as handle:
         handle.write(f"{USER}:{hashPassword(PASSWORD)}\n")
     path = os.path.join(directory, "mailproxy.toml")
+    metrics = f'[metrics]\nlisten = "tcp:{metricsPort}:interface=127.0.0.1"\n' if metricsPort else ""
     with open(path, "w") as handle:
         handle.write(
-            f"""
+            metrics
+            + f"""
 [auth]
 users_file = "users"
 [[listener]]
@@ -182,12 +193,13 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--size", type=int, default=51200, help="octets per message body")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--metrics", action="store_true", help="also measure a proxy with Prometheus metrics on")
     arguments = parser.parse_args()
 
     directory = tempfile.mkdtemp(prefix="mp-bench-")
     upstream = DovecotUpstream()
     upstream.addUser(USER, PASSWORD)
-    proxy = None
+    proxy = metered = None
     try:
         upstream.start()
         seed(upstream, arguments.messages, arguments.size)
@@ -203,6 +215,22 @@ def main() -> int:
             "direct TLS": (upstream.ports["imaps"], context),
             "proxy TLS": (ports["tls"], context),
         }
+        if arguments.metrics:
+            meteredDirectory = os.path.join(directory, "metered")
+            os.mkdir(meteredDirectory)
+            meteredPorts = {name: freePort() for name in ("plain", "tls", "filtered", "metrics")}
+            meteredConfig = writeConfig(
+                meteredDirectory,
+                upstream,
+                meteredPorts["plain"],
+                meteredPorts["tls"],
+                meteredPorts["filtered"],
+                meteredPorts["metrics"],
+            )
+            metered = ProxyProcess(meteredConfig, f"{meteredDirectory}/log")
+            metered.waitForPorts(list(meteredPorts.values()))
+            targets["metrics plain"] = (meteredPorts["plain"], None)
+            targets["metrics TLS"] = (meteredPorts["tls"], context)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for port, tls in targets.values():  # warm-up round, not counted
             measure(port, tls, arguments.messages)
@@ -211,8 +239,9 @@ def main() -> int:
                 results[name].append(measure(port, tls, arguments.messages))
         report(results, arguments)
     finally:
-        if proxy is not None:
-            proxy.stop()
+        for process in (proxy, metered):
+            if process is not None:
+                process.stop()
         upstream.stop()
         shutil.rmtree(directory, ignore_errors=True)
         shutil.rmtree(upstream.baseDir, ignore_errors=True)
@@ -238,6 +267,16 @@ def report(results: dict[str, list[dict[str, float]]], arguments: argparse.Names
         f"per-message FETCH +{chained['fetch_p50_ms'] - empty['fetch_p50_ms']:.3f} ms, "
         f"NOOP +{chained['noop_p50_us'] - empty['noop_p50_us']:.0f} us"
     )
+    for mode in ("plain", "TLS"):
+        if f"metrics {mode}" not in medians:
+            continue
+        off, on = medians[f"proxy {mode}"], medians[f"metrics {mode}"]
+        print(
+            f"{mode:<5} metrics on/off: bulk throughput {on['bulk_MBps'] / off['bulk_MBps']:.2f}x, "
+            f"per-message FETCH {on['fetch_p50_ms'] / off['fetch_p50_ms']:.2f}x "
+            f"(+{on['fetch_p50_ms'] - off['fetch_p50_ms']:.3f} ms), "
+            f"NOOP +{on['noop_p50_us'] - off['noop_p50_us']:.0f} us"
+        )
     for mode in ("plain", "TLS"):
         direct, proxied = medians[f"direct {mode}"], medians[f"proxy {mode}"]
         print(

@@ -20,6 +20,8 @@ from twisted.internet.endpoints import serverFromString
 
 from mailproxy.limits import LimitsConfig
 
+LOG_FORMATS = ("text", "json")
+
 
 class ConfigError(Exception):
     """
@@ -115,6 +117,8 @@ class Config:
     filters: Mapping[str, FilterConfig] = field(default_factory=dict)
     defaultFilters: tuple[str, ...] = ()
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    logFormat: str = "text"
+    metricsListen: str | None = None
 
     def filterNamesFor(self, listener: ListenerConfig, username: str | None) -> tuple[str, ...]:
         """
@@ -157,12 +161,21 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     Validate an already-decoded configuration document.
     """
     reader = _Reader(document, "", baseDir)
-    _rejectUnknown(reader, {"server", "auth", "listener", "upstream", "routing", "filters", "limits"})
+    _rejectUnknown(reader, {"server", "auth", "listener", "upstream", "routing", "filters", "limits", "metrics"})
     server = reader.table("server")
     auth = reader.table("auth")
     _rejectUnknown(
-        server, {"greeting", "preauth_timeout", "authenticated_timeout", "idle_poll_interval", "idle_refresh"}
+        server,
+        {"greeting", "preauth_timeout", "authenticated_timeout", "idle_poll_interval", "idle_refresh", "log_format"},
     )
+    logFormat = server.string("log_format", "text")
+    if logFormat not in LOG_FORMATS:
+        raise ConfigError(f"server.log_format: {logFormat!r} is not one of {', '.join(LOG_FORMATS)}")
+    metrics = reader.table("metrics")
+    _rejectUnknown(metrics, {"listen"})
+    metricsListen = metrics.string("listen", None)
+    if metricsListen is not None:
+        _checkEndpoint(metrics, "listen", metricsListen)
     _rejectUnknown(auth, {"users_file", "failure_delay"})
 
     upstreams = {}
@@ -225,6 +238,8 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         filters=filters,
         defaultFilters=_filterNames(routing, filters, "default_filters"),
         limits=_limits(reader.table("limits")),
+        logFormat=logFormat or "text",
+        metricsListen=metricsListen,
     )
 
 
@@ -316,11 +331,7 @@ def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerCo
     endpoint = table.string("endpoint", None)
     if endpoint is None:
         raise ConfigError(f"{table.where('endpoint')}: required (a Twisted endpoint string, e.g. tcp:143)")
-    try:
-        # Parsing builds the endpoint object without touching a reactor.
-        serverFromString(None, endpoint)
-    except (ValueError, KeyError, TypeError, IndexError) as error:
-        raise ConfigError(f"{table.where('endpoint')}: invalid endpoint {endpoint!r}: {error}") from None
+    _checkEndpoint(table, "endpoint", endpoint)
     protocol = table.string("protocol", "imap")
     if protocol not in ("imap", "pop3"):
         raise ConfigError(f"{table.where('protocol')}: {protocol!r} is not one of imap, pop3")
@@ -359,6 +370,14 @@ def _networks(table: _Reader, key: str) -> tuple[ipaddress.IPv4Network | ipaddre
         except ValueError as error:
             raise ConfigError(f"{table.where(key)}: {error}") from None
     return tuple(networks)
+
+
+def _checkEndpoint(table: _Reader, key: str, endpoint: str) -> None:
+    try:
+        # Parsing builds the endpoint object without touching a reactor.
+        serverFromString(None, endpoint)
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise ConfigError(f"{table.where(key)}: invalid endpoint {endpoint!r}: {error}") from None
 
 
 def _upstream(name: str, table: _Reader) -> UpstreamConfig:

@@ -27,8 +27,8 @@ from mailproxy.imap.server import ServerContext
 from mailproxy.passwords import UsersFileError
 from mailproxy.tls import upstreamOptions
 
-# What is bound at start-up (ports, the shared counters).
-_RESTART_ONLY = ("listeners", "limits", "authFailureDelay")
+# What is bound at start-up (ports, the shared counters, logging).
+_RESTART_ONLY = ("listeners", "limits", "authFailureDelay", "metricsListen", "logFormat")
 
 
 class ConfigReloader:

@@ -13,9 +13,10 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from mailproxy.auth import UsersFileChecker, makePortal, threadRunner
 from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, loadConfig
@@ -23,6 +24,7 @@ from mailproxy.filters.registry import buildFilters, chainFactory
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
 from mailproxy.imap.upstream import UpstreamSession, connectUpstream
 from mailproxy.limits import Limits
+from mailproxy.logs import jsonLinesObserver, twistdLogFile
 from mailproxy.passwords import UsersFileError
 from mailproxy.pop3.bridge import openMaildrop
 from mailproxy.pop3.server import POP3Backends, POP3ServerFactory
@@ -59,9 +61,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor = globalReactor
     try:
         config = loadConfig(options["config"])
-        return buildService(config, reactor, configPath=options["config"])
+        service = buildService(config, reactor, configPath=options["config"])
     except (ConfigError, UsersFileError) as error:
         raise SystemExit(f"mailproxy: configuration error: {error}") from None
+    if config.logFormat == "json":
+        # twistd's own options (--logfile, -n) say where the log goes.
+        destination = twistdLogFile(getattr(options, "parent", None))
+        if destination is not None:
+            service.logObserver = jsonLinesObserver(destination)
+    return service
 
 
 class ListenersService(MultiService):
@@ -70,7 +78,14 @@ class ListenersService(MultiService):
     one line naming the listener.  SIGHUP reloads the configuration (see
     L{mailproxy.reload}).  Filters with a C{close} method (files,
     connections) are closed when the service stops.
+
+    @ivar metricsService: the service of the metrics endpoint, if any.
+    @ivar logObserver: the log observer to give the application (twistd's
+        only hook for a plugin's own log format), if any.
     """
+
+    metricsService: Service | None = None
+    logObserver: ILogObserver | None = None
 
     def __init__(self, reloader: ConfigReloader, limits: Limits | None = None, clock: Any = None) -> None:
         super().__init__()
@@ -108,13 +123,20 @@ class ListenersService(MultiService):
         self.reloader.closeFilters()
         return stopping
 
+    def setServiceParent(self, parent: Any) -> None:
+        if self.logObserver is not None and isinstance(parent, Componentized):
+            # twistd then logs through this observer instead of its own.
+            parent.setComponent(ILogObserver, self.logObserver)
+        super().setServiceParent(parent)
+
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
         for service in self:
             try:
                 service.privilegedStartService()
             except CannotListenError as error:
-                raise SystemExit(f"mailproxy: listener {service.name}: {error}") from None
+                what = "metrics.listen" if service is self.metricsService else f"listener {service.name}"
+                raise SystemExit(f"mailproxy: {what}: {error}") from None
 
 
 def buildService(config: Config, reactor: Any, configPath: str | None = None) -> ListenersService:
@@ -150,13 +172,28 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
         configPath, config, portal, contexts, filters, lambda path: UsersFileChecker(path, threadRunner(reactor))
     )
     root = ListenersService(reloader, limits, reactor)
+    metrics = None
+    if config.metricsListen is not None:
+        from mailproxy.metrics import ProxyMetrics, metricsSite
+
+        metrics = ProxyMetrics()
+        root.metricsService = strports.service(config.metricsListen, metricsSite(metrics.registry), reactor=reactor)
+        root.metricsService.setServiceParent(root)
     for index, listener in enumerate(config.listeners):
         tlsOptions = None
         if listener.tls is not TLSMode.PLAIN:
             assert listener.certificate is not None and listener.privateKey is not None
             tlsOptions = serverOptions(listener.certificate, listener.privateKey, f"listener[{index}]")
         context = ServerContext(
-            config, listener, portal, reactor, connect, tlsOptions, chainFactory(config, listener, filters), limits
+            config,
+            listener,
+            portal,
+            reactor,
+            connect,
+            tlsOptions,
+            chainFactory(config, listener, filters),
+            limits,
+            metrics.forListener(listener.protocol, listener.name, listener.tls.value) if metrics else None,
         )
         contexts.append(context)
         factory: Any = POP3ServerFactory(context, pop3) if listener.protocol == "pop3" else IMAPServerFactory(context)

@@ -147,6 +147,7 @@ def connect(
     filters: list[object] | None = None,
     limits: LimitsConfig | None = None,
     clock: Clock | None = None,
+    metrics: Any = None,
 ) -> ProxyConnection:
     usersFile = writeUsersFile(directory, users or {"alice": "alicepw"})
     config = makeConfig(usersFile, routes=routes, limits=limits)
@@ -157,7 +158,14 @@ def connect(
     script = upstream or UpstreamScript()
     chain = FilterChain(filters or [])
     context = ServerContext(
-        config, listener, makePortal(config, inlineRunner), clock, script, "TLS-OPTIONS", lambda user: chain
+        config,
+        listener,
+        makePortal(config, inlineRunner),
+        clock,
+        script,
+        "TLS-OPTIONS",
+        lambda user: chain,
+        metrics=metrics,
     )
     return another(context, script)
 

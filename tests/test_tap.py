@@ -170,6 +170,7 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     config = loadConfig(str(path))
     assert [listener.name for listener in config.listeners] == ["imap", "imaps", "imaps-lb", "pop3s"]
     assert [listener.proxyProtocol for listener in config.listeners] == [False, False, True, False]
+    assert (config.metricsListen, config.logFormat) == ("tcp:9100:interface=127.0.0.1", "text")
     assert config.routeFor("bob") is not None and config.routeFor("bob").upstream == "legacy"  # type: ignore[union-attr]
     assert config.routeFor("anyone").password is None  # type: ignore[union-attr]
     built = buildFilters(config.filters)

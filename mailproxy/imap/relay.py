@@ -31,6 +31,9 @@ from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand, par
 from mailproxy.imap.syntax import RELAY_CAPABILITIES, rewriteCapabilities, tagAndCommand
 
 BUFFER_LIMIT = 256 * 1024
+# Commands timed at once in the passthrough relay (pipelining beyond this
+# goes untimed rather than growing the table).
+MAX_TIMED_COMMANDS = 1000
 
 # Commands the proxy answers itself after login instead of relaying.
 NOT_RELAYED = frozenset({b"LOGIN", b"AUTHENTICATE", b"STARTTLS", b"COMPRESS"})
@@ -126,16 +129,21 @@ class Relay:
         self._upstreamBlocked = False
         self._response: _Assembly | None = None
         self._streamingResponse = False
+        # Command latency for metrics, when they are on: tag -> (name, start).
+        self._metrics = getattr(client, "metrics", None)
+        self._timing: dict[bytes, tuple[bytes, float]] = {}
 
     # -- writing -------------------------------------------------------------
 
     def toClient(self, data: bytes, *, complete: bool = True) -> None:
         self.bytesOut += len(data)
         self.client.transport.write(data)
+        if self._metrics is not None:
+            self._metrics.bytesToClient.inc(len(data))
         self.midResponse = not complete
         if complete and self._localReplies:
             replies, self._localReplies = self._localReplies, []
-            self.client.transport.write(b"".join(replies))
+            self._writeLocal(b"".join(replies))
             if self._closeAfterReplies:
                 self.client.transport.loseConnection()
 
@@ -146,7 +154,12 @@ class Relay:
         if self.midResponse or self._batching:
             self._localReplies.append(data)
         else:
-            self.client.transport.write(data)
+            self._writeLocal(data)
+
+    def _writeLocal(self, data: bytes) -> None:
+        self.client.transport.write(data)
+        if self._metrics is not None:
+            self._metrics.bytesToClient.inc(len(data))
 
     def closeAtBoundary(self, data: bytes) -> None:
         """
@@ -191,6 +204,8 @@ class Relay:
                 return
             if event.complete and self._idleHandled(parsed, event.raw):
                 return
+            if self._metrics is not None and parsed is not None:
+                self._startTiming(parsed[0], parsed[1], event.raw)
         if event.literal is not None and not event.nonSynchronizing:
             self._awaitingContinuation = self._clientTag
         self.toUpstream(event.raw)
@@ -212,6 +227,23 @@ class Relay:
                 return tag
         parsed = tagAndCommand(event.head)
         return parsed[0] if parsed is not None else b"*"
+
+    def _startTiming(self, tag: bytes, name: bytes, raw: bytes) -> None:
+        # An IDLE's reply comes when the client ends it: not a latency.
+        if name == b"IDLE" or len(self._timing) >= MAX_TIMED_COMMANDS:
+            return
+        if name == b"UID":
+            words = raw[len(tag) + 5 :].split(None, 1)
+            name = b"UID " + words[0].upper() if words else name
+        self._timing[tag] = (name, time.monotonic())
+
+    def _commandsAnswered(self, tags: list[bytes]) -> None:
+        now = time.monotonic()
+        assert self._metrics is not None
+        for tag in tags:
+            timed = self._timing.pop(tag, None)
+            if timed is not None:
+                self._metrics.commandDone(timed[0], now - timed[1])
 
     def _idleHandled(self, parsed: tuple[bytes, bytes] | None, raw: bytes) -> bool:
         if parsed is not None:
@@ -388,6 +420,8 @@ class Relay:
             return
         out = []
         complete = not self.midResponse
+        timing = self._timing
+        answered: list[bytes] = []
         # Replies of the proxy's own caused by this batch go after it.
         self._batching = True
         for event in events:
@@ -401,11 +435,15 @@ class Relay:
                     continue
                 if self._awaitingContinuation is not None:
                     self._continuationAnswered(raw)
+                if timing and raw[:1] not in (b"*", b"+"):
+                    answered.append(raw.split(b" ", 1)[0])
                 raw = self._baseRewrite(raw)
             out.append(raw)
             complete = event.complete
         self._batching = False
         self.toClient(b"".join(out), complete=complete)
+        if answered:
+            self._commandsAnswered(answered)
 
     def _passthroughFromUpstream(self, event: Event) -> None:
         if isinstance(event, LiteralChunk):
@@ -541,13 +579,16 @@ class Relay:
             if result == "OK":
                 self.session.selected = self._pendingSelect[1]
             self._pendingSelect = None
+        duration = time.monotonic() - flight.started
+        if self._metrics is not None and flight.command is not None and flight.command.name != b"IDLE":
+            self._metrics.commandDone(flight.command.fullName, duration)
         self.session.notify(
             "command",
             command=flight.command,
             result=result,
             bytesIn=self.bytesIn - flight.bytesIn,
             bytesOut=self.bytesOut - flight.bytesOutAtStart,
-            duration=time.monotonic() - flight.started,
+            duration=duration,
         )
 
     def _writeResponse(self, parts: list[Part]) -> None:

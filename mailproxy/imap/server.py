@@ -14,12 +14,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
@@ -36,6 +37,9 @@ from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, Upstrea
 from mailproxy.interfaces import IProxyUser
 from mailproxy.limits import Gate, Limits
 from mailproxy.session import ProxySession
+
+if TYPE_CHECKING:
+    from mailproxy.metrics import ListenerMetrics
 
 # Before login the proxy holds whole commands (lines and literals) itself;
 # checked per command, not in the framer, so that commands pipelined behind
@@ -75,6 +79,7 @@ class ServerContext:
     tlsOptions: Any = None
     filtersFor: Callable[[str | None], FilterChain] = lambda user: FilterChain()
     limits: Limits | None = None
+    metrics: ListenerMetrics | None = None
 
     def __post_init__(self) -> None:
         if self.limits is None:
@@ -129,10 +134,13 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self._refusal: IDelayedCall | None = None
         self.session = ProxySession("imap", context.listener.name, "?", self.tlsActive, context.filtersFor(None))
         self.callLater = context.clock.callLater  # type: ignore[method-assign, assignment]
+        self.metrics = context.metrics
 
     # -- connection ---------------------------------------------------------
 
     def connectionMade(self) -> None:
+        if self.metrics is not None:
+            self.metrics.opened()
         peer = self.transport.getPeer()
         self.clientAddress = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         setNoDelay(self.transport)
@@ -156,6 +164,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
         self.state = State.CLOSED
+        if self.metrics is not None:
+            self.metrics.closed()
         if self.gate is not None:
             self.gate.release()
         if self._refusal is not None and self._refusal.active():
@@ -229,6 +239,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             self.transport.loseConnection()
             return
         if self.relay is not None:
+            if self.metrics is not None:
+                self.metrics.bytesFromClient.inc(len(data))
             for event in events:
                 if self.state is State.CLOSED:
                     break
@@ -385,6 +397,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.tlsActive = True
         self.session.tls = True
         self.framer = self._newFramer()
+        if self.metrics is not None:
+            self.metrics.upgraded()
 
     def preauth_LOGIN(self, tag: bytes, arguments: list[bytes]) -> None:
         if not self._authenticationPermitted(tag):
@@ -452,6 +466,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         assert self.gate is not None
         if self.gate.lockedOut(name):
             # Not even checked: a locked-out guesser learns nothing.
+            self._countLogin("locked_out")
             self._refuseLater(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.", self.gate.failed(name))
             return
         loggingIn = self.context.portal.login(UsernamePassword(username, password), None, IProxyUser)
@@ -469,6 +484,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             return
         assert self.gate is not None
         if not self.gate.succeeded(name):
+            self._countLogin("too_many_sessions")
             self._refuseLater(tag, b"NO [LIMIT] Too many sessions for this user.", 0)
             return
         if user.upstream.protocol != "imap":
@@ -479,6 +495,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
                 upstream=user.upstream.name,
                 protocol=user.upstream.protocol,
             )
+            self._countLogin("upstream_error")
             self._refuseLater(tag, b"NO [UNAVAILABLE] No IMAP service for this account.", 0)
             return
         upstreamPassword = user.upstreamPassword or password.decode("utf-8", "surrogateescape")
@@ -495,8 +512,13 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self._connecting = None
         return result
 
+    def _countLogin(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.login(result)
+
     def _loginFailed(self, tag: bytes, name: str, failure: Failure) -> None:
         assert self.gate is not None
+        self._countLogin("failed")
         if self.state is State.CLOSED:
             self.gate.failed(name)
             return
@@ -517,6 +539,10 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if not isinstance(error, UpstreamError):
             self.log.failure("upstream session for {user} failed unexpectedly", failure, user=name)
             error = UpstreamError(str(error))
+        refused = error.authenticationFailed and user.upstreamPassword is None
+        if self.metrics is not None:
+            self.metrics.login("upstream_refused" if refused else "upstream_error")
+            self.metrics.upstreamError(user.upstream.name, error.kind)
         self.log.warn(
             "{client} user {user}: upstream {upstream} unavailable: {error}",
             client=self.clientAddress,
@@ -524,7 +550,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             upstream=user.upstream.name,
             error=str(error),
         )
-        if error.authenticationFailed and user.upstreamPassword is None:
+        if refused:
             assert self.gate is not None
             self._refuseLater(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.", self.gate.failed(name))
         else:
@@ -553,6 +579,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             return
         self.upstream = upstream
         self.state = State.RELAYING
+        self._countLogin("ok")
         self.log.info(
             "{client} logged in as {user}, relaying to {upstream}",
             client=self.clientAddress,
@@ -601,6 +628,9 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             "{client} upstream closed the session: {reason}", client=self.clientAddress, reason=reason.getErrorMessage()
         )
         assert self.relay is not None
+        if self.metrics is not None and not self.relay.upstreamSaidBye:
+            kind = "closed" if reason.check(ConnectionDone) else "reset"
+            self.metrics.upstreamError(self.user.upstream.name, kind)
         if not self.relay.upstreamSaidBye and not self.relay.midResponse:
             self._send(b"* BYE Upstream server closed the connection\r\n")
         self.state = State.CLOSED

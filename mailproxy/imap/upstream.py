@@ -12,7 +12,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer
+from twisted.internet import error as error_
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionDone
@@ -41,11 +44,24 @@ class UpstreamError(Exception):
 
     @ivar authenticationFailed: the upstream rejected the credentials
         (as opposed to being unreachable or broken).
+    @ivar kind: what went wrong, for metrics: C{"connect_failed"},
+        C{"timeout"}, C{"tls"}, C{"login_refused"}, C{"closed"} or
+        C{"protocol"}.
     """
 
-    def __init__(self, message: str, *, authenticationFailed: bool = False) -> None:
+    def __init__(self, message: str, *, authenticationFailed: bool = False, kind: str | None = None) -> None:
         super().__init__(message)
         self.authenticationFailed = authenticationFailed
+        self.kind = kind or ("login_refused" if authenticationFailed else "protocol")
+
+
+def lostKind(reason: Failure) -> str:
+    """
+    The L{UpstreamError.kind} of a connection that closed: a failed TLS
+    handshake (an untrusted chain, or a certificate for another name) or a
+    plain close.
+    """
+    return "tls" if reason.check(SSL.Error, VerificationError) else "closed"
 
 
 class UpstreamIMAPProtocol(Protocol):
@@ -111,7 +127,9 @@ class UpstreamIMAPProtocol(Protocol):
         self._lost = reason
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
-            waiting.errback(UpstreamError(f"upstream closed the connection: {reason.getErrorMessage()}"))
+            waiting.errback(
+                UpstreamError(f"upstream closed the connection: {reason.getErrorMessage()}", kind=lostKind(reason))
+            )
         if self._onLost is not None:
             self._onLost(reason)
         self.closed.callback(None)
@@ -123,7 +141,8 @@ class UpstreamIMAPProtocol(Protocol):
         if self._responses:
             return defer.succeed(_joined(self._responses.popleft()))
         if self._lost is not None:
-            return defer.fail(UpstreamError(f"upstream closed the connection: {self._lost.getErrorMessage()}"))
+            message = f"upstream closed the connection: {self._lost.getErrorMessage()}"
+            return defer.fail(UpstreamError(message, kind=lostKind(self._lost)))
         self._waiting = Deferred()
         return self._waiting
 
@@ -266,7 +285,11 @@ async def openConnection(reactor: IReactorTCP, upstream: UpstreamConfig, protoco
     try:
         return await connecting
     except (ConnectError, defer.TimeoutError, OSError) as error:
-        raise UpstreamError(f"cannot connect to {upstream.host}:{upstream.port}: {error}") from None
+        timedOut = isinstance(error, defer.TimeoutError | TimeoutError | error_.TimeoutError)
+        raise UpstreamError(
+            f"cannot connect to {upstream.host}:{upstream.port}: {error}",
+            kind="timeout" if timedOut else "connect_failed",
+        ) from None
 
 
 async def _loginHandshake(
@@ -286,7 +309,9 @@ async def _loginHandshake(
         try:
             return await deferred
         except defer.TimeoutError:
-            raise UpstreamError(f"upstream {upstream.host}:{upstream.port} did not answer in time") from None
+            raise UpstreamError(
+                f"upstream {upstream.host}:{upstream.port} did not answer in time", kind="timeout"
+            ) from None
 
     greeting = await withTimeout(_awaitResponse(protocol))
     if not greeting.upper().startswith(b"* OK"):

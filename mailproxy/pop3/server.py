@@ -24,6 +24,7 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, ITransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
@@ -118,10 +119,13 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._refusal: IDelayedCall | None = None
         self.session = ProxySession("pop3", context.listener.name, "?", self.tlsActive, context.filtersFor(None))
         self.callLater = context.clock.callLater  # type: ignore[method-assign, assignment]
+        self.metrics = context.metrics
 
     # -- connection ---------------------------------------------------------
 
     def connectionMade(self) -> None:
+        if self.metrics is not None:
+            self.metrics.opened()
         peer = self.transport.getPeer()
         self.clientAddress = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         setNoDelay(self.transport)
@@ -146,6 +150,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
         self.state = State.CLOSED
+        if self.metrics is not None:
+            self.metrics.closed()
         if self.gate is not None:
             self.gate.release()
         if self._refusal is not None and self._refusal.active():
@@ -180,6 +186,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self._firstLine = data.split(b"\r\n", 1)[0]
         self.bytesOut += len(data)
         self.transport.write(data)
+        if self.metrics is not None and self.loggedIn:
+            self.metrics.bytesToClient.inc(len(data))
 
     def _closeConnection(self) -> None:
         self.state = State.CLOSED
@@ -239,6 +247,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         self.bytesIn += len(data)
+        if self.metrics is not None and self.loggedIn:
+            self.metrics.bytesFromClient.inc(len(data))
         if self.state in (State.UPDATE, State.CLOSED):
             return
         try:
@@ -323,6 +333,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.tlsActive = True
         self.session.tls = True
         self._userName = None
+        if self.metrics is not None:
+            self.metrics.upgraded()
 
     def auth_USER(self, rest: bytes) -> None:
         if not self._authenticationPermitted():
@@ -397,6 +409,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         assert self.gate is not None
         if self.gate.lockedOut(name):
             # Not even checked: a locked-out guesser learns nothing.
+            self._countLogin("locked_out")
             self._refuseLater(_AUTH_FAILED, self.gate.failed(name))
             return
         loggingIn = self.context.portal.login(UsernamePassword(username, password), None, IProxyUser)
@@ -414,6 +427,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._logout = logout
         assert self.gate is not None
         if not self.gate.succeeded(name):
+            self._countLogin("too_many_sessions")
             self._dropLogout()
             self._refuseLater(b"-ERR [IN-USE] Too many sessions for this user.\r\n", 0)
             return
@@ -435,6 +449,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
                 upstream=upstream.name,
                 protocol=upstream.protocol,
             )
+            self._countLogin("upstream_error")
             self._dropLogout()
             self._refuseLater(b"-ERR [SYS/PERM] No POP3 service for this account.\r\n", 0)
             return
@@ -451,8 +466,13 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             logout, self._logout = self._logout, None
             logout()
 
+    def _countLogin(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.login(result)
+
     def _loginFailed(self, name: str, mechanism: str, failure: Failure) -> None:
         assert self.gate is not None
+        self._countLogin("failed")
         if self.state is State.CLOSED:
             self.gate.failed(name)
             return
@@ -470,6 +490,10 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if not isinstance(error, UpstreamError):
             self.log.failure("upstream session for {user} failed unexpectedly", failure, user=name)
             error = UpstreamError(str(error))
+        refused = error.authenticationFailed and user.upstreamPassword is None
+        if self.metrics is not None:
+            self.metrics.login("upstream_refused" if refused else "upstream_error")
+            self.metrics.upstreamError(user.upstream.name, error.kind)
         self.log.warn(
             "{client} user {user}: upstream {upstream} unavailable: {error}",
             client=self.clientAddress,
@@ -478,7 +502,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             error=str(error),
         )
         self.session.notify("login", ok=False, user=name, mechanism=mechanism)
-        if error.authenticationFailed and user.upstreamPassword is None:
+        if refused:
             assert self.gate is not None
             self._refuseLater(_AUTH_FAILED, self.gate.failed(name))
         else:
@@ -512,8 +536,15 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         # reader never makes the proxy hold a whole message.
         self.transport.registerProducer(upstream.transport, True)  # type: ignore[attr-defined]
         upstream.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
-        upstream.startRelay(relay.fromUpstream, relay.upstreamLost)
+        upstream.startRelay(relay.fromUpstream, self._relayUpstreamLost)
         self._beginTransaction()
+
+    def _relayUpstreamLost(self, reason: Failure) -> None:
+        assert self.relay is not None
+        if self.metrics is not None and not self.relay.closed:
+            kind = "closed" if reason.check(ConnectionDone) else "reset"
+            self.metrics.upstreamError(self.user.upstream.name, kind)
+        self.relay.upstreamLost(reason)
 
     def _startBridge(self, mechanism: str, maildrop: Any) -> None:
         if self.state is State.CLOSED:
@@ -525,6 +556,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _enterTransaction(self, mechanism: str) -> None:
         self.state = State.TRANSACTION
+        self._countLogin("ok")
         mode = "relaying to" if self.relay is not None else "bridging to"
         self.log.info(
             "{client} logged in as {user}, {mode} {upstream}",
@@ -596,8 +628,14 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         started = time.monotonic()
         bytesIn = len(keyword) + sum(len(word) + 1 for word in arguments) + 2
         observed = bool(self.session.chain.observers)
+        metrics = self.metrics
 
         def report(status: bytes, bytesOut: int) -> None:
+            duration = time.monotonic() - started
+            if metrics is not None:
+                metrics.commandDone(keyword, duration)
+            if not observed:
+                return
             result = status.split(b" ", 1)[0].decode("ascii", "replace").upper()
             self.session.notify(
                 "command",
@@ -605,11 +643,12 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
                 result=result,
                 bytesIn=bytesIn,
                 bytesOut=bytesOut,
-                duration=time.monotonic() - started,
+                duration=duration,
             )
 
+        tracked = observed or metrics is not None
         if self.relay is not None:
-            self.relay.command(keyword, arguments, report if observed else None)
+            self.relay.command(keyword, arguments, report if tracked else None)
             return
         assert self.bridge is not None
         startedAt = self.bytesOut
@@ -618,7 +657,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
         def finished(result: object) -> object:
             self._bridgeRunning = False
-            if observed:
+            if tracked:
                 report(self._firstLine or b"", self.bytesOut - startedAt)
             return result
 

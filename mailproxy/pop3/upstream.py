@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailproxy.config import TLSMode, UpstreamConfig
-from mailproxy.imap.upstream import UpstreamError, openConnection, setNoDelay
+from mailproxy.imap.upstream import UpstreamError, lostKind, openConnection, setNoDelay
 from mailproxy.pop3.wire import unstuff
 from mailproxy.tls import upstreamOptions
 
@@ -81,7 +81,9 @@ class POP3UpstreamProtocol(Protocol):
         self._lost = reason
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
-            waiting.errback(UpstreamError(f"upstream closed the connection: {reason.getErrorMessage()}"))
+            waiting.errback(
+                UpstreamError(f"upstream closed the connection: {reason.getErrorMessage()}", kind=lostKind(reason))
+            )
         if self._onLost is not None:
             self._onLost(reason)
 
@@ -92,7 +94,8 @@ class POP3UpstreamProtocol(Protocol):
         if self._lines:
             return defer.succeed(self._lines.popleft())
         if self._lost is not None:
-            return defer.fail(UpstreamError(f"upstream closed the connection: {self._lost.getErrorMessage()}"))
+            message = f"upstream closed the connection: {self._lost.getErrorMessage()}"
+            return defer.fail(UpstreamError(message, kind=lostKind(self._lost)))
         self._waiting = Deferred()
         return self._waiting
 
@@ -165,7 +168,9 @@ class _Handshake:
         try:
             return await reading
         except defer.TimeoutError:
-            raise UpstreamError(f"upstream {self.upstream.host}:{self.upstream.port} did not answer in time") from None
+            raise UpstreamError(
+                f"upstream {self.upstream.host}:{self.upstream.port} did not answer in time", kind="timeout"
+            ) from None
 
     async def command(self, line: bytes) -> bytes:
         self.protocol.transport.write(line + b"\r\n")
@@ -220,7 +225,9 @@ async def loginHandshake(
     if not _isOK(reply):
         code = reply[4:].lstrip().upper()
         failed = not code.startswith(_NOT_CREDENTIALS)
-        raise UpstreamError(f"upstream rejected the login: {_text(reply)}", authenticationFailed=failed)
+        raise UpstreamError(
+            f"upstream rejected the login: {_text(reply)}", authenticationFailed=failed, kind="login_refused"
+        )
     return POP3UpstreamSession(protocol, capabilities)
 
 

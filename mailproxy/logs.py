@@ -1,0 +1,119 @@
+# -*- test-case-name: tests.test_logs -*-
+"""
+JSON-lines logs (C{[server] log_format = "json"}): one flat JSON object per
+event, to wherever twistd would have written its text log.
+
+Each object has C{time} (ISO 8601, UTC), C{level}, C{namespace}, C{message}
+(the formatted text), C{system} for Twisted's own connection-scoped events,
+C{traceback} when the event carries a failure, and then the event's own
+fields (C{client}, C{user}, C{upstream}, ...).  Twisted's bookkeeping keys
+are left out, and so is any field whose name says it holds a secret:
+passwords are never logged, and a mistake elsewhere must not change that.
+
+twistd gives a plugin no say in its log observer, except through an
+L{ILogObserver} component on the application, which it uses instead of its
+own; so the proxy's root service sets that component when twistd makes it
+the application's child (see L{mailproxy.tap.ListenersService}), picking
+the destination twistd's options name (C{--logfile}, C{-n} for stdout).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.logger import FileLogObserver, ILogObserver, LogLevel, formatEvent
+from twisted.python.logfile import LogFile
+
+# Keys of Twisted's legacy log events that are bookkeeping, not fields.
+_LEGACY_KEYS = frozenset({"message", "isError", "printed", "system", "time", "format", "failure", "why"})
+_SECRET = re.compile(r"pass|secret|credential|token|sasl", re.IGNORECASE)
+_MAX_DEPTH = 4
+
+
+def eventAsJSONLine(event: dict[str, Any]) -> str:
+    """
+    One event as a flat JSON object, with its line end.
+    """
+    level = event.get("log_level", LogLevel.info)
+    record: dict[str, Any] = {
+        "time": datetime.fromtimestamp(event.get("log_time") or 0.0, UTC).isoformat(timespec="milliseconds"),
+        "level": getattr(level, "name", str(level)),
+        "namespace": event.get("log_namespace", ""),
+        "message": formatEvent(event),
+    }
+    system = event.get("log_system", event.get("system"))
+    if system not in (None, "-"):
+        record["system"] = str(system)
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            record["traceback"] = failure.getTraceback()
+        except Exception:
+            record["traceback"] = repr(failure)
+    for key, value in event.items():
+        if key.startswith("log_") or key in _LEGACY_KEYS or key in record or _SECRET.search(key):
+            continue
+        record[key] = _plain(value, 0)
+    return json.dumps(record) + "\n"
+
+
+def _plain(value: Any, depth: int) -> Any:
+    """
+    C{value} as something JSON can hold, readable rather than exact.
+    """
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if depth < _MAX_DEPTH and isinstance(value, list | tuple | set | frozenset):
+        return [_plain(item, depth + 1) for item in value]
+    if depth < _MAX_DEPTH and isinstance(value, Mapping):
+        return {str(key): _plain(item, depth + 1) for key, item in value.items() if not _SECRET.search(str(key))}
+    return str(value)
+
+
+def jsonLinesObserver(outFile: IO[Any]) -> ILogObserver:
+    """
+    An observer writing L{eventAsJSONLine}s to C{outFile}.
+    """
+    return FileLogObserver(outFile, eventAsJSONLine)
+
+
+def twistdLogFile(twistdOptions: Mapping[str, Any] | None) -> IO[Any] | None:
+    """
+    The file twistd would log to with these (global) options: stdout with
+    C{-n} and no C{--logfile} or C{--logfile=-}, else the named file
+    (C{twistd.log} by default), rotated on SIGUSR1 as twistd does.
+
+    C{None} when twistd is to log elsewhere (C{--syslog}, C{--logger}), when
+    a daemon was told to log to stdout (twistd refuses that itself), or
+    without twistd options (the service was not made by twistd).
+    """
+    if twistdOptions is None or twistdOptions.get("syslog") or twistdOptions.get("logger"):
+        return None
+    name = twistdOptions.get("logfile") or ""
+    nodaemon = bool(twistdOptions.get("nodaemon"))
+    if name == "-" or (nodaemon and not name):
+        return sys.stdout if nodaemon else None
+    logFile = LogFile.fromFullPath(name or "twistd.log")
+    _rotateOnSIGUSR1(logFile)
+    return logFile
+
+
+def _rotateOnSIGUSR1(logFile: LogFile) -> None:
+    import signal
+
+    if signal.getsignal(signal.SIGUSR1):
+        return
+
+    def rotate(signum: int, frame: Any) -> None:
+        from twisted.internet import reactor
+
+        reactor.callFromThread(logFile.rotate)  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGUSR1, rotate)
