@@ -7,9 +7,8 @@ Every example checks that no exception escapes a protocol callback, that
 nothing is logged as an unhandled failure, that what the proxy writes is
 well-formed, and that nothing is written after the connection is closed.
 
-Bugs these properties found that are not fixed yet are reproduced in
-fuzz_findings_pending.py (not collected: every test there fails today);
-the strategies here steer around them where the comments say so.
+Bugs these properties found are reproduced, minimally, in
+test_fuzz_findings.py.
 """
 
 from __future__ import annotations
@@ -469,10 +468,7 @@ def _clientLiteral(data: bytes, kind: str) -> Wire:
 
 
 literalData = st.binary(max_size=24)
-# Literal data ending like a synchronising literal announcement stalls the
-# filtered relay today (C in fuzz_findings_pending.py): not for it.
 _ANNOUNCEMENT_AT_END = re.compile(rb"\{[0-9]+\}\r\n\Z")
-unambiguousLiteralData = literalData.map(lambda data: data + b"." if _ANNOUNCEMENT_AT_END.search(data) else data)
 
 
 def clientArguments(data: st.SearchStrategy[bytes], synchronising: bool = True) -> st.SearchStrategy[Wire]:
@@ -523,13 +519,13 @@ LOCAL_REPLY = re.compile(
 
 
 @st.composite
-def clientCommands(draw: st.DrawFn, data: st.SearchStrategy[bytes] = literalData, done: bool = True) -> Wire:
+def clientCommands(draw: st.DrawFn, data: st.SearchStrategy[bytes] = literalData) -> Wire:
     """
     A well-formed command (any literals correctly sized), DONE, or a
     command the proxy refuses after login (its literals non-synchronising,
     since a client would not send the literal of a refused synchronising one).
     """
-    kind = draw(st.integers(1 if not done else 0, 9))
+    kind = draw(st.integers(0, 9))
     if kind == 0:
         return Wire.plain(b"DONE\r\n")
     if kind in (1, 2):
@@ -661,10 +657,7 @@ def test_imap_relay_forwards_well_framed_traffic_byte_for_byte_in_both_direction
     literalPlus: bool,
 ) -> None:
     """Well-framed commands and responses, interleaved and split anyhow, cross the relay unchanged and whole."""
-    # Literal data ending like an announcement is left out with filters: it
-    # stalls the filtered relay (C in fuzz_findings_pending.py).
-    literals = unambiguousLiteralData if filtered else literalData
-    commands = data.draw(st.lists(clientCommands(literals), min_size=1, max_size=8), label="commands")
+    commands = data.draw(st.lists(clientCommands(literalData), min_size=1, max_size=8), label="commands")
     relayByteForByte(usersDir, filtered, commands, responses, clientSizes, upstreamSizes, order, literalPlus)
 
 
@@ -713,9 +706,7 @@ def relayByteForByte(
 
 @FUZZ
 @given(
-    # No DONE: untagged lines overtake commands waiting for a continuation
-    # (fuzz_findings_pending.py).
-    commands=st.lists(clientCommands(unambiguousLiteralData, done=False), min_size=1, max_size=8),
+    commands=st.lists(clientCommands(literalData), min_size=1, max_size=8),
     responses=st.lists(upstreamDataResponses, min_size=1, max_size=10),
     clientSizes=splits,
     upstreamSizes=splits,
@@ -867,17 +858,6 @@ relayActions = st.lists(st.sampled_from(["client"] * 4 + ["upstream"] * 4 + ["ti
 ticks = st.lists(st.sampled_from([1.0, 16.0, 25 * 60.0 + 1]), min_size=1, max_size=4)
 
 
-def withoutKnownFilteredRelayCrashes(stream: bytes) -> bytes:
-    """
-    C{stream} with every literal announcement made non-synchronising: the
-    rest of a command sent along with a synchronising literal the proxy
-    refuses crashes the filtered relay today (B2 in fuzz_findings_pending.py).
-    Synchronising literals still reach the passthrough relay here, and the
-    filtered one in the byte-for-byte test.
-    """
-    return re.sub(rb"\{([0-9]{1,20})\}", rb"{\1+}", stream)
-
-
 def closeBothSides(connection: Any, closing: Closing) -> None:
     """
     Deliver connectionLost to whichever side the proxy asked to close, as
@@ -931,7 +911,6 @@ def test_imap_relay_survives_arbitrary_traffic_both_ways(
         actions,
         tickLengths,
         upstreamLostAt,
-        avoidKnownCrashes=True,
     )
 
 
@@ -946,8 +925,6 @@ def relaySurvives(
     actions: list[str],
     tickLengths: list[float],
     upstreamLostAt: int | None,
-    *,
-    avoidKnownCrashes: bool,
 ) -> None:
     """
     Play the given traffic and timers through a logged-in session and check
@@ -957,12 +934,7 @@ def relaySurvives(
     with loggedFailures() as failures:
         connection = loggedIn(usersDir, upstream=UpstreamScript(capabilities=capabilities), filters=chain)
         closing = Closing(connection.protocol, connection.transport)
-        clientStream = b"".join(clientPieces)
-        if chain and avoidKnownCrashes:
-            clientStream = withoutKnownFilteredRelayCrashes(clientStream)
-            clientChunks = chunked(clientStream, clientSizes)
-        else:
-            clientChunks = writes(clientPieces, clientSizes)
+        clientChunks = writes(clientPieces, clientSizes)
         upstreamChunks = writes(upstreamPieces, upstreamSizes)
         steps = [*actions, *["client"] * len(clientChunks), *["upstream"] * len(upstreamChunks)]
         tickIndex = 0

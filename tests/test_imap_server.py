@@ -316,11 +316,20 @@ def test_relay_streams_response_literals_and_filters_capabilities(tmp_path: Path
 def test_compress_and_starttls_after_login_are_answered_locally(tmp_path: Path) -> None:
     """COMPRESS, STARTTLS and a second LOGIN never reach the upstream."""
     connection = loggedIn(tmp_path)
-    connection.send(b"a COMPRESS DEFLATE\r\nb STARTTLS\r\nc LOGIN {3}\r\nd NOOP\r\n")
-    assert connection.upstream.sent == b"d NOOP\r\n"
+    connection.send(b"a COMPRESS DEFLATE\r\nb STARTTLS\r\nc LOGIN {3}\r\n")
     replies = connection.received()
     for tag in (b"a", b"b", b"c"):
         assert tag + b" BAD " in replies
+    connection.send(b"d NOOP\r\n")
+    assert connection.upstream.sent == b"d NOOP\r\n"
+
+
+def test_octets_sent_with_a_refused_synchronising_literal_never_reach_the_upstream(tmp_path: Path) -> None:
+    """Sent without waiting for "+", the refused LOGIN's literal (here a whole command) is dropped."""
+    connection = loggedIn(tmp_path)
+    connection.send(b"c LOGIN {3}\r\nd NOOP\r\ne NOOP\r\n")
+    assert connection.received().startswith(b"c BAD ")
+    assert connection.upstream.sent == b"e NOOP\r\n"
 
 
 def test_local_reply_waits_for_the_upstream_response_boundary(tmp_path: Path) -> None:

@@ -116,6 +116,7 @@ class Relay:
         self._command: _Assembly | None = None
         self._streamingCommand = False
         self._discard: tuple[bytes, bytes] | None = None
+        self._refusedRest = False
         self._awaitingContinuation: bytes | None = None
         self._clientTag: bytes | None = None
         # Commands waiting to go upstream, each as its remaining parts; the
@@ -193,8 +194,15 @@ class Relay:
         if self._discard is not None:
             self._discardCommand(event)
             return
+        if self._refusedRest:
+            # Octets framed with a command refused at its synchronising
+            # literal: the client should not have sent them, and relayed
+            # they could smuggle a refused command upstream.
+            if isinstance(event, LiteralChunk) or event.continuation:
+                return
+            self._refusedRest = False
         if isinstance(event, LiteralChunk):
-            self.toUpstream(event.data)
+            self._toUpstreamInOrder(event.data)
             return
         if not event.continuation:
             parsed = tagAndCommand(event.raw)
@@ -208,7 +216,18 @@ class Relay:
                 self._startTiming(parsed[0], parsed[1], event.raw)
         if event.literal is not None and not event.nonSynchronizing:
             self._awaitingContinuation = self._clientTag
-        self.toUpstream(event.raw)
+        self._toUpstreamInOrder(event.raw)
+
+    def _toUpstreamInOrder(self, data: bytes) -> None:
+        """
+        Send client octets that pass unassembled (lines without a tag such
+        as DONE, streamed literals) behind any command the filtered relay
+        still holds for the upstream's continuation.
+        """
+        if self._outbound:
+            self._outbound.append((b"", deque([(data, False)])))
+        else:
+            self.toUpstream(data)
 
     def _overlong(self, event: OverlongLine) -> None:
         """
@@ -265,6 +284,8 @@ class Relay:
             # The client waits for a continuation we will not send; the
             # tagged reply tells it not to send the literal.
             self.client.framer.cancelLiteral()
+            # (The filtered path drops them itself: no command is assembling.)
+            self._refusedRest = not self.chain
         tag, reply = self._discard
         self._discard = None
         self.sendLocal(tag + b" " + reply + b"\r\n")
