@@ -13,11 +13,8 @@ import os
 import shutil
 import socket
 import ssl
-import statistics
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 from mailproxy.passwords import hashPassword
 from tests.dovecot import DovecotUpstream
@@ -29,7 +26,6 @@ __all__ = [
     "USER",
     "ProxyProcess",
     "RawClient",
-    "Samples",
     "freePort",
     "markdownTable",
     "memoryKiB",
@@ -39,6 +35,7 @@ __all__ = [
     "startProxy",
     "textTable",
     "treeMemoryKiB",
+    "workDirectory",
     "writeUsersFile",
 ]
 
@@ -258,23 +255,6 @@ def treeMemoryKiB(root: int) -> int:
 def percentile(values: Sequence[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-@dataclass
-class Samples:
-    """
-    Repeated measurements of one figure; reported as the median.
-    """
-
-    values: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.values)
-
-
-def deadlineReached(started: float, seconds: float) -> bool:
-    return time.perf_counter() - started >= seconds
 
 
 def textTable(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -115,6 +115,7 @@ class Target:
 class Workload:
     messages: int
     size: int
+    bulkRepeats: int
     smallMessages: int
     smallSize: int
     depth: int
@@ -129,6 +130,7 @@ class Workload:
 FULL = Workload(
     messages=200,
     size=51200,
+    bulkRepeats=3,
     smallMessages=200,
     smallSize=2000,
     depth=16,
@@ -142,6 +144,7 @@ FULL = Workload(
 QUICK = Workload(
     messages=40,
     size=51200,
+    bulkRepeats=1,
     smallMessages=64,
     smallSize=2000,
     depth=16,
@@ -159,8 +162,9 @@ def fetchRound(target: Target, work: Workload) -> None:
     try:
         client.command(b"LOGIN %s %s" % (USER.encode(), PASSWORD.encode()))
         client.command(b"EXAMINE INBOX")
-        octets, seconds = bulkFetch(client)
-        target.add("bulk_MBps", [octets / seconds / 1e6])
+        for _ in range(work.bulkRepeats):
+            octets, seconds = bulkFetch(client)
+            target.add("bulk_MBps", [octets / seconds / 1e6])
         client.command(b"EXAMINE " + SMALL_MAILBOX)
         uids = range(1, work.smallMessages + 1)
         target.add("single_s", perMessageLatencies(client, uids))
@@ -404,7 +408,8 @@ def render(targets: list[Target], work: Workload, notes: list[str], load: tuple[
     header = ["", "direct Dovecot", "mailproxy"] + (["nginx mail"] if len(targets) > 2 else [])
     rows = list(tableRows(targets, work))
     workload = (
-        f"Workload: bulk = one UID FETCH 1:* (BODY.PEEK[]) of {work.messages} x {work.size // 1024} KiB messages; "
+        f"Workload: bulk = UID FETCH 1:* (BODY.PEEK[]) of {work.messages} x {work.size // 1024} KiB messages, "
+        f"{work.bulkRepeats} per round; "
         f"per-message = UID FETCH n (BODY.PEEK[]) of {work.smallMessages} ~{work.smallSize // 1000} kB messages, one "
         f"in flight, and in batches of {work.depth} sent in one write; median of {work.rounds} interleaved rounds "
         "(p99/max over all samples). Logins: connect, greeting, LOGIN, LOGOUT, "
@@ -464,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     startLoad = os.getloadavg()[0]
     try:
         targets, notes = run(work, not arguments.no_nginx)
+    except RunTimedOut:
+        print(f"bench: stopped after --time-limit {arguments.time_limit:g} s; everything it started is stopped")
+        return 2
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     text, markdown = render(targets, work, notes, (startLoad, os.getloadavg()[0]))
