@@ -22,7 +22,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from bench.common import HOST, freePort, treeMemoryKiB
+from bench.common import HOST, freePort, treeCpuSeconds, treeMemoryKiB
 from tests.proxyprocess import tail
 
 NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
@@ -191,6 +191,10 @@ class NginxMailProxy:
         """
         assert self.process is not None
         return treeMemoryKiB(self.process.pid)
+
+    def cpuSeconds(self) -> float:
+        assert self.process is not None
+        return treeCpuSeconds(self.process.pid)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -42,6 +42,7 @@ from bench.common import (
     seed,
     startProxy,
     textTable,
+    treeCpuSeconds,
     treeMemoryKiB,
     workDirectory,
     writeUsersFile,
@@ -104,6 +105,7 @@ class Target:
     imapPort: int
     pop3Port: int
     memory: Callable[[], int]
+    cpu: Callable[[], float]
     fetch: dict[str, list[float]] = field(default_factory=dict)
     figures: dict[str, float] = field(default_factory=dict)
 
@@ -163,8 +165,10 @@ def fetchRound(target: Target, work: Workload) -> None:
         client.command(b"LOGIN %s %s" % (USER.encode(), PASSWORD.encode()))
         client.command(b"EXAMINE INBOX")
         for _ in range(work.bulkRepeats):
+            cpuBefore = target.cpu()
             octets, seconds = bulkFetch(client)
             target.add("bulk_MBps", [octets / seconds / 1e6])
+            target.add("bulk_cpu_s_per_MB", [(target.cpu() - cpuBefore) / (octets / 1e6)])
         client.command(b"EXAMINE " + SMALL_MAILBOX)
         uids = range(1, work.smallMessages + 1)
         target.add("single_s", perMessageLatencies(client, uids))
@@ -256,8 +260,20 @@ def run(work: Workload, withNginx: bool) -> tuple[list[Target], list[str]]:
         with startProxy(directory, config, list(ports.values())) as proxy:
             proxyPid = proxy.process.pid
             targets = [
-                Target("direct", upstream.ports["imap"], upstream.ports["pop3"], lambda: treeMemoryKiB(dovecotPid)),
-                Target("mailproxy", ports["imap"], ports["pop3"], lambda: memoryKiB(proxyPid)[0]),
+                Target(
+                    "direct",
+                    upstream.ports["imap"],
+                    upstream.ports["pop3"],
+                    lambda: treeMemoryKiB(dovecotPid),
+                    lambda: treeCpuSeconds(dovecotPid),
+                ),
+                Target(
+                    "mailproxy",
+                    ports["imap"],
+                    ports["pop3"],
+                    lambda: memoryKiB(proxyPid)[0],
+                    lambda: treeCpuSeconds(proxyPid),
+                ),
             ]
             nginx = None
             if nginxBinary is not None:
@@ -268,7 +284,9 @@ def run(work: Workload, withNginx: bool) -> tuple[list[Target], list[str]]:
                 )
                 nginx.start()
                 notes.append(f"{nginxVersion(nginxBinary)}, 1 worker, proxy_buffer {nginx.buffer}.")
-                targets.append(Target("nginx", nginx.ports["imap"], nginx.ports["pop3"], nginx.memoryKiB))
+                targets.append(
+                    Target("nginx", nginx.ports["imap"], nginx.ports["pop3"], nginx.memoryKiB, nginx.cpuSeconds)
+                )
             try:
                 measureAll(targets, work)
             finally:
@@ -340,6 +358,10 @@ def tableRows(targets: list[Target], work: Workload) -> Iterator[list[str]]:
         return lambda t: f"{_ms(percentile(t.fetch[key], 0.99))} / {_ms(max(t.fetch[key]))}"
 
     yield row("bulk FETCH, MB/s (% of direct)", share(median("bulk_MBps")))
+    yield row(
+        "CPU per MB of bulk FETCH, ms (server or proxy processes)",
+        lambda t: f"{statistics.median(t.fetch['bulk_cpu_s_per_MB']) * 1000:.2f}",
+    )
     yield row("per-message FETCH p50, ms (overhead)", versusDirect(median("single_s")))
     yield row("per-message FETCH p99 / max, ms", tail("single_s"))
     yield row(f"{work.depth} pipelined FETCHes p50, ms (overhead)", versusDirect(median("pipelined_s")))
@@ -420,6 +442,9 @@ def render(targets: list[Target], work: Workload, notes: list[str], load: tuple[
         "deliberately slow, run in a thread pool). Memory: (PSS after - before) / sessions for "
         f"{work.sessions} sessions in LOGIN, SELECT, IDLE; direct = the whole Dovecot process tree, mailproxy = "
         "the twistd process, nginx = master + worker (the Dovecot sessions behind the proxies are not counted). "
+        "CPU: user + system time of the Dovecot tree (its side of direct), the twistd process, or nginx's "
+        "master + worker during a bulk FETCH; it counts only the proxy's work (the Dovecot behind it is not "
+        "counted) and depends less on the machine's load than the throughput. "
         "POP3: poplib STAT, LIST, UIDL, RETR of every INBOX message; mailproxy relays to Dovecot's POP3, "
         "nginx too; the bridge row is mailproxy speaking IMAP upstream."
     )
