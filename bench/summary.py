@@ -141,7 +141,7 @@ FULL = Workload(
     parallel=16,
     maxLogins=2000,
     loginSeconds=4.0,
-    pop3Rounds=3,
+    pop3Rounds=5,
 )
 QUICK = Workload(
     messages=40,
