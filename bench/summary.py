@@ -465,7 +465,7 @@ def render(targets: list[Target], work: Workload, notes: list[str], load: tuple[
             workload,
             "",
             machine,
-            *("" + note for note in notes),
+            *(part for note in notes for part in ("", note)),
             "",
         ]
     )
