@@ -1,11 +1,14 @@
 # make demo: a private Dovecot plus the proxy in front of it, on loopback.
 # make test: installs what the tests need (apt and pip) and runs lint, types and the whole suite.
+# make bench: the benchmark (bench/summary.py) against direct Dovecot and nginx's mail proxy.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates systemd
+BENCH_APT_PACKAGES := nginx libnginx-mod-mail
+BENCH_ARGS ?=
 
-.PHONY: demo test lint typecheck bench system-deps venv clean
+.PHONY: demo test lint typecheck bench bench-deps system-deps venv clean
 
 venv: $(VENV)/.installed
 
@@ -16,14 +19,23 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
+# $(call apt_install,PACKAGES): apt-get install those not installed yet
+define apt_install
+@missing=""; for p in $(1); do \
+  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+done; \
+if [ -n "$$missing" ]; then \
+  echo "installing:$$missing"; \
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+fi
+endef
+
 system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	$(call apt_install,$(APT_PACKAGES))
+
+# nginx's mail proxy, the benchmark's peer (make test does not need it)
+bench-deps:
+	$(call apt_install,$(BENCH_APT_PACKAGES))
 
 lint: venv
 	$(BIN)/ruff check .
@@ -38,10 +50,9 @@ test: system-deps venv lint typecheck
 demo: system-deps venv
 	$(BIN)/python -m scripts.demo
 
-bench: system-deps venv
-	$(BIN)/python -m bench.relay_fetch
-	$(BIN)/python -m bench.idle_sessions
-	$(BIN)/python -m bench.pop3_download
+# one summary table: direct Dovecot | mailproxy | nginx mail (BENCH_ARGS=--quick for a short run)
+bench: system-deps bench-deps venv
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info dropin.cache twisted/plugins/dropin.cache

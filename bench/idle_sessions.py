@@ -2,7 +2,7 @@
 Concurrent IDLE sessions through the proxy, measured in one run against the
 direct upstream.
 
-    make bench-idle   (or: .venv/bin/python -m bench.idle_sessions --sessions 2000)
+    .venv/bin/python -m bench.idle_sessions --sessions 2000
 
 Starts a private Dovecot (limits raised for the run) and the proxy (twistd);
 opens N sessions through the proxy (LOGIN, SELECT, IDLE) and a sample of
@@ -20,30 +20,25 @@ import argparse
 import asyncio
 import imaplib
 import os
-import shutil
 import statistics
-import tempfile
 import time
 
-from mailproxy.passwords import hashPassword
+from bench.common import (
+    HOST,
+    freePort,
+    memoryKiB,
+    percentile,
+    privateDovecot,
+    startProxy,
+    workDirectory,
+    writeUsersFile,
+)
 from tests.dovecot import DovecotUpstream
-from tests.proxyprocess import HOST, ProxyProcess, freePort
 
 USER, PASSWORD = "idler", "idlerpw"
 DEADLINE = 600.0
-
-
-def memory(pid: int) -> tuple[int, int]:
-    """
-    (PSS, RSS) of a process in KiB.
-    """
-    values = {}
-    with open(f"/proc/{pid}/smaps_rollup") as handle:
-        for line in handle:
-            fields = line.split()
-            if fields[0] in ("Pss:", "Rss:"):
-                values[fields[0]] = int(fields[1])
-    return values["Pss:"], values["Rss:"]
+# cheap enough that thousands of logins do not measure hashing
+CHEAP_LOG2_N = 10
 
 
 class Session:
@@ -52,11 +47,11 @@ class Session:
         self.writer = writer
 
     @classmethod
-    async def open(cls, port: int) -> Session:
+    async def open(cls, port: int, user: str = USER, password: str = PASSWORD) -> Session:
         reader, writer = await asyncio.open_connection(HOST, port)
         session = cls(reader, writer)
         await reader.readline()
-        await session.command(b"a LOGIN %s %s" % (USER.encode(), PASSWORD.encode()))
+        await session.command(b"a LOGIN %s %s" % (user.encode(), password.encode()))
         await session.command(b"s SELECT INBOX")
         writer.write(b"i IDLE\r\n")
         line = await reader.readline()
@@ -88,12 +83,14 @@ class Session:
         self.writer.close()
 
 
-async def openMany(port: int, count: int, concurrency: int = 64) -> list[Session]:
+async def openMany(
+    port: int, count: int, concurrency: int = 64, user: str = USER, password: str = PASSWORD
+) -> list[Session]:
     gate = asyncio.Semaphore(concurrency)
 
     async def one() -> Session:
         async with gate:
-            return await Session.open(port)
+            return await Session.open(port, user, password)
 
     return list(await asyncio.gather(*(one() for _ in range(count))))
 
@@ -122,26 +119,8 @@ async def latencies(upstream: DovecotUpstream, groups: dict[str, list[Session]],
     return results
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-async def run(arguments: argparse.Namespace) -> None:
-    directory = tempfile.mkdtemp(prefix="mp-bench-idle-")
-    upstream = DovecotUpstream(maxSessions=arguments.sessions + arguments.direct + 50)
-    upstream.addUser(USER, PASSWORD)
-    proxy = None
-    sessions: list[Session] = []
-    try:
-        upstream.start()
-        with open(os.path.join(directory, "users"), "w") as handle:
-            handle.write(f"{USER}:{hashPassword(PASSWORD, log2N=10)}\n")
-        port = freePort()
-        configPath = os.path.join(directory, "mailproxy.toml")
-        with open(configPath, "w") as handle:
-            handle.write(
-                f"""
+def proxyConfig(port: int, upstreamPort: int, sessions: int) -> str:
+    return f"""
 [auth]
 users_file = "users"
 [[listener]]
@@ -149,51 +128,58 @@ endpoint = "tcp:{port}:interface=127.0.0.1:backlog=1024"
 allow_plaintext_auth = true
 [upstream.dovecot]
 host = "127.0.0.1"
-port = {upstream.ports["imap"]}
+port = {upstreamPort}
 [routing]
 default_upstream = "dovecot"
+[limits]
+max_connections_per_ip = {sessions + 100}
+max_sessions_per_user = {sessions + 100}
 """
-            )
-        proxy = ProxyProcess(configPath, os.path.join(directory, "twistd.log"))
-        proxy.waitForPorts([port])
-        pid = proxy.process.pid
-        await asyncio.sleep(0.5)
-        beforePss, beforeRss = memory(pid)
-        started = time.perf_counter()
-        proxied = await asyncio.wait_for(openMany(port, arguments.sessions), DEADLINE)
-        opened = time.perf_counter() - started
-        sessions += proxied
-        direct = await asyncio.wait_for(openMany(upstream.ports["imap"], arguments.direct), DEADLINE)
-        sessions += direct
-        await asyncio.sleep(2.0)
-        afterPss, afterRss = memory(pid)
-        descriptors = len(os.listdir(f"/proc/{pid}/fd"))
-        measured = await latencies(upstream, {"direct": direct, "proxy": proxied}, arguments.rounds)
-        alive = proxy.process.poll() is None
-        print(f"\n{arguments.sessions} IDLE sessions through the proxy (+{arguments.direct} direct), 2-core machine")
-        print(f"opened in {opened:.1f} s ({arguments.sessions / opened:.0f} sessions/s incl. login, SELECT, IDLE)")
+
+
+async def run(arguments: argparse.Namespace) -> None:
+    sessions: list[Session] = []
+    with (
+        workDirectory("mp-bench-idle-") as directory,
+        privateDovecot({USER: PASSWORD}, maxSessions=arguments.sessions + arguments.direct + 50) as upstream,
+    ):
+        writeUsersFile(directory, {USER: (PASSWORD, CHEAP_LOG2_N)})
+        port = freePort()
+        with startProxy(directory, proxyConfig(port, upstream.ports["imap"], arguments.sessions), [port]) as proxy:
+            try:
+                pid = proxy.process.pid
+                await asyncio.sleep(0.5)
+                beforePss, beforeRss = memoryKiB(pid)
+                started = time.perf_counter()
+                proxied = await asyncio.wait_for(openMany(port, arguments.sessions), DEADLINE)
+                opened = time.perf_counter() - started
+                sessions += proxied
+                direct = await asyncio.wait_for(openMany(upstream.ports["imap"], arguments.direct), DEADLINE)
+                sessions += direct
+                await asyncio.sleep(2.0)
+                afterPss, afterRss = memoryKiB(pid)
+                descriptors = len(os.listdir(f"/proc/{pid}/fd"))
+                measured = await latencies(upstream, {"direct": direct, "proxy": proxied}, arguments.rounds)
+                alive = proxy.process.poll() is None
+            finally:
+                for session in sessions:
+                    session.close()
+    print(f"\n{arguments.sessions} IDLE sessions through the proxy (+{arguments.direct} direct), 2-core machine")
+    print(f"opened in {opened:.1f} s ({arguments.sessions / opened:.0f} sessions/s incl. login, SELECT, IDLE)")
+    print(
+        f"proxy memory per idle session: PSS {(afterPss - beforePss) / arguments.sessions:.1f} KiB, "
+        f"RSS {(afterRss - beforeRss) / arguments.sessions:.1f} KiB "
+        f"(process PSS {beforePss / 1024:.1f} -> {afterPss / 1024:.1f} MiB); {descriptors} fds; alive: {alive}"
+    )
+    print(f"notification latency, APPEND by another session -> EXISTS, {arguments.rounds} rounds:")
+    for name, values in measured.items():
         print(
-            f"proxy memory per idle session: PSS {(afterPss - beforePss) / arguments.sessions:.1f} KiB, "
-            f"RSS {(afterRss - beforeRss) / arguments.sessions:.1f} KiB "
-            f"(process PSS {beforePss / 1024:.1f} -> {afterPss / 1024:.1f} MiB); {descriptors} fds; alive: {alive}"
+            f"  {name:<12} n={len(values):>5}  p50 {statistics.median(values):7.2f} ms  "
+            f"p95 {percentile(values, 0.95):7.2f} ms  max {max(values):7.2f} ms"
         )
-        print(f"notification latency, APPEND by another session -> EXISTS, {arguments.rounds} rounds:")
-        for name, values in measured.items():
-            print(
-                f"  {name:<12} n={len(values):>5}  p50 {statistics.median(values):7.2f} ms  "
-                f"p95 {percentile(values, 0.95):7.2f} ms  max {max(values):7.2f} ms"
-            )
-        direct50 = statistics.median(measured["direct"])
-        proxy50 = statistics.median(measured["proxy"])
-        print(f"proxy p50 / direct p50: {proxy50 / direct50:.2f}x ({proxy50 - direct50:+.2f} ms)")
-    finally:
-        for session in sessions:
-            session.close()
-        if proxy is not None:
-            proxy.stop()
-        upstream.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-        shutil.rmtree(upstream.baseDir, ignore_errors=True)
+    direct50 = statistics.median(measured["direct"])
+    proxy50 = statistics.median(measured["proxy"])
+    print(f"proxy p50 / direct p50: {proxy50 / direct50:.2f}x ({proxy50 - direct50:+.2f} ms)")
 
 
 def main() -> int:

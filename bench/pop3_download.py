@@ -13,29 +13,14 @@ round is reported, with ratios against direct POP3.
 from __future__ import annotations
 
 import argparse
-import imaplib
-import os
 import poplib
-import shutil
 import statistics
-import tempfile
 import time
 
-from mailproxy.passwords import hashPassword
-from tests.dovecot import DovecotUpstream
-from tests.proxyprocess import HOST, ProxyProcess, freePort
+from bench.common import HOST, freePort, privateDovecot, seed, startProxy, workDirectory, writeUsersFile
 
 USER, PASSWORD = "popbench", "popbenchpw"
-
-
-def seed(upstream: DovecotUpstream, count: int, size: int) -> None:
-    client = imaplib.IMAP4(HOST, upstream.ports["imap"])
-    client.login(USER, PASSWORD)
-    body = os.urandom(size * 3 // 4).hex().encode()[:size]
-    text = b"\r\n".join(body[index : index + 76] for index in range(0, len(body), 76))
-    for number in range(count):
-        client.append("INBOX", None, None, b"Subject: pop bench %d\r\n\r\n%s\r\n.dot line\r\n" % (number, text))
-    client.logout()
+CHEAP_LOG2_N = 10
 
 
 def download(port: int, user: str, password: str) -> tuple[float, int]:
@@ -82,55 +67,37 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
     arguments = parser.parse_args()
-    directory = tempfile.mkdtemp(prefix="mp-bench-pop3-")
-    upstream = DovecotUpstream()
-    upstream.addUser(USER, PASSWORD)
-    proxy = None
-    try:
-        upstream.start()
-        seed(upstream, arguments.messages, arguments.size)
-        with open(os.path.join(directory, "users"), "w") as handle:
-            handle.write(f"{USER}:{hashPassword(PASSWORD, log2N=10)}\n")
-            handle.write(f"relayed:{hashPassword('relayedpw', log2N=10)}\n")
+    with workDirectory("mp-bench-pop3-") as directory, privateDovecot({USER: PASSWORD}) as upstream:
+        seed(upstream.ports["imap"], arguments.messages, arguments.size, user=USER, password=PASSWORD)
+        writeUsersFile(directory, {USER: (PASSWORD, CHEAP_LOG2_N), "relayed": ("relayedpw", CHEAP_LOG2_N)})
         port = freePort()
-        configPath = os.path.join(directory, "mailproxy.toml")
-        with open(configPath, "w") as handle:
-            handle.write(
-                CONFIG.format(
-                    port=port, imap=upstream.ports["imap"], pop3=upstream.ports["pop3"], user=USER, password=PASSWORD
-                )
-            )
-        proxy = ProxyProcess(configPath, os.path.join(directory, "log"))
-        proxy.waitForPorts([port])
-        targets = {
-            "direct POP3": (upstream.ports["pop3"], USER, PASSWORD),
-            "proxy bridge": (port, USER, PASSWORD),
-            "proxy relay": (port, "relayed", "relayedpw"),
-        }
-        results: dict[str, list[float]] = {name: [] for name in targets}
-        octets: dict[str, int] = {}
-        for target in targets.values():
-            download(*target)  # warm-up
-        for _ in range(arguments.rounds):
-            for name, target in targets.items():
-                seconds, octets[name] = download(*target)
-                results[name].append(seconds)
-        direct = statistics.median(results["direct POP3"])
-        print(f"\n{arguments.messages} messages of ~{arguments.size} octets, median of {arguments.rounds} rounds")
-        for name, values in results.items():
-            seconds = statistics.median(values)
-            print(
-                f"{name:<14} {seconds:7.3f} s  {octets[name] / seconds / 1e6:7.1f} MB/s  "
-                f"{seconds / direct:5.2f}x direct time"
-            )
-        if len(set(octets.values())) != 1:
-            raise SystemExit(f"targets returned different octet counts: {octets}")
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        upstream.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-        shutil.rmtree(upstream.baseDir, ignore_errors=True)
+        config = CONFIG.format(
+            port=port, imap=upstream.ports["imap"], pop3=upstream.ports["pop3"], user=USER, password=PASSWORD
+        )
+        with startProxy(directory, config, [port]):
+            targets = {
+                "direct POP3": (upstream.ports["pop3"], USER, PASSWORD),
+                "proxy bridge": (port, USER, PASSWORD),
+                "proxy relay": (port, "relayed", "relayedpw"),
+            }
+            results: dict[str, list[float]] = {name: [] for name in targets}
+            octets: dict[str, int] = {}
+            for target in targets.values():
+                download(*target)  # warm-up
+            for _ in range(arguments.rounds):
+                for name, target in targets.items():
+                    seconds, octets[name] = download(*target)
+                    results[name].append(seconds)
+    direct = statistics.median(results["direct POP3"])
+    print(f"\n{arguments.messages} messages of ~{arguments.size} octets, median of {arguments.rounds} rounds")
+    for name, values in results.items():
+        seconds = statistics.median(values)
+        print(
+            f"{name:<14} {seconds:7.3f} s  {octets[name] / seconds / 1e6:7.1f} MB/s  "
+            f"{seconds / direct:5.2f}x direct time"
+        )
+    if len(set(octets.values())) != 1:
+        raise SystemExit(f"targets returned different octet counts: {octets}")
     return 0
 
 

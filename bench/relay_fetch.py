@@ -16,90 +16,74 @@ the result.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shutil
-import socket
 import ssl
 import statistics
-import tempfile
 import time
+from collections.abc import Sequence
 
-from mailproxy.passwords import hashPassword
+from bench.common import (
+    PASSWORD,
+    USER,
+    RawClient,
+    freePort,
+    privateDovecot,
+    seed,
+    startProxy,
+    workDirectory,
+    writeUsersFile,
+)
+from mailproxy.passwords import DEFAULT_LOG2_N
 from tests.dovecot import DovecotUpstream
-from tests.proxyprocess import HOST, ProxyProcess, freePort
 
-USER, PASSWORD = "bench", "benchpw"
-TAG = b"Zq9"
+# one round trip per command: a Nagle/delayed-ACK stall (40 ms class) shows
+# up here as an overhead far above a millisecond
+NOOP_ROUNDS = 200
 
 
-class RawClient:
+def bulkFetch(client: RawClient) -> tuple[int, float]:
     """
-    A minimal IMAP client that reads whole responses without parsing them,
-    so the client costs the same for both targets.
+    FETCH every message of the selected mailbox in one command: (octets,
+    seconds).
     """
-
-    def __init__(self, port: int, context: ssl.SSLContext | None) -> None:
-        sock = socket.create_connection((HOST, port), timeout=60)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock: socket.socket = context.wrap_socket(sock, server_hostname="localhost") if context else sock
-        self.counter = 0
-        self.buffer = b""
-        self._readLine()
-
-    def _readLine(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            self.buffer += self.sock.recv(65536)
-        line, _, self.buffer = self.buffer.partition(b"\r\n")
-        return line
-
-    def command(self, text: bytes) -> int:
-        """
-        Send a command, wait for its tagged OK; return the octets received.
-        """
-        self.counter += 1
-        tag = TAG + b"%d" % self.counter
-        self.sock.sendall(tag + b" " + text + b"\r\n")
-        marker = b"\r\n" + tag + b" "
-        data = bytearray(self.buffer)
-        self.buffer = b""
-        searched = 0
-        start = -1
-        while True:
-            # Search only what arrived since the last look: a rescan of the
-            # whole buffer per TLS record would dominate the measurement.
-            if start < 0 and data.startswith(tag + b" "):
-                start = 0
-            elif start < 0:
-                index = data.find(marker, max(0, searched - len(marker)))
-                start = -1 if index < 0 else index + 2
-            if start >= 0:
-                end = data.find(b"\r\n", start)
-                if end >= 0:
-                    status = bytes(data[start:end])
-                    if b" OK" not in status[: len(tag) + 4]:
-                        raise RuntimeError(status.decode(errors="replace"))
-                    self.buffer = bytes(data[end + 2 :])
-                    return end + 2
-            searched = len(data)
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
-                raise RuntimeError("connection closed")
-            data += chunk
-
-    def close(self) -> None:
-        self.sock.close()
+    started = time.perf_counter()
+    octets = client.command(b"UID FETCH 1:* (BODY.PEEK[])")
+    return octets, time.perf_counter() - started
 
 
-def seed(upstream: DovecotUpstream, count: int, size: int) -> None:
-    client = RawClient(upstream.ports["imap"], None)
-    client.command(b"LOGIN " + USER.encode() + b" " + PASSWORD.encode())
-    body = os.urandom(size * 3 // 4).hex().encode()[:size]
-    lines = b"\r\n".join(body[index : index + 76] for index in range(0, len(body), 76))
-    for number in range(count):
-        message = b"Subject: bench %d\r\nFrom: bench@example.test\r\n\r\n%s\r\n" % (number, lines)
-        client.command(b"APPEND INBOX {%d+}\r\n%s" % (len(message), message))
-    client.command(b"LOGOUT")
-    client.close()
+def perMessageLatencies(client: RawClient, uids: Sequence[int], item: bytes = b"BODY.PEEK[]") -> list[float]:
+    """
+    Seconds per single-message FETCH, one command in flight at a time.
+    """
+    latencies = []
+    for uid in uids:
+        started = time.perf_counter()
+        client.command(b"UID FETCH %d (%s)" % (uid, item))
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def pipelinedLatencies(client: RawClient, uids: Sequence[int], depth: int) -> list[float]:
+    """
+    Seconds per batch of C{depth} single-message FETCHes sent in one write.
+    """
+    latencies = []
+    for first in range(0, len(uids) - depth + 1, depth):
+        batch = [b"UID FETCH %d (BODY.PEEK[])" % uid for uid in uids[first : first + depth]]
+        started = time.perf_counter()
+        client.pipeline(batch)
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def noopLatencies(client: RawClient, rounds: int = NOOP_ROUNDS) -> list[float]:
+    latencies = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        client.command(b"NOOP")
+        latencies.append(time.perf_counter() - started)
+    return latencies
 
 
 def measure(port: int, context: ssl.SSLContext | None, count: int) -> dict[str, float]:
@@ -108,19 +92,9 @@ def measure(port: int, context: ssl.SSLContext | None, count: int) -> dict[str, 
     client.command(b"LOGIN " + USER.encode() + b" " + PASSWORD.encode())
     login = time.perf_counter() - started
     client.command(b"EXAMINE INBOX")
-    started = time.perf_counter()
-    octets = client.command(b"UID FETCH 1:* (BODY.PEEK[])")
-    bulk = time.perf_counter() - started
-    latencies = []
-    for uid in range(1, count + 1):
-        started = time.perf_counter()
-        client.command(b"UID FETCH %d (BODY.PEEK[HEADER])" % uid)
-        latencies.append(time.perf_counter() - started)
-    noops = []
-    for _ in range(200):
-        started = time.perf_counter()
-        client.command(b"NOOP")
-        noops.append(time.perf_counter() - started)
+    octets, bulk = bulkFetch(client)
+    latencies = perMessageLatencies(client, range(1, count + 1), b"BODY.PEEK[HEADER]")
+    noops = noopLatencies(client)
     client.command(b"LOGOUT")
     client.close()
     return {
@@ -139,14 +113,11 @@ def writeConfig(
     filteredPort: int,
     metricsPort: int | None = None,
 ) -> str:
-    with open(os.path.join(directory, "users"), "w") as handle:
-        handle.write(f"{USER}:{hashPassword(PASSWORD)}\n")
-    path = os.path.join(directory, "mailproxy.toml")
+    writeUsersFile(directory, {USER: (PASSWORD, DEFAULT_LOG2_N)})
     metrics = f'[metrics]\nlisten = "tcp:{metricsPort}:interface=127.0.0.1"\n' if metricsPort else ""
-    with open(path, "w") as handle:
-        handle.write(
-            metrics
-            + f"""
+    return (
+        metrics
+        + f"""
 [auth]
 users_file = "users"
 [[listener]]
@@ -183,9 +154,10 @@ tls = "implicit"
 ca_file = "{upstream.caFile}"
 [routing]
 default_upstream = "plain"
+[limits]
+max_sessions_per_user = 1000
 """
-        )
-    return path
+    )
 
 
 def main() -> int:
@@ -196,17 +168,13 @@ def main() -> int:
     parser.add_argument("--metrics", action="store_true", help="also measure a proxy with Prometheus metrics on")
     arguments = parser.parse_args()
 
-    directory = tempfile.mkdtemp(prefix="mp-bench-")
-    upstream = DovecotUpstream()
-    upstream.addUser(USER, PASSWORD)
-    proxy = metered = None
-    try:
-        upstream.start()
-        seed(upstream, arguments.messages, arguments.size)
+    with contextlib.ExitStack() as stack:
+        directory = stack.enter_context(workDirectory("mp-bench-"))
+        upstream = stack.enter_context(privateDovecot({USER: PASSWORD}))
+        seed(upstream.ports["imap"], arguments.messages, arguments.size)
         ports = {"plain": freePort(), "tls": freePort(), "filtered": freePort()}
-        configPath = writeConfig(directory, upstream, ports["plain"], ports["tls"], ports["filtered"])
-        proxy = ProxyProcess(configPath, f"{directory}/log")
-        proxy.waitForPorts(list(ports.values()))
+        config = writeConfig(directory, upstream, ports["plain"], ports["tls"], ports["filtered"])
+        stack.enter_context(startProxy(directory, config, list(ports.values())))
         context = ssl.create_default_context(cafile=upstream.caFile)
         targets = {
             "direct plain": (upstream.ports["imap"], None),
@@ -216,35 +184,23 @@ def main() -> int:
             "proxy TLS": (ports["tls"], context),
         }
         if arguments.metrics:
+            # Metrics are per process: a second proxy with them on.
             meteredDirectory = os.path.join(directory, "metered")
             os.mkdir(meteredDirectory)
-            meteredPorts = {name: freePort() for name in ("plain", "tls", "filtered", "metrics")}
+            metered = {name: freePort() for name in ("plain", "tls", "filtered", "metrics")}
             meteredConfig = writeConfig(
-                meteredDirectory,
-                upstream,
-                meteredPorts["plain"],
-                meteredPorts["tls"],
-                meteredPorts["filtered"],
-                meteredPorts["metrics"],
+                meteredDirectory, upstream, metered["plain"], metered["tls"], metered["filtered"], metered["metrics"]
             )
-            metered = ProxyProcess(meteredConfig, f"{meteredDirectory}/log")
-            metered.waitForPorts(list(meteredPorts.values()))
-            targets["metrics plain"] = (meteredPorts["plain"], None)
-            targets["metrics TLS"] = (meteredPorts["tls"], context)
+            stack.enter_context(startProxy(meteredDirectory, meteredConfig, list(metered.values())))
+            targets["metrics plain"] = (metered["plain"], None)
+            targets["metrics TLS"] = (metered["tls"], context)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for port, tls in targets.values():  # warm-up round, not counted
             measure(port, tls, arguments.messages)
         for _ in range(arguments.rounds):
             for name, (port, tls) in targets.items():
                 results[name].append(measure(port, tls, arguments.messages))
-        report(results, arguments)
-    finally:
-        for process in (proxy, metered):
-            if process is not None:
-                process.stop()
-        upstream.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-        shutil.rmtree(upstream.baseDir, ignore_errors=True)
+    report(results, arguments)
     return 0
 
 

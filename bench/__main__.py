@@ -1,0 +1,7 @@
+"""
+python -m bench: the whole benchmark, one summary table (see bench.summary).
+"""
+
+from bench.summary import main
+
+raise SystemExit(main())
