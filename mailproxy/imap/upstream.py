@@ -147,6 +147,23 @@ class UpstreamIMAPProtocol(Protocol):
             onEvents(pending)
 
 
+def closeUpstream(protocol: Any, clock: IReactorTime, grace: float) -> None:
+    """
+    Close an upstream connection politely, and for good after C{grace}
+    seconds: a TLS close waits for the peer's close_notify, and a hung
+    server would otherwise keep the socket open forever.
+
+    @param protocol: an upstream protocol with C{connected} and a C{closed}
+        Deferred that fires when the connection is lost.
+    """
+    transport = protocol.transport
+    transport.loseConnection()
+    if not protocol.connected:
+        return
+    abort = clock.callLater(grace, transport.abortConnection)
+    protocol.closed.addBoth(lambda _: abort.cancel() if abort.active() else None)
+
+
 def _joined(events: list[Event]) -> bytes:
     return b"".join(event.raw if isinstance(event, Line) else event.data for event in events)
 
@@ -241,7 +258,7 @@ async def connectUpstream(
     try:
         return await _loginHandshake(reactor, protocol, upstream, username, password)
     except BaseException:
-        protocol.transport.loseConnection()
+        closeUpstream(protocol, reactor, upstream.connectTimeout)
         raise
 
 
