@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionDone
 from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -279,7 +279,12 @@ async def openConnection(reactor: IReactorTCP, upstream: UpstreamConfig, protoco
     connecting.addTimeout(upstream.connectTimeout, clock)
     try:
         return await connecting
-    except (ConnectError, defer.TimeoutError, OSError) as error:
+    except (defer.TimeoutError, ConnectingCancelledError):
+        # The endpoint reports the timeout's cancellation as its own error.
+        raise UpstreamError(
+            f"cannot connect to {upstream.host}:{upstream.port}: no connection within {upstream.connectTimeout:g} s"
+        ) from None
+    except (ConnectError, OSError) as error:
         raise UpstreamError(f"cannot connect to {upstream.host}:{upstream.port}: {error}") from None
 
 

@@ -159,11 +159,15 @@ class IMAPMaildrop:
 
     log = Logger()
 
-    def __init__(self, session: UpstreamSession, upstream: UpstreamConfig, clock: Any = None) -> None:
+    def __init__(
+        self, session: UpstreamSession, upstream: UpstreamConfig, clock: Any = None, clientAddress: str = "?"
+    ) -> None:
         self.upstream = upstream
         self.clock = clock
         self.capabilities = {name.upper() for name in session.capabilities}
-        self.client = IMAPCommandClient(session.protocol, clock, upstream.responseTimeout, upstream.connectTimeout)
+        self.client = IMAPCommandClient(
+            session.protocol, clock, upstream.responseTimeout, upstream.connectTimeout, clientAddress
+        )
         self.producer = session.protocol.transport
         self.uidValidity = 0
         self._uids: array[int] = array("Q")
@@ -438,7 +442,7 @@ async def openMaildrop(
         connection is closed.
     """
     session = await connectUpstream(reactor, upstream, username, password, clientAddress=clientAddress)
-    maildrop = IMAPMaildrop(session, upstream, reactor)
+    maildrop = IMAPMaildrop(session, upstream, reactor, clientAddress)
     try:
         await maildrop.open()
     except BaseException:

@@ -87,8 +87,10 @@ class IMAPCommandClient:
         clock: IReactorTime | None = None,
         responseTimeout: float = 120.0,
         closeGrace: float = 10.0,
+        clientAddress: str = "?",
     ) -> None:
         self.protocol = protocol
+        self.clientAddress = clientAddress
         self.clock = clock
         self.closeGrace = closeGrace
         self.watchdog = ResponseWatchdog(clock, responseTimeout, self._timedOut) if clock is not None else None
@@ -163,7 +165,11 @@ class IMAPCommandClient:
 
     def _timedOut(self) -> None:
         assert self.watchdog is not None
-        self.log.warn("IMAP upstream did not answer for {timeout} s; disconnecting", timeout=self.watchdog.timeout)
+        self.log.warn(
+            "{client} IMAP upstream did not answer for {timeout} s; disconnecting",
+            client=self.clientAddress,
+            timeout=self.watchdog.timeout,
+        )
         self._silent = True
         # A hung server may never read what is still queued for it.
         self.protocol.transport.abortConnection()  # type: ignore[attr-defined]
