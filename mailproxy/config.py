@@ -70,6 +70,7 @@ class UpstreamConfig:
     verify: bool = True
     serverName: str | None = None
     connectTimeout: float = 10.0
+    responseTimeout: float = 120.0
     protocol: str = "imap"
     bridgeMailbox: str = "INBOX"
     bridgeUidlFormat: str = "{uid:08x}{uidvalidity:08x}"
@@ -391,6 +392,7 @@ def _upstream(name: str, table: _Reader) -> UpstreamConfig:
             "verify",
             "server_name",
             "connect_timeout",
+            "response_timeout",
             "protocol",
             "bridge_mailbox",
             "bridge_uidl_format",
@@ -433,6 +435,7 @@ def _upstream(name: str, table: _Reader) -> UpstreamConfig:
         verify=table.boolean("verify", True),
         serverName=table.string("server_name", None),
         connectTimeout=table.number("connect_timeout", 10.0),
+        responseTimeout=_positive(table, "response_timeout", 120.0),
         protocol=protocol,
         bridgeMailbox=table.string("bridge_mailbox", "INBOX") or "INBOX",
         bridgeUidlFormat=uidlFormat,

@@ -348,7 +348,7 @@ def test_each_side_is_registered_as_the_others_producer(tmp_path: Path) -> None:
     """Backpressure: a full client buffer pauses reading from the upstream and vice versa."""
     connection = loggedIn(tmp_path)
     upstream = connection.upstreamProtocol
-    assert connection.transport.producer is upstream.transport
+    assert connection.transport.producer.producer is upstream.transport
     assert upstream.transport.producer is connection.transport  # type: ignore[attr-defined]
     connection.transport.producer.pauseProducing()
     assert upstream.transport.producerState == "paused"  # type: ignore[attr-defined]

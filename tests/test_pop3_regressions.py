@@ -102,6 +102,9 @@ def test_autologout_not_sent_as_answer_to_pending_command(tmp_path: Path) -> Non
     """The autologout notice waits while a relayed command is in flight."""
     connection = loggedIn(tmp_path, protocol="pop3")
     connection.send(b"STAT\r\n")  # relayed; upstream never answers
+    relay = connection.protocol.relay
+    assert relay is not None and relay.watchdog is not None
+    relay.watchdog.stop()  # else the response timeout (tests/test_faults.py) answers STAT first
     connection.clock.advance(60 * 60)  # idle timeout fires
     # Before the fix: b"-ERR Autologout; idle for too long\r\n", which the client reads as
     # the (failed) answer to STAT.  relay.atBoundary is True between responses

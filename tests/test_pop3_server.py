@@ -786,7 +786,7 @@ def test_relay_cross_registers_producers(tmp_path: Path) -> None:
     connection = relayed(tmp_path)
     upstream = connection.backends.upstream
     assert upstream is not None
-    assert connection.transport.producer is upstream.transport
+    assert connection.transport.producer.producer is upstream.transport
     assert upstream.transport.producer is connection.transport  # type: ignore[attr-defined]
 
 
@@ -806,8 +806,8 @@ def test_relay_upstream_traffic_keeps_the_session_alive(tmp_path: Path) -> None:
     assert upstream is not None
     connection.send(b"RETR 1\r\n")
     upstream.dataReceived(b"+OK\r\n")
-    for _ in range(3):
-        connection.clock.advance(20 * 60)
+    for _ in range(40):  # 40 minutes, each within the upstream's response timeout
+        connection.clock.advance(60)
         upstream.dataReceived(b"x" * 100 + b"\r\n")
     assert not connection.transport.disconnecting
 

@@ -61,10 +61,19 @@ class IdleController:
         self._doneRequested = False
         self._refresh = _Refresh.NONE
         self._doneDuringRefresh = False
+        self._clientDone = False
 
     @property
     def idling(self) -> bool:
         return self.tag is not None
+
+    @property
+    def ending(self) -> bool:
+        """
+        C{True} once the client sent DONE and waits for the IDLE's tagged
+        reply (which may depend on the proxy's own poll or refresh).
+        """
+        return self.tag is not None and self._clientDone
 
     def start(self, tag: bytes) -> bool:
         """
@@ -90,6 +99,7 @@ class IdleController:
         """
         if self.tag is None:
             return False
+        self._clientDone = True
         self._cancelTimer()
         if self.emulate:
             if self._noopTag is not None:
@@ -158,6 +168,7 @@ class IdleController:
         tag, self.tag = self.tag, None
         self._doneRequested = False
         self._doneDuringRefresh = False
+        self._clientDone = False
         self._cancelTimer()
         if emulated and tag is not None:
             self.relay.sendLocal(tag + b" OK IDLE terminated\r\n")

@@ -29,6 +29,7 @@ from mailproxy.imap.framer import ClientEvent, Event, Line, LiteralChunk, Overlo
 from mailproxy.imap.idle import IdleController
 from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand, parseResponse, text
 from mailproxy.imap.syntax import RELAY_CAPABILITIES, rewriteCapabilities, tagAndCommand
+from mailproxy.watchdog import ResponseWatchdog, WatchedProducer
 
 BUFFER_LIMIT = 256 * 1024
 # Commands timed at once in the passthrough relay (pipelining beyond this
@@ -82,11 +83,27 @@ class Relay:
     """
     Relay one session between C{client} (the server protocol) and
     C{upstream} (an L{UpstreamIMAPProtocol}).
+
+    With a C{responseTimeout}, an upstream that leaves a command unanswered
+    that long (see L{ResponseWatchdog}) ends the session through
+    C{client.upstreamTimedOut()}.
+
+    @ivar upstreamProducer: the upstream transport as a producer for the
+        client transport, pausing the watchdog along with it.
     """
 
     log = Logger()
 
-    def __init__(self, client: Any, upstream: Any, chain: FilterChain, session: Any, capabilities: list[bytes]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        upstream: Any,
+        chain: FilterChain,
+        session: Any,
+        capabilities: list[bytes],
+        *,
+        responseTimeout: float | None = None,
+    ) -> None:
         self.client = client
         self.upstream = upstream
         self.chain = chain
@@ -133,6 +150,14 @@ class Relay:
         # Command latency for metrics, when they are on: tag -> (name, start).
         self._metrics = getattr(client, "metrics", None)
         self._timing: dict[bytes, tuple[bytes, float]] = {}
+        # Tags of relayed commands the upstream has not answered yet.
+        self._unanswered: dict[bytes, int] = {}
+        self.watchdog = (
+            ResponseWatchdog(client.context.clock, responseTimeout, self._upstreamSilent)
+            if responseTimeout is not None
+            else None
+        )
+        self.upstreamProducer = WatchedProducer(upstream.transport, self.watchdog)
 
     # -- writing -------------------------------------------------------------
 
@@ -186,9 +211,10 @@ class Relay:
             return
         if not self.chain:
             self._passthroughFromClient(event)
-            return
-        self._clientEvents.append(event)
-        self._drainClient()
+        else:
+            self._clientEvents.append(event)
+            self._drainClient()
+        self.updateWatchdog()
 
     def _passthroughFromClient(self, event: Event) -> None:
         if self._discard is not None:
@@ -202,6 +228,9 @@ class Relay:
                 return
             self._refusedRest = False
         if isinstance(event, LiteralChunk):
+            if self.watchdog is not None:
+                # The upstream cannot answer before the literal is complete.
+                self.watchdog.heard()
             self._toUpstreamInOrder(event.data)
             return
         if not event.continuation:
@@ -212,8 +241,10 @@ class Relay:
                 return
             if event.complete and self._idleHandled(parsed, event.raw):
                 return
-            if self._metrics is not None and parsed is not None:
-                self._startTiming(parsed[0], parsed[1], event.raw)
+            if parsed is not None:
+                self._commandSent(parsed[0])
+                if self._metrics is not None:
+                    self._startTiming(parsed[0], parsed[1], event.raw)
         if event.literal is not None and not event.nonSynchronizing:
             self._awaitingContinuation = self._clientTag
         self._toUpstreamInOrder(event.raw)
@@ -380,6 +411,10 @@ class Relay:
         Send a command upstream; a trailing L{StreamedLiteral} switches to
         streaming the rest of it as it arrives.
         """
+        first = parts[0]
+        parsed = tagAndCommand(first) if isinstance(first, bytes) else None
+        if parsed is not None:
+            self._commandSent(parsed[0])
         if streamed is not None:
             self._streamingCommand = True
             self._clientTag = tag
@@ -418,6 +453,41 @@ class Relay:
                     return
             self._outbound.popleft()
 
+    def _commandSent(self, tag: bytes) -> None:
+        if self.watchdog is not None:
+            self._unanswered[tag] = self._unanswered.get(tag, 0) + 1
+
+    def _responseSeen(self, events: list[Event]) -> None:
+        """
+        Note tagged replies as they arrive (before any filter holds them).
+        """
+        for event in events:
+            if not isinstance(event, Line) or event.continuation or event.raw[:1] == b"+":
+                continue
+            if event.raw[:1] == b"*":
+                if event.raw[:6].upper() != b"* BAD " or not self._unanswered:
+                    continue
+                # A command the upstream could not even tag: the latest.
+                tag = next(reversed(self._unanswered))
+            else:
+                tag = event.raw.split(b" ", 1)[0]
+            count = self._unanswered.pop(tag, 0)
+            if count > 1:
+                self._unanswered[tag] = count - 1
+
+    def updateWatchdog(self) -> None:
+        """
+        Count upstream silence while it owes a reply to a relayed command,
+        except during an IDLE (which may last for hours) until the client
+        ends it.
+        """
+        if self.watchdog is not None:
+            idle = self.idle
+            self.watchdog.owed(bool(self._unanswered) and not idle.idling or idle.ending)
+
+    def _upstreamSilent(self) -> None:
+        self.client.upstreamTimedOut()
+
     def _trackCommand(self, command: IMAPCommand) -> None:
         self._inFlight[command.tag] = _InFlight(command, time.monotonic(), self.bytesIn, self.bytesOut)
         if command.name in (b"SELECT", b"EXAMINE"):
@@ -435,6 +505,15 @@ class Relay:
         Relay what one upstream read framed; without filters, as one write.
         """
         self.client.resetTimeout()
+        if self.watchdog is not None:
+            self.watchdog.heard()
+            self._responseSeen(events)
+        try:
+            self._fromUpstreamBatch(events)
+        finally:
+            self.updateWatchdog()
+
+    def _fromUpstreamBatch(self, events: list[Event]) -> None:
         if self.chain:
             self._upstreamEvents.extend(events)
             self._drainUpstream()
@@ -569,6 +648,8 @@ class Relay:
         if isinstance(verdict, Deferred):
             self._upstreamBlocked = True
             self.upstream.transport.pauseProducing()
+            if self.watchdog is not None:
+                self.watchdog.pause()
             verdict.addCallback(self._responseDecided, parts, response)
             verdict.addErrback(self._bug)
             return
@@ -584,6 +665,8 @@ class Relay:
         if self._upstreamBlocked:
             self._upstreamBlocked = False
             self.upstream.transport.resumeProducing()
+            if self.watchdog is not None:
+                self.watchdog.resume()
             self._drainUpstream()
 
     def _responseDelivered(self, parts: list[Part], tag: bytes | None = None) -> None:

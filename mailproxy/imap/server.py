@@ -33,7 +33,7 @@ from mailproxy.imap.framer import ClientEvent, FramingError, IMAPFramer, Line, L
 from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand
 from mailproxy.imap.relay import Relay
 from mailproxy.imap.syntax import SyntaxError_, parseArguments, tagAndCommand
-from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession, setNoDelay
+from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession, closeUpstream, setNoDelay
 from mailproxy.interfaces import IProxyUser
 from mailproxy.limits import Gate, Limits
 from mailproxy.session import ProxySession
@@ -172,11 +172,13 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             self._refusal.cancel()
         if self.relay is not None:
             self.relay.idle.stop()
+            if self.relay.watchdog is not None:
+                self.relay.watchdog.stop()
         if self._connecting is not None:
             # Stop logging a departed client in upstream.
             self._connecting.cancel()
         if self.upstream is not None and self.upstream.connected:
-            self.upstream.transport.loseConnection()
+            closeUpstream(self.upstream, self.context.clock, self.user.upstream.connectTimeout)
         if self._logout is not None:
             logout, self._logout = self._logout, None
             logout()
@@ -575,7 +577,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
     def _startRelay(self, tag: bytes, upstreamSession: UpstreamSession) -> None:
         upstream = upstreamSession.protocol
         if self.state is State.CLOSED:
-            upstream.transport.loseConnection()
+            closeUpstream(upstream, self.context.clock, self.user.upstream.connectTimeout)
             return
         self.upstream = upstream
         self.state = State.RELAYING
@@ -587,15 +589,22 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             upstream=self.user.upstream.name,
         )
         self.setTimeout(self.context.config.authenticatedTimeout)
-        # Each side pauses the other when its write buffer fills, so a slow
-        # reader never makes the proxy hold a whole message.
-        self.transport.registerProducer(upstream.transport, True)  # type: ignore[attr-defined]
-        upstream.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
         self.session.user = self.user.username
         self.session.upstream = self.user.upstream.name
         self.session.chain = self.context.filtersFor(self.user.username)
         self.session.notify("login", ok=True)
-        relay = self.relay = Relay(self, upstream, self.session.chain, self.session, upstreamSession.capabilities)
+        relay = self.relay = Relay(
+            self,
+            upstream,
+            self.session.chain,
+            self.session,
+            upstreamSession.capabilities,
+            responseTimeout=self.user.upstream.responseTimeout,
+        )
+        # Each side pauses the other when its write buffer fills, so a slow
+        # reader never makes the proxy hold a whole message.
+        self.transport.registerProducer(relay.upstreamProducer, True)  # type: ignore[attr-defined]
+        upstream.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
         # The login reply goes through the relay like an upstream response,
         # so capability filters see it too.
         capabilities = b" ".join(upstreamSession.capabilities)
@@ -620,6 +629,30 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             self.relay.closeAtBoundary(b"* BYE " + bye + b"\r\n")
         else:
             self._close(bye)
+
+    def upstreamTimedOut(self) -> None:
+        """
+        The upstream left a command unanswered for its C{response_timeout}:
+        BYE (unless a response is half relayed) and disconnect both sides.
+        """
+        if self.state is State.CLOSED:
+            return
+        upstream = self.user.upstream
+        self.log.warn(
+            "{client} upstream {upstream} did not answer for {timeout} s; disconnecting",
+            client=self.clientAddress,
+            upstream=upstream.name,
+            timeout=upstream.responseTimeout,
+        )
+        assert self.relay is not None and self.upstream is not None
+        if self.metrics is not None:
+            self.metrics.upstreamError(upstream.name, "timeout")
+        if not self.relay.midResponse:
+            self._send(b"* BYE [UNAVAILABLE] Upstream server not responding\r\n")
+        self.state = State.CLOSED
+        self.transport.loseConnection()
+        # A hung server may never read what is still queued for it.
+        self.upstream.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _upstreamLost(self, reason: Failure) -> None:
         if self.state is State.CLOSED:

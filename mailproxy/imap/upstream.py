@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.internet import error as error_
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionDone
 from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -169,6 +169,23 @@ class UpstreamIMAPProtocol(Protocol):
             onEvents(pending)
 
 
+def closeUpstream(protocol: Any, clock: IReactorTime, grace: float) -> None:
+    """
+    Close an upstream connection politely, and for good after C{grace}
+    seconds: a TLS close waits for the peer's close_notify, and a hung
+    server would otherwise keep the socket open forever.
+
+    @param protocol: an upstream protocol with C{connected} and a C{closed}
+        Deferred that fires when the connection is lost.
+    """
+    transport = protocol.transport
+    transport.loseConnection()
+    if not protocol.connected:
+        return
+    abort = clock.callLater(grace, transport.abortConnection)
+    protocol.closed.addBoth(lambda _: abort.cancel() if abort.active() else None)
+
+
 def _joined(events: list[Event]) -> bytes:
     return b"".join(event.raw if isinstance(event, Line) else event.data for event in events)
 
@@ -263,7 +280,7 @@ async def connectUpstream(
     try:
         return await _loginHandshake(reactor, protocol, upstream, username, password, clientAddress)
     except BaseException:
-        protocol.transport.loseConnection()
+        closeUpstream(protocol, reactor, upstream.connectTimeout)
         raise
 
 
@@ -284,8 +301,14 @@ async def openConnection(reactor: IReactorTCP, upstream: UpstreamConfig, protoco
     connecting.addTimeout(upstream.connectTimeout, clock)
     try:
         return await connecting
-    except (ConnectError, defer.TimeoutError, OSError) as error:
-        timedOut = isinstance(error, defer.TimeoutError | TimeoutError | error_.TimeoutError)
+    except (defer.TimeoutError, ConnectingCancelledError):
+        # The endpoint reports the timeout's cancellation as its own error.
+        raise UpstreamError(
+            f"cannot connect to {upstream.host}:{upstream.port}: no connection within {upstream.connectTimeout:g} s",
+            kind="timeout",
+        ) from None
+    except (ConnectError, OSError) as error:
+        timedOut = isinstance(error, TimeoutError | error_.TimeoutError)
         raise UpstreamError(
             f"cannot connect to {upstream.host}:{upstream.port}: {error}",
             kind="timeout" if timedOut else "connect_failed",

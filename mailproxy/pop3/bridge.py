@@ -159,11 +159,15 @@ class IMAPMaildrop:
 
     log = Logger()
 
-    def __init__(self, session: UpstreamSession, upstream: UpstreamConfig, clock: Any = None) -> None:
+    def __init__(
+        self, session: UpstreamSession, upstream: UpstreamConfig, clock: Any = None, clientAddress: str = "?"
+    ) -> None:
         self.upstream = upstream
         self.clock = clock
         self.capabilities = {name.upper() for name in session.capabilities}
-        self.client = IMAPCommandClient(session.protocol)
+        self.client = IMAPCommandClient(
+            session.protocol, clock, upstream.responseTimeout, upstream.connectTimeout, clientAddress
+        )
         self.producer = session.protocol.transport
         self.uidValidity = 0
         self._uids: array[int] = array("Q")
@@ -177,10 +181,17 @@ class IMAPMaildrop:
         """
         The POP3 client is not keeping up: stop reading from the upstream.
         """
-        self.producer.pauseProducing()  # type: ignore[attr-defined]
+        self.client.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.producer.resumeProducing()  # type: ignore[attr-defined]
+        self.client.resumeProducing()
+
+    @property
+    def connected(self) -> bool:
+        """
+        C{True} until the upstream connection is lost.
+        """
+        return self.client.connected
 
     def open(self) -> Deferred[None]:
         """
@@ -431,7 +442,7 @@ async def openMaildrop(
         connection is closed.
     """
     session = await connectUpstream(reactor, upstream, username, password, clientAddress=clientAddress)
-    maildrop = IMAPMaildrop(session, upstream, reactor)
+    maildrop = IMAPMaildrop(session, upstream, reactor, clientAddress)
     try:
         await maildrop.open()
     except BaseException:

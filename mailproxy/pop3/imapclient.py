@@ -15,10 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailproxy.imap.framer import Event, Line
-from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol
+from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, closeUpstream
+from mailproxy.watchdog import ResponseWatchdog
 
 # onLiteral(head, chunk, remaining): head is the response so far (its lines,
 # without streamed literal data) up to and including the line announcing
@@ -68,11 +71,30 @@ class IMAPCommandClient:
     Send commands over C{protocol} (an upstream already logged in) and
     collect their replies.
 
+    With a C{clock}, a command the upstream leaves unanswered for
+    C{responseTimeout} seconds (while its data is read) drops the
+    connection, failing it and everything queued; closing waits at most
+    C{closeGrace} seconds for a polite TLS close.
+
     @ivar protocol: the upstream connection.
     """
 
-    def __init__(self, protocol: UpstreamIMAPProtocol) -> None:
+    log = Logger()
+
+    def __init__(
+        self,
+        protocol: UpstreamIMAPProtocol,
+        clock: IReactorTime | None = None,
+        responseTimeout: float = 120.0,
+        closeGrace: float = 10.0,
+        clientAddress: str = "?",
+    ) -> None:
         self.protocol = protocol
+        self.clientAddress = clientAddress
+        self.clock = clock
+        self.closeGrace = closeGrace
+        self.watchdog = ResponseWatchdog(clock, responseTimeout, self._timedOut) if clock is not None else None
+        self._silent = False
         self._counter = 0
         self._queue: deque[_Command] = deque()
         self._current: _Command | None = None
@@ -122,7 +144,39 @@ class IMAPCommandClient:
         """
         Drop the connection now: queued commands are never sent and fail.
         """
-        self.protocol.transport.loseConnection()
+        if self.clock is None:
+            self.protocol.transport.loseConnection()
+        else:
+            closeUpstream(self.protocol, self.clock, self.closeGrace)
+
+    def pauseProducing(self) -> None:
+        """
+        Stop reading from the upstream (the reader is slow); silence does
+        not count meanwhile.
+        """
+        if self.watchdog is not None:
+            self.watchdog.pause()
+        self.protocol.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.resume()
+        self.protocol.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _timedOut(self) -> None:
+        assert self.watchdog is not None
+        self.log.warn(
+            "{client} IMAP upstream did not answer for {timeout} s; disconnecting",
+            client=self.clientAddress,
+            timeout=self.watchdog.timeout,
+        )
+        self._silent = True
+        # A hung server may never read what is still queued for it.
+        self.protocol.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _updateWatchdog(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.owed(self._current is not None and self._lost is None)
 
     def _sendNext(self) -> None:
         if not self._queue or self._lost is not None:
@@ -132,8 +186,17 @@ class IMAPCommandClient:
         command.tag = b"pb%d" % (self._counter,)
         self._current = command
         self.protocol.transport.write(command.tag + b" " + command.line + b"\r\n")
+        self._updateWatchdog()
 
     def _events(self, events: list[Event]) -> None:
+        if self.watchdog is not None:
+            self.watchdog.heard()
+        try:
+            self._handleEvents(events)
+        finally:
+            self._updateWatchdog()
+
+    def _handleEvents(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, Line):
                 self._line(event)
@@ -180,10 +243,15 @@ class IMAPCommandClient:
 
     def _lostError(self) -> UpstreamError:
         assert self._lost is not None
+        if self._silent:
+            assert self.watchdog is not None
+            return UpstreamError(f"upstream did not answer for {self.watchdog.timeout:g} s")
         return UpstreamError(f"upstream closed the connection: {self._lost.getErrorMessage()}")
 
     def _connectionLost(self, reason: Failure) -> None:
         self._lost = reason
+        if self.watchdog is not None:
+            self.watchdog.stop()
         pending = ([self._current] if self._current is not None else []) + list(self._queue)
         self._current = None
         self._queue.clear()

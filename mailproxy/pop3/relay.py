@@ -16,11 +16,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailproxy.pop3.upstream import POP3UpstreamProtocol
 from mailproxy.pop3.wire import TerminatorScanner
+from mailproxy.watchdog import ResponseWatchdog, WatchedProducer
 
 # The commands relayed; anything else is refused locally, since an unknown
 # extension could be multi-line and desynchronise the relay.
@@ -46,6 +48,8 @@ class POP3Relay:
 
     @ivar bytesIn: octets of commands sent upstream.
     @ivar bytesOut: octets sent to the client after login.
+    @ivar upstreamProducer: the upstream transport as a producer for the
+        client transport, pausing the response watchdog along with it.
     """
 
     log = Logger()
@@ -56,12 +60,18 @@ class POP3Relay:
         send: Callable[[bytes], None],
         close: Callable[[], None],
         activity: Callable[[], None],
+        *,
+        clock: IReactorTime | None = None,
+        responseTimeout: float | None = None,
+        clientAddress: str = "?",
     ) -> None:
         """
         @param upstream: the logged-in upstream connection.
         @param send: writes to the client.
         @param close: closes the client connection.
         @param activity: called on upstream traffic (resets the idle timeout).
+        @param responseTimeout: with C{clock}, how long the upstream may
+            leave a command unanswered before the session ends.
         """
         self.upstream = upstream
         self._send = send
@@ -74,6 +84,14 @@ class POP3Relay:
         self.closed = False
         self.bytesIn = 0
         self.bytesOut = 0
+        self.clientAddress = clientAddress
+        self._relayedPending = 0
+        self.watchdog = (
+            ResponseWatchdog(clock, responseTimeout, self._upstreamSilent)
+            if clock is not None and responseTimeout is not None
+            else None
+        )
+        self.upstreamProducer = WatchedProducer(upstream.transport, self.watchdog)
 
     @property
     def atBoundary(self) -> bool:
@@ -110,6 +128,8 @@ class POP3Relay:
         line = b" ".join([keyword, *arguments]) + b"\r\n"
         self.bytesIn += len(line)
         self.upstream.transport.write(line)
+        self._relayedPending += 1
+        self._updateWatchdog()
 
     def local(self, reply: bytes) -> None:
         """
@@ -134,6 +154,14 @@ class POP3Relay:
         Pass on what the upstream sent, response by response.
         """
         self._activity()
+        if self.watchdog is not None:
+            self.watchdog.heard()
+        try:
+            self._fromUpstream(data)
+        finally:
+            self._updateWatchdog()
+
+    def _fromUpstream(self, data: bytes) -> None:
         while data and not self.closed:
             if self._scanner is not None:
                 end = self._scanner.feed(data)
@@ -175,6 +203,7 @@ class POP3Relay:
 
     def _responseDone(self) -> None:
         done = self._pending.popleft()
+        self._relayedPending -= 1
         if done.onDone is not None:
             done.onDone(done.status, self.bytesOut - done.bytesOutAtStart)
         if done.quit:
@@ -183,6 +212,34 @@ class POP3Relay:
             self._close()
             return
         self._flushLocal()
+
+    def _updateWatchdog(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.owed(self._relayedPending > 0 and not self.closed)
+
+    def stop(self) -> None:
+        """
+        The client connection ended: relay nothing more.
+        """
+        self.closed = True
+        if self.watchdog is not None:
+            self.watchdog.stop()
+
+    def _upstreamSilent(self) -> None:
+        if self.closed:
+            return
+        assert self.watchdog is not None
+        self.log.warn(
+            "{client} upstream did not answer for {timeout} s; disconnecting",
+            client=self.clientAddress,
+            timeout=self.watchdog.timeout,
+        )
+        if self.atBoundary:
+            self._write(b"-ERR [SYS/TEMP] Upstream server not responding\r\n")
+        self.closed = True
+        # A hung server may never read what is still queued for it.
+        self.upstream.transport.abortConnection()  # type: ignore[attr-defined]
+        self._close()
 
     def _abort(self) -> None:
         self.closed = True

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.filters import Reject, Rewrite, Verdict
 from mailproxy.imap.server import ServerContext
-from mailproxy.imap.upstream import UpstreamError, setNoDelay
+from mailproxy.imap.upstream import UpstreamError, closeUpstream, setNoDelay
 from mailproxy.interfaces import IProxyUser
 from mailproxy.limits import Gate
 from mailproxy.pop3.model import POP3Command
@@ -160,8 +160,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             # Stop logging a departed client in upstream.
             self._connecting.cancel()
         if self.relay is not None:
-            self.relay.closed = True
-            self.relay.upstream.transport.loseConnection()
+            self.relay.stop()
+            closeUpstream(self.relay.upstream, self.context.clock, self.user.upstream.connectTimeout)
         if self.bridge is not None:
             self.bridge.connectionLost()
         if self._logout is not None:
@@ -527,14 +527,22 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _startRelay(self, mechanism: str, upstreamSession: POP3UpstreamSession) -> None:
         upstream = upstreamSession.protocol
         if self.state is State.CLOSED:
-            upstream.transport.loseConnection()
+            closeUpstream(upstream, self.context.clock, self.user.upstream.connectTimeout)
             return
         self._upstreamCapabilities = [line.rstrip(b"\r\n") for line in upstreamSession.capabilities]
-        relay = self.relay = POP3Relay(upstream, self._send, self._closeConnection, self.resetTimeout)
+        relay = self.relay = POP3Relay(
+            upstream,
+            self._send,
+            self._closeConnection,
+            self.resetTimeout,
+            clock=self.context.clock,
+            responseTimeout=self.user.upstream.responseTimeout,
+            clientAddress=self.clientAddress,
+        )
         self._enterTransaction(mechanism)
         # Each side pauses the other when its write buffer fills, so a slow
         # reader never makes the proxy hold a whole message.
-        self.transport.registerProducer(upstream.transport, True)  # type: ignore[attr-defined]
+        self.transport.registerProducer(relay.upstreamProducer, True)  # type: ignore[attr-defined]
         upstream.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
         upstream.startRelay(relay.fromUpstream, self._relayUpstreamLost)
         self._beginTransaction()

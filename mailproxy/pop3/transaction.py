@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailproxy.imap.upstream import UpstreamError
 from mailproxy.pop3 import NoSuchMessage
 from mailproxy.pop3.wire import ByteStuffer
 
@@ -150,15 +151,23 @@ class MaildropSession:
                 self.log.error("message stream failed: {error}", error=str(error))
                 self._close()
             return
+        except UpstreamError as error:
+            if self._ended:
+                return
+            # Expected trouble (a hung or vanished upstream): a line, no traceback.
+            self.log.warn(
+                "maildrop failed on {command}: {error}", command=keyword.decode("ascii", "replace"), error=str(error)
+            )
+            reply = _failureReply(keyword)
         except Exception:
             if self._ended:
                 return
             self.log.failure("maildrop failed on {command}", None, command=keyword.decode("ascii", "replace"))
-            reason = b"Some deleted messages not removed" if keyword == b"QUIT" else b"Mailbox unavailable"
-            reply = b"-ERR [SYS/TEMP] " + reason + b"\r\n"
+            reply = _failureReply(keyword)
         if reply is not None:
             self._write(reply)
-        if keyword == b"QUIT":
+        if keyword == b"QUIT" or not getattr(self.maildrop, "connected", True):
+            # Nothing more can be served once the upstream is gone.
             self._ended = True
             self._close()
 
@@ -266,6 +275,11 @@ class MaildropSession:
         self._quitting = True
         await maybeDeferred(self.maildrop.commit)
         return b"+OK Bye\r\n"
+
+
+def _failureReply(keyword: bytes) -> bytes:
+    reason = b"Some deleted messages not removed" if keyword == b"QUIT" else b"Mailbox unavailable"
+    return b"-ERR [SYS/TEMP] " + reason + b"\r\n"
 
 
 def _expect(arguments: list[bytes], least: int, most: int) -> None:

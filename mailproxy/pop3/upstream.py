@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailproxy.config import TLSMode, UpstreamConfig
-from mailproxy.imap.upstream import UpstreamError, lostKind, openConnection, setNoDelay
+from mailproxy.imap.upstream import UpstreamError, closeUpstream, lostKind, openConnection, setNoDelay
 from mailproxy.pop3.wire import unstuff
 from mailproxy.tls import upstreamOptions
 
@@ -52,6 +52,7 @@ class POP3UpstreamProtocol(Protocol):
         self._lost: Failure | None = None
         self._onData: Callable[[bytes], None] | None = None
         self._onLost: Callable[[Failure], None] | None = None
+        self.closed: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
         self.connected = True
@@ -86,6 +87,7 @@ class POP3UpstreamProtocol(Protocol):
             )
         if self._onLost is not None:
             self._onLost(reason)
+        self.closed.callback(None)
 
     def readLine(self) -> Deferred[bytes]:
         """
@@ -152,7 +154,7 @@ async def connectPOP3Upstream(
     try:
         return await loginHandshake(reactor, protocol, upstream, username, password)
     except BaseException:
-        protocol.transport.loseConnection()
+        closeUpstream(protocol, reactor, upstream.connectTimeout)
         raise
 
 
