@@ -16,22 +16,25 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 
+from mailproxy.addresses import ClientAddress, clientAddressOf
 from mailproxy.config import ConfigError, TLSMode, UpstreamConfig, parseConfig
 from mailproxy.imap.upstream import UpstreamIMAPProtocol, UpstreamSession, _loginHandshake, clientIdCommand
 from tests.support import FakeTLSTransport
 
-PROXY_ADDRESS = IPv4Address("TCP", "10.0.0.5", 51000)
+# The client's address, and the one it connected to (the listener's, or a
+# load balancer's destination).
+CLIENT = ClientAddress("203.0.113.7:40000", "10.0.0.5:993")
 EXPECTED_ID = (
     b'mp1 ID ("x-originating-ip" "203.0.113.7" "x-originating-port" "40000" '
-    b'"x-connected-ip" "10.0.0.5" "x-connected-port" "51000")\r\n'
+    b'"x-connected-ip" "10.0.0.5" "x-connected-port" "993")\r\n'
 )
 GREETING = b"* OK [CAPABILITY IMAP4rev1 ID SASL-IR AUTH=PLAIN] ready\r\n"
 
 
 class Handshake:
-    def __init__(self, clientAddress: str = "203.0.113.7:40000", *, forward: bool = True, tls: TLSMode = TLSMode.PLAIN):
+    def __init__(self, clientAddress: str = CLIENT, *, forward: bool = True, tls: TLSMode = TLSMode.PLAIN):
         self.protocol = UpstreamIMAPProtocol()
-        self.transport = FakeTLSTransport(hostAddress=PROXY_ADDRESS)
+        self.transport = FakeTLSTransport(hostAddress=IPv4Address("TCP", "10.0.0.9", 51000))
         self.protocol.makeConnection(self.transport)
         upstream = UpstreamConfig("main", "imap.example", 143, tls, connectTimeout=5, forwardClientAddress=forward)
         self.result: Deferred[UpstreamSession] = Deferred.fromCoroutine(
@@ -99,13 +102,25 @@ def test_an_upstream_without_id_gets_no_id_and_a_warning() -> None:
     ],
 )
 def test_client_addresses_are_split_at_the_last_colon(client: str, originating: bytes) -> None:
-    command = clientIdCommand(client, PROXY_ADDRESS)
-    assert command == b"ID (" + originating + b' "x-connected-ip" "10.0.0.5" "x-connected-port" "51000")'
+    command = clientIdCommand(ClientAddress(client, "::1:143"))
+    assert command == b"ID (" + originating + b' "x-connected-ip" "::1" "x-connected-port" "143")'
+
+
+def test_without_a_known_connected_address_only_the_client_is_sent() -> None:
+    assert clientIdCommand("203.0.113.7:40000") == b'ID ("x-originating-ip" "203.0.113.7" "x-originating-port" "40000")'
+
+
+def test_the_connected_address_is_the_one_the_client_used() -> None:
+    """Not the proxy's own address towards the upstream: the listener's (or the balancer's destination)."""
+    transport = FakeTLSTransport(
+        peerAddress=IPv4Address("TCP", "203.0.113.7", 40000), hostAddress=IPv4Address("TCP", "192.0.2.10", 993)
+    )
+    assert clientAddressOf(transport).connected == "192.0.2.10:993"
 
 
 @pytest.mark.parametrize("client", ["?", "/run/mailproxy.sock:", "example.test:143", "203.0.113.7:", ""])
 def test_addresses_that_are_not_ip_and_port_are_not_forwarded(client: str) -> None:
-    assert clientIdCommand(client, PROXY_ADDRESS) is None
+    assert clientIdCommand(ClientAddress(client, "10.0.0.5:993")) is None
 
 
 def test_a_non_ip_client_is_logged_and_logged_in_without_id() -> None:

@@ -245,7 +245,7 @@ def waitFor(read: Callable[[], str], pattern: str, timeout: float = TIMEOUT) -> 
 
 
 def dovecotLogin(user: str) -> str:
-    return rf"Login: user=<{user}>, method=\S+, rip=([0-9a-f.:]+), lip="
+    return rf"Login: user=<{user}>, method=\S+, rip=([0-9a-f.:]+), lip=([0-9a-f.:]+)"
 
 
 def loginIMAP(client: imaplib.IMAP4, user: str) -> None:
@@ -261,7 +261,9 @@ def test_v1_on_plain_imap_reaches_dovecot_as_the_client(chain: Chain) -> None:
     loginIMAP(ProxiedIMAP4(chain.ports["imap-plain"], v1("203.0.113.7", 40001)), "carol")
     waitFor(chain.proxyLog, r"203\.0\.113\.7:40001 connected to listener imap-plain \(tls=False\)")
     waitFor(chain.proxyLog, r"203\.0\.113\.7:40001 logged in as carol")
-    waitFor(chain.dovecotLog, dovecotLogin("carol").replace(r"([0-9a-f.:]+)", r"203\.0\.113\.7"))
+    login = waitFor(chain.dovecotLog, dovecotLogin("carol").replace(r"([0-9a-f.:]+), lip", r"203\.0\.113\.7, lip"))
+    # x-connected-ip: where the client connected, the balancer's destination.
+    assert login.group(1) == "192.0.2.1"
 
 
 def test_v2_ipv6_client_with_starttls(chain: Chain) -> None:
@@ -269,7 +271,7 @@ def test_v2_ipv6_client_with_starttls(chain: Chain) -> None:
     client.starttls(chain.tlsContext())
     loginIMAP(client, "carol")
     waitFor(chain.proxyLog, r"2001:db8::77:40002 connected to listener imap-starttls \(tls=False\)")
-    waitFor(chain.dovecotLog, dovecotLogin("carol").replace(r"([0-9a-f.:]+)", r"2001:db8::77"))
+    waitFor(chain.dovecotLog, dovecotLogin("carol").replace(r"([0-9a-f.:]+), lip", r"2001:db8::77, lip"))
 
 
 @pytest.mark.parametrize("header", [v1, v2], ids=["v1", "v2"])
@@ -277,7 +279,7 @@ def test_implicit_tls_after_a_cleartext_header(chain: Chain, header: Callable[[s
     host = "198.51.100.3" if header is v1 else "198.51.100.4"
     loginIMAP(ProxiedIMAP4_SSL(chain.ports["imap-implicit"], header(host, 40003), chain.tlsContext()), "carol")
     waitFor(chain.proxyLog, rf"{re.escape(host)}:40003 connected to listener imap-implicit \(tls=True\)")
-    waitFor(chain.dovecotLog, dovecotLogin("carol").replace(r"([0-9a-f.:]+)", re.escape(host)))
+    waitFor(chain.dovecotLog, dovecotLogin("carol").replace(r"([0-9a-f.:]+), lip", re.escape(host) + ", lip"))
 
 
 def test_pop3_stls_bridge_forwards_the_client_too(chain: Chain) -> None:
@@ -288,7 +290,7 @@ def test_pop3_stls_bridge_forwards_the_client_too(chain: Chain) -> None:
     assert client.stat() == (0, 0)
     client.quit()
     waitFor(chain.proxyLog, r"192\.0\.2\.44:40005 connected to POP3 listener pop3-stls \(tls=False\)")
-    waitFor(chain.dovecotLog, dovecotLogin("pat").replace(r"([0-9a-f.:]+)", r"192\.0\.2\.44"))
+    waitFor(chain.dovecotLog, dovecotLogin("pat").replace(r"([0-9a-f.:]+), lip", r"192\.0\.2\.44, lip"))
 
 
 def test_upstream_without_forwarding_sees_the_proxy(chain: Chain) -> None:

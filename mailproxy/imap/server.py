@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from mailproxy.addresses import clientAddressOf
 from mailproxy.config import Config, ListenerConfig, TLSMode, UpstreamConfig
 from mailproxy.filters.chain import FilterChain
 from mailproxy.imap.framer import ClientEvent, FramingError, IMAPFramer, Line, LiteralChunk, OverlongLine
@@ -141,8 +142,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         if self.metrics is not None:
             self.metrics.opened()
-        peer = self.transport.getPeer()
-        self.clientAddress = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.clientAddress = clientAddressOf(self.transport)
         setNoDelay(self.transport)
         assert self.context.limits is not None
         self.gate = Gate(self.context.limits, self.clientAddress, "imap")

@@ -374,18 +374,27 @@ async def _loginHandshake(
     return UpstreamSession(protocol, loggedIn)
 
 
-def clientIdCommand(clientAddress: str, proxyAddress: Any) -> bytes | None:
+def clientIdCommand(clientAddress: str) -> bytes | None:
     """
     The C{ID} command telling the upstream who the client is: Dovecot's
     (and others') C{x-originating-ip}/C{-port} for the client, and
-    C{x-connected-ip}/C{-port} for the proxy's own address on this
-    connection.
+    C{x-connected-ip}/C{-port} for the address it connected to, when known
+    (a L{ClientAddress}).
 
     @param clientAddress: C{host:port}; an IPv6 host has colons of its own.
-    @param proxyAddress: the upstream connection's C{getHost()}.
     @return: C{None} if C{clientAddress} is not an IP address and port.
     """
-    host, _, port = clientAddress.rpartition(":")
+    fields = _addressFields("originating", clientAddress)
+    if fields is None:
+        return None
+    connected = _addressFields("connected", getattr(clientAddress, "connected", ""))
+    if connected is not None:
+        fields += connected
+    return b"ID (" + b" ".join(quoted(key.encode()) + b" " + quoted(value.encode()) for key, value in fields) + b")"
+
+
+def _addressFields(kind: str, hostPort: str) -> list[tuple[str, str]] | None:
+    host, _, port = hostPort.rpartition(":")
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -396,12 +405,7 @@ def clientIdCommand(clientAddress: str, proxyAddress: Any) -> bytes | None:
         # An IPv4 client on a dual-stack listener: upstreams match trusted
         # networks and log it as IPv4.
         address = address.ipv4_mapped
-    fields = [("x-originating-ip", str(address)), ("x-originating-port", port)]
-    proxyHost = str(getattr(proxyAddress, "host", ""))
-    proxyPort = str(getattr(proxyAddress, "port", ""))
-    if proxyHost and proxyPort:
-        fields += [("x-connected-ip", proxyHost), ("x-connected-port", proxyPort)]
-    return b"ID (" + b" ".join(quoted(key.encode()) + b" " + quoted(value.encode()) for key, value in fields) + b")"
+    return [(f"x-{kind}-ip", str(address)), (f"x-{kind}-port", port)]
 
 
 async def _forwardClientAddress(
@@ -411,7 +415,7 @@ async def _forwardClientAddress(
     Send the client's address before login (best effort: a refusal is
     logged, the login goes ahead).
     """
-    command = clientIdCommand(clientAddress, handshake.protocol.transport.getHost())
+    command = clientIdCommand(clientAddress)
     if command is None:
         log.warn(
             "upstream {upstream}: client address {client!r} is not forwarded (not an IP address)",

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from mailproxy.addresses import clientAddressOf
 from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.filters import Reject, Rewrite, Verdict
 from mailproxy.imap.server import ServerContext
@@ -126,8 +127,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         if self.metrics is not None:
             self.metrics.opened()
-        peer = self.transport.getPeer()
-        self.clientAddress = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.clientAddress = clientAddressOf(self.transport)
         setNoDelay(self.transport)
         assert self.context.limits is not None
         self.gate = Gate(self.context.limits, self.clientAddress, "pop3")
