@@ -8,7 +8,7 @@ APT_PACKAGES := dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl 
 BENCH_APT_PACKAGES := nginx libnginx-mod-mail
 BENCH_ARGS ?=
 
-.PHONY: demo test lint typecheck bench bench-deps system-deps venv clean
+.PHONY: demo test lint typecheck bench bench-deps fuzz system-deps venv clean
 
 venv: $(VENV)/.installed
 
@@ -53,6 +53,11 @@ demo: system-deps venv
 # one summary table: direct Dovecot | mailproxy | nginx mail (BENCH_ARGS=--quick for a short run)
 bench: system-deps bench-deps venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# coverage-guided fuzzing with atheris (FUZZ_SECONDS, default 60; crashes land in ./crash-*)
+fuzz: venv
+	$(BIN)/pip install -q -e '.[fuzz]' --config-settings editable_mode=compat
+	$(BIN)/python -m scripts.fuzz_atheris -max_total_time=$${FUZZ_SECONDS:-60}
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info dropin.cache twisted/plugins/dropin.cache

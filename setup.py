@@ -21,6 +21,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "trustme>=1.1"],
         "dev": ["pytest>=8", "hypothesis>=6", "trustme>=1.1", "mypy>=1.10", "mypy-zope>=1.0", "ruff>=0.5"],
+        # Coverage-guided fuzzing (make fuzz): libFuzzer for Python, maintained by Google.
+        "fuzz": ["atheris>=2.3"],
     },
     entry_points={"console_scripts": ["mailproxy-passwd = mailproxy.passwd:main"]},
 )

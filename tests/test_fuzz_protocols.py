@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionDone
 from twisted.logger import formatEvent, globalLogPublisher
@@ -75,6 +76,17 @@ def loggedFailures() -> Iterator[list[dict[str, Any]]]:
         yield failures
     finally:
         globalLogPublisher.removeObserver(observe)
+
+
+def statistic(text: str) -> None:
+    """
+    Count C{text} in hypothesis' statistics; nothing when the checks run
+    outside hypothesis (the atheris target).
+    """
+    try:
+        event(text)
+    except InvalidArgument:
+        pass
 
 
 def assertNoFailures(failures: list[dict[str, Any]]) -> None:
@@ -365,6 +377,23 @@ def test_imap_preauth_survives_arbitrary_input_and_answers_only_well_formed_line
     timeOut: bool,
 ) -> None:
     """Before login any byte stream, however split, gets only well-formed IMAP lines and a clean state."""
+    ended, startedTLS = preauthSurvives(usersDir, listener, pieces, sizes, waits, timeOut)
+    event(f"IMAP pre-login fuzz ended {ended}")
+    event(f"IMAP pre-login fuzz started TLS: {startedTLS}")
+
+
+def preauthSurvives(
+    usersDir: Path,
+    listener: tuple[TLSMode, bool],
+    pieces: list[bytes],
+    sizes: list[int],
+    waits: list[float],
+    timeOut: bool,
+) -> None:
+    """
+    Play C{pieces} (split by C{sizes}, with C{waits} between them) into a
+    connection before login and check everything it wrote and left behind.
+    """
     tls, allowPlaintextAuth = listener
     fed = bytearray()
     with loggedFailures() as failures:
@@ -388,8 +417,7 @@ def test_imap_preauth_survives_arbitrary_input_and_answers_only_well_formed_line
         if timeOut and not closing.lost:
             connection.clock.advance(connection.protocol.context.config.preAuthTimeout + 1)
             closing.check()
-        event(f"IMAP pre-login fuzz ended {connection.protocol.state.name}, transport closed: {closing.lost}")
-        event(f"IMAP pre-login fuzz started TLS: {tlsWatch.seen}")
+        ended = f"{connection.protocol.state.name}, transport closed: {closing.lost}"
         assert connection.protocol.state is not State.LOGGING_IN, "a login was never answered"
         if connection.protocol.state is State.CLOSED and not closing.lost:
             raise AssertionError("state is CLOSED but the transport was not asked to disconnect")
@@ -402,6 +430,7 @@ def test_imap_preauth_survives_arbitrary_input_and_answers_only_well_formed_line
     if connection.upstream.requests:
         assert tls is TLSMode.IMPLICIT or allowPlaintextAuth or tlsWatch.seen, "logged in over plaintext"
         assert connection.upstreamProtocol.transport.disconnecting, "upstream left open after the client left"
+    return ended, tlsWatch.seen
 
 
 # -- IMAP relay vocabulary -------------------------------------------------------
@@ -951,7 +980,7 @@ def relaySurvives(
                 connection.clock.advance(tickLengths[tickIndex % len(tickLengths)])
                 tickIndex += 1
             closeBothSides(connection, closing)
-        event(f"IMAP relay fuzz: filters {filters}, client side closed by the proxy: {closing.lost}")
+        statistic(f"IMAP relay fuzz: filters {filters}, client side closed by the proxy: {closing.lost}")
         closing.finish()
         closeBothSides(connection, closing)
         connection.clock.advance(3600)
