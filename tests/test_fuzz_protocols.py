@@ -542,7 +542,7 @@ refusedNames = st.sampled_from([b"LOGIN", b"login", b"AUTHENTICATE", b"STARTTLS"
 CLIENT_TAGS = [b"c1", b"c2", b"C3", b"c.4", b"c-5", b"a0001"]
 clientTags = st.sampled_from(CLIENT_TAGS)
 LOCAL_REPLY = re.compile(
-    rb"\+ Ready for literal data\r\n|(?:%s) BAD Command not available after login through this proxy\r\n"
+    rb"\+ (?:Ready for literal data|go ahead)\r\n|(?:%s) BAD Command not available after login through this proxy\r\n"
     % b"|".join(re.escape(tag) for tag in CLIENT_TAGS)
 )
 
@@ -713,23 +713,30 @@ def relayByteForByte(
         connection = loggedIn(
             usersDir, upstream=UpstreamScript(capabilities=capabilities), filters=[seen] if filtered else []
         )
-        upstreamTransport = connection.upstreamProtocol.transport
-        upstreamTransport.clear()  # type: ignore[attr-defined]
+        # Relayed as they are, synchronising literals wait for the upstream's "+".
+        upstream = ContinuingUpstream(connection, responseBoundaries(responses))
         clientChunks = writes([command.sent for command in commands], clientSizes)
         upstreamChunks = writes(responses, upstreamSizes)
         for side, chunk in interleave(clientChunks, upstreamChunks, order):
             if side == "client":
                 connection.send(chunk)
             else:
-                connection.fromUpstream(chunk)
+                upstream.deliver(chunk)
+            upstream.continueLiterals()
             assert not connection.transport.disconnecting
         toClient = connection.transport.value()
-        toUpstream = upstreamTransport.value()  # type: ignore[attr-defined]
+        toUpstream = upstream.transport.value()
         connection.protocol.connectionLost(Failure(ConnectionDone()))
     assertNoFailures(failures)
     assert toUpstream == (clientStream.filtered if filtered else clientStream.passthrough)
     ready, refusals = assertResponsesWithLocalRepliesBetween(toClient, responses)
-    assert ready == (clientStream.readyLines if filtered else 0)
+    if filtered:
+        # The proxy answers every synchronising literal itself.
+        assert ready == clientStream.readyLines
+    else:
+        # The upstream does, with "+ go ahead", unless one of its generated
+        # "+" responses came first.
+        assert ready <= clientStream.readyLines
     assert refusals == clientStream.refusals
 
 
@@ -753,6 +760,43 @@ def test_filtered_relay_without_literal_plus_upstream_waits_for_its_continuation
     relayWaitingForContinuations(usersDir, commands, responses, clientSizes, upstreamSizes, order)
 
 
+class ContinuingUpstream:
+    """
+    The upstream side of an in-memory session that, like a server, answers
+    each synchronising literal announced to it with "+", but only between
+    two of its own responses (at C{boundaries} of what it delivered).
+    """
+
+    def __init__(self, connection: Any, boundaries: set[int]) -> None:
+        self.connection = connection
+        self.transport = connection.upstreamProtocol.transport
+        self.transport.clear()
+        self.boundaries = boundaries
+        self.delivered = 0
+        self._framer = IMAPFramer(1024 * 1024)
+        self._framed = 0
+        self._announcedAt = -1
+        self._answeredAt = -1
+
+    def deliver(self, chunk: bytes) -> None:
+        self.connection.fromUpstream(chunk)
+        self.delivered += len(chunk)
+
+    def continueLiterals(self) -> None:
+        while self.delivered in self.boundaries:
+            received = self.transport.value()
+            for framed in self._framer.feed(received[self._framed :]):
+                if isinstance(framed, Line) and framed.literal is not None and not framed.nonSynchronizing:
+                    self._announcedAt = self._framed + len(framed.raw)
+                self._framed += len(framed.raw) if isinstance(framed, Line) else len(framed.data)
+            self._framed += len(received) - self._framed - len(self._framer.pending())
+            # Owed: the stream ends right after an announcement not answered yet.
+            if self._announcedAt != len(received) or self._answeredAt == self._announcedAt:
+                return
+            self._answeredAt = self._announcedAt
+            self.connection.fromUpstream(b"+ go ahead\r\n")
+
+
 def relayWaitingForContinuations(
     usersDir: Path,
     commands: list[Wire],
@@ -767,42 +811,29 @@ def relayWaitingForContinuations(
     check that each side gets what the other sent.
     """
     clientStream = Wire.join(commands, b"")
-    boundaries = {sum(len(response) for response in responses[:index]) for index in range(len(responses) + 1)}
     with loggedFailures() as failures:
         connection = loggedIn(usersDir, upstream=UpstreamScript(capabilities=NO_LITERAL_PLUS), filters=[Scripted()])
-        upstreamTransport = connection.upstreamProtocol.transport
-        upstreamTransport.clear()  # type: ignore[attr-defined]
-        delivered = 0
-        answered = 0
-
-        def continueLiterals() -> None:
-            # Like a server, answer a synchronising literal the proxy sent
-            # with "+", between two of its own responses.
-            nonlocal answered
-            while delivered in boundaries:
-                received = upstreamTransport.value()  # type: ignore[attr-defined]
-                if len(received) == answered or not _ANNOUNCEMENT_AT_END.search(received):
-                    return
-                answered = len(received)
-                connection.fromUpstream(b"+ go ahead\r\n")
-
+        upstream = ContinuingUpstream(connection, responseBoundaries(responses))
         clientChunks = writes([command.sent for command in commands], clientSizes)
         upstreamChunks = writes(responses, upstreamSizes)
         for side, chunk in interleave(clientChunks, upstreamChunks, order):
             if side == "client":
                 connection.send(chunk)
             else:
-                connection.fromUpstream(chunk)
-                delivered += len(chunk)
-            continueLiterals()
+                upstream.deliver(chunk)
+            upstream.continueLiterals()
             assert not connection.transport.disconnecting
         toClient = connection.transport.value()
-        toUpstream = upstreamTransport.value()  # type: ignore[attr-defined]
+        toUpstream = upstream.transport.value()
         connection.protocol.connectionLost(Failure(ConnectionDone()))
     assertNoFailures(failures)
     assert toUpstream == clientStream.passthrough
     ready, refusals = assertResponsesWithLocalRepliesBetween(toClient, responses)
     assert (ready, refusals) == (clientStream.readyLines, clientStream.refusals)
+
+
+def responseBoundaries(responses: list[bytes]) -> set[int]:
+    return {sum(len(response) for response in responses[:index]) for index in range(len(responses) + 1)}
 
 
 def _bigLiteral(prefix: bytes, plus: bytes, data: bytes) -> bytes:

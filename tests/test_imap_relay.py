@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
@@ -289,3 +290,35 @@ def test_overlong_line_inside_a_relayed_command_closes_after_the_current_respons
         b"56789)\r\nx BAD [TOOBIG] Command line too long (limit 1024 octets)\r\n* BYE Command broken off\r\n"
     )
     assert connection.transport.disconnecting
+
+
+def test_literal_sent_before_the_upstreams_continuation_waits_for_it(tmp_path: Path) -> None:
+    """Passthrough: octets sent before the upstream's "+" go upstream only once it came."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=[b"IMAP4rev1"]))
+    connection.send(b"a APPEND INBOX {5}\r\nhello\r\n")
+    assert connection.upstream.sent == b"a APPEND INBOX {5}\r\n"
+    connection.fromUpstream(b"+ go ahead\r\n")
+    assert connection.upstream.sent == b"a APPEND INBOX {5}\r\nhello\r\n"
+    assert connection.received() == b"+ go ahead\r\n"
+
+
+@pytest.mark.parametrize("filters", [[], [Scripted()]], ids=["passthrough", "filtered"])
+def test_literal_the_upstream_refuses_never_reaches_it_as_commands(tmp_path: Path, filters: list[Any]) -> None:
+    """Sent along before the upstream refused its literal, a refused command is not smuggled upstream."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=[b"IMAP4rev1"]), filters=filters)
+    announcement = b"a APPEND Missing {300000}\r\n"
+    connection.send(announcement + b"c2 COMPRESS DEFLATE\r\n" + b"x" * 1000)
+    connection.fromUpstream(b"a NO [TRYCREATE] No such mailbox\r\n")
+    connection.send(b"b NOOP\r\n")
+    assert connection.upstream.sent == announcement + b"b NOOP\r\n"
+    assert b"a NO [TRYCREATE]" in connection.received()
+
+
+def test_client_flooding_before_the_continuation_is_cut_off(tmp_path: Path) -> None:
+    """What is held for the upstream's answer is bounded."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=[b"IMAP4rev1"]))
+    connection.send(b"a APPEND INBOX {500000}\r\n")
+    connection.send(b"z" * 70000)
+    assert connection.received().endswith(b"* BYE Literal data sent before the continuation\r\n")
+    assert connection.transport.disconnecting
+    assert connection.upstream.sent == b"a APPEND INBOX {500000}\r\n"

@@ -475,3 +475,15 @@ def test_avatar_logout_called_when_upstream_fails(tmp_path: Path) -> None:
     assert connection.protocol.state is State.NOT_AUTHENTICATED
     connection.protocol.connectionLost(Failure(ConnectionDone()))
     assert calls == ["logout"]
+
+
+def test_octets_sent_with_a_refused_preauth_literal_are_dropped(tmp_path: Path) -> None:
+    """Framed before the refusal, the rest of the refused command neither sticks to the next one nor crashes."""
+    connection = connect(str(tmp_path), limits=LimitsConfig(maxLineLength=1024))
+    connection.received()
+    connection.send(b"a LOGIN {20000}\r\nXYZ b NOOP\r\n")
+    assert connection.received() == b"a BAD [TOOBIG] Literal too large before login\r\n"
+    connection.send(b"c NOOP " + b"x" * 2000 + b"\r\nd NOOP\r\n")
+    assert connection.received() == (
+        b"c BAD [TOOBIG] Command line too long (limit 1024 octets)\r\nd OK NOOP completed\r\n"
+    )

@@ -304,3 +304,16 @@ def test_limits_return_to_zero_after_faulted_pop3_sessions(tmp_path: Path) -> No
     assert refused.received().endswith(b"-ERR [SYS/TEMP] Upstream server unavailable, try again later.\r\n")
     refused.lose()
     assertNothingCounted(refused.protocol.context.limits)  # type: ignore[arg-type]
+
+
+def test_imap_client_pausing_mid_literal_is_not_upstream_silence(tmp_path: Path) -> None:
+    """After the upstream's "+", a client quiet for longer than the timeout owes the octets; no BYE."""
+    connection = session(tmp_path, [])
+    connection.send(b"a APPEND INBOX {300}\r\n")
+    connection.fromUpstream(b"+ go ahead\r\n")
+    connection.send(b"y" * 100)
+    connection.clock.advance(TIMEOUT * 3)
+    assert not connection.transport.disconnecting
+    connection.send(b"y" * 200 + b"\r\n")
+    connection.clock.advance(TIMEOUT)
+    assert connection.transport.disconnecting

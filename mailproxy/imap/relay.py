@@ -32,6 +32,9 @@ from mailproxy.imap.syntax import RELAY_CAPABILITIES, rewriteCapabilities, tagAn
 from mailproxy.watchdog import ResponseWatchdog, WatchedProducer
 
 BUFFER_LIMIT = 256 * 1024
+# Client octets held while a synchronising literal awaits the upstream's
+# "+" (a well-behaved client sends none): past this, the client is cut off.
+HOLD_LIMIT = 64 * 1024
 # Commands timed at once in the passthrough relay (pipelining beyond this
 # goes untimed rather than growing the table).
 MAX_TIMED_COMMANDS = 1000
@@ -134,6 +137,9 @@ class Relay:
         self._streamingCommand = False
         self._discard: tuple[bytes, bytes] | None = None
         self._refusedRest = False
+        self._held: deque[Event] = deque()
+        self._heldSize = 0
+        self._releaseHeld = False
         self._awaitingContinuation: bytes | None = None
         self._clientTag: bytes | None = None
         # Commands waiting to go upstream, each as its remaining parts; the
@@ -227,6 +233,9 @@ class Relay:
             if isinstance(event, LiteralChunk) or event.continuation:
                 return
             self._refusedRest = False
+        if self._awaitingContinuation is not None:
+            self._hold(event)
+            return
         if isinstance(event, LiteralChunk):
             if self.watchdog is not None:
                 # The upstream cannot answer before the literal is complete.
@@ -248,6 +257,38 @@ class Relay:
         if event.literal is not None and not event.nonSynchronizing:
             self._awaitingContinuation = self._clientTag
         self._toUpstreamInOrder(event.raw)
+
+    def _hold(self, event: Event) -> None:
+        """
+        Keep what the client sent after a synchronising literal's
+        announcement until the upstream answers it: relayed at once, octets
+        of a literal the upstream then refuses would run there as commands
+        (ones the proxy may refuse, or a filter deny).
+        """
+        self._held.append(event)
+        self._heldSize += len(event.data if isinstance(event, LiteralChunk) else event.raw)
+        if self._heldSize > HOLD_LIMIT:
+            self.log.warn(
+                "{client} sent {size} octets before the upstream's continuation; disconnecting",
+                client=self.client.clientAddress,
+                size=self._heldSize,
+            )
+            self._held.clear()
+            self.client.closeAtBoundary(b"Literal data sent before the continuation")
+
+    def _release(self) -> None:
+        """
+        The upstream answered the literal: pass on (or, after a refusal,
+        drop the rest of the refused command from) what was held.
+        """
+        self._releaseHeld = False
+        held, self._held, self._heldSize = self._held, deque(), 0
+        if self.chain:
+            self._clientEvents.extendleft(reversed(held))
+            self._drainClient()
+            return
+        for event in held:
+            self._passthroughFromClient(event)
 
     def _toUpstreamInOrder(self, data: bytes) -> None:
         """
@@ -483,7 +524,10 @@ class Relay:
         """
         if self.watchdog is not None:
             idle = self.idle
-            self.watchdog.owed(bool(self._unanswered) and not idle.idling or idle.ending)
+            # Mid-command with no continuation awaited, the client owes the
+            # next octets (a slow upload), not the upstream.
+            clientOwes = self._awaitingContinuation is None and not self.client.framer.atBoundary
+            self.watchdog.owed(bool(self._unanswered) and not idle.idling and not clientOwes or idle.ending)
 
     def _upstreamSilent(self) -> None:
         self.client.upstreamTimedOut()
@@ -511,6 +555,8 @@ class Relay:
         try:
             self._fromUpstreamBatch(events)
         finally:
+            if self._releaseHeld:
+                self._release()
             self.updateWatchdog()
 
     def _fromUpstreamBatch(self, events: list[Event]) -> None:
@@ -572,10 +618,15 @@ class Relay:
         assert tag is not None
         if response.startswith(b"+"):
             self._awaitingContinuation = None
+            self._releaseHeld = True
         elif response.startswith(tag + b" "):
             self._awaitingContinuation = None
             self._streamingCommand = False
             self.client.framer.cancelLiteral()
+            # What the client sent of it anyway is dropped (the filtered
+            # path drops it itself: no command is assembling).
+            self._refusedRest = not self.chain
+            self._releaseHeld = True
 
     def _drainUpstream(self) -> None:
         while self._upstreamEvents and not self._upstreamBlocked:

@@ -265,6 +265,10 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             self.refuseOverlong(event, _tagOf(command.segments[0] if command else event.head))
             return
         if self._command is None:
+            if isinstance(event, LiteralChunk) or event.continuation:
+                # The rest of a command whose literal was refused, framed
+                # before the refusal: the client should not have sent it.
+                return
             self._command = _PendingCommand()
         if isinstance(event, LiteralChunk):
             self._command.addLiteral(event)
@@ -301,7 +305,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         )
         self._sendAtBoundary(tag + b" BAD [TOOBIG] Command line too long (limit %d octets)\r\n" % limit)
         if self._overlongStrikes >= OVERLONG_STRIKES or (event.continuation and self.relay is not None):
-            self._closeAtBoundary(b"Too many oversized commands" if not event.continuation else b"Command broken off")
+            self.closeAtBoundary(b"Too many oversized commands" if not event.continuation else b"Command broken off")
 
     def _refuseLiteral(self, line: Line) -> None:
         """
@@ -622,7 +626,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         else:
             self._send(data)
 
-    def _closeAtBoundary(self, bye: bytes) -> None:
+    def closeAtBoundary(self, bye: bytes) -> None:
         self._queue.clear()
         self.state = State.CLOSED
         if self.relay is not None:
