@@ -36,6 +36,7 @@ from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, Upstrea
 from mailproxy.interfaces import IProxyUser
 from mailproxy.limits import Gate, Limits
 from mailproxy.session import ProxySession
+from mailproxy.splice import Splice
 
 # Before login the proxy holds whole commands (lines and literals) itself;
 # checked per command, not in the framer, so that commands pipelined behind
@@ -118,6 +119,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self._saslTag = b""
         self._logout: Callable[[], None] | None = None
         self.relay: Relay | None = None
+        self.splice: Splice | None = None
         self.gate: Gate | None = None
         self._written = 0
         self._lastStatus: dict[bytes, str] = {}
@@ -161,6 +163,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if self._connecting is not None:
             # Stop logging a departed client in upstream.
             self._connecting.cancel()
+        if self.splice is not None:
+            self.splice.undo()
         if self.upstream is not None and self.upstream.connected:
             self.upstream.transport.loseConnection()
         if self._logout is not None:
@@ -178,7 +182,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
     def timeoutConnection(self) -> None:
         self.log.info("{client} idle too long; disconnecting", client=self.clientAddress)
         self._sendAtBoundary(b"* BYE Autologout; idle for too long\r\n")
-        self.transport.loseConnection()
+        self.disconnect()
 
     def _send(self, data: bytes) -> None:
         self._written += len(data)
@@ -190,10 +194,18 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
                     self._lastStatus = {fields[0]: fields[1].decode("ascii", "replace")}
         self.transport.write(data)
 
+    def disconnect(self) -> None:
+        """
+        Close the client connection (after what is buffered for it).
+        """
+        if self.splice is not None:
+            self.splice.undo()
+        self.transport.loseConnection()
+
     def _close(self, bye: bytes) -> None:
         self._send(b"* BYE " + bye + b"\r\n")
         self.state = State.CLOSED
-        self.transport.loseConnection()
+        self.disconnect()
 
     # -- what the client may do ---------------------------------------------
 
@@ -218,7 +230,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             self.log.warn("{client} broke IMAP framing: {error}", client=self.clientAddress, error=str(error))
             self._sendAtBoundary(b"* BYE " + _protocolText(str(error)) + b"\r\n")
             self.state = State.CLOSED
-            self.transport.loseConnection()
+            self.disconnect()
             return
         if self.relay is not None:
             for event in events:
@@ -308,7 +320,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
     def preauth_LOGOUT(self, tag: bytes, arguments: list[bytes]) -> None:
         self._send(b"* BYE Logging out\r\n" + tag + b" OK LOGOUT completed\r\n")
         self.state = State.CLOSED
-        self.transport.loseConnection()
+        self.disconnect()
 
     def preauth_STARTTLS(self, tag: bytes, arguments: list[bytes]) -> None:
         if self.context.listener.tls is not TLSMode.STARTTLS or self.tlsActive:
@@ -322,7 +334,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             self.log.warn("{client} pipelined data after STARTTLS; disconnecting", client=self.clientAddress)
             self._queue.clear()
             self.state = State.CLOSED
-            self.transport.loseConnection()
+            self.disconnect()
             return
         self.transport.startTLS(self.context.tlsOptions)  # type: ignore[attr-defined]
         self.tlsActive = True
@@ -503,10 +515,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             upstream=self.user.upstream.name,
         )
         self.setTimeout(self.context.config.authenticatedTimeout)
-        # Each side pauses the other when its write buffer fills, so a slow
-        # reader never makes the proxy hold a whole message.
-        self.transport.registerProducer(upstream.transport, True)  # type: ignore[attr-defined]
-        upstream.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
+        self.splice = Splice(self.transport, upstream.transport)
         self.session.user = self.user.username
         self.session.upstream = self.user.upstream.name
         self.session.chain = self.context.filtersFor(self.user.username)
@@ -539,7 +548,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if not self.relay.upstreamSaidBye and not self.relay.midResponse:
             self._send(b"* BYE Upstream server closed the connection\r\n")
         self.state = State.CLOSED
-        self.transport.loseConnection()
+        self.disconnect()
 
 
 def _wireParts(command: _PendingCommand) -> list[bytes | StreamedLiteral]:

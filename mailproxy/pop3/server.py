@@ -42,6 +42,7 @@ from mailproxy.pop3.transaction import MaildropSession
 from mailproxy.pop3.upstream import POP3UpstreamSession
 from mailproxy.pop3.wire import LineSplitter, LineTooLong
 from mailproxy.session import ProxySession
+from mailproxy.splice import Splice
 
 # RFC 2449 allows 255 octets per command; be generous, and drop a client
 # whose unfinished line grows past the hard limit.
@@ -101,6 +102,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.clientAddress = "?"
         self.user: Any = None
         self.relay: POP3Relay | None = None
+        self.splice: Splice | None = None
         self.bridge: MaildropSession | None = None
         self.bytesIn = 0
         self.bytesOut = 0
@@ -153,6 +155,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if self._connecting is not None:
             # Stop logging a departed client in upstream.
             self._connecting.cancel()
+        if self.splice is not None:
+            self.splice.undo()
         if self.relay is not None:
             self.relay.closed = True
             self.relay.upstream.transport.loseConnection()
@@ -184,6 +188,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _closeConnection(self) -> None:
         self.state = State.CLOSED
         self._queue.clear()
+        if self.splice is not None:
+            self.splice.undo()
         self.transport.loseConnection()
 
     def _atBoundary(self) -> bool:
@@ -508,10 +514,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._upstreamCapabilities = [line.rstrip(b"\r\n") for line in upstreamSession.capabilities]
         relay = self.relay = POP3Relay(upstream, self._send, self._closeConnection, self.resetTimeout)
         self._enterTransaction(mechanism)
-        # Each side pauses the other when its write buffer fills, so a slow
-        # reader never makes the proxy hold a whole message.
-        self.transport.registerProducer(upstream.transport, True)  # type: ignore[attr-defined]
-        upstream.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
+        self.splice = Splice(self.transport, upstream.transport)
         upstream.startRelay(relay.fromUpstream, relay.upstreamLost)
         self._beginTransaction()
 
