@@ -31,10 +31,13 @@ class Splice:
     def undo(self) -> None:
         """
         Unregister both producers (once); a transport already asked to
-        close then finishes closing.
+        close then finishes closing.  A transport whose connection is lost
+        has dropped its producer already (and a STARTTLS one cannot be asked
+        any more).
         """
         if not self.active:
             return
         self.active = False
-        self.client.unregisterProducer()
-        self.upstream.unregisterProducer()
+        for transport in (self.client, self.upstream):
+            if transport.connected:
+                transport.unregisterProducer()

@@ -1,9 +1,11 @@
 """
 Sessions over TLS end when they should: the proxy closes a STARTTLS/STLS
-client connection after LOGOUT or QUIT, and closes a STARTTLS upstream when
-its client drops.  Both used to hang because the two transports are each
-other's producers and a TLS transport closes only once none is registered
-(found by the soak test).
+client connection after LOGOUT or QUIT and lets go of its socket, and closes
+a STARTTLS upstream when its client drops.  Found by the soak test: the two
+transports are each other's producers and a TLS transport closes only once
+none is registered; and a TLS transport whose input is paused (the POP3
+server pauses it while a command runs) never reads the peer's close_notify,
+so its socket stayed in CLOSE-WAIT.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 
 from tests.conftest import HOST, LOCAL_USERS, UPSTREAM_USERS, POP3Proxy, RunningProxy, tlsContext
 from tests.dovecot import DovecotUpstream
+from tests.test_pop3_integration import appendDirect, countDirect
 
 CLOSE_TIMEOUT = 10.0
 
@@ -61,30 +64,47 @@ def test_imap_logout_on_a_starttls_listener_ends_the_connection(proxy: RunningPr
     the upstream's TLS mode (bob: STARTTLS, carol: plaintext).
     """
     connection = startTLS(proxy.ports["starttls"], proxy.caFile, b"* OK", b"a STARTTLS\r\n")
+    clientPort = connection.getsockname()[1]
     with connection:
         connection.sendall(b'b LOGIN %s "%s"\r\nc LOGOUT\r\n' % (user.encode(), LOCAL_USERS[user].encode()))
         received = readUntilClosed(connection)
     assert received.startswith(b"b OK ")
     assert b"* BYE" in received and received.endswith(b"\r\n") and b"\r\nc OK " in received
+    pid = proxy.process.process.pid
+    assert waitFor(lambda: not socketsTo(pid, clientPort)), socketsTo(pid, clientPort)
 
 
-def test_pop3_quit_on_an_stls_listener_ends_the_connection(pop3Proxy: POP3Proxy) -> None:
+@pytest.mark.parametrize("user", ["paul", "phil", "pete"])
+def test_pop3_quit_on_an_stls_listener_ends_the_connection(
+    pop3Proxy: POP3Proxy, dovecot: DovecotUpstream, user: str
+) -> None:
     """
-    After QUIT's +OK the proxy closes the TLS connection of a relayed
-    session (paul's upstream is Dovecot's POP3 with STLS).
+    After QUIT's +OK (committing a DELE) the proxy closes the TLS connection
+    and lets go of its socket, relayed to Dovecot's POP3 with STLS (paul,
+    phil) or bridged (pete, whose commit runs while input is paused).
     """
+    appendDirect(dovecot, user, 1)
+    stored = countDirect(dovecot, user)
     connection = startTLS(pop3Proxy.ports["stls"], pop3Proxy.caFile, b"+OK", b"STLS\r\n")
+    clientPort = connection.getsockname()[1]
     with connection:
-        connection.sendall(b"USER paul\r\nPASS %s\r\nSTAT\r\nQUIT\r\n" % (UPSTREAM_USERS["paul"].encode(),))
-        received = readUntilClosed(connection)
+        connection.sendall(b"USER %s\r\nPASS %s\r\nSTAT\r\n" % (user.encode(), UPSTREAM_USERS[user].encode()))
+        replies = [readLine(connection) for _ in range(3)]
+        count = int(replies[2].split()[1])
+        connection.sendall(b"DELE %d\r\nQUIT\r\n" % (count,))
+        received = b"".join(replies) + readUntilClosed(connection)
     lines = received.splitlines()
-    assert len(lines) == 4 and all(line.startswith(b"+OK") for line in lines), received
+    assert len(lines) == 5 and all(line.startswith(b"+OK") for line in lines), received
+    pid = pop3Proxy.process.process.pid
+    assert waitFor(lambda: not socketsTo(pid, clientPort)), socketsTo(pid, clientPort)
+    assert countDirect(dovecot, user) == stored - 1
 
 
-def establishedTo(pid: int, port: int) -> int:
+def socketsTo(pid: int, port: int, established: bool = False) -> list[str]:
     """
-    How many TCP connections process C{pid} has established to C{port} on
-    127.0.0.1.
+    The TCP states (hex, as in /proc/net/tcp) of the sockets process
+    C{pid} holds to C{port} on 127.0.0.1, only the established ones if
+    C{established}.
     """
     inodes = set()
     for name in os.listdir(f"/proc/{pid}/fd"):
@@ -94,14 +114,18 @@ def establishedTo(pid: int, port: int) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[len("socket:[") : -1])
-    count = 0
+    states = []
     with open(f"/proc/{pid}/net/tcp") as table:
         for row in list(table)[1:]:
             fields = row.split()
             remotePort = int(fields[2].split(":")[1], 16)
-            if remotePort == port and fields[3] == "01" and fields[9] in inodes:
-                count += 1
-    return count
+            if remotePort == port and fields[9] in inodes and (fields[3] == "01" or not established):
+                states.append(fields[3])
+    return states
+
+
+def establishedTo(pid: int, port: int) -> int:
+    return len(socketsTo(pid, port, established=True))
 
 
 def waitFor(predicate: Callable[[], bool]) -> bool:

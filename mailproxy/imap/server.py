@@ -166,6 +166,9 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if self.splice is not None:
             self.splice.undo()
         if self.upstream is not None and self.upstream.connected:
+            # Paused by backpressure or not, a TLS upstream must read its
+            # close_notify to finish closing.
+            self.upstream.transport.resumeProducing()  # type: ignore[attr-defined]
             self.upstream.transport.loseConnection()
         if self._logout is not None:
             logout, self._logout = self._logout, None
@@ -198,8 +201,12 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         """
         Close the client connection (after what is buffered for it).
         """
+        self.state = State.CLOSED
         if self.splice is not None:
             self.splice.undo()
+        # Input may be paused (a login or command in flight, backpressure),
+        # but TLS finishes closing only on reading the client's close_notify.
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
         self.transport.loseConnection()
 
     def _close(self, bye: bytes) -> None:
@@ -223,6 +230,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
     # -- input ----------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self.state is State.CLOSED:
+            return
         self.resetTimeout()
         try:
             events = self.framer.feed(data)

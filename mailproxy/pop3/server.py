@@ -159,6 +159,10 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self.splice.undo()
         if self.relay is not None:
             self.relay.closed = True
+            if self.relay.upstream.connected:
+                # Paused by backpressure or not, a TLS upstream must read
+                # its close_notify to finish closing.
+                self.relay.upstream.transport.resumeProducing()  # type: ignore[attr-defined]
             self.relay.upstream.transport.loseConnection()
         if self.bridge is not None:
             self.bridge.connectionLost()
@@ -190,6 +194,10 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._queue.clear()
         if self.splice is not None:
             self.splice.undo()
+        # Input is paused while a command runs, but TLS finishes closing
+        # only on reading the client's close_notify.
+        self._paused = False
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
         self.transport.loseConnection()
 
     def _atBoundary(self) -> bool:
