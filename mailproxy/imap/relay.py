@@ -751,4 +751,4 @@ class Relay:
 
     def _bug(self, failure: Failure) -> None:
         self.log.failure("relay failed; closing the session", failure)
-        self.client.transport.loseConnection()
+        self.client.disconnect()

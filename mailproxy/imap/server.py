@@ -38,6 +38,7 @@ from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, Upstrea
 from mailproxy.interfaces import IProxyUser
 from mailproxy.limits import Gate, Limits
 from mailproxy.session import ProxySession
+from mailproxy.splice import Splice
 
 if TYPE_CHECKING:
     from mailproxy.metrics import ListenerMetrics
@@ -128,6 +129,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self._saslTag = b""
         self._logout: Callable[[], None] | None = None
         self.relay: Relay | None = None
+        self.splice: Splice | None = None
         self.gate: Gate | None = None
         self._written = 0
         self._lastStatus: dict[bytes, str] = {}
@@ -177,6 +179,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if self._connecting is not None:
             # Stop logging a departed client in upstream.
             self._connecting.cancel()
+        if self.splice is not None:
+            self.splice.undo()
         if self.upstream is not None and self.upstream.connected:
             closeUpstream(self.upstream, self.context.clock, self.user.upstream.connectTimeout)
         if self._logout is not None:
@@ -194,7 +198,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
     def timeoutConnection(self) -> None:
         self.log.info("{client} idle too long; disconnecting", client=self.clientAddress)
         self._sendAtBoundary(b"* BYE Autologout; idle for too long\r\n")
-        self.transport.loseConnection()
+        self.disconnect()
 
     def _send(self, data: bytes) -> None:
         self._written += len(data)
@@ -206,10 +210,22 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
                     self._lastStatus = {fields[0]: fields[1].decode("ascii", "replace")}
         self.transport.write(data)
 
+    def disconnect(self) -> None:
+        """
+        Close the client connection (after what is buffered for it).
+        """
+        self.state = State.CLOSED
+        if self.splice is not None:
+            self.splice.undo()
+        # Input may be paused (a login or command in flight, backpressure),
+        # but TLS finishes closing only on reading the client's close_notify.
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.transport.loseConnection()
+
     def _close(self, bye: bytes) -> None:
         self._send(b"* BYE " + bye + b"\r\n")
         self.state = State.CLOSED
-        self.transport.loseConnection()
+        self.disconnect()
 
     # -- what the client may do ---------------------------------------------
 
@@ -231,6 +247,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         return IMAPFramer(maxLine, discardUpTo=maxLine * OVERLONG_DISCARD_FACTOR)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.state is State.CLOSED:
+            return
         self.resetTimeout()
         try:
             events = self.framer.feedClient(data)
@@ -238,7 +256,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             self.log.warn("{client} broke IMAP framing: {error}", client=self.clientAddress, error=str(error))
             self._sendAtBoundary(b"* BYE " + _protocolText(str(error)) + b"\r\n")
             self.state = State.CLOSED
-            self.transport.loseConnection()
+            self.disconnect()
             return
         if self.relay is not None:
             if self.metrics is not None:
@@ -383,7 +401,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
     def preauth_LOGOUT(self, tag: bytes, arguments: list[bytes]) -> None:
         self._send(b"* BYE Logging out\r\n" + tag + b" OK LOGOUT completed\r\n")
         self.state = State.CLOSED
-        self.transport.loseConnection()
+        self.disconnect()
 
     def preauth_STARTTLS(self, tag: bytes, arguments: list[bytes]) -> None:
         if self.context.listener.tls is not TLSMode.STARTTLS or self.tlsActive:
@@ -397,7 +415,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             self.log.warn("{client} pipelined data after STARTTLS; disconnecting", client=self.clientAddress)
             self._queue.clear()
             self.state = State.CLOSED
-            self.transport.loseConnection()
+            self.disconnect()
             return
         self.transport.startTLS(self.context.tlsOptions)  # type: ignore[attr-defined]
         self.tlsActive = True
@@ -605,10 +623,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             upstreamSession.capabilities,
             responseTimeout=self.user.upstream.responseTimeout,
         )
-        # Each side pauses the other when its write buffer fills, so a slow
-        # reader never makes the proxy hold a whole message.
-        self.transport.registerProducer(relay.upstreamProducer, True)  # type: ignore[attr-defined]
-        upstream.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
+        self.splice = Splice(self.transport, upstream.transport, relay.upstreamProducer)
         # The login reply goes through the relay like an upstream response,
         # so capability filters see it too.
         capabilities = b" ".join(upstreamSession.capabilities)
@@ -671,7 +686,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if not self.relay.upstreamSaidBye and not self.relay.midResponse:
             self._send(b"* BYE Upstream server closed the connection\r\n")
         self.state = State.CLOSED
-        self.transport.loseConnection()
+        self.disconnect()
 
 
 def _wireParts(command: _PendingCommand) -> list[bytes | StreamedLiteral]:

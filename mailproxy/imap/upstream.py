@@ -179,6 +179,10 @@ def closeUpstream(protocol: Any, clock: IReactorTime, grace: float) -> None:
         Deferred that fires when the connection is lost.
     """
     transport = protocol.transport
+    if protocol.connected and not transport.disconnecting:
+        # Paused by backpressure or not, a TLS upstream must read its
+        # close_notify to finish closing (resuming later does nothing).
+        transport.resumeProducing()
     transport.loseConnection()
     if not protocol.connected:
         return

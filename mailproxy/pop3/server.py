@@ -44,6 +44,7 @@ from mailproxy.pop3.transaction import MaildropSession
 from mailproxy.pop3.upstream import POP3UpstreamSession
 from mailproxy.pop3.wire import LineSplitter, LineTooLong
 from mailproxy.session import ProxySession
+from mailproxy.splice import Splice
 
 # RFC 2449 allows 255 octets per command; be generous, and drop a client
 # whose unfinished line grows past the hard limit.
@@ -103,6 +104,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.clientAddress = "?"
         self.user: Any = None
         self.relay: POP3Relay | None = None
+        self.splice: Splice | None = None
         self.bridge: MaildropSession | None = None
         self.bytesIn = 0
         self.bytesOut = 0
@@ -159,6 +161,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if self._connecting is not None:
             # Stop logging a departed client in upstream.
             self._connecting.cancel()
+        if self.splice is not None:
+            self.splice.undo()
         if self.relay is not None:
             self.relay.stop()
             closeUpstream(self.relay.upstream, self.context.clock, self.user.upstream.connectTimeout)
@@ -192,6 +196,12 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _closeConnection(self) -> None:
         self.state = State.CLOSED
         self._queue.clear()
+        if self.splice is not None:
+            self.splice.undo()
+        # Input is paused while a command runs, but TLS finishes closing
+        # only on reading the client's close_notify.
+        self._paused = False
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
         self.transport.loseConnection()
 
     def _atBoundary(self) -> bool:
@@ -540,10 +550,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             clientAddress=self.clientAddress,
         )
         self._enterTransaction(mechanism)
-        # Each side pauses the other when its write buffer fills, so a slow
-        # reader never makes the proxy hold a whole message.
-        self.transport.registerProducer(relay.upstreamProducer, True)  # type: ignore[attr-defined]
-        upstream.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
+        self.splice = Splice(self.transport, upstream.transport, relay.upstreamProducer)
         upstream.startRelay(relay.fromUpstream, self._relayUpstreamLost)
         self._beginTransaction()
 
