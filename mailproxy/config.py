@@ -246,6 +246,9 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
 
 # Shorter lines would refuse ordinary clients' UID sets.
 MIN_LINE_LENGTH = 1024
+# A login's literals are short; the proxy holds a whole pre-login command
+# (128 KiB at most), two such literals included.
+MAX_PREAUTH_LITERAL = 65536
 
 
 def _limits(table: _Reader) -> LimitsConfig:
@@ -269,6 +272,8 @@ def _limits(table: _Reader) -> LimitsConfig:
         values[attribute] = type(default)(value)
     if values["maxLineLength"] < MIN_LINE_LENGTH:
         raise ConfigError(f"{table.where('max_line_length')}: must be at least {MIN_LINE_LENGTH}")
+    if values["maxPreauthLiteral"] > MAX_PREAUTH_LITERAL:
+        raise ConfigError(f"{table.where('max_preauth_literal')}: must be at most {MAX_PREAUTH_LITERAL}")
     return LimitsConfig(**values)
 
 
@@ -349,6 +354,13 @@ def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerCo
     trusted = _networks(table, "proxy_protocol_trusted")
     if trusted and not proxyProtocol:
         raise ConfigError(f"{table.where('proxy_protocol_trusted')}: needs proxy_protocol = true")
+    if proxyProtocol and not trusted:
+        # Believed from anyone, a header lets any client pick its address
+        # (per-IP limits, lockouts, what is forwarded upstream).
+        raise ConfigError(
+            f"{table.where('proxy_protocol_trusted')}: required with proxy_protocol = true: the load "
+            'balancers\' addresses (["0.0.0.0/0", "::/0"] believes anyone)'
+        )
     return ListenerConfig(
         name=table.string("name", None) or endpoint,
         endpoint=endpoint,

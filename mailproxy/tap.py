@@ -200,12 +200,6 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
         if tlsOptions is not None and listener.tls is TLSMode.IMPLICIT:
             factory = TLSMemoryBIOFactory(tlsOptions, False, factory)
         if listener.proxyProtocol:
-            if not listener.proxyProtocolTrusted:
-                log.warn(
-                    "listener {name}: PROXY protocol headers are believed from any address "
-                    "(set proxy_protocol_trusted to the load balancers')",
-                    name=listener.name,
-                )
             # Outside TLS: load balancers send the header before the handshake.
             factory = ProxyProtocolFactory(factory, reactor, listener.name, listener.proxyProtocolTrusted)
         service = strports.service(listener.endpoint, factory, reactor=reactor)

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailproxy.filters import DROP, PASS, Reject, Rewrite
@@ -322,3 +324,28 @@ def test_client_flooding_before_the_continuation_is_cut_off(tmp_path: Path) -> N
     assert connection.received().endswith(b"* BYE Literal data sent before the continuation\r\n")
     assert connection.transport.disconnecting
     assert connection.upstream.sent == b"a APPEND INBOX {500000}\r\n"
+
+
+def test_closing_at_a_boundary_that_never_comes_still_closes(tmp_path: Path) -> None:
+    """The upstream lost mid-response while a BYE waits for the response's end: the client is closed."""
+    connection = loggedIn(tmp_path, limits=LimitsConfig(maxLineLength=1024))
+    connection.send(b"f FETCH 1 BODY[]\r\n")
+    connection.fromUpstream(b"* 1 FETCH (BODY[] {10}\r\n01234")
+    connection.send(b"x APPEND INBOX {2+}\r\nhi " + b"y" * 2000 + b"\r\n")
+    assert not connection.transport.disconnecting
+    connection.upstreamProtocol.connectionLost(Failure(ConnectionLost()))
+    assert connection.transport.disconnecting
+
+
+def test_long_upstream_response_lines_are_relayed_whole(tmp_path: Path) -> None:
+    """A SEARCH result far over any client line limit (a big mailbox) is relayed whole."""
+    connection = loggedIn(tmp_path)
+    connection.received()
+    line = b"* SEARCH " + b" ".join(b"%d" % uid for uid in range(1, 200001)) + b"\r\n"
+    assert len(line) > 1024 * 1024
+    connection.send(b"s UID SEARCH ALL\r\n")
+    for start in range(0, len(line), 65536):
+        connection.fromUpstream(line[start : start + 65536])
+    connection.fromUpstream(b"s OK done\r\n")
+    assert connection.received() == line + b"s OK done\r\n"
+    assert not connection.transport.disconnecting

@@ -179,3 +179,5 @@ def test_limits_are_configured_in_toml(tmp_path: Path) -> None:
     assert (config.limits.maxLineLength, config.limits.maxPreauthLiteral) == (8192, 4096)
     with pytest.raises(ConfigError, match="limits.max_line_length: must be at least 1024"):
         parseConfig({**base, "limits": {"max_line_length": 100}}, str(tmp_path))
+    with pytest.raises(ConfigError, match="limits.max_preauth_literal: must be at most 65536"):
+        parseConfig({**base, "limits": {"max_preauth_literal": 200000}}, str(tmp_path))

@@ -19,7 +19,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from mailproxy.auth import inlineRunner, makePortal
-from mailproxy.config import ListenerConfig, TLSMode, parseConfig
+from mailproxy.config import ConfigError, ListenerConfig, TLSMode, parseConfig
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
 from mailproxy.limits import LimitsConfig
 from mailproxy.pop3.server import POP3Backends, POP3ServerFactory
@@ -371,10 +371,8 @@ def test_per_ip_connection_limit_counts_the_proxied_client(tmp_path: Path) -> No
 # -- wiring ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("trusted", "warned"), [([], True), (["10.0.0.0/8"], False)])
-def test_service_wraps_proxy_protocol_listeners_and_warns_without_a_trust_list(
-    tmp_path: Path, trusted: list[str], warned: bool
-) -> None:
+def test_service_wraps_proxy_protocol_listeners(tmp_path: Path) -> None:
+    trusted = ["10.0.0.0/8"]
     document = {
         "auth": {"users_file": writeUsersFile(str(tmp_path), {"alice": "pw"})},
         "listener": [
@@ -384,13 +382,21 @@ def test_service_wraps_proxy_protocol_listeners_and_warns_without_a_trust_list(
         "upstream": {"main": {"host": "127.0.0.1", "port": 143}},
     }
     reactor = MemoryReactorClock()
-    with capturedLogs() as events:
-        service = buildService(parseConfig(document, str(tmp_path)), reactor)
+    service = buildService(parseConfig(document, str(tmp_path)), reactor)
     service.privilegedStartService()
     factories = [port[1] for port in reactor.tcpServers]
     assert isinstance(factories[0], ProxyProtocolFactory)
     assert isinstance(factories[0].wrappedFactory, IMAPServerFactory)
     assert factories[0].trusted == tuple(ipaddress.ip_network(text) for text in trusted)
     assert isinstance(factories[1], IMAPServerFactory)
-    warning = "listener lb: PROXY protocol headers are believed from any address"
-    assert any(message.startswith(warning) for message in messages(events)) is warned
+
+
+def test_proxy_protocol_needs_a_trust_list(tmp_path: Path) -> None:
+    """Believed from anyone, a header would let any client choose its address: the list is required."""
+    document = {
+        "auth": {"users_file": writeUsersFile(str(tmp_path), {"alice": "pw"})},
+        "listener": [{"name": "lb", "endpoint": "tcp:0", "proxy_protocol": True}],
+        "upstream": {"main": {"host": "127.0.0.1", "port": 143}},
+    }
+    with pytest.raises(ConfigError, match=r"listener\[0\]\.proxy_protocol_trusted: required with proxy_protocol"):
+        parseConfig(document, str(tmp_path))

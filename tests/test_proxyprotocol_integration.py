@@ -55,6 +55,7 @@ tls = "starttls"
 certificate = "{cert}"
 private_key = "{key}"
 proxy_protocol = true
+proxy_protocol_trusted = ["127.0.0.0/8"]
 
 [[listener]]
 name = "imap-implicit"
@@ -63,6 +64,7 @@ tls = "implicit"
 certificate = "{cert}"
 private_key = "{key}"
 proxy_protocol = true
+proxy_protocol_trusted = ["127.0.0.0/8"]
 
 [[listener]]
 name = "pop3-stls"
@@ -72,6 +74,7 @@ tls = "starttls"
 certificate = "{cert}"
 private_key = "{key}"
 proxy_protocol = true
+proxy_protocol_trusted = ["127.0.0.0/8"]
 
 [[listener]]
 name = "untrusted"

@@ -177,7 +177,7 @@ class Relay:
             replies, self._localReplies = self._localReplies, []
             self._writeLocal(b"".join(replies))
             if self._closeAfterReplies:
-                self.client.transport.loseConnection()
+                self.client.disconnect()
 
     def sendLocal(self, data: bytes) -> None:
         """
@@ -203,7 +203,7 @@ class Relay:
         if self._localReplies:
             self._closeAfterReplies = True
         else:
-            self.client.transport.loseConnection()
+            self.client.disconnect()
 
     def toUpstream(self, data: bytes) -> None:
         self.bytesIn += len(data)

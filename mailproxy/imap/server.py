@@ -217,6 +217,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.state = State.CLOSED
         if self.splice is not None:
             self.splice.undo()
+        if self.transport.disconnecting:  # type: ignore[attr-defined]
+            return
         # Input may be paused (a login or command in flight, backpressure),
         # but TLS finishes closing only on reading the client's close_notify.
         self.transport.resumeProducing()  # type: ignore[attr-defined]
@@ -654,7 +656,12 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         The upstream left a command unanswered for its C{response_timeout}:
         BYE (unless a response is half relayed) and disconnect both sides.
         """
+        assert self.relay is not None and self.upstream is not None
+        # A hung server may never read what is still queued for it.
+        self.upstream.transport.abortConnection()  # type: ignore[attr-defined]
         if self.state is State.CLOSED:
+            # Closing was waiting for the end of a response that will not come.
+            self.disconnect()
             return
         upstream = self.user.upstream
         self.log.warn(
@@ -663,18 +670,17 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             upstream=upstream.name,
             timeout=upstream.responseTimeout,
         )
-        assert self.relay is not None and self.upstream is not None
         if self.metrics is not None:
             self.metrics.upstreamError(upstream.name, "timeout")
         if not self.relay.midResponse:
             self._send(b"* BYE [UNAVAILABLE] Upstream server not responding\r\n")
-        self.state = State.CLOSED
-        self.transport.loseConnection()
-        # A hung server may never read what is still queued for it.
-        self.upstream.transport.abortConnection()  # type: ignore[attr-defined]
+        self.disconnect()
 
     def _upstreamLost(self, reason: Failure) -> None:
         if self.state is State.CLOSED:
+            # Closing may be waiting for the end of a response that will
+            # not come now.
+            self.disconnect()
             return
         self.log.info(
             "{client} upstream closed the session: {reason}", client=self.clientAddress, reason=reason.getErrorMessage()

@@ -64,6 +64,11 @@ def lostKind(reason: Failure) -> str:
     return "tls" if reason.check(SSL.Error, VerificationError) else "closed"
 
 
+# A server's response lines can be long (a SEARCH over a mailbox of a
+# million messages is some 8 MB); the upstream is trusted this far.
+UPSTREAM_MAX_LINE = 32 * 1024 * 1024
+
+
 class UpstreamIMAPProtocol(Protocol):
     """
     The connection to the upstream server.
@@ -77,7 +82,7 @@ class UpstreamIMAPProtocol(Protocol):
     transport: ITransport
 
     def __init__(self) -> None:
-        self.framer = IMAPFramer(responses=True)
+        self.framer = IMAPFramer(UPSTREAM_MAX_LINE, responses=True)
         self.framer.maxLiteralSize = _HANDSHAKE_LIMIT
         self.connected = False
         self._responses: deque[list[Event]] = deque()
