@@ -3,10 +3,12 @@
 Reloading the configuration on SIGHUP without dropping sessions.
 
 What a running proxy can change safely is reloaded: the users file, routing
-(users to upstreams, upstream credentials, upstream settings) and filters.
-Sessions already open keep the routes and filter chains they started with;
-new connections and logins get the new ones.  Listeners, limits and server
-settings are bound at start-up: a change to them is logged as needing a
+(users to upstreams, upstream credentials, upstream settings), filters (a
+listener's included) and server settings for new connections.  Sessions
+already open keep the routes and filter chains they started with; new
+connections and logins get the new ones.  Listeners (ports, TLS, PROXY
+protocol), limits, the failure delay, the metrics endpoint and the log
+format are bound at start-up: a change to them is logged as needing a
 restart.  A configuration that does not load is logged and ignored; the
 proxy goes on with the one it had.
 """
@@ -21,8 +23,8 @@ from twisted.cred.portal import Portal
 from twisted.logger import Logger
 
 from mailproxy.auth import ProxyRealm, UsersFileChecker
-from mailproxy.config import Config, ConfigError, loadConfig
-from mailproxy.filters.registry import buildFilters, chainFactory
+from mailproxy.config import Config, ConfigError, ListenerConfig, loadConfig
+from mailproxy.filters.registry import buildFilters, chainFactory, closeFilters
 from mailproxy.imap.server import ServerContext
 from mailproxy.passwords import UsersFileError
 from mailproxy.tls import upstreamOptions
@@ -57,6 +59,8 @@ class ConfigReloader:
         # The listeners' contexts, filled in as they are built.
         self.contexts = contexts
         self.filterGenerations = [filters]
+        # Each listener's configuration as last applied (its filters).
+        self._applied: dict[str, ListenerConfig] = {}
         self._makeChecker = makeChecker
 
     def reload(self) -> bool:
@@ -66,24 +70,42 @@ class ConfigReloader:
         """
         if self.path is None:
             return False
+        listeners: dict[str, ListenerConfig] = {}
         try:
             config = loadConfig(self.path)
             for upstream in config.upstreams.values():
                 upstreamOptions(upstream)
             checker = self._makeChecker(config.usersFile)
-            filters = buildFilters(config.filters)
+            listeners = {listener.name: listener for listener in config.listeners}
+            for context in self.contexts:
+                # A listener gone from the file keeps running as it is.
+                name = context.listener.name
+                listener = listeners.setdefault(name, self._applied.get(name, context.listener))
+                missing = sorted(set(listener.filters) - set(config.filters))
+                if missing:
+                    raise ConfigError(f"listener {listener.name}: no filter named {', '.join(missing)}")
+            # Filters configured as before are kept (their files stay open
+            # once); changed and new ones are built afresh.
+            current = self.filterGenerations[-1]
+            unchanged = {
+                name: current[name]
+                for name, item in config.filters.items()
+                if name in current and self.config.filters.get(name) == item
+            }
+            filters = buildFilters(config.filters, reuse=unchanged)
         except (ConfigError, UsersFileError, OSError) as error:
             self.log.error("configuration not reloaded, keeping the running one: {error}", error=str(error))
             return False
         self.portal.registerChecker(checker)
         self.portal.realm = ProxyRealm(config)
-        listeners = {listener.name: listener for listener in config.listeners}
         for context in self.contexts:
-            listener = listeners.get(context.listener.name, context.listener)
+            listener = self._applied[context.listener.name] = listeners[context.listener.name]
             context.filtersFor = chainFactory(config, listener, filters)
             context.config = _withStartupSettings(config, context.config)
         self.filterGenerations.append(filters)
-        restartOnly = [name for name in _RESTART_ONLY if getattr(config, name) != getattr(self.config, name)]
+        restartOnly = [
+            name for name in _RESTART_ONLY if _startupValue(config, name) != _startupValue(self.config, name)
+        ]
         if restartOnly:
             self.log.warn(
                 "configuration changes to {settings} take effect only after a restart",
@@ -100,16 +122,17 @@ class ConfigReloader:
 
     def closeFilters(self) -> None:
         """
-        Close every filter with a C{close} method (files, connections), each
-        once.
+        Close every filter of every generation, each once.
         """
-        seen: set[int] = set()
-        for generation in self.filterGenerations:
-            for item in generation.values():
-                close = getattr(item, "close", None)
-                if close is not None and id(item) not in seen:
-                    seen.add(id(item))
-                    close()
+        closeFilters(item for generation in self.filterGenerations for item in generation.values())
+
+
+def _startupValue(config: Config, name: str) -> Any:
+    value = getattr(config, name)
+    if name == "listeners":
+        # A listener's filters change with a reload; the rest is bound.
+        return tuple(dataclasses.replace(listener, filters=()) for listener in value)
+    return value
 
 
 def _withStartupSettings(new: Config, running: Config) -> Config:

@@ -155,18 +155,60 @@ def test_listener_changes_are_reported_as_needing_a_restart(tmp_path: Path) -> N
     assert proxy.context.listener.endpoint.startswith("tcp:1143")
 
 
+AUDIT = '\n[filters.audit]\ntype = "audit"\nfile = "{file}"\n'
+
+
+def test_unchanged_filters_are_kept_across_reloads(tmp_path: Path) -> None:
+    """Reloading again and again opens nothing new: a filter configured as before is the same object."""
+    proxy = Reloadable(tmp_path)
+    proxy.values["file"] = "audit.jsonl"
+    proxy.rewrite((BASE + AUDIT).replace("[routing]", '[routing]\ndefault_filters = ["audit"]'))
+    assert proxy.service.reloader.reload()
+    first = proxy.service.reloader.filterGenerations[-1]["audit"]
+    for _ in range(5):
+        assert proxy.service.reloader.reload()
+    assert proxy.service.reloader.filterGenerations[-1]["audit"] is first
+
+
 def test_every_generation_of_filters_is_closed_once_at_stop(tmp_path: Path) -> None:
     """Sessions may still use old filters, so all of them are closed when the proxy stops."""
     proxy = Reloadable(tmp_path)
-    audit = BASE + '\n[filters.audit]\ntype = "audit"\nfile = "audit.jsonl"\n'
-    proxy.rewrite(audit.replace("[routing]", '[routing]\ndefault_filters = ["audit"]'))
-    assert proxy.service.reloader.reload()
-    assert proxy.service.reloader.reload()
-    generations = proxy.service.reloader.filterGenerations
-    files = [generation["audit"].file for generation in generations[1:]]
-    assert len(files) == 2 and not any(item.closed for item in files)
+    files = []
+    for name in ("one.jsonl", "two.jsonl"):
+        proxy.values["file"] = name
+        proxy.rewrite((BASE + AUDIT).replace("[routing]", '[routing]\ndefault_filters = ["audit"]'))
+        assert proxy.service.reloader.reload()
+        files.append(proxy.service.reloader.filterGenerations[-1]["audit"].file)
+    assert files[0] is not files[1] and not any(item.closed for item in files)
     proxy.service.reloader.closeFilters()
     assert all(item.closed for item in files)
+
+
+def test_a_running_listener_naming_a_removed_filter_refuses_the_reload(tmp_path: Path) -> None:
+    """A listener gone from the file keeps running with its filters: they must still exist."""
+    proxy = Reloadable(tmp_path)
+    proxy.values["file"] = "audit.jsonl"
+    withAudit = (BASE + AUDIT).replace(
+        "allow_plaintext_auth = true", 'allow_plaintext_auth = true\nfilters = ["audit"]'
+    )
+    proxy.rewrite(withAudit)
+    assert proxy.service.reloader.reload()
+    proxy.rewrite(BASE.replace('name = "plain"', 'name = "renamed"'))
+    assert not proxy.service.reloader.reload()
+    assert "listener plain: no filter named audit" in proxy.messages()[-1]
+    assert [type(item).__name__ for item in proxy.context.filtersFor(None).filters] == ["AuditFilter"]
+
+
+def test_a_listeners_filters_change_without_a_restart(tmp_path: Path) -> None:
+    """Only what is bound at start-up is reported as needing a restart."""
+    proxy = Reloadable(tmp_path)
+    proxy.values["file"] = "audit.jsonl"
+    proxy.rewrite(
+        (BASE + AUDIT).replace("allow_plaintext_auth = true", 'allow_plaintext_auth = true\nfilters = ["audit"]')
+    )
+    assert proxy.service.reloader.reload()
+    assert [type(item).__name__ for item in proxy.context.filtersFor(None).filters] == ["AuditFilter"]
+    assert not any("restart" in message for message in proxy.messages())
 
 
 # End to end: a real twistd and a real Dovecot.

@@ -5,7 +5,7 @@ Find filter plugins and build the configured filters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.plugin import getPlugins
@@ -23,25 +23,52 @@ def filterFactories() -> dict[str, Any]:
     return {factory.name: factory for factory in getPlugins(IFilterFactory, mailproxy.plugins)}
 
 
-def buildFilters(configured: Mapping[str, FilterConfig], factories: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def buildFilters(
+    configured: Mapping[str, FilterConfig],
+    factories: Mapping[str, Any] | None = None,
+    reuse: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """
-    Build one filter object per configured filter.
+    Build one filter object per configured filter, or take it from
+    C{reuse} (by name) where one is given.
 
-    @raise ConfigError: naming the filter and the problem.
+    @raise ConfigError: naming the filter and the problem; what was built
+        until then is closed.
     """
     if factories is None:
         factories = filterFactories()
-    built = {}
-    for name, item in configured.items():
-        factory = factories.get(item.type)
-        if factory is None:
-            known = ", ".join(sorted(factories)) or "none"
-            raise ConfigError(f"filters.{name}.type: no filter plugin {item.type!r} (installed: {known})")
-        try:
-            built[name] = factory.build(dict(item.options))
-        except (ValueError, TypeError, OSError) as error:
-            raise ConfigError(f"filters.{name}: {error}") from None
+    reuse = reuse or {}
+    built: dict[str, Any] = {}
+    try:
+        for name, item in configured.items():
+            if name in reuse:
+                built[name] = reuse[name]
+                continue
+            factory = factories.get(item.type)
+            if factory is None:
+                known = ", ".join(sorted(factories)) or "none"
+                raise ConfigError(f"filters.{name}.type: no filter plugin {item.type!r} (installed: {known})")
+            try:
+                built[name] = factory.build(dict(item.options))
+            except (ValueError, TypeError, OSError) as error:
+                raise ConfigError(f"filters.{name}: {error}") from None
+    except ConfigError:
+        closeFilters(item for name, item in built.items() if name not in reuse)
+        raise
     return built
+
+
+def closeFilters(filters: Iterable[Any]) -> None:
+    """
+    Close every filter with a C{close} method (files, connections), each
+    once.
+    """
+    seen: set[int] = set()
+    for item in filters:
+        close = getattr(item, "close", None)
+        if close is not None and id(item) not in seen:
+            seen.add(id(item))
+            close()
 
 
 def chainFactory(
