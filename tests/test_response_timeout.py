@@ -317,3 +317,26 @@ def test_imap_client_pausing_mid_literal_is_not_upstream_silence(tmp_path: Path)
     connection.send(b"y" * 200 + b"\r\n")
     connection.clock.advance(TIMEOUT)
     assert connection.transport.disconnecting
+
+
+def test_response_timeouts_count_as_upstream_timeouts_in_the_metrics(tmp_path: Path) -> None:
+    """IMAP and the POP3 relay alike: kind="timeout", not closed or reset."""
+    from mailproxy.metrics import ProxyMetrics
+
+    metrics = ProxyMetrics(processCollector=False)
+    (tmp_path / "imap").mkdir()
+    imap = session(tmp_path / "imap", [])
+    imap.protocol.metrics = metrics.forListener("imap", "imap", "plain")
+    pop = pop3.loggedIn(tmp_path, protocol="pop3")
+    pop.protocol.metrics = metrics.forListener("pop3", "pop3", "plain")
+    imap.send(b"a NOOP\r\n")
+    pop.send(b"STAT\r\n")
+    imap.clock.advance(TIMEOUT)
+    pop.clock.advance(TIMEOUT)
+    imap.upstreamProtocol.connectionLost(Failure(ConnectionLost()))
+    upstream = pop.backends.upstream
+    assert upstream is not None
+    upstream.connectionLost(Failure(ConnectionLost()))
+    sample = metrics.registry.get_sample_value
+    assert sample("mailproxy_upstream_errors_total", {"upstream": "main", "kind": "timeout"}) == 2
+    assert sample("mailproxy_upstream_errors_total", {"upstream": "main", "kind": "reset"}) is None

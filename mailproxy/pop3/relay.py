@@ -82,6 +82,7 @@ class POP3Relay:
         self._scanner: TerminatorScanner | None = None
         self._quitAnswered = False
         self.closed = False
+        self.timedOut = False
         self.bytesIn = 0
         self.bytesOut = 0
         self.clientAddress = clientAddress
@@ -236,6 +237,7 @@ class POP3Relay:
         )
         if self.atBoundary:
             self._write(b"-ERR [SYS/TEMP] Upstream server not responding\r\n")
+        self.timedOut = True
         self.closed = True
         # A hung server may never read what is still queued for it.
         self.upstream.transport.abortConnection()  # type: ignore[attr-defined]

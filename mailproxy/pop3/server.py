@@ -556,8 +556,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _relayUpstreamLost(self, reason: Failure) -> None:
         assert self.relay is not None
-        if self.metrics is not None and not self.relay.closed:
-            kind = "closed" if reason.check(ConnectionDone) else "reset"
+        if self.metrics is not None and (self.relay.timedOut or not self.relay.closed):
+            kind = "timeout" if self.relay.timedOut else "closed" if reason.check(ConnectionDone) else "reset"
             self.metrics.upstreamError(self.user.upstream.name, kind)
         self.relay.upstreamLost(reason)
 
