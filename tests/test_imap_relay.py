@@ -349,3 +349,16 @@ def test_long_upstream_response_lines_are_relayed_whole(tmp_path: Path) -> None:
     connection.fromUpstream(b"s OK done\r\n")
     assert connection.received() == line + b"s OK done\r\n"
     assert not connection.transport.disconnecting
+
+
+def test_upstream_breaking_framing_is_dropped_at_once(tmp_path: Path) -> None:
+    """A line over the upstream limit aborts it (no polite close to wait on); the client gets BYE."""
+    connection = loggedIn(tmp_path)
+    connection.received()
+    upstream = connection.upstreamProtocol
+    upstream.framer.maxLineLength = 100
+    connection.fromUpstream(b"* SEARCH " + b"1 " * 100)
+    assert upstream.transport.disconnected  # type: ignore[attr-defined]
+    upstream.connectionLost(Failure(ConnectionLost()))
+    assert connection.received() == b"* BYE Upstream server closed the connection\r\n"
+    assert connection.transport.disconnecting

@@ -103,7 +103,9 @@ class UpstreamIMAPProtocol(Protocol):
             events = self.framer.feed(data)
         except FramingError as error:
             self.log.warn("upstream broke IMAP framing: {error}", error=str(error))
-            self.transport.loseConnection()
+            # Aborted: a polite (TLS) close would wait for the relay's
+            # producers, and such a server is owed nothing more.
+            self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         onEvents = self._onEvents
         if onEvents is not None:
@@ -114,7 +116,7 @@ class UpstreamIMAPProtocol(Protocol):
         if self._handshakeBytes > _HANDSHAKE_LIMIT:
             # Before login a server has no business sending this much.
             self.log.warn("upstream sent over {limit} octets before login", limit=_HANDSHAKE_LIMIT)
-            self.transport.loseConnection()
+            self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         for event in events:
             self._partial.append(event)
