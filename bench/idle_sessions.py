@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import imaplib
-import os
 import statistics
 import time
 
@@ -34,6 +33,7 @@ from bench.common import (
     writeUsersFile,
 )
 from tests.dovecot import DovecotUpstream
+from tests.proxyprocess import openFiles
 
 USER, PASSWORD = "idler", "idlerpw"
 DEADLINE = 600.0
@@ -158,7 +158,7 @@ async def run(arguments: argparse.Namespace) -> None:
                 sessions += direct
                 await asyncio.sleep(2.0)
                 afterPss, afterRss = memoryKiB(pid)
-                descriptors = len(os.listdir(f"/proc/{pid}/fd"))
+                descriptors = openFiles(pid)
                 measured = await latencies(upstream, {"direct": direct, "proxy": proxied}, arguments.rounds)
                 alive = proxy.process.poll() is None
             finally:

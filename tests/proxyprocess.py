@@ -93,3 +93,21 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def residentKiB(pid: int) -> int:
+    """
+    The resident set of process C{pid} (VmRSS), in KiB.
+    """
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def openFiles(pid: int) -> int:
+    """
+    How many file descriptors process C{pid} has open.
+    """
+    return len(os.listdir(f"/proc/{pid}/fd"))

@@ -24,7 +24,7 @@ import pytest
 
 from mailproxy.passwords import hashPassword
 from tests.dovecot import DovecotUpstream
-from tests.proxyprocess import HOST, ProxyProcess, freePort
+from tests.proxyprocess import HOST, ProxyProcess, freePort, residentKiB
 from tests.support import FAST_HASH
 
 SIZE = 50 * 1024 * 1024
@@ -116,14 +116,6 @@ password = "bigpw"
         dovecot.wipe("big")
 
 
-def rssKiB(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 class SlowReader:
     """
     A client with a small receive buffer that can stop reading.
@@ -161,13 +153,13 @@ def measure(setup: BigSetup, reader: SlowReader, request: bytes, end: bytes) -> 
     """
     pid = setup.process.process.pid
     start = len(reader.data)
-    before = rssKiB(pid)
+    before = residentKiB(pid)
     reader.send(request)
     reader.readUntil(b"", atLeast=start + 1024 * 1024)
     peak = before
     stallEnds = time.monotonic() + STALL
     while time.monotonic() < stallEnds:
-        peak = max(peak, rssKiB(pid))
+        peak = max(peak, residentKiB(pid))
         time.sleep(0.1)
     reader.readUntil(end)
     return peak - before, bytes(reader.data[start:])

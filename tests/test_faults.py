@@ -28,7 +28,7 @@ from mailproxy.passwords import hashPassword
 from tests.conftest import UPSTREAM_USERS
 from tests.dovecot import DovecotUpstream
 from tests.faultyupstream import MESSAGE_SIZE, PARTIAL, Blackhole, Fault, FaultyUpstream
-from tests.proxyprocess import HOST, ProxyProcess, freePort
+from tests.proxyprocess import HOST, ProxyProcess, freePort, openFiles, residentKiB
 from tests.support import FAST_HASH
 
 TIMEOUT = 1  # connect_timeout and response_timeout of the faulty upstreams
@@ -362,18 +362,6 @@ def test_fault_gets_a_protocol_error_and_a_log_line(
     assertNoTraceback(faultyProxy)
 
 
-def descriptors(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rssKiB(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def settledDescriptors(pid: int, atMost: int | None = None) -> int:
     """
     The descriptor count once it stops changing (and is at most C{atMost}),
@@ -382,7 +370,7 @@ def settledDescriptors(pid: int, atMost: int | None = None) -> int:
     deadline = time.monotonic() + 15
     last = -1
     while True:
-        count = descriptors(pid)
+        count = openFiles(pid)
         if count == last and (atMost is None or count <= atMost):
             return count
         if time.monotonic() > deadline:
@@ -416,10 +404,10 @@ def test_faulted_sessions_leak_nothing_and_others_are_served(
 
         round()  # warm up: thread pool, TLS contexts, caches
         baseline = settledDescriptors(pid)
-        rssBefore = rssKiB(pid)
+        rssBefore = residentKiB(pid)
         faulted = sum(round() for _ in range(ROUNDS))
         after = settledDescriptors(pid, atMost=baseline)
-        rssAfter = rssKiB(pid)
+        rssAfter = residentKiB(pid)
     print(
         f"\n{faulted} faulted sessions: descriptors {baseline} -> {after}; "
         f"RSS {rssBefore} KiB -> {rssAfter} KiB ({(rssAfter - rssBefore) / 1024:+.1f} MiB)"

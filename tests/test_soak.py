@@ -43,7 +43,7 @@ import pytest
 from mailproxy.passwords import hashPassword
 from tests.conftest import seedMessages
 from tests.dovecot import DovecotUpstream
-from tests.proxyprocess import HOST, ProxyProcess, freePort
+from tests.proxyprocess import HOST, ProxyProcess, freePort, openFiles, residentKiB
 from tests.soakdriver import (
     Endpoint,
     Mailbox,
@@ -325,18 +325,6 @@ def soakProxy(soakDovecot: SoakSetup) -> Iterator[SoakProxy]:
     finally:
         process.stop()
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def residentKiB(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-def openFiles(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def settledFiles(pid: int, atMost: int | None = None, timeout: float = 20.0) -> int:
