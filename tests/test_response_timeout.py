@@ -20,6 +20,7 @@ from mailproxy.config import ConfigError, parseConfig
 from mailproxy.imap.server import State
 from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol
 from mailproxy.limits import Limits
+from mailproxy.metrics import ProxyMetrics
 from mailproxy.pop3.imapclient import IMAPCommandClient
 from mailproxy.watchdog import ResponseWatchdog
 from tests import test_pop3_server as pop3
@@ -224,6 +225,7 @@ def test_bridge_command_left_unanswered_fails_and_drops_the_upstream() -> None:
     protocol.connectionLost(Failure(ConnectionLost()))
     assert [str(failure.value) for failure in failures] == ["upstream did not answer for 120 s"] * 2
     assert [failure.check(UpstreamError) for failure in failures] == [UpstreamError] * 2
+    assert [failure.value.kind for failure in failures] == ["timeout"] * 2
 
 
 def test_bridge_session_ends_when_its_upstream_is_gone(tmp_path: Path) -> None:
@@ -234,13 +236,19 @@ def test_bridge_session_ends_when_its_upstream_is_gone(tmp_path: Path) -> None:
 
     def retrieve(number: int, write: Any, bodyLines: int | None) -> Any:
         maildrop.connected = False  # type: ignore[attr-defined]
-        raise UpstreamError("upstream did not answer for 120 s")
+        raise UpstreamError("upstream did not answer for 120 s", kind="timeout")
 
     maildrop.retrieve = retrieve  # type: ignore[method-assign]
     connection = pop3.loggedIn(tmp_path, backends=backends)
+    metrics = ProxyMetrics(processCollector=False)
+    connection.protocol.metrics = metrics.forListener("pop3", "pop3", "plain")
     connection.send(b"RETR 1\r\nSTAT\r\n")
     assert connection.received() == b"-ERR [SYS/TEMP] Mailbox unavailable\r\n"
     assert connection.transport.disconnecting
+    counted = metrics.registry.get_sample_value(
+        "mailproxy_upstream_errors_total", {"upstream": "main", "kind": "timeout"}
+    )
+    assert counted == 1
 
 
 def assertNothingCounted(limits: Limits) -> None:
@@ -321,8 +329,6 @@ def test_imap_client_pausing_mid_literal_is_not_upstream_silence(tmp_path: Path)
 
 def test_response_timeouts_count_as_upstream_timeouts_in_the_metrics(tmp_path: Path) -> None:
     """IMAP and the POP3 relay alike: kind="timeout", not closed or reset."""
-    from mailproxy.metrics import ProxyMetrics
-
     metrics = ProxyMetrics(processCollector=False)
     (tmp_path / "imap").mkdir()
     imap = session(tmp_path / "imap", [])

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -245,8 +246,9 @@ class IMAPCommandClient:
         assert self._lost is not None
         if self._silent:
             assert self.watchdog is not None
-            return UpstreamError(f"upstream did not answer for {self.watchdog.timeout:g} s")
-        return UpstreamError(f"upstream closed the connection: {self._lost.getErrorMessage()}")
+            return UpstreamError(f"upstream did not answer for {self.watchdog.timeout:g} s", kind="timeout")
+        kind = "closed" if self._lost.check(ConnectionDone) else "reset"
+        return UpstreamError(f"upstream closed the connection: {self._lost.getErrorMessage()}", kind=kind)
 
     def _connectionLost(self, reason: Failure) -> None:
         self._lost = reason

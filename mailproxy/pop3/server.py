@@ -565,9 +565,15 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if self.state is State.CLOSED:
             maildrop.abandon()
             return
-        self.bridge = MaildropSession(maildrop, self.transport, self._send, self._closeConnection, self.resetTimeout)
+        self.bridge = MaildropSession(
+            maildrop, self.transport, self._send, self._closeConnection, self.resetTimeout, self._bridgeFailed
+        )
         self._enterTransaction(mechanism)
         self._beginTransaction()
+
+    def _bridgeFailed(self, error: UpstreamError) -> None:
+        if self.metrics is not None:
+            self.metrics.upstreamError(self.user.upstream.name, error.kind)
 
     def _enterTransaction(self, mechanism: str) -> None:
         self.state = State.TRANSACTION

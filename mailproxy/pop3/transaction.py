@@ -80,6 +80,7 @@ class MaildropSession:
         send: Callable[[bytes], None],
         close: Callable[[], None],
         activity: Callable[[], None],
+        upstreamFailed: Callable[[UpstreamError], None] = lambda error: None,
     ) -> None:
         """
         @param maildrop: an L{IPOP3Maildrop}.
@@ -87,12 +88,15 @@ class MaildropSession:
         @param send: writes to the client.
         @param close: closes the client connection.
         @param activity: called as message data flows (idle timeout).
+        @param upstreamFailed: told once about the first upstream failure
+            (for metrics).
         """
         self.maildrop = maildrop
         self.transport = transport
         self._send = send
         self._close = close
         self._activity = activity
+        self._upstreamFailed: Callable[[UpstreamError], None] | None = upstreamFailed
         self._pending: Deferred[None] | None = None
         self._ended = False
         self._quitting = False
@@ -155,6 +159,9 @@ class MaildropSession:
             if self._ended:
                 return
             # Expected trouble (a hung or vanished upstream): a line, no traceback.
+            if self._upstreamFailed is not None:
+                failed, self._upstreamFailed = self._upstreamFailed, None
+                failed(error)
             self.log.warn(
                 "maildrop failed on {command}: {error}", command=keyword.decode("ascii", "replace"), error=str(error)
             )
