@@ -183,7 +183,9 @@ class IMAPFramer:
             if self._literalRemaining:
                 take = min(self._literalRemaining, end - position)
                 self._literalRemaining -= take
-                events.append(LiteralChunk(bytes(view[position : position + take]), self._literalRemaining))
+                # A read inside a literal (most of a bulk FETCH) passes uncopied.
+                chunk = data if take == end else bytes(view[position : position + take])
+                events.append(LiteralChunk(chunk, self._literalRemaining))
                 position += take
                 continue
             newline = data.find(b"\n", position, position + self.maxLineLength)
