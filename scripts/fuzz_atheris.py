@@ -8,8 +8,8 @@ suite, whose checks it reuses.
 
 Any libFuzzer option works.  One input drives one target, chosen by its
 first byte: the IMAP framer (commands or responses), the POP3 line
-splitter, an IMAP connection before login, or a logged-in IMAP relay
-(passthrough or filtered).  A crash is an exception other than the
+splitter, an IMAP connection before login, a logged-in IMAP relay
+(passthrough or filtered), or a POP3 connection to the IMAP bridge.  A crash is an exception other than the
 protocol's own error, or a failed check: a malformed reply, a failure
 logged, a timer or connection left behind.
 """
@@ -24,7 +24,7 @@ from mailproxy.config import TLSMode
 from mailproxy.imap.framer import FramingError, IMAPFramer, Line, LiteralChunk, OverlongLine
 from mailproxy.pop3.wire import LineSplitter, LineTooLong
 
-TARGETS = ("imap-commands", "imap-responses", "pop3-lines", "imap-preauth", "imap-relay")
+TARGETS = ("imap-commands", "imap-responses", "pop3-lines", "imap-preauth", "imap-relay", "pop3-bridge")
 _USERS_DIR = Path(tempfile.mkdtemp(prefix="mp-atheris-"))
 # Separates one connection's writes; a piece's first byte picks the
 # direction in the relay target.
@@ -49,8 +49,10 @@ def fuzzOne(data: bytes) -> None:
         _split(pieces)
     elif target == "imap-preauth":
         _preauth(data[0], pieces)
-    else:
+    elif target == "imap-relay":
         _relay(data[0], pieces)
+    else:
+        _pop3Bridge(data[0], pieces)
 
 
 def _frame(framer: IMAPFramer, pieces: list[bytes], client: bool) -> None:
@@ -102,6 +104,46 @@ def _relay(selector: int, pieces: list[bytes]) -> None:
     client = [piece[1:] for piece in pieces if piece and piece[0] % 3 == 0]
     upstream = [piece[1:] for piece in pieces if piece and piece[0] % 3 == 1]
     relaySurvives(_USERS_DIR, filters, capabilities, client, upstream, [], [], steps, [1.0, 25 * 60.0 + 1], None)
+
+
+def _pop3Bridge(selector: int, pieces: list[bytes]) -> None:
+    """
+    A POP3 client of the IMAP bridge (its maildrop in memory), logged in
+    first or not: one well-formed response per command, nothing left over.
+    """
+    from tests.test_fuzz_protocols import (
+        Closing,
+        assertNoFailures,
+        assertPOP3Responses,
+        loggedFailures,
+        pop3Commands,
+        settle,
+    )
+    from tests.test_pop3_server import FakeBackends
+    from tests.test_pop3_server import connect as connectPOP3
+
+    tls, allowPlaintextAuth = LISTENERS[selector // len(TARGETS) % len(LISTENERS)]
+    login = b"USER alice\r\nPASS alicepw\r\n" if selector % 2 == 0 else b""
+    fed = bytearray()
+    with loggedFailures() as failures:
+        connection = connectPOP3(
+            _USERS_DIR, tls=tls, allowPlaintextAuth=allowPlaintextAuth, protocol="imap", backends=FakeBackends()
+        )
+        closing = Closing(connection.protocol, connection.transport)
+        for piece in [login, *pieces]:
+            if closing.lost:
+                break
+            fed.extend(piece)
+            connection.send(piece)
+            closing.check()
+        settle(connection.clock, closing)
+        closed = closing.lost
+        closing.finish()
+        connection.clock.advance(3600)
+    assertNoFailures(failures)
+    closing.assertQuietAfterClose()
+    assertPOP3Responses(connection.transport.value(), pop3Commands(bytes(fed)), closed)
+    assert connection.clock.getDelayedCalls() == []
 
 
 def main() -> None:
