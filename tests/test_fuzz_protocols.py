@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -731,12 +732,9 @@ def relayByteForByte(
     assert toUpstream == (clientStream.filtered if filtered else clientStream.passthrough)
     ready, refusals = assertResponsesWithLocalRepliesBetween(toClient, responses)
     if filtered:
-        # The proxy answers every synchronising literal itself.
-        assert ready == clientStream.readyLines
-    else:
-        # The upstream does, with "+ go ahead", unless one of its generated
-        # "+" responses came first.
-        assert ready <= clientStream.readyLines
+        # The proxy answers every synchronising literal itself; the
+        # upstream's "+" for an IDLE is relayed.
+        assert ready == clientStream.readyLines + upstream.idlesAnswered
     assert refusals == clientStream.refusals
 
 
@@ -763,8 +761,9 @@ def test_filtered_relay_without_literal_plus_upstream_waits_for_its_continuation
 class ContinuingUpstream:
     """
     The upstream side of an in-memory session that, like a server, answers
-    each synchronising literal announced to it with "+", but only between
-    two of its own responses (at C{boundaries} of what it delivered).
+    each synchronising literal and each IDLE sent to it with "+", in order,
+    but only between two of its own responses (at C{boundaries} of what it
+    delivered).
     """
 
     def __init__(self, connection: Any, boundaries: set[int]) -> None:
@@ -775,8 +774,8 @@ class ContinuingUpstream:
         self.delivered = 0
         self._framer = IMAPFramer(1024 * 1024)
         self._framed = 0
-        self._announcedAt = -1
-        self._answeredAt = -1
+        self._owedAt: deque[tuple[int, bool]] = deque()
+        self.idlesAnswered = 0
 
     def deliver(self, chunk: bytes) -> None:
         self.connection.fromUpstream(chunk)
@@ -786,14 +785,17 @@ class ContinuingUpstream:
         while self.delivered in self.boundaries:
             received = self.transport.value()
             for framed in self._framer.feed(received[self._framed :]):
-                if isinstance(framed, Line) and framed.literal is not None and not framed.nonSynchronizing:
-                    self._announcedAt = self._framed + len(framed.raw)
                 self._framed += len(framed.raw) if isinstance(framed, Line) else len(framed.data)
-            self._framed += len(received) - self._framed - len(self._framer.pending())
-            # Owed: the stream ends right after an announcement not answered yet.
-            if self._announcedAt != len(received) or self._answeredAt == self._announcedAt:
+                if not isinstance(framed, Line):
+                    continue
+                parsed = None if framed.continuation else tagAndCommand(framed.raw)
+                idle = parsed is not None and parsed[1] == b"IDLE" and framed.complete
+                if idle or framed.literal is not None and not framed.nonSynchronizing:
+                    self._owedAt.append((self._framed, idle))
+            if not self._owedAt or self._owedAt[0][0] > len(received):
                 return
-            self._answeredAt = self._announcedAt
+            _, idle = self._owedAt.popleft()
+            self.idlesAnswered += idle
             self.connection.fromUpstream(b"+ go ahead\r\n")
 
 
@@ -829,7 +831,7 @@ def relayWaitingForContinuations(
     assertNoFailures(failures)
     assert toUpstream == clientStream.passthrough
     ready, refusals = assertResponsesWithLocalRepliesBetween(toClient, responses)
-    assert (ready, refusals) == (clientStream.readyLines, clientStream.refusals)
+    assert (ready, refusals) == (clientStream.readyLines + upstream.idlesAnswered, clientStream.refusals)
 
 
 def responseBoundaries(responses: list[bytes]) -> set[int]:

@@ -362,3 +362,38 @@ def test_upstream_breaking_framing_is_dropped_at_once(tmp_path: Path) -> None:
     upstream.connectionLost(Failure(ConnectionLost()))
     assert connection.received() == b"* BYE Upstream server closed the connection\r\n"
     assert connection.transport.disconnecting
+
+
+def test_a_refused_literal_leaves_proxy_and_upstream_agreeing_on_command_boundaries(tmp_path: Path) -> None:
+    """Pipelined past a literal the upstream then refuses: nothing of it is relayed and framing restarts."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=[b"IMAP4rev1"]))
+    connection.send(b"a APPEND x {5}\r\nhello\r\nb APPEND y {9}\r\n")
+    connection.fromUpstream(b"a NO [TRYCREATE] No such mailbox\r\n")
+    assert not connection.protocol.framer.inLiteral
+    connection.send(b"c NOOP\r\n")
+    assert connection.upstream.sent == b"a APPEND x {5}\r\nc NOOP\r\n"
+
+
+def test_an_idles_continuation_is_not_taken_for_a_literals(tmp_path: Path) -> None:
+    """Each "+" answers the oldest IDLE or literal that is owed one."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=[b"IMAP4rev1", b"IDLE"]))
+    connection.send(b"i IDLE\r\nDONE\r\nb APPEND y {99999}\r\nc COMPRESS DEFLATE\r\nd NOOP\r\n")
+    connection.fromUpstream(b"+ idling\r\n")
+    assert connection.upstream.sent == b"i IDLE\r\nDONE\r\nb APPEND y {99999}\r\n"
+    connection.fromUpstream(b"i OK done\r\nb NO [OVERQUOTA] Too big\r\n")
+    connection.send(b"e NOOP\r\n")
+    assert connection.upstream.sent == b"i IDLE\r\nDONE\r\nb APPEND y {99999}\r\ne NOOP\r\n"
+
+
+def test_a_continuation_held_back_by_a_response_filter_still_releases_the_literal(tmp_path: Path) -> None:
+    """The upstream's "+" reaches the relay after a filter's late verdict: the held octets follow it, in order."""
+    pending: Deferred[Any] = Deferred()
+    filters = [Scripted(onResponse=lambda response: pending if b"EXISTS" in response.toWire()[0] else PASS)]
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=[b"IMAP4rev1"]), filters=filters)
+    announcement = b"a APPEND INBOX {300000}\r\n"
+    connection.send(announcement + b"x" * 1000)
+    connection.fromUpstream(b"* 3 EXISTS\r\n+ go ahead\r\n")
+    assert connection.upstream.sent == announcement
+    pending.callback(PASS)
+    connection.send(b"y" * 299000 + b"\r\n")
+    assert connection.upstream.sent == announcement + b"x" * 1000 + b"y" * 299000 + b"\r\n"

@@ -25,6 +25,7 @@ from mailproxy.pop3.imapclient import IMAPCommandClient
 from mailproxy.watchdog import ResponseWatchdog
 from tests import test_pop3_server as pop3
 from tests.support import ProxyConnection, UpstreamScript, another, connect, loggedIn
+from tests.test_imap_idle import ProxysOwnAnswers
 
 TIMEOUT = 120.0
 BYE = b"* BYE [UNAVAILABLE] Upstream server not responding\r\n"
@@ -145,11 +146,10 @@ def test_imap_idle_is_exempt_until_the_client_ends_it(tmp_path: Path, filters: l
     connection.send(b"i IDLE\r\n")
     if upstreamIdle:
         connection.fromUpstream(b"+ idling\r\n")
+    upstream = ProxysOwnAnswers(connection)
     for _ in range(6):
         connection.clock.advance(5 * 60)
-        if not upstreamIdle:  # answer the emulation's NOOP polls
-            sent = connection.upstream.sent
-            connection.fromUpstream(sent.rsplit(b"\r\n", 2)[-2].split(b" ")[0] + b" OK polled\r\n")
+        upstream.answer()
     assert not connection.transport.disconnecting
     connection.clock.advance(15)  # emulation: a poll goes out, and stays unanswered
     connection.send(b"DONE\r\n")
@@ -346,3 +346,36 @@ def test_response_timeouts_count_as_upstream_timeouts_in_the_metrics(tmp_path: P
     sample = metrics.registry.get_sample_value
     assert sample("mailproxy_upstream_errors_total", {"upstream": "main", "kind": "timeout"}) == 2
     assert sample("mailproxy_upstream_errors_total", {"upstream": "main", "kind": "reset"}) is None
+
+
+@pytest.mark.parametrize("upstreamIdle", [True, False], ids=["relayed", "emulated"])
+def test_imap_upstream_hanging_during_idle_is_noticed(tmp_path: Path, upstreamIdle: bool) -> None:
+    """The proxy's own refresh (DONE) or poll (NOOP) left unanswered ends an idling session too."""
+    capabilities = [b"IMAP4rev1", b"IDLE"] if upstreamIdle else [b"IMAP4rev1"]
+    connection = session(tmp_path, [], capabilities)
+    connection.send(b"i IDLE\r\n")
+    if upstreamIdle:
+        connection.fromUpstream(b"+ idling\r\n")
+    connection.received()
+    config = connection.protocol.context.config
+    connection.clock.advance((config.idleRefresh if upstreamIdle else config.idlePollInterval) + 1)
+    assert not connection.transport.disconnecting
+    connection.clock.advance(TIMEOUT)
+    assert connection.transport.disconnecting
+    assert connection.received().endswith(b"* BYE [UNAVAILABLE] Upstream server not responding\r\n")
+
+
+def test_imap_command_relayed_after_a_late_filter_verdict_is_watched(tmp_path: Path) -> None:
+    """A command a filter let through later is owed a reply like any other."""
+    from twisted.internet.defer import Deferred
+
+    from mailproxy.filters import PASS
+    from tests.test_imap_relay import Scripted
+
+    pending: Deferred[Any] = Deferred()
+    connection = session(tmp_path, [Scripted(onCommand=lambda command: pending)])
+    connection.send(b"s SEARCH ALL\r\n")
+    pending.callback(PASS)
+    assert connection.upstream.sent.endswith(b"s SEARCH ALL\r\n")
+    connection.clock.advance(TIMEOUT)
+    assert connection.transport.disconnecting

@@ -134,6 +134,17 @@ class IMAPFramer:
         """
         return b"".join(self._partial)
 
+    def reset(self) -> None:
+        """
+        Forget everything not yet framed and any literal or command in
+        progress: what follows starts a new command.
+        """
+        self._partial = []
+        self._partialSize = 0
+        self._literalRemaining = 0
+        self._continuation = False
+        self._discarding = None
+
     def cancelLiteral(self) -> None:
         """
         Forget an announced synchronising literal that the peer will not send

@@ -75,6 +75,14 @@ class IdleController:
         """
         return self.tag is not None and self._clientDone
 
+    @property
+    def owedByUpstream(self) -> bool:
+        """
+        C{True} while the upstream owes a reply to the proxy's own poll or
+        refresh: a hung upstream must not leave an idling client waiting.
+        """
+        return self._noopTag is not None or self._refresh is not _Refresh.NONE
+
     def start(self, tag: bytes) -> bool:
         """
         The client sent C{tag IDLE}, allowed by the filters.
@@ -158,11 +166,13 @@ class IdleController:
         self._polls += 1
         self._noopTag = b"mpi%d" % self._polls
         self.relay.toUpstream(self._noopTag + b" NOOP\r\n")
+        self.relay.updateWatchdog()
 
     def _refreshNow(self) -> None:
         self._timer = None
         self._refresh = _Refresh.DONE_SENT
         self.relay.toUpstream(b"DONE\r\n")
+        self.relay.updateWatchdog()
 
     def _finish(self, *, emulated: bool) -> None:
         tag, self.tag = self.tag, None

@@ -141,6 +141,9 @@ class Relay:
         self._heldSize = 0
         self._releaseHeld = False
         self._awaitingContinuation: bytes | None = None
+        # Tags whose "+" the upstream still owes, in the order it will send
+        # them: relayed IDLEs and synchronising literals.
+        self._continuations: deque[bytes] = deque()
         self._clientTag: bytes | None = None
         # Commands waiting to go upstream, each as its remaining parts; the
         # first may be stopped at a synchronising literal.
@@ -250,12 +253,15 @@ class Relay:
                 return
             if event.complete and self._idleHandled(parsed, event.raw):
                 return
+            if parsed is not None and parsed[1] == b"IDLE" and event.complete:
+                self._continuations.append(parsed[0])
             if parsed is not None:
                 self._commandSent(parsed[0])
                 if self._metrics is not None:
                     self._startTiming(parsed[0], parsed[1], event.raw)
         if event.literal is not None and not event.nonSynchronizing:
             self._awaitingContinuation = self._clientTag
+            self._continuations.append(self._clientTag or b"")
         self._toUpstreamInOrder(event.raw)
 
     def _hold(self, event: Event) -> None:
@@ -283,6 +289,13 @@ class Relay:
         """
         self._releaseHeld = False
         held, self._held, self._heldSize = self._held, deque(), 0
+        if self._refusedRest:
+            # The literal was refused: what was held never reaches the
+            # upstream, which now expects a new command, and neither does
+            # anything the client framer holds of it.
+            self.client.framer.reset()
+            self._refusedRest = False
+            return
         if self.chain:
             self._clientEvents.extendleft(reversed(held))
             self._drainClient()
@@ -431,12 +444,15 @@ class Relay:
         else:
             final = verdict.message if isinstance(verdict, Rewrite) else command
             if not (streamed is None and final.name == b"IDLE" and self.idle.start(final.tag)):
+                if final.name == b"IDLE" and not self._outbound:
+                    self._continuations.append(final.tag)
                 self._trackCommand(final)
                 self._forward(final.toWire(literalPlus=self.literalPlus), streamed, final.tag)
         if self._clientBlocked:
             self._clientBlocked = False
             self.client.transport.resumeProducing()
             self._drainClient()
+        self.updateWatchdog()
 
     def _reject(self, command: IMAPCommand, verdict: Reject, streamed: Line | None) -> None:
         code = f"[{verdict.code}] " if verdict.code else ""
@@ -461,6 +477,7 @@ class Relay:
             self._clientTag = tag
             if not streamed.nonSynchronizing:
                 self._awaitingContinuation = tag
+                self._continuations.append(tag or b"")
         # (octets, is text): only text parts announce literals; literal data
         # that happens to end like "{5}\r\n" must not stop the sending.
         outbound: deque[tuple[bytes, bool]] = deque()
@@ -527,7 +544,8 @@ class Relay:
             # Mid-command with no continuation awaited, the client owes the
             # next octets (a slow upload), not the upstream.
             clientOwes = self._awaitingContinuation is None and not self.client.framer.atBoundary
-            self.watchdog.owed(bool(self._unanswered) and not idle.idling and not clientOwes or idle.ending)
+            owed = bool(self._unanswered) and not idle.idling and not clientOwes
+            self.watchdog.owed(owed or idle.ending or idle.owedByUpstream)
 
     def _upstreamSilent(self) -> None:
         self.client.upstreamTimedOut()
@@ -579,7 +597,7 @@ class Relay:
             if not event.continuation:
                 if event.complete and self.idle.swallow(raw):
                     continue
-                if self._awaitingContinuation is not None:
+                if self._continuations:
                     self._continuationAnswered(raw)
                 if timing and raw[:1] not in (b"*", b"+"):
                     answered.append(raw.split(b" ", 1)[0])
@@ -597,7 +615,7 @@ class Relay:
             return
         raw = event.raw
         if not event.continuation:
-            if self._awaitingContinuation is not None:
+            if self._continuations:
                 self._continuationAnswered(raw)
             raw = self._baseRewrite(raw)
         self.toClient(raw, complete=event.complete)
@@ -611,26 +629,36 @@ class Relay:
 
     def _continuationAnswered(self, response: bytes) -> None:
         """
-        Follow the upstream's answer to a synchronising literal: a tagged
-        reply instead of C{+} means the client will not send the literal.
+        Follow the upstream's continuations: each C{+} answers the oldest
+        relayed IDLE or synchronising literal still owed one; a tagged reply
+        instead of C{+} means the client will not send the literal.
         """
-        tag = self._awaitingContinuation
-        assert tag is not None
         if response.startswith(b"+"):
-            self._awaitingContinuation = None
-            self._releaseHeld = True
-        elif response.startswith(tag + b" "):
+            if self._continuations.popleft() == self._awaitingContinuation:
+                self._awaitingContinuation = None
+                self._releaseHeld = True
+            return
+        tag = response.split(b" ", 1)[0]
+        if tag not in self._continuations:
+            return
+        self._continuations.remove(tag)
+        if tag == self._awaitingContinuation:
             self._awaitingContinuation = None
             self._streamingCommand = False
-            self.client.framer.cancelLiteral()
-            # What the client sent of it anyway is dropped (the filtered
-            # path drops it itself: no command is assembling).
-            self._refusedRest = not self.chain
+            # What the client sent of it anyway is dropped with the framer's
+            # state (the filtered path drops it itself: no command assembles).
+            self._refusedRest = True
             self._releaseHeld = True
+            self.client.framer.cancelLiteral()
 
     def _drainUpstream(self) -> None:
         while self._upstreamEvents and not self._upstreamBlocked:
             self._filteredFromUpstream(self._upstreamEvents.popleft())
+        if self._releaseHeld:
+            # A continuation seen late (after a filter's verdict) still frees
+            # what the client sent after the announcement.
+            self._release()
+            self.updateWatchdog()
 
     def _filteredFromUpstream(self, event: Event) -> None:
         if self._streamingResponse:
@@ -660,7 +688,7 @@ class Relay:
             # Large literals (message bodies) stream past the filters.
             self._response = None
             self._streamingResponse = True
-            if self._awaitingContinuation is not None:
+            if self._continuations:
                 self._continuationAnswered(response.parts[0])  # type: ignore[arg-type]
             for index, part in enumerate(response.parts):
                 self.toClient(self._baseRewrite(part) if index == 0 else part, complete=False)  # type: ignore[arg-type]
@@ -683,7 +711,7 @@ class Relay:
     def _deliver(self, parts: list[Part]) -> None:
         first = parts[0]
         assert isinstance(first, bytes)
-        if self._awaitingContinuation is not None:
+        if self._continuations:
             self._continuationAnswered(first)
         if first.startswith(b"+"):
             self._writeResponse(parts)
