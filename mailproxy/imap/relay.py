@@ -28,7 +28,7 @@ from mailproxy.filters.chain import FilterChain
 from mailproxy.imap.framer import ClientEvent, Event, Line, LiteralChunk, OverlongLine
 from mailproxy.imap.idle import IdleController
 from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand, parseResponse, text
-from mailproxy.imap.syntax import RELAY_CAPABILITIES, rewriteCapabilities, tagAndCommand
+from mailproxy.imap.syntax import RELAY_CAPABILITIES, rewriteCapabilities, tagAndCommand, tagOf
 from mailproxy.watchdog import ResponseWatchdog, WatchedProducer
 
 BUFFER_LIMIT = 256 * 1024
@@ -329,8 +329,7 @@ class Relay:
             tag = self._command.tag if self._command is not None else self._clientTag
             if tag:
                 return tag
-        parsed = tagAndCommand(event.head)
-        return parsed[0] if parsed is not None else b"*"
+        return tagOf(event.head)
 
     def _startTiming(self, tag: bytes, name: bytes, raw: bytes) -> None:
         # An IDLE's reply comes when the client ends it: not a latency.

@@ -33,7 +33,7 @@ from mailproxy.filters.chain import FilterChain
 from mailproxy.imap.framer import ClientEvent, FramingError, IMAPFramer, Line, LiteralChunk, OverlongLine
 from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand
 from mailproxy.imap.relay import Relay
-from mailproxy.imap.syntax import SyntaxError_, parseArguments, tagAndCommand
+from mailproxy.imap.syntax import SyntaxError_, parseArguments, tagAndCommand, tagOf
 from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession, closeUpstream, setNoDelay
 from mailproxy.interfaces import IProxyUser
 from mailproxy.limits import Gate, Limits
@@ -282,7 +282,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
     def _preAuthEvent(self, event: ClientEvent) -> None:
         if isinstance(event, OverlongLine):
             command, self._command = self._command, None
-            self.refuseOverlong(event, _tagOf(command.segments[0] if command else event.head))
+            self.refuseOverlong(event, tagOf(command.segments[0] if command else event.head))
             return
         if self._command is None:
             if isinstance(event, LiteralChunk) or event.continuation:
@@ -334,7 +334,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         connection ends.
         """
         assert self._command is not None
-        tag, self._command = _tagOf(self._command.segments[0]), None
+        tag, self._command = tagOf(self._command.segments[0]), None
         self._overlongStrikes += 1
         self.log.warn(
             "{client} announced a literal of {size} octets before login (limit {limit})",
@@ -702,14 +702,6 @@ def _wireParts(command: _PendingCommand) -> list[bytes | StreamedLiteral]:
         if index < len(command.literals):
             parts.append(command.literals[index])
     return parts
-
-
-def _tagOf(start: bytes) -> bytes:
-    """
-    The tag of the command starting with C{start}, or C{*} if it has none.
-    """
-    parsed = tagAndCommand(start)
-    return parsed[0] if parsed is not None else b"*"
 
 
 def _protocolText(text: str) -> bytes:

@@ -35,6 +35,15 @@ def tagAndCommand(line: bytes) -> tuple[bytes, bytes] | None:
     return match.group(1), match.group(2).upper()
 
 
+def tagOf(line: bytes) -> bytes:
+    """
+    The tag of the command starting C{line}, or C{*} (for a reply to a line
+    that has none).
+    """
+    parsed = tagAndCommand(line)
+    return parsed[0] if parsed is not None else b"*"
+
+
 def parseArguments(segments: Sequence[bytes], literals: Sequence[bytes]) -> list[bytes]:
     """
     Parse the astring arguments of a complete command.
