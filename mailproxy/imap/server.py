@@ -20,7 +20,6 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
@@ -34,7 +33,14 @@ from mailproxy.imap.framer import ClientEvent, FramingError, IMAPFramer, Line, L
 from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand
 from mailproxy.imap.relay import Relay
 from mailproxy.imap.syntax import SyntaxError_, parseArguments, tagAndCommand, tagOf
-from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession, closeUpstream, setNoDelay
+from mailproxy.imap.upstream import (
+    UpstreamError,
+    UpstreamIMAPProtocol,
+    UpstreamSession,
+    closeUpstream,
+    droppedKind,
+    setNoDelay,
+)
 from mailproxy.interfaces import IProxyUser
 from mailproxy.limits import Gate, Limits
 from mailproxy.session import ProxySession
@@ -687,8 +693,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         )
         assert self.relay is not None
         if self.metrics is not None and not self.relay.upstreamSaidBye:
-            kind = "closed" if reason.check(ConnectionDone) else "reset"
-            self.metrics.upstreamError(self.user.upstream.name, kind)
+            self.metrics.upstreamError(self.user.upstream.name, droppedKind(reason))
         if not self.relay.upstreamSaidBye and not self.relay.midResponse:
             self._send(b"* BYE Upstream server closed the connection\r\n")
         self.state = State.CLOSED

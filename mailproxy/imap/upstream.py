@@ -64,6 +64,14 @@ def lostKind(reason: Failure) -> str:
     return "tls" if reason.check(SSL.Error, VerificationError) else "closed"
 
 
+def droppedKind(reason: Failure) -> str:
+    """
+    The L{UpstreamError.kind} of a connection lost after login: closed
+    cleanly (without a BYE) or reset.
+    """
+    return "closed" if reason.check(ConnectionDone) else "reset"
+
+
 # A server's response lines can be long (a SEARCH over a mailbox of a
 # million messages is some 8 MB); the upstream is trusted this far.
 UPSTREAM_MAX_LINE = 32 * 1024 * 1024

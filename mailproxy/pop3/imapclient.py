@@ -15,13 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailproxy.imap.framer import Event, Line
-from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, closeUpstream
+from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, closeUpstream, droppedKind
 from mailproxy.watchdog import ResponseWatchdog
 
 # onLiteral(head, chunk, remaining): head is the response so far (its lines,
@@ -247,8 +246,8 @@ class IMAPCommandClient:
         if self._silent:
             assert self.watchdog is not None
             return UpstreamError(f"upstream did not answer for {self.watchdog.timeout:g} s", kind="timeout")
-        kind = "closed" if self._lost.check(ConnectionDone) else "reset"
-        return UpstreamError(f"upstream closed the connection: {self._lost.getErrorMessage()}", kind=kind)
+        message = f"upstream closed the connection: {self._lost.getErrorMessage()}"
+        return UpstreamError(message, kind=droppedKind(self._lost))
 
     def _connectionLost(self, reason: Failure) -> None:
         self._lost = reason

@@ -24,7 +24,6 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, ITransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
@@ -35,7 +34,7 @@ from mailproxy.addresses import clientAddressOf
 from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.filters import Reject, Rewrite, Verdict
 from mailproxy.imap.server import ServerContext
-from mailproxy.imap.upstream import UpstreamError, closeUpstream, setNoDelay
+from mailproxy.imap.upstream import UpstreamError, closeUpstream, droppedKind, setNoDelay
 from mailproxy.interfaces import IProxyUser
 from mailproxy.limits import Gate
 from mailproxy.pop3.model import POP3Command
@@ -557,7 +556,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _relayUpstreamLost(self, reason: Failure) -> None:
         assert self.relay is not None
         if self.metrics is not None and (self.relay.timedOut or not self.relay.closed):
-            kind = "timeout" if self.relay.timedOut else "closed" if reason.check(ConnectionDone) else "reset"
+            kind = "timeout" if self.relay.timedOut else droppedKind(reason)
             self.metrics.upstreamError(self.user.upstream.name, kind)
         self.relay.upstreamLost(reason)
 
