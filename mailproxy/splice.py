@@ -46,3 +46,18 @@ class Splice:
         for transport in (self.client, self.upstream):
             if transport.connected:
                 transport.unregisterProducer()
+
+
+def closeClient(transport: Any, splice: Splice | None) -> None:
+    """
+    Close a client connection after what is buffered for it, unsplicing it
+    first.  Its input may be paused (a login or command in flight,
+    backpressure), but TLS finishes closing only on reading the client's
+    close_notify.
+    """
+    if splice is not None:
+        splice.undo()
+    if transport.disconnecting:
+        return
+    transport.resumeProducing()
+    transport.loseConnection()

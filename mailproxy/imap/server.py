@@ -44,7 +44,7 @@ from mailproxy.imap.upstream import (
 from mailproxy.interfaces import IProxyUser
 from mailproxy.limits import Gate, Limits
 from mailproxy.session import ProxySession
-from mailproxy.splice import Splice
+from mailproxy.splice import Splice, closeClient
 
 if TYPE_CHECKING:
     from mailproxy.metrics import ListenerMetrics
@@ -221,14 +221,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         Close the client connection (after what is buffered for it).
         """
         self.state = State.CLOSED
-        if self.splice is not None:
-            self.splice.undo()
-        if self.transport.disconnecting:  # type: ignore[attr-defined]
-            return
-        # Input may be paused (a login or command in flight, backpressure),
-        # but TLS finishes closing only on reading the client's close_notify.
-        self.transport.resumeProducing()  # type: ignore[attr-defined]
-        self.transport.loseConnection()
+        closeClient(self.transport, self.splice)
 
     def _close(self, bye: bytes) -> None:
         self._send(b"* BYE " + bye + b"\r\n")

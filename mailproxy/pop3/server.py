@@ -43,7 +43,7 @@ from mailproxy.pop3.transaction import MaildropSession
 from mailproxy.pop3.upstream import POP3UpstreamSession
 from mailproxy.pop3.wire import LineSplitter, LineTooLong
 from mailproxy.session import ProxySession
-from mailproxy.splice import Splice
+from mailproxy.splice import Splice, closeClient
 
 # RFC 2449 allows 255 octets per command; be generous, and drop a client
 # whose unfinished line grows past the hard limit.
@@ -195,13 +195,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _closeConnection(self) -> None:
         self.state = State.CLOSED
         self._queue.clear()
-        if self.splice is not None:
-            self.splice.undo()
-        # Input is paused while a command runs, but TLS finishes closing
-        # only on reading the client's close_notify.
         self._paused = False
-        self.transport.resumeProducing()  # type: ignore[attr-defined]
-        self.transport.loseConnection()
+        closeClient(self.transport, self.splice)
 
     def _atBoundary(self) -> bool:
         if self.relay is not None:
