@@ -239,7 +239,7 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         filters=filters,
         defaultFilters=_filterNames(routing, filters, "default_filters"),
         limits=_limits(reader.table("limits")),
-        logFormat=logFormat or "text",
+        logFormat=logFormat,
         metricsListen=metricsListen,
     )
 
