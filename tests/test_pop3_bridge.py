@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -18,9 +19,10 @@ from zope.interface.verify import verifyObject
 from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession
 from mailproxy.interfaces import IPOP3Maildrop
-from mailproxy.pop3 import NoSuchMessage
+from mailproxy.pop3 import MessageExpunged, NoSuchMessage
 from mailproxy.pop3.bridge import COMMIT_TIMEOUT_FACTOR, BridgeError, IMAPMaildrop, uidSets
 from mailproxy.pop3.imapclient import IMAPCommandClient
+from mailproxy.pop3.transaction import MaildropSession
 
 CAPABILITIES = [b"IMAP4rev1", b"UIDPLUS", b"MOVE", b"LITERAL+"]
 
@@ -266,7 +268,8 @@ class RetrieveTests(SynchronousTestCase):
         """No FETCH data: the message is gone upstream."""
         done = self.upstream.maildrop.retrieve(1, self.written.append, None)
         self.upstream.feed(b"pb3 OK Fetch completed.\r\n")
-        self.failureResultOf(done, NoSuchMessage)
+        self.assertEqual(self.failureResultOf(done, MessageExpunged).value.number, 1)
+        self.assertEqual(self.written, [])
 
     def test_retrieve_quoted(self) -> None:
         """A section sent as a quoted string is written too."""
@@ -340,7 +343,198 @@ class RetrieveTests(SynchronousTestCase):
     def test_top_vanished(self) -> None:
         done = self.upstream.maildrop.retrieve(1, self.written.append, 2)
         self.upstream.feed(b"pb3 OK\r\n")
-        self.failureResultOf(done, NoSuchMessage)
+        self.failureResultOf(done, MessageExpunged)
+
+
+# What Dovecot 2.3 answers to a UID FETCH of a message another session has
+# expunged (seen by tests.test_pop3_bridge_dovecot): the section is NIL and
+# the tagged OK has EXPUNGEISSUED.
+EXPUNGED_NIL = (
+    b"* 2 FETCH (UID 7 BODY[] NIL)\r\n* 2 EXPUNGE\r\npb3 OK [EXPUNGEISSUED] Some messages were already expunged.\r\n"
+)
+
+
+class ExpungedElsewhereTests(SynchronousTestCase):
+    """
+    A message of the snapshot that another session expunged: every way an
+    IMAP server may say so fails the retrieval with L{MessageExpunged}
+    before anything is written, and the maildrop stays usable.
+    """
+
+    def setUp(self) -> None:
+        self.upstream = Upstream(self)
+        self.upstream.open(SNAPSHOT, 3)
+        self.written: list[bytes] = []
+
+    def assertExpunged(self, reply: bytes, bodyLines: int | None = None, command: bytes = b"BODY.PEEK[]") -> None:
+        done = self.upstream.maildrop.retrieve(2, self.written.append, bodyLines)
+        self.assertEqual(self.upstream.sent(), b"pb3 UID FETCH 7 (%s)\r\n" % (command,))
+        self.upstream.feed(reply)
+        self.assertEqual(self.failureResultOf(done, MessageExpunged).value.number, 2)
+        self.assertEqual(self.written, [])
+        self.assertStillUsable()
+
+    def assertStillUsable(self) -> None:
+        """The snapshot is unchanged and other messages are still served."""
+        maildrop = self.upstream.maildrop
+        self.assertEqual(maildrop.listing(), [(1, 100), (2, 200), (3, 300)])
+        self.assertEqual(maildrop.stat(), (3, 600))
+        self.assertTrue(maildrop.connected)
+        done = maildrop.retrieve(3, self.written.append, None)
+        self.assertEqual(self.upstream.sent(), b"pb4 UID FETCH 12 (BODY.PEEK[])\r\n")
+        self.upstream.feed(b"* 3 FETCH (UID 12 BODY[] {5}\r\nthree)\r\npb4 OK\r\n")
+        self.successResultOf(done)
+        self.assertEqual(self.written, [b"three"])
+
+    def test_body_nil_and_expungeissued(self) -> None:
+        """Dovecot's answer: BODY[] NIL, then OK [EXPUNGEISSUED]."""
+        self.assertExpunged(EXPUNGED_NIL)
+
+    def test_body_nil(self) -> None:
+        """A NIL section alone is enough (never an empty message)."""
+        self.assertExpunged(b"* 2 FETCH (UID 7 BODY[] NIL)\r\npb3 OK Fetch completed.\r\n")
+
+    def test_peek_echoed_nil(self) -> None:
+        """A server echoing BODY.PEEK[] in its response is understood too."""
+        self.assertExpunged(b"* 2 FETCH (UID 7 BODY.PEEK[] NIL)\r\npb3 OK Fetch completed.\r\n")
+
+    def test_section_missing(self) -> None:
+        """A FETCH response for the UID without the section."""
+        self.assertExpunged(b"* 2 FETCH (UID 7 FLAGS (\\Seen))\r\npb3 OK Fetch completed.\r\n")
+
+    def test_no_fetch_response(self) -> None:
+        """No FETCH response at all (the expunge was already reported)."""
+        self.assertExpunged(b"pb3 OK Fetch completed.\r\n")
+
+    def test_other_uid_only(self) -> None:
+        """Another message's data does not stand in for the missing one."""
+        self.assertExpunged(b"* 1 FETCH (UID 3 BODY[] {2}\r\nok)\r\npb3 OK Fetch completed.\r\n")
+
+    def test_no_expungeissued(self) -> None:
+        """A tagged NO [EXPUNGEISSUED]."""
+        self.assertExpunged(b"pb3 NO [EXPUNGEISSUED] Some of the requested messages no longer exist\r\n")
+
+    def test_ok_expungeissued_with_empty_literal(self) -> None:
+        """EXPUNGEISSUED with an empty section: gone, not an empty message."""
+        self.assertExpunged(b"* 2 FETCH (UID 7 BODY[] {0}\r\n)\r\npb3 OK [expungeissued] gone\r\n")
+
+    def test_ok_expungeissued_with_quoted_section(self) -> None:
+        """EXPUNGEISSUED wins over a quoted section not yet written."""
+        self.assertExpunged(b'* 2 FETCH (UID 7 BODY[] "x")\r\npb3 OK [EXPUNGEISSUED] gone\r\n')
+
+    def test_whole_literal_then_expungeissued(self) -> None:
+        """A section already streamed whole counts, whatever the tagged reply says."""
+        done = self.upstream.maildrop.retrieve(2, self.written.append, None)
+        self.upstream.feed(b"* 2 FETCH (UID 7 BODY[] {3}\r\nabc)\r\npb3 OK [EXPUNGEISSUED] gone\r\n")
+        self.successResultOf(done)
+        self.assertEqual(self.written, [b"abc"])
+
+    def test_refused_without_expungeissued(self) -> None:
+        """A plain NO is an upstream failure, not a missing message."""
+        done = self.upstream.maildrop.retrieve(2, self.written.append, None)
+        self.assertEqual(self.upstream.sent(), b"pb3 UID FETCH 7 (BODY.PEEK[])\r\n")
+        self.upstream.feed(b"pb3 NO [SERVERBUG] Internal error\r\n")
+        failure = self.failureResultOf(done, BridgeError)
+        self.assertNotIsInstance(failure.value, NoSuchMessage)
+        self.assertIn("SERVERBUG", str(failure.value))
+        self.assertEqual(self.written, [])
+        self.assertStillUsable()
+
+    def test_top_header_nil(self) -> None:
+        self.assertExpunged(
+            b"* 2 FETCH (UID 7 BODY[HEADER] NIL)\r\npb3 OK [EXPUNGEISSUED] gone\r\n", 1, b"BODY.PEEK[HEADER]"
+        )
+
+    def test_top_text_nil_after_header(self) -> None:
+        """Expunged between the header and the text: the header is held back, so still a clean failure."""
+        done = self.upstream.maildrop.retrieve(2, self.written.append, 1)
+        self.upstream.feed(b"* 2 FETCH (UID 7 BODY[HEADER] {5}\r\nH\r\n\r\n)\r\npb3 OK\r\n")
+        self.assertEqual(
+            self.upstream.sent(),
+            b"pb3 UID FETCH 7 (BODY.PEEK[HEADER])\r\npb4 UID FETCH 7 (BODY.PEEK[TEXT]<0.16384>)\r\n",
+        )
+        self.upstream.feed(b"* 2 FETCH (UID 7 BODY[TEXT]<0> NIL)\r\npb4 OK [EXPUNGEISSUED] gone\r\n")
+        self.assertEqual(self.failureResultOf(done, MessageExpunged).value.number, 2)
+        self.assertEqual(self.written, [])
+
+    def test_logged(self) -> None:
+        """One structured line names the client, the user and the message."""
+        maildrop = self.upstream.maildrop
+        maildrop.clientAddress, maildrop.user = "192.0.2.7:4000", "pat"
+        with capturedLogs() as events:
+            self.assertExpunged(EXPUNGED_NIL)
+        [event] = [event for event in events if "expunged" in event.get("log_format", "")]
+        self.assertEqual(
+            {key: event[key] for key in ("client", "user", "command", "number", "uid")},
+            {"client": "192.0.2.7:4000", "user": "pat", "command": "RETR", "number": 2, "uid": 7},
+        )
+        self.assertIn("expunged", event["log_format"])
+
+
+class ExpungedElsewhereSessionTests(SynchronousTestCase):
+    """
+    What the POP3 client sees (the bridge behind L{MaildropSession}).
+    """
+
+    def setUp(self) -> None:
+        self.upstream = Upstream(self)
+        self.upstream.open(SNAPSHOT, 3)
+        self.output: list[bytes] = []
+        self.closed = False
+
+        def close() -> None:
+            self.closed = True
+
+        self.session = MaildropSession(
+            self.upstream.maildrop, StringTransport(), self.output.append, close, lambda: None
+        )
+
+    def pop(self, command: bytes, upstreamReply: bytes = b"") -> bytes:
+        keyword, *arguments = command.split()
+        done = self.session.command(keyword, arguments)
+        if upstreamReply:
+            self.upstream.feed(upstreamReply)
+        if done is not None:
+            self.successResultOf(done)
+        self.assertTrue(self.session.atBoundary)
+        reply = b"".join(self.output)
+        self.output.clear()
+        return reply
+
+    def test_err_and_the_session_goes_on(self) -> None:
+        """
+        RETR and TOP of the expunged message answer -ERR as Dovecot's POP3
+        does; STAT, LIST, UIDL and other messages still work, and QUIT
+        commits the other deletions.
+        """
+        self.assertEqual(self.pop(b"RETR 2", EXPUNGED_NIL), b"-ERR Message 2 expunged.\r\n")
+        self.assertEqual(self.upstream.sent(), b"pb3 UID FETCH 7 (BODY.PEEK[])\r\n")
+        self.assertEqual(self.pop(b"TOP 2 0", b"pb4 OK Fetch completed.\r\n"), b"-ERR Message 2 expunged.\r\n")
+        self.assertEqual(self.upstream.sent(), b"pb4 UID FETCH 7 (BODY.PEEK[HEADER])\r\n")
+        self.assertEqual(self.pop(b"STAT"), b"+OK 3 600\r\n")
+        self.assertEqual(self.pop(b"LIST 2"), b"+OK 2 200\r\n")
+        self.assertEqual(self.pop(b"LIST"), b"+OK\r\n1 100\r\n2 200\r\n3 300\r\n.\r\n")
+        self.assertEqual(self.pop(b"UIDL 2"), b"+OK 2 000000076553f100\r\n")
+        retrieved = self.pop(b"RETR 3", b"* 3 FETCH (UID 12 BODY[] {7}\r\nA\r\n.\r\nB)\r\npb5 OK\r\n")
+        self.assertEqual(retrieved, b"+OK Message follows\r\nA\r\n..\r\nB\r\n.\r\n")
+        self.assertEqual(self.upstream.sent(), b"pb5 UID FETCH 12 (BODY.PEEK[])\r\n")
+        self.assertEqual(self.pop(b"DELE 1"), b"+OK Message 1 deleted\r\n")
+        self.assertEqual(self.pop(b"DELE 2"), b"+OK Message 2 deleted\r\n")
+        quitting = self.session.command(b"QUIT", [])
+        assert quitting is not None
+        self.assertEqual(self.upstream.sent(), b"pb6 UID STORE 3,7 +FLAGS.SILENT (\\Deleted)\r\n")
+        self.upstream.feed(b"pb6 OK Store completed.\r\n")
+        self.assertEqual(self.upstream.sent(), b"pb7 UID EXPUNGE 3,7\r\n")
+        self.upstream.feed(b"* 1 EXPUNGE\r\npb7 OK Expunge completed.\r\n")
+        self.successResultOf(quitting)
+        self.assertEqual(b"".join(self.output), b"+OK Bye\r\n")
+        self.assertTrue(self.closed)
+
+    def test_upstream_refusal_is_temporary(self) -> None:
+        """A NO without EXPUNGEISSUED is a temporary failure; the session goes on."""
+        self.assertEqual(self.pop(b"RETR 2", b"pb3 NO Internal error\r\n"), b"-ERR [SYS/TEMP] Mailbox unavailable\r\n")
+        self.assertFalse(self.closed)
+        self.assertEqual(self.pop(b"NOOP"), b"+OK\r\n")
 
 
 class DeletionTests(SynchronousTestCase):
@@ -396,6 +590,24 @@ class DeletionTests(SynchronousTestCase):
         self.successResultOf(upstream.maildrop.commit())
         self.assertEqual(upstream.sent(), b"pb3 LOGOUT\r\n")
         self.assertTrue(upstream.transport.disconnecting)
+
+    def test_commit_after_another_session_expunged(self) -> None:
+        """
+        A STORE refused with EXPUNGEISSUED (some of the UIDs are gone) is
+        sent once more, and the rest are deleted.
+        """
+        upstream = self.opened()
+        upstream.maildrop.delete(1)
+        upstream.maildrop.delete(2)
+        done = upstream.maildrop.commit()
+        line = b"UID STORE 1:2 +FLAGS.SILENT (\\Deleted)\r\n"
+        self.assertEqual(upstream.sent(), b"pb3 " + line)
+        upstream.feed(b"* 2 EXPUNGE\r\npb3 NO [EXPUNGEISSUED] Some of the requested messages no longer exist\r\n")
+        self.assertEqual(upstream.sent(), b"pb4 " + line)
+        upstream.feed(b"pb4 OK Store completed.\r\n")
+        self.assertEqual(upstream.sent(), b"pb5 UID EXPUNGE 1:2\r\n")
+        upstream.feed(b"* 1 EXPUNGE\r\npb5 OK Expunge completed.\r\n")
+        self.successResultOf(done)
 
     def test_commit_store_refused(self) -> None:
         upstream = self.opened()

@@ -1,7 +1,8 @@
 """
 The POP3-to-IMAP bridge against a real Dovecot: sizes, contents and unique
 ids agree with what Dovecot itself says over IMAP and POP3; deletions apply
-on commit only and touch nothing else.
+on commit only and touch nothing else; a message another session expunges
+is refused as Dovecot's POP3 refuses it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import imaplib
 import poplib
 import re
 import shutil
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -22,7 +24,7 @@ from twisted.trial.unittest import TestCase
 from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.imap.upstream import UpstreamError
 from mailproxy.pop3.bridge import IMAPMaildrop, openMaildrop
-from tests.conftest import seedMessages
+from tests.conftest import UPSTREAM_USERS, POP3Proxy, seedMessages
 from tests.dovecot import HOST, DovecotUpstream
 
 PASSWORD = "bridgepw"
@@ -281,3 +283,113 @@ class BridgeDovecotTests(TestCase):
         with self.assertRaises(UpstreamError) as caught:
             await openMaildrop(reactor, self.config(bridgeMailbox="Nope"), "contents", PASSWORD)
         self.assertIn("cannot select", str(caught.exception))
+
+
+def expungeDirect(client: imaplib.IMAP4, uid: int) -> None:
+    client.uid("STORE", str(uid), "+FLAGS.SILENT", "(\\Deleted)")
+    client.uid("EXPUNGE", str(uid))
+
+
+def inboxUids(client: imaplib.IMAP4) -> list[int]:
+    client.noop()
+    _, data = client.uid("SEARCH", "ALL")
+    return [int(uid) for uid in data[0].split()]
+
+
+def test_message_expunged_by_another_session(pop3Proxy: POP3Proxy, dovecot: DovecotUpstream) -> None:
+    """
+    RETR and TOP of a message another IMAP session expunged after the POP3
+    login answer -ERR through the bridge, word for word what Dovecot's own
+    POP3 answers, never an empty +OK message; the session goes on: the
+    snapshot is unchanged, other messages are served whole, and QUIT
+    commits the other deletions.
+
+    User pete (bridged) gets three messages of its own, removed again
+    afterwards.
+    """
+    user = "pete"
+    password = UPSTREAM_USERS[user]
+    messages = [
+        b"Subject: expunge test %d\r\nFrom: z@example.test\r\n\r\nline one %d\r\n.\r\nline three\r\n" % (n, n)
+        for n in range(3)
+    ]
+    direct = imaplib.IMAP4(HOST, dovecot.ports["imap"], timeout=30)
+    direct.login(user, password)
+    direct.select("INBOX")
+    before = inboxUids(direct)
+    for message in messages:
+        direct.append("INBOX", None, None, message)
+    ours = inboxUids(direct)[len(before) :]
+    assert len(ours) == 3
+    logStart = len(pop3Proxy.process.log())
+    bridged = pop = None
+    restored = False
+    try:
+        bridged = poplib.POP3(HOST, pop3Proxy.ports["plain"], timeout=30)
+        bridged.user(user)
+        bridged.pass_(password)
+        pop = poplib.POP3(HOST, dovecot.ports["pop3"], timeout=30)
+        pop.user(user)
+        pop.pass_(password)
+        count, octets = bridged.stat()
+        assert count == len(before) + 3
+        listing = bridged.list()[1]
+        uidls = bridged.uidl()[1]
+        first, victim, last = count - 2, count - 1, count
+        assert bridged.top(victim, 0)[1][0] == b"Subject: expunge test 1"
+
+        expungeDirect(direct, ours[1])
+        assert inboxUids(direct) == [*before, ours[0], ours[2]]
+
+        with pytest.raises(poplib.error_proto) as dovecotSays:
+            pop.retr(victim)
+        with pytest.raises(poplib.error_proto) as caught:
+            bridged.retr(victim)
+        assert caught.value.args[0] == dovecotSays.value.args[0] == b"-ERR Message %d expunged." % (victim,)
+        with pytest.raises(poplib.error_proto) as caught:
+            bridged.top(victim, 1)
+        assert caught.value.args[0] == b"-ERR Message %d expunged." % (victim,)
+        with pytest.raises(poplib.error_proto):
+            bridged.retr(victim)
+
+        assert bridged.stat() == (count, octets)
+        assert bridged.list()[1] == listing
+        assert bridged.uidl()[1] == uidls
+        for number, message in ((last, messages[2]), (first, messages[0])):
+            _, lines, size = bridged.retr(number)
+            assert b"\r\n".join(lines) + b"\r\n" == message
+            assert listing[number - 1] == b"%d %d" % (number, len(message))
+        assert bridged.top(last, 1)[1] == [b"Subject: expunge test 2", b"From: z@example.test", b"", b"line one 2"]
+        bridged.dele(first)
+        bridged.dele(victim)
+        assert bridged.quit().startswith(b"+OK")
+        bridged = None
+        assert inboxUids(direct) == [*before, ours[2]]
+        _, data = direct.uid("FETCH", str(ours[2]), "(BODY.PEEK[])")
+        assert isinstance(data[0], tuple) and data[0][1] == messages[2]
+
+        log = ""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            log = pop3Proxy.process.log()[logStart:]
+            if f"user {user}: TOP {victim}:" in log:
+                break
+            time.sleep(0.05)
+        logLines = [line for line in log.splitlines() if f"user {user}: " in line and "expunged" in line]
+        assert [line.split(f"user {user}: ")[1].split(":")[0] for line in logLines[-3:]] == [
+            f"RETR {victim}",
+            f"TOP {victim}",
+            f"RETR {victim}",
+        ], logLines
+        assert f"UID {ours[1]} " in logLines[-1] and "Traceback" not in log and password not in log
+    finally:
+        for client in (bridged, pop):
+            if client is not None:
+                client.close()
+        leftovers = [uid for uid in inboxUids(direct) if uid in ours]
+        if leftovers:
+            direct.uid("STORE", ",".join(map(str, leftovers)), "+FLAGS.SILENT", "(\\Deleted)")
+            direct.uid("EXPUNGE", ",".join(map(str, leftovers)))
+        restored = inboxUids(direct) == before
+        direct.logout()
+    assert restored

@@ -8,6 +8,13 @@ are positions in that snapshot.  Messages are always fetched with
 C{BODY.PEEK} unless C{bridgeMarkSeen} is set, so reading through POP3 does
 not mark them C{\\Seen}.  Deletions are local marks until L{commit}.
 
+A message another client expunges during the session keeps its number and
+listed size (the snapshot does not change); fetching it finds nothing
+(C{BODY[] NIL}, no section or no FETCH response at all, or a tagged
+C{[EXPUNGEISSUED]}), and L{IMAPMaildrop.retrieve} fails with
+L{MessageExpunged} before writing anything, so the client gets C{-ERR} and
+the session goes on.
+
 Unique ids are C{bridgeUidlFormat} applied to the UID and UIDVALIDITY.
 Dovecot's POP3 default (C{%08Xu%08Xv}) writes lower-case hex digits, so
 C{{uid:08x}{uidvalidity:08x}} gives the same ids and a client switching
@@ -42,7 +49,7 @@ from mailproxy.imap import mutf7
 from mailproxy.imap.syntax import SyntaxError_, quoted, readQuoted
 from mailproxy.imap.upstream import UpstreamError, UpstreamSession, connectUpstream
 from mailproxy.interfaces import IPOP3Maildrop
-from mailproxy.pop3 import NoSuchMessage
+from mailproxy.pop3 import MessageExpunged, NoSuchMessage
 from mailproxy.pop3.imapclient import IMAPCommandClient, IMAPReply
 
 # Keep command lines well below common server limits (Dovecot: 64 KiB).
@@ -56,10 +63,18 @@ _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
 _FETCH = re.compile(rb"\A\* \d+ FETCH \(", re.IGNORECASE)
 _UID = re.compile(rb"[( ]UID (\d+)", re.IGNORECASE)
 _SIZE = re.compile(rb"[( ]RFC822\.SIZE (\d+)", re.IGNORECASE)
-# A body section announcing a literal at the end of the response so far.
-_SECTION_LITERAL = re.compile(rb"BODY\[[^\]]*\](?:<\d+>)? ~?\{\d+\+?\}\r\n\Z", re.IGNORECASE)
+# A body section announcing a literal at the end of the response so far
+# (servers echo BODY[...] for BODY.PEEK[...]; a sloppy one may not).
+_SECTION_LITERAL = re.compile(rb"BODY(?:\.PEEK)?\[[^\]]*\](?:<\d+>)? ~?\{\d+\+?\}\r\n\Z", re.IGNORECASE)
 # A body section given as a quoted string or NIL instead of a literal.
-_SECTION_INLINE = re.compile(rb"BODY\[[^\]]*\](?:<\d+>)? (\"|NIL)", re.IGNORECASE)
+_SECTION_INLINE = re.compile(rb"BODY(?:\.PEEK)?\[[^\]]*\](?:<\d+>)? (\"|NIL)", re.IGNORECASE)
+# RFC 5530: another session expunged (some of) the messages the command named.
+_EXPUNGEISSUED = re.compile(rb"\A\[EXPUNGEISSUED\]", re.IGNORECASE)
+# What _fetch returns when the message is gone upstream.
+_GONE = -1
+# TOP holds the header back until the first text window arrives (so that a
+# message expunged in between still gets a clean -ERR), up to this size.
+TOP_HOLD_LIMIT = 256 * 1024
 
 
 class BridgeError(UpstreamError):
@@ -111,6 +126,37 @@ def mailboxArgument(name: str) -> bytes:
     return quoted(mutf7.encode(name))
 
 
+class _Holder:
+    """
+    Hold data back until L{release} (or until more than C{limit} octets are
+    held), then pass it, and everything after it, on.
+    """
+
+    def __init__(self, write: Callable[[bytes], Any], limit: int) -> None:
+        self._write = write
+        self._limit = limit
+        self._held: list[bytes] = []
+        self._size = 0
+        self.released = False
+
+    def feed(self, data: bytes) -> None:
+        if self.released:
+            self._write(data)
+            return
+        self._held.append(data)
+        self._size += len(data)
+        if self._size > self._limit:
+            self.release()
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        held, self._held = self._held, []
+        for data in held:
+            self._write(data)
+
+
 class _LineLimiter:
     """
     Pass on data up to and including the C{limit}-th line end.
@@ -160,9 +206,19 @@ class IMAPMaildrop:
     log = Logger()
 
     def __init__(
-        self, session: UpstreamSession, upstream: UpstreamConfig, clock: Any = None, clientAddress: str = "?"
+        self,
+        session: UpstreamSession,
+        upstream: UpstreamConfig,
+        clock: Any = None,
+        clientAddress: str = "?",
+        user: str = "?",
     ) -> None:
+        """
+        @param user: the upstream user name, for the log.
+        """
         self.upstream = upstream
+        self.clientAddress = clientAddress
+        self.user = user
         self.clock = clock
         self.capabilities = {name.upper() for name in session.capabilities}
         self.client = IMAPCommandClient(
@@ -257,8 +313,8 @@ class IMAPMaildrop:
     def retrieve(self, number: int, write: Callable[[bytes], Any], bodyLines: int | None) -> Deferred[None]:
         uid = self._uid(number)
         if bodyLines is None:
-            return Deferred.fromCoroutine(self._retrieve(uid, write))
-        return Deferred.fromCoroutine(self._top(uid, write, max(0, bodyLines)))
+            return Deferred.fromCoroutine(self._retrieve(number, uid, write))
+        return Deferred.fromCoroutine(self._top(number, uid, write, max(0, bodyLines)))
 
     def delete(self, number: int) -> None:
         self._uid(number)
@@ -298,29 +354,54 @@ class IMAPMaildrop:
             raise NoSuchMessage(number)
         return self._uids[number - 1]
 
-    async def _retrieve(self, uid: int, write: Callable[[bytes], Any]) -> None:
+    async def _retrieve(self, number: int, uid: int, write: Callable[[bytes], Any]) -> None:
         section = b"BODY[]" if self.upstream.bridgeMarkSeen else b"BODY.PEEK[]"
-        if await self._fetch(uid, section, write) < 0:
-            raise NoSuchMessage(uid)
+        if await self._fetch(uid, section, write) == _GONE:
+            raise self._expunged(number, uid, "RETR")
 
-    async def _top(self, uid: int, write: Callable[[bytes], Any], bodyLines: int) -> None:
-        if await self._fetch(uid, b"BODY.PEEK[HEADER]", write) < 0:
-            raise NoSuchMessage(uid)
-        limiter = _LineLimiter(write, bodyLines)
+    async def _top(self, number: int, uid: int, write: Callable[[bytes], Any], bodyLines: int) -> None:
+        holder = _Holder(write, TOP_HOLD_LIMIT)
+        if await self._fetch(uid, b"BODY.PEEK[HEADER]", holder.feed) == _GONE:
+            raise self._expunged(number, uid, "TOP")
+        limiter = _LineLimiter(holder.feed, bodyLines)
         offset = 0
         window = TOP_FIRST_WINDOW
         while not limiter.done:
             got = await self._fetch(uid, b"BODY.PEEK[TEXT]<%d.%d>" % (offset, window), limiter.feed)
+            if got == _GONE:
+                # Expunged since the header came: still a clean -ERR
+                # unless the header had to be let go (then the server drops
+                # the client, as for any message failing mid-stream).
+                raise self._expunged(number, uid, "TOP")
+            holder.release()
             if got < window:
-                return
+                break
             offset += got
             window = min(window * 2, TOP_MAX_WINDOW)
+        holder.release()
+
+    def _expunged(self, number: int, uid: int, command: str) -> MessageExpunged:
+        self.log.info(
+            "{client} user {user}: {command} {number}: message UID {uid} was expunged upstream "
+            "by another session; answering -ERR",
+            client=self.clientAddress,
+            user=self.user,
+            command=command,
+            number=number,
+            uid=uid,
+        )
+        return MessageExpunged(number)
 
     async def _fetch(self, uid: int, item: bytes, write: Callable[[bytes], Any]) -> int:
         """
         Fetch one body section of C{uid}, streaming it to C{write}.
 
-        @return: the octets written, or -1 if the server sent no data.
+        @return: the octets written, or L{_GONE} (having written nothing)
+            if the message is gone: the section is C{NIL} or missing, there
+            is no FETCH response for C{uid}, or the tagged reply (OK or NO)
+            has C{[EXPUNGEISSUED]}.
+        @raise BridgeError: if the upstream answers BAD, or NO without
+            C{[EXPUNGEISSUED]} and without data.
         """
         received = 0
         seen = False
@@ -338,6 +419,15 @@ class IMAPMaildrop:
                 write(chunk)
 
         reply = await self.client.command(b"UID FETCH %d (%s)" % (uid, item), onLiteral=onLiteral)
+        if reply.status == b"BAD":
+            raise BridgeError(f"upstream refused to fetch a message: {_text(reply)}")
+        if received:
+            # Streamed whole already (a literal arrives complete or the
+            # connection is lost); whatever the tagged reply says, the
+            # client has the section.
+            return received
+        if _EXPUNGEISSUED.match(reply.text) is not None:
+            return _GONE
         if not seen:
             inline = _inlineSection(reply.untagged, uid)
             if inline is not None:
@@ -345,9 +435,9 @@ class IMAPMaildrop:
                 received = len(inline)
                 if inline:
                     write(inline)
-        if reply.status == b"BAD":
+        if not seen and not reply.ok:
             raise BridgeError(f"upstream refused to fetch a message: {_text(reply)}")
-        return received if seen else -1
+        return received if seen else _GONE
 
     async def _commit(self) -> None:
         try:
@@ -380,15 +470,27 @@ class IMAPMaildrop:
 
     async def _toFolder(self, command: bytes, folder: str) -> None:
         line = command + b" " + mailboxArgument(folder)
-        reply = await self.client.command(line)
+        reply = await self._deleting(line)
         if not reply.ok and b"[TRYCREATE]" in reply.text.upper():
             await self.client.command(b"CREATE " + mailboxArgument(folder))
-            reply = await self.client.command(line)
+            reply = await self._deleting(line)
         if not reply.ok:
             raise BridgeError(f"upstream refused {command.split(b' ')[1].decode()}: {_text(reply)}")
 
-    async def _check(self, line: bytes) -> IMAPReply:
+    async def _deleting(self, line: bytes) -> IMAPReply:
+        """
+        Send a command naming UIDs to delete; once more if the server
+        refuses it because another session expunged some of them (its
+        EXPUNGE responses came with the refusal, so the rest now stand
+        alone).
+        """
         reply = await self.client.command(line)
+        if not reply.ok and _EXPUNGEISSUED.match(reply.text) is not None:
+            reply = await self.client.command(line)
+        return reply
+
+    async def _check(self, line: bytes) -> IMAPReply:
+        reply = await self._deleting(line)
         if not reply.ok:
             name = b" ".join(line.split(b" ")[:2]).decode("ascii", "replace")
             raise BridgeError(f"upstream refused {name}: {_text(reply)}")
@@ -418,7 +520,9 @@ def _inlineSection(untagged: list[bytes], uid: int) -> bytes | None:
         if match is None:
             continue
         if match.group(1).upper() == b"NIL":
-            return b""
+            # No such section: the message was expunged (RFC 3501 has no
+            # NIL body section for a message that exists).
+            return None
         try:
             return readQuoted(response, match.start(1))[0]
         except SyntaxError_:
@@ -442,7 +546,7 @@ async def openMaildrop(
         connection is closed.
     """
     session = await connectUpstream(reactor, upstream, username, password, clientAddress=clientAddress)
-    maildrop = IMAPMaildrop(session, upstream, reactor, clientAddress)
+    maildrop = IMAPMaildrop(session, upstream, reactor, clientAddress, username)
     try:
         await maildrop.open()
     except BaseException:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pop3_server -*-
+# -*- test-case-name: tests.test_pop3_server,tests.test_pop3_bridge -*-
 """
 BRIDGE mode: the TRANSACTION and UPDATE states (RFC 1939) answered from an
 L{IPOP3Maildrop}, typically the POP3-to-IMAP bridge.
@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailproxy.imap.upstream import UpstreamError
-from mailproxy.pop3 import NoSuchMessage
+from mailproxy.pop3 import MessageExpunged, NoSuchMessage
 from mailproxy.pop3.wire import ByteStuffer
 
 
@@ -146,6 +146,8 @@ class MaildropSession:
             reply = await work
         except _Refusal as refusal:
             reply = refusal.args[0] + b"\r\n"
+        except MessageExpunged as expunged:
+            reply = b"-ERR Message %d expunged.\r\n" % (expunged.number,)
         except NoSuchMessage:
             reply = b"-ERR No such message\r\n"
         except (_Broken, CancelledError) as error:
