@@ -72,6 +72,7 @@ def test_a_command_gives_one_log_event_and_one_json_line_with_every_field(tmp_pa
             "tag": "t7",
             "mailbox": "INBOX",
             "result": "OK",
+            "relayed": True,
             "bytes_in": 20,
             "bytes_out": 300,
             "duration_ms": 12.346,

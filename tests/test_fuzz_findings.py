@@ -75,11 +75,14 @@ def filteredSession(directory: Path, *filters: object, capabilities: list[bytes]
 def test_filtered_relay_forwards_a_command_with_an_empty_literal_unchanged(tmp_path: Path) -> None:
     """(C since A's fix): a command whose literal data ends in "{1}" CRLF stops before its last line."""
     connection = filteredSession(tmp_path)
-    command = b"c1 APPEND INBOX {0+}\r\n {5+}\r\n{1}\r\n\r\n"
-    connection.send(command)
-    # Before A's fix: b"c1 APPEND INBOX {0+}\r\n {5+}\r\n{1+}\r\n\r\n" (six octets in a
-    # five-octet literal); now b"c1 APPEND INBOX {0+}\r\n {5+}\r\n{1}\r\n", waiting (C).
-    assert connection.upstream.sent == command
+    connection.send(b"c1 APPEND INBOX {0+}\r\n {5+}\r\n{1}\r\n\r\n")
+    # Upstream every literal is synchronising: each waits for the upstream's "+".
+    assert connection.upstream.sent == b"c1 APPEND INBOX {0}\r\n"
+    connection.fromUpstream(b"+ OK\r\n")
+    assert connection.upstream.sent == b"c1 APPEND INBOX {0}\r\n {5}\r\n"
+    connection.fromUpstream(b"+ OK\r\n")
+    assert connection.upstream.sent == b"c1 APPEND INBOX {0}\r\n {5}\r\n{1}\r\n\r\n"
+    assert connection.received() == b""
 
 
 def test_append_size_limit_holds_for_a_multiappend_starting_with_an_empty_message(tmp_path: Path) -> None:
@@ -97,7 +100,12 @@ def test_filtered_relay_survives_an_empty_literal_before_a_large_one(tmp_path: P
     """(A): AssertionError in model._textSegments escapes dataReceived."""
     connection = filteredSession(tmp_path)
     connection.send(b"c1 X {0}\r\n {300000}\r\n")
-    assert connection.upstream.sent.startswith(b"c1 X {0")
+    # Only APPEND's message literals may stream past the filters.
+    assert (
+        connection.received()
+        == b"+ Ready for literal data\r\nc1 BAD [TOOBIG] Literal too large for a filtered command\r\n"
+    )
+    assert connection.upstream.sent == b""
 
 
 def test_response_filters_see_an_empty_literal_in_a_response(tmp_path: Path) -> None:
@@ -176,12 +184,13 @@ def test_passthrough_relay_never_sends_upstream_a_command_it_refuses(tmp_path: P
 
 
 def test_literal_data_ending_like_an_announcement_does_not_stall_a_literal_plus_upstream(tmp_path: Path) -> None:
-    """(C): even with LITERAL+, the filtered relay waits for a "+" after literal data ending in "{1}" CRLF."""
+    """(C): with LITERAL+ too, literal data ending in "{1}" CRLF is followed by the rest after one "+"."""
     connection = filteredSession(tmp_path)
-    command = b"c1 APPEND INBOX {5+}\r\n{1}\r\n\r\nc2 NOOP\r\n"
-    connection.send(command)
-    # Today the upstream gets b"c1 APPEND INBOX {5+}\r\n{1}\r\n" and nothing more.
-    assert connection.upstream.sent == command
+    connection.send(b"c1 APPEND INBOX {5+}\r\n{1}\r\n\r\nc2 NOOP\r\n")
+    # Before C's fix the upstream got b"c1 APPEND INBOX {5+}\r\n{1}\r\n" and nothing more.
+    assert connection.upstream.sent == b"c1 APPEND INBOX {5}\r\n"
+    connection.fromUpstream(b"+ OK\r\n")
+    assert connection.upstream.sent == b"c1 APPEND INBOX {5}\r\n{1}\r\n\r\nc2 NOOP\r\n"
 
 
 @FUZZ

@@ -359,7 +359,11 @@ _lineText = st.binary(max_size=40).map(lambda text: text.replace(b"\r", b"").rep
 _literal = st.binary(max_size=60) | st.lists(st.sampled_from([b"\r\n", b"{3}\r\n", b"\x00", b"\xff", b"x"])).map(
     b"".join
 )
-_part = st.tuples(_lineText, st.none() | st.tuples(_literal, st.sampled_from(["{%d}", "{%d+}", "~{%d}", "~{%d+}"])))
+# Arguments that read cleanly, so that a literal announced after them counts.
+_arguments = st.lists(st.sampled_from([b"x", b"INBOX", b'"q s"', b'"\\"{1}"', b"(a (b))", b"1:*", b"\\Seen"])).map(
+    lambda arguments: b"".join(b" " + argument for argument in arguments)
+)
+_part = st.tuples(_arguments, st.none() | st.tuples(_literal, st.sampled_from(["{%d}", "{%d+}", "~{%d}", "~{%d+}"])))
 _message = st.tuples(st.lists(_part.filter(lambda part: part[1] is not None), max_size=3), _lineText)
 
 
@@ -373,7 +377,8 @@ def _serialise(messages: list[tuple[list, bytes]]) -> tuple[bytes, list[Line], l
     for parts, finalText in messages:
         continuation = False
         for text, (literal, form) in parts:
-            raw = text + b" " + (form % len(literal)).encode() + b"\r\n"
+            head = b"" if continuation else b"t APPEND"
+            raw = head + text + b" " + (form % len(literal)).encode() + b"\r\n"
             expected.append(Line(raw, continuation, len(literal), form.endswith("+}")))
             literals.append(literal)
             stream += raw + literal

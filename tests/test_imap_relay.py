@@ -67,15 +67,18 @@ def test_passed_commands_reach_the_upstream_unchanged_and_parsed(tmp_path: Path)
 
 
 def test_small_synchronising_literals_are_answered_by_the_proxy(tmp_path: Path) -> None:
-    """The proxy sends '+' itself, then forwards the command with LITERAL+ in one go."""
+    """The proxy sends '+' itself; upstream the literal is synchronising even with LITERAL+, its '+' swallowed."""
     seen = Scripted()
     connection = filtered(tmp_path, seen)
     connection.send(b"x APPEND INBOX {5}\r\n")
     assert connection.received() == b"+ Ready for literal data\r\n"
     assert connection.upstream.sent == b""
     connection.send(b"ab\r\nc\r\n")
-    assert connection.upstream.sent == b"x APPEND INBOX {5+}\r\nab\r\nc\r\n"
+    assert connection.upstream.sent == b"x APPEND INBOX {5}\r\n"
     assert seen.commands[0].arguments == [Atom(b"INBOX"), String(b"ab\r\nc", literal=True)]
+    connection.fromUpstream(b"+ OK\r\n")
+    assert connection.upstream.sent == b"x APPEND INBOX {5}\r\nab\r\nc\r\n"
+    assert connection.received() == b""
 
 
 def test_without_literal_plus_upstream_continuations_are_awaited_and_swallowed(tmp_path: Path) -> None:

@@ -187,7 +187,7 @@ def test_mailbox_separator_option_changes_what_percent_spans() -> None:
 
 def test_unreadable_mailbox_arguments_fail_closed() -> None:
     """A mailbox command whose arguments do not parse is refused when mailbox rules apply."""
-    verdict = decide({"mailboxes_deny": ["Private"]}, b'a SELECT "Private\r\n')
+    verdict = decide({"mailboxes_deny": ["Private"]}, b"a SELECT (Private)\r\n")
     assert isinstance(verdict, Reject) and verdict.status == "BAD"
 
 

@@ -100,6 +100,9 @@ class AuditFilter:
             # IMAP and POP3 commands both have name, fullName, tag, arguments.
             record.update(commandFields(session, command if hasattr(command, "fullName") else None))
             record["result"] = str(details.get("result", "?"))
+            # Answered by the upstream, or by the proxy itself (a filter's
+            # refusal, a command it could not read).
+            record["relayed"] = bool(details.get("relayed", True))
             template = _COMMAND_FORMAT
         elif event == "login":
             user = details.get("user")

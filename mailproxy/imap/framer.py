@@ -14,10 +14,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mailproxy.imap.lexer import ArgumentLexer, announcedLiteral, commandHead
+
 CRLF = b"\r\n"
 
-# A line that announces a literal ends with {n}, {n+} (LITERAL+, RFC 7888)
-# or ~{n} (BINARY, RFC 3516) right before CRLF.
+# A response line that announces a literal ends with {n}, {n+} (LITERAL+,
+# RFC 7888) or ~{n} (BINARY, RFC 3516) right before CRLF.  Command lines are
+# read with the lexer instead (mailproxy.imap.lexer).
 _LITERAL_AT_END = re.compile(rb"(~?)\{([0-9]{1,20})(\+?)\}\r\n\Z")
 # Status responses carry resp-text, which never announces a literal even if
 # its human-readable text happens to end in "{5}".
@@ -112,6 +115,8 @@ class IMAPFramer:
         self._literalRemaining = 0
         self._continuation = False
         self.maxLiteralSize: int | None = None
+        # The arguments of the command being framed, read so far.
+        self._lexer = ArgumentLexer()
 
     @property
     def inLiteral(self) -> bool:
@@ -263,10 +268,30 @@ class IMAPFramer:
     def _announcedLiteral(self, raw: bytes, continuation: bool) -> tuple[int | None, bool]:
         if raw[-3:-2] != b"}":
             return None, False
-        if self._responses and not continuation:
+        if not self._responses:
+            return self._commandLiteral(raw[:-2], continuation)
+        if not continuation:
             if raw.startswith(b"+") or _STATUS_RESPONSE.match(raw):
                 return None, False
         match = _LITERAL_AT_END.search(raw)
         if match is None:
             return None, False
         return int(match.group(2)), bool(match.group(3))
+
+    def _commandLiteral(self, line: bytes, continuation: bool) -> tuple[int | None, bool]:
+        """
+        A command line announces a literal only where an argument may start
+        and after arguments that read cleanly: C{"x{5}} is an unterminated
+        quoted string, which servers refuse, not a literal.
+        """
+        start = 0
+        if not continuation:
+            self._lexer = ArgumentLexer()
+            head = commandHead(line)
+            if head is None:
+                return None, False
+            start = head.arguments
+        announcement = announcedLiteral(line[start:], self._lexer)
+        if announcement is None:
+            return None, False
+        return announcement.size, announcement.nonSynchronizing

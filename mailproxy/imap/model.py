@@ -13,51 +13,21 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from mailproxy.imap.syntax import SyntaxError_, isAtom, readQuoted
+from mailproxy.imap.lexer import (
+    ArgumentLexer,
+    Atom,
+    LexError,
+    List,
+    StreamedLiteral,
+    String,
+    Token,
+    commandHead,
+    readQuoted,
+    readsAsAtom,
+)
+from mailproxy.imap.syntax import isAtom
 
-
-@dataclass(frozen=True)
-class Atom:
-    """
-    An atom, number, flag, sequence set, NIL or section spec such as
-    C{BODY[HEADER.FIELDS (FROM)]<0.100>}: anything unquoted.
-    """
-
-    value: bytes
-
-
-@dataclass(frozen=True)
-class String:
-    """
-    A quoted string or literal, unescaped.
-
-    @ivar literal: it arrived as a literal (and is written back as one).
-    """
-
-    value: bytes
-    literal: bool = False
-
-
-@dataclass(frozen=True)
-class StreamedLiteral:
-    """
-    A literal too large to hold: its C{size} is known, its content streams
-    past the filters.
-    """
-
-    size: int
-
-
-@dataclass(frozen=True)
-class List:
-    """
-    A parenthesised list.
-    """
-
-    items: tuple[Token, ...]
-
-
-Token = Atom | String | StreamedLiteral | List
+__all__ = ["Atom", "IMAPCommand", "IMAPResponse", "List", "ParseError", "StreamedLiteral", "String", "Token"]
 
 
 def text(token: Token | None) -> bytes | None:
@@ -69,19 +39,51 @@ def text(token: Token | None) -> bytes | None:
     return None
 
 
-# The arguments could not be tokenised.
-ParseError = SyntaxError_
+# The arguments could not be read (a command gets BAD for it).
+ParseError = LexError
 
 
+# A BODYSTRUCTURE nests a list per MIME level; servers cap those levels
+# (Dovecot at 100), so responses may nest deeper than commands.
+MAX_RESPONSE_DEPTH = 1024
 _LITERAL = re.compile(rb"~?\{([0-9]+)\+?\}\Z")
 
 
 def tokenize(segments: Sequence[bytes], literals: Sequence[bytes | StreamedLiteral]) -> list[Token]:
     """
-    Tokenise the arguments of a command or response.
+    Read the arguments of a command with the proxy's one strict grammar
+    (L{mailproxy.imap.lexer}).
 
     @param segments: the text parts, without CRLF; segment i (except the
         last) ends with a literal announcement and literal i follows it.
+    @raise ParseError: if they do not read cleanly.
+    """
+    lexer = _lex(segments, literals)
+    return lexer.finish()
+
+
+def _lex(segments: Sequence[bytes], literals: Sequence[bytes | StreamedLiteral]) -> ArgumentLexer:
+    lexer = ArgumentLexer()
+    for index, segment in enumerate(segments):
+        announcement = lexer.segment(segment)
+        if (announcement is None) != (index >= len(literals)):
+            raise ParseError("literal announcement expected" if announcement is None else "literal missing")
+        if announcement is not None:
+            literal = literals[index]
+            size = literal.size if isinstance(literal, StreamedLiteral) else len(literal)
+            if size != announcement.size:
+                raise ParseError("literal of the wrong size")
+            lexer.literal(literal, announcement)
+    return lexer
+
+
+def tokenizeResponse(segments: Sequence[bytes], literals: Sequence[bytes | StreamedLiteral]) -> list[Token]:
+    """
+    Tokenise the arguments of a response (the upstream's: flags such as
+    C{\\*}, 8-bit atoms and response codes are read as they come).
+
+    @raise ParseError: on unbalanced or too deeply nested parentheses or an
+        unterminated quoted string.
     """
     stack: list[list[Token]] = [[]]
     for index, segment in enumerate(segments):
@@ -92,7 +94,7 @@ def tokenize(segments: Sequence[bytes], literals: Sequence[bytes | StreamedLiter
             if match is None:
                 raise ParseError("literal announcement expected")
             body = segment[: match.start()]
-        _scan(body, stack)
+        _scanResponse(body, stack)
         if hasLiteral:
             literal = literals[index]
             stack[-1].append(literal if isinstance(literal, StreamedLiteral) else String(literal, True))
@@ -101,7 +103,7 @@ def tokenize(segments: Sequence[bytes], literals: Sequence[bytes | StreamedLiter
     return stack[0]
 
 
-def _scan(data: bytes, stack: list[list[Token]]) -> None:
+def _scanResponse(data: bytes, stack: list[list[Token]]) -> None:
     position = 0
     length = len(data)
     while position < length:
@@ -109,6 +111,8 @@ def _scan(data: bytes, stack: list[list[Token]]) -> None:
         if char == 0x20:
             position += 1
         elif char == 0x28:  # (
+            if len(stack) > MAX_RESPONSE_DEPTH:
+                raise ParseError(f"lists nested deeper than {MAX_RESPONSE_DEPTH}")
             stack.append([])
             position += 1
         elif char == 0x29:  # )
@@ -118,7 +122,7 @@ def _scan(data: bytes, stack: list[list[Token]]) -> None:
             stack[-1].append(List(tuple(items)))
             position += 1
         elif char == 0x22:  # "
-            value, position = readQuoted(data, position)
+            value, position = _readResponseQuoted(data, position)
             stack[-1].append(String(value))
         else:
             start = position
@@ -135,37 +139,69 @@ def _scan(data: bytes, stack: list[list[Token]]) -> None:
             stack[-1].append(Atom(data[start:position]))
 
 
-def serialize(tokens: Sequence[Token], *, literalPlus: bool) -> list[bytes | StreamedLiteral]:
+def _readResponseQuoted(data: bytes, position: int) -> tuple[bytes, int]:
+    try:
+        return readQuoted(data, position)
+    except LexError:
+        # Servers send what they store; read any escape as the escaped octet.
+        value = bytearray()
+        position += 1
+        while position < len(data):
+            char = data[position]
+            if char == 0x5C and position + 1 < len(data):
+                value.append(data[position + 1])
+                position += 2
+            elif char == 0x22:
+                return bytes(value), position + 1
+            else:
+                value.append(char)
+                position += 1
+        raise
+
+
+def serialize(tokens: Sequence[Token], *, literalPlus: bool, command: bool = False) -> list[bytes | StreamedLiteral]:
     """
     Write tokens back as wire parts: text chunks, where a chunk ending in a
     literal announcement is followed by the literal's bytes as the next
     part (or a L{StreamedLiteral} placeholder for content still to stream).
+
+    @param command: the tokens are a command's arguments: every atom must
+        read back as itself (a filter's rewrite cannot slip in a space).
+    @raise ParseError: for such an atom.
     """
     parts: list[bytes | StreamedLiteral] = []
     current = bytearray()
-
-    def emit(token: Token, first: bool) -> None:
-        nonlocal current
+    # What is left to write, innermost list first: no recursion, however
+    # deep a rewritten list is.
+    pending: list[Iterator[Token]] = [iter(tokens)]
+    first = True
+    while pending:
+        token = next(pending[-1], None)
+        if token is None:
+            pending.pop()
+            if pending:
+                current += b")"
+                first = False
+            continue
         if not first:
             current += b" "
+        first = False
         if isinstance(token, Atom):
+            if command and not readsAsAtom(token.value):
+                raise ParseError(f"{token.value[:40]!r} cannot be sent as an atom")
             current += token.value
         elif isinstance(token, List):
             current += b"("
-            for position, item in enumerate(token.items):
-                emit(item, position == 0)
-            current += b")"
+            pending.append(iter(token.items))
+            first = True
         elif isinstance(token, String) and not token.literal and _quotable(token.value):
             current += b'"' + token.value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
         else:
             size = token.size if isinstance(token, StreamedLiteral) else len(token.value)
-            current += b"{%d%s}\r\n" % (size, b"+" if literalPlus else b"")
+            current += b"%s{%d%s}\r\n" % (b"~" if token.binary else b"", size, b"+" if literalPlus else b"")
             parts.append(bytes(current))
             parts.append(token if isinstance(token, StreamedLiteral) else token.value)
             current = bytearray()
-
-    for position, token in enumerate(tokens):
-        emit(token, position == 0)
     parts.append(bytes(current))
     return parts
 
@@ -187,7 +223,8 @@ class Message:
     What commands and responses share: the original wire form and the tokens.
 
     @ivar wire: the exact bytes received (text and literals, as parts), or
-        C{None} once the message was rewritten.
+        C{None} once the message was rewritten.  Only responses are relayed
+        as received; commands are always written afresh from their tokens.
     """
 
     arguments: list[Token] = field(default_factory=list)
@@ -224,9 +261,15 @@ class IMAPCommand(Message):
         return b"UID " + self.name if self.uid else self.name
 
     def toWire(self, *, literalPlus: bool) -> list[bytes | StreamedLiteral]:
-        if self.wire is not None:
-            return self.wire
-        parts = serialize(self.arguments, literalPlus=literalPlus)
+        """
+        The command written canonically from its tag, name and arguments,
+        never from the bytes that arrived (L{wire}): the upstream executes
+        exactly what the filters saw.
+
+        @raise ParseError: if a filter's rewrite holds an atom that would not
+            read back as itself.
+        """
+        parts = serialize(self.arguments, literalPlus=literalPlus, command=True)
         prefix = self.tag + b" " + self.fullName + (b" " if self.arguments else b"")
         parts[0] = prefix + parts[0] if isinstance(parts[0], bytes) else parts[0]
         parts[-1] = parts[-1] + b"\r\n"  # type: ignore[operator]
@@ -282,7 +325,6 @@ class IMAPResponse(Message):
 
 
 _STATUS = frozenset({b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"})
-_COMMAND_HEAD = re.compile(rb"\A([^\x00-\x20\x7f(){%*\"\\+]+) ([A-Za-z][A-Za-z0-9.\-]*)(?: |\Z)")
 _RESPONSE_HEAD = re.compile(
     rb"\A(\*|\+|[^\x00-\x20\x7f(){%*\"\\+]+)(?: ([0-9]+))?(?: ([A-Za-z][A-Za-z0-9.\-]*))?(?: |\Z)"
 )
@@ -301,36 +343,43 @@ def _textSegments(parts: Sequence[bytes | StreamedLiteral]) -> tuple[list[bytes]
     return segments, literals
 
 
-def parseCommand(parts: list[bytes | StreamedLiteral]) -> IMAPCommand | None:
+def parseCommand(parts: list[bytes | StreamedLiteral]) -> IMAPCommand:
     """
-    Parse a whole command from its wire parts (text, literal, text, ...).
+    Parse a whole command from its wire parts (text, literal, text, ...)
+    with the proxy's one strict grammar (L{mailproxy.imap.lexer}).
 
-    @return: the command, or C{None} if it has no valid tag and name; a
-        command whose arguments do not tokenise gets an empty argument list
-        and keeps its wire form.
+    @raise ParseError: if it has no valid tag and name or its arguments do
+        not read cleanly; the message says why.
+    """
+    command, lexer = lexCommand(parts)
+    command.arguments = lexer.finish()
+    return command
+
+
+def lexCommand(parts: list[bytes | StreamedLiteral]) -> tuple[IMAPCommand, ArgumentLexer]:
+    """
+    Read a command from its wire parts, which may end with a
+    L{StreamedLiteral} whose rest is still to come.
+
+    @return: the command with the arguments read so far (open lists closed)
+        and the lexer, to finish or to read the rest with.
+    @raise ParseError: as L{parseCommand}.
     """
     segments, literals = _textSegments(parts)
-    head = _COMMAND_HEAD.match(segments[0])
+    head = commandHead(segments[0])
     if head is None:
-        return None
-    tag, name = head.group(1), head.group(2).upper()
-    rest = segments[0][head.end() :]
-    uid = False
-    if name == b"UID":
-        following = _COMMAND_HEAD.match(b"x " + rest)
-        if following is not None:
-            uid, name = True, following.group(2).upper()
-            rest = rest[following.end() - 2 :]
-    try:
-        arguments = tokenize([rest, *segments[1:]], literals)
-    except ParseError:
-        arguments = []
-    return IMAPCommand(arguments=arguments, wire=list(parts), tag=tag, name=name, uid=uid)
+        raise ParseError("invalid tag or command name")
+    lexer = _lex([segments[0][head.arguments :], *segments[1:]], literals)
+    command = IMAPCommand(arguments=lexer.partial(), wire=list(parts), tag=head.tag, name=head.name, uid=head.uid)
+    return command, lexer
 
 
 def parseResponse(parts: list[bytes | StreamedLiteral]) -> IMAPResponse:
     """
     Parse a whole response from its wire parts.
+
+    @raise ParseError: if its arguments do not tokenise (a response filter
+        cannot judge it: an untagged one is dropped).
     """
     segments, literals = _textSegments(parts)
     first = segments[0]
@@ -349,8 +398,5 @@ def parseResponse(parts: list[bytes | StreamedLiteral]) -> IMAPResponse:
         if match is not None:
             code, rest = match.group(1), rest[match.end() :]
         return IMAPResponse(wire=list(parts), tag=tag, name=name, number=number, code=code, text=rest)
-    try:
-        arguments = tokenize([rest, *segments[1:]], literals)
-    except ParseError:
-        arguments = []
+    arguments = tokenizeResponse([rest, *segments[1:]], literals)
     return IMAPResponse(arguments=arguments, wire=list(parts), tag=tag, name=name, number=number)

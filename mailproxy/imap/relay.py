@@ -13,6 +13,7 @@ its size, and responses carrying one pass unfiltered.
 
 from __future__ import annotations
 
+import enum
 import re
 import time
 from collections import deque
@@ -27,7 +28,8 @@ from mailproxy.filters import DROP, Reject, Rewrite, Verdict
 from mailproxy.filters.chain import FilterChain
 from mailproxy.imap.framer import ClientEvent, Event, Line, LiteralChunk, OverlongLine
 from mailproxy.imap.idle import IdleController
-from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand, parseResponse, text
+from mailproxy.imap.lexer import ArgumentLexer, Atom, LexError, commandHead
+from mailproxy.imap.model import IMAPCommand, ParseError, StreamedLiteral, lexCommand, parseResponse, text
 from mailproxy.imap.syntax import RELAY_CAPABILITIES, rewriteCapabilities, tagAndCommand, tagOf
 from mailproxy.watchdog import ResponseWatchdog, WatchedProducer
 
@@ -35,6 +37,16 @@ BUFFER_LIMIT = 256 * 1024
 # Client octets held while a synchronising literal awaits the upstream's
 # "+" (a well-behaved client sends none): past this, the client is cut off.
 HOLD_LIMIT = 64 * 1024
+# The same for a LITERAL+ literal, whose octets the client sends at once:
+# the proxy stops reading until the "+", so this bounds one read's worth.
+PAUSED_HOLD_LIMIT = 4 * HOLD_LIMIT
+# The only commands whose literals may stream past the filters unseen: the
+# content of a message is not the filters' business, its mailbox is.
+STREAMABLE = frozenset({b"APPEND", b"REPLACE"})
+# Sent to the upstream after a streamed literal to abort a command whose
+# rest the proxy will not relay: an unbalanced list, which every server
+# answers BAD without executing anything.
+_ABORT_COMMAND = b" (\r\n"
 # Commands timed at once in the passthrough relay (pipelining beyond this
 # goes untimed rather than growing the table).
 MAX_TIMED_COMMANDS = 1000
@@ -46,6 +58,27 @@ _SYNC_ANNOUNCEMENT = re.compile(rb"\{([0-9]+)\}\r\n\Z")
 _RESPONSE_NAME = re.compile(rb"\A(?:\*|[^ ]+)(?: [0-9]+)? ([A-Za-z][A-Za-z0-9.\-]*)")
 
 Part = bytes | StreamedLiteral
+
+
+class _Literal(enum.Enum):
+    """
+    Who is waiting for the upstream's "+" to a literal the proxy relayed.
+
+    Every literal goes upstream synchronising: the upstream's "+" is the
+    only proof that it reads the octets that follow as literal data (and
+    not as commands, as it would after a line it rejected, or past the
+    arguments its command takes).
+    """
+
+    CLIENT_WAITS = "the client sent a synchronising literal and waits for the '+' too"
+    CLIENT_SENDS = "the client sent LITERAL+ and its octets are held: the '+' is the proxy's"
+
+
+def _synchronizing(raw: bytes) -> bytes:
+    """
+    A line announcing a LITERAL+ literal, announcing it synchronising.
+    """
+    return raw[:-4] + b"}\r\n" if raw.endswith(b"+}\r\n") else raw
 
 
 def _withIdle(names: list[bytes]) -> list[bytes]:
@@ -112,7 +145,6 @@ class Relay:
         self.chain = chain
         self.session = session
         upper = {name.upper() for name in capabilities}
-        self.literalPlus = b"LITERAL+" in upper
         config = client.context.config
         self.idle = IdleController(
             self,
@@ -141,6 +173,11 @@ class Relay:
         self._heldSize = 0
         self._releaseHeld = False
         self._awaitingContinuation: bytes | None = None
+        self._awaitingKind = _Literal.CLIENT_WAITS
+        self._pausedForLiteral = False
+        # The rest of a streamed APPEND after its large literal, read as it
+        # arrives (the filters judged the command up to that literal).
+        self._tail: ArgumentLexer | None = None
         # Tags whose "+" the upstream still owes, in the order it will send
         # them: relayed IDLEs and synchronising literals.
         self._continuations: deque[bytes] = deque()
@@ -259,10 +296,64 @@ class Relay:
                 self._commandSent(parsed[0])
                 if self._metrics is not None:
                     self._startTiming(parsed[0], parsed[1], event.raw)
-        if event.literal is not None and not event.nonSynchronizing:
-            self._awaitingContinuation = self._clientTag
-            self._continuations.append(self._clientTag or b"")
-        self._toUpstreamInOrder(event.raw)
+        raw = event.raw
+        if self._tail is not None and event.continuation:
+            checked = self._checkTail(event)
+            if checked is None:
+                return
+            raw = checked
+        if event.literal is not None:
+            self._awaitLiteral(self._clientTag, event.nonSynchronizing)
+            raw = _synchronizing(raw)
+        self._toUpstreamInOrder(raw)
+
+    def _awaitLiteral(self, tag: bytes | None, clientSends: bool) -> None:
+        """
+        A literal goes upstream synchronising: hold what the client sends
+        after it until the upstream's "+" (for LITERAL+, stop reading too).
+        """
+        self._awaitingContinuation = tag
+        self._continuations.append(tag or b"")
+        if clientSends:
+            self._awaitingKind = _Literal.CLIENT_SENDS
+            if not self._pausedForLiteral:
+                self._pausedForLiteral = True
+                self.client.transport.pauseProducing()
+        else:
+            self._awaitingKind = _Literal.CLIENT_WAITS
+
+    def _checkTail(self, event: Line) -> bytes | None:
+        """
+        Read a line of a streamed APPEND's rest: more messages, flags, dates
+        and CATENATE text parts may follow, but not a CATENATE URL, which
+        names a mailbox the filters never saw, nor anything unreadable.
+
+        @return: the line to relay, or C{None} if the command was aborted.
+        """
+        lexer = self._tail
+        assert lexer is not None
+        try:
+            announcement = lexer.segment(event.raw.rstrip(b"\r\n"))
+            if any(isinstance(token, Atom) and token.value.upper() == b"URL" for token in lexer.tokens()):
+                raise LexError("a CATENATE URL after a literal over 256 KiB is not relayed")
+            if announcement is None:
+                lexer.finish()
+        except LexError as error:
+            self.log.warn(
+                "{client} {tag}: {reason}; the command is aborted upstream",
+                client=self.client.clientAddress,
+                tag=self._clientTag,
+                reason=str(error),
+            )
+            self._tail = None
+            self._toUpstreamInOrder(_ABORT_COMMAND)
+            if event.literal is not None and not event.nonSynchronizing:
+                # The client will not send it: no "+" is coming.
+                self.client.framer.cancelLiteral()
+            self._refusedRest = not event.complete
+            return None
+        self._tail = ArgumentLexer(lexer.depth, afterToken=True) if announcement is not None else None
+        return event.raw
 
     def _hold(self, event: Event) -> None:
         """
@@ -273,7 +364,8 @@ class Relay:
         """
         self._held.append(event)
         self._heldSize += len(event.data if isinstance(event, LiteralChunk) else event.raw)
-        if self._heldSize > HOLD_LIMIT:
+        limit = PAUSED_HOLD_LIMIT if self._awaitingKind is _Literal.CLIENT_SENDS else HOLD_LIMIT
+        if self._heldSize > limit:
             self.log.warn(
                 "{client} sent {size} octets before the upstream's continuation; disconnecting",
                 client=self.client.clientAddress,
@@ -289,12 +381,22 @@ class Relay:
         """
         self._releaseHeld = False
         held, self._held, self._heldSize = self._held, deque(), 0
+        if self._pausedForLiteral:
+            self._pausedForLiteral = False
+            if not self._clientBlocked:
+                self.client.transport.resumeProducing()
         if self._refusedRest:
             # The literal was refused: what was held never reaches the
-            # upstream, which now expects a new command, and neither does
-            # anything the client framer holds of it.
-            self.client.framer.reset()
-            self._refusedRest = False
+            # upstream, which now expects a new command.
+            if self._awaitingKind is _Literal.CLIENT_WAITS:
+                # Nor does anything the client framer holds of it: the
+                # client was not to send the literal.
+                self.client.framer.reset()
+                self._refusedRest = False
+            else:
+                # The client sends the literal regardless: its octets are
+                # framed as they come and dropped with the command.
+                self._refusedRest = not self.chain
             return
         if self.chain:
             self._clientEvents.extendleft(reversed(held))
@@ -390,6 +492,8 @@ class Relay:
             self._passthroughFromClient(event)
             if isinstance(event, Line) and event.complete:
                 self._streamingCommand = False
+                self._tail = None
+                self._refusedRest = False
             return
         if isinstance(event, LiteralChunk):
             if self._command is None:
@@ -399,16 +503,20 @@ class Relay:
             self._command.addLiteral(event)
             return
         if not event.continuation:
-            parsed = tagAndCommand(event.raw)
-            if parsed is None:
-                # DONE after IDLE, or something the upstream should judge.
-                self._streamingCommand = not event.complete
-                self._passthroughFromClient(event)
+            head = commandHead(event.raw.rstrip(b"\r\n"))
+            if head is None:
+                if event.raw.rstrip(b"\r\n").upper() == b"DONE":
+                    # Ends an IDLE (or gets the upstream's BAD): one fixed line.
+                    self._passthroughFromClient(Line(b"DONE\r\n", continuation=False))
+                else:
+                    # Without a tag and name nothing is relayed; the framer
+                    # announced no literal for such a line.
+                    self._unreadable(None, b"*", ParseError("invalid tag or command name"))
                 return
-            if parsed[1] in NOT_RELAYED:
-                self._startDiscard(event, parsed[0], _NOT_RELAYED_REPLY)
+            if head.name in NOT_RELAYED:
+                self._startDiscard(event, head.tag, _NOT_RELAYED_REPLY)
                 return
-            self._command = _Assembly(tag=parsed[0], name=parsed[1])
+            self._command = _Assembly(tag=head.tag, name=head.name)
         command = self._command
         if command is None:
             # The rest of a command whose literal was refused or cancelled.
@@ -419,14 +527,28 @@ class Relay:
             self._decide(command.parts)
         elif event.literal > BUFFER_LIMIT:
             self._command = None
-            self._decide([*command.parts, StreamedLiteral(event.literal)], streamed=event)
+            if command.name not in STREAMABLE:
+                tag = command.tag or b"*"
+                self._startDiscard(event, tag, b"BAD [TOOBIG] Literal too large for a filtered command")
+                return
+            binary = event.raw.rstrip(b"+}\r\n0123456789").endswith(b"~{")
+            self._decide([*command.parts, StreamedLiteral(event.literal, binary)], streamed=event)
         elif not event.nonSynchronizing:
             self.sendLocal(b"+ Ready for literal data\r\n")
 
     def _decide(self, parts: list[Part], streamed: Line | None = None) -> None:
-        command = parseCommand(parts)
-        if command is None:
-            self._forward(parts, streamed)
+        try:
+            command, lexer = lexCommand(parts)
+            if streamed is None:
+                command.arguments = lexer.finish()
+            else:
+                self._tail = ArgumentLexer(lexer.depth, afterToken=True)
+        except ParseError as error:
+            head = commandHead(parts[0].rstrip(b"\r\n")) if isinstance(parts[0], bytes) else None
+            if head is None:
+                self._unreadable(streamed, b"*", error)
+            else:
+                self._unreadable(streamed, head.tag, error, IMAPCommand(tag=head.tag, name=head.name, uid=head.uid))
             return
         verdict = self.chain.filterCommand(self.session, command)
         if isinstance(verdict, Deferred):
@@ -437,16 +559,50 @@ class Relay:
             return
         self._decided(verdict, command, streamed)
 
+    def _unreadable(
+        self, streamed: Line | None, tag: bytes, error: ParseError, command: IMAPCommand | None = None
+    ) -> None:
+        """
+        Answer BAD a command the proxy cannot read the way every server
+        would; nothing of it reaches the upstream.
+        """
+        self.log.info(
+            "{client} {tag}: command refused, not relayed: {reason}",
+            client=self.client.clientAddress,
+            tag=tag.decode("ascii", "replace"),
+            reason=str(error),
+        )
+        reply = b"BAD Command syntax not accepted by the proxy: " + str(error).encode("ascii", "replace")
+        command = command or IMAPCommand(tag=tag, name=b"?")
+        self.session.notify(
+            "command", command=command, result="BAD", relayed=False, bytesIn=0, bytesOut=0, duration=0.0
+        )
+        if streamed is not None:
+            self._tail = None
+            self._startDiscard(streamed, tag, reply)
+        else:
+            self.sendLocal(tag + b" " + reply + b"\r\n")
+
     def _decided(self, verdict: Verdict, command: IMAPCommand, streamed: Line | None) -> None:
         if isinstance(verdict, Reject):
+            self._tail = None
             self._reject(command, verdict, streamed)
         else:
             final = verdict.message if isinstance(verdict, Rewrite) else command
-            if not (streamed is None and final.name == b"IDLE" and self.idle.start(final.tag)):
+            try:
+                # Never LITERAL+ upstream: each "+" confirms a literal.
+                wire = final.toWire(literalPlus=False)
+            except ParseError as error:
+                self.log.error(
+                    "a filter rewrote {tag} into an unsendable command: {error}", tag=command.tag, error=str(error)
+                )
+                self._reject(command, Reject("Internal error in a proxy filter", "NO", "SERVERBUG"), streamed)
+                wire = None
+            if wire is not None and not (streamed is None and final.name == b"IDLE" and self.idle.start(final.tag)):
                 if final.name == b"IDLE" and not self._outbound:
                     self._continuations.append(final.tag)
                 self._trackCommand(final)
-                self._forward(final.toWire(literalPlus=self.literalPlus), streamed, final.tag)
+                self._forward(wire, streamed, final.tag)
         if self._clientBlocked:
             self._clientBlocked = False
             self.client.transport.resumeProducing()
@@ -456,7 +612,9 @@ class Relay:
     def _reject(self, command: IMAPCommand, verdict: Reject, streamed: Line | None) -> None:
         code = f"[{verdict.code}] " if verdict.code else ""
         reply = f"{verdict.status} {code}{verdict.text}".encode("utf-8", "replace")
-        self.session.notify("command", command=command, result=verdict.status, bytesIn=0, bytesOut=0, duration=0.0)
+        self.session.notify(
+            "command", command=command, result=verdict.status, relayed=False, bytesIn=0, bytesOut=0, duration=0.0
+        )
         if streamed is not None:
             self._startDiscard(streamed, command.tag, reply)
         else:
@@ -474,30 +632,16 @@ class Relay:
         if streamed is not None:
             self._streamingCommand = True
             self._clientTag = tag
-            if not streamed.nonSynchronizing:
-                self._awaitingContinuation = tag
-                self._continuations.append(tag or b"")
+            self._awaitLiteral(tag, streamed.nonSynchronizing)
         # (octets, is text): only text parts announce literals; literal data
         # that happens to end like "{5}\r\n" must not stop the sending.
         outbound: deque[tuple[bytes, bool]] = deque()
         for index, part in enumerate(parts):
             if isinstance(part, StreamedLiteral):
                 break
-            if index % 2 == 0 and index + 1 < len(parts) and not isinstance(parts[index + 1], StreamedLiteral):
-                part = self._literalAnnouncement(part)
             outbound.append((part, index % 2 == 0))
         self._outbound.append((tag or b"", outbound))
         self._flushOutbound()
-
-    def _literalAnnouncement(self, text: bytes) -> bytes:
-        """
-        The client's synchronising literals were answered by the proxy; the
-        upstream gets them as LITERAL+ if it can, else the proxy waits for
-        its continuation (see L{_flushOutbound}).
-        """
-        if self.literalPlus:
-            return _SYNC_ANNOUNCEMENT.sub(rb"{\1+}\r\n", text)
-        return text
 
     def _flushOutbound(self) -> None:
         while self._outbound and not self._outboundWaiting:
@@ -596,8 +740,8 @@ class Relay:
             if not event.continuation:
                 if event.complete and self.idle.swallow(raw):
                     continue
-                if self._continuations:
-                    self._continuationAnswered(raw)
+                if self._continuations and self._continuationAnswered(raw):
+                    continue
                 if timing and raw[:1] not in (b"*", b"+"):
                     answered.append(raw.split(b" ", 1)[0])
                 raw = self._baseRewrite(raw)
@@ -614,8 +758,8 @@ class Relay:
             return
         raw = event.raw
         if not event.continuation:
-            if self._continuations:
-                self._continuationAnswered(raw)
+            if self._continuations and self._continuationAnswered(raw):
+                return
             raw = self._baseRewrite(raw)
         self.toClient(raw, complete=event.complete)
 
@@ -626,29 +770,36 @@ class Relay:
             return rewriteCapabilities(raw, self._capabilities)
         return raw
 
-    def _continuationAnswered(self, response: bytes) -> None:
+    def _continuationAnswered(self, response: bytes) -> bool:
         """
         Follow the upstream's continuations: each C{+} answers the oldest
         relayed IDLE or synchronising literal still owed one; a tagged reply
-        instead of C{+} means the client will not send the literal.
+        instead of C{+} means the upstream does not read the literal.
+
+        @return: C{True} if C{response} is a C{+} the client must not see
+            (it sent its literal as LITERAL+).
         """
         if response.startswith(b"+"):
             if self._continuations.popleft() == self._awaitingContinuation:
                 self._awaitingContinuation = None
                 self._releaseHeld = True
-            return
+                return self._awaitingKind is _Literal.CLIENT_SENDS
+            return False
         tag = response.split(b" ", 1)[0]
         if tag not in self._continuations:
-            return
+            return False
         self._continuations.remove(tag)
         if tag == self._awaitingContinuation:
             self._awaitingContinuation = None
             self._streamingCommand = False
-            # What the client sent of it anyway is dropped with the framer's
-            # state (the filtered path drops it itself: no command assembles).
+            self._tail = None
+            # What the client sent of it anyway is dropped (the filtered
+            # path drops it itself: no command assembles).
             self._refusedRest = True
             self._releaseHeld = True
-            self.client.framer.cancelLiteral()
+            if self._awaitingKind is _Literal.CLIENT_WAITS:
+                self.client.framer.cancelLiteral()
+        return False
 
     def _drainUpstream(self) -> None:
         while self._upstreamEvents and not self._upstreamBlocked:
@@ -710,8 +861,8 @@ class Relay:
     def _deliver(self, parts: list[Part]) -> None:
         first = parts[0]
         assert isinstance(first, bytes)
-        if self._continuations:
-            self._continuationAnswered(first)
+        if self._continuations and self._continuationAnswered(first):
+            return
         if first.startswith(b"+"):
             self._writeResponse(parts)
             return
@@ -721,7 +872,11 @@ class Relay:
         if not self.chain.wantsResponse(name):
             self._responseDelivered(parts)
             return
-        response = parseResponse(parts)
+        try:
+            response = parseResponse(parts)
+        except ParseError as error:
+            self._unreadableResponse(parts, first, error)
+            return
         verdict = self.chain.filterResponse(self.session, response)
         if isinstance(verdict, Deferred):
             self._upstreamBlocked = True
@@ -732,6 +887,23 @@ class Relay:
             verdict.addErrback(self._bug)
             return
         self._responseDecided(verdict, parts, response)
+
+    def _unreadableResponse(self, parts: list[Part], first: bytes, error: ParseError) -> None:
+        """
+        A response the filters want but cannot read: a tagged one is
+        relayed (the client needs it), an untagged one dropped, so that a
+        hiding filter fails closed.
+        """
+        if first[:2] != b"* ":
+            self._responseDelivered(parts)
+            return
+        match = _RESPONSE_NAME.match(first)
+        self.log.warn(
+            "{client}: dropped an unreadable {name} response from the upstream: {error}",
+            client=self.client.clientAddress,
+            name=match.group(1).decode("ascii", "replace") if match else "?",
+            error=str(error),
+        )
 
     def _responseDecided(self, verdict: Verdict, parts: list[Part], response: Any) -> None:
         if verdict is DROP and not response.tagged:

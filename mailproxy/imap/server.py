@@ -30,7 +30,7 @@ from mailproxy.addresses import clientAddressOf
 from mailproxy.config import Config, ListenerConfig, TLSMode, UpstreamConfig
 from mailproxy.filters.chain import FilterChain
 from mailproxy.imap.framer import ClientEvent, FramingError, IMAPFramer, Line, LiteralChunk, OverlongLine
-from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand
+from mailproxy.imap.model import IMAPCommand, ParseError, StreamedLiteral, parseCommand
 from mailproxy.imap.relay import Relay
 from mailproxy.imap.syntax import SyntaxError_, parseArguments, tagAndCommand, tagOf
 from mailproxy.imap.upstream import (
@@ -366,11 +366,22 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         part of it (LOGIN and AUTHENTICATE come without arguments).
         """
         redacted = name in _TAKES_ASTRINGS
-        model = IMAPCommand(tag=tag, name=name) if redacted else parseCommand(_wireParts(command))
+        model = IMAPCommand(tag=tag, name=name)
+        if not redacted:
+            try:
+                model = parseCommand(_wireParts(command))
+            except ParseError:
+                pass
         # A login's outcome is its own "login" event.
         result = "LOGIN" if redacted else self._lastStatus.get(tag, "")
         self.session.notify(
-            "command", command=model, result=result, bytesIn=command.size, bytesOut=bytesOut, duration=0.0
+            "command",
+            command=model,
+            result=result,
+            relayed=False,
+            bytesIn=command.size,
+            bytesOut=bytesOut,
+            duration=0.0,
         )
 
     def _handle(self, command: _PendingCommand, tag: bytes, name: bytes) -> None:

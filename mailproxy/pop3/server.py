@@ -620,7 +620,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if isinstance(verdict, Reject):
             code = f"[{verdict.code}] " if verdict.code else ""
             self._reply(f"-ERR {code}{verdict.text}\r\n".encode("utf-8", "replace"))
-            self.session.notify("command", command=command, result="-ERR", bytesIn=0, bytesOut=0, duration=0.0)
+            self.session.notify(
+                "command", command=command, result="-ERR", relayed=False, bytesIn=0, bytesOut=0, duration=0.0
+            )
         else:
             self._run(verdict.message if isinstance(verdict, Rewrite) else command)
         if later and not self._bridgeRunning:
