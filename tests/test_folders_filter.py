@@ -141,10 +141,10 @@ def test_mutf7_encode_rejects_lone_surrogates() -> None:
 
 
 def test_provides_the_filter_interfaces() -> None:
-    """The filter sees commands and only LIST, LSUB and STATUS responses."""
+    """The filter sees commands and only LIST, LSUB, STATUS and ESEARCH responses."""
     assert verifyObject(ICommandFilter, FILTER)
     assert verifyObject(IResponseFilter, FILTER)
-    assert FILTER.responseNames == frozenset({b"LIST", b"LSUB", b"STATUS"})
+    assert FILTER.responseNames == frozenset({b"LIST", b"LSUB", b"STATUS", b"ESEARCH"})
     chain = FilterChain([FILTER])
     assert chain.wantsResponse(b"LIST") and chain.wantsResponse(b"STATUS")
     assert not chain.wantsResponse(b"FETCH")
@@ -439,3 +439,27 @@ def test_responses_about_hidden_mailboxes_are_dropped(line: bytes) -> None:
 def test_unchanged_responses_pass(line: bytes) -> None:
     """Responses about visible, unmapped mailboxes (or none) are passed."""
     assert filterResponse(line + b"\r\n") is PASS
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'a APPEND INBOX CATENATE (URL "/INBOX/Secret;UIDVALIDITY=1/;UID=1")\r\n',
+        b'a URLFETCH "imap://u@h/Junk%2FSpam;UID=1"\r\n',
+        b"a NOTIFY SET (subtree-one Junk (MessageNew))\r\n",
+        b'a ESEARCH IN (mailboxes ("INBOX" "Junk")) ALL\r\n',
+        b"a GETACL INBOX/Secret\r\n",
+        b"a MYRIGHTS Junk\r\n",
+    ],
+)
+def test_a_hidden_mailbox_is_nonexistent_however_a_command_names_it(line: bytes) -> None:
+    """URLs, NOTIFY and ESEARCH filters and ACL commands cannot reach a hidden mailbox."""
+    assert FILTER.filterCommand(SESSION, command(line)) == NO_SUCH_MAILBOX
+
+
+def test_a_hidden_mailbox_in_an_esearch_response_is_dropped() -> None:
+    """A multi-mailbox ESEARCH result about a hidden mailbox never reaches the client."""
+    hidden = response(b'* ESEARCH (TAG "a" MAILBOX "Junk" UIDVALIDITY 1) ALL 1:3\r\n')
+    shown = response(b'* ESEARCH (TAG "a" MAILBOX "INBOX" UIDVALIDITY 1) ALL 1:3\r\n')
+    assert FILTER.filterResponse(SESSION, hidden) is DROP
+    assert FILTER.filterResponse(SESSION, shown) is PASS

@@ -400,3 +400,120 @@ def test_a_continuation_held_back_by_a_response_filter_still_releases_the_litera
     pending.callback(PASS)
     connection.send(b"y" * 299000 + b"\r\n")
     assert connection.upstream.sent == announcement + b"x" * 1000 + b"y" * 299000 + b"\r\n"
+
+
+# -- Parsing exactly as the upstream does -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "reason"),
+    [
+        (b'c1 NOOP "x{18}\r\n', b"unterminated quoted string"),
+        (b'c1 SELECT "Arch\\ive"\r\n', b'escape only \\" and \\\\'),
+        (b"c1 SELECT INBOX " + b"(" * 1200 + b")" * 1200 + b"\r\n", b"deeper than 64"),
+        (b"c1 FETCH 1 a{5}\r\n", b"invalid character 0x7b in an atom"),
+        (b'c1 STATUS "A\0b" (MESSAGES)\r\n', b"CR, LF or NUL"),
+    ],
+)
+def test_commands_the_proxy_cannot_read_get_bad_and_never_reach_the_upstream(
+    tmp_path: Path, sent: bytes, reason: bytes
+) -> None:
+    """Filtered: an unreadable command is answered BAD with the reason, audited as not relayed, and the session goes on."""
+    seen = Scripted()
+    connection = filtered(tmp_path, seen)
+    connection.send(sent + b"c2 NOOP\r\n")
+    reply = connection.received()
+    assert reply.startswith(b"c1 BAD Command syntax not accepted by the proxy: ") and reason in reply
+    assert connection.upstream.sent == b"c2 NOOP\r\n"
+    assert [command.tag for command in seen.commands] == [b"c2"]
+    [details] = [details for event, details in seen.events if event == "command" and details["result"] == "BAD"]
+    assert details["relayed"] is False and details["command"].tag == b"c1"
+
+
+def test_a_quoted_string_ending_like_a_literal_smuggles_no_command(tmp_path: Path) -> None:
+    """`t NOOP "x{18}` gets BAD and no '+'; the 18 octets after it are the next command, which the filters judge."""
+    seen = Scripted(onCommand=lambda command: Reject("no", "NO", "NOPERM") if command.name == b"SELECT" else PASS)
+    connection = filtered(tmp_path, seen)
+    connection.send(b't NOOP "x{18}\r\nu SELECT Archive\r\n')
+    reply = connection.received()
+    assert b"+ " not in reply
+    assert reply.startswith(b"t BAD ") and reply.endswith(b"u NO [NOPERM] no\r\n")
+    assert connection.upstream.sent == b""
+
+
+def test_lines_without_a_tag_are_answered_and_not_relayed_but_done_is(tmp_path: Path) -> None:
+    """Filtered: a line with no tag and name gets '* BAD'; DONE goes upstream as one fixed line."""
+    connection = filtered(tmp_path, Scripted())
+    connection.send(b"garbage {5}\r\nhello\r\ndone\r\n")
+    assert connection.received().startswith(b"* BAD ")
+    assert connection.upstream.sent == b"DONE\r\n"
+
+
+def test_commands_are_relayed_as_written_afresh_not_as_received(tmp_path: Path) -> None:
+    """Filtered: extra spaces and needless quoting or literals are normalised; what goes upstream is what filters saw."""
+    seen = Scripted()
+    connection = filtered(tmp_path, seen)
+    connection.send(b'c1 uid COPY  1:3   "Trash"\r\n')
+    assert connection.upstream.sent == b'c1 UID COPY 1:3 "Trash"\r\n'
+
+
+def test_a_literal_plus_literal_waits_upstream_for_the_continuation_which_the_client_never_sees(tmp_path: Path) -> None:
+    """Passthrough: {n+} goes upstream as {n}; the client's octets wait for the '+', which is swallowed."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=LITERAL_PLUS))
+    connection.send(b"c1 APPEND INBOX {5+}\r\nhello\r\nc2 NOOP\r\n")
+    assert connection.upstream.sent == b"c1 APPEND INBOX {5}\r\n"
+    connection.fromUpstream(b"+ OK\r\n")
+    assert connection.upstream.sent == b"c1 APPEND INBOX {5}\r\nhello\r\nc2 NOOP\r\n"
+    assert connection.received() == b""
+
+
+def test_a_literal_plus_literal_the_upstream_refuses_runs_nothing(tmp_path: Path) -> None:
+    """Passthrough: if the upstream answers instead of '+', the literal's octets (a command, say) are dropped."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=LITERAL_PLUS))
+    smuggled = b"u COMPRESS DEFLATE\r\n"
+    connection.send(b"c1 XYZZY {%d+}\r\n" % len(smuggled))
+    connection.send(smuggled[:7])
+    connection.fromUpstream(b"c1 BAD Unknown command\r\n")
+    connection.send(smuggled[7:] + b"\r\nc2 NOOP\r\n")
+    assert connection.upstream.sent == b"c1 XYZZY {%d}\r\nc2 NOOP\r\n" % len(smuggled)
+    assert connection.received() == b"c1 BAD Unknown command\r\n"
+
+
+def test_only_append_literals_stream_past_the_filters(tmp_path: Path) -> None:
+    """Filtered: a literal over 256 KiB in anything but APPEND is refused; the session goes on."""
+    connection = filtered(tmp_path, Scripted())
+    connection.send(b"c1 SEARCH TEXT {300000+}\r\n" + b"x" * 300000 + b"\r\nc2 NOOP\r\n")
+    assert connection.received() == b"c1 BAD [TOOBIG] Literal too large for a filtered command\r\n"
+    assert connection.upstream.sent == b"c2 NOOP\r\n"
+
+
+def test_a_catenate_url_after_a_streamed_literal_aborts_the_append(tmp_path: Path) -> None:
+    """Filtered: the filters saw the APPEND up to its large literal; a URL after it is not relayed, the command aborted."""
+    seen = Scripted()
+    connection = filtered(tmp_path, seen)
+    connection.send(b"c1 APPEND INBOX CATENATE (TEXT {300000}\r\n")
+    assert seen.commands[0].arguments == [
+        Atom(b"INBOX"),
+        Atom(b"CATENATE"),
+        dataclasses.replace(seen.commands[0].arguments[2]),
+    ]
+    assert connection.upstream.sent == b"c1 APPEND INBOX CATENATE (TEXT {300000}\r\n"
+    connection.fromUpstream(b"+ OK\r\n")
+    assert connection.received() == b"+ OK\r\n"
+    connection.send(b"y" * 300000 + b' URL "/Archive;UID=1")\r\nc2 NOOP\r\n')
+    sent = connection.upstream.sent
+    assert sent.endswith(b"y" * 300000 + b" (\r\nc2 NOOP\r\n") and b"Archive" not in sent
+
+
+def test_more_messages_after_a_streamed_literal_are_relayed(tmp_path: Path) -> None:
+    """Filtered: MULTIAPPEND's further messages and flags after a large literal pass, synchronising upstream."""
+    connection = filtered(tmp_path, Scripted())
+    # Until the upstream's "+" the proxy reads no more than one read's worth.
+    connection.send(b"c1 APPEND INBOX {300000+}\r\n" + b"z" * 60000)
+    assert connection.upstream.sent == b"c1 APPEND INBOX {300000}\r\n"
+    connection.fromUpstream(b"+ OK\r\n")
+    connection.send(b"z" * 240000 + b' (\\Seen) "01-Jan-2024 00:00:00 +0000" {3+}\r\nabc\r\n')
+    assert connection.upstream.sent.endswith(b'z (\\Seen) "01-Jan-2024 00:00:00 +0000" {3}\r\n')
+    connection.fromUpstream(b"+ OK\r\n")
+    assert connection.upstream.sent.endswith(b" {3}\r\nabc\r\n")
+    assert connection.received() == b""

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from mailproxy.filters import PASS, Reject, Rewrite
+from mailproxy.filters import DROP, PASS, Reject, Rewrite
 from mailproxy.filters.chain import FilterChain
 from mailproxy.filters.policy import PolicyFilter, appendedSizes, namedMailboxes
-from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand
+from mailproxy.imap.model import IMAPCommand, StreamedLiteral, parseCommand, parseResponse
 from mailproxy.session import ProxySession
 from tests.support import UpstreamScript, loggedIn
 
@@ -256,3 +256,108 @@ def test_bad_options_raise_value_error_naming_the_option(options: dict[str, Any]
     """Each wrong option is reported by name."""
     with pytest.raises(ValueError, match=re.escape(named)):
         PolicyFilter.fromOptions(options)
+
+
+# -- Every route to a mailbox ------------------------------------------------------
+
+DENY_ARCHIVE = {"mailboxes_deny": ["Archive", "Archive/*"]}
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'a APPEND INBOX CATENATE (URL "/Archive;UIDVALIDITY=5/;UID=1")\r\n',
+        b"a APPEND INBOX CATENATE (TEXT {1}\r\n",
+        b'a APPEND INBOX CATENATE (URL "imap://alice@mail.test/Arch%69ve/;UID=1")\r\n',
+        b'a URLFETCH "/Archive;UIDVALIDITY=5/;UID=1;URLAUTH=anonymous:internal:ab"\r\n',
+        b'a GENURLAUTH "imap://a@b/Archive/x;UID=1" INTERNAL\r\n',
+        b"a NOTIFY SET (mailboxes Archive (MessageNew))\r\n",
+        b"a NOTIFY SET STATUS (selected (MessageNew)) (subtree (Trash Archive/2024) (MessageNew))\r\n",
+        b'a ESEARCH IN (mailboxes "Archive") ALL\r\n',
+        b"a RESETKEY Archive\r\n",
+    ],
+)
+def test_a_denied_mailbox_is_refused_however_the_command_names_it(line: bytes) -> None:
+    """CATENATE and URLFETCH URLs (percent-encoded too), NOTIFY and ESEARCH filters name mailboxes as arguments do."""
+    parts: list[bytes | StreamedLiteral] = [line]
+    if line.endswith(b"{1}\r\n"):
+        parts = [line, b"x", b' URL "/Archive/;UID=1")\r\n']
+    verdict = decide(DENY_ARCHIVE, *parts)
+    assert isinstance(verdict, Reject) and (verdict.status, verdict.code) == ("NO", "NOPERM"), verdict
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'a APPEND INBOX CATENATE (URL "/INBOX;UIDVALIDITY=5/;UID=1" URL ";UID=3")\r\n',
+        b"a NOTIFY SET (personal (MessageNew)) (subscribed (MessageNew))\r\n",
+        b"a NOTIFY NONE\r\n",
+        b"a ESEARCH IN (personal) RETURN (COUNT) ALL\r\n",
+        b'a LIST "" "*" RETURN (STATUS (MESSAGES))\r\n',
+    ],
+)
+def test_routes_that_name_no_denied_mailbox_pass(line: bytes) -> None:
+    """Other mailboxes, relative URLs and selectors such as personal pass (their STATUS responses are filtered)."""
+    assert decide(DENY_ARCHIVE, line) is PASS
+
+
+@pytest.mark.parametrize(
+    ("response", "dropped"),
+    [
+        (b"* STATUS Archive (MESSAGES 2)\r\n", True),
+        (b'* STATUS "Archive/2024" (MESSAGES 2)\r\n', True),
+        (b"* STATUS INBOX (MESSAGES 2)\r\n", False),
+        (b'* ESEARCH (TAG "a" MAILBOX "Archive" UIDVALIDITY 1) UID ALL 1:3\r\n', True),
+        (b'* ESEARCH (TAG "a" MAILBOX "INBOX" UIDVALIDITY 1) UID ALL 1:3\r\n', False),
+        (b"a OK [STATUS Archive] done\r\n", False),
+    ],
+)
+def test_status_and_esearch_about_a_denied_mailbox_are_dropped(response: bytes, dropped: bool) -> None:
+    """LIST RETURN (STATUS), NOTIFY and multi-mailbox ESEARCH cannot report on a denied mailbox."""
+    policy = PolicyFilter.fromOptions(DENY_ARCHIVE)
+    parsed = parseResponse([response])
+    assert parsed.name in policy.responseNames or parsed.tagged
+    verdict = policy.filterResponse(makeSession(), parsed)
+    assert (verdict is DROP) is dropped
+
+
+def test_without_mailbox_rules_no_response_is_parsed() -> None:
+    """Read-only alone (or no option) asks the chain for no responses."""
+    assert not FilterChain([PolicyFilter.fromOptions({"read_only": True})]).wantsResponse(b"STATUS")
+
+
+@pytest.mark.parametrize(
+    "line", [b"a SUBSCRIBE Trash\r\n", b"a UNSUBSCRIBE INBOX\r\n", b"a GENURLAUTH x INTERNAL\r\n", b"a RESETKEY\r\n"]
+)
+def test_read_only_refuses_subscription_and_url_authorization_changes(line: bytes) -> None:
+    """Subscriptions and URLAUTH keys are server state: read-only refuses changing them."""
+    assert decide({"read_only": True}, line) == NOPERM_READ_ONLY
+
+
+@pytest.mark.parametrize(
+    ("options", "refused"),
+    [
+        ({"read_only": True}, True),
+        (DENY_ARCHIVE, True),
+        ({"mailboxes_allow": ["INBOX"]}, True),
+        ({"read_only": True, "allow_unknown": ["XAPPLEPUSHSERVICE"]}, False),
+        ({"read_only": True, "allow": ["XAPPLEPUSHSERVICE", "FETCH"]}, False),
+        ({"deny": ["DELETE"]}, False),
+        ({}, False),
+    ],
+)
+def test_unknown_commands_are_refused_on_restricted_sessions_unless_allowed_by_name(
+    options: dict[str, Any], refused: bool
+) -> None:
+    """A command whose arguments the proxy does not know could write or name a mailbox unseen."""
+    verdict = decide(options, b"a XAPPLEPUSHSERVICE aps-version 2 mailboxes (Archive)\r\n")
+    if refused:
+        assert verdict == Reject("XAPPLEPUSHSERVICE is not known to the proxy's policy", "NO", "NOPERM")
+    else:
+        assert verdict is PASS
+
+
+def test_known_commands_still_pass_read_only() -> None:
+    """Reading commands the proxy knows pass a read-only policy."""
+    for line in (b"a UID FETCH 1:* (FLAGS)\r\n", b"a ID NIL\r\n", b"a NAMESPACE\r\n", b"a ESEARCH ALL\r\n"):
+        assert decide({"read_only": True}, line) is PASS

@@ -19,7 +19,8 @@ from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from mailproxy.filters import checkOptions
-from mailproxy.filters.policy import MAILBOX_COMMANDS, decodeMailbox, namedMailboxes
+from mailproxy.filters.policy import decodeMailbox
+from mailproxy.imap.mailboxes import MAILBOX_COMMANDS, namedMailboxes
 from mailproxy.imap.model import IMAPCommand
 from mailproxy.interfaces import ISession, ISessionObserver
 

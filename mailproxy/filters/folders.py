@@ -14,6 +14,7 @@ from zope.interface import implementer
 
 from mailproxy.filters import DROP, PASS, Reject, Rewrite, Verdict, checkOptions
 from mailproxy.imap import mutf7
+from mailproxy.imap.mailboxes import LISTING, namedMailboxes, responseMailbox
 from mailproxy.imap.model import IMAPCommand, IMAPResponse, List, Message, String, Token, astring, text
 from mailproxy.interfaces import ICommandFilter, IResponseFilter, ISession
 
@@ -83,7 +84,7 @@ class FolderFilter:
     @ivar responseNames: the responses this filter looks at.
     """
 
-    responseNames = frozenset({b"LIST", b"LSUB", b"STATUS"})
+    responseNames = frozenset({b"LIST", b"LSUB", b"STATUS", b"ESEARCH"})
 
     def __init__(
         self, mapping: Mapping[str, str] | None = None, hide: list[str] | None = None, separator: str = "/"
@@ -143,8 +144,15 @@ class FolderFilter:
         mailbox.
         """
         arguments = list(command.arguments)
-        if command.name in (b"LIST", b"LSUB"):
+        if command.name in LISTING:
             return self._filterList(command, arguments)
+        # Every other way of naming a mailbox (URLs, NOTIFY, ESEARCH, ACL
+        # and METADATA commands...) is not mapped, but a hidden one is
+        # refused whichever way it is named.
+        for raw in namedMailboxes(command) or ():
+            name, decoded = _decodeName(raw)
+            if self._isHidden(self._toUpstream(name) if decoded else name):
+                return NO_SUCH_MAILBOX
         positions = _MAILBOX_ARGUMENTS.get(command.name, ())
         if positions == (-1,):
             positions = (len(arguments) - 1,) if len(arguments) >= 2 else ()
@@ -169,6 +177,9 @@ class FolderFilter:
         """
         if response.tag != b"*" or response.name not in self.responseNames:
             return PASS
+        if response.name == b"ESEARCH":
+            searched = responseMailbox(response)
+            return DROP if searched is not None and self._isHidden(_decodeName(searched)[0]) else PASS
         arguments = list(response.arguments)
         index = 0 if response.name == b"STATUS" else 2
         read = _readName(arguments[index]) if index < len(arguments) else None
@@ -284,6 +295,10 @@ def _readName(token: Token) -> tuple[str, bool] | None:
     value = text(token)
     if value is None:
         return None
+    return _decodeName(value)
+
+
+def _decodeName(value: bytes) -> tuple[str, bool]:
     try:
         return mutf7.decode(value), True
     except ValueError:

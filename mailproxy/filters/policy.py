@@ -12,43 +12,19 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from functools import cache
 from typing import Any
 
 from zope.interface import implementer
 
-from mailproxy.filters import PASS, Reject, Rewrite, Verdict, checkOptions
-from mailproxy.imap.model import Atom, IMAPCommand, List, StreamedLiteral, String, Token, text
-from mailproxy.interfaces import ICommandFilter, ISession
+from mailproxy.filters import DROP, PASS, Reject, Rewrite, Verdict, checkOptions
+from mailproxy.imap.mailboxes import KNOWN_COMMANDS, LISTING, MAILBOX_COMMANDS, namedMailboxes, responseMailbox
+from mailproxy.imap.model import Atom, IMAPCommand, IMAPResponse, List, StreamedLiteral, String, Token
+from mailproxy.interfaces import ICommandFilter, IResponseFilter, ISession
 
-# Commands whose first argument is a mailbox name.
-_FIRST_ARGUMENT = frozenset(
-    {
-        b"SELECT",
-        b"EXAMINE",
-        b"STATUS",
-        b"APPEND",
-        b"CREATE",
-        b"DELETE",
-        b"SUBSCRIBE",
-        b"UNSUBSCRIBE",
-        b"GETACL",
-        b"SETACL",
-        b"DELETEACL",
-        b"LISTRIGHTS",
-        b"MYRIGHTS",
-        b"GETQUOTAROOT",
-        b"SETMETADATA",
-    }
-)
-# Commands whose second argument is the target mailbox (after a sequence set).
-_SECOND_ARGUMENT = frozenset({b"COPY", b"MOVE", b"REPLACE"})
-_LISTING = frozenset({b"LIST", b"LSUB"})
-
-MAILBOX_COMMANDS = _FIRST_ARGUMENT | _SECOND_ARGUMENT | _LISTING | {b"RENAME", b"GETMETADATA"}
-"""Every command L{namedMailboxes} finds a mailbox in."""
+__all__ = ["MAILBOX_COMMANDS", "PolicyFilter", "decodeMailbox", "namedMailboxes"]
 
 READ_ONLY_REFUSED = frozenset(
     {
@@ -66,9 +42,16 @@ READ_ONLY_REFUSED = frozenset(
         b"DELETEACL",
         b"SETMETADATA",
         b"SETQUOTA",
+        b"SUBSCRIBE",
+        b"UNSUBSCRIBE",
+        b"GENURLAUTH",
+        b"RESETKEY",
     }
 )
-"""What read-only mode refuses (C{REPLACE} too: it is APPEND and EXPUNGE)."""
+"""
+What read-only mode refuses (C{REPLACE} too: it is APPEND and EXPUNGE;
+subscriptions and URL authorizations are server state too).
+"""
 
 READ_ONLY = Reject("Mailbox access is read-only", "NO", "NOPERM")
 TOO_BIG = Reject("Message too large", "NO", "TOOBIG")
@@ -76,47 +59,6 @@ UNREADABLE = Reject("Command arguments could not be checked by the proxy's polic
 
 _COMMAND_NAME = re.compile(r"[A-Za-z][A-Za-z0-9.\-]*\Z")
 _BASE64_RUN = re.compile(rb"&([A-Za-z0-9+,]*)-")
-
-
-def namedMailboxes(command: IMAPCommand) -> list[bytes] | None:
-    """
-    The mailbox names C{command} names, as sent, the most telling first:
-    the first argument of C{SELECT}, C{STATUS}, C{APPEND} and the like, the
-    target of C{COPY} and C{MOVE}, source then destination of C{RENAME},
-    and for C{LIST} and C{LSUB} each pattern with the reference before it.
-
-    @return: the names; C{[]} if C{command} names no mailbox; C{None} if it
-        should name one but its arguments do not say which.
-    """
-    name, arguments = command.name, command.arguments
-    if name in _FIRST_ARGUMENT:
-        return _astrings(arguments[:1], 1)
-    if name in _SECOND_ARGUMENT:
-        return _astrings(arguments[1:2], 1)
-    if name == b"RENAME":
-        return _astrings(arguments[:2], 2)
-    if name == b"GETMETADATA":
-        return _astrings([item for item in arguments if not isinstance(item, List)][:1], 1)
-    if name in _LISTING:
-        return _listed(arguments)
-    return []
-
-
-def _astrings(tokens: Sequence[Token], wanted: int) -> list[bytes] | None:
-    values = [value for value in map(text, tokens) if value is not None]
-    return values if len(values) == wanted else None
-
-
-def _listed(arguments: Sequence[Token]) -> list[bytes] | None:
-    if arguments and isinstance(arguments[0], List):  # LIST-EXTENDED selection options
-        arguments = arguments[1:]
-    if len(arguments) < 2:
-        return None
-    reference, patterns = text(arguments[0]), arguments[1]
-    values = [text(item) for item in (patterns.items if isinstance(patterns, List) else [patterns])]
-    if reference is None or not values or None in values:
-        return None
-    return [reference + value for value in values if value is not None]
 
 
 def decodeMailbox(raw: bytes) -> str:
@@ -203,15 +145,25 @@ def compilePattern(pattern: str, separator: str) -> re.Pattern[str]:
 ALWAYS_ALLOWED = frozenset({b"CAPABILITY", b"NOOP", b"LOGOUT"})
 
 
-@implementer(ICommandFilter)
+@implementer(ICommandFilter, IResponseFilter)
 class PolicyFilter:
     """
     Refuse commands and mailboxes by name, make sessions read-only, limit
     the size of appended messages.
 
+    A read-only session, or one with mailbox rules, refuses commands whose
+    arguments the proxy does not know (L{KNOWN_COMMANDS}): they might write
+    or name a mailbox where no rule looks.  C{allow_unknown} (or C{allow})
+    permits such commands by name.
+
+    With mailbox rules, C{STATUS} and C{ESEARCH} responses about a mailbox
+    the rules refuse are dropped: LIST's C{RETURN (STATUS ...)}, NOTIFY and
+    ESEARCH over several mailboxes can ask for them without naming it.
+
     @ivar allow: upper-case command names; if not C{None}, only these (and
         L{ALWAYS_ALLOWED}) pass.
     @ivar deny: upper-case command names refused.
+    @ivar responseNames: the responses this filter looks at.
     """
 
     def __init__(
@@ -223,6 +175,7 @@ class PolicyFilter:
         mailboxesDeny: Iterable[str] = (),
         separator: str = "/",
         maxAppendSize: int | None = None,
+        allowUnknown: Iterable[str] = (),
     ) -> None:
         # An allow list never locks a client out of the session basics.
         self.allow = None if allow is None else ALWAYS_ALLOWED | {name.upper().encode("ascii") for name in allow}
@@ -232,6 +185,10 @@ class PolicyFilter:
         self.mailboxesAllow = None if mailboxesAllow is None else [compilePattern(p, separator) for p in mailboxesAllow]
         self.mailboxesDeny = [compilePattern(pattern, separator) for pattern in mailboxesDeny]
         self.maxAppendSize = maxAppendSize
+        self.allowUnknown = frozenset(name.upper().encode("ascii") for name in allowUnknown)
+        restricted = readOnly or mailboxesAllow is not None or bool(self.mailboxesDeny)
+        self.refuseUnknown = restricted
+        self.responseNames = _ABOUT_MAILBOXES if mailboxesAllow is not None or self.mailboxesDeny else frozenset()
 
     @classmethod
     def fromOptions(cls, options: dict[str, Any]) -> PolicyFilter:
@@ -240,7 +197,16 @@ class PolicyFilter:
 
         @raise ValueError: naming the option that is wrong.
         """
-        known = {"allow", "deny", "read_only", "mailboxes_allow", "mailboxes_deny", "separator", "max_append_size"}
+        known = {
+            "allow",
+            "allow_unknown",
+            "deny",
+            "read_only",
+            "mailboxes_allow",
+            "mailboxes_deny",
+            "separator",
+            "max_append_size",
+        }
         checkOptions(options, known)
         separator = options.get("separator", "/")
         if not isinstance(separator, str) or len(separator) != 1 or separator in "*%":
@@ -261,6 +227,7 @@ class PolicyFilter:
             mailboxesDeny=_strings(options, "mailboxes_deny") or (),
             separator=separator,
             maxAppendSize=maxAppendSize,
+            allowUnknown=_commandNames(options, "allow_unknown") or (),
         )
 
     def filterCommand(self, session: ISession, command: IMAPCommand) -> Verdict:
@@ -274,6 +241,11 @@ class PolicyFilter:
             return Reject(f"{shown} is not permitted by the proxy's policy", "NO", "NOPERM")
         if self.readOnly and name in READ_ONLY_REFUSED:
             return READ_ONLY
+        # (POP3 commands name no mailbox; read-only refuses DELE.)
+        unknown = isinstance(command, IMAPCommand) and name not in KNOWN_COMMANDS
+        if self.refuseUnknown and unknown and not self._allowedByName(name):
+            shown = command.fullName.decode("ascii", "replace")
+            return Reject(f"{shown} is not known to the proxy's policy", "NO", "NOPERM")
         refused = self._checkMailboxes(command)
         if refused is not None:
             return refused
@@ -287,6 +259,21 @@ class PolicyFilter:
             return Rewrite(replace(command, name=b"EXAMINE", wire=None))
         return PASS
 
+    def _allowedByName(self, name: bytes) -> bool:
+        return name in self.allowUnknown or (self.allow is not None and name in self.allow - ALWAYS_ALLOWED)
+
+    def filterResponse(self, session: ISession, response: IMAPResponse) -> Verdict:
+        """
+        Drop a C{STATUS} or C{ESEARCH} response about a mailbox the rules
+        refuse.
+        """
+        if response.tag != b"*":
+            return PASS
+        name = responseMailbox(response)
+        if name is not None and not self._permitted(name, listing=False):
+            return DROP
+        return PASS
+
     def _checkMailboxes(self, command: IMAPCommand) -> Reject | None:
         if self.mailboxesAllow is None and not self.mailboxesDeny:
             return None
@@ -294,7 +281,7 @@ class PolicyFilter:
         if names is None:
             return UNREADABLE
         for raw in names:
-            if raw and not self._permitted(raw, listing=command.name in _LISTING):
+            if raw and not self._permitted(raw, listing=command.name in LISTING):
                 shown = "".join(char if " " <= char <= "~" else "?" for char in raw.decode("ascii", "replace"))
                 return Reject(f'Access to mailbox "{shown}" is not permitted', "NO", "NOPERM")
         return None
@@ -311,6 +298,9 @@ class PolicyFilter:
             if self.mailboxesAllow is not None and not any(p.fullmatch(name) for p in self.mailboxesAllow):
                 return False
         return True
+
+
+_ABOUT_MAILBOXES = frozenset({b"STATUS", b"ESEARCH"})
 
 
 def appendedSizes(command: IMAPCommand) -> list[int] | None:

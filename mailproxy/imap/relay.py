@@ -383,7 +383,7 @@ class Relay:
         held, self._held, self._heldSize = self._held, deque(), 0
         if self._pausedForLiteral:
             self._pausedForLiteral = False
-            if not self._clientBlocked:
+            if not self._clientBlocked and not self.client.transport.disconnecting:
                 self.client.transport.resumeProducing()
         if self._refusedRest:
             # The literal was refused: what was held never reaches the
@@ -490,7 +490,10 @@ class Relay:
             return
         if self._streamingCommand:
             self._passthroughFromClient(event)
-            if isinstance(event, Line) and event.complete:
+            # A held line comes back through here once the upstream's "+"
+            # releases it: the command ends when its last line is relayed.
+            held = bool(self._held) and self._held[-1] is event
+            if isinstance(event, Line) and event.complete and not held:
                 self._streamingCommand = False
                 self._tail = None
                 self._refusedRest = False
