@@ -99,7 +99,7 @@ def test_append_size_limit_holds_for_a_multiappend_starting_with_an_empty_messag
 def test_filtered_relay_survives_an_empty_literal_before_a_large_one(tmp_path: Path) -> None:
     """(A): AssertionError in model._textSegments escapes dataReceived."""
     connection = filteredSession(tmp_path)
-    connection.send(b"c1 X {0}\r\n {300000}\r\n")
+    connection.send(b"c1 SEARCH {0}\r\n {300000}\r\n")
     # Only APPEND's message literals may stream past the filters.
     assert (
         connection.received()

@@ -541,7 +541,6 @@ relayedNames = st.sampled_from(
         b"CAPABILITY",
         b"ENABLE",
         b"NAMESPACE",
-        b"XAPPLEPUSHSERVICE",
     ]
 )
 # What the proxy answers itself after login.
@@ -867,7 +866,7 @@ clientNoise = st.one_of(
     st.just(b"DONE\r\n"),
     st.builds(
         _bigLiteral,
-        st.sampled_from([b"c1 APPEND INBOX ", b"c2 LOGIN ", b"c3 SELECT ", b"", b"c4 X {0}\r\n "]),
+        st.sampled_from([b"c1 APPEND INBOX ", b"c2 LOGIN ", b"c3 SELECT ", b"", b"c4 X {0}\r\n ", b"c5 NOOP {0}\r\n "]),
         st.sampled_from([b"", b"+"]),
         st.binary(max_size=30),
     ),

@@ -209,9 +209,11 @@ def test_status_responses_and_continuation_requests_never_announce_literals(raw:
 
 
 def test_status_response_text_would_announce_in_a_command_stream() -> None:
-    """The same "a1 OK done {5}" line in a client stream does announce a literal."""
+    """In a client stream "a1 OK done {5}" is an unknown command (servers read no literal in it); SEARCH's is one."""
     framer = IMAPFramer()
     [line] = framer.feed(b"a1 OK done {5}\r\n")
+    assert line.literal is None
+    [line] = framer.feed(b"a1 SEARCH done {5}\r\n")
     assert line.literal == 5
 
 

@@ -471,12 +471,25 @@ def test_a_literal_plus_literal_the_upstream_refuses_runs_nothing(tmp_path: Path
     """Passthrough: if the upstream answers instead of '+', the literal's octets (a command, say) are dropped."""
     connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=LITERAL_PLUS))
     smuggled = b"u COMPRESS DEFLATE\r\n"
-    connection.send(b"c1 XYZZY {%d+}\r\n" % len(smuggled))
+    connection.send(b"c1 SELECT INBOX (CONDSTORE) {%d+}\r\n" % len(smuggled))
     connection.send(smuggled[:7])
-    connection.fromUpstream(b"c1 BAD Unknown command\r\n")
+    connection.fromUpstream(b"c1 OK [READ-WRITE] Select completed\r\n")
     connection.send(smuggled[7:] + b"\r\nc2 NOOP\r\n")
-    assert connection.upstream.sent == b"c1 XYZZY {%d}\r\nc2 NOOP\r\n" % len(smuggled)
-    assert connection.received() == b"c1 BAD Unknown command\r\n"
+    assert connection.upstream.sent == b"c1 SELECT INBOX (CONDSTORE) {%d}\r\nc2 NOOP\r\n" % len(smuggled)
+    assert connection.received() == b"c1 OK [READ-WRITE] Select completed\r\n"
+
+
+@pytest.mark.parametrize("plus", [b"", b"+"])
+def test_an_unknown_command_announces_no_literal(tmp_path: Path, plus: bytes) -> None:
+    """Servers reject an unknown command before its literal: its {n} is text and the next line a command, for the proxy too."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=LITERAL_PLUS))
+    connection.send(b"c1 XYZZY {20%s}\r\nu COMPRESS DEFLATE\r\nc2 NOOP\r\n" % plus)
+    assert connection.upstream.sent == b"c1 XYZZY {20%s}\r\nc2 NOOP\r\n" % plus
+    assert connection.received() == b"u BAD Command not available after login through this proxy\r\n"
+    filteredConnection = filtered(tmp_path, Scripted())
+    filteredConnection.send(b"c1 XYZZY {20%s}\r\nu SELECT Archive\r\n" % plus)
+    assert filteredConnection.received().startswith(b"c1 BAD ")
+    assert filteredConnection.upstream.sent == b"u SELECT Archive\r\n"
 
 
 def test_only_append_literals_stream_past_the_filters(tmp_path: Path) -> None:

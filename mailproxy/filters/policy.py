@@ -20,7 +20,8 @@ from typing import Any
 from zope.interface import implementer
 
 from mailproxy.filters import DROP, PASS, Reject, Rewrite, Verdict, checkOptions
-from mailproxy.imap.mailboxes import KNOWN_COMMANDS, LISTING, MAILBOX_COMMANDS, namedMailboxes, responseMailbox
+from mailproxy.imap.commands import KNOWN_COMMANDS
+from mailproxy.imap.mailboxes import LISTING, MAILBOX_COMMANDS, namedMailboxes, responseMailbox
 from mailproxy.imap.model import Atom, IMAPCommand, IMAPResponse, List, StreamedLiteral, String, Token
 from mailproxy.interfaces import ICommandFilter, IResponseFilter, ISession
 

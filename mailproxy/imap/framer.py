@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mailproxy.imap.commands import KNOWN_COMMANDS
 from mailproxy.imap.lexer import ArgumentLexer, announcedLiteral, commandHead
 
 CRLF = b"\r\n"
@@ -281,14 +282,16 @@ class IMAPFramer:
     def _commandLiteral(self, line: bytes, continuation: bool) -> tuple[int | None, bool]:
         """
         A command line announces a literal only where an argument may start
-        and after arguments that read cleanly: C{"x{5}} is an unterminated
-        quoted string, which servers refuse, not a literal.
+        and after arguments that read cleanly (C{"x{5}} is an unterminated
+        quoted string, which servers refuse, not a literal), in a command
+        the proxy knows (servers reject an unknown one without reading its
+        literal).
         """
         start = 0
         if not continuation:
             self._lexer = ArgumentLexer()
             head = commandHead(line)
-            if head is None:
+            if head is None or head.name not in KNOWN_COMMANDS:
                 return None, False
             start = head.arguments
         announcement = announcedLiteral(line[start:], self._lexer)

@@ -6,8 +6,7 @@ Filters that allow, deny, hide or log mailboxes ask L{namedMailboxes}, so
 that a mailbox cannot be reached by a route one of them forgot: the
 arguments of SELECT, COPY, RENAME and the like, LIST patterns, CATENATE and
 URLFETCH URLs (RFC 4469, 4467, 5092), NOTIFY's and ESEARCH's mailbox
-filters (RFC 5465, 7377).  L{KNOWN_COMMANDS} lists the commands whose
-arguments this module knows; a policy can refuse the others.
+filters (RFC 5465, 7377).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import re
 from collections.abc import Iterable, Sequence
 from urllib.parse import unquote_to_bytes
 
+from mailproxy.imap.commands import KNOWN_COMMANDS
 from mailproxy.imap.model import Atom, IMAPCommand, IMAPResponse, List, Token, text
 
 # Commands whose first argument is a mailbox name.
@@ -51,34 +51,7 @@ MAILBOX_COMMANDS = (
 )
 """Every command L{namedMailboxes} may find a mailbox in."""
 
-KNOWN_COMMANDS = MAILBOX_COMMANDS | frozenset(
-    {
-        b"CAPABILITY",
-        b"NOOP",
-        b"LOGOUT",
-        b"ID",
-        b"ENABLE",
-        b"NAMESPACE",
-        b"IDLE",
-        b"CHECK",
-        b"CLOSE",
-        b"UNSELECT",
-        b"EXPUNGE",
-        b"FETCH",
-        b"STORE",
-        b"SEARCH",
-        b"SORT",
-        b"THREAD",
-        b"GETQUOTA",
-        b"SETQUOTA",
-        b"CANCELUPDATE",
-    }
-)
-"""
-The commands whose arguments the proxy knows (RFC 9051 and 3501 and the
-extensions it relays): none names a mailbox in a way L{namedMailboxes}
-misses.
-"""
+assert MAILBOX_COMMANDS <= KNOWN_COMMANDS
 
 # Selectors of a filter-mailboxes list that a mailbox name (or a list of
 # them) follows; the others (selected, inboxes, personal, subscribed...)

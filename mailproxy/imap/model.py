@@ -67,7 +67,11 @@ def _lex(segments: Sequence[bytes], literals: Sequence[bytes | StreamedLiteral])
     for index, segment in enumerate(segments):
         announcement = lexer.segment(segment)
         if (announcement is None) != (index >= len(literals)):
-            raise ParseError("literal announcement expected" if announcement is None else "literal missing")
+            raise ParseError(
+                "literal announcement expected"
+                if announcement is None
+                else "a literal in a command the proxy does not know"
+            )
         if announcement is not None:
             literal = literals[index]
             size = literal.size if isinstance(literal, StreamedLiteral) else len(literal)
@@ -122,7 +126,7 @@ def _scanResponse(data: bytes, stack: list[list[Token]]) -> None:
             stack[-1].append(List(tuple(items)))
             position += 1
         elif char == 0x22:  # "
-            value, position = _readResponseQuoted(data, position)
+            value, position = readQuoted(data, position)
             stack[-1].append(String(value))
         else:
             start = position
@@ -137,26 +141,6 @@ def _scanResponse(data: bytes, stack: list[list[Token]]) -> None:
                     break
                 position += 1
             stack[-1].append(Atom(data[start:position]))
-
-
-def _readResponseQuoted(data: bytes, position: int) -> tuple[bytes, int]:
-    try:
-        return readQuoted(data, position)
-    except LexError:
-        # Servers send what they store; read any escape as the escaped octet.
-        value = bytearray()
-        position += 1
-        while position < len(data):
-            char = data[position]
-            if char == 0x5C and position + 1 < len(data):
-                value.append(data[position + 1])
-                position += 2
-            elif char == 0x22:
-                return bytes(value), position + 1
-            else:
-                value.append(char)
-                position += 1
-        raise
 
 
 def serialize(tokens: Sequence[Token], *, literalPlus: bool, command: bool = False) -> list[bytes | StreamedLiteral]:

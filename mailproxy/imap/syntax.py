@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 
+from mailproxy.imap.lexer import LexError, readQuoted
+
 _TAG_AND_NAME = re.compile(rb"\A([^\x00-\x20\x7f(){%*\"\\+]+) ([A-Za-z][A-Za-z0-9.\-]*)(?=[ \r\n]|\Z)")
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
 # The code only counts right after the status word of a status response;
@@ -18,10 +20,8 @@ _CAPABILITY_CODE = re.compile(rb"\A(\S+ (?:OK|NO|BAD|PREAUTH|BYE) )\[CAPABILITY 
 _CAPABILITY_RESPONSE = re.compile(rb"\A(\* CAPABILITY )(.*?)(\r?\n)\Z", re.IGNORECASE | re.DOTALL)
 
 
-class SyntaxError_(ValueError):
-    """
-    A command's arguments could not be parsed.
-    """
+# A command's arguments could not be parsed (the lexer's error).
+SyntaxError_ = LexError
 
 
 def tagAndCommand(line: bytes) -> tuple[bytes, bytes] | None:
@@ -89,30 +89,6 @@ def _tokens(text: bytes) -> Iterable[bytes]:
                 raise SyntaxError_("invalid character in atom")
             yield atom
             position = end
-
-
-def readQuoted(data: bytes, position: int) -> tuple[bytes, int]:
-    """
-    Read the quoted string starting at C{data[position]} (a C{"}); return
-    its value and the position after its closing quote.
-
-    @raise SyntaxError_: if it is not terminated.
-    """
-    value = bytearray()
-    position += 1
-    length = len(data)
-    while True:
-        if position >= length:
-            raise SyntaxError_("unterminated quoted string")
-        char = data[position]
-        if char == 0x5C and position + 1 < length and data[position + 1] in b'"\\':
-            value.append(data[position + 1])
-            position += 2
-        elif char == 0x22:
-            return bytes(value), position + 1
-        else:
-            value.append(char)
-            position += 1
 
 
 def quoted(value: bytes) -> bytes:
