@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import ssl
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -20,9 +19,9 @@ from email.mime.text import MIMEText
 
 import pytest
 
-from mailproxy.passwords import hashPassword
+from tests.bypass import BYPASS_CONFIG, BYPASS_USERS, BypassProxy
 from tests.dovecot import DovecotUpstream
-from tests.proxyprocess import HOST, ProxyProcess, freePort
+from tests.proxyprocess import HOST, ProxyProcess, freePort, runningProxy
 
 # Local user -> upstream route; passwords are the same locally and upstream
 # (passthrough) unless the route stores its own.
@@ -114,10 +113,13 @@ def dovecot() -> Iterator[DovecotUpstream]:
         messages = seedMessages()
         for name in SEEDED_USERS:
             client = imaplib.IMAP4(HOST, upstream.ports["imap"])
-            password = UPSTREAM_USERS[name].encode()
-            client.authenticate(
-                "PLAIN", lambda _, name=name, password=password: b"\0" + name.encode() + b"\0" + password
-            )
+            secret = UPSTREAM_USERS[name].encode()
+            plain = b"\0" + name.encode() + b"\0" + secret
+
+            def respond(challenge: bytes, plain: bytes = plain) -> bytes:
+                return plain
+
+            client.authenticate("PLAIN", respond)
             for message in messages:
                 client.append("INBOX", None, None, message)
             client.logout()
@@ -137,13 +139,9 @@ class RunningProxy:
         return self.process.log()
 
 
-def writeProxyConfig(directory: str, dovecot: DovecotUpstream, ports: dict[str, int]) -> str:
-    usersFile = os.path.join(directory, "users")
-    with open(usersFile, "w") as handle:
-        for name, password in LOCAL_USERS.items():
-            handle.write(f"{name}:{hashPassword(password, log2N=10)}\n")
+def proxyConfig(dovecot: DovecotUpstream, ports: dict[str, int]) -> str:
     closedPort = freePort()
-    config = f"""
+    return f"""
 [server]
 greeting = "test proxy ready"
 
@@ -223,24 +221,13 @@ upstream = "down"
 [routing.users.badcert]
 upstream = "badcert"
 """
-    path = os.path.join(directory, "mailproxy.toml")
-    with open(path, "w") as handle:
-        handle.write(config)
-    return path
 
 
 @pytest.fixture(scope="session")
 def proxy(dovecot: DovecotUpstream) -> Iterator[RunningProxy]:
-    directory = tempfile.mkdtemp(prefix="mp-proxy-")
     ports = {name: freePort() for name in ("plain", "starttls", "implicit")}
-    configPath = writeProxyConfig(directory, dovecot, ports)
-    process = ProxyProcess(configPath, os.path.join(directory, "twistd.log"))
-    try:
-        process.waitForPorts(list(ports.values()))
+    with runningProxy(proxyConfig(dovecot, ports), LOCAL_USERS, list(ports.values())) as (_, process):
         yield RunningProxy(ports, dovecot.caFile, process)
-    finally:
-        process.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 FILTERED_CONFIG = """
@@ -307,21 +294,11 @@ def filteredProxy(dovecot: DovecotUpstream) -> Iterator[FilteredProxy]:
     The proxy with every built-in filter configured: audit on the listener,
     limits + folders + capabilities by default, read-only for rita.
     """
-    directory = tempfile.mkdtemp(prefix="mp-filtered-")
-    with open(os.path.join(directory, "users"), "w") as handle:
-        for name in ("fred", "rita"):
-            handle.write(f"{name}:{hashPassword(UPSTREAM_USERS[name], log2N=10)}\n")
     port = freePort()
-    configPath = os.path.join(directory, "mailproxy.toml")
-    with open(configPath, "w") as handle:
-        handle.write(FILTERED_CONFIG.format(port=port, upstreamPort=dovecot.ports["imap"]))
-    process = ProxyProcess(configPath, os.path.join(directory, "twistd.log"))
-    try:
-        process.waitForPorts([port])
+    config = FILTERED_CONFIG.format(port=port, upstreamPort=dovecot.ports["imap"])
+    users = {name: UPSTREAM_USERS[name] for name in ("fred", "rita")}
+    with runningProxy(config, users, [port], "mp-filtered-") as (directory, process):
         yield FilteredProxy(port, directory, process)
-    finally:
-        process.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @dataclass
@@ -340,16 +317,9 @@ def emulatingProxy() -> Iterator[EmulatingProxy]:
     upstream = DovecotUpstream(idle=False)
     upstream.addUser("ida", UPSTREAM_USERS["ida"])
     upstream.start()
-    directory = tempfile.mkdtemp(prefix="mp-emulating-")
-    process = None
     try:
-        with open(os.path.join(directory, "users"), "w") as handle:
-            handle.write(f"ida:{hashPassword(UPSTREAM_USERS['ida'], log2N=10)}\n")
         port = freePort()
-        configPath = os.path.join(directory, "mailproxy.toml")
-        with open(configPath, "w") as handle:
-            handle.write(
-                f"""
+        config = f"""
 [server]
 idle_poll_interval = 0.3
 [auth]
@@ -363,15 +333,10 @@ port = {upstream.ports["imap"]}
 [routing]
 default_upstream = "noidle"
 """
-            )
-        process = ProxyProcess(configPath, os.path.join(directory, "twistd.log"))
-        process.waitForPorts([port])
-        yield EmulatingProxy(port, upstream, process)
+        with runningProxy(config, {"ida": UPSTREAM_USERS["ida"]}, [port], "mp-emulating-") as (_, process):
+            yield EmulatingProxy(port, upstream, process)
     finally:
-        if process is not None:
-            process.stop()
         upstream.stop()
-        shutil.rmtree(directory, ignore_errors=True)
         shutil.rmtree(upstream.baseDir, ignore_errors=True)
 
 
@@ -440,30 +405,48 @@ def pop3Proxy(dovecot: DovecotUpstream) -> Iterator[POP3Proxy]:
     POP3 listeners (plain, STLS, implicit TLS) in front of Dovecot: some users
     bridged to IMAP, others relayed to Dovecot's POP3 (STLS or POP3S).
     """
-    directory = tempfile.mkdtemp(prefix="mp-pop3-")
-    with open(os.path.join(directory, "users"), "w") as handle:
-        for name in POP3_USERS:
-            handle.write(f"{name}:{hashPassword(UPSTREAM_USERS[name], log2N=10)}\n")
     ports = {name: freePort() for name in ("plain", "stls", "implicit")}
     routes = "".join(f'[routing.users.{name}]\nupstream = "{upstream}"\n' for name, upstream in POP3_USERS.items())
-    configPath = os.path.join(directory, "mailproxy.toml")
-    with open(configPath, "w") as handle:
-        handle.write(
-            POP3_CONFIG.format(
-                **ports,
-                cert=dovecot.certFile,
-                key=dovecot.keyFile,
-                ca=dovecot.caFile,
-                imap=dovecot.ports["imap"],
-                pop3=dovecot.ports["pop3"],
-                pop3s=dovecot.ports["pop3s"],
-                routes=routes,
-            )
-        )
-    process = ProxyProcess(configPath, os.path.join(directory, "twistd.log"))
-    try:
-        process.waitForPorts(list(ports.values()))
+    config = POP3_CONFIG.format(
+        **ports,
+        cert=dovecot.certFile,
+        key=dovecot.keyFile,
+        ca=dovecot.caFile,
+        imap=dovecot.ports["imap"],
+        pop3=dovecot.ports["pop3"],
+        pop3s=dovecot.ports["pop3s"],
+        routes=routes,
+    )
+    users = {name: UPSTREAM_USERS[name] for name in POP3_USERS}
+    with runningProxy(config, users, list(ports.values()), "mp-pop3-") as (directory, process):
         yield POP3Proxy(ports, dovecot.caFile, directory, process)
+
+
+# -- filter bypass attacks (tests/test_filter_bypass.py, test_filter_differential.py)
+
+
+@pytest.fixture(scope="session")
+def bypassProxy() -> Iterator[BypassProxy]:
+    """
+    The proxy in front of its own rawlogging Dovecot, for filter bypass
+    attacks: mallory may not touch Archive, rory is read-only without
+    Archive and sees no Lists*, penny has no filters (and C{barePort} is a
+    listener without any).
+    """
+    upstream = DovecotUpstream(rawlog=True, autoMailboxes=False)
+    upstream.addUsers(BYPASS_USERS)
+    upstream.start()
+    try:
+        for user in BYPASS_USERS:
+            upstream.enableRawlog(user)
+        port, barePort = freePort(), freePort()
+        config = BYPASS_CONFIG.format(port=port, barePort=barePort, upstreamPort=upstream.ports["imap"])
+        users = {name: BYPASS_USERS[name] for name in ("mallory", "rory", "penny")}
+        with runningProxy(config, users, [port, barePort], "mp-bypass-") as (directory, process):
+            proxy = BypassProxy(port, barePort, directory, process, upstream)
+            for user in BYPASS_USERS:
+                proxy.seed(user)
+            yield proxy
     finally:
-        process.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+        upstream.stop()
+        shutil.rmtree(upstream.baseDir, ignore_errors=True)

@@ -275,6 +275,10 @@ class DovecotUpstream:
     ``maxSessions`` raises process and connection limits for load runs.
     ``loginTrustedNetworks`` (e.g. ``"127.0.0.0/8"``) makes Dovecot believe
     the client address a proxy forwards (IMAP ID ``x-originating-ip``).
+    ``rawlog=True`` lets L{enableRawlog} record a user's IMAP sessions.
+    With ``autoMailboxes=False`` the special-use mailboxes (Drafts, Sent,
+    Trash, Junk, Archive) are neither created nor subscribed automatically,
+    so tests can see SUBSCRIBE/UNSUBSCRIBE of them in LSUB.
 
     Things worth knowing:
 
@@ -310,8 +314,12 @@ class DovecotUpstream:
         ports: dict[str, int] | None = None,
         maxSessions: int = 1000,
         loginTrustedNetworks: str | None = None,
+        rawlog: bool = False,
+        autoMailboxes: bool = True,
     ) -> None:
         self.maxSessions = maxSessions
+        self.rawlog = rawlog
+        self.autoMailboxes = autoMailboxes
         self.loginTrustedNetworks = loginTrustedNetworks
         if baseDir is None:
             baseDir = tempfile.mkdtemp(prefix="mp-dovecot-", dir="/tmp")
@@ -384,6 +392,42 @@ class DovecotUpstream:
         self._users.update(users)
         if self._writeUsers() and self.running:
             _sleepUntil(math.floor(time.time()) + 1.01)
+
+    def enableRawlog(self, user: str) -> str:
+        """Log ``user``'s IMAP sessions from now on (needs ``rawlog=True``).
+
+        Dovecot's ``rawlog_dir = %h/rawlog`` only logs when that directory
+        exists: this creates it (and the home directory), owned by the mail
+        uid, and returns its path.  Each IMAP session then leaves two files
+        there, ``<YYYYMMDD-HHMMSS>-<pid>.in`` (what the client sent) and
+        ``.out`` (what Dovecot answered); see L{rawlogSessions}.  The login
+        itself (done by imap-login) is not in them, its reply opens ``.out``.
+        Dovecot puts ``<seconds>.<microseconds> `` before every line (also
+        inside literals) and files the bytes as it reads or writes them.
+        """
+        if not self.rawlog:
+            raise RuntimeError("this Dovecot was not configured with rawlog=True")
+        _checkUser(user, "-")
+        home = os.path.join(self.mailDir, user)
+        directory = os.path.join(home, "rawlog")
+        os.makedirs(directory, exist_ok=True)
+        if self._isRoot():
+            uid, gid = self._mailIds()
+            for path in (self.mailDir, home, directory):
+                os.chown(path, uid, gid)
+        return directory
+
+    def rawlogSessions(self, user: str) -> list[tuple[str, str]]:
+        """The ``(.in, .out)`` rawlog file pairs of ``user``, oldest first."""
+        directory = os.path.join(self.mailDir, user, "rawlog")
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        stems = [name[: -len(".in")] for name in names if name.endswith(".in")]
+        paths = [os.path.join(directory, stem) for stem in stems]
+        paths.sort(key=lambda stem: (os.stat(stem + ".in").st_mtime_ns, stem))
+        return [(stem + ".in", stem + ".out") for stem in paths]
 
     def wipe(self, user: str) -> None:
         """Delete all mail (the whole home directory) of ``user``."""
@@ -707,7 +751,7 @@ class DovecotUpstream:
             conf += [
                 f"  mailbox {mailbox} {{",
                 f"    special_use = {use}",
-                "    auto = subscribe",
+                "    auto = subscribe" if self.autoMailboxes else "    auto = no",
                 "  }",
             ]
         conf += [
@@ -770,6 +814,9 @@ class DovecotUpstream:
             "  mail_plugins = $mail_plugins" + (" imap_zlib" if zlib else ""),
             "  imap_idle_notify_interval = 10 secs",
         ]
+        if self.rawlog:
+            # logs only users whose home has a rawlog directory (see enableRawlog)
+            conf.append("  rawlog_dir = %h/rawlog")
         if not self.idle:
             capability = NO_IDLE_CAPABILITY + (" COMPRESS=DEFLATE" if zlib else "")
             conf.append(f"  imap_capability = {capability}")

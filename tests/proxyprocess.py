@@ -6,11 +6,17 @@ and the demo share this).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+from mailproxy.passwords import hashPassword
 
 HOST = "127.0.0.1"
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -93,6 +99,37 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+@contextmanager
+def runningProxy(
+    config: str, users: Mapping[str, str], ports: Sequence[int], prefix: str = "mp-proxy-"
+) -> Iterator[tuple[str, ProxyProcess]]:
+    """
+    Run C{twistd -n mailproxy} in a new directory holding C{config} as
+    C{mailproxy.toml} and a C{users} file (cheap scrypt hashes of the given
+    passwords), logging to C{twistd.log} there.
+
+    @return: a context giving the directory and the process once every one
+        of C{ports} accepts connections; on leaving it the process is
+        stopped and the directory removed.
+    """
+    directory = tempfile.mkdtemp(prefix=prefix)
+    process = None
+    try:
+        with open(os.path.join(directory, "users"), "w") as handle:
+            for name, password in users.items():
+                handle.write(f"{name}:{hashPassword(password, log2N=10)}\n")
+        configPath = os.path.join(directory, "mailproxy.toml")
+        with open(configPath, "w") as handle:
+            handle.write(config)
+        process = ProxyProcess(configPath, os.path.join(directory, "twistd.log"))
+        process.waitForPorts(list(ports))
+        yield directory, process
+    finally:
+        if process is not None:
+            process.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def residentKiB(pid: int) -> int:
