@@ -530,3 +530,20 @@ def test_more_messages_after_a_streamed_literal_are_relayed(tmp_path: Path) -> N
     connection.fromUpstream(b"+ OK\r\n")
     assert connection.upstream.sent.endswith(b" {3}\r\nabc\r\n")
     assert connection.received() == b""
+
+
+@pytest.mark.parametrize("plus", [b"", b"+"])
+def test_after_an_aborted_streamed_append_the_next_command_is_filtered_again(tmp_path: Path, plus: bytes) -> None:
+    """Filtered: a URL after a large literal aborts the APPEND; the rest is dropped and the next command is judged."""
+    seen = Scripted(onCommand=lambda command: Reject("no", "NO", "NOPERM") if command.name == b"DELETE" else PASS)
+    connection = filtered(tmp_path, seen)
+    connection.send(b"c1 APPEND INBOX CATENATE (TEXT {300000}\r\n")
+    connection.fromUpstream(b"+ OK\r\n")
+    connection.send(b"y" * 300000 + b' URL "/Archive;UID=1" TEXT {4%s}\r\n' % plus)
+    if plus:
+        connection.send(b"abcd)\r\n")
+    connection.send(b"c2 DELETE Archive\r\nc3 NOOP\r\n")
+    sent = connection.upstream.sent
+    assert sent.endswith(b"y (\r\nc3 NOOP\r\n"), sent[-60:]
+    assert b"DELETE" not in sent and b"abcd" not in sent
+    assert connection.received().endswith(b"c2 NO [NOPERM] no\r\n")

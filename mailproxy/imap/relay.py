@@ -350,7 +350,10 @@ class Relay:
             if event.literal is not None and not event.nonSynchronizing:
                 # The client will not send it: no "+" is coming.
                 self.client.framer.cancelLiteral()
-            self._refusedRest = not event.complete
+            # The command is over upstream: what the client still sends of it
+            # is dropped by the filtered path (no command is assembling), and
+            # its next command is filtered again.
+            self._streamingCommand = False
             return None
         self._tail = ArgumentLexer(lexer.depth, afterToken=True) if announcement is not None else None
         return event.raw
