@@ -8,6 +8,7 @@ the proxy's reply.  Most attacks are also tried directly against Dovecot
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -391,3 +392,70 @@ def test_deep_nesting_is_refused_without_crashing(bypassProxy: BypassProxy, name
     assert "RecursionError" not in log and "Traceback" not in log, log[-3000:]
     assert replies.reply(b"t").startswith(b"t BAD"), replies.reply(b"t")[:300]
     assertNotRelayed(session, "t")
+
+
+# -- 5. found by review: races and framing the first fix missed -------------------
+
+
+def test_an_idle_continuation_cannot_release_a_refused_literal(bypassProxy: BypassProxy) -> None:
+    """IDLE's "+" raced a literal Dovecot refuses: its octets (a DELETE of Archive) must never run upstream."""
+    hidden = b"y DELETE Archive\r\n"
+    before = bypassProxy.snapshot("mallory")
+    with bypassProxy.session("mallory") as session:
+        session.send(b"i IDLE\r\nDONE\r\nx APPEND Nope {%d}\r\n" % len(hidden) + hidden + b"\r\n")
+        replies = session.readTags([b"i", b"x"], timeout=15)
+        assertStillWorks(session)
+        rawlog = session.rawlog(waitFor=b"v NOOP")
+    assert b"DELETE" not in rawlog.sent, rawlog.sent
+    assert bypassProxy.snapshot("mallory") == before
+    assert replies.reply(b"x").startswith(b"x NO"), replies.reply(b"x")
+    assertAudited(session, rawlog)
+
+
+@pytest.mark.parametrize("url", [b"./Archive/;UID=1", b"/INBOX/../Archive/;UID=1", b"/%2E/Archive/;UID=1"])
+def test_catenate_urls_with_dot_segments_are_refused(bypassProxy: BypassProxy, url: bytes) -> None:
+    """Dovecot resolves . and .. in URLs: such a URL never reaches it from a session with mailbox rules."""
+    before = bypassProxy.snapshot("mallory")
+    with bypassProxy.session("mallory") as session:
+        session.send(b'c APPEND INBOX CATENATE (URL "%s")\r\n' % url)
+        replies = session.readTags([b"c"])
+        assertStillWorks(session)
+        rawlog = session.rawlog(waitFor=b"v NOOP")
+    assert b"CATENATE" not in rawlog.sent, rawlog.sent
+    assert replies.reply(b"c").startswith(b"c BAD"), replies.reply(b"c")
+    assert bypassProxy.snapshot("mallory") == before
+    assertNotRelayed(session, "c")
+
+
+def test_tags_dovecot_refuses_are_refused_by_the_proxy(bypassProxy: BypassProxy) -> None:
+    """A tag with "]" gets an untagged BAD from Dovecot, so the proxy neither relays nor tracks it."""
+    with bypassProxy.session("mallory") as session:
+        session.send(b'x]1 SEARCH SUBJECT "a"\r\n')
+        line = session.readLine(time.monotonic() + 10)
+        assertStillWorks(session)
+        rawlog = session.rawlog(waitFor=b"v NOOP")
+    assert line.startswith(b"* BAD "), line
+    assert b"x]1" not in rawlog.sent, rawlog.sent
+
+
+@pytest.mark.parametrize("bare", [False, True], ids=["audit-only", "no-filters"])
+def test_a_literal_in_a_command_only_dovecot_knows_smuggles_nothing(bypassProxy: BypassProxy, bare: bool) -> None:
+    """X-CANCEL reads a literal in Dovecot, not in the proxy: the line is refused, so proxy and Dovecot stay in step."""
+    hidden = b"v COMPRESS DEFLATE"
+    announced = b"u APPEND INBOX {%d}\r\n" % len(hidden)
+    with bypassProxy.session("penny", bare=bare) as session:
+        # Relayed, Dovecot would read the APPEND line as X-CANCEL's literal
+        # and the client's next line (COMPRESS) as a command.
+        session.send(b"t X-CANCEL {%d}\r\n" % len(announced) + announced)
+        first = session.readTags([b"t"], timeout=10)
+        continuation = session.readLine(time.monotonic() + 10)
+        # Both read the APPEND as a command: what follows is its message.
+        session.send(hidden + b"\r\n")
+        appended = session.readTags([b"u"], timeout=10)
+        assertStillWorks(session)
+        rawlog = session.rawlog(waitFor=b"v NOOP")
+    assert b"X-CANCEL" not in rawlog.sent, rawlog.sent
+    assert b"Begin compression" not in rawlog.received, rawlog.received
+    assert first.reply(b"t").startswith(b"t BAD"), first.reply(b"t")
+    assert continuation.startswith(b"+"), continuation
+    assert appended.reply(b"u").startswith(b"u OK"), appended.reply(b"u")

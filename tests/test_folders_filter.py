@@ -261,7 +261,6 @@ def test_another_separator() -> None:
         b"a FETCH 1 BODY[HEADER.FIELDS (Sent)]",
         b"a NOOP",
         b"a SEARCH SUBJECT Sent",
-        b"a COPY Sent",  # malformed: no target
     ],
 )
 def test_unchanged_commands_pass(line: bytes) -> None:
@@ -463,3 +462,10 @@ def test_a_hidden_mailbox_in_an_esearch_response_is_dropped() -> None:
     shown = response(b'* ESEARCH (TAG "a" MAILBOX "INBOX" UIDVALIDITY 1) ALL 1:3\r\n')
     assert FILTER.filterResponse(SESSION, hidden) is DROP
     assert FILTER.filterResponse(SESSION, shown) is PASS
+
+
+@pytest.mark.parametrize("line", [b'a APPEND INBOX CATENATE (URL "/INBOX/../Junk/;UID=1")\r\n', b"a COPY Sent\r\n"])
+def test_mailbox_arguments_the_filter_cannot_read_are_refused(line: bytes) -> None:
+    """A URL with dot segments could name a hidden mailbox; a COPY without a target names none it can check: BAD."""
+    verdict = FILTER.filterCommand(SESSION, command(line))
+    assert isinstance(verdict, Reject) and verdict.status == "BAD"

@@ -797,7 +797,8 @@ class ContinuingUpstream:
                 if not isinstance(framed, Line):
                     continue
                 parsed = None if framed.continuation else tagAndCommand(framed.raw)
-                idle = parsed is not None and parsed[1] == b"IDLE" and framed.complete
+                # A server answers IDLE with "+", IDLE with arguments with BAD.
+                idle = parsed is not None and parsed[1] == b"IDLE" and framed.complete and len(framed.raw.split()) == 2
                 if idle or framed.literal is not None and not framed.nonSynchronizing:
                     self._owedAt.append((self._framed, idle))
             if not self._owedAt or self._owedAt[0][0] > len(received):

@@ -481,11 +481,16 @@ def test_a_literal_plus_literal_the_upstream_refuses_runs_nothing(tmp_path: Path
 
 @pytest.mark.parametrize("plus", [b"", b"+"])
 def test_an_unknown_command_announces_no_literal(tmp_path: Path, plus: bytes) -> None:
-    """Servers reject an unknown command before its literal: its {n} is text and the next line a command, for the proxy too."""
+    """An unknown command's {n} is no literal: the next line is a command; passthrough too, where the line is refused."""
     connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=LITERAL_PLUS))
     connection.send(b"c1 XYZZY {20%s}\r\nu COMPRESS DEFLATE\r\nc2 NOOP\r\n" % plus)
-    assert connection.upstream.sent == b"c1 XYZZY {20%s}\r\nc2 NOOP\r\n" % plus
-    assert connection.received() == b"u BAD Command not available after login through this proxy\r\n"
+    # Relayed, a server that knows the command would read the next line as
+    # its literal, which the proxy took for a command.
+    assert connection.upstream.sent == b"c2 NOOP\r\n"
+    assert connection.received() == (
+        b"c1 BAD Literal not accepted here by the proxy\r\n"
+        b"u BAD Command not available after login through this proxy\r\n"
+    )
     filteredConnection = filtered(tmp_path, Scripted())
     filteredConnection.send(b"c1 XYZZY {20%s}\r\nu SELECT Archive\r\n" % plus)
     assert filteredConnection.received().startswith(b"c1 BAD ")
@@ -547,3 +552,44 @@ def test_after_an_aborted_streamed_append_the_next_command_is_filtered_again(tmp
     assert sent.endswith(b"y (\r\nc3 NOOP\r\n"), sent[-60:]
     assert b"DELETE" not in sent and b"abcd" not in sent
     assert connection.received().endswith(b"c2 NO [NOPERM] no\r\n")
+
+
+def test_an_idle_continuation_never_releases_a_literal_the_upstream_refuses(tmp_path: Path) -> None:
+    """Filtered: a command behind an IDLE waits for the IDLE's '+'; a refused literal then runs nothing upstream."""
+    connection = filtered(tmp_path, Scripted())
+    connection.send(b"i IDLE\r\nDONE\r\nx APPEND Nope {18}\r\ny DELETE Archive\r\n\r\n")
+    assert connection.upstream.sent == b"i IDLE\r\nDONE\r\n"
+    connection.fromUpstream(b"+ idling\r\n")
+    assert connection.upstream.sent == b"i IDLE\r\nDONE\r\nx APPEND Nope {18}\r\n"
+    connection.fromUpstream(b"i OK Idle completed\r\nx NO [TRYCREATE] Mailbox doesn't exist\r\n")
+    assert b"DELETE" not in connection.upstream.sent
+    assert connection.received().endswith(b"x NO [TRYCREATE] Mailbox doesn't exist\r\n")
+
+
+@pytest.mark.parametrize("filters", [[], [Scripted()]], ids=["passthrough", "filtered"])
+def test_a_continuation_nothing_asked_for_is_not_relayed(tmp_path: Path, filters: list[object]) -> None:
+    """An upstream '+' that no relayed command is owed does not invite the client to send octets as data."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=LITERAL_PLUS), filters=filters)
+    connection.send(b"c1 NOOP\r\n")
+    connection.fromUpstream(b"+ OK\r\nc1 OK done\r\n")
+    assert connection.received() == b"c1 OK done\r\n"
+
+
+def test_commands_queued_behind_a_continuation_that_never_comes_are_bounded(tmp_path: Path) -> None:
+    """Filtered: past 256 KiB queued behind a literal's '+' the client is cut off, nothing more is held."""
+    connection = filtered(tmp_path, Scripted())
+    connection.send(b"x1 SEARCH SUBJECT {3}\r\nabc\r\n")
+    for index in range(300):
+        connection.send(b'c%d SEARCH SUBJECT "%s"\r\n' % (index, b"a" * 1000))
+    assert connection.upstream.sent == b"x1 SEARCH SUBJECT {3}\r\n"
+    assert connection.transport.disconnecting
+    assert connection.protocol.relay._outboundSize == 0
+
+
+def test_commands_awaiting_a_reply_are_bounded(tmp_path: Path) -> None:
+    """Filtered: replies that never come (untaggable commands) do not grow the in-flight table without bound."""
+    from mailproxy.imap.relay import MAX_IN_FLIGHT
+
+    connection = filtered(tmp_path, Scripted())
+    connection.send(b"".join(b"t%d NOOP\r\n" % index for index in range(MAX_IN_FLIGHT + 50)))
+    assert len(connection.protocol.relay._inFlight) == MAX_IN_FLIGHT

@@ -361,3 +361,13 @@ def test_known_commands_still_pass_read_only() -> None:
     """Reading commands the proxy knows pass a read-only policy."""
     for line in (b"a UID FETCH 1:* (FLAGS)\r\n", b"a ID NIL\r\n", b"a NAMESPACE\r\n", b"a ESEARCH ALL\r\n"):
         assert decide({"read_only": True}, line) is PASS
+
+
+@pytest.mark.parametrize(
+    "url",
+    [b"./Archive/;UID=1", b"/INBOX/../Archive/;UID=1", b"/%2E/Archive;UID=1", b"/INBOX/%2e%2E/Archive;UID=1"],
+)
+def test_urls_with_dot_segments_are_refused(url: bytes) -> None:
+    """Servers resolve . and .. in URL paths: such a URL names no mailbox the policy can check."""
+    verdict = decide(DENY_ARCHIVE, b'a APPEND INBOX CATENATE (URL "%s")\r\n' % url)
+    assert isinstance(verdict, Reject) and verdict.status == "BAD"

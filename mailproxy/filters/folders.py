@@ -19,6 +19,7 @@ from mailproxy.imap.model import IMAPCommand, IMAPResponse, List, Message, Strin
 from mailproxy.interfaces import ICommandFilter, IResponseFilter, ISession
 
 NO_SUCH_MAILBOX = Reject("No such mailbox", "NO", "NONEXISTENT")
+UNREADABLE = Reject("Command arguments could not be checked by the proxy's folder filter", "BAD")
 
 # Which arguments of a command are mailbox names; -1 is the last one.
 _MAILBOX_ARGUMENTS: dict[bytes, tuple[int, ...]] = {
@@ -149,7 +150,10 @@ class FolderFilter:
         # Every other way of naming a mailbox (URLs, NOTIFY, ESEARCH, ACL
         # and METADATA commands...) is not mapped, but a hidden one is
         # refused whichever way it is named.
-        for raw in namedMailboxes(command) or ():
+        named = namedMailboxes(command)
+        if named is None:
+            return UNREADABLE
+        for raw in named:
             name, decoded = _decodeName(raw)
             if self._isHidden(self._toUpstream(name) if decoded else name):
                 return NO_SUCH_MAILBOX

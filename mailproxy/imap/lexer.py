@@ -104,9 +104,10 @@ _ANNOUNCEMENT = re.compile(rb"(~?)\{([0-9]{1,20})(\+?)\}\Z")
 _PARTIAL = re.compile(rb"<[0-9]{1,10}(?:\.[0-9]{1,10})?>")
 # What may follow a token: a space, the end of its list, or the end.
 _SEPARATORS = frozenset(b" )")
-# tag = 1*<any ASTRING-CHAR except "+">; command names are letters, digits,
-# ".", "-" and "_", starting with a letter.
-_TAG = rb"[\x21\x23\x24\x26\x27\x2c-\x5b\x5d-\x7a\x7c-\x7e]+"
+# tag = 1*<any ASTRING-CHAR except "+">, less "]", which Dovecot refuses in
+# tags (its reply to such a command is an untagged BAD); command names are
+# letters, digits, ".", "-" and "_", starting with a letter.
+_TAG = rb"[\x21\x23\x24\x26\x27\x2c-\x5b\x5e-\x7a\x7c-\x7e]+"
 _NAME = rb"[A-Za-z][A-Za-z0-9._\-]*"
 _HEAD = re.compile(rb"(" + _TAG + rb") (" + _NAME + rb")(?: |\Z)")
 _UID_NAME = re.compile(rb"(" + _NAME + rb")(?: |\Z)")

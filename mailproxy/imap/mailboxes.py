@@ -142,7 +142,10 @@ def _urlMailboxes(urls: Iterable[Token]) -> list[bytes] | None:
         url = text(token)
         if url is None:
             return None
-        mailbox = urlMailbox(url)
+        try:
+            mailbox = urlMailbox(url)
+        except ValueError:
+            return None
         if mailbox:
             names.append(mailbox)
     return names
@@ -153,12 +156,20 @@ def urlMailbox(url: bytes) -> bytes:
     The mailbox an IMAP URL (RFC 5092) names, percent-decoded: the path up
     to its first C{;} or C{?}, without the C{/} before C{;UID=}; C{b""} for
     a URL relative to the selected mailbox.
+
+    @raise ValueError: if the path has C{.} or C{..} segments (servers
+        resolve them, RFC 3986, so the name is not what it seems).
     """
     authority = _IMAP_URL.match(url)
     path = url[authority.end() :] if authority else url
     path = path.removeprefix(b"/")
     end = min((position for position in (path.find(b";"), path.find(b"?")) if position >= 0), default=len(path))
-    return unquote_to_bytes(path[:end].removesuffix(b"/"))
+    raw = path[:end]
+    decoded = unquote_to_bytes(raw)
+    for segments in (raw.split(b"/"), decoded.split(b"/")):
+        if b"." in segments or b".." in segments:
+            raise ValueError("dot segments in an IMAP URL")
+    return decoded.removesuffix(b"/")
 
 
 def _notified(arguments: Sequence[Token]) -> list[bytes] | None:

@@ -47,6 +47,11 @@ STREAMABLE = frozenset({b"APPEND", b"REPLACE"})
 # rest the proxy will not relay: an unbalanced list, which every server
 # answers BAD without executing anything.
 _ABORT_COMMAND = b" (\r\n"
+# A line ending like a literal announcement.
+_ENDS_LIKE_LITERAL = re.compile(rb"~?\{[0-9]+\+?\}\r?\n\Z")
+# Commands tracked for their tagged reply at once; past this the oldest is
+# forgotten (a reply the upstream could not tag never comes).
+MAX_IN_FLIGHT = 1000
 # Commands timed at once in the passthrough relay (pipelining beyond this
 # goes untimed rather than growing the table).
 MAX_TIMED_COMMANDS = 1000
@@ -105,6 +110,19 @@ class _Assembly:
         if not chunk.remaining:
             self.parts.append(bytes(self.literal))
             self.literal = bytearray()
+
+
+@dataclass
+class _Outbound:
+    """
+    A command on its way upstream, as its remaining parts (octets, is
+    text); C{owes} is the tag whose "+" the upstream owes once it is all
+    sent (a relayed IDLE, or a literal that streams).
+    """
+
+    tag: bytes
+    parts: deque[tuple[bytes, bool]]
+    owes: bytes | None = None
 
 
 @dataclass
@@ -184,7 +202,8 @@ class Relay:
         self._clientTag: bytes | None = None
         # Commands waiting to go upstream, each as its remaining parts; the
         # first may be stopped at a synchronising literal.
-        self._outbound: deque[tuple[bytes, deque[tuple[bytes, bool]]]] = deque()
+        self._outbound: deque[_Outbound] = deque()
+        self._outboundSize = 0
         self._outboundWaiting = False
         self._inFlight: dict[bytes, _InFlight] = {}
         self._pendingSelect: tuple[bytes, bytes | None] | None = None
@@ -288,9 +307,16 @@ class Relay:
             if parsed is not None and parsed[1] in NOT_RELAYED:
                 self._startDiscard(event, parsed[0], _NOT_RELAYED_REPLY)
                 return
+            if event.literal is None and _ENDS_LIKE_LITERAL.search(event.raw):
+                # The proxy reads no literal here (an unknown command, or
+                # text that does not read cleanly); a server that did would
+                # take the next octets as data the proxy took for commands.
+                tag = parsed[0] if parsed is not None else b"*"
+                self.sendLocal(tag + b" BAD Literal not accepted here by the proxy\r\n")
+                return
             if event.complete and self._idleHandled(parsed, event.raw):
                 return
-            if parsed is not None and parsed[1] == b"IDLE" and event.complete:
+            if parsed is not None and parsed[1] == b"IDLE" and len(event.raw.split()) == 2:
                 self._continuations.append(parsed[0])
             if parsed is not None:
                 self._commandSent(parsed[0])
@@ -302,18 +328,26 @@ class Relay:
             if checked is None:
                 return
             raw = checked
+        elif event.continuation and event.literal is None and _ENDS_LIKE_LITERAL.search(raw):
+            # The same at the end of a command already on its way: the
+            # upstream gets a line that ends it with BAD instead.
+            raw = _ABORT_COMMAND
         if event.literal is not None:
             self._awaitLiteral(self._clientTag, event.nonSynchronizing)
             raw = _synchronizing(raw)
         self._toUpstreamInOrder(raw)
 
-    def _awaitLiteral(self, tag: bytes | None, clientSends: bool) -> None:
+    def _awaitLiteral(self, tag: bytes | None, clientSends: bool, owedNow: bool = True) -> None:
         """
         A literal goes upstream synchronising: hold what the client sends
         after it until the upstream's "+" (for LITERAL+, stop reading too).
+
+        @param owedNow: the announcement is sent now (else its L{_Outbound}
+            registers the "+" it is owed once sent).
         """
         self._awaitingContinuation = tag
-        self._continuations.append(tag or b"")
+        if owedNow:
+            self._continuations.append(tag or b"")
         if clientSends:
             self._awaitingKind = _Literal.CLIENT_SENDS
             if not self._pausedForLiteral:
@@ -415,7 +449,7 @@ class Relay:
         still holds for the upstream's continuation.
         """
         if self._outbound:
-            self._outbound.append((b"", deque([(data, False)])))
+            self._queue(_Outbound(b"", deque([(data, False)])))
         else:
             self.toUpstream(data)
 
@@ -605,10 +639,9 @@ class Relay:
                 self._reject(command, Reject("Internal error in a proxy filter", "NO", "SERVERBUG"), streamed)
                 wire = None
             if wire is not None and not (streamed is None and final.name == b"IDLE" and self.idle.start(final.tag)):
-                if final.name == b"IDLE" and not self._outbound:
-                    self._continuations.append(final.tag)
                 self._trackCommand(final)
-                self._forward(wire, streamed, final.tag)
+                # An IDLE with arguments gets BAD, not "+".
+                self._forward(wire, streamed, final.tag, idle=final.name == b"IDLE" and not final.arguments)
         if self._clientBlocked:
             self._clientBlocked = False
             self.client.transport.resumeProducing()
@@ -626,7 +659,7 @@ class Relay:
         else:
             self.sendLocal(command.tag + b" " + reply + b"\r\n")
 
-    def _forward(self, parts: list[Part], streamed: Line | None, tag: bytes | None = None) -> None:
+    def _forward(self, parts: list[Part], streamed: Line | None, tag: bytes | None = None, idle: bool = False) -> None:
         """
         Send a command upstream; a trailing L{StreamedLiteral} switches to
         streaming the rest of it as it arrives.
@@ -638,7 +671,7 @@ class Relay:
         if streamed is not None:
             self._streamingCommand = True
             self._clientTag = tag
-            self._awaitLiteral(tag, streamed.nonSynchronizing)
+            self._awaitLiteral(tag, streamed.nonSynchronizing, owedNow=False)
         # (octets, is text): only text parts announce literals; literal data
         # that happens to end like "{5}\r\n" must not stop the sending.
         outbound: deque[tuple[bytes, bool]] = deque()
@@ -646,19 +679,46 @@ class Relay:
             if isinstance(part, StreamedLiteral):
                 break
             outbound.append((part, index % 2 == 0))
-        self._outbound.append((tag or b"", outbound))
+        owes = (tag or b"") if streamed is not None or idle else None
+        self._queue(_Outbound(tag or b"", outbound, owes))
         self._flushOutbound()
 
+    def _queue(self, command: _Outbound) -> None:
+        """
+        Queue C{command} for the upstream; a client that piles up more than
+        L{PAUSED_HOLD_LIMIT} octets behind a continuation that does not come
+        is cut off.
+        """
+        self._outbound.append(command)
+        self._outboundSize += sum(len(part) for part, _ in command.parts)
+        if self._outboundSize > PAUSED_HOLD_LIMIT:
+            self.log.warn(
+                "{client} queued {size} octets behind an upstream continuation; disconnecting",
+                client=self.client.clientAddress,
+                size=self._outboundSize,
+            )
+            self._outbound.clear()
+            self._outboundSize = 0
+            self.client.closeAtBoundary(b"Too much data queued for the upstream")
+
     def _flushOutbound(self) -> None:
-        while self._outbound and not self._outboundWaiting:
-            _, current = self._outbound[0]
-            while current:
-                part, isText = current.popleft()
+        """
+        Send what waits to go upstream, but never while a "+" is owed: then
+        the next "+" can only answer the one thing waiting for it (an IDLE's
+        "+" must not release a literal the upstream then refuses).
+        """
+        while self._outbound and not self._outboundWaiting and not self._continuations:
+            current = self._outbound[0]
+            while current.parts:
+                part, isText = current.parts.popleft()
+                self._outboundSize -= len(part)
                 self.toUpstream(part)
-                if current and isText and _SYNC_ANNOUNCEMENT.search(part):
+                if current.parts and isText and _SYNC_ANNOUNCEMENT.search(part):
                     self._outboundWaiting = True
                     return
             self._outbound.popleft()
+            if current.owes is not None:
+                self._continuations.append(current.owes)
 
     def _commandSent(self, tag: bytes) -> None:
         if self.watchdog is not None:
@@ -700,6 +760,8 @@ class Relay:
         self.client.upstreamTimedOut()
 
     def _trackCommand(self, command: IMAPCommand) -> None:
+        if len(self._inFlight) >= MAX_IN_FLIGHT:
+            del self._inFlight[next(iter(self._inFlight))]
         self._inFlight[command.tag] = _InFlight(command, time.monotonic(), self.bytesIn, self.bytesOut)
         if command.name in (b"SELECT", b"EXAMINE"):
             self._pendingSelect = (command.tag, text(command.arguments[0]) if command.arguments else None)
@@ -746,7 +808,7 @@ class Relay:
             if not event.continuation:
                 if event.complete and self.idle.swallow(raw):
                     continue
-                if self._continuations and self._continuationAnswered(raw):
+                if not self._answered(raw):
                     continue
                 if timing and raw[:1] not in (b"*", b"+"):
                     answered.append(raw.split(b" ", 1)[0])
@@ -764,7 +826,7 @@ class Relay:
             return
         raw = event.raw
         if not event.continuation:
-            if self._continuations and self._continuationAnswered(raw):
+            if not self._answered(raw):
                 return
             raw = self._baseRewrite(raw)
         self.toClient(raw, complete=event.complete)
@@ -776,6 +838,22 @@ class Relay:
             return rewriteCapabilities(raw, self._capabilities)
         return raw
 
+    def _answered(self, response: bytes) -> bool:
+        """
+        Follow what C{response} (the start of one) answers of what the
+        upstream owes a "+"; C{False} if the client must not see it: a "+"
+        for a literal the client sent as LITERAL+, or one nothing relayed
+        asked for (the upstream then reads octets as data that the proxy
+        reads as commands: the client is not invited to send any).
+        """
+        if response[:1] == b"+" and not self._continuations:
+            self.log.warn(
+                "{client}: the upstream sent a continuation no relayed command asked for; not relayed",
+                client=self.client.clientAddress,
+            )
+            return False
+        return not (self._continuations and self._continuationAnswered(response))
+
     def _continuationAnswered(self, response: bytes) -> bool:
         """
         Follow the upstream's continuations: each C{+} answers the oldest
@@ -786,7 +864,9 @@ class Relay:
             (it sent its literal as LITERAL+).
         """
         if response.startswith(b"+"):
-            if self._continuations.popleft() == self._awaitingContinuation:
+            owed = self._continuations.popleft()
+            self._flushOutbound()
+            if owed == self._awaitingContinuation:
                 self._awaitingContinuation = None
                 self._releaseHeld = True
                 return self._awaitingKind is _Literal.CLIENT_SENDS
@@ -795,6 +875,7 @@ class Relay:
         if tag not in self._continuations:
             return False
         self._continuations.remove(tag)
+        self._flushOutbound()
         if tag == self._awaitingContinuation:
             self._awaitingContinuation = None
             self._streamingCommand = False
@@ -830,7 +911,8 @@ class Relay:
             if event.complete and self.idle.swallow(event.raw):
                 return
             if self._outboundWaiting and event.raw.startswith(b"+"):
-                # Our own continuation dance for a buffered literal.
+                # Our own continuation dance for a buffered literal (nothing
+                # else is owed a "+" meanwhile: see _flushOutbound).
                 self._outboundWaiting = False
                 self._flushOutbound()
                 return
@@ -858,16 +940,17 @@ class Relay:
         The upstream answered a command whose literal it was to accept with
         a tagged reply: the rest of that command is not sent.
         """
-        tag, _ = self._outbound[0]
+        tag = self._outbound[0].tag
         if raw.startswith(tag + b" "):
-            self._outbound.popleft()
+            dropped = self._outbound.popleft()
+            self._outboundSize -= sum(len(part) for part, _ in dropped.parts)
             self._outboundWaiting = False
             self._flushOutbound()
 
     def _deliver(self, parts: list[Part]) -> None:
         first = parts[0]
         assert isinstance(first, bytes)
-        if self._continuations and self._continuationAnswered(first):
+        if not self._answered(first):
             return
         if first.startswith(b"+"):
             self._writeResponse(parts)
