@@ -34,6 +34,7 @@ UPSTREAM_USERS = {
     "fred": "fredpw",  # filter tests: default filter chain
     "rita": "ritapw",  # filter tests: read-only chain
     "ida": "idapw",  # IDLE tests
+    "ivy": "ivypw",  # emulated IDLE with a policy (no Archive)
     "pat": "patpw",  # POP3 bridge (IMAP upstream)
     "paul": "paulpw",  # POP3 relay (POP3 upstream, STLS)
     "pia": "piapw",  # POP3 relay (POP3 upstream, implicit TLS)
@@ -312,10 +313,11 @@ class EmulatingProxy:
 def emulatingProxy() -> Iterator[EmulatingProxy]:
     """
     A Dovecot without IDLE and the proxy in front of it, polling every 0.3 s
-    to emulate IDLE.
+    to emulate IDLE; ivy may not touch Archive.
     """
     upstream = DovecotUpstream(idle=False)
-    upstream.addUser("ida", UPSTREAM_USERS["ida"])
+    users = {name: UPSTREAM_USERS[name] for name in ("ida", "ivy")}
+    upstream.addUsers(users)
     upstream.start()
     try:
         port = freePort()
@@ -332,8 +334,13 @@ host = "127.0.0.1"
 port = {upstream.ports["imap"]}
 [routing]
 default_upstream = "noidle"
+[filters.deny]
+type = "policy"
+mailboxes_deny = ["Archive"]
+[routing.users.ivy]
+filters = ["deny"]
 """
-        with runningProxy(config, {"ida": UPSTREAM_USERS["ida"]}, [port], "mp-emulating-") as (_, process):
+        with runningProxy(config, users, [port], "mp-emulating-") as (_, process):
             yield EmulatingProxy(port, upstream, process)
     finally:
         upstream.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import imaplib
 import socket
+import time
 
 from tests.conftest import HOST, UPSTREAM_USERS, EmulatingProxy, RunningProxy
 from tests.dovecot import DovecotUpstream
@@ -63,9 +64,9 @@ class IdleClient:
         self.sock.close()
 
 
-def direct(upstream: DovecotUpstream) -> imaplib.IMAP4:
+def direct(upstream: DovecotUpstream, user: str = "ida") -> imaplib.IMAP4:
     client = imaplib.IMAP4(HOST, upstream.ports["imap"], timeout=GUARD)
-    client.login("ida", UPSTREAM_USERS["ida"])
+    client.login(user, UPSTREAM_USERS[user])
     client.select("INBOX")
     return client
 
@@ -103,3 +104,36 @@ def test_idle_is_emulated_for_an_upstream_without_idle(emulatingProxy: Emulating
     assert "IDLE" not in probe.capabilities
     probe.logout()
     exerciseIdle(emulatingProxy.port, emulatingProxy.upstream)
+
+
+def test_an_emulated_idle_poll_cannot_cut_a_literal_into_a_smuggled_command(emulatingProxy: EmulatingProxy) -> None:
+    """A client "idling" while it streams an APPEND, pausing past the poll interval: no NOOP lands in its literal.
+
+    Had the proxy's NOOP gone upstream mid-literal, Dovecot would have taken
+    its octets as message data and the literal's last octets ("zz SELECT")
+    plus the line after it (" Archive") as a command the policy never saw.
+    """
+    setup = direct(emulatingProxy.upstream, "ivy")
+    setup.create("Archive")
+    before = int(setup.select("INBOX")[1][0] or 0)
+    body = b"Subject: smuggle\r\n\r\n" + b"y" * 300000 + b"\r\nzz SELECT"
+    client = IdleClient(emulatingProxy.port, "ivy")
+    lines = []
+    try:
+        client.idle()
+        client.sock.sendall(b"u APPEND INBOX {%d}\r\n" % len(body))
+        assert client.waitFor(b"+").startswith(b"+")
+        client.sock.sendall(body[:1000])
+        time.sleep(1.0)  # over three poll intervals: the proxy must hold its NOOP
+        client.sock.sendall(body[1000:] + b" Archive\r\n")
+        while not lines or not lines[-1].startswith(b"u "):
+            lines.append(client.reader.readline())
+            assert lines[-1], "connection closed"
+        client.done()
+    finally:
+        client.close()
+    # Dovecot read " Archive" as the rest of the APPEND: BAD, nothing appended, no SELECT.
+    assert lines[-1].startswith(b"u BAD"), lines
+    assert not any(line.startswith(b"zz ") for line in lines), lines
+    assert int(setup.select("INBOX")[1][0] or 0) == before
+    setup.logout()

@@ -183,3 +183,36 @@ def test_several_tags_in_flight_with_interleaved_responses(tmp_path: Path, filte
     for offset in range(0, len(replies), 11):
         connection.fromUpstream(replies[offset : offset + 11])
     assert connection.received() == replies
+
+
+@pytest.mark.parametrize("plus", [b"", b"+"])
+def test_an_emulated_idle_poll_never_lands_inside_a_client_command(
+    tmp_path: Path, filters: list[Any], plus: bytes
+) -> None:
+    """A client streaming an APPEND while "idling" gets no NOOP in its literal: the poll waits for the command's end."""
+    connection = session(tmp_path, WITHOUT_IDLE, filters)
+    connection.send(b"i IDLE\r\n")
+    connection.send(b"u APPEND INBOX {300000%s}\r\n" % plus)
+    connection.fromUpstream(b"+ OK\r\n")
+    connection.send(b"y" * 1000)
+    connection.clock.advance(POLL * 3)
+    assert b"NOOP" not in connection.upstream.sent
+    connection.send(b"y" * 299000 + b"\r\n")
+    connection.clock.advance(POLL)
+    sent = connection.upstream.sent
+    assert sent.endswith(b"y" * 299000 + b"\r\nmpi1 NOOP\r\n"), sent[-40:]
+
+
+def test_a_refresh_never_lands_inside_a_client_command(tmp_path: Path, filters: list[Any]) -> None:
+    """The proxy's DONE for a refresh waits until a command the client (wrongly) sent while idling is relayed whole."""
+    connection = session(tmp_path, WITH_IDLE, filters)
+    connection.send(b"i IDLE\r\n")
+    connection.fromUpstream(b"+ idling\r\n")
+    connection.send(b"u APPEND INBOX {300000+}\r\n")
+    connection.fromUpstream(b"+ OK\r\n")
+    connection.send(b"y" * 1000)
+    connection.clock.advance(REFRESH + 5)
+    assert b"DONE" not in connection.upstream.sent
+    connection.send(b"y" * 299000 + b"\r\n")
+    connection.clock.advance(5)
+    assert connection.upstream.sent.endswith(b"y\r\nDONE\r\n")

@@ -127,6 +127,15 @@ class IMAPFramer:
         return self._literalRemaining > 0
 
     @property
+    def midCommand(self) -> bool:
+        """
+        C{True} between a literal's announcement and the end of its command:
+        what was framed so far ends inside a command (a partial line does
+        not count; nothing of it has been framed).
+        """
+        return self._literalRemaining > 0 or self._continuation
+
+    @property
     def atBoundary(self) -> bool:
         """
         C{True} if the stream so far ends exactly between two commands or

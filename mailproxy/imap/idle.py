@@ -21,6 +21,10 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+# How soon the proxy tries again to send a poll or refresh of its own that
+# had to wait for a client command to be wholly relayed.
+BUSY_RETRY = 1.0
+
 
 class _Refresh(enum.Enum):
     NONE = "none"
@@ -32,8 +36,8 @@ class IdleController:
     """
     The IDLE state of one relayed session.
 
-    @param relay: provides C{sendLocal(bytes)}, C{toUpstream(bytes)} and
-        C{client} (with C{setTimeout}).
+    @param relay: provides C{sendLocal(bytes)}, C{toUpstream(bytes)},
+        C{upstreamMidCommand()} and C{client} (with C{setTimeout}).
     """
 
     log = Logger()
@@ -142,6 +146,12 @@ class IdleController:
                 self._refresh = _Refresh.NONE
                 self._finish(emulated=False)
                 return False
+            if self.relay.upstreamMidCommand():
+                # The client began a command meanwhile (while idling, which
+                # it must not): its IDLE is over, not re-sent into it.
+                self._refresh = _Refresh.NONE
+                self._finish(emulated=True)
+                return True
             self._refresh = _Refresh.IDLE_RESENT
             self.relay.toUpstream(tag + b" IDLE\r\n")
             return True
@@ -163,6 +173,11 @@ class IdleController:
 
     def _poll(self) -> None:
         self._timer = None
+        if self.relay.upstreamMidCommand():
+            # A client that sends commands while idling (it must not) still
+            # never gets the proxy's NOOP in the middle of one.
+            self._schedule(BUSY_RETRY, self._poll)
+            return
         self._polls += 1
         self._noopTag = b"mpi%d" % self._polls
         self.relay.toUpstream(self._noopTag + b" NOOP\r\n")
@@ -170,6 +185,9 @@ class IdleController:
 
     def _refreshNow(self) -> None:
         self._timer = None
+        if self.relay.upstreamMidCommand():
+            self._schedule(BUSY_RETRY, self._refreshNow)
+            return
         self._refresh = _Refresh.DONE_SENT
         self.relay.toUpstream(b"DONE\r\n")
         self.relay.updateWatchdog()

@@ -742,6 +742,18 @@ class Relay:
             if count > 1:
                 self._unanswered[tag] = count - 1
 
+    def upstreamMidCommand(self) -> bool:
+        """
+        C{True} while a client command is partly relayed (or queued): the
+        proxy's own commands (IDLE polls and refreshes) must wait, or they
+        would land inside it, and what followed them run as a command.
+        """
+        if self._awaitingContinuation is not None:
+            return True
+        if self.chain:
+            return bool(self._outbound) or self._outboundWaiting or self._streamingCommand
+        return self.client.framer.midCommand
+
     def updateWatchdog(self) -> None:
         """
         Count upstream silence while it owes a reply to a relayed command,
