@@ -22,7 +22,7 @@ from tests.dovecot import DovecotUpstream
 from tests.proxyprocess import HOST, ProxyProcess
 
 BYPASS_USERS = {
-    "mallory": "mallorypw",  # filters: deny (Archive, Archive/* off limits)
+    "mallory": "mallorypw",  # filters: deny (Archive, Archive/*, Lists/dev off limits)
     "rory": "rorypw",  # filters: readonly (+ Archive off limits), hide Lists*
     "penny": "pennypw",  # no filters of her own (and the listener without any)
     "victor": "victorpw",  # not a proxy user: direct experiments against Dovecot
@@ -42,7 +42,7 @@ file = "audit.jsonl"
 
 [filters.deny]
 type = "policy"
-mailboxes_deny = ["Archive", "Archive/*"]
+mailboxes_deny = ["Archive", "Archive/*", "Lists/dev"]
 
 [filters.readonly]
 type = "policy"

@@ -459,3 +459,20 @@ def test_a_literal_in_a_command_only_dovecot_knows_smuggles_nothing(bypassProxy:
     assert first.reply(b"t").startswith(b"t BAD"), first.reply(b"t")
     assert continuation.startswith(b"+"), continuation
     assert appended.reply(b"u").startswith(b"u OK"), appended.reply(b"u")
+
+
+def test_renaming_the_parent_of_a_denied_mailbox_is_refused(bypassProxy: BypassProxy) -> None:
+    """RENAME Lists moves Lists/dev (denied to mallory) to Moved/dev, out of the rule's reach: refused."""
+    with bypassProxy.directSession("victor") as direct:
+        assert direct.command(b"r RENAME Lists Moved")[-1].startswith(b"r OK")
+    assert "Moved/dev" in bypassProxy.snapshot("victor").mailboxes
+    before = bypassProxy.snapshot("mallory")
+    with bypassProxy.session("mallory") as session:
+        session.send(b"r RENAME Lists Moved\r\n")
+        replies = session.readTags([b"r"])
+        assertStillWorks(session)
+        rawlog = session.rawlog(waitFor=b"v NOOP")
+    assert replies.reply(b"r").startswith(b"r NO [NOPERM]"), replies.reply(b"r")
+    assert b"RENAME" not in rawlog.sent, rawlog.sent
+    assert bypassProxy.snapshot("mallory") == before
+    assertNotRelayed(session, "r")

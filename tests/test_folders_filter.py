@@ -199,7 +199,7 @@ def test_no_options_changes_nothing() -> None:
         (b"a CREATE Sent/2025", b"a CREATE INBOX/Sent/2025"),
         (b"a DELETE Sent/2020", b"a DELETE INBOX/Sent/2020"),
         (b"a RENAME Sent/2023 Sent/Old", b"a RENAME INBOX/Sent/2023 INBOX/Sent/Old"),
-        (b"a RENAME Other Sent/Other", b"a RENAME Other INBOX/Sent/Other"),
+        (b"a RENAME Other/Sub Sent/Other", b"a RENAME Other/Sub INBOX/Sent/Other"),
         (b"a RENAME Sent/Other Other", b"a RENAME INBOX/Sent/Other Other"),
         (b"a SUBSCRIBE Sent", b"a SUBSCRIBE INBOX/Sent"),
         (b"a UNSUBSCRIBE Sent", b"a UNSUBSCRIBE INBOX/Sent"),
@@ -469,3 +469,13 @@ def test_mailbox_arguments_the_filter_cannot_read_are_refused(line: bytes) -> No
     """A URL with dot segments could name a hidden mailbox; a COPY without a target names none it can check: BAD."""
     verdict = FILTER.filterCommand(SESSION, command(line))
     assert isinstance(verdict, Reject) and verdict.status == "BAD"
+
+
+@pytest.mark.parametrize(("source", "refused"), [(b"INBOX", True), (b"Work", True), (b"Work/Team", False)])
+def test_renaming_a_mailbox_that_may_hold_a_hidden_one_is_refused(source: bytes, refused: bool) -> None:
+    """RENAME would move a hidden child (INBOX/Secret, Work/Private) to a name that is not hidden."""
+    verdict = FILTER.filterCommand(SESSION, command(b"a RENAME %s Elsewhere/Deep\r\n" % source))
+    if refused:
+        assert verdict == Reject("This mailbox cannot be renamed through this proxy", "NO", "CANNOT")
+    else:
+        assert verdict is PASS

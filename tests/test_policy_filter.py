@@ -371,3 +371,25 @@ def test_urls_with_dot_segments_are_refused(url: bytes) -> None:
     """Servers resolve . and .. in URL paths: such a URL names no mailbox the policy can check."""
     verdict = decide(DENY_ARCHIVE, b'a APPEND INBOX CATENATE (URL "%s")\r\n' % url)
     assert isinstance(verdict, Reject) and verdict.status == "BAD"
+
+
+@pytest.mark.parametrize(
+    ("deny", "source", "refused"),
+    [
+        (["Parent/Secret"], b"Parent", True),
+        (["Parent/Secret"], b"Par", False),
+        (["Archive", "Archive/*"], b"Arch", False),
+        (["%/Private"], b"Work", True),  # Work/Private would become Other/Deep/Private
+        (["%/Private"], b"Work/Team", False),
+        (["*/Old"], b"Anything", True),
+    ],
+)
+def test_renaming_a_mailbox_that_may_hold_a_denied_one_is_refused(
+    deny: list[str], source: bytes, refused: bool
+) -> None:
+    """RENAME moves children along: one that could hold a denied mailbox would carry it out of reach of the rules."""
+    verdict = decide({"mailboxes_deny": deny}, b"a RENAME %s Other/Deep\r\n" % source)
+    if refused:
+        assert isinstance(verdict, Reject) and verdict.code == "NOPERM", verdict
+    else:
+        assert verdict is PASS

@@ -14,11 +14,12 @@ from zope.interface import implementer
 
 from mailproxy.filters import DROP, PASS, Reject, Rewrite, Verdict, checkOptions
 from mailproxy.imap import mutf7
-from mailproxy.imap.mailboxes import LISTING, namedMailboxes, responseMailbox
+from mailproxy.imap.mailboxes import LISTING, mayContain, namedMailboxes, responseMailbox
 from mailproxy.imap.model import IMAPCommand, IMAPResponse, List, Message, String, Token, astring, text
 from mailproxy.interfaces import ICommandFilter, IResponseFilter, ISession
 
 NO_SUCH_MAILBOX = Reject("No such mailbox", "NO", "NONEXISTENT")
+NOT_RENAMED = Reject("This mailbox cannot be renamed through this proxy", "NO", "CANNOT")
 UNREADABLE = Reject("Command arguments could not be checked by the proxy's folder filter", "BAD")
 
 # Which arguments of a command are mailbox names; -1 is the last one.
@@ -107,6 +108,7 @@ class FolderFilter:
             for pattern in hide or []
         ]
         self._hidden = re.compile("|".join(f"(?:{item})" for item in alternatives), re.DOTALL) if alternatives else None
+        self._hidePatterns = [self._canonical(pattern) for pattern in hide or []]
 
     @classmethod
     def fromOptions(cls, options: Mapping[str, Any]) -> FolderFilter:
@@ -157,6 +159,12 @@ class FolderFilter:
             name, decoded = _decodeName(raw)
             if self._isHidden(self._toUpstream(name) if decoded else name):
                 return NO_SUCH_MAILBOX
+        if command.name == b"RENAME" and named:
+            name, decoded = _decodeName(named[0])
+            upstream = self._canonical(self._toUpstream(name) if decoded else name)
+            if mayContain(upstream, self._hidePatterns, self.separator):
+                # It would move a hidden mailbox to a name that is not.
+                return NOT_RENAMED
         positions = _MAILBOX_ARGUMENTS.get(command.name, ())
         if positions == (-1,):
             positions = (len(arguments) - 1,) if len(arguments) >= 2 else ()

@@ -21,7 +21,13 @@ from zope.interface import implementer
 
 from mailproxy.filters import DROP, PASS, Reject, Rewrite, Verdict, checkOptions
 from mailproxy.imap.commands import KNOWN_COMMANDS
-from mailproxy.imap.mailboxes import LISTING, MAILBOX_COMMANDS, namedMailboxes, responseMailbox
+from mailproxy.imap.mailboxes import (
+    LISTING,
+    MAILBOX_COMMANDS,
+    mayContain,
+    namedMailboxes,
+    responseMailbox,
+)
 from mailproxy.imap.model import Atom, IMAPCommand, IMAPResponse, List, StreamedLiteral, String, Token
 from mailproxy.interfaces import ICommandFilter, IResponseFilter, ISession
 
@@ -185,6 +191,9 @@ class PolicyFilter:
         self.separator = separator
         self.mailboxesAllow = None if mailboxesAllow is None else [compilePattern(p, separator) for p in mailboxesAllow]
         self.mailboxesDeny = [compilePattern(pattern, separator) for pattern in mailboxesDeny]
+        # RENAME moves a mailbox's children along: one that may have a
+        # denied child is refused.
+        self._denyPatterns = [canonicalName(pattern, separator) for pattern in mailboxesDeny]
         self.maxAppendSize = maxAppendSize
         self.allowUnknown = frozenset(name.upper().encode("ascii") for name in allowUnknown)
         restricted = readOnly or mailboxesAllow is not None or bool(self.mailboxesDeny)
@@ -283,9 +292,16 @@ class PolicyFilter:
             return UNREADABLE
         for raw in names:
             if raw and not self._permitted(raw, listing=command.name in LISTING):
-                shown = "".join(char if " " <= char <= "~" else "?" for char in raw.decode("ascii", "replace"))
-                return Reject(f'Access to mailbox "{shown}" is not permitted', "NO", "NOPERM")
+                return Reject(f'Access to mailbox "{_shown(raw)}" is not permitted', "NO", "NOPERM")
+        if command.name == b"RENAME" and names and self._mayHoldDenied(names[0]):
+            return Reject(f'Mailboxes below "{_shown(names[0])}" are not permitted', "NO", "NOPERM")
         return None
+
+    def _mayHoldDenied(self, raw: bytes) -> bool:
+        return any(
+            mayContain(canonicalName(reading, self.separator), self._denyPatterns, self.separator)
+            for reading in mailboxReadings(raw)
+        )
 
     def _permitted(self, raw: bytes, listing: bool) -> bool:
         for reading in mailboxReadings(raw):
@@ -330,6 +346,10 @@ def _size(token: Token) -> int:
     if isinstance(token, String):
         return len(token.value)
     return 0
+
+
+def _shown(raw: bytes) -> str:
+    return "".join(char if " " <= char <= "~" else "?" for char in raw.decode("ascii", "replace"))
 
 
 def _strings(options: dict[str, Any], key: str) -> list[str] | None:

@@ -238,3 +238,42 @@ def responseMailbox(response: IMAPResponse) -> bytes | None:
             if _word(items[index]) == b"MAILBOX":
                 return text(items[index + 1])
     return None
+
+
+def mayContain(name: str, patterns: Iterable[str], separator: str) -> bool:
+    """
+    C{True} if a mailbox below C{name} could match one of C{patterns}
+    (C{*} matches anything, C{%} anything but the C{separator}): renaming
+    C{name} would move it along.
+    """
+    below = name + separator
+    for pattern in patterns:
+
+        def closure(states: set[int], pattern: str = pattern) -> set[int]:
+            # A wildcard may match nothing: the state after it is reached too.
+            pending = list(states)
+            while pending:
+                state = pending.pop()
+                if state < len(pattern) and pattern[state] in "*%" and state + 1 not in states:
+                    states.add(state + 1)
+                    pending.append(state + 1)
+            return states
+
+        states = closure({0})
+        for char in below:
+            following = set()
+            for state in states:
+                if state >= len(pattern):
+                    continue
+                token = pattern[state]
+                if token == "*" or (token == "%" and char != separator):
+                    following.add(state)
+                elif token == char:
+                    following.add(state + 1)
+            states = closure(following)
+            if not states:
+                break
+        # What is left of the pattern can always be matched by some name.
+        if states:
+            return True
+    return False
