@@ -476,3 +476,21 @@ def test_renaming_the_parent_of_a_denied_mailbox_is_refused(bypassProxy: BypassP
     assert b"RENAME" not in rawlog.sent, rawlog.sent
     assert bypassProxy.snapshot("mallory") == before
     assertNotRelayed(session, "r")
+
+
+def test_a_reused_tag_cannot_desynchronise_literals(bypassProxy: BypassProxy) -> None:
+    """`a NOOP` then `a APPEND ... {8+}`: the NOOP's reply must not pass for the APPEND's, nor the next command become data."""
+    before = bypassProxy.snapshot("mallory")
+    with bypassProxy.session("mallory") as session:
+        session.send(b"a NOOP\r\na APPEND INBOX {8+}\r\n12345678\r\n")
+        first = session.readTags([b"a"], timeout=10)
+        time.sleep(0.3)  # let any second reply for "a" arrive
+        session.send(b"c SEARCH CATENATE (URL /Archive/;UID=1)\r\n")
+        session.readTags([b"c"], timeout=10)
+        assertStillWorks(session)
+        rawlog = session.rawlog(waitFor=b"v NOOP")
+    # The SEARCH is an ordinary command (Dovecot answers it BAD), not data of an APPEND.
+    assert b"APPEND" not in rawlog.sent and b"APPENDUID" not in rawlog.received, rawlog.sent
+    assert bypassProxy.snapshot("mallory") == before
+    assert any(line.startswith(b"a BAD Tag already in use") for line in first.lines), first.lines
+    assertAudited(session, rawlog)

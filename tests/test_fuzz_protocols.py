@@ -550,9 +550,37 @@ refusedNames = st.sampled_from([b"LOGIN", b"login", b"AUTHENTICATE", b"STARTTLS"
 CLIENT_TAGS = [b"c1", b"c2", b"C3", b"c.4", b"c-5", b"a0001"]
 clientTags = st.sampled_from(CLIENT_TAGS)
 LOCAL_REPLY = re.compile(
-    rb"\+ (?:Ready for literal data|go ahead)\r\n|(?:%s) BAD Command not available after login through this proxy\r\n"
+    rb"\+ (?:Ready for literal data|go ahead)\r\n|(?:%s|u[0-9]+) BAD Command not available after login through this proxy\r\n"
     % b"|".join(re.escape(tag) for tag in CLIENT_TAGS)
 )
+
+
+def uniqueTags(commands: list[Wire]) -> list[Wire]:
+    """
+    Give every command a tag of its own, as clients do: the proxy refuses a
+    tag still in use (its reply, or "+", would look like the other's).
+    """
+    tagged = []
+    for index, command in enumerate(commands):
+        tag = command.sent.split(b" ", 1)[0]
+        if command.sent.startswith(b"DONE\r\n") or not tag:
+            tagged.append(command)
+            continue
+        new = b"u%d" % index
+
+        def retag(data: bytes, tag: bytes = tag, new: bytes = new) -> bytes:
+            return new + data[len(tag) :] if data.startswith(tag + b" ") else data
+
+        tagged.append(
+            Wire(
+                retag(command.sent),
+                retag(command.passthrough),
+                retag(command.filtered),
+                command.readyLines,
+                command.refusals,
+            )
+        )
+    return tagged
 
 
 @st.composite
@@ -716,6 +744,7 @@ def relayByteForByte(
     # Every literal goes upstream synchronising and the relay takes the next
     # "+" as the answer to it: a server sends none unasked.
     responses = [response for response in responses if not response.startswith(b"+")] or [b"* 0 EXISTS\r\n"]
+    commands = uniqueTags(commands)
     clientStream = Wire.join(commands, b"")
     seen = Scripted()
     with loggedFailures() as failures:
@@ -821,6 +850,7 @@ def relayWaitingForContinuations(
     without LITERAL+ that answers each synchronising literal with "+", and
     check that each side gets what the other sent.
     """
+    commands = uniqueTags(commands)
     clientStream = Wire.join(commands, b"")
     with loggedFailures() as failures:
         connection = loggedIn(usersDir, upstream=UpstreamScript(capabilities=NO_LITERAL_PLUS), filters=[Scripted()])

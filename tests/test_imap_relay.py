@@ -593,3 +593,31 @@ def test_commands_awaiting_a_reply_are_bounded(tmp_path: Path) -> None:
     connection = filtered(tmp_path, Scripted())
     connection.send(b"".join(b"t%d NOOP\r\n" % index for index in range(MAX_IN_FLIGHT + 50)))
     assert len(connection.protocol.relay._inFlight) == MAX_IN_FLIGHT
+
+
+@pytest.mark.parametrize("filters", [[], [Scripted()]], ids=["passthrough", "filtered"])
+def test_a_tag_still_in_use_is_refused(tmp_path: Path, filters: list[object]) -> None:
+    """A second command with an unanswered tag would take the first one's reply as its own: BAD, not relayed."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=LITERAL_PLUS), filters=filters)
+    connection.send(b"a NOOP\r\na APPEND INBOX {8+}\r\n12345678\r\nmpi1 NOOP\r\n")
+    assert connection.upstream.sent == b"a NOOP\r\n"
+    assert connection.received() == (
+        b"a BAD Tag already in use by a command in progress\r\nmpi1 BAD Tags mpi<N> are reserved by the proxy\r\n"
+    )
+    connection.fromUpstream(b"a OK NOOP completed\r\n")
+    connection.send(b"a NOOP\r\n")
+    assert connection.upstream.sent == b"a NOOP\r\na NOOP\r\n"
+
+
+def test_commands_the_proxy_answers_itself_are_audited(tmp_path: Path) -> None:
+    """COMPRESS, STARTTLS, LOGIN after login and a too large literal each leave a command record, not relayed."""
+    seen = Scripted()
+    connection = filtered(tmp_path, seen)
+    connection.send(b"b COMPRESS DEFLATE\r\nc STARTTLS\r\ne LOGIN a b\r\nd SEARCH TEXT {300000}\r\n")
+    records = [details for event, details in seen.events if event == "command" and details["relayed"] is False]
+    assert [(record["command"].tag, record["command"].name, record["result"]) for record in records[-4:]] == [
+        (b"b", b"COMPRESS", "BAD"),
+        (b"c", b"STARTTLS", "BAD"),
+        (b"e", b"LOGIN", "BAD"),
+        (b"d", b"SEARCH", "BAD"),
+    ]

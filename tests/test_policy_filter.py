@@ -393,3 +393,8 @@ def test_renaming_a_mailbox_that_may_hold_a_denied_one_is_refused(
         assert isinstance(verdict, Reject) and verdict.code == "NOPERM", verdict
     else:
         assert verdict is PASS
+
+
+def test_renaming_inbox_is_not_refused_for_its_children() -> None:
+    """RENAME INBOX moves INBOX's messages, never its children."""
+    assert decide({"mailboxes_deny": ["INBOX/Secret"]}, b"a RENAME inbox Old\r\n") is PASS

@@ -162,7 +162,8 @@ class FolderFilter:
         if command.name == b"RENAME" and named:
             name, decoded = _decodeName(named[0])
             upstream = self._canonical(self._toUpstream(name) if decoded else name)
-            if mayContain(upstream, self._hidePatterns, self.separator):
+            # (RENAME INBOX moves its messages, not its children.)
+            if upstream != "INBOX" and mayContain(upstream, self._hidePatterns, self.separator):
                 # It would move a hidden mailbox to a name that is not.
                 return NOT_RENAMED
         positions = _MAILBOX_ARGUMENTS.get(command.name, ())

@@ -298,10 +298,9 @@ class PolicyFilter:
         return None
 
     def _mayHoldDenied(self, raw: bytes) -> bool:
-        return any(
-            mayContain(canonicalName(reading, self.separator), self._denyPatterns, self.separator)
-            for reading in mailboxReadings(raw)
-        )
+        names = [canonicalName(reading, self.separator) for reading in mailboxReadings(raw)]
+        # (RENAME INBOX moves its messages, not its children.)
+        return any(name != "INBOX" and mayContain(name, self._denyPatterns, self.separator) for name in names)
 
     def _permitted(self, raw: bytes, listing: bool) -> bool:
         for reading in mailboxReadings(raw):

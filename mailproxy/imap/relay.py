@@ -50,8 +50,11 @@ _ABORT_COMMAND = b" (\r\n"
 # A line ending like a literal announcement.
 _ENDS_LIKE_LITERAL = re.compile(rb"~?\{[0-9]+\+?\}\r?\n\Z")
 # Commands tracked for their tagged reply at once; past this the oldest is
-# forgotten (a reply the upstream could not tag never comes).
+# forgotten (a reply the upstream could not tag never comes), and no new
+# command is relayed until replies come.
 MAX_IN_FLIGHT = 1000
+# The tags of the proxy's own commands (IDLE emulation polls).
+_PROXY_TAG = re.compile(rb"mpi[0-9]+\Z")
 # Commands timed at once in the passthrough relay (pipelining beyond this
 # goes untimed rather than growing the table).
 MAX_TIMED_COMMANDS = 1000
@@ -185,7 +188,7 @@ class Relay:
         self._clientBlocked = False
         self._command: _Assembly | None = None
         self._streamingCommand = False
-        self._discard: tuple[bytes, bytes] | None = None
+        self._discard: tuple[bytes, bytes, bytes] | None = None
         self._refusedRest = False
         self._held: deque[Event] = deque()
         self._heldSize = 0
@@ -217,6 +220,9 @@ class Relay:
         self._timing: dict[bytes, tuple[bytes, float]] = {}
         # Tags of relayed commands the upstream has not answered yet.
         self._unanswered: dict[bytes, int] = {}
+        # Tags of relayed commands not answered yet: a second command with
+        # one of them would make its reply (or "+") look like another's.
+        self._tagsInUse: dict[bytes, None] = {}
         self.watchdog = (
             ResponseWatchdog(client.context.clock, responseTimeout, self._upstreamSilent)
             if responseTimeout is not None
@@ -305,7 +311,11 @@ class Relay:
             parsed = tagAndCommand(event.raw)
             self._clientTag = parsed[0] if parsed is not None else None
             if parsed is not None and parsed[1] in NOT_RELAYED:
-                self._startDiscard(event, parsed[0], _NOT_RELAYED_REPLY)
+                self._startDiscard(event, parsed[0], _NOT_RELAYED_REPLY, parsed[1])
+                return
+            refusal = self._tagRefusal(parsed[0]) if parsed is not None else None
+            if parsed is not None and refusal is not None:
+                self._startDiscard(event, parsed[0], refusal, parsed[1])
                 return
             if event.literal is None and _ENDS_LIKE_LITERAL.search(event.raw):
                 # The proxy reads no literal here (an unknown command, or
@@ -492,8 +502,8 @@ class Relay:
             return parsed[1] == b"IDLE" and self.idle.start(parsed[0])
         return raw.rstrip(b"\r\n").upper() == b"DONE" and self.idle.clientDone()
 
-    def _startDiscard(self, event: Line, tag: bytes, reply: bytes) -> None:
-        self._discard = (tag, reply)
+    def _startDiscard(self, event: Line, tag: bytes, reply: bytes, name: bytes = b"?") -> None:
+        self._discard = (tag, reply, name)
         self._discardCommand(event)
 
     def _discardCommand(self, event: Event) -> None:
@@ -509,9 +519,30 @@ class Relay:
             self.client.framer.cancelLiteral()
             # (The filtered path drops them itself: no command is assembling.)
             self._refusedRest = not self.chain
-        tag, reply = self._discard
+        tag, reply, name = self._discard
         self._discard = None
+        self.session.notify(
+            "command",
+            command=IMAPCommand(tag=tag, name=name),
+            result=reply.split(b" ", 1)[0].decode("ascii", "replace"),
+            relayed=False,
+            bytesIn=0,
+            bytesOut=0,
+            duration=0.0,
+        )
         self.sendLocal(tag + b" " + reply + b"\r\n")
+
+    def _tagRefusal(self, tag: bytes) -> bytes | None:
+        """
+        Why a command tagged C{tag} cannot be relayed now, if it cannot.
+        """
+        if tag in self._tagsInUse:
+            return b"BAD Tag already in use by a command in progress"
+        if _PROXY_TAG.match(tag):
+            return b"BAD Tags mpi<N> are reserved by the proxy"
+        if len(self._tagsInUse) >= MAX_IN_FLIGHT:
+            return b"BAD [LIMIT] Too many commands in progress"
+        return None
 
     def _drainClient(self) -> None:
         while self._clientEvents and not self._clientBlocked:
@@ -554,7 +585,11 @@ class Relay:
                     self._unreadable(None, b"*", ParseError("invalid tag or command name"))
                 return
             if head.name in NOT_RELAYED:
-                self._startDiscard(event, head.tag, _NOT_RELAYED_REPLY)
+                self._startDiscard(event, head.tag, _NOT_RELAYED_REPLY, head.name)
+                return
+            refusal = self._tagRefusal(head.tag)
+            if refusal is not None:
+                self._startDiscard(event, head.tag, refusal, head.name)
                 return
             self._command = _Assembly(tag=head.tag, name=head.name)
         command = self._command
@@ -569,7 +604,9 @@ class Relay:
             self._command = None
             if command.name not in STREAMABLE:
                 tag = command.tag or b"*"
-                self._startDiscard(event, tag, b"BAD [TOOBIG] Literal too large for a filtered command")
+                self._startDiscard(
+                    event, tag, b"BAD [TOOBIG] Literal too large for a filtered command", command.name or b"?"
+                )
                 return
             binary = event.raw.rstrip(b"+}\r\n0123456789").endswith(b"~{")
             self._decide([*command.parts, StreamedLiteral(event.literal, binary)], streamed=event)
@@ -721,6 +758,7 @@ class Relay:
                 self._continuations.append(current.owes)
 
     def _commandSent(self, tag: bytes) -> None:
+        self._tagsInUse[tag] = None
         if self.watchdog is not None:
             self._unanswered[tag] = self._unanswered.get(tag, 0) + 1
 
@@ -734,10 +772,12 @@ class Relay:
             if event.raw[:1] == b"*":
                 if event.raw[:6].upper() != b"* BAD " or not self._unanswered:
                     continue
-                # A command the upstream could not even tag: the latest.
+                # A command the upstream could not even tag: the latest (its
+                # tag stays in use: that is not sure enough to reuse it).
                 tag = next(reversed(self._unanswered))
             else:
                 tag = event.raw.split(b" ", 1)[0]
+                self._tagsInUse.pop(tag, None)
             count = self._unanswered.pop(tag, 0)
             if count > 1:
                 self._unanswered[tag] = count - 1
@@ -792,7 +832,7 @@ class Relay:
         self.client.resetTimeout()
         if self.watchdog is not None:
             self.watchdog.heard()
-            self._responseSeen(events)
+        self._responseSeen(events)
         try:
             self._fromUpstreamBatch(events)
         finally:
