@@ -398,3 +398,23 @@ def test_renaming_a_mailbox_that_may_hold_a_denied_one_is_refused(
 def test_renaming_inbox_is_not_refused_for_its_children() -> None:
     """RENAME INBOX moves INBOX's messages, never its children."""
     assert decide({"mailboxes_deny": ["INBOX/Secret"]}, b"a RENAME inbox Old\r\n") is PASS
+
+
+@pytest.mark.parametrize(
+    ("allow", "source", "refused"),
+    [
+        (["A", "B", "B/*"], b"A", True),  # A/x, not allowed, would become the allowed B/x
+        (["A", "A/*", "B", "B/*"], b"A", False),
+        (["A", "A/%", "B", "B/*"], b"A", True),  # A/x/y is not allowed
+        (["INBOX", "B", "B/*"], b"INBOX", False),  # RENAME INBOX moves no children
+    ],
+)
+def test_with_an_allow_list_renaming_a_mailbox_whose_children_are_not_all_allowed_is_refused(
+    allow: list[str], source: bytes, refused: bool
+) -> None:
+    """RENAME moves children along: a child outside the allow list could land under an allowed name."""
+    verdict = decide({"mailboxes_allow": allow}, b"a RENAME %s B/New\r\n" % source)
+    if refused:
+        assert isinstance(verdict, Reject) and verdict.code == "NOPERM", verdict
+    else:
+        assert verdict is PASS

@@ -293,9 +293,31 @@ class PolicyFilter:
         for raw in names:
             if raw and not self._permitted(raw, listing=command.name in LISTING):
                 return Reject(f'Access to mailbox "{_shown(raw)}" is not permitted', "NO", "NOPERM")
-        if command.name == b"RENAME" and names and self._mayHoldDenied(names[0]):
+        if (
+            command.name == b"RENAME"
+            and names
+            and (self._mayHoldDenied(names[0]) or not self._allAllowedBelow(names[0]))
+        ):
             return Reject(f'Mailboxes below "{_shown(names[0])}" are not permitted', "NO", "NOPERM")
         return None
+
+    def _allAllowedBelow(self, raw: bytes) -> bool:
+        """
+        With an allow list: C{True} if every mailbox below C{raw} is allowed
+        (one that is not could reach an allowed name by a RENAME of its
+        parent); probed with a child and a grandchild no pattern names.
+        """
+        if self.mailboxesAllow is None:
+            return True
+        for reading in mailboxReadings(raw):
+            name = canonicalName(reading, self.separator)
+            if name == "INBOX":
+                continue
+            child = name + self.separator + "\x01"
+            for probe in (child, child + self.separator + "\x01"):
+                if not any(pattern.fullmatch(probe) for pattern in self.mailboxesAllow):
+                    return False
+        return True
 
     def _mayHoldDenied(self, raw: bytes) -> bool:
         names = [canonicalName(reading, self.separator) for reading in mailboxReadings(raw)]
