@@ -106,11 +106,13 @@ def test_idle_is_emulated_for_an_upstream_without_idle(emulatingProxy: Emulating
     exerciseIdle(emulatingProxy.port, emulatingProxy.upstream)
 
 
-def test_an_emulated_idle_poll_cannot_cut_a_literal_into_a_smuggled_command(emulatingProxy: EmulatingProxy) -> None:
-    """A client "idling" while it streams an APPEND, pausing past the poll interval: no NOOP lands in its literal.
+def test_a_command_sent_while_idling_cannot_cut_a_literal_into_a_smuggled_command(
+    emulatingProxy: EmulatingProxy,
+) -> None:
+    """A client "idling" while it streams an APPEND gets BAD; the proxy's polls never meet a literal.
 
-    Had the proxy's NOOP gone upstream mid-literal, Dovecot would have taken
-    its octets as message data and the literal's last octets ("zz SELECT")
+    Had the APPEND been relayed and the proxy's NOOP gone upstream inside its
+    literal, Dovecot would have taken the literal's last octets ("zz SELECT")
     plus the line after it (" Archive") as a command the policy never saw.
     """
     setup = direct(emulatingProxy.upstream, "ivy")
@@ -121,19 +123,21 @@ def test_an_emulated_idle_poll_cannot_cut_a_literal_into_a_smuggled_command(emul
     lines = []
     try:
         client.idle()
-        client.sock.sendall(b"u APPEND INBOX {%d}\r\n" % len(body))
-        assert client.waitFor(b"+").startswith(b"+")
-        client.sock.sendall(body[:1000])
-        time.sleep(1.0)  # over three poll intervals: the proxy must hold its NOOP
+        client.sock.sendall(b"u APPEND INBOX {%d+}\r\n" % len(body) + body[:1000])
+        time.sleep(1.0)  # over three poll intervals
         client.sock.sendall(body[1000:] + b" Archive\r\n")
         while not lines or not lines[-1].startswith(b"u "):
             lines.append(client.reader.readline())
             assert lines[-1], "connection closed"
         client.done()
+        # After DONE the same APPEND goes through whole.
+        appended = client.command(b"w APPEND INBOX {%d+}\r\n" % len(body) + body)
     finally:
         client.close()
-    # Dovecot read " Archive" as the rest of the APPEND: BAD, nothing appended, no SELECT.
-    assert lines[-1].startswith(b"u BAD"), lines
+    assert lines[-1].startswith(b"u BAD Expected DONE"), lines
     assert not any(line.startswith(b"zz ") for line in lines), lines
-    assert int(setup.select("INBOX")[1][0] or 0) == before
+    assert appended[-1].startswith(b"w OK"), appended
+    assert int(setup.select("INBOX")[1][0] or 0) == before + 1
+    typ, data = setup.fetch(str(before + 1), "(BODY.PEEK[])")
+    assert typ == "OK" and isinstance(data[0], tuple) and data[0][1] == body
     setup.logout()

@@ -185,34 +185,59 @@ def test_several_tags_in_flight_with_interleaved_responses(tmp_path: Path, filte
     assert connection.received() == replies
 
 
+@pytest.mark.parametrize("capabilities", [WITH_IDLE, WITHOUT_IDLE], ids=["relayed", "emulated"])
 @pytest.mark.parametrize("plus", [b"", b"+"])
-def test_an_emulated_idle_poll_never_lands_inside_a_client_command(
-    tmp_path: Path, filters: list[Any], plus: bytes
+def test_a_command_sent_while_idling_is_refused_and_the_idle_goes_on(
+    tmp_path: Path, filters: list[Any], capabilities: list[bytes], plus: bytes
 ) -> None:
-    """A client streaming an APPEND while "idling" gets no NOOP in its literal: the poll waits for the command's end."""
-    connection = session(tmp_path, WITHOUT_IDLE, filters)
+    """Before DONE only DONE may come: a command is answered BAD, nothing of it (literal included) goes upstream."""
+    connection = session(tmp_path, capabilities, filters)
     connection.send(b"i IDLE\r\n")
-    connection.send(b"u APPEND INBOX {300000%s}\r\n" % plus)
-    connection.fromUpstream(b"+ OK\r\n")
-    connection.send(b"y" * 1000)
-    connection.clock.advance(POLL * 3)
-    assert b"NOOP" not in connection.upstream.sent
-    connection.send(b"y" * 299000 + b"\r\n")
-    connection.clock.advance(POLL)
-    sent = connection.upstream.sent
-    assert sent.endswith(b"y" * 299000 + b"\r\nmpi1 NOOP\r\n"), sent[-40:]
+    if capabilities is WITH_IDLE:
+        connection.fromUpstream(b"+ idling\r\n")
+    connection.received()
+    connection.send(b"u APPEND INBOX {5%s}\r\n" % plus + (b"hello\r\n" if plus else b""))
+    assert connection.received() == b"u BAD Expected DONE to end the IDLE first\r\n"
+    assert connection.upstream.sent == (b"i IDLE\r\n" if capabilities is WITH_IDLE else b"")
+    connection.clock.advance(POLL if capabilities is WITHOUT_IDLE else REFRESH)
+    assert connection.upstream.sent.endswith(b"mpi1 NOOP\r\n" if capabilities is WITHOUT_IDLE else b"DONE\r\n")
 
 
-def test_a_refresh_never_lands_inside_a_client_command(tmp_path: Path, filters: list[Any]) -> None:
-    """The proxy's DONE for a refresh waits until a command the client (wrongly) sent while idling is relayed whole."""
-    connection = session(tmp_path, WITH_IDLE, filters)
-    connection.send(b"i IDLE\r\n")
-    connection.fromUpstream(b"+ idling\r\n")
-    connection.send(b"u APPEND INBOX {300000+}\r\n")
-    connection.fromUpstream(b"+ OK\r\n")
-    connection.send(b"y" * 1000)
-    connection.clock.advance(REFRESH + 5)
-    assert b"DONE" not in connection.upstream.sent
-    connection.send(b"y" * 299000 + b"\r\n")
-    connection.clock.advance(5)
-    assert connection.upstream.sent.endswith(b"y\r\nDONE\r\n")
+def test_the_proxys_own_idle_commands_wait_for_a_command_boundary() -> None:
+    """A poll or refresh due while a client command is partly relayed is put off, never sent into it."""
+    from twisted.internet.task import Clock
+
+    from mailproxy.imap.idle import BUSY_RETRY, IdleController
+
+    class Relay:
+        midCommand = True
+        sent: list[bytes] = []
+
+        def upstreamMidCommand(self) -> bool:
+            return self.midCommand
+
+        def toUpstream(self, data: bytes) -> None:
+            self.sent.append(data)
+
+        def sendLocal(self, data: bytes) -> None:
+            pass
+
+        def updateWatchdog(self) -> None:
+            pass
+
+        client = type("Client", (), {"setTimeout": lambda self, timeout: None})()
+
+    clock, relay = Clock(), Relay()
+    for emulate, interval in ((True, POLL), (False, REFRESH)):
+        relay.sent.clear()
+        relay.midCommand = True
+        controller = IdleController(
+            relay, clock, emulate=emulate, pollInterval=POLL, refreshInterval=REFRESH, timeout=TIMEOUT
+        )
+        controller.start(b"i")
+        clock.advance(interval)
+        assert relay.sent == []
+        relay.midCommand = False
+        clock.advance(BUSY_RETRY)
+        assert relay.sent == [b"mpi1 NOOP\r\n" if emulate else b"DONE\r\n"]
+        controller.stop()

@@ -621,3 +621,32 @@ def test_commands_the_proxy_answers_itself_are_audited(tmp_path: Path) -> None:
         (b"e", b"LOGIN", "BAD"),
         (b"d", b"SEARCH", "BAD"),
     ]
+
+
+def test_a_tag_is_free_only_once_its_reply_is_handled_in_order(tmp_path: Path) -> None:
+    """Filtered: a reply held behind a response filter's Deferred keeps its tag in use until it is handled."""
+    pending: Deferred[Any] = Deferred()
+    seen = Scripted(onResponse=lambda response: pending if response.name == b"EXISTS" else PASS)
+    connection = filtered(tmp_path, seen)
+    connection.send(b"a NOOP\r\n")
+    connection.fromUpstream(b"* 3 EXISTS\r\na OK NOOP completed\r\n")
+    connection.send(b"a APPEND INBOX {11+}\r\nhello world\r\n")
+    assert connection.received() == b"a BAD Tag already in use by a command in progress\r\n"
+    pending.callback(PASS)
+    assert connection.received() == b"* 3 EXISTS\r\na OK NOOP completed\r\n"
+    assert connection.upstream.sent == b"a NOOP\r\n"
+
+
+@pytest.mark.parametrize("filters", [[], [Scripted()]], ids=["passthrough", "filtered"])
+def test_an_idle_refreshed_by_the_proxy_keeps_its_tag_in_use(tmp_path: Path, filters: list[object]) -> None:
+    """The refresh swallows the IDLE's reply and re-sends the IDLE: its tag stays in use until the real reply."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=LITERAL_PLUS), filters=filters)
+    connection.send(b"a IDLE\r\n")
+    connection.fromUpstream(b"+ idling\r\n")
+    connection.clock.advance(25 * 60.0)
+    connection.fromUpstream(b"a OK Idle completed\r\n+ idling\r\n")
+    assert connection.upstream.sent == b"a IDLE\r\nDONE\r\na IDLE\r\n"
+    connection.received()
+    connection.send(b"DONE\r\na APPEND INBOX {11+}\r\nhello world\r\n")
+    assert connection.received() == b"a BAD Tag already in use by a command in progress\r\n"
+    assert connection.upstream.sent == b"a IDLE\r\nDONE\r\na IDLE\r\nDONE\r\n"

@@ -499,7 +499,8 @@ class Relay:
 
     def _idleHandled(self, parsed: tuple[bytes, bytes] | None, raw: bytes) -> bool:
         if parsed is not None:
-            return parsed[1] == b"IDLE" and self.idle.start(parsed[0])
+            # IDLE with arguments gets BAD from the upstream: no IDLE starts.
+            return parsed[1] == b"IDLE" and len(raw.split()) == 2 and self.idle.start(parsed[0])
         return raw.rstrip(b"\r\n").upper() == b"DONE" and self.idle.clientDone()
 
     def _startDiscard(self, event: Line, tag: bytes, reply: bytes, name: bytes = b"?") -> None:
@@ -532,10 +533,23 @@ class Relay:
         )
         self.sendLocal(tag + b" " + reply + b"\r\n")
 
+    def _replyHandled(self, raw: bytes) -> None:
+        """
+        A response line is handled in order (not merely read: a filter may
+        hold earlier ones, and the proxy's own IDLE refresh swallows the
+        IDLE's reply and re-sends the IDLE): a tagged reply frees its tag.
+        """
+        if raw[:1] not in (b"*", b"+"):
+            self._tagsInUse.pop(raw.split(b" ", 1)[0], None)
+
     def _tagRefusal(self, tag: bytes) -> bytes | None:
         """
         Why a command tagged C{tag} cannot be relayed now, if it cannot.
         """
+        if self.idle.idling and not self.idle.ending:
+            # Dovecot reads such a line as a bad DONE; relayed, its literal
+            # would be read as commands.
+            return b"BAD Expected DONE to end the IDLE first"
         if tag in self._tagsInUse:
             return b"BAD Tag already in use by a command in progress"
         if _PROXY_TAG.match(tag):
@@ -675,7 +689,8 @@ class Relay:
                 )
                 self._reject(command, Reject("Internal error in a proxy filter", "NO", "SERVERBUG"), streamed)
                 wire = None
-            if wire is not None and not (streamed is None and final.name == b"IDLE" and self.idle.start(final.tag)):
+            idle = streamed is None and final.name == b"IDLE" and not final.arguments
+            if wire is not None and not (idle and self.idle.start(final.tag)):
                 self._trackCommand(final)
                 # An IDLE with arguments gets BAD, not "+".
                 self._forward(wire, streamed, final.tag, idle=final.name == b"IDLE" and not final.arguments)
@@ -777,7 +792,6 @@ class Relay:
                 tag = next(reversed(self._unanswered))
             else:
                 tag = event.raw.split(b" ", 1)[0]
-                self._tagsInUse.pop(tag, None)
             count = self._unanswered.pop(tag, 0)
             if count > 1:
                 self._unanswered[tag] = count - 1
@@ -860,6 +874,7 @@ class Relay:
             if not event.continuation:
                 if event.complete and self.idle.swallow(raw):
                     continue
+                self._replyHandled(raw)
                 if not self._answered(raw):
                     continue
                 if timing and raw[:1] not in (b"*", b"+"):
@@ -962,6 +977,7 @@ class Relay:
         if not event.continuation:
             if event.complete and self.idle.swallow(event.raw):
                 return
+            self._replyHandled(event.raw)
             if self._outboundWaiting and event.raw.startswith(b"+"):
                 # Our own continuation dance for a buffered literal (nothing
                 # else is owed a "+" meanwhile: see _flushOutbound).
