@@ -224,13 +224,16 @@ def test_literal_data_ending_like_an_announcement_does_not_stall_the_command(tmp
 
 
 def test_untagged_lines_wait_behind_a_command_awaiting_its_continuation(tmp_path: Path) -> None:
-    """(C): DONE (or any line without a tag) overtakes a command held for the upstream's "+"."""
+    """(C): DONE (or any line without a tag) never overtakes a command held for the upstream's "+"; outside an IDLE it is refused."""
     connection = filteredSession(tmp_path, capabilities=NO_LITERAL_PLUS)
     connection.send(b"c1 NOOP {1}\r\nx\r\nDONE\r\n")
-    # Today b"c1 NOOP {1}\r\nDONE\r\n": the upstream reads "D" as the literal.
+    # Before C's fix b"c1 NOOP {1}\r\nDONE\r\n": the upstream read "D" as the literal.
     assert connection.upstream.sent == b"c1 NOOP {1}\r\n"
     connection.fromUpstream(b"+ go ahead\r\n")
-    assert connection.upstream.sent == b"c1 NOOP {1}\r\nx\r\nDONE\r\n"
+    assert connection.upstream.sent == b"c1 NOOP {1}\r\nx\r\n"
+    assert connection.received().endswith(
+        b"* BAD Command syntax not accepted by the proxy: invalid tag or command name\r\n"
+    )
 
 
 @FUZZ

@@ -557,14 +557,22 @@ LOCAL_REPLY = re.compile(
 
 def uniqueTags(commands: list[Wire]) -> list[Wire]:
     """
-    Give every command a tag of its own and end every IDLE with DONE, as
-    clients do: the proxy refuses a tag still in use (its reply, or "+",
-    would look like the other's) and a command during an IDLE.
+    Give every command a tag of its own and send DONE only to end an IDLE,
+    every IDLE ended by one, as clients do: the proxy refuses a tag still in
+    use (its reply, or "+", would look like the other's), a command during
+    an IDLE, and a DONE outside one.
     """
-    tagged = []
+    tagged: list[Wire] = []
+    idling = False
     for index, command in enumerate(commands):
-        if tagged and tagged[-1].sent.split(b" ")[1:] == [b"IDLE\r\n"] and not command.sent.startswith(b"DONE\r\n"):
+        if command.sent.startswith(b"DONE\r\n"):
+            if idling:
+                tagged.append(command)
+                idling = False
+            continue
+        if idling:
             tagged.append(Wire.plain(b"DONE\r\n"))
+        idling = command.sent.split(b" ")[1:] == [b"IDLE\r\n"]
         tag = command.sent.split(b" ", 1)[0]
         if command.sent.startswith(b"DONE\r\n") or not tag:
             tagged.append(command)

@@ -441,14 +441,6 @@ def test_a_quoted_string_ending_like_a_literal_smuggles_no_command(tmp_path: Pat
     assert connection.upstream.sent == b""
 
 
-def test_lines_without_a_tag_are_answered_and_not_relayed_but_done_is(tmp_path: Path) -> None:
-    """Filtered: a line with no tag and name gets '* BAD'; DONE goes upstream as one fixed line."""
-    connection = filtered(tmp_path, Scripted())
-    connection.send(b"garbage {5}\r\nhello\r\ndone\r\n")
-    assert connection.received().startswith(b"* BAD ")
-    assert connection.upstream.sent == b"DONE\r\n"
-
-
 def test_commands_are_relayed_as_written_afresh_not_as_received(tmp_path: Path) -> None:
     """Filtered: extra spaces and needless quoting or literals are normalised; what goes upstream is what filters saw."""
     seen = Scripted()
@@ -650,3 +642,34 @@ def test_an_idle_refreshed_by_the_proxy_keeps_its_tag_in_use(tmp_path: Path, fil
     connection.send(b"DONE\r\na APPEND INBOX {11+}\r\nhello world\r\n")
     assert connection.received() == b"a BAD Tag already in use by a command in progress\r\n"
     assert connection.upstream.sent == b"a IDLE\r\nDONE\r\na IDLE\r\nDONE\r\n"
+
+
+@pytest.mark.parametrize("filters", [[], [Scripted()]], ids=["passthrough", "filtered"])
+def test_a_line_without_a_tag_goes_upstream_only_as_the_done_of_an_idle(tmp_path: Path, filters: list[object]) -> None:
+    """A server tags its reply to "DONE" or "X {5}" outside an IDLE with that word: such lines are answered, not relayed."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=LITERAL_PLUS), filters=filters)
+    connection.send(b"DONE\r\nX {5}\r\nhello\r\ngarbage\r\n")
+    assert connection.received().count(b"* BAD ") == 4
+    assert connection.upstream.sent == b""
+    connection.send(b"i IDLE\r\n")
+    connection.fromUpstream(b"+ idling\r\n")
+    connection.send(b"DONE\r\n")
+    assert connection.upstream.sent == b"i IDLE\r\nDONE\r\n"
+
+
+def test_an_idle_refreshed_by_the_proxy_frees_its_tag_with_the_last_reply(tmp_path: Path) -> None:
+    """A command during the refresh is refused; DONE ends the IDLE and its tag is free with the upstream's reply."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=LITERAL_PLUS))
+    connection.send(b"t IDLE\r\n")
+    connection.fromUpstream(b"+ idling\r\n")
+    connection.clock.advance(25 * 60.0)
+    connection.send(b"x APPEND INBOX {10+}\r\nabc")
+    connection.fromUpstream(b"t OK done\r\n")
+    connection.send(b"defghij\r\n")
+    connection.fromUpstream(b"+ idling\r\n")
+    connection.send(b"DONE\r\n")
+    connection.fromUpstream(b"t OK Idle completed\r\n")
+    connection.send(b"t NOOP\r\n")
+    received = connection.received()
+    assert b"x BAD Expected DONE" in received and b"Tag already in use" not in received
+    assert connection.upstream.sent == b"t IDLE\r\nDONE\r\nt IDLE\r\nDONE\r\nt NOOP\r\n"

@@ -37,7 +37,8 @@ class IdleController:
     The IDLE state of one relayed session.
 
     @param relay: provides C{sendLocal(bytes)}, C{toUpstream(bytes)},
-        C{upstreamMidCommand()} and C{client} (with C{setTimeout}).
+        C{upstreamMidCommand()}, C{tagAnswered(tag)} and C{client} (with
+        C{setTimeout}).
     """
 
     log = Logger()
@@ -200,6 +201,7 @@ class IdleController:
         self._cancelTimer()
         if emulated and tag is not None:
             self.relay.sendLocal(tag + b" OK IDLE terminated\r\n")
+            self.relay.tagAnswered(tag)
         self.relay.client.setTimeout(self.timeout)
 
     def _schedule(self, delay: float, action: Any) -> None:

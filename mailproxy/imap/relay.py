@@ -313,6 +313,12 @@ class Relay:
             if parsed is not None and parsed[1] in NOT_RELAYED:
                 self._startDiscard(event, parsed[0], _NOT_RELAYED_REPLY, parsed[1])
                 return
+            if commandHead(event.raw.rstrip(b"\r\n")) is None and not self._endsIdle(event.raw):
+                # Never relayed: a server tags its reply with whatever word
+                # starts the line ("DONE BAD ..."), which could then pass for
+                # the reply to a command of the client's with that tag.
+                self._unreadable(None, b"*", ParseError("invalid tag or command name"))
+                return
             refusal = self._tagRefusal(parsed[0]) if parsed is not None else None
             if parsed is not None and refusal is not None:
                 self._startDiscard(event, parsed[0], refusal, parsed[1])
@@ -497,6 +503,19 @@ class Relay:
             if timed is not None:
                 self._metrics.commandDone(timed[0], now - timed[1])
 
+    def _endsIdle(self, raw: bytes) -> bool:
+        """
+        C{True} for a DONE while an IDLE runs: the one line without a tag
+        that goes upstream.
+        """
+        return self.idle.idling and raw.rstrip(b"\r\n").upper() == b"DONE"
+
+    def tagAnswered(self, tag: bytes) -> None:
+        """
+        The proxy answered C{tag} itself (ending an IDLE): it is free again.
+        """
+        self._tagsInUse.pop(tag, None)
+
     def _idleHandled(self, parsed: tuple[bytes, bytes] | None, raw: bytes) -> bool:
         if parsed is not None:
             # IDLE with arguments gets BAD from the upstream: no IDLE starts.
@@ -590,8 +609,8 @@ class Relay:
         if not event.continuation:
             head = commandHead(event.raw.rstrip(b"\r\n"))
             if head is None:
-                if event.raw.rstrip(b"\r\n").upper() == b"DONE":
-                    # Ends an IDLE (or gets the upstream's BAD): one fixed line.
+                if self._endsIdle(event.raw):
+                    # One fixed line.
                     self._passthroughFromClient(Line(b"DONE\r\n", continuation=False))
                 else:
                     # Without a tag and name nothing is relayed; the framer
@@ -806,7 +825,8 @@ class Relay:
             return True
         if self.chain:
             return bool(self._outbound) or self._outboundWaiting or self._streamingCommand
-        return self.client.framer.midCommand
+        # (A command being refused is not relayed at all.)
+        return self.client.framer.midCommand and self._discard is None and not self._refusedRest
 
     def updateWatchdog(self) -> None:
         """
