@@ -494,3 +494,24 @@ def test_a_reused_tag_cannot_desynchronise_literals(bypassProxy: BypassProxy) ->
     assert bypassProxy.snapshot("mallory") == before
     assert any(line.startswith(b"a BAD Tag already in use") for line in first.lines), first.lines
     assertAudited(session, rawlog)
+
+
+@pytest.mark.parametrize("idle", [b"a IDLE {%d}\r\n", b"a IDLE {%d+}\r\n", b'a IDLE "x"\r\n'])
+def test_idle_with_arguments_smuggles_nothing(bypassProxy: BypassProxy, idle: bytes) -> None:
+    """Dovecot answers IDLE {n} with "+ idling" and reads no literal: the proxy refuses it; the next lines are commands."""
+    hidden = b"DONE\r\nx SELECT Archive\r\n"
+    attack = (idle % len(hidden) if b"%d" in idle else idle) + hidden
+    with bypassProxy.directSession("victor") as direct:
+        direct.send(attack)
+        shown = direct.readTags([b"a", b"x"])
+        assert shown.reply(b"x").startswith(b"x OK"), shown
+    before = bypassProxy.snapshot("mallory")
+    with bypassProxy.session("mallory") as session:
+        session.send(attack)
+        replies = session.readTags([b"a", b"x"])
+        assertStillWorks(session)
+        rawlog = session.rawlog(waitFor=b"v NOOP")
+    assert b"IDLE" not in rawlog.sent and b"Archive" not in rawlog.sent, rawlog.sent
+    assert replies.reply(b"a").startswith(b"a BAD"), replies.reply(b"a")
+    assert replies.reply(b"x").startswith(b"x NO [NOPERM]"), replies.reply(b"x")
+    assert bypassProxy.snapshot("mallory") == before

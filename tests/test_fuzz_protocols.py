@@ -557,10 +557,11 @@ LOCAL_REPLY = re.compile(
 
 def uniqueTags(commands: list[Wire]) -> list[Wire]:
     """
-    Give every command a tag of its own and send DONE only to end an IDLE,
-    every IDLE ended by one, as clients do: the proxy refuses a tag still in
-    use (its reply, or "+", would look like the other's), a command during
-    an IDLE, and a DONE outside one.
+    Give every command a tag of its own, send IDLE without arguments and DONE
+    only to end an IDLE, every IDLE ended by one, as clients do: the proxy
+    refuses a tag still in use (its reply, or "+", would look like the
+    other's), IDLE with arguments, a command during an IDLE, and a DONE
+    outside one.
     """
     tagged: list[Wire] = []
     idling = False
@@ -570,6 +571,8 @@ def uniqueTags(commands: list[Wire]) -> list[Wire]:
                 tagged.append(command)
                 idling = False
             continue
+        if command.sent.split(b" ")[1:2] == [b"IDLE"] and command.sent.split(b" ")[1:] != [b"IDLE\r\n"]:
+            continue  # IDLE takes no arguments (the proxy refuses them)
         if idling:
             tagged.append(Wire.plain(b"DONE\r\n"))
         idling = command.sent.split(b" ")[1:] == [b"IDLE\r\n"]

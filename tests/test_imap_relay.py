@@ -673,3 +673,21 @@ def test_an_idle_refreshed_by_the_proxy_frees_its_tag_with_the_last_reply(tmp_pa
     received = connection.received()
     assert b"x BAD Expected DONE" in received and b"Tag already in use" not in received
     assert connection.upstream.sent == b"t IDLE\r\nDONE\r\nt IDLE\r\nDONE\r\nt NOOP\r\n"
+
+
+@pytest.mark.parametrize("filters", [[], [Scripted()]], ids=["passthrough", "filtered"])
+@pytest.mark.parametrize("idle", [b'a IDLE "x"\r\n', b"a IDLE {40}\r\n", b"a IDLE {40+}\r\n"])
+def test_idle_with_arguments_is_refused_and_its_literal_is_no_literal(
+    tmp_path: Path, filters: list[object], idle: bytes
+) -> None:
+    """Dovecot answers IDLE {40} with "+ idling" without reading a literal: the proxy refuses it and reads the next lines as commands."""
+    seen = Scripted(onCommand=lambda command: Reject("no", "NO", "NOPERM") if command.name == b"SELECT" else PASS)
+    connection = loggedIn(
+        tmp_path, upstream=UpstreamScript(capabilities=LITERAL_PLUS), filters=[seen] if filters else []
+    )
+    connection.send(idle + b"DONE\r\nx SELECT Private\r\n")
+    received = connection.received()
+    assert b"+ " not in received
+    assert received.startswith(b"a BAD ")
+    assert b"x SELECT" not in connection.upstream.sent or not filters
+    assert b"IDLE" not in connection.upstream.sent

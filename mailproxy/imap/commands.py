@@ -68,3 +68,10 @@ KNOWN_COMMANDS = frozenset(
     }
 )
 """Every command name the proxy knows (upper case, without C{UID})."""
+
+LITERAL_COMMANDS = KNOWN_COMMANDS - {b"IDLE"}
+"""
+The commands in which the proxy reads literals: IDLE takes no arguments,
+and servers that ignore them answer it with a "+" that must not pass for a
+literal's (the proxy refuses IDLE with arguments).
+"""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mailproxy.imap.commands import KNOWN_COMMANDS
+from mailproxy.imap.commands import LITERAL_COMMANDS
 from mailproxy.imap.lexer import ArgumentLexer, announcedLiteral, commandHead
 
 CRLF = b"\r\n"
@@ -300,7 +300,7 @@ class IMAPFramer:
         if not continuation:
             self._lexer = ArgumentLexer()
             head = commandHead(line)
-            if head is None or head.name not in KNOWN_COMMANDS:
+            if head is None or head.name not in LITERAL_COMMANDS:
                 return None, False
             start = head.arguments
         announcement = announcedLiteral(line[start:], self._lexer)

@@ -319,7 +319,7 @@ class Relay:
                 # the reply to a command of the client's with that tag.
                 self._unreadable(None, b"*", ParseError("invalid tag or command name"))
                 return
-            refusal = self._tagRefusal(parsed[0]) if parsed is not None else None
+            refusal = self._refusal(parsed[0], parsed[1], event.raw) if parsed is not None else None
             if parsed is not None and refusal is not None:
                 self._startDiscard(event, parsed[0], refusal, parsed[1])
                 return
@@ -561,10 +561,15 @@ class Relay:
         if raw[:1] not in (b"*", b"+"):
             self._tagsInUse.pop(raw.split(b" ", 1)[0], None)
 
-    def _tagRefusal(self, tag: bytes) -> bytes | None:
+    def _refusal(self, tag: bytes, name: bytes, line: bytes) -> bytes | None:
         """
-        Why a command tagged C{tag} cannot be relayed now, if it cannot.
+        Why the command C{name} tagged C{tag} (starting C{line}) cannot be
+        relayed now, if it cannot.
         """
+        if name == b"IDLE" and len(line.split()) != 2:
+            # Servers that ignore IDLE's arguments answer it "+": relayed,
+            # its literal (or the next line) would be read as commands.
+            return b"BAD IDLE takes no arguments"
         if self.idle.idling and not self.idle.ending:
             # Dovecot reads such a line as a bad DONE; relayed, its literal
             # would be read as commands.
@@ -620,7 +625,7 @@ class Relay:
             if head.name in NOT_RELAYED:
                 self._startDiscard(event, head.tag, _NOT_RELAYED_REPLY, head.name)
                 return
-            refusal = self._tagRefusal(head.tag)
+            refusal = self._refusal(head.tag, head.name, event.raw)
             if refusal is not None:
                 self._startDiscard(event, head.tag, refusal, head.name)
                 return
