@@ -691,3 +691,21 @@ def test_idle_with_arguments_is_refused_and_its_literal_is_no_literal(
     assert received.startswith(b"a BAD ")
     assert b"x SELECT" not in connection.upstream.sent or not filters
     assert b"IDLE" not in connection.upstream.sent
+
+
+@pytest.mark.parametrize("filters", [[], [Scripted()]], ids=["passthrough", "filtered"])
+def test_a_refused_literal_sent_without_waiting_does_not_reset_a_later_command(
+    tmp_path: Path, filters: list[object]
+) -> None:
+    """The refused command's literal octets (sent before any '+') stay its own; the next command's literal stays whole."""
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=LITERAL_PLUS), filters=filters)
+    connection.send(b"mpi1 APPEND x {5}\r\nhello\r\nC APPEND y {40+}\r\n0123456789")
+    assert connection.received().startswith(b"mpi1 BAD ")
+    connection.fromUpstream(b"+ go\r\n")
+    connection.send(b"Z DELETE secret\r\nyyyyyyyyyyyyy\r\n")
+    if filters:
+        # The filtered relay sends C once it has all of it, then waits for its "+".
+        connection.fromUpstream(b"+ go\r\n")
+    sent = connection.upstream.sent
+    assert sent == b"C APPEND y {40}\r\n0123456789Z DELETE secret\r\nyyyyyyyyyyyyy\r\n", sent
+    assert connection.received() == b""

@@ -116,6 +116,8 @@ class IMAPFramer:
         self._literalRemaining = 0
         self._continuation = False
         self.maxLiteralSize: int | None = None
+        # The line that announced the literal being framed.
+        self._announcedBy: Line | None = None
         # The arguments of the command being framed, read so far.
         self._lexer = ArgumentLexer()
 
@@ -160,11 +162,18 @@ class IMAPFramer:
         self._continuation = False
         self._discarding = None
 
-    def cancelLiteral(self) -> None:
+    def cancelLiteral(self, line: Line | None = None) -> None:
         """
         Forget an announced synchronising literal that the peer will not send
         because it was refused (tagged NO/BAD instead of a continuation).
+
+        @param line: the line that announced it: if the framer has framed
+            past its announcement since (a client that sent octets without
+            waiting for the continuation), they are that literal's, or later
+            commands', and the framer's state is kept.
         """
+        if line is not None and not (line is self._announcedBy and self._literalRemaining == line.literal):
+            return
         self._literalRemaining = 0
         self._continuation = False
 
@@ -273,7 +282,8 @@ class IMAPFramer:
             raise FramingError(f"literal of {size} octets exceeds {self.maxLiteralSize}")
         self._literalRemaining = size
         self._continuation = True
-        return Line(raw, continuation, size, nonSync)
+        self._announcedBy = Line(raw, continuation, size, nonSync)
+        return self._announcedBy
 
     def _announcedLiteral(self, raw: bytes, continuation: bool) -> tuple[int | None, bool]:
         if raw[-3:-2] != b"}":

@@ -399,7 +399,7 @@ class Relay:
             self._toUpstreamInOrder(_ABORT_COMMAND)
             if event.literal is not None and not event.nonSynchronizing:
                 # The client will not send it: no "+" is coming.
-                self.client.framer.cancelLiteral()
+                self.client.framer.cancelLiteral(event)
             # The command is over upstream: what the client still sends of it
             # is dropped by the filtered path (no command is assembling), and
             # its next command is filtered again.
@@ -535,8 +535,9 @@ class Relay:
             return
         if event.literal is not None:
             # The client waits for a continuation we will not send; the
-            # tagged reply tells it not to send the literal.
-            self.client.framer.cancelLiteral()
+            # tagged reply tells it not to send the literal (unless it sent
+            # it already: then its octets come framed as this command's).
+            self.client.framer.cancelLiteral(event)
             # (The filtered path drops them itself: no command is assembling.)
             self._refusedRest = not self.chain
         tag, reply, name = self._discard
