@@ -419,13 +419,12 @@ class Relay:
         self._heldSize += len(event.data if isinstance(event, LiteralChunk) else event.raw)
         limit = PAUSED_HOLD_LIMIT if self._awaitingKind is _Literal.CLIENT_SENDS else HOLD_LIMIT
         if self._heldSize > limit:
-            self.log.warn(
-                "{client} sent {size} octets before the upstream's continuation; disconnecting",
-                client=self.client.clientAddress,
-                size=self._heldSize,
-            )
             self._held.clear()
-            self.client.closeAtBoundary(b"Literal data sent before the continuation")
+            self._cutOff(
+                "sent {size} octets before the upstream's continuation",
+                self._heldSize,
+                b"Literal data sent before the continuation",
+            )
 
     def _release(self) -> None:
         """
@@ -769,14 +768,19 @@ class Relay:
         self._outbound.append(command)
         self._outboundSize += sum(len(part) for part, _ in command.parts)
         if self._outboundSize > PAUSED_HOLD_LIMIT:
-            self.log.warn(
-                "{client} queued {size} octets behind an upstream continuation; disconnecting",
-                client=self.client.clientAddress,
-                size=self._outboundSize,
-            )
+            size, self._outboundSize = self._outboundSize, 0
             self._outbound.clear()
-            self._outboundSize = 0
-            self.client.closeAtBoundary(b"Too much data queued for the upstream")
+            self._cutOff(
+                "queued {size} octets behind an upstream continuation", size, b"Too much data queued for the upstream"
+            )
+
+    def _cutOff(self, what: str, size: int, reply: bytes) -> None:
+        """
+        Log why a client piling up octets the proxy will not hold is cut
+        off, and close it with C{reply} at a response boundary.
+        """
+        self.log.warn("{client} " + what + "; disconnecting", client=self.client.clientAddress, size=size)
+        self.client.closeAtBoundary(reply)
 
     def _flushOutbound(self) -> None:
         """
