@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates systemd
+APT_PACKAGES := dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates systemd fail2ban
 BENCH_APT_PACKAGES := nginx libnginx-mod-mail
 BENCH_ARGS ?=
 

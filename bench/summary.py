@@ -7,11 +7,13 @@ Dovecot on 127.0.0.1.
 
 Figures: bulk FETCH throughput, per-message FETCH latency (one command in
 flight, and pipelined batches), NOOP round trips, logins per second (one at
-a time and in parallel), memory per idle IMAP session, POP3 download. The
-targets are interleaved round by round; results are medians, shown with
-their ratio or difference against direct Dovecot measured in the same run
-(absolute numbers depend on the machine and its load; the comparison is the
-result). The table is printed and written as Markdown (bench/results.md
+a time and in parallel), memory per idle IMAP session, POP3 download; then
+a second table (bench.prelogin, left out with --no-prelogin): NOOPs during
+a login flood, silent TLS connections against the login deadline, a
+parallel guessing burst. The targets are interleaved round by round;
+results are medians, shown with their ratio or difference against direct
+Dovecot measured in the same run (absolute numbers depend on the machine
+and its load; the comparison is the result). The table is printed and written as Markdown (bench/results.md
 unless --output says otherwise). Every loop is bounded in count, and the
 whole run in time (--time-limit).
 """
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 
+from bench import prelogin
 from bench.common import (
     PASSWORD,
     USER,
@@ -485,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short run (fewer messages, rounds and sessions)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="Markdown file for the table (default: %(default)s)")
     parser.add_argument("--no-nginx", action="store_true", help="leave out the nginx column")
+    parser.add_argument("--no-prelogin", action="store_true", help="leave out the before-login table (bench.prelogin)")
     parser.add_argument("--time-limit", type=float, default=900.0, help="seconds for the whole run")
     arguments = parser.parse_args(argv)
     work = QUICK if arguments.quick else FULL
@@ -492,14 +496,24 @@ def main(argv: list[str] | None = None) -> int:
     signal.setitimer(signal.ITIMER_REAL, arguments.time_limit)
     started = time.monotonic()
     startLoad = os.getloadavg()[0]
+    preloginRows: list[list[str]] = []
+    preloginNotes: list[str] = []
     try:
         targets, notes = run(work, not arguments.no_nginx)
+        if not arguments.no_prelogin:
+            print("before login (bench.prelogin)")
+            preloginRows, preloginNotes = prelogin.measure(prelogin.QUICK if arguments.quick else prelogin.FULL)
     except RunTimedOut:
         print(f"bench: stopped after --time-limit {arguments.time_limit:g} s; everything it started is stopped")
         return 2
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     text, markdown = render(targets, work, notes, (startLoad, os.getloadavg()[0]))
+    if preloginRows:
+        text += "\n\nBefore login:\n" + "\n".join([textTable(prelogin.HEADER, preloginRows), "", *preloginNotes])
+        markdown += (
+            "\n## Before login\n\n" + "\n\n".join([markdownTable(prelogin.HEADER, preloginRows), *preloginNotes]) + "\n"
+        )
     print(f"\n{text}\n\n({time.monotonic() - started:.0f} s)")
     with open(arguments.output, "w") as handle:
         handle.write(markdown)

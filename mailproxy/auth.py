@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -18,6 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailproxy.config import Config, UpstreamConfig
@@ -31,15 +33,35 @@ RunInThread = Callable[[Callable[[], bool]], "Deferred[bool]"]
 _DECOY_HASH = hashPassword("mailproxy decoy", log2N=15)
 
 
-def threadRunner(reactor: IReactorThreads) -> RunInThread:
+def threadRunner(reactor: IReactorThreads, pool: ThreadPool | None = None) -> RunInThread:
     """
-    Run hashing in C{reactor}'s thread pool, off the reactor thread.
+    Run hashing in C{pool} (by default C{reactor}'s thread pool), off the
+    reactor thread.
     """
 
     def run(work: Callable[[], bool]) -> Deferred[bool]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+        return deferToThreadPool(reactor, pool or reactor.getThreadPool(), work)
 
     return run
+
+
+class HashPoolService(Service):
+    """
+    The threads that hash passwords, their own so that a login flood cannot
+    take the threads (and cores) other work needs: at most C{threads}
+    scrypt runs at once (16 MiB and about 0.1 s of CPU each).
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="mailproxy-hash")
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Any:
+        self.pool.stop()
+        return super().stopService()
 
 
 def inlineRunner(work: Callable[[], bool]) -> Deferred[bool]:

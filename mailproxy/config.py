@@ -21,6 +21,16 @@ from twisted.internet.endpoints import serverFromString
 from mailproxy.limits import LimitsConfig
 
 LOG_FORMATS = ("text", "json")
+TLS_VERSIONS = ("1.2", "1.3")
+# Mozilla's "intermediate" server profile (v5.7) for TLS 1.2, without its
+# finite-field DHE suites: ECDHE key exchange (forward secrecy) and AEAD
+# ciphers only, so no RSA key exchange and no CBC (LUCKY13).  TLS 1.3
+# suites are all AEAD with ephemeral keys and are not affected.
+INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
 
 
 class ConfigError(Exception):
@@ -47,6 +57,8 @@ class ListenerConfig:
     filters: tuple[str, ...] = ()
     proxyProtocol: bool = False
     proxyProtocolTrusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    tlsMinimumVersion: str = "1.2"
+    tlsCiphers: str = INTERMEDIATE_CIPHERS
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,9 @@ class Config:
     authFailureDelay: float = 2.0
     greeting: str = "mailproxy ready."
     preAuthTimeout: float = 60.0
+    loginDeadline: float = 60.0
+    listenBacklog: int = 1024
+    hashThreads: int = field(default_factory=lambda: defaultHashThreads())
     authenticatedTimeout: float = 30 * 60.0
     idlePollInterval: float = 15.0
     idleRefresh: float = 25 * 60.0
@@ -167,7 +182,16 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     auth = reader.table("auth")
     _rejectUnknown(
         server,
-        {"greeting", "preauth_timeout", "authenticated_timeout", "idle_poll_interval", "idle_refresh", "log_format"},
+        {
+            "greeting",
+            "preauth_timeout",
+            "login_deadline",
+            "listen_backlog",
+            "authenticated_timeout",
+            "idle_poll_interval",
+            "idle_refresh",
+            "log_format",
+        },
     )
     logFormat = server.string("log_format", "text")
     if logFormat not in LOG_FORMATS:
@@ -177,7 +201,13 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     metricsListen = metrics.string("listen", None)
     if metricsListen is not None:
         _checkEndpoint(metrics, "listen", metricsListen)
-    _rejectUnknown(auth, {"users_file", "failure_delay"})
+    _rejectUnknown(auth, {"users_file", "failure_delay", "hash_threads"})
+    hashThreads = auth.number("hash_threads", defaultHashThreads())
+    if hashThreads != int(hashThreads) or not 1 <= hashThreads <= MAX_HASH_THREADS:
+        raise ConfigError(f"{auth.where('hash_threads')}: must be an integer from 1 to {MAX_HASH_THREADS}")
+    listenBacklog = server.number("listen_backlog", Config.listenBacklog)
+    if listenBacklog != int(listenBacklog) or not 1 <= listenBacklog <= 65535:
+        raise ConfigError(f"{server.where('listen_backlog')}: must be an integer from 1 to 65535")
 
     upstreams = {}
     upstreamTables = reader.table("upstream")
@@ -233,6 +263,9 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         authFailureDelay=auth.number("failure_delay", 2.0),
         greeting=greeting,
         preAuthTimeout=_positive(server, "preauth_timeout", 60.0),
+        loginDeadline=_positive(server, "login_deadline", 60.0),
+        listenBacklog=int(listenBacklog),
+        hashThreads=int(hashThreads),
         authenticatedTimeout=_positive(server, "authenticated_timeout", 30 * 60.0),
         idlePollInterval=_positive(server, "idle_poll_interval", 15.0),
         idleRefresh=_positive(server, "idle_refresh", 25 * 60.0),
@@ -242,6 +275,16 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         logFormat=logFormat,
         metricsListen=metricsListen,
     )
+
+
+# Password hashing (scrypt, 16 MiB and about 0.1 s of CPU each) runs in its
+# own threads; by default on half the cores, so a login flood leaves the
+# rest to relayed sessions.
+MAX_HASH_THREADS = 64
+
+
+def defaultHashThreads() -> int:
+    return max(1, (os.cpu_count() or 1) // 2)
 
 
 # Shorter lines would refuse ordinary clients' UID sets.
@@ -261,6 +304,7 @@ def _limits(table: _Reader) -> LimitsConfig:
         "lockout_seconds": "lockoutSeconds",
         "max_line_length": "maxLineLength",
         "max_preauth_literal": "maxPreauthLiteral",
+        "known_network_seconds": "knownNetworkSeconds",
     }
     _rejectUnknown(table, set(keys))
     values: dict[str, Any] = {}
@@ -332,6 +376,8 @@ def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerCo
             "filters",
             "proxy_protocol",
             "proxy_protocol_trusted",
+            "tls_min_version",
+            "tls_ciphers",
         },
     )
     endpoint = table.string("endpoint", None)
@@ -361,6 +407,18 @@ def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerCo
             f"{table.where('proxy_protocol_trusted')}: required with proxy_protocol = true: the load "
             'balancers\' addresses (["0.0.0.0/0", "::/0"] believes anyone)'
         )
+    if tls is TLSMode.PLAIN:
+        for key in ("tls_min_version", "tls_ciphers"):
+            if key in table.keys():
+                raise ConfigError(f"{table.where(key)}: only for listeners with tls = starttls or implicit")
+    minimumVersion = table.string("tls_min_version", "1.2") or ""
+    if minimumVersion not in TLS_VERSIONS:
+        raise ConfigError(
+            f"{table.where('tls_min_version')}: {minimumVersion!r} is not one of {', '.join(TLS_VERSIONS)}"
+        )
+    ciphers = table.string("tls_ciphers", INTERMEDIATE_CIPHERS) or ""
+    if not ciphers.isascii() or not ciphers.strip():
+        raise ConfigError(f"{table.where('tls_ciphers')}: must be an OpenSSL cipher list")
     return ListenerConfig(
         name=table.string("name", None) or endpoint,
         endpoint=endpoint,
@@ -372,6 +430,8 @@ def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerCo
         filters=_filterNames(table, filters),
         proxyProtocol=proxyProtocol,
         proxyProtocolTrusted=trusted,
+        tlsMinimumVersion=minimumVersion,
+        tlsCiphers=ciphers,
     )
 
 

@@ -1,25 +1,56 @@
 # -*- test-case-name: tests.test_limits -*-
 """
-Connection limits and authentication-failure throttling, shared by every
-listener of one proxy process.
+Connection limits and login throttling, shared by every listener of one
+proxy process.
 
-Failures are counted per client IP and per user name within a window; each
-further failure doubles the reply delay (from C{auth.failure_delay}, capped),
-and past a threshold the IP or user is locked out for a while.  Every
-failure and lockout is logged in one fail2ban-friendly line::
+Clients are counted by network: an IPv4 address, or an IPv6 /64 (what one
+subscriber usually gets, so a guesser cannot spread over its own range).
 
-    authentication failure: user=alice ip=203.0.113.7 protocol=imap failures=3
+Logins take turns (L{LoginAttempt}): at most one password check in flight
+per client network and per user name, later attempts queue behind it, and a
+failed check keeps its turn until its reply delay is over, so guesses sent
+in parallel cost as much time as guesses sent one after the other.  Whether
+an attempt is locked out is decided when its turn comes, before any check.
+A user logging in from a network they logged in from before takes no turn.
+
+Failures are counted per network and per user name within a window; each
+further failure doubles the reply delay (from C{auth.failure_delay},
+capped), and past a threshold the network or the user is locked out for a
+while.  A user's lockout does not apply to networks the user logged in from
+successfully within C{limits.known_network_seconds}: anybody can make a
+user's account refuse strangers, but not the owner's own devices.  Every
+failure and refusal is one fail2ban-friendly line, the client-chosen user
+name last and percent-encoded (L{mailproxy.logs.loggedName})::
+
+    authentication failure: ip=203.0.113.7 protocol=imap user=alice failures=3
+    authentication refused: ip=203.0.113.7 protocol=imap user=alice reason=locked-out
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import enum
+import ipaddress
+from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from mailproxy.logs import loggedName
+
 MAX_DELAY = 30.0
+# Attempts that may wait for their turn, per network or user and in all;
+# more are refused at once ("try again later").
+MAX_WAITING_PER_KEY = 128
+MAX_WAITING = 4096
+# Remembered (network, user) logins and counted keys, oldest forgotten
+# first: a flood of made-up user names costs bounded memory.
+MAX_KNOWN_NETWORKS = 100_000
+MAX_COUNTED_KEYS = 100_000
+# User names are counted by their first characters (longer ones are not
+# real users, and must not cost memory).
+MAX_USER_KEY = 256
 
 
 @dataclass(frozen=True)
@@ -32,45 +63,83 @@ class LimitsConfig:
     lockoutSeconds: float = 900.0
     maxLineLength: int = 65536
     maxPreauthLiteral: int = 16384
+    knownNetworkSeconds: float = 30 * 86400.0
+
+
+class Turn(enum.Enum):
+    """
+    What a login attempt may do when its turn comes.
+    """
+
+    CHECK = "check the password"
+    LOCKED_OUT = "locked out: refuse without checking"
+    BUSY = "too many attempts waiting: refuse at once"
+
+
+def networkOf(host: str) -> str:
+    """
+    The network a client at C{host} is counted by: the IPv4 address (also
+    when mapped into IPv6), or the IPv6 /64.
+    """
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 class Limits:
     """
     The counters of one proxy process.
+
+    @param maxChecks: password checks in flight at once (the hashing
+        threads' queue); further attempts wait for their turn.
     """
 
-    log = Logger(namespace="mailproxy.auth")
-
-    def __init__(self, config: LimitsConfig, clock: IReactorTime, failureDelay: float) -> None:
+    def __init__(self, config: LimitsConfig, clock: IReactorTime, failureDelay: float, maxChecks: int = 64) -> None:
+        # An instance attribute: a Logger on the class would take the
+        # class's name as its namespace, which fail2ban filters match.
+        self.log = Logger(namespace="mailproxy.auth")
         self.config = config
         self.clock = clock
         self.failureDelay = failureDelay
+        self.maxChecks = maxChecks
         self.connections = 0
+        self.checks = 0
         self._perIP: dict[str, int] = defaultdict(int)
         self._perUser: dict[str, int] = defaultdict(int)
-        self._failures: dict[str, list[float]] = defaultdict(list)
+        self._failures: OrderedDict[str, list[float]] = OrderedDict()
         self._lockedUntil: dict[str, float] = {}
+        self._known: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._waiting: deque[LoginAttempt] = deque()
+        self._waitingPerKey: dict[str, int] = defaultdict(int)
+        self._turnHeld: set[str] = set()
+        self._checking = 0
 
     # -- connections -------------------------------------------------------------
 
-    def admit(self, ip: str) -> str | None:
+    def admit(self, network: str) -> str | None:
         """
-        Count a new connection from C{ip}; return why it is refused, or
+        Count a new connection from C{network}; return why it is refused, or
         C{None} (then L{release} it when it ends).
         """
         if self.connections >= self.config.maxConnections:
             return "too many connections"
-        if self._perIP[ip] >= self.config.maxConnectionsPerIP:
+        if self._perIP[network] >= self.config.maxConnectionsPerIP:
             return "too many connections from your address"
         self.connections += 1
-        self._perIP[ip] += 1
+        self._perIP[network] += 1
         return None
 
-    def release(self, ip: str) -> None:
+    def release(self, network: str) -> None:
         self.connections -= 1
-        self._perIP[ip] -= 1
-        if not self._perIP[ip]:
-            del self._perIP[ip]
+        self._perIP[network] -= 1
+        if not self._perIP[network]:
+            del self._perIP[network]
 
     def startSession(self, user: str) -> bool:
         """
@@ -86,53 +155,131 @@ class Limits:
         if not self._perUser[user]:
             del self._perUser[user]
 
-    # -- authentication failures ------------------------------------------------
+    # -- logins --------------------------------------------------------------------
 
-    def lockedOut(self, ip: str, user: str) -> bool:
+    def beginLogin(self, network: str, user: str, protocol: str) -> LoginAttempt:
         """
-        C{True} while C{ip} or C{user} is locked out.
+        Queue a login attempt; its C{turn} fires when it may go on.
+        """
+        attempt = LoginAttempt(self, network, user, protocol, self.isKnown(network, user))
+        if len(self._waiting) >= MAX_WAITING or any(
+            self._waitingPerKey[key] >= MAX_WAITING_PER_KEY for key in attempt.keys
+        ):
+            attempt.refuse("busy")
+            attempt.turn.callback(Turn.BUSY)
+            return attempt
+        self._waiting.append(attempt)
+        for key in attempt.keys:
+            self._waitingPerKey[key] += 1
+        self._giveTurns()
+        return attempt
+
+    def isKnown(self, network: str, user: str) -> bool:
+        """
+        C{True} if C{user} logged in from C{network} recently.
+        """
+        until = self._known.get((network, user))
+        return until is not None and until > self.clock.seconds()
+
+    def lockedOut(self, network: str, user: str, known: bool = False) -> bool:
+        """
+        C{True} while C{network}, or (for a network C{user} is not known
+        from) C{user}, is locked out.
         """
         now = self.clock.seconds()
-        return any(self._lockedUntil.get(key, 0.0) > now for key in (_ip(ip), _user(user)))
+        keys = (_networkKey(network),) if known else (_networkKey(network), _userKey(user))
+        return any(self._lockedUntil.get(key, 0.0) > now for key in keys)
 
-    def failed(self, ip: str, user: str, protocol: str) -> float:
-        """
-        Record a failed login; return how long to wait before answering it.
-        """
+    def _giveTurns(self) -> None:
+        ready: list[tuple[LoginAttempt, Turn]] = []
+        # Users on networks they logged in from go first: a flood of
+        # strangers' attempts must not keep the owners waiting.
+        waiting = sorted(self._waiting, key=lambda attempt: not attempt.known)
+        for attempt in waiting:
+            if self._checking >= self.maxChecks:
+                break
+            if any(key in self._turnHeld for key in attempt.keys):
+                continue
+            self._unqueue(attempt)
+            if self.lockedOut(attempt.network, attempt.user, attempt.known):
+                ready.append((attempt, Turn.LOCKED_OUT))
+                continue
+            self._checking += 1
+            self.checks += 1
+            self._turnHeld.update(attempt.keys)
+            attempt.checking = True
+            # Counted now, before the check: what decides the next attempt
+            # must not wait for this one's hash.
+            for key in attempt.countedKeys:
+                self._count(key, attempt.started)
+            ready.append((attempt, Turn.CHECK))
+        for attempt, turn in ready:
+            if turn is Turn.LOCKED_OUT:
+                attempt.refuse("locked-out")
+            attempt.turn.callback(turn)
+
+    def _unqueue(self, attempt: LoginAttempt) -> None:
+        self._waiting.remove(attempt)
+        for key in attempt.keys:
+            self._waitingPerKey[key] -= 1
+            if not self._waitingPerKey[key]:
+                del self._waitingPerKey[key]
+
+    def _count(self, key: str, moment: float) -> int:
+        recent = [when for when in self._failures.pop(key, []) if moment - when < self.config.failureWindow]
+        recent.append(moment)
+        self._failures[key] = recent
+        while len(self._failures) > MAX_COUNTED_KEYS:
+            self._failures.popitem(last=False)
+        return len(recent)
+
+    def _uncount(self, key: str, moment: float) -> None:
+        recent = self._failures.get(key)
+        if recent is not None and moment in recent:
+            recent.remove(moment)
+            if not recent:
+                del self._failures[key]
+
+    def _recent(self, key: str) -> int:
         now = self.clock.seconds()
-        counts = []
-        for key in (_ip(ip), _user(user)):
-            recent = [moment for moment in self._failures[key] if now - moment < self.config.failureWindow]
-            recent.append(now)
-            self._failures[key] = recent
-            counts.append(len(recent))
-            if len(recent) >= self.config.failuresBeforeLockout and self._lockedUntil.get(key, 0.0) <= now:
-                self._lockedUntil[key] = now + self.config.lockoutSeconds
-                self.log.warn(
-                    "authentication lockout: {what} for {seconds:.0f} s after {count} failures",
-                    what=key,
-                    seconds=self.config.lockoutSeconds,
-                    count=len(recent),
-                )
-        self.log.warn(
-            "authentication failure: user={user} ip={ip} protocol={protocol} failures={count}",
-            user=user,
-            ip=ip,
-            protocol=protocol,
-            count=max(counts),
-        )
-        return min(MAX_DELAY, self.failureDelay * 2 ** (max(counts) - 1))
+        return sum(1 for when in self._failures.get(key, ()) if now - when < self.config.failureWindow)
 
-    def succeeded(self, ip: str, user: str) -> None:
+    def _checked(self, attempt: LoginAttempt) -> None:
+        self._checking -= 1
+        # A check slot is free (the attempt's keys may stay held).
+        self._giveTurns()
+
+    def _releaseTurn(self, attempt: LoginAttempt) -> None:
+        self._turnHeld.difference_update(attempt.keys)
+        self._giveTurns()
+
+    def _remember(self, network: str, user: str) -> None:
+        self._known.pop((network, user), None)
+        self._known[(network, user)] = self.clock.seconds() + self.config.knownNetworkSeconds
+        while len(self._known) > MAX_KNOWN_NETWORKS:
+            self._known.popitem(last=False)
+
+    def _lockIfDue(self, key: str, count: int) -> None:
+        now = self.clock.seconds()
+        if count >= self.config.failuresBeforeLockout and self._lockedUntil.get(key, 0.0) <= now:
+            self._lockedUntil[key] = now + self.config.lockoutSeconds
+            self.log.warn(
+                "authentication lockout: {what} for {seconds:.0f} s after {count} failures",
+                what=key,
+                seconds=self.config.lockoutSeconds,
+                count=count,
+            )
+
+    def delayFor(self, count: int) -> float:
         """
-        A good login clears the user's failures (not the IP's: one good
-        account must not reset a guessing run from the same address).
+        How long to wait before answering the C{count}th failure.
         """
-        self._failures.pop(_user(user), None)
+        return min(MAX_DELAY, self.failureDelay * 2 ** (max(count, 1) - 1))
 
     def prune(self) -> None:
         """
-        Forget expired failures and lockouts (call now and then).
+        Forget expired failures, lockouts and known networks (call now and
+        then).
         """
         now = self.clock.seconds()
         for key in list(self._failures):
@@ -143,14 +290,125 @@ class Limits:
                 del self._failures[key]
         for key in [key for key, until in self._lockedUntil.items() if until <= now]:
             del self._lockedUntil[key]
+        for pair in [pair for pair, until in self._known.items() if until <= now]:
+            del self._known[pair]
 
 
-def _ip(ip: str) -> str:
-    return f"ip={ip}"
+class LoginAttempt:
+    """
+    One login's turn at the password check (see L{Limits.beginLogin}).
+
+    After a C{CHECK} turn the server calls L{succeeded} or L{failed}; after
+    C{LOCKED_OUT} or C{BUSY} it only answers (after L{delay}).  A client
+    that leaves while waiting calls L{abandon}.
+
+    @ivar turn: fires with a L{Turn}.
+    @ivar delay: how long to wait before answering a refusal.
+    """
+
+    def __init__(self, limits: Limits, network: str, user: str, protocol: str, known: bool) -> None:
+        self.limits = limits
+        self.network = network
+        self.user = user[:MAX_USER_KEY]
+        self.protocol = protocol
+        self.known = known
+        # A user's known network takes no turn: the owner neither queues
+        # behind strangers' guesses at the name nor behind whoever fails
+        # behind the same NAT; its failures still count and lock it out.
+        self.keys: tuple[str, ...] = () if known else (_networkKey(network), _userKey(self.user))
+        self.countedKeys = (_networkKey(network), _userKey(self.user))
+        self.turn: Deferred[Turn] = Deferred()
+        self.delay = limits.failureDelay
+        self.started = limits.clock.seconds()
+        self.checking = False
+        self._release: IDelayedCall | None = None
+
+    def succeeded(self) -> None:
+        """
+        The password was right: the attempt was no failure, the network
+        becomes known for the user, and the next attempts may go on.
+        """
+        if not self.checking:
+            return
+        self.checking = False
+        for key in self.countedKeys:
+            self.limits._uncount(key, self.started)
+        self.limits._remember(self.network, self.user)
+        self.limits._checked(self)
+        self.limits._releaseTurn(self)
+
+    def failed(self) -> float:
+        """
+        The password was wrong, or the upstream refused a password the
+        proxy passed on: log it, lock out what is due, and keep the turn
+        (if the check still holds it) until the returned delay is over,
+        also if the client leaves.
+        """
+        limits = self.limits
+        holding, self.checking = self.checking, False
+        if not holding:
+            for key in self.countedKeys:
+                limits._count(key, limits.clock.seconds())
+        counts = [limits._recent(key) for key in self.countedKeys]
+        for key, count in zip(self.countedKeys, counts, strict=True):
+            limits._lockIfDue(key, count)
+        # Strangers' failures do not slow the owner's known networks.
+        counted = counts[0] if self.known else max(counts)
+        self.delay = limits.delayFor(counted)
+        limits.log.warn(
+            "authentication failure: ip={ip} protocol={protocol} user={user} failures={count}",
+            ip=self.network,
+            protocol=self.protocol,
+            user=loggedName(self.user),
+            count=counted,
+        )
+        if holding:
+            limits._checked(self)
+            self._release = limits.clock.callLater(self.delay, limits._releaseTurn, self)
+        return self.delay
+
+    def refuse(self, reason: str) -> None:
+        """
+        Log an attempt refused without a check.
+        """
+        limits = self.limits
+        if reason == "locked-out":
+            self.delay = limits.delayFor(limits.config.failuresBeforeLockout)
+        limits.log.warn(
+            "authentication refused: ip={ip} protocol={protocol} user={user} reason={reason}",
+            ip=self.network,
+            protocol=self.protocol,
+            user=loggedName(self.user),
+            reason=reason,
+        )
+
+    def abandon(self) -> None:
+        """
+        The client left before its turn came (a check already running still
+        ends in L{succeeded} or L{failed}).
+        """
+        if self in self.limits._waiting:
+            self.limits._unqueue(self)
+
+    def withdraw(self) -> None:
+        """
+        The client left as its turn came, before the check began.
+        """
+        if not self.checking:
+            return
+        self.checking = False
+        for key in self.countedKeys:
+            self.limits._uncount(key, self.started)
+        self.limits._checked(self)
+        self.limits._releaseTurn(self)
 
 
-def _user(user: str) -> str:
-    return f"user={user}"
+def _networkKey(network: str) -> str:
+    return f"ip={network}"
+
+
+def _userKey(user: str) -> str:
+    return f"user={loggedName(user)}"
 
 
 def hostOf(clientAddress: str) -> str:
@@ -169,12 +427,13 @@ class Gate:
     def __init__(self, limits: Limits, clientAddress: str, protocol: str) -> None:
         self.limits = limits
         self.ip = hostOf(clientAddress)
+        self.network = networkOf(self.ip)
         self.protocol = protocol
         self._admitted = False
         self._sessionUser: str | None = None
 
     def admit(self) -> str | None:
-        refusal = self.limits.admit(self.ip)
+        refusal = self.limits.admit(self.network)
         self._admitted = refusal is None
         if refusal is not None:
             self.limits.log.warn(
@@ -186,30 +445,30 @@ class Gate:
         return refusal
 
     def release(self) -> None:
+        """
+        Free the connection's place (and its session's); safe to call
+        again.
+        """
         if self._admitted:
             self._admitted = False
-            self.limits.release(self.ip)
+            self.limits.release(self.network)
         if self._sessionUser is not None:
             self.limits.endSession(self._sessionUser)
             self._sessionUser = None
 
-    def lockedOut(self, user: str) -> bool:
-        return self.limits.lockedOut(self.ip, user)
+    def beginLogin(self, user: str) -> LoginAttempt:
+        return self.limits.beginLogin(self.network, user, self.protocol)
 
-    def failed(self, user: str) -> float:
-        return self.limits.failed(self.ip, user, self.protocol)
-
-    def succeeded(self, user: str) -> bool:
+    def startSession(self, user: str) -> bool:
         """
-        Record a good login; C{False} if the user has too many sessions.
+        Count a logged-in session; C{False} if the user has too many.
         """
-        self.limits.succeeded(self.ip, user)
         if not self.limits.startSession(user):
             self.limits.log.warn(
-                "session refused: user={user} ip={ip} protocol={protocol}: too many sessions",
-                user=user,
+                "session refused: ip={ip} protocol={protocol} user={user}: too many sessions",
                 ip=self.ip,
                 protocol=self.protocol,
+                user=loggedName(user),
             )
             return False
         self._sessionUser = user

@@ -26,13 +26,58 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, ILogObserver, LogLevel, formatEvent
+from twisted.logger import FileLogObserver, ILogObserver, LogLevel, formatEvent, formatEventAsClassicLogText
 from twisted.python.logfile import LogFile
 
 # Keys of Twisted's legacy log events that are bookkeeping, not fields.
 _LEGACY_KEYS = frozenset({"message", "isError", "printed", "system", "time", "format", "failure", "why"})
 _SECRET = re.compile(r"pass|secret|credential|token|sasl", re.IGNORECASE)
 _MAX_DEPTH = 4
+# A user name is logged as at most this many characters (then "...").
+MAX_LOGGED_NAME = 64
+# Printable ASCII but the space, and not the characters a log reader could
+# take for a field's end or an escape.
+_NAME_AS_IS = frozenset(chr(code) for code in range(0x21, 0x7F)) - set('%"=\\')
+# Characters that end or break a line in a log reader (str.splitlines,
+# universal newlines), but the newline twistd itself continues with a tab.
+_LINE_BREAKERS = re.compile("[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
+
+
+def loggedName(name: str | bytes) -> str:
+    """
+    A user name as log lines and audit records show it, where the client
+    chose it: percent-encoded outside printable ASCII and for space, C{%},
+    C{"}, C{=} and C{\\}, cut to L{MAX_LOGGED_NAME} characters.
+
+    So a name can neither end its field (C{user=x ip=198.51.100.77} would
+    make a fail2ban rule ban an innocent address) nor its line (CR, LF),
+    and a 60 KB name costs 64 characters of log.
+    """
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "surrogateescape")
+    cut = len(name) > MAX_LOGGED_NAME
+    shown = "".join(
+        char if char in _NAME_AS_IS else "".join(f"%{octet:02X}" for octet in char.encode("utf-8", "surrogateescape"))
+        for char in name[:MAX_LOGGED_NAME]
+    )
+    return (shown or '""') + ("..." if cut else "")
+
+
+def eventAsSafeText(event: dict[str, Any]) -> str | None:
+    """
+    twistd's classic text line for an event, with control characters that
+    could start a forged line (CR, form feed, ...) written as escapes: the
+    safety net under L{loggedName} for any text a client chose.
+    """
+    text = formatEventAsClassicLogText(event)
+    if text is None:
+        return None
+    return _LINE_BREAKERS.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def eventAsJSONLine(event: dict[str, Any]) -> str:
@@ -82,6 +127,13 @@ def jsonLinesObserver(outFile: IO[Any]) -> ILogObserver:
     An observer writing L{eventAsJSONLine}s to C{outFile}.
     """
     return FileLogObserver(outFile, eventAsJSONLine)
+
+
+def textLinesObserver(outFile: IO[Any]) -> ILogObserver:
+    """
+    An observer writing L{eventAsSafeText} lines to C{outFile}.
+    """
+    return FileLogObserver(outFile, eventAsSafeText)
 
 
 def twistdLogFile(twistdOptions: Mapping[str, Any] | None) -> IO[Any] | None:

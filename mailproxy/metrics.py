@@ -37,7 +37,16 @@ IMAP_COMMANDS = frozenset(
 POP3_COMMANDS = frozenset(name.encode("ascii") for name in "STAT LIST RETR DELE NOOP RSET QUIT TOP UIDL LAST".split())
 COMMANDS = {"imap": IMAP_COMMANDS, "pop3": POP3_COMMANDS}
 
-LOGIN_RESULTS = ("ok", "failed", "locked_out", "too_many_sessions", "upstream_refused", "upstream_error")
+LOGIN_RESULTS = (
+    "ok",
+    "failed",
+    "locked_out",
+    "busy",
+    "expired",
+    "too_many_sessions",
+    "upstream_refused",
+    "upstream_error",
+)
 UPSTREAM_ERROR_KINDS = ("connect_failed", "timeout", "tls", "login_refused", "protocol", "closed", "reset")
 
 # From well under a millisecond (NOOP through the proxy) to a minute (a big

@@ -16,12 +16,20 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any, cast
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IProtocolFactory, IReactorTime, ITransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    ITransport,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 from mailproxy.proxyheader import ProxyHeader, ProxyHeaderError, ProxyHeaderParser
 
@@ -41,6 +49,7 @@ def describe(address: IAddress) -> str:
     return f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
 
 
+@implementer(IHandshakeListener)
 class ProxyProtocolWrapper(ProtocolWrapper):
     """
     Read the PROXY header, then connect the wrapped protocol with
@@ -141,7 +150,13 @@ class ProxyProtocolWrapper(ProtocolWrapper):
     def _abandon(self) -> None:
         self._stopTimeout()
         self.disconnecting = True
-        self.transport.loseConnection()
+        # Nothing was said yet and nothing is owed: do not wait for the peer.
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def handshakeCompleted(self) -> None:
+        # A STARTTLS switch on a PROXY listener wraps this wrapper in TLS.
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
     def _stopTimeout(self) -> None:
         if self._timeout is not None:

@@ -30,7 +30,15 @@ from mailproxy.passwords import UsersFileError
 from mailproxy.tls import upstreamOptions
 
 # What is bound at start-up (ports, the shared counters, logging).
-_RESTART_ONLY = ("listeners", "limits", "authFailureDelay", "metricsListen", "logFormat")
+_RESTART_ONLY = (
+    "listeners",
+    "limits",
+    "authFailureDelay",
+    "metricsListen",
+    "logFormat",
+    "hashThreads",
+    "listenBacklog",
+)
 
 
 class ConfigReloader:

@@ -18,13 +18,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.components import Componentized
 
-from mailproxy.auth import UsersFileChecker, makePortal, threadRunner
+from mailproxy.auth import HashPoolService, UsersFileChecker, makePortal, threadRunner
 from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, loadConfig
 from mailproxy.filters.registry import buildFilters, chainFactory
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
 from mailproxy.imap.upstream import UpstreamSession, connectUpstream
 from mailproxy.limits import Limits
-from mailproxy.logs import jsonLinesObserver, twistdLogFile
+from mailproxy.logs import jsonLinesObserver, textLinesObserver, twistdLogFile
 from mailproxy.passwords import UsersFileError
 from mailproxy.pop3.bridge import openMaildrop
 from mailproxy.pop3.server import POP3Backends, POP3ServerFactory
@@ -64,11 +64,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         service = buildService(config, reactor, configPath=options["config"])
     except (ConfigError, UsersFileError) as error:
         raise SystemExit(f"mailproxy: configuration error: {error}") from None
-    if config.logFormat == "json":
-        # twistd's own options (--logfile, -n) say where the log goes.
-        destination = twistdLogFile(getattr(options, "parent", None))
-        if destination is not None:
-            service.logObserver = jsonLinesObserver(destination)
+    # twistd's own options (--logfile, -n) say where the log goes.
+    destination = twistdLogFile(getattr(options, "parent", None))
+    if destination is not None:
+        observer = jsonLinesObserver if config.logFormat == "json" else textLinesObserver
+        service.logObserver = observer(destination)
     return service
 
 
@@ -150,8 +150,10 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
         upstreamOptions(upstream)  # fail at start-up on an unreadable CA file
         if not upstream.verify:
             log.warn("upstream {name}: certificate verification is OFF (verify = false)", name=upstream.name)
+    hashing = HashPoolService(config.hashThreads)
+    runInThread = threadRunner(reactor, hashing.pool)
     try:
-        portal = makePortal(config, threadRunner(reactor))
+        portal = makePortal(config, runInThread)
     except OSError as error:
         raise ConfigError(f"auth.users_file: cannot read {config.usersFile!r}: {error.strerror}") from None
 
@@ -166,12 +168,14 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
 
     pop3 = POP3Backends(connectRelay, openBridge)
     filters = buildFilters(config.filters)
-    limits = Limits(config.limits, reactor, config.authFailureDelay)
+    # A few checks queue per hashing thread; other attempts wait their turn.
+    limits = Limits(config.limits, reactor, config.authFailureDelay, maxChecks=4 * config.hashThreads)
     contexts: list[ServerContext] = []
     reloader = ConfigReloader(
-        configPath, config, portal, contexts, filters, lambda path: UsersFileChecker(path, threadRunner(reactor))
+        configPath, config, portal, contexts, filters, lambda path: UsersFileChecker(path, runInThread)
     )
     root = ListenersService(reloader, limits, reactor)
+    hashing.setServiceParent(root)
     metrics = None
     if config.metricsListen is not None:
         from mailproxy.metrics import ProxyMetrics, metricsSite
@@ -183,7 +187,13 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
         tlsOptions = None
         if listener.tls is not TLSMode.PLAIN:
             assert listener.certificate is not None and listener.privateKey is not None
-            tlsOptions = serverOptions(listener.certificate, listener.privateKey, f"listener[{index}]")
+            tlsOptions = serverOptions(
+                listener.certificate,
+                listener.privateKey,
+                f"listener[{index}]",
+                listener.tlsMinimumVersion,
+                listener.tlsCiphers,
+            )
         context = ServerContext(
             config,
             listener,
@@ -202,7 +212,19 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
         if listener.proxyProtocol:
             # Outside TLS: load balancers send the header before the handshake.
             factory = ProxyProtocolFactory(factory, reactor, listener.name, listener.proxyProtocolTrusted)
-        service = strports.service(listener.endpoint, factory, reactor=reactor)
+        service = strports.service(withBacklog(listener.endpoint, config.listenBacklog), factory, reactor=reactor)
         service.setName(listener.name)
         service.setServiceParent(root)
     return root
+
+
+def withBacklog(endpoint: str, backlog: int) -> str:
+    """
+    C{endpoint} with C{backlog} as its listen queue, unless it names one
+    (Twisted's default of 50 makes a burst of connections wait for SYN
+    retries).
+    """
+    kind = endpoint.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "unix") or "backlog=" in endpoint:
+        return endpoint
+    return f"{endpoint}:backlog={backlog}"

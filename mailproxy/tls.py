@@ -16,7 +16,7 @@ from OpenSSL.crypto import FILETYPE_PEM
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
-from mailproxy.config import ConfigError, UpstreamConfig
+from mailproxy.config import INTERMEDIATE_CIPHERS, ConfigError, UpstreamConfig
 
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.DOTALL)
 
@@ -39,12 +39,25 @@ def _certificates(pem: bytes, key: str) -> list[ssl.Certificate]:
         raise ConfigError(f"{key}: invalid certificate: {error}") from None
 
 
-def serverOptions(certificateFile: str, privateKeyFile: str, key: str) -> ssl.CertificateOptions:
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def serverOptions(
+    certificateFile: str,
+    privateKeyFile: str,
+    key: str,
+    minimumVersion: str = "1.2",
+    ciphers: str = INTERMEDIATE_CIPHERS,
+) -> ssl.CertificateOptions:
     """
     Server TLS options from PEM files: the leaf certificate first, then its
     chain; the key may be in either file.
 
     @param key: the configuration key, for error messages.
+    @param minimumVersion: the oldest TLS version accepted, C{"1.2"} or
+        C{"1.3"}.
+    @param ciphers: the OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are
+        OpenSSL's, all AEAD with ephemeral keys).
     """
     certificatePEM = _readPEM(certificateFile, f"{key}.certificate")
     keyPEM = _readPEM(privateKeyFile, f"{key}.private_key")
@@ -56,12 +69,34 @@ def serverOptions(certificateFile: str, privateKeyFile: str, key: str) -> ssl.Ce
         raise ConfigError(f"{key}.private_key: invalid private key: {error}") from None
     if not leaf.getPublicKey().matches(privateKey):
         raise ConfigError(f"{key}.private_key: does not match the certificate")
-    return ssl.CertificateOptions(
+    _checkCiphers(ciphers, f"{key}.tls_ciphers")
+    options = ssl.CertificateOptions(
         privateKey=privateKey.original,
         certificate=leaf.original,
         extraCertChain=[certificate.original for certificate in chain[1:]],
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        raiseMinimumTo=_VERSIONS[minimumVersion],
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers),
     )
+    try:
+        # Twisted builds the context on first use; a cipher list it cannot
+        # apply (NULL ciphers only, say) must stop start-up, not every
+        # handshake.
+        options.getContext()
+    except SSL.Error as error:
+        raise ConfigError(f"{key}.tls_ciphers: cannot be used ({error}): {ciphers!r}") from None
+    return options
+
+
+def _checkCiphers(ciphers: str, key: str) -> None:
+    """
+    Refuse a TLS 1.2 cipher list OpenSSL cannot read or that selects
+    nothing (Twisted would silently fall back to no ciphers at all).
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        context.set_cipher_list(ciphers.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError):
+        raise ConfigError(f"{key}: no cipher this OpenSSL offers matches {ciphers!r}") from None
 
 
 def upstreamOptions(upstream: UpstreamConfig) -> IOpenSSLClientConnectionCreator:

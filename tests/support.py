@@ -43,6 +43,7 @@ def makeConfig(
     delay: float = 2.0,
     upstream: UpstreamConfig | None = None,
     limits: LimitsConfig | None = None,
+    loginDeadline: float = 60.0,
 ) -> Config:
     upstream = upstream or UpstreamConfig("main", "127.0.0.1", 1, TLSMode.PLAIN)
     return Config(
@@ -53,6 +54,7 @@ def makeConfig(
         routes=routes or {},
         authFailureDelay=delay,
         limits=limits or LimitsConfig(),
+        loginDeadline=loginDeadline,
     )
 
 
@@ -148,9 +150,10 @@ def connect(
     limits: LimitsConfig | None = None,
     clock: Clock | None = None,
     metrics: Any = None,
+    loginDeadline: float = 60.0,
 ) -> ProxyConnection:
     usersFile = writeUsersFile(directory, users or {"alice": "alicepw"})
-    config = makeConfig(usersFile, routes=routes, limits=limits)
+    config = makeConfig(usersFile, routes=routes, limits=limits, loginDeadline=loginDeadline)
     listener = ListenerConfig(
         "imap", "tcp:0", tls, certificate="x", privateKey="x", allowPlaintextAuth=allowPlaintextAuth
     )

@@ -155,6 +155,15 @@ def test_unparsed_commands_are_logged_as_a_question_mark(tmp_path: Path) -> None
     assert len(events) == 1
 
 
+def test_long_client_chosen_tags_and_command_names_are_cut(tmp_path: Path) -> None:
+    """A 10 KB tag or command name costs a bounded record."""
+    auditor, path = audit(tmp_path)
+    sendCommand(auditor, makeSession(), command(b"T" * 10000 + b" X" + b"Y" * 10000 + b"\r\n"), "BAD")
+    auditor.close()
+    [record] = lines(path)
+    assert record["tag"] == "T" * 64 + "..." and record["command"] == "X" + "Y" * 63 + "..."
+
+
 @pytest.mark.parametrize(
     ("address", "host"),
     [

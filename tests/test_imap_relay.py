@@ -257,7 +257,7 @@ def test_observers_hear_preauth_commands_without_credentials(tmp_path: Path) -> 
     ]
     assert commands[1]["command"].arguments == [] and commands[1]["command"].wire is None
     assert [event for event, _ in seen.events][:1] == ["connected"]
-    assert ("login", {"ok": True}) in seen.events
+    assert ("login", {"ok": True, "mechanism": "LOGIN"}) in seen.events
     assert b"alicepw" not in repr(seen.events).encode()
 
 

@@ -382,10 +382,23 @@ def test_client_disconnect_closes_the_upstream(tmp_path: Path) -> None:
 
 def test_idle_preauth_connection_times_out(tmp_path: Path) -> None:
     """A connection that never logs in is closed after the pre-auth timeout."""
-    connection = connect(str(tmp_path))
+    connection = connect(str(tmp_path), loginDeadline=300)
     connection.received()
     connection.clock.advance(61)
     assert connection.received() == b"* BYE Autologout; idle for too long\r\n"
+    assert connection.transport.disconnecting
+
+
+def test_preauth_connection_is_closed_at_the_login_deadline_however_busy(tmp_path: Path) -> None:
+    """Commands reset the inactivity timer but not the deadline from accept."""
+    connection = connect(str(tmp_path), loginDeadline=20)
+    connection.received()
+    for _ in range(19):
+        connection.clock.advance(1)
+        connection.send(b"a NOOP\r\n")
+    assert connection.received().count(b"a OK NOOP completed") == 19
+    connection.clock.advance(1)
+    assert connection.received() == b"* BYE Autologout; login took too long\r\n"
     assert connection.transport.disconnecting
 
 
@@ -450,10 +463,14 @@ def test_client_disconnect_during_upstream_connect_cancels_it(tmp_path: Path) ->
 
 
 def test_failed_login_leaves_no_delayed_call_after_disconnect(tmp_path: Path) -> None:
-    """The delayed failure reply is cancelled when the client leaves."""
+    """The delayed failure reply is cancelled when the client leaves; only the login turn stays held for the delay."""
     connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
     connection.send(b"a LOGIN alice wrong\r\n")
     connection.protocol.connectionLost(Failure(ConnectionDone()))
+    limits = connection.protocol.context.limits
+    assert limits is not None
+    assert [call.func for call in connection.clock.getDelayedCalls()] == [limits._releaseTurn]
+    connection.clock.advance(limits.failureDelay)
     assert connection.clock.getDelayedCalls() == []
 
 

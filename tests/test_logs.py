@@ -148,12 +148,18 @@ def test_service_gives_twistds_application_the_json_observer(tmp_path: Path, res
     observer._outFile.close()  # type: ignore[attr-defined]
     assert json.loads(logPath.read_text())["message"] == "hello world"
 
+    # Text logs get twistd's classic lines, with control characters escaped.
     text = writeConfig(tmp_path, '[[listener]]\nendpoint = "tcp:10143"\n')
+    textPath = tmp_path / "proxy.txt"
     options = ServerOptions()
-    options.parseOptions(["-n", "mailproxy", "--config", str(text)])
+    options.parseOptions(["-n", f"--logfile={textPath}", "mailproxy", "--config", str(text)])
     application = Application("mailproxy")
     tap.makeService(options.subOptions, reactor=MemoryReactorClock()).setServiceParent(application)
-    assert application.getComponent(ILogObserver) is None
+    observer = application.getComponent(ILogObserver)
+    assert observer is not None
+    observer({"log_format": "user={who}", "who": "x\r\nforged\x0c", "log_level": LogLevel.info, "log_time": 0.0})
+    observer._outFile.close()  # type: ignore[attr-defined]
+    assert textPath.read_text().endswith("[-#info] user=x\\x0d\n\tforged\\x0c\n")
 
 
 def test_twistd_logs_json_to_stdout_and_a_busy_metrics_port_is_one_line(tmp_path: Path) -> None:

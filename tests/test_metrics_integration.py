@@ -266,7 +266,11 @@ def test_json_log_has_one_object_per_line_and_no_password(meteredProxy: MeteredP
     assert loggedIn and loggedIn[-1]["user"] == "carol" and loggedIn[-1]["upstream"] == "plain"
     assert loggedIn[-1]["namespace"] == "mailproxy.imap.server.IMAPServerProtocol"
     assert loggedIn[-1]["client"].startswith("127.0.0.1:")
-    failures = [record for record in records if record["message"].startswith("authentication failure: user=carol")]
+    failures = [
+        record
+        for record in records
+        if record["message"].startswith("authentication failure: ip=127.0.0.1 protocol=imap user=carol ")
+    ]
     assert failures and failures[-1]["level"] == "warn"
     assert any("twistd" in record["message"] and "starting up" in record["message"] for record in records)
     for password in (WRONG_PASSWORD, *PASSWORDS.values()):

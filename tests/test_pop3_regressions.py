@@ -94,8 +94,10 @@ def test_failed_login_finishing_after_disconnect_leaves_no_timer(tmp_path: Path)
     d, work = pending.pop()
     d.callback(work())  # the check completes: wrong password
     # Before the fix: a refusal timer of authFailureDelay seconds is scheduled on a
-    # closed connection.
-    assert connection.clock.getDelayedCalls() == []
+    # closed connection.  The login turn alone stays held for the delay.
+    limits = connection.protocol.context.limits
+    assert limits is not None
+    assert [call.func for call in connection.clock.getDelayedCalls()] == [limits._releaseTurn]
 
 
 def test_autologout_not_sent_as_answer_to_pending_command(tmp_path: Path) -> None:

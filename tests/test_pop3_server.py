@@ -491,10 +491,14 @@ def test_disconnect_during_login_cancels_and_abandons(tmp_path: Path) -> None:
 
 
 def test_failed_login_leaves_no_delayed_call_after_disconnect(tmp_path: Path) -> None:
-    """The delayed failure reply is cancelled when the client leaves."""
+    """The delayed failure reply is cancelled when the client leaves; only the login turn stays held for the delay."""
     connection = connect(tmp_path, tls=TLSMode.IMPLICIT)
     connection.send(b"USER alice\r\nPASS wrong\r\n")
     connection.lose()
+    limits = connection.protocol.context.limits
+    assert limits is not None
+    assert [call.func for call in connection.clock.getDelayedCalls()] == [limits._releaseTurn]
+    connection.clock.advance(limits.failureDelay)
     assert connection.clock.getDelayedCalls() == []
 
 
@@ -517,7 +521,8 @@ def test_preauth_timeout(tmp_path: Path) -> None:
     connection.clock.advance(59)
     assert not connection.transport.disconnecting
     connection.clock.advance(2)
-    assert connection.received() == b"-ERR Autologout; idle for too long\r\n"
+    # The login deadline (also 60 s from accept) comes first.
+    assert connection.received() == b"-ERR Autologout; login took too long\r\n"
     assert connection.transport.disconnecting
 
 

@@ -331,7 +331,7 @@ def test_imap_greets_only_after_the_header_and_logs_the_client(tmp_path: Path) -
     with capturedLogs() as events:
         protocol.dataReceived(v2TCP6("2001:db8::7", 40000))
     assert transport.value().startswith(b"* OK [CAPABILITY ")
-    assert "2001:db8::7:40000 connected to listener edge (tls=False)" in messages(events)
+    assert "2001:db8::7:40000 connected to IMAP listener edge (tls=False)" in messages(events)
     server = protocol.wrappedProtocol
     assert server.clientAddress == "2001:db8::7:40000"  # type: ignore[attr-defined]
 

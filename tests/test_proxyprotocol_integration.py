@@ -213,18 +213,28 @@ class ProxiedPOP3(poplib.POP3):
 
 
 def rawConnection(port: int, header: bytes) -> socket.socket:
-    sock = socket.create_connection((HOST, port), timeout=TIMEOUT)
-    sock.sendall(header)
+    sock = socket.socket()
+    sock.settimeout(TIMEOUT)
+    sock.bind((HOST, 0))
+    try:
+        sock.connect((HOST, port))
+        sock.sendall(header)
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # refused at once: the proxy does not wait for a peer it will not serve
     return sock
 
 
 def readLine(sock: socket.socket) -> bytes:
     """
-    The first line the server sends, or C{b""} if it closes first.
+    The first line the server sends, or C{b""} if it closes (or aborts:
+    a peer that is refused is not waited for) first.
     """
     data = b""
     while b"\n" not in data:
-        chunk = sock.recv(4096)
+        try:
+            chunk = sock.recv(4096)
+        except OSError:  # reset, or never connected (reset during the handshake)
+            break
         if not chunk:
             break
         data += chunk
@@ -262,7 +272,7 @@ def loginIMAP(client: imaplib.IMAP4, user: str) -> None:
 
 def test_v1_on_plain_imap_reaches_dovecot_as_the_client(chain: Chain) -> None:
     loginIMAP(ProxiedIMAP4(chain.ports["imap-plain"], v1("203.0.113.7", 40001)), "carol")
-    waitFor(chain.proxyLog, r"203\.0\.113\.7:40001 connected to listener imap-plain \(tls=False\)")
+    waitFor(chain.proxyLog, r"203\.0\.113\.7:40001 connected to IMAP listener imap-plain \(tls=False\)")
     waitFor(chain.proxyLog, r"203\.0\.113\.7:40001 logged in as carol")
     login = waitFor(chain.dovecotLog, dovecotLogin("carol").replace(r"([0-9a-f.:]+), lip", r"203\.0\.113\.7, lip"))
     # x-connected-ip: where the client connected, the balancer's destination.
@@ -273,7 +283,7 @@ def test_v2_ipv6_client_with_starttls(chain: Chain) -> None:
     client = ProxiedIMAP4(chain.ports["imap-starttls"], v2("2001:db8::77", 40002))
     client.starttls(chain.tlsContext())
     loginIMAP(client, "carol")
-    waitFor(chain.proxyLog, r"2001:db8::77:40002 connected to listener imap-starttls \(tls=False\)")
+    waitFor(chain.proxyLog, r"2001:db8::77:40002 connected to IMAP listener imap-starttls \(tls=False\)")
     waitFor(chain.dovecotLog, dovecotLogin("carol").replace(r"([0-9a-f.:]+), lip", r"2001:db8::77, lip"))
 
 
@@ -281,7 +291,7 @@ def test_v2_ipv6_client_with_starttls(chain: Chain) -> None:
 def test_implicit_tls_after_a_cleartext_header(chain: Chain, header: Callable[[str, int], bytes]) -> None:
     host = "198.51.100.3" if header is v1 else "198.51.100.4"
     loginIMAP(ProxiedIMAP4_SSL(chain.ports["imap-implicit"], header(host, 40003), chain.tlsContext()), "carol")
-    waitFor(chain.proxyLog, rf"{re.escape(host)}:40003 connected to listener imap-implicit \(tls=True\)")
+    waitFor(chain.proxyLog, rf"{re.escape(host)}:40003 connected to IMAP listener imap-implicit \(tls=True\)")
     waitFor(chain.dovecotLog, dovecotLogin("carol").replace(r"([0-9a-f.:]+), lip", re.escape(host) + ", lip"))
 
 
@@ -306,7 +316,7 @@ def test_local_command_is_served_as_the_balancer_itself(chain: Chain) -> None:
     with rawConnection(chain.ports["imap-plain"], V2_LOCAL) as sock:
         assert readLine(sock).startswith(b"* OK [CAPABILITY ")
         localPort = sock.getsockname()[1]
-    waitFor(chain.proxyLog, rf"127\.0\.0\.1:{localPort} connected to listener imap-plain")
+    waitFor(chain.proxyLog, rf"127\.0\.0\.1:{localPort} connected to IMAP listener imap-plain")
 
 
 def test_a_client_without_header_is_closed_without_greeting(chain: Chain) -> None:

@@ -23,6 +23,7 @@ from mailproxy.filters.policy import decodeMailbox
 from mailproxy.imap.mailboxes import MAILBOX_COMMANDS, namedMailboxes
 from mailproxy.imap.model import IMAPCommand
 from mailproxy.interfaces import ISession, ISessionObserver
+from mailproxy.logs import MAX_LOGGED_NAME
 
 log = Logger(namespace="mailproxy.audit")
 
@@ -151,10 +152,18 @@ def commandFields(session: ISession, command: IMAPCommand | None) -> dict[str, A
     else:
         mailbox = _mailboxText(session.selected)
     return {
-        "command": command.fullName.decode("ascii", "replace"),
-        "tag": command.tag.decode("ascii", "replace"),
+        "command": _cut(command.fullName.decode("ascii", "replace")),
+        "tag": _cut(command.tag.decode("ascii", "replace")),
         "mailbox": mailbox,
     }
+
+
+def _cut(atom: str) -> str:
+    """
+    A client-chosen atom (tag, command name: no spaces or controls) cut to
+    a bounded length, so a record stays small whatever the client sent.
+    """
+    return atom if len(atom) <= MAX_LOGGED_NAME else atom[:MAX_LOGGED_NAME] + "..."
 
 
 def _mailboxText(raw: bytes | None) -> str | None:

@@ -10,41 +10,32 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
-from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import ServerFactory
 from twisted.python.failure import Failure
 
-from mailproxy.addresses import clientAddressOf
 from mailproxy.config import Config, ListenerConfig, TLSMode, UpstreamConfig
 from mailproxy.filters.chain import FilterChain
+from mailproxy.frontdoor import FrontDoor, LoginReplies
 from mailproxy.imap.framer import ClientEvent, FramingError, IMAPFramer, Line, LiteralChunk, OverlongLine
 from mailproxy.imap.model import IMAPCommand, ParseError, StreamedLiteral, parseCommand
 from mailproxy.imap.relay import Relay
 from mailproxy.imap.syntax import SyntaxError_, parseArguments, tagAndCommand, tagOf
 from mailproxy.imap.upstream import (
-    UpstreamError,
     UpstreamIMAPProtocol,
     UpstreamSession,
     closeUpstream,
     droppedKind,
-    setNoDelay,
 )
-from mailproxy.interfaces import IProxyUser
-from mailproxy.limits import Gate, Limits
-from mailproxy.session import ProxySession
-from mailproxy.splice import Splice, closeClient
+from mailproxy.limits import Limits
+from mailproxy.splice import Splice
 
 if TYPE_CHECKING:
     from mailproxy.metrics import ListenerMetrics
@@ -113,98 +104,66 @@ class _PendingCommand:
             self._literal = bytearray()
 
 
-class IMAPServerProtocol(Protocol, TimeoutMixin):
+_REPLIES = LoginReplies(
+    authenticationFailed=b"NO [AUTHENTICATIONFAILED] Authentication failed.",
+    busy=b"NO [UNAVAILABLE] Too many logins in progress from your address or for this user, try again later.",
+    tooManySessions=b"NO [LIMIT] Too many sessions for this user.",
+    unavailable=b"NO [UNAVAILABLE] Upstream server unavailable, try again later.",
+)
+
+
+class IMAPServerProtocol(FrontDoor):
     """
     One client connection.
     """
 
-    log = Logger()
-    transport: ITransport
+    protocolName = "imap"
+    replies = _REPLIES
 
     def __init__(self, context: ServerContext) -> None:
-        self.context = context
+        super().__init__(context)
         self.state = State.NOT_AUTHENTICATED
-        self.tlsActive = context.listener.tls is TLSMode.IMPLICIT
         self.framer = self._newFramer()
-        self.user: Any = None
         self.upstream: UpstreamIMAPProtocol | None = None
-        self.clientAddress = "?"
         self._queue: deque[ClientEvent] = deque()
         self._overlongStrikes = 0
         self._command: _PendingCommand | None = None
         self._saslTag = b""
-        self._logout: Callable[[], None] | None = None
+        self._loginTag = b""
         self.relay: Relay | None = None
-        self.splice: Splice | None = None
-        self.gate: Gate | None = None
         self._written = 0
         self._lastStatus: dict[bytes, str] = {}
-        self._connecting: Deferred[UpstreamSession] | None = None
-        self._refusal: IDelayedCall | None = None
-        self.session = ProxySession("imap", context.listener.name, "?", self.tlsActive, context.filtersFor(None))
-        self.callLater = context.clock.callLater  # type: ignore[method-assign, assignment]
-        self.metrics = context.metrics
 
-    # -- connection ---------------------------------------------------------
+    # -- the front door's hooks ---------------------------------------------
 
-    def connectionMade(self) -> None:
-        if self.metrics is not None:
-            self.metrics.opened()
-        self.clientAddress = clientAddressOf(self.transport)
-        setNoDelay(self.transport)
-        assert self.context.limits is not None
-        self.gate = Gate(self.context.limits, self.clientAddress, "imap")
-        refusal = self.gate.admit()
-        if refusal is not None:
-            self._close(b"[UNAVAILABLE] " + refusal.encode("ascii") + b", try again later")
-            return
-        self.setTimeout(self.context.config.preAuthTimeout)
-        self.session.clientAddress = self.clientAddress
-        self.session.notify("connected")
-        self.log.info(
-            "{client} connected to listener {listener} (tls={tls})",
-            client=self.clientAddress,
-            listener=self.context.listener.name,
-            tls=self.tlsActive,
-        )
+    @property
+    def isClosed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def enterClosed(self) -> None:
+        self.state = State.CLOSED
+        self._queue.clear()
+
+    def greet(self) -> None:
         self._send(b"* OK [CAPABILITY " + self.capabilities() + b"] " + self.context.config.greeting.encode() + b"\r\n")
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.setTimeout(None)
+    def refuseConnection(self, reason: bytes) -> None:
+        self._send(b"* BYE [UNAVAILABLE] " + reason + b", try again later\r\n")
         self.state = State.CLOSED
-        if self.metrics is not None:
-            self.metrics.closed()
-        if self.gate is not None:
-            self.gate.release()
-        if self._refusal is not None and self._refusal.active():
-            self._refusal.cancel()
+
+    def sayGoodbye(self, text: bytes) -> None:
+        self._sendAtBoundary(b"* BYE " + text + b"\r\n")
+
+    def endSession(self) -> None:
         if self.relay is not None:
             self.relay.idle.stop()
             if self.relay.watchdog is not None:
                 self.relay.watchdog.stop()
-        if self._connecting is not None:
-            # Stop logging a departed client in upstream.
-            self._connecting.cancel()
-        if self.splice is not None:
-            self.splice.undo()
         if self.upstream is not None and self.upstream.connected:
             closeUpstream(self.upstream, self.context.clock, self.user.upstream.connectTimeout)
-        if self._logout is not None:
-            logout, self._logout = self._logout, None
-            logout()
-        relay = self.relay
-        self.session.notify(
-            "closed",
-            bytesIn=relay.bytesIn if relay else 0,
-            bytesOut=relay.bytesOut if relay else 0,
-            duration=time.monotonic() - self.session.started,
-        )
-        self.log.info("{client} disconnected", client=self.clientAddress)
 
-    def timeoutConnection(self) -> None:
-        self.log.info("{client} idle too long; disconnecting", client=self.clientAddress)
-        self._sendAtBoundary(b"* BYE Autologout; idle for too long\r\n")
-        self.disconnect()
+    def octetsExchanged(self) -> tuple[int, int]:
+        return (self.relay.bytesIn, self.relay.bytesOut) if self.relay else (0, 0)
 
     def _send(self, data: bytes) -> None:
         self._written += len(data)
@@ -221,7 +180,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         Close the client connection (after what is buffered for it).
         """
         self.state = State.CLOSED
-        closeClient(self.transport, self.splice)
+        self.closeClient()
 
     def _close(self, bye: bytes) -> None:
         self._send(b"* BYE " + bye + b"\r\n")
@@ -303,10 +262,25 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             return
         if event.literal is not None:
             if not event.nonSynchronizing:
+                if not self._mayLogIn(self._command):
+                    # Never invite a password in the clear only to refuse it.
+                    self._command = None
+                    self.framer.cancelLiteral()
+                    return
                 self._send(b"+ Ready for literal data\r\n")
             return
         command, self._command = self._command, None
         self._dispatch(command)
+
+    def _mayLogIn(self, command: _PendingCommand) -> bool:
+        """
+        C{False} (and the command refused) for a login the session would
+        refuse anyway because it is not encrypted.
+        """
+        parsed = tagAndCommand(command.segments[0])
+        if parsed is None or parsed[1] not in _TAKES_ASTRINGS:
+            return True
+        return self._authenticationPermitted(parsed[0])
 
     def refuseOverlong(self, event: OverlongLine, tag: bytes) -> None:
         """
@@ -420,21 +394,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             self._send(tag + b" BAD STARTTLS is not available on this connection\r\n")
             return
         self._send(tag + b" OK Begin TLS negotiation now\r\n")
-        if self._queue or self.framer.pending():
-            # STARTTLS command injection (CVE-2011-0411 class): whatever
-            # came with the STARTTLS in plaintext must never run as if it
-            # had been sent over TLS.
-            self.log.warn("{client} pipelined data after STARTTLS; disconnecting", client=self.clientAddress)
-            self._queue.clear()
-            self.state = State.CLOSED
-            self.disconnect()
-            return
-        self.transport.startTLS(self.context.tlsOptions)  # type: ignore[attr-defined]
-        self.tlsActive = True
-        self.session.tls = True
-        self.framer = self._newFramer()
-        if self.metrics is not None:
-            self.metrics.upgraded()
+        if self.upgradeToTLS(pipelined=bool(self._queue or self.framer.pending())):
+            self.framer = self._newFramer()
 
     def preauth_LOGIN(self, tag: bytes, arguments: list[bytes]) -> None:
         if not self._authenticationPermitted(tag):
@@ -442,7 +403,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if len(arguments) != 2:
             self._send(tag + b" BAD LOGIN expects a user name and a password\r\n")
             return
-        self._login(tag, arguments[0], arguments[1])
+        self._login(tag, arguments[0], arguments[1], "LOGIN")
 
     def preauth_AUTHENTICATE(self, tag: bytes, arguments: list[bytes]) -> None:
         if not self._authenticationPermitted(tag):
@@ -484,7 +445,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         if authorizationId and authorizationId != username:
             self._send(tag + b" NO [AUTHORIZATIONFAILED] Cannot act as another user\r\n")
             return
-        self._login(tag, username, password)
+        self._login(tag, username, password, "PLAIN")
 
     def _authenticationPermitted(self, tag: bytes) -> bool:
         if self.authenticationAllowed:
@@ -495,138 +456,41 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
 
     # -- login ------------------------------------------------------------------
 
-    def _login(self, tag: bytes, username: bytes, password: bytes) -> None:
+    def _login(self, tag: bytes, username: bytes, password: bytes, mechanism: str) -> None:
         self.state = State.LOGGING_IN
+        self._loginTag = tag
         self.transport.pauseProducing()  # type: ignore[attr-defined]
-        name = username.decode("utf-8", "replace")
-        assert self.gate is not None
-        if self.gate.lockedOut(name):
-            # Not even checked: a locked-out guesser learns nothing.
-            self._countLogin("locked_out")
-            self._refuseLater(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.", self.gate.failed(name))
-            return
-        loggingIn = self.context.portal.login(UsernamePassword(username, password), None, IProxyUser)
-        loggingIn.addCallbacks(
-            lambda result: self._authenticated(tag, name, password, result),
-            lambda failure: self._loginFailed(tag, name, failure),
-        )
+        self.beginLogin(username, password, mechanism)
 
-    def _authenticated(self, tag: bytes, name: str, password: bytes, result: tuple[Any, Any, Any]) -> None:
-        _, user, logout = result
-        self._logout = logout
-        self.user = user
-        if self.state is State.CLOSED:
-            logout()
-            return
-        assert self.gate is not None
-        if not self.gate.succeeded(name):
-            self._countLogin("too_many_sessions")
-            self._refuseLater(tag, b"NO [LIMIT] Too many sessions for this user.", 0)
-            return
+    def connectUpstream(self, user: Any, password: bytes, mechanism: str) -> None:
         if user.upstream.protocol != "imap":
-            self.log.error(
-                "{client} user {user}: upstream {upstream} speaks {protocol}; an IMAP session needs an IMAP upstream",
-                client=self.clientAddress,
-                user=name,
-                upstream=user.upstream.name,
-                protocol=user.upstream.protocol,
+            self.refuseService(
+                "an IMAP session needs an IMAP upstream", b"NO [UNAVAILABLE] No IMAP service for this account."
             )
-            self._countLogin("upstream_error")
-            self._refuseLater(tag, b"NO [UNAVAILABLE] No IMAP service for this account.", 0)
             return
         upstreamPassword = user.upstreamPassword or password.decode("utf-8", "surrogateescape")
-        connecting = self._connecting = self.context.connectUpstream(
+        connecting = self.context.connectUpstream(
             user.upstream, user.upstreamUsername, upstreamPassword, self.clientAddress
         )
-        connecting.addBoth(self._connected)
-        connecting.addCallbacks(
-            lambda session: self._startRelay(tag, session),
-            lambda failure: self._upstreamFailed(tag, name, user, failure),
-        )
+        tag = self._loginTag
+        self.awaitUpstream(connecting, lambda session: self._startRelay(tag, mechanism, session), mechanism)
 
-    def _connected(self, result: Any) -> Any:
-        self._connecting = None
-        return result
-
-    def _countLogin(self, result: str) -> None:
-        if self.metrics is not None:
-            self.metrics.login(result)
-
-    def _loginFailed(self, tag: bytes, name: str, failure: Failure) -> None:
-        assert self.gate is not None
-        self._countLogin("failed")
-        if self.state is State.CLOSED:
-            self.gate.failed(name)
-            return
-        self.session.notify("login", ok=False, user=name)
-        if failure.check(UnauthorizedLogin) is None:
-            self.log.failure("login of {user} failed unexpectedly", failure, user=name)
-        self.log.info("{client} authentication failed for {user}", client=self.clientAddress, user=name)
-        assert self.gate is not None
-        self._refuseLater(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.", self.gate.failed(name))
-
-    def _upstreamFailed(self, tag: bytes, name: str, user: Any, failure: Failure) -> None:
-        if self._logout is not None:
-            logout, self._logout = self._logout, None
-            logout()
-        if self.state is State.CLOSED or failure.check(CancelledError):
-            return
-        error = failure.value
-        if not isinstance(error, UpstreamError):
-            self.log.failure("upstream session for {user} failed unexpectedly", failure, user=name)
-            error = UpstreamError(str(error))
-        refused = error.authenticationFailed and user.upstreamPassword is None
-        if self.metrics is not None:
-            self.metrics.login("upstream_refused" if refused else "upstream_error")
-            self.metrics.upstreamError(user.upstream.name, error.kind)
-        self.log.warn(
-            "{client} user {user}: upstream {upstream} unavailable: {error}",
-            client=self.clientAddress,
-            user=name,
-            upstream=user.upstream.name,
-            error=str(error),
-        )
-        if refused:
-            assert self.gate is not None
-            self._refuseLater(tag, b"NO [AUTHENTICATIONFAILED] Authentication failed.", self.gate.failed(name))
-        else:
-            self._refuseLater(tag, b"NO [UNAVAILABLE] Upstream server unavailable, try again later.", 0)
-
-    def _refuseLater(self, tag: bytes, reply: bytes, delay: float | None = None) -> None:
-        def refuse() -> None:
-            if self.state is State.CLOSED:
-                return
-            self._refusal = None
-            self._send(tag + b" " + reply + b"\r\n")
-            self.state = State.NOT_AUTHENTICATED
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
-            self._processQueue()
-
-        self._refusal = self.context.clock.callLater(
-            self.context.config.authFailureDelay if delay is None else delay, refuse
-        )
+    def loginRefused(self, reply: bytes) -> None:
+        self._send(self._loginTag + b" " + reply + b"\r\n")
+        self.state = State.NOT_AUTHENTICATED
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._processQueue()
 
     # -- relay --------------------------------------------------------------
 
-    def _startRelay(self, tag: bytes, upstreamSession: UpstreamSession) -> None:
+    def _startRelay(self, tag: bytes, mechanism: str, upstreamSession: UpstreamSession) -> None:
         upstream = upstreamSession.protocol
         if self.state is State.CLOSED:
             closeUpstream(upstream, self.context.clock, self.user.upstream.connectTimeout)
             return
         self.upstream = upstream
         self.state = State.RELAYING
-        self._countLogin("ok")
-        self.log.info(
-            "{client} logged in as {user}, relaying to {upstream}",
-            client=self.clientAddress,
-            user=self.user.username,
-            upstream=self.user.upstream.name,
-        )
-        self.setTimeout(self.context.config.authenticatedTimeout)
-        self.session.user = self.user.username
-        self.session.upstream = self.user.upstream.name
-        self.session.chain = self.context.filtersFor(self.user.username)
-        self.session.notify("login", ok=True)
+        self.enterSession("relaying to", mechanism)
         relay = self.relay = Relay(
             self,
             upstream,

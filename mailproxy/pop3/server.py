@@ -21,29 +21,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, ITransport
-from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import ServerFactory
 from twisted.python.failure import Failure
 
-from mailproxy.addresses import clientAddressOf
 from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.filters import Reject, Rewrite, Verdict
+from mailproxy.frontdoor import FrontDoor, LoginReplies
 from mailproxy.imap.server import ServerContext
-from mailproxy.imap.upstream import UpstreamError, closeUpstream, droppedKind, setNoDelay
-from mailproxy.interfaces import IProxyUser
-from mailproxy.limits import Gate
+from mailproxy.imap.upstream import UpstreamError, closeUpstream, droppedKind
 from mailproxy.pop3.model import POP3Command
 from mailproxy.pop3.relay import POP3Relay
 from mailproxy.pop3.transaction import MaildropSession
 from mailproxy.pop3.upstream import POP3UpstreamSession
 from mailproxy.pop3.wire import LineSplitter, LineTooLong
-from mailproxy.session import ProxySession
-from mailproxy.splice import Splice, closeClient
+from mailproxy.splice import Splice
 
 # RFC 2449 allows 255 octets per command; be generous, and drop a client
 # whose unfinished line grows past the hard limit.
@@ -54,7 +46,6 @@ ConnectRelay = Callable[[UpstreamConfig, str, str, str], "Deferred[POP3UpstreamS
 OpenMaildrop = Callable[[UpstreamConfig, str, str, str], "Deferred[Any]"]
 
 _REFUSED_AFTER_LOGIN = frozenset({b"STLS", b"AUTH", b"USER", b"PASS", b"APOP"})
-_AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
 _PLAINTEXT_REFUSED = b"-ERR [AUTH] Plaintext authentication disallowed on unencrypted connections\r\n"
 
 
@@ -86,24 +77,28 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class POP3ServerProtocol(Protocol, TimeoutMixin):
+_REPLIES = LoginReplies(
+    authenticationFailed=b"-ERR [AUTH] Authentication failed.",
+    busy=b"-ERR [SYS/TEMP] Too many logins in progress from your address or for this user, try again later.",
+    tooManySessions=b"-ERR [IN-USE] Too many sessions for this user.",
+    unavailable=b"-ERR [SYS/TEMP] Upstream server unavailable, try again later.",
+)
+
+
+class POP3ServerProtocol(FrontDoor):
     """
     One client connection.
     """
 
-    log = Logger()
-    transport: ITransport
+    protocolName = "pop3"
+    replies = _REPLIES
 
     def __init__(self, context: ServerContext, backends: POP3Backends) -> None:
-        self.context = context
+        super().__init__(context)
         self.backends = backends
         self.state = State.AUTHORIZATION
-        self.tlsActive = context.listener.tls is TLSMode.IMPLICIT
         self.lines = LineSplitter(MAX_LINE, HARD_LINE_LIMIT)
-        self.clientAddress = "?"
-        self.user: Any = None
         self.relay: POP3Relay | None = None
-        self.splice: Splice | None = None
         self.bridge: MaildropSession | None = None
         self.bytesIn = 0
         self.bytesOut = 0
@@ -112,76 +107,42 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._busy = False
         self._bridgeRunning = False
         self._upstreamCapabilities: list[bytes] = []
-        self.gate: Gate | None = None
         self._firstLine: bytes | None = b""
         self._paused = False
         self._userName: bytes | None = None
-        self._logout: Callable[[], None] | None = None
-        self._connecting: Deferred[Any] | None = None
-        self._refusal: IDelayedCall | None = None
-        self.session = ProxySession("pop3", context.listener.name, "?", self.tlsActive, context.filtersFor(None))
-        self.callLater = context.clock.callLater  # type: ignore[method-assign, assignment]
-        self.metrics = context.metrics
 
-    # -- connection ---------------------------------------------------------
+    # -- the front door's hooks ---------------------------------------------
 
-    def connectionMade(self) -> None:
-        if self.metrics is not None:
-            self.metrics.opened()
-        self.clientAddress = clientAddressOf(self.transport)
-        setNoDelay(self.transport)
-        assert self.context.limits is not None
-        self.gate = Gate(self.context.limits, self.clientAddress, "pop3")
-        refusal = self.gate.admit()
-        if refusal is not None:
-            self._send(b"-ERR [SYS/TEMP] " + refusal.encode("ascii") + b", try again later\r\n")
-            self._closeConnection()
-            return
-        self.setTimeout(self.context.config.preAuthTimeout)
-        self.session.clientAddress = self.clientAddress
-        self.session.notify("connected")
-        self.log.info(
-            "{client} connected to POP3 listener {listener} (tls={tls})",
-            client=self.clientAddress,
-            listener=self.context.listener.name,
-            tls=self.tlsActive,
-        )
+    @property
+    def isClosed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def enterClosed(self) -> None:
+        self.state = State.CLOSED
+        self._queue.clear()
+
+    def greet(self) -> None:
         self._send(b"+OK " + self.context.config.greeting.encode("utf-8") + b"\r\n")
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.setTimeout(None)
+    def refuseConnection(self, reason: bytes) -> None:
+        self._send(b"-ERR [SYS/TEMP] " + reason + b", try again later\r\n")
         self.state = State.CLOSED
-        if self.metrics is not None:
-            self.metrics.closed()
-        if self.gate is not None:
-            self.gate.release()
-        if self._refusal is not None and self._refusal.active():
-            self._refusal.cancel()
-        if self._connecting is not None:
-            # Stop logging a departed client in upstream.
-            self._connecting.cancel()
-        if self.splice is not None:
-            self.splice.undo()
+
+    def sayGoodbye(self, text: bytes) -> None:
+        # While a login is in flight any -ERR would read as PASS's answer:
+        # close silently then (the pending upstream login is cancelled).
+        if self._atBoundary() and self.state is not State.LOGGING_IN:
+            self._send(b"-ERR " + text + b"\r\n")
+
+    def endSession(self) -> None:
         if self.relay is not None:
             self.relay.stop()
             closeUpstream(self.relay.upstream, self.context.clock, self.user.upstream.connectTimeout)
         if self.bridge is not None:
             self.bridge.connectionLost()
-        if self._logout is not None:
-            logout, self._logout = self._logout, None
-            logout()
-        self.session.notify(
-            "closed", bytesIn=self.bytesIn, bytesOut=self.bytesOut, duration=time.monotonic() - self.session.started
-        )
-        self.log.info("{client} disconnected", client=self.clientAddress)
 
-    def timeoutConnection(self) -> None:
-        self.log.info("{client} idle too long; disconnecting", client=self.clientAddress)
-        # While a login is in flight any -ERR would read as PASS's answer:
-        # close silently then (the pending upstream login is cancelled).
-        if self._atBoundary() and self.state is not State.LOGGING_IN:
-            self._send(b"-ERR Autologout; idle for too long\r\n")
-        self._closeConnection()
+    def octetsExchanged(self) -> tuple[int, int]:
+        return self.bytesIn, self.bytesOut
 
     def _send(self, data: bytes) -> None:
         if self._firstLine is None and data:
@@ -193,10 +154,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self.metrics.bytesToClient.inc(len(data))
 
     def _closeConnection(self) -> None:
-        self.state = State.CLOSED
-        self._queue.clear()
+        self.enterClosed()
         self._paused = False
-        closeClient(self.transport, self.splice)
+        self.closeClient()
 
     def _atBoundary(self) -> bool:
         if self.relay is not None:
@@ -326,19 +286,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self._send(b"-ERR STLS is not available on this connection\r\n")
             return
         self._send(b"+OK Begin TLS negotiation\r\n")
-        if self._queue or self.lines.pending():
-            # STARTTLS command injection (CVE-2011-0411 class): whatever
-            # came with the STLS in plaintext must never run as if it had
-            # been sent over TLS.
-            self.log.warn("{client} pipelined data after STLS; disconnecting", client=self.clientAddress)
-            self._closeConnection()
-            return
-        self.transport.startTLS(self.context.tlsOptions)  # type: ignore[attr-defined]
-        self.tlsActive = True
-        self.session.tls = True
-        self._userName = None
-        if self.metrics is not None:
-            self.metrics.upgraded()
+        if self.upgradeToTLS(pipelined=bool(self._queue or self.lines.pending())):
+            self._userName = None
 
     def auth_USER(self, rest: bytes) -> None:
         if not self._authenticationPermitted():
@@ -409,122 +358,26 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _login(self, username: bytes, password: bytes, mechanism: str) -> None:
         self.state = State.LOGGING_IN
         self._pauseInput()
-        name = username.decode("utf-8", "replace")
-        assert self.gate is not None
-        if self.gate.lockedOut(name):
-            # Not even checked: a locked-out guesser learns nothing.
-            self._countLogin("locked_out")
-            self._refuseLater(_AUTH_FAILED, self.gate.failed(name))
-            return
-        loggingIn = self.context.portal.login(UsernamePassword(username, password), None, IProxyUser)
-        loggingIn.addCallbacks(
-            lambda result: self._authenticated(name, password, mechanism, result),
-            lambda failure: self._loginFailed(name, mechanism, failure),
-        )
+        self.beginLogin(username, password, mechanism)
 
-    def _authenticated(self, name: str, password: bytes, mechanism: str, result: tuple[Any, Any, Any]) -> None:
-        _, user, logout = result
-        self.user = user
-        if self.state is State.CLOSED:
-            logout()
-            return
-        self._logout = logout
-        assert self.gate is not None
-        if not self.gate.succeeded(name):
-            self._countLogin("too_many_sessions")
-            self._dropLogout()
-            self._refuseLater(b"-ERR [IN-USE] Too many sessions for this user.\r\n", 0)
-            return
+    def connectUpstream(self, user: Any, password: bytes, mechanism: str) -> None:
         upstream = user.upstream
         upstreamPassword = user.upstreamPassword or password.decode("utf-8", "surrogateescape")
         arguments = (upstream, user.upstreamUsername, upstreamPassword, self.clientAddress)
-        start: Callable[[Any], None]
         if upstream.protocol == "pop3":
             connecting = maybeDeferred(self.backends.connectRelay, *arguments)
-            start = lambda session: self._startRelay(mechanism, session)  # noqa: E731
+            self.awaitUpstream(connecting, lambda session: self._startRelay(mechanism, session), mechanism)
         elif upstream.protocol == "imap":
             connecting = maybeDeferred(self.backends.openMaildrop, *arguments)
-            start = lambda maildrop: self._startBridge(mechanism, maildrop)  # noqa: E731
+            self.awaitUpstream(connecting, lambda maildrop: self._startBridge(mechanism, maildrop), mechanism)
         else:
-            self.log.error(
-                "{client} user {user}: upstream {upstream} speaks {protocol}, which POP3 sessions cannot use",
-                client=self.clientAddress,
-                user=name,
-                upstream=upstream.name,
-                protocol=upstream.protocol,
-            )
-            self._countLogin("upstream_error")
-            self._dropLogout()
-            self._refuseLater(b"-ERR [SYS/PERM] No POP3 service for this account.\r\n", 0)
-            return
-        self._connecting = connecting
-        connecting.addBoth(self._connected)
-        connecting.addCallbacks(start, lambda failure: self._upstreamFailed(name, mechanism, user, failure))
+            self.refuseService("POP3 sessions cannot use it", b"-ERR [SYS/PERM] No POP3 service for this account.")
 
-    def _connected(self, result: Any) -> Any:
-        self._connecting = None
-        return result
-
-    def _dropLogout(self) -> None:
-        if self._logout is not None:
-            logout, self._logout = self._logout, None
-            logout()
-
-    def _countLogin(self, result: str) -> None:
-        if self.metrics is not None:
-            self.metrics.login(result)
-
-    def _loginFailed(self, name: str, mechanism: str, failure: Failure) -> None:
-        assert self.gate is not None
-        self._countLogin("failed")
-        if self.state is State.CLOSED:
-            self.gate.failed(name)
-            return
-        self.session.notify("login", ok=False, user=name, mechanism=mechanism)
-        if failure.check(UnauthorizedLogin) is None:
-            self.log.failure("login of {user} failed unexpectedly", failure, user=name)
-        self.log.info("{client} authentication failed for {user}", client=self.clientAddress, user=name)
-        self._refuseLater(_AUTH_FAILED, self.gate.failed(name))
-
-    def _upstreamFailed(self, name: str, mechanism: str, user: Any, failure: Failure) -> None:
-        self._dropLogout()
-        if self.state is State.CLOSED or failure.check(CancelledError):
-            return
-        error = failure.value
-        if not isinstance(error, UpstreamError):
-            self.log.failure("upstream session for {user} failed unexpectedly", failure, user=name)
-            error = UpstreamError(str(error))
-        refused = error.authenticationFailed and user.upstreamPassword is None
-        if self.metrics is not None:
-            self.metrics.login("upstream_refused" if refused else "upstream_error")
-            self.metrics.upstreamError(user.upstream.name, error.kind)
-        self.log.warn(
-            "{client} user {user}: upstream {upstream} unavailable: {error}",
-            client=self.clientAddress,
-            user=name,
-            upstream=user.upstream.name,
-            error=str(error),
-        )
-        self.session.notify("login", ok=False, user=name, mechanism=mechanism)
-        if refused:
-            assert self.gate is not None
-            self._refuseLater(_AUTH_FAILED, self.gate.failed(name))
-        else:
-            self._refuseLater(b"-ERR [SYS/TEMP] Upstream server unavailable, try again later.\r\n", 0)
-
-    def _refuseLater(self, reply: bytes, delay: float | None = None) -> None:
-        def refuse() -> None:
-            self._refusal = None
-            if self.state is State.CLOSED:
-                return
-            self._send(reply)
-            self.state = State.AUTHORIZATION
-            self._resumeInput()
-            self._processQueue()
-
-        self._refusal = self.context.clock.callLater(
-            self.context.config.authFailureDelay if delay is None else delay, refuse
-        )
+    def loginRefused(self, reply: bytes) -> None:
+        self._send(reply + b"\r\n")
+        self.state = State.AUTHORIZATION
+        self._resumeInput()
+        self._processQueue()
 
     # -- TRANSACTION -----------------------------------------------------------
 
@@ -571,20 +424,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _enterTransaction(self, mechanism: str) -> None:
         self.state = State.TRANSACTION
-        self._countLogin("ok")
-        mode = "relaying to" if self.relay is not None else "bridging to"
-        self.log.info(
-            "{client} logged in as {user}, {mode} {upstream}",
-            client=self.clientAddress,
-            user=self.user.username,
-            mode=mode,
-            upstream=self.user.upstream.name,
-        )
-        self.setTimeout(self.context.config.authenticatedTimeout)
-        self.session.user = self.user.username
-        self.session.upstream = self.user.upstream.name
-        self.session.chain = self.context.filtersFor(self.user.username)
-        self.session.notify("login", ok=True, mechanism=mechanism)
+        self.enterSession("relaying to" if self.relay is not None else "bridging to", mechanism)
         self._send(b"+OK Logged in.\r\n")
 
     def _beginTransaction(self) -> None:

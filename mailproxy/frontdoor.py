@@ -1,0 +1,441 @@
+# -*- test-case-name: tests.test_frontdoor -*-
+"""
+The life of a client connection that both front ends share: admission,
+deadlines and timeouts, the switch to TLS, login turns and their answers,
+closing, and what is undone when the connection is lost.
+
+Before login a connection has a hard deadline from accept
+(C{server.login_deadline}) that no traffic resets, besides the inactivity
+timeout (C{server.preauth_timeout}): a client trickling a byte a second, or
+one that never finishes a TLS handshake, is gone by then.  When either
+expires the connection's place is freed at once; one still in its TLS
+handshake is aborted (a TLS close would wait for the handshake), any other
+gets a goodbye and is aborted if it has not closed within a second.  Every
+other close is bounded too (L{CLOSE_GRACE}).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ITransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailproxy.addresses import clientAddressOf
+from mailproxy.config import TLSMode
+from mailproxy.imap.upstream import UpstreamError, setNoDelay
+from mailproxy.interfaces import IProxyUser
+from mailproxy.limits import Gate, LoginAttempt, Turn
+from mailproxy.logs import loggedName
+from mailproxy.session import ProxySession
+from mailproxy.splice import Splice, closeClient
+
+if TYPE_CHECKING:
+    from mailproxy.imap.server import ServerContext
+
+# How long a closing client may take to read what is left and answer the
+# TLS close before the connection is aborted; shorter after a timeout.
+CLOSE_GRACE = 10.0
+EXPIRY_GRACE = 1.0
+
+
+@dataclass(frozen=True)
+class LoginReplies:
+    """
+    A front end's answers to a login it refuses (its own status line
+    syntax, without the tag or line end).
+    """
+
+    authenticationFailed: bytes
+    busy: bytes
+    tooManySessions: bytes
+    unavailable: bytes
+
+
+@implementer(IHandshakeListener)
+class FrontDoor(Protocol, TimeoutMixin):
+    """
+    A client connection before and around its relayed session; the IMAP and
+    POP3 servers fill in the protocol.
+
+    @cvar protocolName: C{"imap"} or C{"pop3"}, for logs and limits.
+    @cvar replies: how the protocol refuses logins.
+    """
+
+    log = Logger()
+    transport: ITransport
+    protocolName = "?"
+    replies: LoginReplies
+
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+        self.tlsActive = context.listener.tls is TLSMode.IMPLICIT
+        self.tlsHandshaking = self.tlsActive
+        self.clientAddress = "?"
+        self.user: Any = None
+        self.gate: Gate | None = None
+        self.splice: Splice | None = None
+        self.metrics = context.metrics
+        self.session = ProxySession(
+            self.protocolName, context.listener.name, "?", self.tlsActive, context.filtersFor(None)
+        )
+        self.callLater = context.clock.callLater  # type: ignore[method-assign, assignment]
+        self._logout: Callable[[], None] | None = None
+        self._connecting: Deferred[Any] | None = None
+        self._refusal: IDelayedCall | None = None
+        self._attempt: LoginAttempt | None = None
+        self._deadline: IDelayedCall | None = None
+        self._abort: IDelayedCall | None = None
+        self._lost = False
+
+    # -- what each protocol provides --------------------------------------------
+
+    @property
+    def isClosed(self) -> bool:
+        raise NotImplementedError
+
+    def enterClosed(self) -> None:
+        """
+        Take the closed state: nothing more is read or answered.
+        """
+        raise NotImplementedError
+
+    def greet(self) -> None:
+        raise NotImplementedError
+
+    def refuseConnection(self, reason: bytes) -> None:
+        """
+        Tell a client over the connection limits why it is turned away.
+        """
+        raise NotImplementedError
+
+    def sayGoodbye(self, text: bytes) -> None:
+        """
+        Tell the client the connection ends, where that cannot be mistaken
+        for the answer to a command.
+        """
+        raise NotImplementedError
+
+    def loginRefused(self, reply: bytes) -> None:
+        """
+        Answer the login in progress with C{reply} (one of L{replies}) and
+        take commands again.
+        """
+        raise NotImplementedError
+
+    def connectUpstream(self, user: Any, password: bytes, mechanism: str) -> None:
+        """
+        Begin the session of a user who logged in (see L{awaitUpstream}).
+        """
+        raise NotImplementedError
+
+    def endSession(self) -> None:
+        """
+        Stop the relayed session, if any, when the client is gone.
+        """
+
+    def octetsExchanged(self) -> tuple[int, int]:
+        return 0, 0
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if self.metrics is not None:
+            self.metrics.opened()
+        self.clientAddress = clientAddressOf(self.transport)
+        setNoDelay(self.transport)
+        assert self.context.limits is not None
+        self.gate = Gate(self.context.limits, self.clientAddress, self.protocolName)
+        refusal = self.gate.admit()
+        if refusal is not None:
+            self.refuseConnection(refusal.encode("ascii"))
+            self.closeClient(EXPIRY_GRACE)
+            return
+        config = self.context.config
+        self._deadline = self.context.clock.callLater(config.loginDeadline, self._deadlineExpired)
+        self.setTimeout(config.preAuthTimeout)
+        self.session.clientAddress = self.clientAddress
+        self.session.notify("connected")
+        self.log.info(
+            "{client} connected to {protocol} listener {listener} (tls={tls})",
+            client=self.clientAddress,
+            protocol=self.protocolName.upper(),
+            listener=self.context.listener.name,
+            tls=self.tlsActive,
+        )
+        self.greet()
+
+    def handshakeCompleted(self) -> None:
+        self.tlsHandshaking = False
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._lost = True
+        self.setTimeout(None)
+        for timer in (self._deadline, self._abort, self._refusal):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self.enterClosed()
+        if self.metrics is not None:
+            self.metrics.closed()
+        if self.gate is not None:
+            self.gate.release()
+        if self._attempt is not None:
+            self._attempt.abandon()
+        if self._connecting is not None:
+            # Stop logging a departed client in upstream.
+            self._connecting.cancel()
+        if self.splice is not None:
+            self.splice.undo()
+        self.endSession()
+        self._dropLogout()
+        octetsIn, octetsOut = self.octetsExchanged()
+        self.session.notify(
+            "closed", bytesIn=octetsIn, bytesOut=octetsOut, duration=time.monotonic() - self.session.started
+        )
+        self.log.info("{client} disconnected", client=self.clientAddress)
+
+    def closeClient(self, grace: float = CLOSE_GRACE) -> None:
+        """
+        Close the client connection after what is buffered for it; abort it
+        if it is still open C{grace} seconds later (a TLS close waits for
+        the peer's answer, or for a handshake that may never come).
+        """
+        closeClient(self.transport, self.splice)
+        if self._abort is None and not self._lost:
+            self._abort = self.context.clock.callLater(grace, self._abortNow)
+
+    def _abortNow(self) -> None:
+        self._abort = None
+        if not self._lost:
+            self.log.info("{client} did not close in time; aborting the connection", client=self.clientAddress)
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- deadlines and timeouts ---------------------------------------------
+
+    def timeoutConnection(self) -> None:
+        if self._deadline is not None:
+            self._expire("idle too long before login", b"Autologout; idle for too long")
+            return
+        self.log.info("{client} idle too long; disconnecting", client=self.clientAddress)
+        self.sayGoodbye(b"Autologout; idle for too long")
+        self.enterClosed()
+        self.closeClient()
+
+    def _deadlineExpired(self) -> None:
+        self._deadline = None
+        self._expire(
+            f"not logged in within {self.context.config.loginDeadline:g} s", b"Autologout; login took too long"
+        )
+
+    def _expire(self, why: str, goodbye: bytes) -> None:
+        """
+        End a connection that did not log in in time: its place is free at
+        once, and nothing waits for the peer.
+        """
+        self.log.info("{client} {why}; disconnecting", client=self.clientAddress, why=why)
+        if self.metrics is not None:
+            self.metrics.login("expired")
+        self.setTimeout(None)
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        if self.gate is not None:
+            self.gate.release()
+        if self.tlsHandshaking:
+            self.enterClosed()
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        self.sayGoodbye(goodbye)
+        self.enterClosed()
+        self.closeClient(EXPIRY_GRACE)
+
+    # -- TLS ------------------------------------------------------------------
+
+    def upgradeToTLS(self, pipelined: bool) -> bool:
+        """
+        Switch to TLS after STARTTLS/STLS was answered; C{False} (and the
+        connection closed) if the client sent anything after the command.
+        """
+        if pipelined:
+            # STARTTLS command injection (CVE-2011-0411 class): whatever
+            # came with the command in plaintext must never run as if it
+            # had been sent over TLS.
+            self.log.warn("{client} pipelined data after STARTTLS; disconnecting", client=self.clientAddress)
+            self.enterClosed()
+            self.closeClient()
+            return False
+        self.transport.startTLS(self.context.tlsOptions)  # type: ignore[attr-defined]
+        self.tlsActive = self.tlsHandshaking = True
+        self.session.tls = True
+        if self.metrics is not None:
+            self.metrics.upgraded()
+        return True
+
+    # -- login ----------------------------------------------------------------
+
+    def beginLogin(self, username: bytes, password: bytes, mechanism: str) -> None:
+        """
+        Log a user in when the login's turn comes (the caller has paused
+        input and taken its logging-in state).
+        """
+        assert self.gate is not None
+        name = username.decode("utf-8", "replace")
+        attempt = self._attempt = self.gate.beginLogin(name)
+        attempt.turn.addCallback(self._loginTurn, attempt, username, password, mechanism)
+
+    def _loginTurn(self, turn: Turn, attempt: LoginAttempt, username: bytes, password: bytes, mechanism: str) -> None:
+        if self.isClosed:
+            attempt.withdraw()
+            return
+        if turn is Turn.BUSY:
+            self._countLogin("busy")
+            self._refuseLater(self.replies.busy, attempt.delay)
+            return
+        if turn is Turn.LOCKED_OUT:
+            # Not even checked: a locked-out guesser learns nothing.
+            self._countLogin("locked_out")
+            self._refuseLater(self.replies.authenticationFailed, attempt.delay)
+            return
+        name = username.decode("utf-8", "replace")
+        loggingIn = self.context.portal.login(UsernamePassword(username, password), None, IProxyUser)
+        loggingIn.addCallbacks(
+            lambda result: self._authenticated(attempt, name, password, mechanism, result),
+            lambda failure: self._loginFailed(attempt, name, mechanism, failure),
+        )
+
+    def _authenticated(
+        self, attempt: LoginAttempt, name: str, password: bytes, mechanism: str, result: tuple[Any, Any, Any]
+    ) -> None:
+        _, user, logout = result
+        attempt.succeeded()
+        self.user = user
+        if self.isClosed:
+            logout()
+            return
+        self._logout = logout
+        assert self.gate is not None
+        if not self.gate.startSession(name):
+            self._countLogin("too_many_sessions")
+            self._dropLogout()
+            self._refuseLater(self.replies.tooManySessions, 0)
+            return
+        self.connectUpstream(user, password, mechanism)
+
+    def _loginFailed(self, attempt: LoginAttempt, name: str, mechanism: str, failure: Failure) -> None:
+        delay = attempt.failed()
+        self._countLogin("failed")
+        if self.isClosed:
+            return
+        shown = loggedName(name)
+        self.session.notify("login", ok=False, user=shown, mechanism=mechanism)
+        if failure.check(UnauthorizedLogin) is None:
+            self.log.failure("login of {user} failed unexpectedly", failure, user=shown)
+        self.log.info("{client} authentication failed for {user}", client=self.clientAddress, user=shown)
+        self._refuseLater(self.replies.authenticationFailed, delay)
+
+    def refuseService(self, why: str, reply: bytes) -> None:
+        """
+        Refuse a user the configuration sends nowhere this protocol can go.
+        """
+        self.log.error(
+            "{client} user {user}: upstream {upstream} speaks {protocol}; {why}",
+            client=self.clientAddress,
+            user=self.user.username,
+            upstream=self.user.upstream.name,
+            protocol=self.user.upstream.protocol,
+            why=why,
+        )
+        self._countLogin("upstream_error")
+        self._dropLogout()
+        self._refuseLater(reply, 0)
+
+    def awaitUpstream(self, connecting: Deferred[Any], start: Callable[[Any], None], mechanism: str) -> None:
+        """
+        Call C{start} with the upstream session C{connecting} gives, or
+        refuse the login if it fails.
+        """
+        self._connecting = connecting
+        connecting.addBoth(self._connected)
+        connecting.addCallbacks(start, lambda failure: self._upstreamFailed(mechanism, failure))
+
+    def _connected(self, result: Any) -> Any:
+        self._connecting = None
+        return result
+
+    def _upstreamFailed(self, mechanism: str, failure: Failure) -> None:
+        self._dropLogout()
+        if self.isClosed or failure.check(CancelledError):
+            return
+        user = self.user
+        error = failure.value
+        if not isinstance(error, UpstreamError):
+            self.log.failure("upstream session for {user} failed unexpectedly", failure, user=user.username)
+            error = UpstreamError(str(error))
+        # With a passthrough password the upstream refusing it is a wrong
+        # password too.
+        refused = error.authenticationFailed and user.upstreamPassword is None
+        if self.metrics is not None:
+            self.metrics.login("upstream_refused" if refused else "upstream_error")
+            self.metrics.upstreamError(user.upstream.name, error.kind)
+        self.log.warn(
+            "{client} user {user}: upstream {upstream} unavailable: {error}",
+            client=self.clientAddress,
+            user=user.username,
+            upstream=user.upstream.name,
+            error=str(error),
+        )
+        self.session.notify("login", ok=False, user=user.username, mechanism=mechanism)
+        if refused:
+            assert self._attempt is not None
+            self._refuseLater(self.replies.authenticationFailed, self._attempt.failed())
+        else:
+            self._refuseLater(self.replies.unavailable, 0)
+
+    def enterSession(self, mode: str, mechanism: str) -> None:
+        """
+        The user is logged in and the upstream session ready: no deadline
+        now, the authenticated timeout instead.
+        """
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self._countLogin("ok")
+        self.log.info(
+            "{client} logged in as {user}, {mode} {upstream}",
+            client=self.clientAddress,
+            user=self.user.username,
+            mode=mode,
+            upstream=self.user.upstream.name,
+        )
+        self.setTimeout(self.context.config.authenticatedTimeout)
+        self.session.user = self.user.username
+        self.session.upstream = self.user.upstream.name
+        self.session.chain = self.context.filtersFor(self.user.username)
+        self.session.notify("login", ok=True, mechanism=mechanism)
+
+    def _refuseLater(self, reply: bytes, delay: float) -> None:
+        def refuse() -> None:
+            self._refusal = None
+            if not self.isClosed:
+                self.loginRefused(reply)
+
+        self._refusal = self.context.clock.callLater(delay, refuse)
+
+    def _dropLogout(self) -> None:
+        if self._logout is not None:
+            logout, self._logout = self._logout, None
+            logout()
+
+    def _countLogin(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.login(result)

@@ -1,0 +1,368 @@
+"""
+Abuse before login, as an attacker does it, against a real C{twistd -n
+mailproxy} in front of the private Dovecot: silent and trickling
+connections holding slots, parallel password guessing, locking the owner
+out, and a password literal invited in the clear.
+
+Each test uses its own loopback source address (all of 127/8 reaches the
+proxy), so one test's lockouts do not touch another's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.dovecot import DovecotUpstream
+from tests.proxyprocess import HOST, ProxyProcess, freePort, runningProxy
+
+DEADLINE = 4.0
+SLOTS = 250
+LOCKOUT_AFTER = 5
+HASH_THREADS = 2
+
+CONFIG = """
+[server]
+login_deadline = {deadline}
+preauth_timeout = 60
+
+[auth]
+users_file = "users"
+failure_delay = 0.02
+hash_threads = {hashThreads}
+
+[limits]
+max_connections = {slots}
+max_connections_per_ip = {slots}
+failures_before_lockout = {lockoutAfter}
+
+[[listener]]
+name = "plain"
+endpoint = "tcp:{plain}:interface=127.0.0.1"
+allow_plaintext_auth = true
+
+[[listener]]
+name = "cleartext"
+endpoint = "tcp:{cleartext}:interface=127.0.0.1"
+
+[[listener]]
+name = "starttls"
+endpoint = "tcp:{starttls}:interface=127.0.0.1"
+tls = "starttls"
+certificate = "{cert}"
+private_key = "{key}"
+
+[[listener]]
+name = "implicit"
+endpoint = "tcp:{implicit}:interface=127.0.0.1"
+tls = "implicit"
+certificate = "{cert}"
+private_key = "{key}"
+
+[[listener]]
+name = "pop3"
+protocol = "pop3"
+endpoint = "tcp:{pop3}:interface=127.0.0.1"
+allow_plaintext_auth = true
+
+[upstream.plain]
+host = "127.0.0.1"
+port = {upstream}
+
+[routing]
+default_upstream = "plain"
+
+[routing.users.victim]
+username = "carol"
+password = "carolpw"
+"""
+
+USERS = {"carol": "carolpw", "victim": "victim-right-pw"}
+
+
+@dataclass
+class AbuseProxy:
+    ports: dict[str, int]
+    caFile: str
+    process: ProxyProcess
+
+    def connect(self, listener: str, source: str = HOST) -> socket.socket:
+        sock = socket.socket()
+        sock.settimeout(10)
+        sock.bind((source, 0))
+        sock.connect((HOST, self.ports[listener]))
+        return sock
+
+    def authLines(self, source: str, kind: str) -> list[str]:
+        """
+        The proxy's "authentication <kind>:" lines about C{source}.
+        """
+        pattern = re.compile(rf"authentication {kind}: ip={re.escape(source)} ")
+        return [line for line in self.process.log().splitlines() if pattern.search(line)]
+
+
+@pytest.fixture(scope="module")
+def abuseProxy(dovecot: DovecotUpstream) -> Iterator[AbuseProxy]:
+    ports = {name: freePort() for name in ("plain", "cleartext", "starttls", "implicit", "pop3")}
+    config = CONFIG.format(
+        deadline=DEADLINE,
+        slots=SLOTS,
+        lockoutAfter=LOCKOUT_AFTER,
+        hashThreads=HASH_THREADS,
+        cert=dovecot.certFile,
+        key=dovecot.keyFile,
+        upstream=dovecot.ports["imap"],
+        **ports,
+    )
+    with runningProxy(config, USERS, list(ports.values()), prefix="mp-abuse-") as (_, process):
+        yield AbuseProxy(ports, dovecot.caFile, process)
+
+
+def readLine(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def login(proxy: AbuseProxy, user: str, password: str, source: str) -> bytes:
+    """
+    One LOGIN over the plaintext listener from C{source}; its tagged reply.
+    """
+    with proxy.connect("plain", source) as sock:
+        readLine(sock)
+        sock.sendall(f'a LOGIN {user} "{password}"\r\n'.encode())
+        while True:
+            line = readLine(sock)
+            if not line or line.startswith(b"a "):
+                return line
+
+
+def closedWithin(sockets: list[socket.socket], seconds: float) -> tuple[int, float]:
+    """
+    Wait (at most C{seconds}) until the proxy closed every socket; how many
+    it closed and when the last one went.
+    """
+    selector = selectors.DefaultSelector()
+    for sock in sockets:
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+    started, last, closed = time.monotonic(), 0.0, 0
+    while closed < len(sockets) and time.monotonic() - started < seconds:
+        for key, _ in selector.select(timeout=0.1):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                data = sock.recv(65536)
+            except (ConnectionResetError, ssl.SSLError):
+                data = b""
+            except BlockingIOError:
+                continue
+            if not data:
+                selector.unregister(sock)
+                closed += 1
+                last = time.monotonic() - started
+    selector.close()
+    return closed, last
+
+
+def clientHello() -> bytes:
+    """
+    The first flight of a TLS client: a ClientHello, nothing after it.
+    """
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_silent_connections_are_aborted_at_the_deadline_and_free_every_slot(abuseProxy: AbuseProxy) -> None:
+    """Silent TLS sockets, a ClientHello then silence, STARTTLS then silence: all gone at the deadline; slots free."""
+    hello = clientHello()
+    accepted = abuseProxy.process.log().count("connected to IMAP listener")
+    started = time.monotonic()
+    silent: list[socket.socket] = []
+    try:
+        for index in range(SLOTS):
+            sock = abuseProxy.connect("starttls" if index % 5 == 0 else "implicit")
+            silent.append(sock)
+            if index % 5 == 0:
+                sock.sendall(b"s STARTTLS\r\n")
+            elif index % 5 == 1:
+                sock.sendall(hello)
+        for sock in silent[::5]:
+            assert readLine(sock).startswith(b"* OK")
+            assert readLine(sock).startswith(b"s OK")
+        # Connected is not yet accepted: wait until the proxy has them all.
+        while (
+            abuseProxy.process.log().count("connected to IMAP listener") < accepted + SLOTS
+            and time.monotonic() - started < 5
+        ):
+            time.sleep(0.05)
+        opened = time.monotonic() - started
+        assert opened < DEADLINE / 2, "too slow to fill the slots before the first deadline"
+        legitimate = abuseProxy.connect("plain")
+        assert readLine(legitimate).startswith(b"* BYE [UNAVAILABLE] too many connections")
+        legitimate.close()
+        closed, last = closedWithin(silent, DEADLINE + 10)
+    finally:
+        for sock in silent:
+            sock.close()
+    assert closed == SLOTS
+    # Every one of them by its own deadline (measured from accept), not by any later timeout.
+    assert last < opened + DEADLINE + 1.5
+    assert login(abuseProxy, "carol", "carolpw", HOST).startswith(b"a OK")
+
+
+def test_trickling_a_byte_at_a_time_does_not_outlive_the_deadline(abuseProxy: AbuseProxy) -> None:
+    """Slowloris: a byte every 0.2 s, and complete NOOPs too, keep nothing open past the deadline, IMAP or POP3."""
+    trickle = abuseProxy.connect("plain", "127.0.0.2")
+    busy = abuseProxy.connect("plain", "127.0.0.2")
+    pop3 = abuseProxy.connect("pop3", "127.0.0.2")
+    assert [readLine(sock)[:3] for sock in (trickle, busy, pop3)] == [b"* O", b"* O", b"+OK"]
+    started = time.monotonic()
+    ended: dict[str, float] = {}
+    received = {"trickle": b"", "busy": b"", "pop3": b""}
+    sockets = {"trickle": trickle, "busy": busy, "pop3": pop3}
+    for sock in sockets.values():
+        sock.setblocking(False)
+    while len(ended) < 3 and time.monotonic() - started < DEADLINE + 5:
+        for name, sock in sockets.items():
+            if name in ended:
+                continue
+            try:
+                sock.sendall({"trickle": b"x", "busy": b"n NOOP\r\n", "pop3": b"N"}[name])
+                data = sock.recv(4096)
+            except BlockingIOError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                data = b""
+            received[name] += data
+            if not data:
+                ended[name] = time.monotonic() - started
+        time.sleep(0.2)
+    for sock in sockets.values():
+        sock.close()
+    assert set(ended) == {"trickle", "busy", "pop3"}
+    assert all(DEADLINE - 0.5 < moment < DEADLINE + 1.5 for moment in ended.values()), ended
+    assert received["trickle"].endswith(b"* BYE Autologout; login took too long\r\n")
+    assert received["busy"].count(b"n OK NOOP completed") >= 5
+    assert received["pop3"].endswith(b"-ERR Autologout; login took too long\r\n")
+
+
+def test_parallel_guesses_are_checked_one_at_a_time_and_stop_at_the_lockout(abuseProxy: AbuseProxy) -> None:
+    """48 LOGINs at once from one address, the right password last: only the first few are checked; it never gets in."""
+    source = "127.0.0.3"
+    sockets = []
+    for _ in range(48):
+        sock = abuseProxy.connect("plain", source)
+        readLine(sock)
+        sockets.append(sock)
+    for index, sock in enumerate(sockets[:47]):
+        sock.sendall(f'a LOGIN victim "guess-{index}"\r\n'.encode())
+    # The right one once the guesses are in (the proxy reads the 48 sockets in no set order).
+    time.sleep(0.2)
+    sockets[47].sendall(b'a LOGIN victim "victim-right-pw"\r\n')
+    replies = []
+    for sock in sockets:
+        sock.settimeout(30)
+        replies.append(readLine(sock))
+        sock.close()
+    assert all(reply.startswith(b"a NO ") for reply in replies), sorted(set(replies))
+    checked = abuseProxy.authLines(source, "failure")
+    refused = abuseProxy.authLines(source, "refused")
+    assert len(checked) == LOCKOUT_AFTER, checked
+    assert len(checked) + len(refused) == 48
+    assert "logged in as victim" not in abuseProxy.process.log()
+
+
+def test_failures_from_strangers_do_not_lock_the_owner_out(abuseProxy: AbuseProxy) -> None:
+    """The owner's address keeps logging in while a stranger's guesses lock the account for everyone else."""
+    owner, stranger, newcomer = "127.0.0.4", "127.0.0.5", "127.0.0.6"
+    assert login(abuseProxy, "carol", "carolpw", owner).startswith(b"a OK")
+    for index in range(LOCKOUT_AFTER):
+        assert login(abuseProxy, "carol", f"wrong-{index}", stranger).startswith(b"a NO [AUTHENTICATIONFAILED]")
+    assert login(abuseProxy, "carol", "carolpw", newcomer).startswith(b"a NO [AUTHENTICATIONFAILED]")
+    assert abuseProxy.authLines(newcomer, "refused")[-1].endswith("user=carol reason=locked-out")
+    assert login(abuseProxy, "carol", "carolpw", owner).startswith(b"a OK")
+    # The stranger's own address is locked out too, whoever it asks for.
+    assert login(abuseProxy, "victim", "victim-right-pw", stranger).startswith(b"a NO [AUTHENTICATIONFAILED]")
+
+
+def test_no_continuation_invites_a_password_literal_where_login_is_refused(abuseProxy: AbuseProxy) -> None:
+    """Without TLS, LOGIN {5} and AUTHENTICATE get NO [PRIVACYREQUIRED] at once, never a '+'."""
+    with abuseProxy.connect("cleartext", "127.0.0.7") as sock:
+        assert b"LOGINDISABLED" in readLine(sock)
+        sock.sendall(b"a LOGIN {5}\r\n")
+        assert readLine(sock) == b"a NO [PRIVACYREQUIRED] Use STARTTLS before authenticating\r\n"
+        sock.sendall(b"b LOGIN carol {7}\r\n")
+        assert readLine(sock) == b"b NO [PRIVACYREQUIRED] Use STARTTLS before authenticating\r\n"
+        sock.sendall(b"c AUTHENTICATE PLAIN\r\n")
+        assert readLine(sock) == b"c NO [PRIVACYREQUIRED] Use STARTTLS before authenticating\r\n"
+        # A non-synchronising literal is on its way anyway: read, then refused.
+        sock.sendall(b"d LOGIN {5+}\r\ncarol {7+}\r\ncarolpw\r\ne NOOP\r\n")
+        assert readLine(sock) == b"d NO [PRIVACYREQUIRED] Use STARTTLS before authenticating\r\n"
+        assert readLine(sock) == b"e OK NOOP completed\r\n"
+    assert "logged in" not in "\n".join(line for line in abuseProxy.process.log().splitlines() if "127.0.0.7" in line)
+
+
+def test_listeners_have_a_deep_accept_queue(abuseProxy: AbuseProxy) -> None:
+    """The listening sockets' backlog is 1024 by default, not Twisted's 50 (ss shows it as Send-Q)."""
+    output = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{abuseProxy.ports['implicit']}"], capture_output=True, text=True, timeout=10
+    ).stdout
+    [line] = output.splitlines()
+    assert line.split()[2] == "1024"
+
+
+def threadsOf(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_a_login_flood_hashes_in_a_bounded_number_of_threads(abuseProxy: AbuseProxy) -> None:
+    """16 logins at once from 16 addresses (full-cost scrypt each): never more than hash_threads extra threads."""
+    pid = abuseProxy.process.process.pid
+    before = threadsOf(pid)
+    sockets = []
+    try:
+        # Few enough to be answered well within the login deadline.
+        for index in range(16):
+            sock = abuseProxy.connect("plain", f"127.0.2.{index + 1}")
+            readLine(sock)
+            sockets.append(sock)
+        for index, sock in enumerate(sockets):
+            # Unknown names are checked against a full-cost decoy hash.
+            sock.sendall(f"a LOGIN nobody{index} wrong\r\n".encode())
+        most = before
+        replies = {sock: b"" for sock in sockets}
+        deadline = time.monotonic() + 60
+        for sock in sockets:
+            sock.setblocking(False)
+        while not all(b"\r\n" in reply for reply in replies.values()) and time.monotonic() < deadline:
+            most = max(most, threadsOf(pid))
+            for sock in sockets:
+                try:
+                    replies[sock] += sock.recv(4096)
+                except BlockingIOError:
+                    pass
+            time.sleep(0.005)
+        answered = sum(reply.startswith(b"a NO [AUTHENTICATIONFAILED]") for reply in replies.values())
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert answered == len(sockets)
+    assert before < most <= before + HASH_THREADS
