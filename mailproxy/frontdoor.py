@@ -210,6 +210,9 @@ class FrontDoor(Protocol, TimeoutMixin):
         if it is still open C{grace} seconds later (a TLS close waits for
         the peer's answer, or for a handshake that may never come).
         """
+        # Nothing more is said once closing: no goodbye after a LOGOUT.
+        self._stopDeadline()
+        self.setTimeout(None)
         closeClient(self.transport, self.splice)
         if self._abort is None and not self._lost:
             self._abort = self.context.clock.callLater(grace, self._abortNow)
@@ -231,6 +234,11 @@ class FrontDoor(Protocol, TimeoutMixin):
         self.enterClosed()
         self.closeClient()
 
+    def _stopDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
     def _deadlineExpired(self) -> None:
         self._deadline = None
         self._expire(
@@ -246,9 +254,7 @@ class FrontDoor(Protocol, TimeoutMixin):
         if self.metrics is not None:
             self.metrics.login("expired")
         self.setTimeout(None)
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        self._stopDeadline()
         if self.gate is not None:
             self.gate.release()
         if self.tlsHandshaking:
@@ -357,6 +363,8 @@ class FrontDoor(Protocol, TimeoutMixin):
         )
         self._countLogin("upstream_error")
         self._dropLogout()
+        assert self.gate is not None
+        self.gate.endSession()
         self._refuseLater(reply, 0)
 
     def awaitUpstream(self, connecting: Deferred[Any], start: Callable[[Any], None], mechanism: str) -> None:
@@ -376,6 +384,8 @@ class FrontDoor(Protocol, TimeoutMixin):
         self._dropLogout()
         if self.isClosed or failure.check(CancelledError):
             return
+        assert self.gate is not None
+        self.gate.endSession()
         user = self.user
         error = failure.value
         if not isinstance(error, UpstreamError):
@@ -406,9 +416,7 @@ class FrontDoor(Protocol, TimeoutMixin):
         The user is logged in and the upstream session ready: no deadline
         now, the authenticated timeout instead.
         """
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        self._stopDeadline()
         self._countLogin("ok")
         self.log.info(
             "{client} logged in as {user}, {mode} {upstream}",

@@ -23,7 +23,11 @@ failure and refusal is one fail2ban-friendly line, the client-chosen user
 name last and percent-encoded (L{mailproxy.logs.loggedName})::
 
     authentication failure: ip=203.0.113.7 protocol=imap user=alice failures=3
-    authentication refused: ip=203.0.113.7 protocol=imap user=alice reason=locked-out
+    authentication refused: ip=203.0.113.7 protocol=imap user=alice reason=address-locked-out
+
+The reason is C{address-locked-out} (the client's network is locked out),
+C{user-locked-out} (the name is, for networks it is not known from: maybe
+the owner's new device, so not for fail2ban to count) or C{busy}.
 """
 
 from __future__ import annotations
@@ -85,6 +89,9 @@ def networkOf(host: str) -> str:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return host
+    if address.is_loopback:
+        # ::1 is this machine (webmail, a local client), not a /64.
+        return str(address)
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)
@@ -119,6 +126,8 @@ class Limits:
         self._waitingPerKey: dict[str, int] = defaultdict(int)
         self._turnHeld: set[str] = set()
         self._checking = 0
+        self._giving = False
+        self._giveAgain = False
 
     # -- connections -------------------------------------------------------------
 
@@ -162,9 +171,9 @@ class Limits:
         Queue a login attempt; its C{turn} fires when it may go on.
         """
         attempt = LoginAttempt(self, network, user, protocol, self.isKnown(network, user))
-        if len(self._waiting) >= MAX_WAITING or any(
-            self._waitingPerKey[key] >= MAX_WAITING_PER_KEY for key in attempt.keys
-        ):
+        # Known networks are never refused for the strangers in the queue.
+        crowded = len(self._waiting) >= MAX_WAITING and not attempt.known
+        if crowded or any(self._waitingPerKey.get(key, 0) >= MAX_WAITING_PER_KEY for key in attempt.keys):
             attempt.refuse("busy")
             attempt.turn.callback(Turn.BUSY)
             return attempt
@@ -186,11 +195,37 @@ class Limits:
         C{True} while C{network}, or (for a network C{user} is not known
         from) C{user}, is locked out.
         """
+        return self._lockout(network, user, known) is not None
+
+    def _lockout(self, network: str, user: str, known: bool) -> str | None:
         now = self.clock.seconds()
-        keys = (_networkKey(network),) if known else (_networkKey(network), _userKey(user))
-        return any(self._lockedUntil.get(key, 0.0) > now for key in keys)
+        if self._lockedUntil.get(_networkKey(network), 0.0) > now:
+            return "address-locked-out"
+        if not known and self._lockedUntil.get(_userKey(user), 0.0) > now:
+            return "user-locked-out"
+        return None
 
     def _giveTurns(self) -> None:
+        """
+        Give every attempt whose keys are free its turn.  Turns fire
+        synchronously and may free keys again (a departed client's turn is
+        withdrawn at once): that asks for another round of this loop
+        rather than a nested call, so a long queue never deepens the stack.
+        """
+        if self._giving:
+            self._giveAgain = True
+            return
+        self._giving = True
+        try:
+            self._giveAgain = True
+            while self._giveAgain:
+                self._giveAgain = False
+                for attempt, turn in self._pickTurns():
+                    attempt.turn.callback(turn)
+        finally:
+            self._giving = False
+
+    def _pickTurns(self) -> list[tuple[LoginAttempt, Turn]]:
         ready: list[tuple[LoginAttempt, Turn]] = []
         # Users on networks they logged in from go first: a flood of
         # strangers' attempts must not keep the owners waiting.
@@ -201,7 +236,9 @@ class Limits:
             if any(key in self._turnHeld for key in attempt.keys):
                 continue
             self._unqueue(attempt)
-            if self.lockedOut(attempt.network, attempt.user, attempt.known):
+            lockout = self._lockout(attempt.network, attempt.user, attempt.known)
+            if lockout is not None:
+                attempt.refuse(lockout)
                 ready.append((attempt, Turn.LOCKED_OUT))
                 continue
             self._checking += 1
@@ -213,10 +250,7 @@ class Limits:
             for key in attempt.countedKeys:
                 self._count(key, attempt.started)
             ready.append((attempt, Turn.CHECK))
-        for attempt, turn in ready:
-            if turn is Turn.LOCKED_OUT:
-                attempt.refuse("locked-out")
-            attempt.turn.callback(turn)
+        return ready
 
     def _unqueue(self, attempt: LoginAttempt) -> None:
         self._waiting.remove(attempt)
@@ -372,7 +406,7 @@ class LoginAttempt:
         Log an attempt refused without a check.
         """
         limits = self.limits
-        if reason == "locked-out":
+        if reason.endswith("locked-out"):
             self.delay = limits.delayFor(limits.config.failuresBeforeLockout)
         limits.log.warn(
             "authentication refused: ip={ip} protocol={protocol} user={user} reason={reason}",
@@ -452,12 +486,18 @@ class Gate:
         if self._admitted:
             self._admitted = False
             self.limits.release(self.network)
-        if self._sessionUser is not None:
-            self.limits.endSession(self._sessionUser)
-            self._sessionUser = None
+        self.endSession()
 
     def beginLogin(self, user: str) -> LoginAttempt:
         return self.limits.beginLogin(self.network, user, self.protocol)
+
+    def endSession(self) -> None:
+        """
+        Give back the session counted at login (its upstream never came).
+        """
+        if self._sessionUser is not None:
+            self.limits.endSession(self._sessionUser)
+            self._sessionUser = None
 
     def startSession(self, user: str) -> bool:
         """

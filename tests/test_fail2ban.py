@@ -663,13 +663,19 @@ SAMPLE = [
     ),
     (
         "2026-12-03T12:00:01+0000 [mailproxy.auth#warn] authentication refused: "
-        "ip=2001:db8:1:2::/64 protocol=pop3 user=x%20ip%3D198.51.100.77 reason=locked-out",
+        "ip=2001:db8:1:2::/64 protocol=pop3 user=x%20ip%3D198.51.100.77 reason=address-locked-out",
         "2001:db8:1:2::/64",
     ),
     (
         "2026-12-03T12:00:02+0000 [mailproxy.auth#warn] authentication refused: "
         "ip=203.0.113.8 protocol=imap user=bob reason=busy",
-        "203.0.113.8",
+        None,
+    ),
+    # Locked out by others' failures: maybe the owner on a new network.
+    (
+        "2026-12-03T12:00:02+0000 [mailproxy.auth#warn] authentication refused: "
+        "ip=203.0.113.8 protocol=imap user=bob reason=user-locked-out",
+        None,
     ),
     (
         '{"time": "2026-12-03T12:00:03.123+00:00", "level": "warn", "namespace": "mailproxy.auth", '
@@ -679,8 +685,8 @@ SAMPLE = [
     ),
     (
         '{"time": "2026-12-03T12:00:04.000+00:00", "level": "warn", "namespace": "mailproxy.auth", '
-        '"message": "authentication refused: ip=203.0.113.9 protocol=pop3 user=%22 reason=locked-out", '
-        '"ip": "203.0.113.9", "protocol": "pop3", "user": "%22", "reason": "locked-out"}',
+        '"message": "authentication refused: ip=203.0.113.9 protocol=pop3 user=%22 reason=address-locked-out", '
+        '"ip": "203.0.113.9", "protocol": "pop3", "user": "%22", "reason": "address-locked-out"}',
         "203.0.113.9",
     ),
     # Another logger's namespace is not the proxy's authentication log.

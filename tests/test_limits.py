@@ -255,7 +255,7 @@ def test_failures_are_logged_in_one_fail2ban_friendly_line() -> None:
         in lines
     )
     assert any(line.startswith("authentication lockout: ip=203.0.113.7 for 900 s") for line in lines)
-    assert "authentication refused: ip=203.0.113.7 protocol=imap user=alice reason=locked-out" in lines
+    assert "authentication refused: ip=203.0.113.7 protocol=imap user=alice reason=address-locked-out" in lines
 
 
 def test_imap_connections_over_the_limit_get_bye(tmp_path: Path) -> None:

@@ -297,7 +297,7 @@ def test_failures_from_strangers_do_not_lock_the_owner_out(abuseProxy: AbuseProx
     for index in range(LOCKOUT_AFTER):
         assert login(abuseProxy, "carol", f"wrong-{index}", stranger).startswith(b"a NO [AUTHENTICATIONFAILED]")
     assert login(abuseProxy, "carol", "carolpw", newcomer).startswith(b"a NO [AUTHENTICATIONFAILED]")
-    assert abuseProxy.authLines(newcomer, "refused")[-1].endswith("user=carol reason=locked-out")
+    assert abuseProxy.authLines(newcomer, "refused")[-1].endswith("user=carol reason=user-locked-out")
     assert login(abuseProxy, "carol", "carolpw", owner).startswith(b"a OK")
     # The stranger's own address is locked out too, whoever it asks for.
     assert login(abuseProxy, "victim", "victim-right-pw", stranger).startswith(b"a NO [AUTHENTICATIONFAILED]")

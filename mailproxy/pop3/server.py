@@ -219,8 +219,7 @@ class POP3ServerProtocol(FrontDoor):
             self._queue.extend(self.lines.feed(data))
         except LineTooLong:
             self.log.warn("{client} sent an over-long line; disconnecting", client=self.clientAddress)
-            if self._atBoundary():
-                self._send(b"-ERR Line too long\r\n")
+            self.sayGoodbye(b"Line too long")
             self._closeConnection()
             return
         self._processQueue()
