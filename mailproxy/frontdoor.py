@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 # TLS close before the connection is aborted; shorter after a timeout.
 CLOSE_GRACE = 10.0
 EXPIRY_GRACE = 1.0
+# A client needs a handful of commands to log in; this many ends the
+# connection, which bounds what a client that never reads its answers piles
+# up in memory, and what one connection writes to the log.
+MAX_PRELOGIN_COMMANDS = 100
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class FrontDoor(Protocol, TimeoutMixin):
         self._deadline: IDelayedCall | None = None
         self._abort: IDelayedCall | None = None
         self._lost = False
+        self._preLoginCommands = 0
 
     # -- what each protocol provides --------------------------------------------
 
@@ -264,6 +269,24 @@ class FrontDoor(Protocol, TimeoutMixin):
         self.sayGoodbye(goodbye)
         self.enterClosed()
         self.closeClient(EXPIRY_GRACE)
+
+    def countPreLoginCommand(self) -> bool:
+        """
+        Count a command before login; C{False} (and the connection closing)
+        past L{MAX_PRELOGIN_COMMANDS}.
+        """
+        self._preLoginCommands += 1
+        if self._preLoginCommands <= MAX_PRELOGIN_COMMANDS:
+            return True
+        self.log.warn(
+            "{client} sent more than {limit} commands without logging in; disconnecting",
+            client=self.clientAddress,
+            limit=MAX_PRELOGIN_COMMANDS,
+        )
+        self.sayGoodbye(b"Too many commands before login")
+        self.enterClosed()
+        self.closeClient()
+        return False
 
     # -- TLS ------------------------------------------------------------------
 

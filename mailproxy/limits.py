@@ -48,9 +48,10 @@ MAX_DELAY = 30.0
 # more are refused at once ("try again later").
 MAX_WAITING_PER_KEY = 128
 MAX_WAITING = 4096
-# Remembered (network, user) logins and counted keys, oldest forgotten
-# first: a flood of made-up user names costs bounded memory.
-MAX_KNOWN_NETWORKS = 100_000
+# Networks remembered per user (the most recent; only a successful login
+# adds one, so one account cannot push out another's) and counted keys,
+# oldest forgotten first: a flood of made-up user names costs bounded memory.
+MAX_KNOWN_NETWORKS_PER_USER = 32
 MAX_COUNTED_KEYS = 100_000
 # User names are counted by their first characters (longer ones are not
 # real users, and must not cost memory).
@@ -121,7 +122,7 @@ class Limits:
         self._perUser: dict[str, int] = defaultdict(int)
         self._failures: OrderedDict[str, list[float]] = OrderedDict()
         self._lockedUntil: dict[str, float] = {}
-        self._known: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._known: dict[str, OrderedDict[str, float]] = {}
         self._waiting: deque[LoginAttempt] = deque()
         self._waitingPerKey: dict[str, int] = defaultdict(int)
         self._turnHeld: set[str] = set()
@@ -187,7 +188,8 @@ class Limits:
         """
         C{True} if C{user} logged in from C{network} recently.
         """
-        until = self._known.get((network, user))
+        networks = self._known.get(user[:MAX_USER_KEY])
+        until = networks.get(network) if networks is not None else None
         return until is not None and until > self.clock.seconds()
 
     def lockedOut(self, network: str, user: str, known: bool = False) -> bool:
@@ -288,10 +290,11 @@ class Limits:
         self._giveTurns()
 
     def _remember(self, network: str, user: str) -> None:
-        self._known.pop((network, user), None)
-        self._known[(network, user)] = self.clock.seconds() + self.config.knownNetworkSeconds
-        while len(self._known) > MAX_KNOWN_NETWORKS:
-            self._known.popitem(last=False)
+        networks = self._known.setdefault(user, OrderedDict())
+        networks.pop(network, None)
+        networks[network] = self.clock.seconds() + self.config.knownNetworkSeconds
+        while len(networks) > MAX_KNOWN_NETWORKS_PER_USER:
+            networks.popitem(last=False)
 
     def _lockIfDue(self, key: str, count: int) -> None:
         now = self.clock.seconds()
@@ -299,7 +302,7 @@ class Limits:
             self._lockedUntil[key] = now + self.config.lockoutSeconds
             self.log.warn(
                 "authentication lockout: {what} for {seconds:.0f} s after {count} failures",
-                what=key,
+                what=_shown(key),
                 seconds=self.config.lockoutSeconds,
                 count=count,
             )
@@ -324,8 +327,12 @@ class Limits:
                 del self._failures[key]
         for key in [key for key, until in self._lockedUntil.items() if until <= now]:
             del self._lockedUntil[key]
-        for pair in [pair for pair, until in self._known.items() if until <= now]:
-            del self._known[pair]
+        for user in list(self._known):
+            networks = self._known[user]
+            for network in [network for network, until in networks.items() if until <= now]:
+                del networks[network]
+            if not networks:
+                del self._known[user]
 
 
 class LoginAttempt:
@@ -442,7 +449,16 @@ def _networkKey(network: str) -> str:
 
 
 def _userKey(user: str) -> str:
-    return f"user={loggedName(user)}"
+    return f"user={user[:MAX_USER_KEY]}"
+
+
+def _shown(key: str) -> str:
+    """
+    A counted key as log lines show it (a user name encoded and cut).
+    """
+    if key.startswith("user="):
+        return "user=" + loggedName(key[len("user=") :])
+    return key
 
 
 def hostOf(clientAddress: str) -> str:

@@ -192,3 +192,21 @@ def test_a_login_stalled_upstream_is_cut_at_the_deadline(tmp_path: Path) -> None
     connection.protocol.connectionLost(None)  # type: ignore[arg-type]
     assert script.pending is not None and script.pending.called
     script.pending.addErrback(lambda failure: None)
+
+
+def test_more_than_a_hundred_commands_before_login_end_the_connection(tmp_path: Path) -> None:
+    """A hundred commands are answered; the next one gets BYE and the connection closes (IMAP and POP3)."""
+    from mailproxy.frontdoor import MAX_PRELOGIN_COMMANDS
+
+    connection = connect(str(tmp_path))
+    connection.received()
+    connection.send(b"a NOOP\r\n" * (MAX_PRELOGIN_COMMANDS + 5))
+    reply = connection.received()
+    assert reply.count(b"a OK NOOP completed") == MAX_PRELOGIN_COMMANDS
+    assert reply.endswith(b"* BYE Too many commands before login\r\n")
+    assert connection.transport.disconnecting
+    pop3 = pop3Connect(tmp_path)
+    pop3.received()
+    pop3.send(b"NOOP\r\n" * (MAX_PRELOGIN_COMMANDS + 5))
+    assert pop3.received().endswith(b"-ERR Too many commands before login\r\n")
+    assert pop3.transport.disconnecting

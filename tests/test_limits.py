@@ -346,3 +346,29 @@ def test_limits_are_configured_in_toml(tmp_path: Path) -> None:
         parseConfig({**base, "limits": {"max_line_length": 100}}, str(tmp_path))
     with pytest.raises(ConfigError, match="limits.max_preauth_literal: must be at most 65536"):
         parseConfig({**base, "limits": {"max_preauth_literal": 200000}}, str(tmp_path))
+
+
+def test_names_sharing_their_first_64_characters_are_counted_apart() -> None:
+    """Guesses at a made-up long name do not lock out a real one that only shares its first 64 characters."""
+    counters, clock = limits(failuresBeforeLockout=2)
+    prefix = "a" * 64
+    for _ in range(2):
+        clock.advance(fail(counters, "198.51.100.1", prefix + "-mallory"))
+    assert counters.lockedOut("203.0.113.1", prefix + "-mallory")
+    assert not counters.lockedOut("203.0.113.1", prefix + "-alice")
+
+
+def test_a_user_remembers_only_their_most_recent_networks() -> None:
+    """One account logging in from ever new networks pushes out only its own oldest ones."""
+    from mailproxy.limits import MAX_KNOWN_NETWORKS_PER_USER
+
+    counters, _ = limits()
+    for owner in ("alice", "bob"):
+        started, _ = attempt(counters, "192.0.2.1", owner)
+        started.succeeded()
+    for index in range(MAX_KNOWN_NETWORKS_PER_USER):
+        started, _ = attempt(counters, f"198.51.100.{index}", "alice")
+        started.succeeded()
+    assert not counters.isKnown("192.0.2.1", "alice")
+    assert counters.isKnown("192.0.2.1", "bob")
+    assert counters.isKnown("198.51.100.0", "alice")

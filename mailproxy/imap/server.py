@@ -232,6 +232,8 @@ class IMAPServerProtocol(FrontDoor):
     def _processQueue(self) -> None:
         while self._queue and self.state in (State.NOT_AUTHENTICATED, State.SASL_RESPONSE):
             event = self._queue.popleft()
+            if not isinstance(event, LiteralChunk) and not self.countPreLoginCommand():
+                return
             if self.state is State.SASL_RESPONSE:
                 self._saslResponse(event)
             else:

@@ -239,6 +239,8 @@ class POP3ServerProtocol(FrontDoor):
             self._processing = False
 
     def _dispatch(self, line: bytes | None) -> None:
+        if self.state is not State.TRANSACTION and not self.countPreLoginCommand():
+            return
         if self.state is State.SASL_RESPONSE:
             self.state = State.AUTHORIZATION
             if line is None:
