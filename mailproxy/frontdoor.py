@@ -16,10 +16,12 @@ other close is bounded too (L{CLOSE_GRACE}).
 
 from __future__ import annotations
 
+import enum
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -74,12 +76,17 @@ class FrontDoor(Protocol, TimeoutMixin):
 
     @cvar protocolName: C{"imap"} or C{"pop3"}, for logs and limits.
     @cvar replies: how the protocol refuses logins.
+    @cvar closedState: the protocol's closed L{state}.
     """
 
     log = Logger()
     transport: ITransport
     protocolName = "?"
     replies: LoginReplies
+    closedState: ClassVar[enum.Enum]
+    state: enum.Enum
+    # Client input not acted on yet (lines, literal chunks).
+    _queue: deque[Any]
 
     def __init__(self, context: ServerContext) -> None:
         self.context = context
@@ -107,13 +114,14 @@ class FrontDoor(Protocol, TimeoutMixin):
 
     @property
     def isClosed(self) -> bool:
-        raise NotImplementedError
+        return self.state is self.closedState
 
     def enterClosed(self) -> None:
         """
         Take the closed state: nothing more is read or answered.
         """
-        raise NotImplementedError
+        self.state = self.closedState
+        self._queue.clear()
 
     def greet(self) -> None:
         raise NotImplementedError

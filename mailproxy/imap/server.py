@@ -119,6 +119,7 @@ class IMAPServerProtocol(FrontDoor):
 
     protocolName = "imap"
     replies = _REPLIES
+    closedState = State.CLOSED
 
     def __init__(self, context: ServerContext) -> None:
         super().__init__(context)
@@ -135,14 +136,6 @@ class IMAPServerProtocol(FrontDoor):
         self._lastStatus: dict[bytes, str] = {}
 
     # -- the front door's hooks ---------------------------------------------
-
-    @property
-    def isClosed(self) -> bool:
-        return self.state is State.CLOSED
-
-    def enterClosed(self) -> None:
-        self.state = State.CLOSED
-        self._queue.clear()
 
     def greet(self) -> None:
         self._send(b"* OK [CAPABILITY " + self.capabilities() + b"] " + self.context.config.greeting.encode() + b"\r\n")

@@ -92,6 +92,7 @@ class POP3ServerProtocol(FrontDoor):
 
     protocolName = "pop3"
     replies = _REPLIES
+    closedState = State.CLOSED
 
     def __init__(self, context: ServerContext, backends: POP3Backends) -> None:
         super().__init__(context)
@@ -112,14 +113,6 @@ class POP3ServerProtocol(FrontDoor):
         self._userName: bytes | None = None
 
     # -- the front door's hooks ---------------------------------------------
-
-    @property
-    def isClosed(self) -> bool:
-        return self.state is State.CLOSED
-
-    def enterClosed(self) -> None:
-        self.state = State.CLOSED
-        self._queue.clear()
 
     def greet(self) -> None:
         self._send(b"+OK " + self.context.config.greeting.encode("utf-8") + b"\r\n")
