@@ -229,6 +229,9 @@ class Limits:
 
     def _pickTurns(self) -> list[tuple[LoginAttempt, Turn]]:
         ready: list[tuple[LoginAttempt, Turn]] = []
+        if self._checking >= self.maxChecks or not self._waiting:
+            # The common case in a flood: no need to look at the queue.
+            return ready
         # Users on networks they logged in from go first: a flood of
         # strangers' attempts must not keep the owners waiting.
         waiting = sorted(self._waiting, key=lambda attempt: not attempt.known)
