@@ -172,7 +172,7 @@ class FrontDoor(Protocol, TimeoutMixin):
         refusal = self.gate.admit()
         if refusal is not None:
             self.refuseConnection(refusal.encode("ascii"))
-            self.closeClient(EXPIRY_GRACE)
+            self.hangUp(grace=EXPIRY_GRACE)
             return
         config = self.context.config
         self._deadline = self.context.clock.callLater(config.loginDeadline, self._deadlineExpired)
@@ -193,8 +193,8 @@ class FrontDoor(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._lost = True
-        self.setTimeout(None)
-        for timer in (self._deadline, self._abort, self._refusal):
+        self._stopTimers()
+        for timer in (self._abort, self._refusal):
             if timer is not None and timer.active():
                 timer.cancel()
         self.enterClosed()
@@ -217,15 +217,19 @@ class FrontDoor(Protocol, TimeoutMixin):
         )
         self.log.info("{client} disconnected", client=self.clientAddress)
 
-    def closeClient(self, grace: float = CLOSE_GRACE) -> None:
+    def hangUp(self, goodbye: bytes | None = None, grace: float = CLOSE_GRACE) -> None:
         """
-        Close the client connection after what is buffered for it; abort it
-        if it is still open C{grace} seconds later (a TLS close waits for
-        the peer's answer, or for a handshake that may never come).
+        Say C{goodbye} (where the protocol may), read and answer nothing
+        more, and close the client connection after what is buffered for
+        it; abort it if it is still open C{grace} seconds later (a TLS close
+        waits for the peer's answer, or for a handshake that may never
+        come).
         """
+        if goodbye is not None:
+            self.sayGoodbye(goodbye)
+        self.enterClosed()
         # Nothing more is said once closing: no goodbye after a LOGOUT.
-        self._stopDeadline()
-        self.setTimeout(None)
+        self._stopTimers()
         closeClient(self.transport, self.splice)
         if self._abort is None and not self._lost:
             self._abort = self.context.clock.callLater(grace, self._abortNow)
@@ -243,14 +247,19 @@ class FrontDoor(Protocol, TimeoutMixin):
             self._expire("idle too long before login", b"Autologout; idle for too long")
             return
         self.log.info("{client} idle too long; disconnecting", client=self.clientAddress)
-        self.sayGoodbye(b"Autologout; idle for too long")
-        self.enterClosed()
-        self.closeClient()
+        self.hangUp(b"Autologout; idle for too long")
 
     def _stopDeadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+
+    def _stopTimers(self) -> None:
+        """
+        No login deadline or inactivity timeout any more.
+        """
+        self._stopDeadline()
+        self.setTimeout(None)
 
     def _deadlineExpired(self) -> None:
         self._deadline = None
@@ -266,17 +275,14 @@ class FrontDoor(Protocol, TimeoutMixin):
         self.log.info("{client} {why}; disconnecting", client=self.clientAddress, why=why)
         if self.metrics is not None:
             self.metrics.login("expired")
-        self.setTimeout(None)
-        self._stopDeadline()
         if self.gate is not None:
             self.gate.release()
         if self.tlsHandshaking:
+            self._stopTimers()
             self.enterClosed()
             self.transport.abortConnection()  # type: ignore[attr-defined]
             return
-        self.sayGoodbye(goodbye)
-        self.enterClosed()
-        self.closeClient(EXPIRY_GRACE)
+        self.hangUp(goodbye, EXPIRY_GRACE)
 
     def countPreLoginCommand(self) -> bool:
         """
@@ -291,9 +297,7 @@ class FrontDoor(Protocol, TimeoutMixin):
             client=self.clientAddress,
             limit=MAX_PRELOGIN_COMMANDS,
         )
-        self.sayGoodbye(b"Too many commands before login")
-        self.enterClosed()
-        self.closeClient()
+        self.hangUp(b"Too many commands before login")
         return False
 
     # -- TLS ------------------------------------------------------------------
@@ -308,8 +312,7 @@ class FrontDoor(Protocol, TimeoutMixin):
             # came with the command in plaintext must never run as if it
             # had been sent over TLS.
             self.log.warn("{client} pipelined data after STARTTLS; disconnecting", client=self.clientAddress)
-            self.enterClosed()
-            self.closeClient()
+            self.hangUp()
             return False
         self.transport.startTLS(self.context.tlsOptions)  # type: ignore[attr-defined]
         self.tlsActive = self.tlsHandshaking = True
@@ -328,9 +331,11 @@ class FrontDoor(Protocol, TimeoutMixin):
         assert self.gate is not None
         name = username.decode("utf-8", "replace")
         attempt = self._attempt = self.gate.beginLogin(name)
-        attempt.turn.addCallback(self._loginTurn, attempt, username, password, mechanism)
+        attempt.turn.addCallback(self._loginTurn, attempt, username, name, password, mechanism)
 
-    def _loginTurn(self, turn: Turn, attempt: LoginAttempt, username: bytes, password: bytes, mechanism: str) -> None:
+    def _loginTurn(
+        self, turn: Turn, attempt: LoginAttempt, username: bytes, name: str, password: bytes, mechanism: str
+    ) -> None:
         if self.isClosed:
             attempt.withdraw()
             return
@@ -343,7 +348,6 @@ class FrontDoor(Protocol, TimeoutMixin):
             self._countLogin("locked_out")
             self._refuseLater(self.replies.authenticationFailed, attempt.delay)
             return
-        name = username.decode("utf-8", "replace")
         loggingIn = self.context.portal.login(UsernamePassword(username, password), None, IProxyUser)
         loggingIn.addCallbacks(
             lambda result: self._authenticated(attempt, name, password, mechanism, result),
@@ -363,7 +367,7 @@ class FrontDoor(Protocol, TimeoutMixin):
         assert self.gate is not None
         if not self.gate.startSession(name):
             self._countLogin("too_many_sessions")
-            self._dropLogout()
+            self._giveBackSession()
             self._refuseLater(self.replies.tooManySessions, 0)
             return
         self.connectUpstream(user, password, mechanism)
@@ -393,9 +397,7 @@ class FrontDoor(Protocol, TimeoutMixin):
             why=why,
         )
         self._countLogin("upstream_error")
-        self._dropLogout()
-        assert self.gate is not None
-        self.gate.endSession()
+        self._giveBackSession()
         self._refuseLater(reply, 0)
 
     def awaitUpstream(self, connecting: Deferred[Any], start: Callable[[Any], None], mechanism: str) -> None:
@@ -412,11 +414,9 @@ class FrontDoor(Protocol, TimeoutMixin):
         return result
 
     def _upstreamFailed(self, mechanism: str, failure: Failure) -> None:
-        self._dropLogout()
+        self._giveBackSession()
         if self.isClosed or failure.check(CancelledError):
             return
-        assert self.gate is not None
-        self.gate.endSession()
         user = self.user
         error = failure.value
         if not isinstance(error, UpstreamError):
@@ -469,6 +469,15 @@ class FrontDoor(Protocol, TimeoutMixin):
                 self.loginRefused(reply)
 
         self._refusal = self.context.clock.callLater(delay, refuse)
+
+    def _giveBackSession(self) -> None:
+        """
+        A login that will not become a session: log the avatar out and
+        give back the session it counted (if any).
+        """
+        self._dropLogout()
+        assert self.gate is not None
+        self.gate.endSession()
 
     def _dropLogout(self) -> None:
         if self._logout is not None:

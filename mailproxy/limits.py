@@ -20,7 +20,7 @@ while.  A user's lockout does not apply to networks the user logged in from
 successfully within C{limits.known_network_seconds}: anybody can make a
 user's account refuse strangers, but not the owner's own devices.  Every
 failure and refusal is one fail2ban-friendly line, the client-chosen user
-name last and percent-encoded (L{mailproxy.logs.loggedName})::
+name after the address, percent-encoded (L{mailproxy.logs.loggedName})::
 
     authentication failure: ip=203.0.113.7 protocol=imap user=alice failures=3
     authentication refused: ip=203.0.113.7 protocol=imap user=alice reason=address-locked-out
@@ -38,7 +38,7 @@ from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailproxy.logs import loggedName
@@ -365,21 +365,15 @@ class LoginAttempt:
         self.delay = limits.failureDelay
         self.started = limits.clock.seconds()
         self.checking = False
-        self._release: IDelayedCall | None = None
 
     def succeeded(self) -> None:
         """
         The password was right: the attempt was no failure, the network
         becomes known for the user, and the next attempts may go on.
         """
-        if not self.checking:
-            return
-        self.checking = False
-        for key in self.countedKeys:
-            self.limits._uncount(key, self.started)
-        self.limits._remember(self.network, self.user)
-        self.limits._checked(self)
-        self.limits._releaseTurn(self)
+        if self.checking:
+            self.limits._remember(self.network, self.user)
+            self.withdraw()
 
     def failed(self) -> float:
         """
@@ -399,16 +393,10 @@ class LoginAttempt:
         # Strangers' failures do not slow the owner's known networks.
         counted = counts[0] if self.known else max(counts)
         self.delay = limits.delayFor(counted)
-        limits.log.warn(
-            "authentication failure: ip={ip} protocol={protocol} user={user} failures={count}",
-            ip=self.network,
-            protocol=self.protocol,
-            user=loggedName(self.user),
-            count=counted,
-        )
+        self._report("failure", "failures={count}", count=counted)
         if holding:
             limits._checked(self)
-            self._release = limits.clock.callLater(self.delay, limits._releaseTurn, self)
+            limits.clock.callLater(self.delay, limits._releaseTurn, self)
         return self.delay
 
     def refuse(self, reason: str) -> None:
@@ -418,12 +406,19 @@ class LoginAttempt:
         limits = self.limits
         if reason.endswith("locked-out"):
             self.delay = limits.delayFor(limits.config.failuresBeforeLockout)
-        limits.log.warn(
-            "authentication refused: ip={ip} protocol={protocol} user={user} reason={reason}",
+        self._report("refused", "reason={reason}", reason=reason)
+
+    def _report(self, outcome: str, detail: str, **fields: object) -> None:
+        """
+        The attempt's one fail2ban line: address first, then the
+        client-chosen name encoded, then C{detail}.
+        """
+        self.limits.log.warn(
+            "authentication " + outcome + ": ip={ip} protocol={protocol} user={user} " + detail,
             ip=self.network,
             protocol=self.protocol,
             user=loggedName(self.user),
-            reason=reason,
+            **fields,
         )
 
     def abandon(self) -> None:
@@ -436,7 +431,8 @@ class LoginAttempt:
 
     def withdraw(self) -> None:
         """
-        The client left as its turn came, before the check began.
+        The client left as its turn came, before the check began: the
+        attempt is not counted and its turn is given back.
         """
         if not self.checking:
             return

@@ -142,7 +142,6 @@ class IMAPServerProtocol(FrontDoor):
 
     def refuseConnection(self, reason: bytes) -> None:
         self._send(b"* BYE [UNAVAILABLE] " + reason + b", try again later\r\n")
-        self.state = State.CLOSED
 
     def sayGoodbye(self, text: bytes) -> None:
         self._sendAtBoundary(b"* BYE " + text + b"\r\n")
@@ -172,13 +171,7 @@ class IMAPServerProtocol(FrontDoor):
         """
         Close the client connection (after what is buffered for it).
         """
-        self.state = State.CLOSED
-        self.closeClient()
-
-    def _close(self, bye: bytes) -> None:
-        self._send(b"* BYE " + bye + b"\r\n")
-        self.state = State.CLOSED
-        self.disconnect()
+        self.hangUp()
 
     # -- what the client may do ---------------------------------------------
 
@@ -253,7 +246,7 @@ class IMAPServerProtocol(FrontDoor):
         if self._command.size + (event.literal or 0) > PREAUTH_MAX_COMMAND:
             self.log.warn("{client} sent an oversized command before login", client=self.clientAddress)
             self._queue.clear()
-            self._close(b"Command too long")
+            self.hangUp(b"Command too long")
             return
         if event.literal is not None:
             if not event.nonSynchronizing:
@@ -313,7 +306,7 @@ class IMAPServerProtocol(FrontDoor):
         self._send(tag + b" BAD [TOOBIG] Literal too large before login\r\n")
         if line.nonSynchronizing or self._overlongStrikes >= OVERLONG_STRIKES:
             self._queue.clear()
-            self._close(b"Too many oversized commands" if not line.nonSynchronizing else b"Literal refused")
+            self.hangUp(b"Too many oversized commands" if not line.nonSynchronizing else b"Literal refused")
             return
         self.framer.cancelLiteral()
 
@@ -419,7 +412,7 @@ class IMAPServerProtocol(FrontDoor):
     def _saslResponse(self, event: ClientEvent) -> None:
         self.state = State.NOT_AUTHENTICATED
         if isinstance(event, LiteralChunk | OverlongLine) or event.literal is not None:
-            self._close(b"Invalid SASL response")
+            self.hangUp(b"Invalid SASL response")
             return
         self._plain(self._saslTag, event.raw.rstrip(b"\r\n"))
 
@@ -518,7 +511,7 @@ class IMAPServerProtocol(FrontDoor):
         if self.relay is not None:
             self.relay.closeAtBoundary(b"* BYE " + bye + b"\r\n")
         else:
-            self._close(bye)
+            self.hangUp(bye)
 
     def upstreamTimedOut(self) -> None:
         """

@@ -119,7 +119,6 @@ class POP3ServerProtocol(FrontDoor):
 
     def refuseConnection(self, reason: bytes) -> None:
         self._send(b"-ERR [SYS/TEMP] " + reason + b", try again later\r\n")
-        self.state = State.CLOSED
 
     def sayGoodbye(self, text: bytes) -> None:
         # While a login is in flight any -ERR would read as PASS's answer:
@@ -147,9 +146,8 @@ class POP3ServerProtocol(FrontDoor):
             self.metrics.bytesToClient.inc(len(data))
 
     def _closeConnection(self) -> None:
-        self.enterClosed()
         self._paused = False
-        self.closeClient()
+        self.hangUp()
 
     def _atBoundary(self) -> bool:
         if self.relay is not None:
