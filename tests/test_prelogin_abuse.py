@@ -11,7 +11,6 @@ proxy), so one test's lockouts do not touch another's.
 from __future__ import annotations
 
 import os
-import re
 import selectors
 import socket
 import ssl
@@ -24,6 +23,7 @@ import pytest
 
 from tests.dovecot import DovecotUpstream
 from tests.proxyprocess import HOST, ProxyProcess, freePort, runningProxy
+from tests.rawclient import authLines, clientHello, connectFrom, imapLogin, readLine
 
 DEADLINE = 4.0
 SLOTS = 250
@@ -96,18 +96,10 @@ class AbuseProxy:
     process: ProxyProcess
 
     def connect(self, listener: str, source: str = HOST) -> socket.socket:
-        sock = socket.socket()
-        sock.settimeout(10)
-        sock.bind((source, 0))
-        sock.connect((HOST, self.ports[listener]))
-        return sock
+        return connectFrom(self.ports[listener], source)
 
     def authLines(self, source: str, kind: str) -> list[str]:
-        """
-        The proxy's "authentication <kind>:" lines about C{source}.
-        """
-        pattern = re.compile(rf"authentication {kind}: ip={re.escape(source)} ")
-        return [line for line in self.process.log().splitlines() if pattern.search(line)]
+        return authLines(self.process.log(), source, kind)
 
 
 @pytest.fixture(scope="module")
@@ -125,29 +117,6 @@ def abuseProxy(dovecot: DovecotUpstream) -> Iterator[AbuseProxy]:
     )
     with runningProxy(config, USERS, list(ports.values()), prefix="mp-abuse-") as (_, process):
         yield AbuseProxy(ports, dovecot.caFile, process)
-
-
-def readLine(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def login(proxy: AbuseProxy, user: str, password: str, source: str) -> bytes:
-    """
-    One LOGIN over the plaintext listener from C{source}; its tagged reply.
-    """
-    with proxy.connect("plain", source) as sock:
-        readLine(sock)
-        sock.sendall(f'a LOGIN {user} "{password}"\r\n'.encode())
-        while True:
-            line = readLine(sock)
-            if not line or line.startswith(b"a "):
-                return line
 
 
 def closedWithin(sockets: list[socket.socket], seconds: float) -> tuple[int, float]:
@@ -176,18 +145,6 @@ def closedWithin(sockets: list[socket.socket], seconds: float) -> tuple[int, flo
                 last = time.monotonic() - started
     selector.close()
     return closed, last
-
-
-def clientHello() -> bytes:
-    """
-    The first flight of a TLS client: a ClientHello, nothing after it.
-    """
-    context = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def test_silent_connections_are_aborted_at_the_deadline_and_free_every_slot(abuseProxy: AbuseProxy) -> None:
@@ -225,7 +182,7 @@ def test_silent_connections_are_aborted_at_the_deadline_and_free_every_slot(abus
     assert closed == SLOTS
     # Every one of them by its own deadline (measured from accept), not by any later timeout.
     assert last < opened + DEADLINE + 1.5
-    assert login(abuseProxy, "carol", "carolpw", HOST).startswith(b"a OK")
+    assert imapLogin(abuseProxy.ports["plain"], "carol", "carolpw", HOST).startswith(b"a OK")
 
 
 def test_trickling_a_byte_at_a_time_does_not_outlive_the_deadline(abuseProxy: AbuseProxy) -> None:
@@ -293,14 +250,18 @@ def test_parallel_guesses_are_checked_one_at_a_time_and_stop_at_the_lockout(abus
 def test_failures_from_strangers_do_not_lock_the_owner_out(abuseProxy: AbuseProxy) -> None:
     """The owner's address keeps logging in while a stranger's guesses lock the account for everyone else."""
     owner, stranger, newcomer = "127.0.0.4", "127.0.0.5", "127.0.0.6"
-    assert login(abuseProxy, "carol", "carolpw", owner).startswith(b"a OK")
+    assert imapLogin(abuseProxy.ports["plain"], "carol", "carolpw", owner).startswith(b"a OK")
     for index in range(LOCKOUT_AFTER):
-        assert login(abuseProxy, "carol", f"wrong-{index}", stranger).startswith(b"a NO [AUTHENTICATIONFAILED]")
-    assert login(abuseProxy, "carol", "carolpw", newcomer).startswith(b"a NO [AUTHENTICATIONFAILED]")
+        assert imapLogin(abuseProxy.ports["plain"], "carol", f"wrong-{index}", stranger).startswith(
+            b"a NO [AUTHENTICATIONFAILED]"
+        )
+    assert imapLogin(abuseProxy.ports["plain"], "carol", "carolpw", newcomer).startswith(b"a NO [AUTHENTICATIONFAILED]")
     assert abuseProxy.authLines(newcomer, "refused")[-1].endswith("user=carol reason=user-locked-out")
-    assert login(abuseProxy, "carol", "carolpw", owner).startswith(b"a OK")
+    assert imapLogin(abuseProxy.ports["plain"], "carol", "carolpw", owner).startswith(b"a OK")
     # The stranger's own address is locked out too, whoever it asks for.
-    assert login(abuseProxy, "victim", "victim-right-pw", stranger).startswith(b"a NO [AUTHENTICATIONFAILED]")
+    assert imapLogin(abuseProxy.ports["plain"], "victim", "victim-right-pw", stranger).startswith(
+        b"a NO [AUTHENTICATIONFAILED]"
+    )
 
 
 def test_no_continuation_invites_a_password_literal_where_login_is_refused(abuseProxy: AbuseProxy) -> None:

@@ -19,8 +19,6 @@ import re
 import selectors
 import shutil
 import socket
-import ssl
-import struct
 import subprocess
 import threading
 import time
@@ -33,6 +31,15 @@ from OpenSSL import SSL
 
 from tests.dovecot import DovecotUpstream
 from tests.proxyprocess import HOST, ProxyProcess, freePort, openFiles, residentKiB, runningProxy
+from tests.rawclient import (
+    authLines,
+    clientHello,
+    closeAbruptly,
+    connectFrom,
+    imapLogin,
+    readLine,
+    readTagged,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTER = ROOT / "etc" / "fail2ban" / "filter.d" / "mailproxy.conf"
@@ -200,8 +207,7 @@ class Arena:
         return connectFrom(self.ports[listener], source)
 
     def authLines(self, source: str, kind: str) -> list[str]:
-        pattern = re.compile(rf"authentication {kind}: ip={re.escape(source)} ")
-        return [line for line in self.log().splitlines() if pattern.search(line)]
+        return authLines(self.log(), source, kind)
 
 
 def fullLog(directory: str) -> str:
@@ -217,15 +223,6 @@ def fullLog(directory: str) -> str:
         with open(os.path.join(directory, name), errors="replace") as handle:
             text.append(handle.read())
     return "".join(text)
-
-
-def connectFrom(port: int, source: str, timeout: float = 10.0) -> socket.socket:
-    family = socket.AF_INET6 if ":" in source else socket.AF_INET
-    sock = socket.socket(family)
-    sock.settimeout(timeout)
-    sock.bind((source, 0))
-    sock.connect(("::1" if family == socket.AF_INET6 else HOST, port))
-    return sock
 
 
 @pytest.fixture(scope="module")
@@ -251,45 +248,8 @@ def arena(dovecot: DovecotUpstream) -> Iterator[Arena]:
 # -- small client helpers ------------------------------------------------------------
 
 
-def readLine(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        try:
-            chunk = sock.recv(1)
-        except (TimeoutError, ConnectionResetError, ssl.SSLError):
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def readTagged(sock: socket.socket, tag: bytes = b"a") -> bytes:
-    while True:
-        line = readLine(sock)
-        if not line or line.startswith(tag + b" "):
-            return line
-
-
-def imapLogin(port: int, user: str, password: str, source: str, timeout: float = 15.0) -> bytes:
-    with connectFrom(port, source, timeout) as sock:
-        readLine(sock)
-        sock.sendall(b"a LOGIN " + quoted(user) + b" " + quoted(password) + b"\r\n")
-        return readTagged(sock)
-
-
-def quoted(text: str) -> bytes:
-    return b'"' + text.encode().replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
 def plainResponse(user: str, password: str, authzid: str = "") -> bytes:
     return base64.b64encode(f"{authzid}\0{user}\0{password}".encode())
-
-
-def closeAbruptly(sock: socket.socket) -> None:
-    """Close with a RST (SO_LINGER 0)."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def fail2banHosts(directory: str) -> list[str]:
@@ -781,15 +741,6 @@ def test_silent_connections_in_every_state_free_their_slots_and_descriptors(aren
     assert back, f"descriptors: baseline {baseline}, peak {peak}, still {settled} after the deadlines"
     # The slots are free again.
     assert imapLogin(arena.ports["plain"], "carol", "carolpw", "127.0.20.9").startswith(b"a OK")
-
-
-def clientHello() -> bytes:
-    context = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def test_starttls_listener_before_tls_and_pipelined_starttls(arena: Arena) -> None:
