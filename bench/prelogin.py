@@ -73,6 +73,7 @@ from bench.logins import loginOnce
 from mailproxy.passwords import DEFAULT_LOG2_N, hashPassword
 from tests.dovecot import DovecotUpstream
 from tests.proxyprocess import ProxyProcess, openFiles
+from tests.rawclient import readEach, taggedLine
 
 VICTIM, VICTIM_PASSWORD = "victim", "victimpw"
 FLOOD_USER = "flood{number}"
@@ -472,31 +473,7 @@ def waitUntilClosed(sockets: list[socket.socket], seconds: float) -> list[float 
     When (time.monotonic()) the peer closed or reset each socket; C{None}
     for those still open after C{seconds}.
     """
-    closed: list[float | None] = [None] * len(sockets)
-    selector = selectors.DefaultSelector()
-    try:
-        for index, sock in enumerate(sockets):
-            sock.setblocking(False)
-            selector.register(sock, selectors.EVENT_READ, index)
-        deadline = time.monotonic() + seconds
-        for _ in range(100 * len(sockets) + 1000):
-            left = deadline - time.monotonic()
-            if left <= 0 or not selector.get_map():
-                break
-            for key, _ in selector.select(left):
-                index = key.data
-                try:
-                    data = sockets[index].recv(65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    closed[index] = time.monotonic()
-                    selector.unregister(sockets[index])
-    finally:
-        selector.close()
-    return closed
+    return [result[0] if result else None for result in readEach(sockets, seconds, lambda data, ended: ended)]
 
 
 def openSilent(port: int, count: int, seconds: float) -> tuple[list[socket.socket], list[float | None]]:
@@ -644,35 +621,8 @@ def tagged(sockets: list[socket.socket], seconds: float, tag: bytes = b"a") -> l
     Each socket's tagged reply line: b"" if it closed without one, C{None}
     if none came within C{seconds}; lines that came before it are skipped.
     """
-    buffers = [b""] * len(sockets)
-    replies: list[bytes | None] = [None] * len(sockets)
-    selector = selectors.DefaultSelector()
-    try:
-        for index, sock in enumerate(sockets):
-            sock.setblocking(False)
-            selector.register(sock, selectors.EVENT_READ, index)
-        deadline = time.monotonic() + seconds
-        for _ in range(1000 * len(sockets)):
-            left = deadline - time.monotonic()
-            if left <= 0 or not selector.get_map():
-                break
-            for key, _ in selector.select(left):
-                index = key.data
-                try:
-                    data = sockets[index].recv(65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                buffers[index] += data
-                lines = buffers[index].split(b"\r\n")
-                found = next((line for line in lines[:-1] if line.startswith(tag + b" ")), None)
-                if found is not None or not data:
-                    replies[index] = found or b""
-                    selector.unregister(sockets[index])
-    finally:
-        selector.close()
-    return replies
+    results = readEach(sockets, seconds, lambda data, ended: ended or taggedLine(data, tag) is not None)
+    return [None if result is None else taggedLine(result[1], tag) or b"" for result in results]
 
 
 # -- the table -----------------------------------------------------------------

@@ -1,15 +1,19 @@
 """
-Raw-socket clients for attack tests: connect from any loopback source
-address (all of 127/8, or ::1), read what the proxy says line by line, send
-a bare ClientHello, hang up with a reset, find the proxy's auth lines.
+Raw-socket clients for attack tests and benchmarks: connect from any
+loopback source address (all of 127/8, or ::1), read what the proxy says
+line by line or from many sockets at once, send a bare ClientHello, hang up
+with a reset, find the proxy's auth lines.
 """
 
 from __future__ import annotations
 
 import re
+import selectors
 import socket
 import ssl
 import struct
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -95,3 +99,48 @@ def authLines(log: str, source: str, kind: str) -> list[str]:
     """
     pattern = re.compile(rf"authentication {kind}: ip={re.escape(source)} ")
     return [line for line in log.splitlines() if pattern.search(line)]
+
+
+def readEach(
+    sockets: list[socket.socket], seconds: float, finished: Callable[[bytes, bool], bool]
+) -> list[tuple[float, bytes] | None]:
+    """
+    Read all C{sockets} at once, without blocking, until each is finished
+    (C{finished(everything received, whether the peer closed or reset)})
+    or C{seconds} have passed; for each, when it finished
+    (C{time.monotonic()}) and what it had received, or C{None}.
+    """
+    received = [b""] * len(sockets)
+    results: list[tuple[float, bytes] | None] = [None] * len(sockets)
+    selector = selectors.DefaultSelector()
+    try:
+        for index, sock in enumerate(sockets):
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, index)
+        deadline = time.monotonic() + seconds
+        for _ in range(1000 * len(sockets) + 1000):
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.get_map():
+                break
+            for key, _ in selector.select(left):
+                index = key.data
+                try:
+                    data = sockets[index].recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:  # reset, or a TLS error
+                    data = b""
+                received[index] += data
+                if finished(received[index], not data):
+                    results[index] = (time.monotonic(), received[index])
+                    selector.unregister(sockets[index])
+    finally:
+        selector.close()
+    return results
+
+
+def taggedLine(received: bytes, tag: bytes = b"a") -> bytes | None:
+    """
+    The first complete line in C{received} tagged C{tag}, if any.
+    """
+    return next((line for line in received.split(b"\r\n")[:-1] if line.startswith(tag + b" ")), None)

@@ -11,9 +11,7 @@ proxy), so one test's lockouts do not touch another's.
 from __future__ import annotations
 
 import os
-import selectors
 import socket
-import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ import pytest
 
 from tests.dovecot import DovecotUpstream
 from tests.proxyprocess import HOST, ProxyProcess, freePort, runningProxy
-from tests.rawclient import authLines, clientHello, connectFrom, imapLogin, readLine
+from tests.rawclient import authLines, clientHello, connectFrom, imapLogin, readEach, readLine
 
 DEADLINE = 4.0
 SLOTS = 250
@@ -124,27 +122,9 @@ def closedWithin(sockets: list[socket.socket], seconds: float) -> tuple[int, flo
     Wait (at most C{seconds}) until the proxy closed every socket; how many
     it closed and when the last one went.
     """
-    selector = selectors.DefaultSelector()
-    for sock in sockets:
-        sock.setblocking(False)
-        selector.register(sock, selectors.EVENT_READ)
-    started, last, closed = time.monotonic(), 0.0, 0
-    while closed < len(sockets) and time.monotonic() - started < seconds:
-        for key, _ in selector.select(timeout=0.1):
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
-            try:
-                data = sock.recv(65536)
-            except (ConnectionResetError, ssl.SSLError):
-                data = b""
-            except BlockingIOError:
-                continue
-            if not data:
-                selector.unregister(sock)
-                closed += 1
-                last = time.monotonic() - started
-    selector.close()
-    return closed, last
+    started = time.monotonic()
+    closed = [result[0] - started for result in readEach(sockets, seconds, lambda data, ended: ended) if result]
+    return len(closed), max(closed, default=0.0)
 
 
 def test_silent_connections_are_aborted_at_the_deadline_and_free_every_slot(abuseProxy: AbuseProxy) -> None:
