@@ -11,6 +11,7 @@ proxy), so one test's lockouts do not touch another's.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
@@ -90,7 +91,7 @@ USERS = {"carol": "carolpw", "victim": "victim-right-pw"}
 @dataclass
 class AbuseProxy:
     ports: dict[str, int]
-    caFile: str
+    dovecot: DovecotUpstream
     process: ProxyProcess
 
     def connect(self, listener: str, source: str = HOST) -> socket.socket:
@@ -98,6 +99,23 @@ class AbuseProxy:
 
     def authLines(self, source: str, kind: str) -> list[str]:
         return authLines(self.process.log(), source, kind)
+
+    def upstreamLogins(self, user: str) -> int:
+        """
+        How many times Dovecot logged C{user} in (over IMAP, so through the proxy).
+        """
+        with open(self.dovecot.logFile, errors="replace") as handle:
+            return len(re.findall(rf"imap-login: (?:Info: )?Login: user=<{re.escape(user)}>", handle.read()))
+
+    def upstreamLoginsReach(self, user: str, count: int) -> int:
+        """
+        Wait (at most 10 s) for Dovecot's log to show C{count} logins of
+        C{user}; how many it shows then.
+        """
+        deadline = time.monotonic() + 10
+        while self.upstreamLogins(user) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.upstreamLogins(user)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +132,7 @@ def abuseProxy(dovecot: DovecotUpstream) -> Iterator[AbuseProxy]:
         **ports,
     )
     with runningProxy(config, USERS, list(ports.values()), prefix="mp-abuse-") as (_, process):
-        yield AbuseProxy(ports, dovecot.caFile, process)
+        yield AbuseProxy(ports, dovecot, process)
 
 
 def closedWithin(sockets: list[socket.socket], seconds: float) -> tuple[int, float]:
@@ -204,6 +222,7 @@ def test_trickling_a_byte_at_a_time_does_not_outlive_the_deadline(abuseProxy: Ab
 def test_parallel_guesses_are_checked_one_at_a_time_and_stop_at_the_lockout(abuseProxy: AbuseProxy) -> None:
     """48 LOGINs at once from one address, the right password last: only the first few are checked; it never gets in."""
     source = "127.0.0.3"
+    upstreamLogins = abuseProxy.upstreamLogins("carol")  # victim's upstream account
     sockets = []
     for _ in range(48):
         sock = abuseProxy.connect("plain", source)
@@ -225,12 +244,16 @@ def test_parallel_guesses_are_checked_one_at_a_time_and_stop_at_the_lockout(abus
     assert len(checked) == LOCKOUT_AFTER, checked
     assert len(checked) + len(refused) == 48
     assert "logged in as victim" not in abuseProxy.process.log()
+    # Dovecot's own record: one login after the burst (from elsewhere) is the only one since.
+    assert imapLogin(abuseProxy.ports["plain"], "carol", "carolpw", "127.0.0.9").startswith(b"a OK")
+    assert abuseProxy.upstreamLoginsReach("carol", upstreamLogins + 1) == upstreamLogins + 1
 
 
 def test_failures_from_strangers_do_not_lock_the_owner_out(abuseProxy: AbuseProxy) -> None:
     """The owner's address keeps logging in while a stranger's guesses lock the account for everyone else."""
     owner, stranger, newcomer = "127.0.0.4", "127.0.0.5", "127.0.0.6"
     assert imapLogin(abuseProxy.ports["plain"], "carol", "carolpw", owner).startswith(b"a OK")
+    upstreamLogins = abuseProxy.upstreamLoginsReach("carol", abuseProxy.upstreamLogins("carol"))
     for index in range(LOCKOUT_AFTER):
         assert imapLogin(abuseProxy.ports["plain"], "carol", f"wrong-{index}", stranger).startswith(
             b"a NO [AUTHENTICATIONFAILED]"
@@ -238,6 +261,8 @@ def test_failures_from_strangers_do_not_lock_the_owner_out(abuseProxy: AbuseProx
     assert imapLogin(abuseProxy.ports["plain"], "carol", "carolpw", newcomer).startswith(b"a NO [AUTHENTICATIONFAILED]")
     assert abuseProxy.authLines(newcomer, "refused")[-1].endswith("user=carol reason=user-locked-out")
     assert imapLogin(abuseProxy.ports["plain"], "carol", "carolpw", owner).startswith(b"a OK")
+    # In Dovecot: the owner's second session, and nothing for the stranger's or the newcomer's tries.
+    assert abuseProxy.upstreamLoginsReach("carol", upstreamLogins + 1) == upstreamLogins + 1
     # The stranger's own address is locked out too, whoever it asks for.
     assert imapLogin(abuseProxy.ports["plain"], "victim", "victim-right-pw", stranger).startswith(
         b"a NO [AUTHENTICATIONFAILED]"
