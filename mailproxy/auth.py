@@ -49,7 +49,7 @@ class HashPoolService(Service):
     """
     The threads that hash passwords, their own so that a login flood cannot
     take the threads (and cores) other work needs: at most C{threads}
-    scrypt runs at once (16 MiB and about 0.1 s of CPU each).
+    scrypt runs at once (32 MiB and about 0.1 s of CPU each).
     """
 
     def __init__(self, threads: int) -> None:

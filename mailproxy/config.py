@@ -33,6 +33,16 @@ INTERMEDIATE_CIPHERS = (
 )
 
 
+# Password hashing (scrypt, 32 MiB and about 0.1 s of CPU each) runs in its
+# own threads; by default on half the cores, so a login flood leaves the
+# rest to relayed sessions.
+MAX_HASH_THREADS = 64
+
+
+def defaultHashThreads() -> int:
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
 class ConfigError(Exception):
     """
     The configuration is invalid; the message names the key.
@@ -126,7 +136,7 @@ class Config:
     preAuthTimeout: float = 60.0
     loginDeadline: float = 60.0
     listenBacklog: int = 1024
-    hashThreads: int = field(default_factory=lambda: defaultHashThreads())
+    hashThreads: int = field(default_factory=defaultHashThreads)
     authenticatedTimeout: float = 30 * 60.0
     idlePollInterval: float = 15.0
     idleRefresh: float = 25 * 60.0
@@ -275,16 +285,6 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         logFormat=logFormat,
         metricsListen=metricsListen,
     )
-
-
-# Password hashing (scrypt, 16 MiB and about 0.1 s of CPU each) runs in its
-# own threads; by default on half the cores, so a login flood leaves the
-# rest to relayed sessions.
-MAX_HASH_THREADS = 64
-
-
-def defaultHashThreads() -> int:
-    return max(1, (os.cpu_count() or 1) // 2)
 
 
 # Shorter lines would refuse ordinary clients' UID sets.
