@@ -15,7 +15,6 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python import usage
 from twisted.python.components import Componentized
 
 from mailproxy.auth import HashPoolService, UsersFileChecker, makePortal, threadRunner
@@ -25,6 +24,7 @@ from mailproxy.imap.server import IMAPServerFactory, ServerContext
 from mailproxy.imap.upstream import UpstreamSession, connectUpstream
 from mailproxy.limits import Limits
 from mailproxy.logs import jsonLinesObserver, textLinesObserver, twistdLogFile
+from mailproxy.options import Options
 from mailproxy.passwords import UsersFileError
 from mailproxy.pop3.bridge import openMaildrop
 from mailproxy.pop3.server import POP3Backends, POP3ServerFactory
@@ -35,18 +35,6 @@ from mailproxy.tls import serverOptions, upstreamOptions
 
 log = Logger()
 PRUNE_INTERVAL = 300.0
-
-
-class Options(usage.Options):
-    """
-    C{twistd mailproxy --config FILE}.
-    """
-
-    optParameters = [["config", "c", None, "Path to the TOML configuration file."]]
-
-    def postOptions(self) -> None:
-        if not self["config"]:
-            raise usage.UsageError("--config FILE is required (see etc/mailproxy.example.toml)")
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
