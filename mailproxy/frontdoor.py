@@ -381,7 +381,12 @@ class FrontDoor(Protocol, TimeoutMixin):
         self.session.notify("login", ok=False, user=shown, mechanism=mechanism)
         if failure.check(UnauthorizedLogin) is None:
             self.log.failure("login of {user} failed unexpectedly", failure, user=shown)
-        self.log.info("{client} authentication failed for {user}", client=self.clientAddress, user=shown)
+        self.log.info(
+            "{client} authentication failed for {user} (mechanism={mechanism})",
+            client=self.clientAddress,
+            user=shown,
+            mechanism=mechanism,
+        )
         self._refuseLater(self.replies.authenticationFailed, delay)
 
     def refuseService(self, why: str, reply: bytes) -> None:
@@ -450,11 +455,12 @@ class FrontDoor(Protocol, TimeoutMixin):
         self._stopDeadline()
         self._countLogin("ok")
         self.log.info(
-            "{client} logged in as {user}, {mode} {upstream}",
+            "{client} logged in as {user}, {mode} {upstream} (mechanism={mechanism})",
             client=self.clientAddress,
             user=self.user.username,
             mode=mode,
             upstream=self.user.upstream.name,
+            mechanism=mechanism,
         )
         self.setTimeout(self.context.config.authenticatedTimeout)
         self.session.user = self.user.username

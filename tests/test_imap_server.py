@@ -37,7 +37,7 @@ def test_login_before_starttls_is_refused(tmp_path: Path) -> None:
 
 
 def test_starttls_switches_and_then_offers_auth(tmp_path: Path) -> None:
-    """After STARTTLS, capabilities drop STARTTLS/LOGINDISABLED and offer AUTH=PLAIN."""
+    """After STARTTLS, capabilities drop STARTTLS/LOGINDISABLED and offer AUTH=PLAIN and AUTH=LOGIN."""
     connection = connect(str(tmp_path))
     connection.received()
     connection.send(b"a STARTTLS\r\n")
@@ -45,7 +45,7 @@ def test_starttls_switches_and_then_offers_auth(tmp_path: Path) -> None:
     assert connection.transport.tlsStarted == "TLS-OPTIONS"
     connection.send(b"b CAPABILITY\r\n")
     capabilities = connection.received()
-    assert b"AUTH=PLAIN" in capabilities
+    assert b" AUTH=PLAIN AUTH=LOGIN" in capabilities
     assert b"STARTTLS" not in capabilities and b"LOGINDISABLED" not in capabilities
     connection.send(b"c STARTTLS\r\n")
     assert connection.received().startswith(b"c BAD ")
@@ -128,13 +128,119 @@ def test_authenticate_cancelled_and_bad_base64(tmp_path: Path) -> None:
 
 
 def test_unsupported_mechanism_and_other_users_authzid_are_refused(tmp_path: Path) -> None:
-    """Only PLAIN is offered, and it cannot be used to act as another user."""
+    """Only PLAIN and LOGIN are offered, and PLAIN cannot be used to act as another user."""
     connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
     connection.received()
     connection.send(b"a AUTHENTICATE CRAM-MD5\r\n")
     assert connection.received().startswith(b"a NO [CANNOT]")
     connection.send(b"b AUTHENTICATE PLAIN " + base64.b64encode(b"bob\0alice\0alicepw") + b"\r\n")
     assert connection.received().startswith(b"b NO [AUTHORIZATIONFAILED]")
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def test_greeting_offers_plain_and_login_where_authentication_is_allowed(tmp_path: Path) -> None:
+    """The greeting's [CAPABILITY ...] and CAPABILITY list AUTH=PLAIN AUTH=LOGIN on an implicit TLS listener."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    assert connection.received() == b"* OK [CAPABILITY IMAP4rev1 ID SASL-IR AUTH=PLAIN AUTH=LOGIN] mailproxy ready.\r\n"
+    connection.send(b"a CAPABILITY\r\n")
+    assert connection.received() == (
+        b"* CAPABILITY IMAP4rev1 ID SASL-IR AUTH=PLAIN AUTH=LOGIN\r\na OK CAPABILITY completed\r\n"
+    )
+
+
+def test_authenticate_login_asks_for_user_name_and_password(tmp_path: Path) -> None:
+    """AUTHENTICATE LOGIN (any case) asks 'Username:' then 'Password:' in base64 and logs in."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"a AUTHENTICATE login\r\n")
+    assert connection.received() == b"+ VXNlcm5hbWU6\r\n"
+    connection.send(b64(b"alice") + b"\r\n")
+    assert connection.received() == b"+ UGFzc3dvcmQ6\r\n"
+    connection.send(b64(b"alicepw") + b"\r\n")
+    assert connection.upstream.requests == [("main", "alice", "alicepw")]
+    assert connection.received().startswith(b"a OK [CAPABILITY ")
+    assert connection.protocol.state is State.RELAYING
+
+
+def test_authenticate_login_with_initial_response(tmp_path: Path) -> None:
+    """With SASL-IR the initial response is the user name; '=' (empty) asks for it instead."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"a AUTHENTICATE LOGIN =\r\n*\r\nb AUTHENTICATE LOGIN " + b64(b"alice") + b"\r\n")
+    assert connection.received() == b"+ VXNlcm5hbWU6\r\na BAD Authentication cancelled\r\n+ UGFzc3dvcmQ6\r\n"
+    connection.send(b64(b"alicepw") + b"\r\n")
+    assert connection.upstream.requests == [("main", "alice", "alicepw")]
+    assert connection.received().startswith(b"b OK [CAPABILITY ")
+
+
+def test_authenticate_login_refusals_end_the_exchange(tmp_path: Path) -> None:
+    """Cancel at the password, bad base64, NUL and an empty user name are BAD; the session goes on."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"a AUTHENTICATE LOGIN " + b64(b"alice") + b"\r\n*\r\n")
+    connection.send(b"b AUTHENTICATE LOGIN\r\n=\r\n")
+    connection.send(b"c AUTHENTICATE LOGIN\r\n" + b64(b"alice") + b"\r\n" + b64(b"pw\0") + b"\r\n")
+    connection.send(b"d AUTHENTICATE LOGIN\r\n\r\n")
+    connection.send(b"e AUTHENTICATE LOGIN " + b64(b"\xff") + b"\r\nf NOOP\r\n")
+    assert connection.received() == (
+        b"+ UGFzc3dvcmQ6\r\na BAD Authentication cancelled\r\n"
+        b"+ VXNlcm5hbWU6\r\nb BAD Invalid base64 in SASL response\r\n"
+        b"+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\nc BAD NUL in LOGIN user name or password\r\n"
+        b"+ VXNlcm5hbWU6\r\nd BAD Empty user name\r\n"
+        b"e BAD User name is not UTF-8\r\nf OK NOOP completed\r\n"
+    )
+    assert connection.upstream.requests == []
+    assert connection.protocol.state is State.NOT_AUTHENTICATED
+
+
+def test_authenticate_login_literal_response_closes_the_connection(tmp_path: Path) -> None:
+    """A SASL response line that announces a literal (a command, not a response): BYE and close."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"a AUTHENTICATE LOGIN\r\nb LOGIN {5}\r\n")
+    assert connection.received() == b"+ VXNlcm5hbWU6\r\n* BYE Invalid SASL response\r\n"
+    assert connection.transport.disconnecting
+
+
+def test_authenticate_login_refused_before_any_continuation_without_tls(tmp_path: Path) -> None:
+    """Before STARTTLS AUTHENTICATE LOGIN gets NO [PRIVACYREQUIRED], never a '+'; the next line is a command."""
+    connection = connect(str(tmp_path))
+    connection.received()
+    connection.send(b"a AUTHENTICATE LOGIN\r\n" + b64(b"alice") + b"\r\n")
+    assert connection.received() == (
+        b"a NO [PRIVACYREQUIRED] Use STARTTLS before authenticating\r\n* BAD Invalid tag or command\r\n"
+    )
+
+
+def test_authenticate_login_responses_count_as_commands_before_login(tmp_path: Path) -> None:
+    """Every SASL response line counts toward the pre-login command cap."""
+    from mailproxy.frontdoor import MAX_PRELOGIN_COMMANDS
+
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.received()
+    exchange = b"a AUTHENTICATE LOGIN\r\n" + b64(b"alice") + b"\r\n*\r\n"
+    connection.send(exchange * MAX_PRELOGIN_COMMANDS)
+    reply = connection.received()
+    # Three lines an exchange: the cap ends the connection in the 34th.
+    assert reply.count(b"a BAD Authentication cancelled") == MAX_PRELOGIN_COMMANDS // 3
+    assert reply.endswith(b"* BYE Too many commands before login\r\n")
+    assert connection.transport.disconnecting
+
+
+def test_authenticate_login_wrong_password_answers_after_the_delay(tmp_path: Path) -> None:
+    """A wrong password through AUTHENTICATE LOGIN is NO [AUTHENTICATIONFAILED] after the failure delay."""
+    connection = connect(str(tmp_path), tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"a AUTHENTICATE LOGIN " + b64(b"alice") + b"\r\n" + b64(b"wrong") + b"\r\nb NOOP\r\n")
+    assert connection.received() == b"+ UGFzc3dvcmQ6\r\n"
+    connection.clock.advance(1.9)
+    assert connection.received() == b""
+    connection.clock.advance(0.2)
+    assert connection.received() == b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\nb OK NOOP completed\r\n"
+    assert connection.upstream.requests == []
 
 
 def test_failed_login_answers_after_the_delay(tmp_path: Path) -> None:

@@ -288,12 +288,12 @@ def test_line_splitter_limits() -> None:
 
 
 def test_greeting_and_capa_before_and_after_stls(tmp_path: Path) -> None:
-    """Before STLS: STLS and no USER/SASL; after: USER and SASL PLAIN, no STLS."""
+    """Before STLS: STLS and no USER/SASL; after: USER and SASL PLAIN LOGIN, no STLS."""
     connection = connect(tmp_path)
     assert connection.received() == b"+OK mailproxy ready.\r\n"
     connection.send(b"capa\r\n")
     before = capaLines(connection.received())
-    assert b"STLS" in before and b"USER" not in before and b"SASL PLAIN" not in before
+    assert b"STLS" in before and b"USER" not in before and not [name for name in before if name.startswith(b"SASL")]
     for name in (b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING", b"IMPLEMENTATION mailproxy"):
         assert name in before
     connection.send(b"STLS\r\n")
@@ -301,7 +301,7 @@ def test_greeting_and_capa_before_and_after_stls(tmp_path: Path) -> None:
     assert connection.transport.tlsStarted == "TLS-OPTIONS"
     connection.send(b"CAPA\r\n")
     after = capaLines(connection.received())
-    assert b"STLS" not in after and b"USER" in after and b"SASL PLAIN" in after
+    assert b"STLS" not in after and b"USER" in after and b"SASL PLAIN LOGIN" in after
     connection.send(b"STLS\r\n")
     assert connection.received().startswith(b"-ERR ")
 
@@ -346,7 +346,7 @@ def test_plaintext_auth_refused_without_tls(tmp_path: Path) -> None:
 
 
 def test_plaintext_auth_allowed_by_the_listener(tmp_path: Path) -> None:
-    """allowPlaintextAuth offers USER and SASL PLAIN without TLS, and they work."""
+    """allowPlaintextAuth offers USER and SASL PLAIN LOGIN without TLS, and they work."""
     connection = connect(tmp_path, tls=TLSMode.PLAIN, allowPlaintextAuth=True)
     connection.received()
     connection.send(b"CAPA\r\n")
@@ -394,10 +394,102 @@ def test_auth_cancel_bad_base64_and_other_mechanisms(tmp_path: Path) -> None:
     connection.send(b"AUTH PLAIN " + base64.b64encode(b"bob\0alice\0alicepw") + b"\r\n")
     assert connection.received() == (
         b"+ \r\n-ERR Authentication cancelled\r\n-ERR Invalid base64 in SASL response\r\n"
-        b"-ERR Unsupported authentication mechanism\r\n+OK\r\nPLAIN\r\n.\r\n"
+        b"-ERR Unsupported authentication mechanism\r\n+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"
         b"-ERR [AUTH] Cannot act as another user\r\n"
     )
     assert connection.backends.requests == []
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def test_auth_login_asks_for_user_name_and_password(tmp_path: Path) -> None:
+    """AUTH LOGIN (any case) asks 'Username:' then 'Password:' in base64 and logs in with the answers."""
+    connection = connect(tmp_path, tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"auth login\r\n")
+    assert connection.received() == b"+ VXNlcm5hbWU6\r\n"
+    connection.send(b64(b"alice") + b"\r\n")
+    assert connection.received() == b"+ UGFzc3dvcmQ6\r\n"
+    connection.send(b64(b"alicepw") + b"\r\n")
+    assert connection.received() == b"+OK Logged in.\r\n"
+    assert connection.backends.requests == [("bridge", "main", "alice", "alicepw")]
+    assert ("login", {"ok": True, "mechanism": "LOGIN"}) in connection.recorder.events
+
+
+def test_auth_login_initial_response_is_the_user_name(tmp_path: Path) -> None:
+    """AUTH LOGIN with an initial response asks only for the password; '=' asks for the user name."""
+    connection = connect(tmp_path, tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"AUTH LOGIN =\r\n*\r\nAUTH LOGIN " + b64(b"alice") + b"\r\n")
+    assert connection.received() == b"+ VXNlcm5hbWU6\r\n-ERR Authentication cancelled\r\n+ UGFzc3dvcmQ6\r\n"
+    connection.send(b64(b"alicepw") + b"\r\n")
+    assert connection.received() == b"+OK Logged in.\r\n"
+
+
+def test_auth_login_refusals_end_the_exchange(tmp_path: Path) -> None:
+    """Cancel at the password, bad base64, NUL, empty and over-long answers are -ERR; the session goes on."""
+    connection = connect(tmp_path, tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"AUTH LOGIN " + b64(b"alice") + b"\r\n*\r\n")
+    connection.send(b"AUTH LOGIN\r\n!!!\r\n")
+    connection.send(b"AUTH LOGIN " + b64(b"alice") + b"\r\n" + b64(b"alice\0pw") + b"\r\n")
+    connection.send(b"AUTH LOGIN\r\n\r\n")
+    connection.send(b"AUTH LOGIN\r\n" + b"A" * 2000 + b"\r\n")
+    connection.send(b"AUTH LOGIN a b\r\nNOOP\r\n")
+    assert connection.received() == (
+        b"+ UGFzc3dvcmQ6\r\n-ERR Authentication cancelled\r\n"
+        b"+ VXNlcm5hbWU6\r\n-ERR Invalid base64 in SASL response\r\n"
+        b"+ UGFzc3dvcmQ6\r\n-ERR NUL in LOGIN user name or password\r\n"
+        b"+ VXNlcm5hbWU6\r\n-ERR Empty user name\r\n"
+        b"+ VXNlcm5hbWU6\r\n-ERR Line too long\r\n"
+        b"-ERR AUTH expects a mechanism and an optional initial response\r\n"
+        b"-ERR Unknown command or not valid before login\r\n"
+    )
+    assert connection.backends.requests == []
+    assert connection.protocol.state is State.AUTHORIZATION
+
+
+def test_auth_login_refused_before_any_challenge_without_tls(tmp_path: Path) -> None:
+    """On a plain listener without allowPlaintextAuth AUTH LOGIN is refused at once, and no SASL is offered."""
+    connection = connect(tmp_path, tls=TLSMode.PLAIN)
+    connection.received()
+    connection.send(b"CAPA\r\n")
+    assert not [name for name in capaLines(connection.received()) if name.startswith(b"SASL")]
+    connection.send(b"AUTH LOGIN\r\n" + b64(b"alice") + b"\r\n")
+    assert connection.received() == (
+        b"-ERR [AUTH] Plaintext authentication disallowed on unencrypted connections\r\n"
+        b"-ERR Unknown command or not valid before login\r\n"
+    )
+
+
+def test_auth_login_responses_count_as_commands_before_login(tmp_path: Path) -> None:
+    """Every SASL response line counts toward the pre-login command cap."""
+    from mailproxy.frontdoor import MAX_PRELOGIN_COMMANDS
+
+    connection = connect(tmp_path, tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send((b"AUTH LOGIN\r\n" + b64(b"alice") + b"\r\n*\r\n") * MAX_PRELOGIN_COMMANDS)
+    reply = connection.received()
+    # Three lines an exchange: the cap ends the connection in the 34th.
+    assert reply.count(b"-ERR Authentication cancelled") == MAX_PRELOGIN_COMMANDS // 3
+    assert reply.endswith(b"+ VXNlcm5hbWU6\r\n-ERR Too many commands before login\r\n")
+    assert connection.transport.disconnecting
+    assert connection.backends.requests == []
+
+
+def test_auth_login_wrong_password_answers_after_the_delay(tmp_path: Path) -> None:
+    """A wrong password through AUTH LOGIN gets -ERR [AUTH] after the failure delay, like USER/PASS."""
+    connection = connect(tmp_path, tls=TLSMode.IMPLICIT)
+    connection.received()
+    connection.send(b"AUTH LOGIN " + b64(b"alice") + b"\r\n" + b64(b"wrong") + b"\r\n")
+    assert connection.received() == b"+ UGFzc3dvcmQ6\r\n"
+    connection.clock.advance(1.9)
+    assert connection.received() == b""
+    connection.clock.advance(0.2)
+    assert connection.received() == b"-ERR [AUTH] Authentication failed.\r\n"
+    assert ("login", {"ok": False, "user": "alice", "mechanism": "LOGIN"}) in connection.recorder.events
 
 
 def test_failed_login_answers_after_the_delay(tmp_path: Path) -> None:

@@ -1,14 +1,12 @@
 # -*- test-case-name: tests.test_imap_server -*-
 """
 The client-facing IMAP protocol: the proxy's own pre-authentication dialogue
-(greeting, CAPABILITY, STARTTLS, LOGIN, AUTHENTICATE PLAIN), then a
+(greeting, CAPABILITY, STARTTLS, LOGIN, AUTHENTICATE PLAIN and LOGIN), then a
 literal-aware relay to the user's upstream.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 from collections import deque
 from collections.abc import Callable
@@ -35,6 +33,7 @@ from mailproxy.imap.upstream import (
     droppedKind,
 )
 from mailproxy.limits import Limits
+from mailproxy.sasl import MECHANISMS, Challenge, Credentials, SASLError, SASLExchange, Step, exchangeFor
 from mailproxy.splice import Splice
 
 if TYPE_CHECKING:
@@ -130,6 +129,7 @@ class IMAPServerProtocol(FrontDoor):
         self._overlongStrikes = 0
         self._command: _PendingCommand | None = None
         self._saslTag = b""
+        self._exchange: SASLExchange | None = None
         self._loginTag = b""
         self.relay: Relay | None = None
         self._written = 0
@@ -183,7 +183,10 @@ class IMAPServerProtocol(FrontDoor):
         names = [b"IMAP4rev1", b"ID", b"SASL-IR"]
         if self.context.listener.tls is TLSMode.STARTTLS and not self.tlsActive:
             names.append(b"STARTTLS")
-        names.append(b"AUTH=PLAIN" if self.authenticationAllowed else b"LOGINDISABLED")
+        if self.authenticationAllowed:
+            names += [b"AUTH=" + mechanism for mechanism in MECHANISMS]
+        else:
+            names.append(b"LOGINDISABLED")
         return b" ".join(names)
 
     # -- input ----------------------------------------------------------------
@@ -399,41 +402,50 @@ class IMAPServerProtocol(FrontDoor):
         if not arguments or len(arguments) > 2:
             self._send(tag + b" BAD AUTHENTICATE expects a mechanism\r\n")
             return
-        if arguments[0].upper() != b"PLAIN":
+        exchange = exchangeFor(arguments[0])
+        if exchange is None:
             self._send(tag + b" NO [CANNOT] Unsupported authentication mechanism\r\n")
             return
-        if len(arguments) == 2:
-            self._plain(tag, arguments[1])
-            return
         self._saslTag = tag
-        self.state = State.SASL_RESPONSE
-        self._send(b"+ \r\n")
+        self._exchange = exchange
+        self._saslStep(exchange.start(arguments[1] if len(arguments) == 2 else None))
 
     def _saslResponse(self, event: ClientEvent) -> None:
-        self.state = State.NOT_AUTHENTICATED
         if isinstance(event, LiteralChunk | OverlongLine) or event.literal is not None:
+            self.log.warn(
+                "{client} sent a literal or an over-long line as a SASL response; disconnecting",
+                client=self.clientAddress,
+            )
             self.hangUp(b"Invalid SASL response")
             return
-        self._plain(self._saslTag, event.raw.rstrip(b"\r\n"))
+        assert self._exchange is not None
+        self._saslStep(self._exchange.respond(event.raw.rstrip(b"\r\n")))
 
-    def _plain(self, tag: bytes, response: bytes) -> None:
-        if response == b"*":
-            self._send(tag + b" BAD Authentication cancelled\r\n")
+    def _saslStep(self, step: Step) -> None:
+        """
+        Act on what the SASL exchange in progress says next.
+        """
+        assert self._exchange is not None
+        tag = self._saslTag
+        if isinstance(step, Challenge):
+            self.state = State.SASL_RESPONSE
+            self._send(b"+ " + step.wire + b"\r\n")
             return
-        try:
-            decoded = base64.b64decode(b"" if response == b"=" else response, validate=True)
-        except (binascii.Error, ValueError):
-            self._send(tag + b" BAD Invalid base64 in SASL response\r\n")
+        mechanism, self._exchange = self._exchange.mechanism, None
+        self.state = State.NOT_AUTHENTICATED
+        if isinstance(step, Credentials):
+            self._login(tag, step.username, step.password, mechanism)
             return
-        fields = decoded.split(b"\0")
-        if len(fields) != 3:
-            self._send(tag + b" BAD Malformed PLAIN response\r\n")
-            return
-        authorizationId, username, password = fields
-        if authorizationId and authorizationId != username:
-            self._send(tag + b" NO [AUTHORIZATIONFAILED] Cannot act as another user\r\n")
-            return
-        self._login(tag, username, password, "PLAIN")
+        self.log.info(
+            "{client} AUTHENTICATE {mechanism} refused: {error}",
+            client=self.clientAddress,
+            mechanism=mechanism,
+            error=step.text,
+        )
+        if step.error is SASLError.OTHER_AUTHORIZATION:
+            self._send(tag + b" NO [AUTHORIZATIONFAILED] " + step.text.encode("ascii") + b"\r\n")
+        else:
+            self._send(tag + b" BAD " + step.text.encode("ascii") + b"\r\n")
 
     def _authenticationPermitted(self, tag: bytes) -> bool:
         if self.authenticationAllowed:

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_pop3_server -*-
 """
 The client-facing POP3 protocol (RFC 1939, CAPA from RFC 2449, STLS from
-RFC 2595, AUTH PLAIN from RFC 5034, response codes from RFC 3206).
+RFC 2595, AUTH from RFC 5034 with PLAIN and LOGIN, response codes from
+RFC 3206).
 
 The proxy runs the AUTHORIZATION state itself and logs the user in through
 the portal; the TRANSACTION state then goes either to an upstream POP3
@@ -12,8 +13,6 @@ upstream.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import time
 from collections import deque
@@ -35,6 +34,7 @@ from mailproxy.pop3.relay import POP3Relay
 from mailproxy.pop3.transaction import MaildropSession
 from mailproxy.pop3.upstream import POP3UpstreamSession
 from mailproxy.pop3.wire import LineSplitter, LineTooLong
+from mailproxy.sasl import MECHANISMS, Challenge, Credentials, SASLError, SASLExchange, Step, exchangeFor
 from mailproxy.splice import Splice
 
 # RFC 2449 allows 255 octets per command; be generous, and drop a client
@@ -111,6 +111,7 @@ class POP3ServerProtocol(FrontDoor):
         self._firstLine: bytes | None = b""
         self._paused = False
         self._userName: bytes | None = None
+        self._exchange: SASLExchange | None = None
 
     # -- the front door's hooks ---------------------------------------------
 
@@ -190,7 +191,7 @@ class POP3ServerProtocol(FrontDoor):
                 if line.split(b" ", 1)[0].upper() in (b"TOP", b"UIDL", b"EXPIRE", b"LOGIN-DELAY")
             ]
         if not self.loggedIn and self.authenticationAllowed:
-            names += [b"USER", b"SASL PLAIN"]
+            names += [b"USER", b"SASL " + b" ".join(MECHANISMS)]
         names += [b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
         if not self.loggedIn and self.context.listener.tls is TLSMode.STARTTLS and not self.tlsActive:
             names.append(b"STLS")
@@ -233,11 +234,7 @@ class POP3ServerProtocol(FrontDoor):
         if self.state is not State.TRANSACTION and not self.countPreLoginCommand():
             return
         if self.state is State.SASL_RESPONSE:
-            self.state = State.AUTHORIZATION
-            if line is None:
-                self._send(b"-ERR Line too long\r\n")
-            else:
-                self._plain(line)
+            self._saslResponse(line)
             return
         if line is None:
             self._reply(b"-ERR Line too long\r\n")
@@ -305,38 +302,50 @@ class POP3ServerProtocol(FrontDoor):
         arguments = rest.split()
         if not arguments:
             # The pre-RFC 5034 way of listing the mechanisms.
-            self._send(b"+OK\r\nPLAIN\r\n.\r\n")
+            self._send(b"+OK\r\n" + b"".join(mechanism + b"\r\n" for mechanism in MECHANISMS) + b".\r\n")
             return
         if len(arguments) > 2:
             self._send(b"-ERR AUTH expects a mechanism and an optional initial response\r\n")
             return
-        if arguments[0].upper() != b"PLAIN":
+        exchange = exchangeFor(arguments[0])
+        if exchange is None:
             self._send(b"-ERR Unsupported authentication mechanism\r\n")
             return
-        if len(arguments) == 2:
-            self._plain(arguments[1])
-            return
-        self.state = State.SASL_RESPONSE
-        self._send(b"+ \r\n")
+        self._exchange = exchange
+        self._saslStep(exchange.start(arguments[1] if len(arguments) == 2 else None))
 
-    def _plain(self, response: bytes) -> None:
-        if response.strip() == b"*":
-            self._send(b"-ERR Authentication cancelled\r\n")
+    def _saslResponse(self, line: bytes | None) -> None:
+        assert self._exchange is not None
+        if line is None:
+            self._exchange = None
+            self.state = State.AUTHORIZATION
+            self.log.info("{client} sent an over-long SASL response", client=self.clientAddress)
+            self._send(b"-ERR Line too long\r\n")
             return
-        try:
-            decoded = base64.b64decode(b"" if response == b"=" else response, validate=True)
-        except (binascii.Error, ValueError):
-            self._send(b"-ERR Invalid base64 in SASL response\r\n")
+        self._saslStep(self._exchange.respond(line))
+
+    def _saslStep(self, step: Step) -> None:
+        """
+        Act on what the SASL exchange in progress says next.
+        """
+        assert self._exchange is not None
+        if isinstance(step, Challenge):
+            self.state = State.SASL_RESPONSE
+            self._send(b"+ " + step.wire + b"\r\n")
             return
-        fields = decoded.split(b"\0")
-        if len(fields) != 3:
-            self._send(b"-ERR Malformed PLAIN response\r\n")
+        mechanism, self._exchange = self._exchange.mechanism, None
+        self.state = State.AUTHORIZATION
+        if isinstance(step, Credentials):
+            self._login(step.username, step.password, mechanism)
             return
-        authorizationId, username, password = fields
-        if authorizationId and authorizationId != username:
-            self._send(b"-ERR [AUTH] Cannot act as another user\r\n")
-            return
-        self._login(username, password, "PLAIN")
+        self.log.info(
+            "{client} AUTH {mechanism} refused: {error}",
+            client=self.clientAddress,
+            mechanism=mechanism,
+            error=step.text,
+        )
+        code = b"[AUTH] " if step.error is SASLError.OTHER_AUTHORIZATION else b""
+        self._send(b"-ERR " + code + step.text.encode("ascii") + b"\r\n")
 
     def _authenticationPermitted(self) -> bool:
         if self.authenticationAllowed:
