@@ -1,22 +1,25 @@
-# make demo: a private Dovecot plus the proxy in front of it, on loopback.
+# make demo: a private Dovecot plus the proxy in front of it, on loopback (DEMO_DIR, default .demo, and
+#   DEMO_IMAP_PORT, DEMO_IMAPS_PORT, DEMO_POP3_PORT, default 10143, 10993, 10110, choose where).
 # make test: installs what the tests need (apt and pip) and runs lint, types and the whole suite.
 # make bench: the benchmark (bench/summary.py) against direct Dovecot and nginx's mail proxy.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates systemd fail2ban
+# python3-venv: stock Debian's python3 has no ensurepip without it, so `python3 -m venv` fails
+APT_PACKAGES := python3-venv dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates systemd fail2ban
 BENCH_APT_PACKAGES := nginx libnginx-mod-mail
 BENCH_ARGS ?=
 
-.PHONY: demo test lint typecheck bench bench-deps fuzz system-deps venv clean
+.PHONY: demo test lint typecheck bench bench-deps fuzz system-deps venv-deps venv clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py pyproject.toml
+# A plain (PEP 660) editable install: setup.py's package_dir makes it a static .pth, which twistd's plugin scan sees.
+$(VENV)/.installed: setup.py pyproject.toml | venv-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
-	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/twistd mailproxy --version
 	touch $@
 
 # $(call apt_install,PACKAGES): apt-get install those not installed yet
@@ -32,6 +35,10 @@ endef
 
 system-deps:
 	$(call apt_install,$(APT_PACKAGES))
+
+# Before the venv is made (make venv, lint, ...): python3-venv, only where `python3 -m venv` needs it.
+venv-deps:
+	@$(PYTHON) -c "import ensurepip" 2>/dev/null || $(MAKE) --no-print-directory system-deps APT_PACKAGES=python3-venv
 
 # nginx's mail proxy, the benchmark's peer (make test does not need it)
 bench-deps:
@@ -56,7 +63,7 @@ bench: system-deps bench-deps venv
 
 # coverage-guided fuzzing with atheris (FUZZ_SECONDS, default 60; crashes land in ./crash-*)
 fuzz: venv
-	$(BIN)/pip install -q -e '.[fuzz]' --config-settings editable_mode=compat
+	$(BIN)/pip install -q -e '.[fuzz]'
 	$(BIN)/python -m scripts.fuzz_atheris -max_total_time=$${FUZZ_SECONDS:-60}
 
 clean:

@@ -1,16 +1,31 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+# mailproxy/__init__.py holds the version; read, not imported, so building needs no dependencies.
+VERSION = re.search(r'^__version__ = "([^"]+)"$', (HERE / "mailproxy" / "__init__.py").read_text(), re.M)
+assert VERSION is not None, "mailproxy/__init__.py has no __version__"
 
 setup(
     name="mailproxy",
-    version="0.1.0",
+    version=VERSION.group(1),
     description="IMAP/POP3 access proxy: TLS termination, local auth, relay with filters.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
+    license_files=["LICENSE"],
     python_requires=">=3.11",
+    # An explicit root (rather than none) makes setuptools' PEP 660 editable install a static .pth
+    # naming the checkout, not an import hook: twistd finds plugins only by scanning the
+    # twisted/plugins directories of sys.path entries, which an import hook does not add.
+    package_dir={"": "."},
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*", "scripts", "scripts.*"])
     + ["twisted.plugins"],
-    package_data={"mailproxy": ["py.typed"]},
+    # mailproxy/etc is a symbolic link to the checkout's etc/: the example configuration, systemd
+    # unit and fail2ban files ship as package data (see mailproxy-example-config).
+    package_data={"mailproxy": ["py.typed", "etc/**/*"]},
     install_requires=[
         "twisted[tls]>=24.7",
         "pyopenssl>=24",
@@ -19,10 +34,24 @@ setup(
         "prometheus-client>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "trustme>=1.1"],
-        "dev": ["pytest>=8", "hypothesis>=6", "trustme>=1.1", "mypy>=1.10", "mypy-zope>=1.0", "ruff>=0.5"],
+        # setuptools: tests/test_install.py builds the project without downloading anything.
+        "test": ["pytest>=8", "hypothesis>=6", "trustme>=1.1", "setuptools>=70.1"],
+        "dev": [
+            "pytest>=8",
+            "hypothesis>=6",
+            "trustme>=1.1",
+            "setuptools>=70.1",
+            "mypy>=1.10",
+            "mypy-zope>=1.0",
+            "ruff>=0.5",
+        ],
         # Coverage-guided fuzzing (make fuzz): libFuzzer for Python, maintained by Google.
         "fuzz": ["atheris>=2.3"],
     },
-    entry_points={"console_scripts": ["mailproxy-passwd = mailproxy.passwd:main"]},
+    entry_points={
+        "console_scripts": [
+            "mailproxy-passwd = mailproxy.passwd:main",
+            "mailproxy-example-config = mailproxy.examples:main",
+        ]
+    },
 )

@@ -43,14 +43,23 @@ class ProxyProcess:
     """
     C{twistd -n mailproxy --config CONFIG}, logging to C{logFile} (stdout
     when C{None}); stopped by PID.
+
+    twistd runs in a session of its own, so the one signal that stops it is
+    L{stop}'s: a terminal's Ctrl-C reaches only the parent, which then stops
+    the proxy.  (A second stop signal while twistd shuts down makes it log a
+    critical C{ReactorNotRunning} traceback.)
+
+    @ivar twistd: the C{twistd} program run (by default the one beside this
+        Python).
     """
 
-    def __init__(self, configPath: str, logFile: str | None = None) -> None:
+    def __init__(self, configPath: str, logFile: str | None = None, twistd: str = TWISTD) -> None:
         self.configPath = configPath
         self.logFile = logFile
+        self.twistd = twistd
         directory = os.path.dirname(configPath)
         self.stderrFile = os.path.join(directory, "twistd-stderr.log")
-        command = [TWISTD, "-n", "--pidfile=", "mailproxy", "--config", configPath]
+        command = [twistd, "-n", "--pidfile=", "mailproxy", "--config", configPath]
         if logFile is not None:
             command[2:2] = [f"--logfile={logFile}"]
         with open(self.stderrFile, "wb") as errors:
@@ -60,6 +69,7 @@ class ProxyProcess:
                 stdout=errors if logFile is not None else None,
                 stderr=subprocess.STDOUT if logFile is not None else None,
                 cwd=directory,
+                start_new_session=True,
             )
 
     def waitForPorts(self, ports: list[int], timeout: float = 20.0) -> None:
@@ -91,7 +101,15 @@ class ProxyProcess:
         with open(self.logFile, errors="replace") as handle:
             return handle.read()
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def stop(self) -> None:
+        """
+        Stop twistd with one SIGTERM (SIGKILL after 10 s) and reap it.
+        Idempotent.
+        """
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import trustme
 from twisted.application.service import IServiceMaker
+from twisted.copyright import version as twistedVersion
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from mailproxy import tap
+from mailproxy import __version__, tap
 from mailproxy.filters.registry import buildFilters
 from mailproxy.imap.server import IMAPServerFactory
 from tests.support import writeUsersFile
@@ -179,3 +180,12 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     assert config.filterNamesFor(config.listeners[0], "anyone") == ("audit", "standard", "folders")
     assert config.filterNamesFor(config.listeners[1], None) == ()
     built["audit"].close()
+
+
+def test_twistd_version_names_mailproxy_and_twisted() -> None:
+    """twistd mailproxy --version prints mailproxy's version, then Twisted's, and exits 0."""
+    result = subprocess.run(
+        [TWISTD, "mailproxy", "--version"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"mailproxy {__version__} (Twisted {twistedVersion})\n"
