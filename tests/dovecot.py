@@ -179,6 +179,20 @@ def _processGone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
+def _recordedMasterGone(runDir: str) -> bool:
+    """Whether ``run/master.pid`` names a process that has exited.
+
+    A pid file being written (empty or partial) or a master still starting
+    does not count: under load Dovecot may be caught between the two.
+    """
+    try:
+        with open(os.path.join(runDir, "master.pid"), encoding="ascii") as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return False
+    return pid > 1 and _processGone(pid)
+
+
 def _masterPid(baseDir: str) -> int | None:
     """The pid of the running Dovecot master of the instance in ``baseDir``.
 
@@ -492,7 +506,7 @@ class DovecotUpstream:
                 pending = [n for n in pending if not self._ready(n)]
                 if not pending:
                     break
-            elif os.path.exists(os.path.join(self._runDir, "master.pid")):
+            elif _recordedMasterGone(self._runDir):
                 self._fail("dovecot master exited during start-up")
             if time.monotonic() >= deadline:
                 self.stop()
