@@ -29,6 +29,8 @@ setup(
     install_requires=[
         "twisted[tls]>=24.7",
         "pyopenssl>=24",
+        # Already pyOpenSSL's own dependency; used directly to load and match certificates and keys.
+        "cryptography>=42",
         "service-identity>=24",
         "zope.interface>=6",
         "prometheus-client>=0.20",

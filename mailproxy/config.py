@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ INTERMEDIATE_CIPHERS = (
 # own threads; by default on half the cores, so a login flood leaves the
 # rest to relayed sessions.
 MAX_HASH_THREADS = 64
+# OpenSSL's cap on a TLS 1.3 session ticket's lifetime (RFC 8446 4.6.1).
+MAX_TLS_SESSION_LIFETIME = 7 * 24 * 3600
 
 
 def defaultHashThreads() -> int:
@@ -55,14 +58,38 @@ class TLSMode(enum.Enum):
     IMPLICIT = "implicit"
 
 
+# A DNS name a listener certificate is chosen for by SNI: letters, digits
+# and hyphens in dot-separated labels, or C{*.} and such a name (a wildcard
+# for one label).
+_SERVER_NAME = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class ListenerCertificate:
+    """
+    A certificate a listener serves to clients asking for one of C{names}
+    (SNI); with no names, for the DNS names the certificate itself lists.
+    """
+
+    certificate: str
+    privateKey: str
+    names: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class ListenerConfig:
+    """
+    @ivar certificate: the certificate for clients naming no server, or one
+        none of C{certificates} is for.
+    """
+
     name: str
     endpoint: str
     tls: TLSMode
     protocol: str = "imap"
     certificate: str | None = None
     privateKey: str | None = None
+    certificates: tuple[ListenerCertificate, ...] = ()
     allowPlaintextAuth: bool = False
     filters: tuple[str, ...] = ()
     proxyProtocol: bool = False
@@ -145,6 +172,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logFormat: str = "text"
     metricsListen: str | None = None
+    certificateCheckInterval: float = 60.0
+    tlsSessionLifetime: float = 12 * 3600.0
 
     def filterNamesFor(self, listener: ListenerConfig, username: str | None) -> tuple[str, ...]:
         """
@@ -201,6 +230,8 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
             "idle_poll_interval",
             "idle_refresh",
             "log_format",
+            "certificate_check_interval",
+            "tls_session_lifetime",
         },
     )
     logFormat = server.string("log_format", "text")
@@ -218,6 +249,11 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     listenBacklog = server.number("listen_backlog", Config.listenBacklog)
     if listenBacklog != int(listenBacklog) or not 1 <= listenBacklog <= 65535:
         raise ConfigError(f"{server.where('listen_backlog')}: must be an integer from 1 to 65535")
+    tlsSessionLifetime = server.number("tls_session_lifetime", Config.tlsSessionLifetime)
+    if tlsSessionLifetime > MAX_TLS_SESSION_LIFETIME:
+        raise ConfigError(
+            f"{server.where('tls_session_lifetime')}: must be at most {MAX_TLS_SESSION_LIFETIME} (7 days)"
+        )
 
     upstreams = {}
     upstreamTables = reader.table("upstream")
@@ -284,6 +320,8 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         limits=_limits(reader.table("limits")),
         logFormat=logFormat,
         metricsListen=metricsListen,
+        certificateCheckInterval=float(server.number("certificate_check_interval", Config.certificateCheckInterval)),
+        tlsSessionLifetime=float(tlsSessionLifetime),
     )
 
 
@@ -378,6 +416,7 @@ def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerCo
             "proxy_protocol_trusted",
             "tls_min_version",
             "tls_ciphers",
+            "certificates",
         },
     )
     endpoint = table.string("endpoint", None)
@@ -408,9 +447,11 @@ def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerCo
             'balancers\' addresses (["0.0.0.0/0", "::/0"] believes anyone)'
         )
     if tls is TLSMode.PLAIN:
-        for key in ("tls_min_version", "tls_ciphers"):
+        for key in ("tls_min_version", "tls_ciphers", "certificates"):
             if key in table.keys():
                 raise ConfigError(f"{table.where(key)}: only for listeners with tls = starttls or implicit")
+    certificates = tuple(_listenerCertificate(entry) for entry in table.tableArray("certificates"))
+    _checkServerNames(table, certificates)
     minimumVersion = table.string("tls_min_version", "1.2") or ""
     if minimumVersion not in TLS_VERSIONS:
         raise ConfigError(
@@ -426,6 +467,7 @@ def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerCo
         protocol=protocol,
         certificate=certificate,
         privateKey=privateKey,
+        certificates=certificates,
         allowPlaintextAuth=table.boolean("allow_plaintext_auth", False),
         filters=_filterNames(table, filters),
         proxyProtocol=proxyProtocol,
@@ -433,6 +475,41 @@ def _listener(table: _Reader, filters: Mapping[str, FilterConfig]) -> ListenerCo
         tlsMinimumVersion=minimumVersion,
         tlsCiphers=ciphers,
     )
+
+
+def _listenerCertificate(table: _Reader) -> ListenerCertificate:
+    """
+    One entry of a listener's C{certificates}: C{certificate},
+    C{private_key} (the certificate file if not given) and C{names}.
+    """
+    _rejectUnknown(table, {"names", "certificate", "private_key"})
+    certificate = table.path("certificate", required=True) or ""
+    privateKey = table.path("private_key") or certificate
+    for key, value in (("certificate", certificate), ("private_key", privateKey)):
+        if not os.path.isfile(value):
+            raise ConfigError(f"{table.where(key)}: no such file {value!r}")
+    names = tuple(name.lower().rstrip(".") for name in table.stringList("names"))
+    for name in names:
+        if len(name) > 253 or not _SERVER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{table.where('names')}: {name!r} is not a DNS name (or *. and one, for any one label in its place)"
+            )
+    return ListenerCertificate(certificate, privateKey, names)
+
+
+def _checkServerNames(table: _Reader, certificates: tuple[ListenerCertificate, ...]) -> None:
+    """
+    Refuse a name given to two certificates: which one a client gets would
+    depend on their order.
+    """
+    owners: dict[str, int] = {}
+    for index, entry in enumerate(certificates):
+        for name in entry.names:
+            if owners.setdefault(name, index) != index:
+                raise ConfigError(
+                    f"{table.where('certificates')}[{index}].names: {name!r} is already "
+                    f"given to certificates[{owners[name]}]"
+                )
 
 
 def _networks(table: _Reader, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

@@ -6,11 +6,13 @@ What a running proxy can change safely is reloaded: the users file, routing
 (users to upstreams, upstream credentials, upstream settings), filters (a
 listener's included) and server settings for new connections.  Sessions
 already open keep the routes and filter chains they started with; new
-connections and logins get the new ones.  Listeners (ports, TLS, PROXY
-protocol), limits, the failure delay, the metrics endpoint and the log
-format are bound at start-up: a change to them is logged as needing a
-restart.  A configuration that does not load is logged and ignored; the
-proxy goes on with the one it had.
+connections and logins get the new ones.  Listeners (ports, TLS settings
+and certificate paths, PROXY protocol), limits, the failure delay, the
+metrics endpoint, the log format and the certificate check and TLS session
+intervals are bound at start-up: a change to them is logged as needing a
+restart.  (The certificate files themselves are re-read on SIGHUP too, by
+L{mailproxy.certificates}.)  A configuration that does not load is logged
+and ignored; the proxy goes on with the one it had.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ _RESTART_ONLY = (
     "logFormat",
     "hashThreads",
     "listenBacklog",
+    "certificateCheckInterval",
+    "tlsSessionLifetime",
 )
 
 

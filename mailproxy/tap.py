@@ -18,6 +18,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.components import Componentized
 
 from mailproxy.auth import HashPoolService, UsersFileChecker, makePortal, threadRunner
+from mailproxy.certificates import CertificateReloader
 from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, loadConfig
 from mailproxy.filters.registry import buildFilters, chainFactory
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
@@ -31,7 +32,7 @@ from mailproxy.pop3.server import POP3Backends, POP3ServerFactory
 from mailproxy.pop3.upstream import connectPOP3Upstream
 from mailproxy.proxyprotocol import ProxyProtocolFactory
 from mailproxy.reload import ConfigReloader
-from mailproxy.tls import serverOptions, upstreamOptions
+from mailproxy.tls import ServerTLS, listenerTLS, upstreamOptions
 
 log = Logger()
 PRUNE_INTERVAL = 300.0
@@ -64,15 +65,20 @@ class ListenersService(MultiService):
     """
     The proxy's listeners; a port that cannot be bound stops start-up with
     one line naming the listener.  SIGHUP reloads the configuration (see
-    L{mailproxy.reload}).  Filters with a C{close} method (files,
-    connections) are closed when the service stops.
+    L{mailproxy.reload}) and the listeners' certificates (see
+    L{mailproxy.certificates}), each whether or not the other loads.
+    Filters with a C{close} method (files, connections) are closed when the
+    service stops.
 
     @ivar metricsService: the service of the metrics endpoint, if any.
+    @ivar certificates: what keeps the TLS listeners' certificates current,
+        if any.
     @ivar logObserver: the log observer to give the application (twistd's
         only hook for a plugin's own log format), if any.
     """
 
     metricsService: Service | None = None
+    certificates: CertificateReloader | None = None
     logObserver: ILogObserver | None = None
 
     def __init__(self, reloader: ConfigReloader, limits: Limits | None = None, clock: Any = None) -> None:
@@ -89,8 +95,8 @@ class ListenersService(MultiService):
         if self._pruning is not None:
             # Expired authentication failures and lockouts are forgotten.
             self._pruning.start(PRUNE_INTERVAL, now=False)
-        if self.reloader.path is not None and hasattr(signal, "SIGHUP"):
-            self._previousHandler = signal.signal(signal.SIGHUP, self._hangup)
+        if self.certificates is not None:
+            self.certificates.start()
 
     def _hangup(self, signum: int, frame: Any) -> None:
         # A signal handler may interrupt the reactor anywhere: reload from
@@ -100,6 +106,8 @@ class ListenersService(MultiService):
     def _reload(self) -> None:
         self.reloader.log.info("SIGHUP received: reloading {path}", path=self.reloader.path)
         self.reloader.reload()
+        if self.certificates is not None:
+            self.certificates.reload()
 
     def stopService(self) -> Any:
         if self._previousHandler is not None:
@@ -107,6 +115,8 @@ class ListenersService(MultiService):
             self._previousHandler = None
         if self._pruning is not None and self._pruning.running:
             self._pruning.stop()
+        if self.certificates is not None:
+            self.certificates.stop()
         stopping = super().stopService()
         self.reloader.closeFilters()
         return stopping
@@ -118,6 +128,10 @@ class ListenersService(MultiService):
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
+        # Before the ports listen: once a client (or a test) can connect, a
+        # SIGHUP reloads instead of ending the process.
+        if self.reloader.path is not None and hasattr(signal, "SIGHUP"):
+            self._previousHandler = signal.signal(signal.SIGHUP, self._hangup)
         Service.privilegedStartService(self)
         for service in self:
             try:
@@ -132,7 +146,7 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
     Build the listeners of C{config} on C{reactor}; SIGHUP reloads
     C{configPath} if given.
 
-    @raise ConfigError: if a certificate or key cannot be loaded.
+    @raise ConfigError: if a certificate, key or TLS setting cannot be used.
     """
     for upstream in config.upstreams.values():
         upstreamOptions(upstream)  # fail at start-up on an unreadable CA file
@@ -171,17 +185,12 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
         metrics = ProxyMetrics()
         root.metricsService = strports.service(config.metricsListen, metricsSite(metrics.registry), reactor=reactor)
         root.metricsService.setServiceParent(root)
+    tlsListeners: list[ServerTLS] = []
     for index, listener in enumerate(config.listeners):
         tlsOptions = None
         if listener.tls is not TLSMode.PLAIN:
-            assert listener.certificate is not None and listener.privateKey is not None
-            tlsOptions = serverOptions(
-                listener.certificate,
-                listener.privateKey,
-                f"listener[{index}]",
-                listener.tlsMinimumVersion,
-                listener.tlsCiphers,
-            )
+            tlsOptions = listenerTLS(listener, f"listener[{index}]", config.tlsSessionLifetime)
+            tlsListeners.append(tlsOptions)
         context = ServerContext(
             config,
             listener,
@@ -203,6 +212,10 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
         service = strports.service(withBacklog(listener.endpoint, config.listenBacklog), factory, reactor=reactor)
         service.setName(listener.name)
         service.setServiceParent(root)
+    if tlsListeners:
+        root.certificates = CertificateReloader(
+            tlsListeners, config.certificateCheckInterval, config.tlsSessionLifetime, reactor
+        )
     return root
 
 

@@ -250,3 +250,133 @@ def test_invalid_toml_raises_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         loadConfig(str(path))
     assert str(raised.value).startswith(f"{path}: invalid TOML")
+
+
+# A listener's certificates chosen by SNI, and the certificate reload and
+# TLS session settings.
+
+SNI = """
+[[listener.certificates]]
+names = ["Mail.Example.Test.", "*.example.net"]
+certificate = "certs/server.pem"
+private_key = "certs/server.key"
+
+[[listener.certificates]]
+certificate = "certs/ca.pem"
+"""
+
+
+def test_listener_certificates_parse_with_names_lowercased_and_paths_relative(tmp_path: Path) -> None:
+    """certificates entries: names lower case without a final dot, files relative to the config, the key defaulting to the certificate."""
+    config = loadConfig(writeConfig(tmp_path, VALID.replace("\n[upstream.main]", SNI + "\n[upstream.main]", 1)))
+    first, second = config.listeners[2].certificates
+    assert first.names == ("mail.example.test", "*.example.net")
+    assert (first.certificate, first.privateKey) == (
+        str(tmp_path / "certs/server.pem"),
+        str(tmp_path / "certs/server.key"),
+    )
+    assert second.names == () and second.privateKey == second.certificate == str(tmp_path / "certs/ca.pem")
+    assert config.listeners[1].certificates == ()
+
+
+def test_server_certificate_check_and_session_lifetime_have_defaults(tmp_path: Path) -> None:
+    """Without settings, certificates are checked every 60 s and TLS sessions last 12 hours."""
+    config = loadConfig(writeConfig(tmp_path, VALID))
+    assert (config.certificateCheckInterval, config.tlsSessionLifetime) == (60.0, 43200.0)
+    config = loadConfig(
+        writeConfig(
+            tmp_path, VALID.replace("[server]", "[server]\ncertificate_check_interval = 0.5\ntls_session_lifetime = 0")
+        )
+    )
+    assert (config.certificateCheckInterval, config.tlsSessionLifetime) == (0.5, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        (
+            'names = ["Mail.Example.Test.", "*.example.net"]',
+            'names = ["mail..example.test"]',
+            "listener[2].certificates[0].names",
+        ),
+        (
+            'names = ["Mail.Example.Test.", "*.example.net"]',
+            'names = ["*.*.example.net"]',
+            "listener[2].certificates[0].names",
+        ),
+        (
+            'names = ["Mail.Example.Test.", "*.example.net"]',
+            'names = ["mail*.example.net"]',
+            "listener[2].certificates[0].names",
+        ),
+        ('names = ["Mail.Example.Test.", "*.example.net"]', 'names = ["*"]', "listener[2].certificates[0].names"),
+        (
+            'names = ["Mail.Example.Test.", "*.example.net"]',
+            'names = ["m\u00e4il.example.test"]',
+            "listener[2].certificates[0].names",
+        ),
+        (
+            'names = ["Mail.Example.Test.", "*.example.net"]',
+            'names = "mail.example.test"',
+            "listener[2].certificates[0].names",
+        ),
+        ('certificate = "certs/ca.pem"', 'private_key = "certs/server.key"', "listener[2].certificates[1].certificate"),
+        ('certificate = "certs/ca.pem"', 'certificate = "certs/gone.pem"', "listener[2].certificates[1].certificate"),
+        (
+            'private_key = "certs/server.key"\n\n[[listener.certificates]]\ncertificate',
+            'private_key = "certs/gone.key"\n\n[[listener.certificates]]\ncertificate',
+            "listener[2].certificates[0].private_key",
+        ),
+        (
+            'certificate = "certs/ca.pem"',
+            'certificate = "certs/ca.pem"\nnmaes = ["x.test"]',
+            "listener[2].certificates[1].nmaes",
+        ),
+        (
+            'certificate = "certs/ca.pem"',
+            'certificate = "certs/ca.pem"\nnames = ["MAIL.example.test"]',
+            "listener[2].certificates[1].names",
+        ),
+    ],
+)
+def test_invalid_listener_certificates_name_the_key(tmp_path: Path, old: str, new: str, key: str) -> None:
+    """A bad entry of a listener's certificates raises one ConfigError naming certificates[N] and its key."""
+    text = VALID.replace("\n[upstream.main]", SNI + "\n[upstream.main]", 1)
+    assert old in text
+    message = configError(tmp_path, text.replace(old, new, 1))
+    assert message.startswith(key + ":"), message
+
+
+def test_a_name_given_to_two_certificates_is_refused(tmp_path: Path) -> None:
+    """The same name on two entries (here in another case) names the second entry and the first."""
+    text = VALID.replace("\n[upstream.main]", SNI + "\n[upstream.main]", 1)
+    message = configError(
+        tmp_path,
+        text.replace('certificate = "certs/ca.pem"', 'certificate = "certs/ca.pem"\nnames = ["*.EXAMPLE.net"]'),
+    )
+    assert message == "listener[2].certificates[1].names: '*.example.net' is already given to certificates[0]"
+
+
+def test_certificates_on_a_plain_listener_are_refused(tmp_path: Path) -> None:
+    """A plain listener has no TLS to choose a certificate for."""
+    text = VALID.replace(
+        "allow_plaintext_auth = true",
+        'allow_plaintext_auth = true\ncertificates = [{ certificate = "certs/server.pem" }]',
+    )
+    message = configError(tmp_path, text)
+    assert message.startswith("listener[0].certificates: only for listeners with tls = starttls or implicit"), message
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("certificate_check_interval = -1", "server.certificate_check_interval"),
+        ('certificate_check_interval = "60"', "server.certificate_check_interval"),
+        ("tls_session_lifetime = 604801", "server.tls_session_lifetime"),
+        ("tls_session_lifetime = -5", "server.tls_session_lifetime"),
+    ],
+)
+def test_invalid_certificate_check_or_session_lifetime_names_the_key(tmp_path: Path, setting: str, key: str) -> None:
+    """A negative interval, a string, or a session lifetime over 7 days raises a ConfigError naming the key."""
+    message = configError(tmp_path, VALID.replace("[server]", f"[server]\n{setting}"))
+    assert message.startswith(key + ":"), message

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
+from cryptography import x509
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
 
@@ -209,6 +211,80 @@ def test_a_listeners_filters_change_without_a_restart(tmp_path: Path) -> None:
     assert proxy.service.reloader.reload()
     assert [type(item).__name__ for item in proxy.context.filtersFor(None).filters] == ["AuditFilter"]
     assert not any("restart" in message for message in proxy.messages())
+
+
+def test_the_hangup_handler_is_installed_before_the_ports_listen(tmp_path: Path) -> None:
+    """Once a port accepts connections SIGHUP is the proxy's: a signal then reloads, it never ends the process."""
+    proxy = Reloadable(tmp_path)
+    reactor = proxy.service._clock
+    previous = signal.getsignal(signal.SIGHUP)
+    proxy.service.privilegedStartService()
+    try:
+        assert reactor.tcpServers, "no port bound"
+        assert signal.getsignal(signal.SIGHUP) == proxy.service._hangup
+    finally:
+        proxy.service.startService()
+        proxy.service.stopService()
+    assert signal.getsignal(signal.SIGHUP) == previous
+
+
+def test_tls_server_settings_are_reported_as_needing_a_restart(tmp_path: Path) -> None:
+    """certificate_check_interval and tls_session_lifetime are bound at start-up."""
+    proxy = Reloadable(tmp_path)
+    proxy.rewrite("[server]\ncertificate_check_interval = 5\ntls_session_lifetime = 60\n" + BASE)
+    assert proxy.service.reloader.reload()
+    assert (
+        "configuration changes to certificateCheckInterval, tlsSessionLifetime take effect only after a restart"
+        in proxy.messages()
+    )
+    assert (proxy.context.config.certificateCheckInterval, proxy.context.config.tlsSessionLifetime) == (60.0, 43200.0)
+
+
+TLS_LISTENER = """
+[[listener]]
+name = "imaps"
+endpoint = "tcp:1993:interface=127.0.0.1"
+tls = "implicit"
+certificate = "cert.pem"
+private_key = "key.pem"
+"""
+
+
+def writePair(directory: Path, authority: trustme.CA) -> int:
+    """
+    A new certificate for localhost as cert.pem and key.pem; its serial.
+    """
+    leaf = authority.issue_cert("localhost")
+    leaf.private_key_pem.write_to_path(str(directory / "key.pem"))
+    leaf.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
+    return x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()).serial_number
+
+
+def test_sighup_reloads_certificates_even_when_the_configuration_does_not_load(tmp_path: Path) -> None:
+    """The hang-up handler reloads the configuration and, independently of its fate, re-reads the certificate files."""
+    authority = trustme.CA()
+    writePair(tmp_path, authority)
+    writeUsers(str(tmp_path), {"carol": "carolpw"})
+    text = BASE.replace("[upstream.plain]", TLS_LISTENER + "\n[upstream.plain]")
+    path = writeConfig(str(tmp_path), text, port=1143, upstreamPort=1)
+    service = buildService(loadConfig(path), MemoryReactorClock(), path)
+    assert service.certificates is not None
+    [tls] = service.certificates.listeners
+    before = tls.getContext()
+    renewed = writePair(tmp_path, authority)
+    writeConfig(str(tmp_path), text + "[routing\n", port=1143, upstreamPort=1)
+    events: list[dict[str, Any]] = []
+    service.reloader.log = service.certificates.log = Logger(observer=events.append)
+
+    service._reload()
+
+    assert tls.getContext() is not before
+    assert tls.certificates[0].current.chain[0].get_serial_number() == renewed
+    messages = [formatEvent(event) for event in events]
+    assert messages[0].startswith("SIGHUP received")
+    assert messages[1].startswith("configuration not reloaded, keeping the running one: ")
+    assert messages[2].startswith("listener imaps: certificate reloaded (listener[1]): ")
+    assert len(messages) == 3
 
 
 # End to end: a real twistd and a real Dovecot.

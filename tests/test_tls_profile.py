@@ -30,9 +30,9 @@ import pytest
 import trustme
 from OpenSSL import SSL
 
-from mailproxy.config import INTERMEDIATE_CIPHERS, ConfigError
+from mailproxy.config import INTERMEDIATE_CIPHERS, ConfigError, TLSMode, UpstreamConfig
 from mailproxy.passwords import hashPassword
-from mailproxy.tls import serverOptions
+from mailproxy.tls import serverOptions, upstreamOptions
 from tests.proxyprocess import HOST, TWISTD, freePort, runningProxy
 
 OPENSSL = shutil.which("openssl")
@@ -599,3 +599,12 @@ def test_twistd_stops_on_a_bad_tls_setting_with_one_line(startups: dict[str, Exi
 def test_twistd_stops_on_a_null_cipher_list_with_one_line(startups: dict[str, Exit | str]) -> None:
     """tls_ciphers = "eNULL" (no suite Twisted will use) ends start-up with one line naming the key."""
     assertStoppedWithOneLine(startups, "null-ciphers")
+
+
+def test_a_corrupt_upstream_ca_file_is_a_config_error(certificate: Certificate, tmp_path: Path) -> None:
+    """A CA file whose PEM block does not decode (OpenSSL.crypto.Error, not SSL.Error) is one ConfigError naming ca_file."""
+    corrupt = tmp_path / "ca.pem"
+    corrupt.write_bytes(Path(certificate.caFile).read_bytes().replace(b"\n", b"\n!", 3))
+    upstream = UpstreamConfig("main", "localhost", 993, TLSMode.IMPLICIT, caFile=str(corrupt))
+    with pytest.raises(ConfigError, match=r"^upstream\.main\.ca_file: PEM certificate 1 is invalid: "):
+        upstreamOptions(upstream)

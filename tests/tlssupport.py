@@ -1,0 +1,206 @@
+"""
+Helpers for the listener TLS tests: certificates issued by a throw-away
+CA and renewed the way ACME clients do it, what a real client is served,
+and C{openssl s_client} runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trustme
+from cryptography import x509
+
+from tests.proxyprocess import HOST, ProxyProcess
+
+OPENSSL = shutil.which("openssl")
+CLIENT_TIMEOUT = 10.0
+WAIT_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class Pair:
+    """
+    A certificate file and its key file, and the serial number of the
+    certificate written there last.
+    """
+
+    certFile: str
+    keyFile: str
+    serial: int
+
+
+class Issuer:
+    """
+    A trustme CA writing certificates and keys into C{directory}.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.authority = trustme.CA()
+        self.caFile = str(directory / "ca.pem")
+        self.authority.cert_pem.write_to_path(self.caFile)
+
+    def issue(self, stem: str, *names: str, combined: bool = False) -> Pair:
+        """
+        A new certificate for C{names} (and its own new key) as
+        C{stem.pem} and C{stem.key}, or both in C{stem.pem} if C{combined},
+        each file replaced at once (written aside, then renamed over the old
+        one, as certbot does).  Two files are replaced one after the other:
+        in between, the new key does not match the old certificate.
+        """
+        leaf = self.authority.issue_cert(*names)
+        certificate = leaf.cert_chain_pems[0].bytes()
+        certFile, keyFile = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
+        if combined:
+            replaceFile(certFile, certificate + leaf.private_key_pem.bytes())
+            return Pair(str(certFile), str(certFile), serialOf(certificate))
+        replaceFile(keyFile, leaf.private_key_pem.bytes())
+        replaceFile(certFile, certificate)
+        return Pair(str(certFile), str(keyFile), serialOf(certificate))
+
+
+def replaceFile(path: Path, data: bytes) -> None:
+    aside = path.with_name(path.name + ".new")
+    aside.write_bytes(data)
+    os.replace(aside, path)
+
+
+def serialOf(pem: bytes) -> int:
+    return x509.load_pem_x509_certificate(pem).serial_number
+
+
+def clientContext(caFile: str, alpn: Sequence[str] = ()) -> ssl.SSLContext:
+    """
+    A client verifying the chain against C{caFile}, not the name: the
+    tests look at which certificate is served for a name.
+    """
+    context = ssl.create_default_context(cafile=caFile)
+    context.check_hostname = False
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    return context
+
+
+def startTLS(port: int, protocol: str) -> socket.socket:
+    """
+    A connection to a STARTTLS/STLS listener, ready for the handshake.
+    """
+    plain = socket.create_connection((HOST, port), timeout=CLIENT_TIMEOUT)
+    reader = plain.makefile("rb")
+    greeting = reader.readline()
+    command = b"s STARTTLS\r\n" if protocol == "imap" else b"STLS\r\n"
+    plain.sendall(command)
+    answer = reader.readline()
+    reader.close()
+    assert answer.startswith((b"s OK", b"+OK")), (greeting, answer)
+    return plain
+
+
+def served(
+    port: int, caFile: str, serverName: str | None, starttls: str | None = None
+) -> tuple[x509.Certificate, bytes]:
+    """
+    The certificate a client naming C{serverName} (SNI; none if C{None}) is
+    served, and the first line it reads over TLS (the greeting on implicit
+    TLS, the answer to a CAPABILITY/CAPA after STARTTLS).
+    """
+    plain = (
+        startTLS(port, starttls)
+        if starttls is not None
+        else socket.create_connection((HOST, port), timeout=CLIENT_TIMEOUT)
+    )
+    with clientContext(caFile).wrap_socket(plain, server_hostname=serverName) as tls:
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        if starttls is not None:
+            tls.sendall(b"c CAPABILITY\r\n" if starttls == "imap" else b"CAPA\r\n")
+        line = tls.makefile("rb").readline()
+    return x509.load_der_x509_certificate(der), line
+
+
+def waitFor(predicate: Callable[[], bool], what: str, timeout: float = WAIT_TIMEOUT) -> None:
+    """
+    Poll C{predicate} until it holds (at most C{timeout} seconds).
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+def logCount(process: ProxyProcess, text: str) -> int:
+    return process.log().count(text)
+
+
+def waitForLogCount(process: ProxyProcess, text: str, count: int) -> None:
+    waitFor(lambda: logCount(process, text) >= count, f"{text!r} logged {count} times:\n{process.output()}")
+
+
+@dataclass(frozen=True)
+class SClient:
+    """
+    What one C{openssl s_client} run printed, and what it negotiated.
+    """
+
+    output: str
+
+    @property
+    def summary(self) -> str | None:
+        """
+        C{"New, TLSv1.3, Cipher is ..."} or C{"Reused, ..."}.
+        """
+        match = re.search(r"^(New|Reused), .*$", self.output, re.MULTILINE)
+        return match.group(0) if match else None
+
+    @property
+    def reused(self) -> bool:
+        return (self.summary or "").startswith("Reused, ")
+
+    @property
+    def alpn(self) -> str | None:
+        match = re.search(r"^ALPN protocol: (\S+)$", self.output, re.MULTILINE)
+        return match.group(1) if match else None
+
+    @property
+    def handshakeDone(self) -> bool:
+        return self.summary is not None and "Cipher is (NONE)" not in self.summary
+
+
+def sClient(port: int, caFile: str, *options: str, starttls: str | None = None, say: bytes = b"") -> SClient:
+    """
+    Run C{openssl s_client} against C{port} sending C{say} after the
+    handshake; with C{-ign_eof} it then reads until the server closes (so
+    C{say} should end the session: it also makes s_client read the TLS 1.3
+    session tickets the server sends after the handshake).
+    """
+    assert OPENSSL is not None
+    command = [OPENSSL, "s_client", "-connect", f"{HOST}:{port}", "-CAfile", caFile, *options]
+    if starttls is not None:
+        command += ["-starttls", starttls]
+    result = subprocess.run(command, input=say, capture_output=True, timeout=CLIENT_TIMEOUT)
+    text = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
+    return SClient(f"$ {' '.join(command)}\n{text}")
+
+
+def goodbye(protocol: str) -> bytes:
+    """
+    The command ending a session before login.
+    """
+    return b"a LOGOUT\r\n" if protocol == "imap" else b"QUIT\r\n"
+
+
+def answeredGoodbye(protocol: str) -> str:
+    """
+    What the server answers L{goodbye} with.
+    """
+    return "a OK LOGOUT completed" if protocol == "imap" else "+OK Bye"
