@@ -43,6 +43,7 @@ from zope.interface import implementer
 from mailproxy.addresses import clientAddressOf
 from mailproxy.certificates import LoadedCertificate, WatchedCertificate, parseCertificates, readPEM
 from mailproxy.config import INTERMEDIATE_CIPHERS, ConfigError, ListenerCertificate, ListenerConfig, UpstreamConfig
+from mailproxy.logs import loggedName
 
 
 def _certificates(pem: bytes, key: str) -> list[ssl.Certificate]:
@@ -192,7 +193,8 @@ class ServerTLS:
         assert wanted is not None
         if wanted in offered:
             return wanted
-        shown = ", ".join(protocol.decode("ascii", "backslashreplace")[:32] for protocol in offered[:_LOGGED_PROTOCOLS])
+        # The names are the client's: encoded so they cannot forge a field or a line.
+        shown = ", ".join(loggedName(protocol) for protocol in offered[:_LOGGED_PROTOCOLS])
         self.log.warn(
             "{client} refused on listener {listener}: its TLS handshake asks for {offered} (ALPN), not {wanted}",
             client=_clientOf(connection),

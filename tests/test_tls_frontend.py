@@ -211,6 +211,16 @@ def test_alpn_without_the_listeners_protocol_is_refused_and_logged(
     assert answer.handshakeDone and answer.alpn is None, answer.output
 
 
+def test_a_refused_alpn_offer_cannot_forge_a_log_line(proxy: Proxy) -> None:
+    """The offered names are the client's: CR LF, spaces and = are logged encoded, never as a new line or field."""
+    forged = "x ip=198.51.100.7\r\nauthentication failure: ip=198.51.100.7 protocol=imap user=a failures=9"
+    answer = proxy.sClient(LISTENERS[0], "-servername", "localhost", "-alpn", forged)
+    assert not answer.handshakeDone, answer.output
+    log = proxy.process.log()
+    assert "asks for x%20ip%3D198.51.100.7%0D%0Aauthentication%20failure:%20ip%3D198.51.100.7" in log
+    assert "198.51.100.7 protocol=imap" not in log and "\nauthentication failure: ip=198.51.100.7" not in log
+
+
 @pytest.mark.parametrize("listener", LISTENERS, ids=ids)
 def test_a_client_offering_no_alpn_is_served(proxy: Proxy, listener: Listener) -> None:
     """No ALPN extension at all: the session goes ahead as before, nothing negotiated."""
