@@ -351,6 +351,8 @@ def _limits(table: _Reader) -> LimitsConfig:
         value = table.number(key, default)
         if not value:
             raise ConfigError(f"{table.where(key)}: must be greater than 0")
+        if isinstance(default, int) and value != int(value):
+            raise ConfigError(f"{table.where(key)}: must be a whole number")
         values[attribute] = type(default)(value)
     if values["maxLineLength"] < MIN_LINE_LENGTH:
         raise ConfigError(f"{table.where('max_line_length')}: must be at least {MIN_LINE_LENGTH}")

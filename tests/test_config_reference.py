@@ -1,0 +1,216 @@
+"""
+The configuration reference (L{mailproxy.configref}, README's
+"Configuration reference") says exactly what the configuration code
+accepts: the same keys in every table, the same defaults, the same types,
+the same required keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from mailproxy import configref
+from mailproxy.config import Config, ConfigError, parseConfig
+from mailproxy.configref import Computed, Key, Required, Table
+from mailproxy.filters.registry import buildFilters, closeFilters
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+FILTER_TYPE = re.compile(r'type = "([a-z0-9_-]+)"')
+# Where each table stands in a document, and a wrong value of each type.
+WRONG_TYPE: dict[str, Any] = {
+    "string": 12345,
+    "number": "soon",
+    "integer": "many",
+    "boolean": "yes",
+    "list of strings": "one",
+    "table": 5,
+    "list of tables": 5,
+    "path": 5,
+    "endpoint": 5,
+}
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("reference") / "cert.pem"
+    trustme.CA().issue_cert("mail.example.test").private_key_and_cert_chain_pem.write_to_path(str(path))
+    return str(path)
+
+
+def baseDocument(certificate: str) -> dict[str, Any]:
+    """
+    The smallest document with every table present, a TLS listener and one
+    filter: each test changes one key of it.
+    """
+    return {
+        "server": {},
+        "auth": {"users_file": "users"},
+        "limits": {},
+        "metrics": {},
+        "listener": [{"endpoint": "tcp:0", "tls": "implicit", "certificate": certificate}],
+        "upstream": {"main": {"host": "localhost", "port": 993}},
+        "routing": {"default_upstream": "main"},
+        "filters": {"f": {"type": "audit", "log": False}},
+    }
+
+
+def tableIn(document: dict[str, Any], item: Table) -> dict[str, Any]:
+    """
+    The table of C{document} that C{item} documents (made if missing).
+    """
+    match = FILTER_TYPE.fullmatch(item.heading)
+    if match is not None:
+        document["filters"]["f"] = {"type": match.group(1)}
+        return document["filters"]["f"]
+    if item.location == "listener[N]":
+        return document["listener"][0]
+    if item.location == "listener[N].certificates[N]":
+        listener = document["listener"][0]
+        listener["certificates"] = [{"certificate": listener["certificate"]}]
+        return listener["certificates"][0]
+    if item.location == "upstream.NAME":
+        return document["upstream"]["main"]
+    if item.location == "filters.NAME":
+        return document["filters"]["f"]
+    if item.location == "routing.users.NAME":
+        return document["routing"].setdefault("users", {}).setdefault("alice", {})
+    return document[item.location]
+
+
+def where(item: Table, key: str) -> str:
+    location = {
+        "listener[N]": "listener[0]",
+        "listener[N].certificates[N]": "listener[0].certificates[0]",
+        "upstream.NAME": "upstream.main",
+        "routing.users.NAME": "routing.users.alice",
+        "filters.NAME": "filters.f",
+    }.get(item.location, item.location)
+    return f"{location}.{key}"
+
+
+def load(document: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
+    """
+    Parse C{document} and build its filters, as start-up does.
+    """
+    config = parseConfig(document, "/nonexistent")
+    filters = buildFilters(config.filters)
+    closeFilters(filters.values())
+    return config, filters
+
+
+def describe(config: Config, filters: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
+    # Built filters have no equality of their own; their attributes do.
+    return dataclasses.replace(config, filters={}), {name: vars(item) for name, item in filters.items()}
+
+
+ALL_KEYS = [pytest.param(item, key, id=f"{item.heading} {key.name}") for item in configref.TABLES for key in item.keys]
+
+
+def test_readme_holds_the_generated_reference() -> None:
+    """README's reference is exactly C{python -m mailproxy.configref}'s output."""
+    text = README.read_text(encoding="utf-8")
+    assert text.count(START) == 1 and text.count(END) == 1, "README lacks the reference markers"
+    inside = text.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+    assert inside == configref.markdown(), "README is out of date: paste `python -m mailproxy.configref` into it"
+
+
+def test_every_table_of_the_file_is_documented(certificate: str) -> None:
+    """The top-level tables the parser knows are the documented ones."""
+    document = baseDocument(certificate)
+    document["nonsense"] = {}
+    with pytest.raises(ConfigError) as raised:
+        parseConfig(document, "/nonexistent")
+    accepted = set(re.search(r"expected one of (.*)\)", str(raised.value)).group(1).split(", "))  # type: ignore[union-attr]
+    documented = {item.location.split(".")[0].split("[")[0] for item in configref.TABLES}
+    assert accepted == documented
+
+
+@pytest.mark.parametrize("item", configref.TABLES, ids=[item.heading for item in configref.TABLES])
+def test_documented_keys_are_exactly_the_accepted_ones(item: Table, certificate: str) -> None:
+    """An unknown key is refused with the list of known ones: the documented ones."""
+    document = baseDocument(certificate)
+    if item.heading == "[filters.NAME]":
+        # Keys besides type are the plugin's options, documented per type.
+        return
+    tableIn(document, item)["zz_unknown"] = 1
+    with pytest.raises(ConfigError) as raised:
+        load(document)
+    message = str(raised.value)
+    assert "zz_unknown" in message
+    accepted = set(re.search(r"expected one of:? (.*)\)", message).group(1).split(", "))  # type: ignore[union-attr]
+    if FILTER_TYPE.fullmatch(item.heading):
+        accepted.add("type")
+        documented = {key.name for key in item.keys} | {"type"}
+    else:
+        documented = {key.name for key in item.keys}
+    assert accepted == documented
+
+
+@pytest.mark.parametrize(("item", "key"), ALL_KEYS)
+def test_a_documented_default_changes_nothing(item: Table, key: Key, certificate: str) -> None:
+    """Writing a key with its documented default gives what leaving it out gives."""
+    if isinstance(key.default, (Required, Computed)):
+        return
+    document = baseDocument(certificate)
+    table = tableIn(document, item)
+    if key.name in table:
+        # The base document's TLS listener: the default is plain.
+        table.clear()
+        table["endpoint"] = "tcp:0"
+    before = describe(*load(copy.deepcopy(document)))
+    table[key.name] = copy.deepcopy(key.default)
+    assert describe(*load(document)) == before
+
+
+@pytest.mark.parametrize(("item", "key"), ALL_KEYS)
+def test_a_value_of_the_wrong_type_is_refused_naming_the_key(item: Table, key: Key, certificate: str) -> None:
+    """A value of another type than documented stops start-up with the key named."""
+    document = baseDocument(certificate)
+    tableIn(document, item)[key.name] = WRONG_TYPE[key.type]
+    with pytest.raises(ConfigError) as raised:
+        load(document)
+    message = str(raised.value)
+    if FILTER_TYPE.fullmatch(item.heading) and not message.startswith(where(item, key.name) + ":"):
+        # Options are checked by the filter plugin, which names the option.
+        assert message.startswith("filters.f: ") and key.name in message
+    else:
+        assert message.startswith(where(item, key.name) + ":")
+
+
+@pytest.mark.parametrize(
+    ("item", "key"),
+    [param for param in ALL_KEYS if param.values[1].type == "integer"],  # type: ignore[attr-defined]
+)
+def test_an_integer_key_refuses_a_fraction(item: Table, key: Key, certificate: str) -> None:
+    """A key documented as an integer does not quietly round 1.5."""
+    document = baseDocument(certificate)
+    tableIn(document, item)[key.name] = 1.5
+    with pytest.raises(ConfigError) as raised:
+        load(document)
+    assert key.name in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("item", "key"),
+    [param for param in ALL_KEYS if isinstance(param.values[1].default, Required)],  # type: ignore[attr-defined]
+)
+def test_a_required_key_is_required(item: Table, key: Key, certificate: str) -> None:
+    """Leaving out a required key (in the case the reference names) is refused naming it."""
+    document = baseDocument(certificate)
+    table = tableIn(document, item)
+    if key.default.when == "with proxy_protocol":
+        table["proxy_protocol"] = True
+    else:
+        assert key.name in table, "the base document should have every required key"
+    table.pop(key.name, None)
+    with pytest.raises(ConfigError) as raised:
+        load(document)
+    assert str(raised.value).startswith(where(item, key.name) + ":")
