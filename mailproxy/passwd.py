@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         # Rewriting replaces the file: the new one keeps the old one's owner.
         owner = currentOwner(usersFile)
     try:
-        writeUser(usersFile, arguments.name, hashPassword(password))
+        writeUser(usersFile, arguments.name, hashPassword(password), None if owner is None else (owner.uid, owner.gid))
     except UsersFileError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
@@ -121,14 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: cannot write {usersFile}: {error.strerror}", file=sys.stderr)
         return 1
     print(f"{arguments.name}: password set in {usersFile}")
-    if owner is not None:
-        try:
-            os.chown(usersFile, owner.uid, owner.gid)
-        except OSError as error:
-            print(
-                f"{PROG}: password set, but cannot give {usersFile} to {owner.spec}: {error.strerror}", file=sys.stderr
-            )
-            return 1
     if os.geteuid() == 0 and os.stat(usersFile).st_uid == 0:
         print(
             f"note: {usersFile} is owned by root with mode 0600, so only root can read it; "

@@ -124,9 +124,13 @@ def readUsers(path: str) -> dict[str, str]:
     return users
 
 
-def writeUser(path: str, name: str, encoded: str) -> None:
+def writeUser(path: str, name: str, encoded: str, owner: tuple[int, int] | None = None) -> None:
     """
     Add or replace C{name} in the users file at C{path}, atomically.
+
+    @param owner: the file's user and group ids; given before the new file
+        takes the old one's place, so a running proxy never finds it
+        unreadable.
     """
     if not isValidUserName(name):
         raise UsersFileError(f"invalid user name {name!r}: no spaces or ':'")
@@ -149,6 +153,8 @@ def writeUser(path: str, name: str, encoded: str) -> None:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write("\n".join(lines) + "\n")
         os.chmod(temporary, 0o600)
+        if owner is not None:
+            os.chown(temporary, *owner)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

@@ -118,3 +118,25 @@ def test_rewriting_as_root_keeps_the_files_owner(tmp_path: Path) -> None:
     status = os.stat(usersFile)
     assert (status.st_uid, stat.S_IMODE(status.st_mode)) == (pwd.getpwnam("nobody").pw_uid, 0o600)
     assert sorted(readUsers(str(usersFile))) == ["alice", "bob"]
+
+
+@asRoot
+def test_the_new_file_has_its_owner_before_it_takes_the_old_ones_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner is set on the temporary file, so a proxy running as that user never finds the users file root's."""
+    from mailproxy import passwords
+
+    usersFile = tmp_path / "users"
+    nobody = pwd.getpwnam("nobody")
+    seen: list[int] = []
+    replace = os.replace
+
+    def replaceAndLook(source: str, destination: str) -> None:
+        seen.append(os.stat(source).st_uid)
+        replace(source, destination)
+
+    monkeypatch.setattr(passwords.os, "replace", replaceAndLook)
+    passwords.writeUser(str(usersFile), "alice", passwords.hashPassword("s3cret", log2N=4), (nobody.pw_uid, 0))
+    assert seen == [nobody.pw_uid]
+    assert os.stat(usersFile).st_uid == nobody.pw_uid
