@@ -5,7 +5,12 @@ filtered) and the POP3 server (bridge and relay modes).
 
 Every example checks that no exception escapes a protocol callback, that
 nothing is logged as an unhandled failure, that what the proxy writes is
-well-formed, and that nothing is written after the connection is closed.
+well-formed, that nothing is written after the connection is closed and
+that no timer is left behind.  Before login the clients speak SASL PLAIN
+and LOGIN too (challenges, responses that are not commands, cancels,
+initial responses): no SASL challenge is sent in the clear where
+credentials may not be, and while an exchange is open only its next
+challenge or its end follows.
 
 Bugs these properties found are reproduced, minimally, in
 test_fuzz_findings.py.
@@ -189,11 +194,41 @@ class TLSWatch:
         self.transport = transport
         self.endsWithUpgrade = endsWithUpgrade
         self.seen = False
+        self.writtenInPlaintext: int | None = None
 
     def check(self, fed: bytes | bytearray) -> None:
         if self.transport.tlsStarted is not None and not self.seen:
             self.seen = True
+            # Nothing is written between reading STARTTLS and this check.
+            self.writtenInPlaintext = len(self.transport.value())
             assert self.endsWithUpgrade(bytes(fed)), f"TLS started with more plaintext read: {bytes(fed)[-120:]!r}"
+
+    def plaintextOutput(self) -> bytes:
+        """
+        What was written before TLS started (everything if it never did).
+        """
+        return self.transport.value()[: self.writtenInPlaintext]
+
+
+def loginReached(output: bytes) -> str:
+    """
+    How far SASL LOGIN exchanges got in C{output}, for the statistics.
+    """
+    lines = output.split(CRLF)
+    if PASSWORD_CHALLENGE in lines:
+        return "the password"
+    return "the user name" if USERNAME_CHALLENGE in lines else "nowhere"
+
+
+def assertNoChallengeInTheClear(tlsWatch: TLSWatch, tls: TLSMode, allowPlaintextAuth: bool) -> None:
+    """
+    Where credentials may not be sent in the clear, no SASL challenge
+    invites them before TLS.
+    """
+    if tls is TLSMode.IMPLICIT or allowPlaintextAuth:
+        return
+    invitations = [line for line in tlsWatch.plaintextOutput().split(CRLF) if line in SASL_CHALLENGES]
+    assert not invitations, f"SASL challenges before TLS: {invitations!r}"
 
 
 def lastIMAPCommandIsSTARTTLS(fed: bytes) -> bool:
@@ -281,6 +316,45 @@ saslResponses = st.one_of(
 )
 
 
+def b64(value: bytes) -> bytes:
+    return base64.b64encode(value)
+
+
+USERNAME_CHALLENGE = b"+ " + b64(b"Username:")
+PASSWORD_CHALLENGE = b"+ " + b64(b"Password:")
+# The SASL challenges the proxy sends (PLAIN's is empty).
+SASL_CHALLENGES = (b"+ ", USERNAME_CHALLENGE, PASSWORD_CHALLENGE)
+
+# What a client says to LOGIN's challenges, or as its initial response: the
+# right or a wrong user name or password, names LOGIN refuses (empty, NUL,
+# not UTF-8), an empty initial response, a cancel, broken base64.
+loginResponses = st.one_of(
+    st.sampled_from(
+        [
+            b64(b"alice"),
+            b64(b"alice"),
+            b64(b"alicepw"),
+            b64(b"alicepw"),
+            b64(b"wrong"),
+            b64(b"al\0ice"),
+            b64(b"\xff\xfe"),
+            b64(b"alice\r\n ip=198.51.100.7"),
+            b"=",
+            b"*",
+            b"",
+            b"YWxpY2U",  # unpadded
+            b"!!!",
+        ]
+    ),
+    st.binary(max_size=12).map(b64),
+)
+
+
+# Mostly the answers that carry an exchange on to its next step.
+loginUsers = st.one_of(st.just(b64(b"alice")), loginResponses)
+loginPasswords = st.one_of(st.sampled_from([b64(b"alicepw"), b64(b"wrong")]), loginResponses)
+
+
 def joinCommand(tag: bytes, words: list[bytes], end: bytes) -> bytes:
     return b" ".join([tag, *words]) + end
 
@@ -295,7 +369,7 @@ def preauthPieces(draw: st.DrawFn) -> bytes:
     kind = draw(
         st.sampled_from(
             ["simple", "simple", "starttls", "starttls", "login", "goodlogin", "goodlogin", "authenticate"]
-            + ["authcontinued", "id", "other", "literal", "bytes"]
+            + ["authcontinued", "authlogin", "authlogin", "authlogin", "id", "other", "literal", "bytes"]
         )
     )
     if kind == "starttls":
@@ -312,12 +386,20 @@ def preauthPieces(draw: st.DrawFn) -> bytes:
         password = draw(st.sampled_from([b"alicepw", b'"alicepw"', b"{7}\r\nalicepw", b"{7+}\r\nalicepw", b"x"]))
         return joinCommand(tag, [b"LOGIN", user, password], end)
     if kind == "authenticate":
-        mechanism = draw(st.sampled_from([b"PLAIN", b"plain", b"CRAM-MD5", b"{5}\r\nPLAIN"]))
+        mechanism = draw(st.sampled_from([b"PLAIN", b"plain", b"LOGIN", b"login", b"CRAM-MD5", b"{5}\r\nPLAIN"]))
         extra = draw(st.lists(st.one_of(saslResponses, anyAstrings), max_size=2))
         return joinCommand(tag, [b"AUTHENTICATE", mechanism, *extra], end)
     if kind == "authcontinued":
         response = draw(st.one_of(saslResponses, anyAstrings))
         return joinCommand(tag, [b"AUTHENTICATE", b"PLAIN"], CRLF) + response + end
+    if kind == "authlogin":
+        # AUTHENTICATE LOGIN, maybe with an initial response, then up to
+        # two answers to its challenges (the user name, the password).
+        initial = draw(st.lists(st.one_of(loginUsers, anyAstrings), max_size=1))
+        responses = [draw(loginUsers)] if not initial else []
+        responses = draw(st.sampled_from([[], responses, responses + [draw(loginPasswords)]]))
+        command = joinCommand(tag, [b"AUTHENTICATE", draw(st.sampled_from([b"LOGIN", b"login"])), *initial], CRLF)
+        return command + b"".join(response + CRLF for response in responses[:-1]) + b"".join(responses[-1:]) + end
     if kind == "id":
         parameters = draw(
             st.one_of(
@@ -338,6 +420,8 @@ def preauthPieces(draw: st.DrawFn) -> bytes:
 
 
 IMAP_OUTPUT_LINE = re.compile(rb"\A(\* |\+ |[^ \r\n]+ (OK|NO|BAD) )")
+# Every continuation the proxy sends before login.
+IMAP_CONTINUATIONS = (*SASL_CHALLENGES, b"+ Ready for literal data")
 
 imapListeners = st.sampled_from(
     [
@@ -350,12 +434,23 @@ imapListeners = st.sampled_from(
 )
 
 
+# What may follow a SASL challenge: the lines after it are responses, not
+# commands, so only the next challenge, the exchange's end (its tagged
+# reply: a refusal, or the login's OK) or a goodbye.
+AFTER_CHALLENGE = re.compile(rb"\A(\+ |\* BYE |[^ ]+ (NO|BAD) |[^ ]+ OK \[CAPABILITY )")
+
+
 def assertIMAPServerLines(output: bytes) -> None:
     lines = output.split(CRLF)
     assert lines[-1] == b"", f"output does not end with CRLF: {output[-80:]!r}"
+    previous = b""
     for line in lines[:-1]:
         assert b"\n" not in line and b"\r" not in line, f"bare CR or LF in {line!r}"
         assert IMAP_OUTPUT_LINE.match(line), f"not an IMAP response line: {line!r}"
+        assert not line.startswith(b"+ ") or line in IMAP_CONTINUATIONS, f"unexpected continuation {line!r}"
+        if previous in SASL_CHALLENGES:
+            assert AFTER_CHALLENGE.match(line), f"{line!r} while a SASL exchange was open"
+        previous = line
 
 
 # -- 1. IMAP before login ----------------------------------------------------------
@@ -419,6 +514,7 @@ def preauthSurvives(
             connection.clock.advance(connection.protocol.context.config.preAuthTimeout + 1)
             closing.check()
         ended = f"{connection.protocol.state.name}, transport closed: {closing.lost}"
+        statistic(f"IMAP AUTHENTICATE LOGIN reached {loginReached(connection.transport.value())}")
         assert connection.protocol.state is not State.LOGGING_IN, "a login was never answered"
         if connection.protocol.state is State.CLOSED and not closing.lost:
             raise AssertionError("state is CLOSED but the transport was not asked to disconnect")
@@ -427,6 +523,7 @@ def preauthSurvives(
     assertNoFailures(failures)
     closing.assertQuietAfterClose()
     assertIMAPServerLines(connection.transport.value())
+    assertNoChallengeInTheClear(tlsWatch, tls, allowPlaintextAuth)
     assert connection.clock.getDelayedCalls() == []
     if connection.upstream.requests:
         assert tls is TLSMode.IMPLICIT or allowPlaintextAuth or tlsWatch.seen, "logged in over plaintext"
@@ -1115,10 +1212,14 @@ pop3Arguments = st.one_of(
             b"alicepw",
             b"PLAIN",
             b"plain",
+            b"LOGIN",
+            b"login",
             b"*",
             b"=",
             plainResponse((b"", b"alice", b"alicepw")),
             plainResponse((b"bob", b"alice", b"alicepw")),
+            b64(b"alice"),
+            b64(b"alicepw"),
         ]
     ),
     st.binary(min_size=1, max_size=8).map(lambda value: value.replace(b"\n", b"n")),
@@ -1162,12 +1263,18 @@ pop3Lines = st.one_of(
 )
 pop3Pieces = st.one_of(
     pop3Lines,
+    loginResponses.map(lambda response: response + CRLF),
     st.sampled_from(
         [
             b"USER alice\r\nPASS alicepw\r\n",
             b"USER alice\r\nPASS wrong\r\n",
             b"AUTH PLAIN " + plainResponse((b"", b"alice", b"alicepw")) + CRLF,
             b"AUTH PLAIN\r\n" + plainResponse((b"alice", b"alice", b"alicepw")) + CRLF,
+            b"AUTH LOGIN\r\n" + b64(b"alice") + CRLF + b64(b"alicepw") + CRLF,
+            b"AUTH LOGIN " + b64(b"alice") + CRLF + b64(b"wrong") + CRLF,
+            b"AUTH LOGIN\r\n",
+            b"AUTH login =\r\n",
+            b"*\r\n",
             b"STLS\r\n",
             b"X" * (MAX_LINE + 10) + CRLF,
             b"Y" * 9000,
@@ -1236,9 +1343,13 @@ def assertPOP3Responses(output: bytes, commands: list[tuple[bytes, list[bytes]] 
         command = None if saslResponse else (commands[index] if index < len(commands) else None)
         assert index < len(commands) or status.startswith(b"-ERR "), f"{status!r} answers no command"
         index += 1
-        if status == b"+ ":
+        if status.startswith(b"+ "):
+            assert status in SASL_CHALLENGES, f"not a SASL challenge: {status!r}"
+            assert saslResponse or (command is not None and command[0] == b"AUTH"), f"{status!r} answers {command!r}"
             saslResponse = True
             continue
+        # A SASL exchange ends refused or logged in; the responses are no commands.
+        assert not saslResponse or status.startswith(b"-ERR") or status == b"+OK Logged in.", status
         saslResponse = False
         assert POP3_STATUS.match(status), f"not a POP3 status line: {status!r}"
         if not (status.startswith(b"+OK") and multiLineWhenOK(command)):
@@ -1271,7 +1382,15 @@ def pop3UpstreamReply(keyword: bytes, arguments: list[bytes], draw: Any) -> byte
 @pytest.mark.parametrize("mode", ["bridge", "relay"])
 @given(
     listener=pop3Listeners,
-    login=st.sampled_from([b"", b"USER alice\r\nPASS alicepw\r\n", b"AUTH PLAIN AGFsaWNlAGFsaWNlcHc=\r\n"]),
+    login=st.sampled_from(
+        [
+            b"",
+            b"USER alice\r\nPASS alicepw\r\n",
+            b"AUTH PLAIN AGFsaWNlAGFsaWNlcHc=\r\n",
+            b"AUTH LOGIN YWxpY2U=\r\nYWxpY2Vwdw==\r\n",
+            b"AUTH LOGIN\r\nYWxpY2U=\r\nYWxpY2Vwdw==\r\n",
+        ]
+    ),
     pieces=st.lists(pop3Pieces, min_size=1, max_size=12),
     sizes=splits,
     holdMaildrop=st.booleans(),
@@ -1355,11 +1474,13 @@ def test_pop3_survives_arbitrary_commands_and_answers_each_with_one_well_formed_
                 break
         closed = closing.lost
         event(f"POP3 {mode} fuzz ended {connection.protocol.state.name}, closed by the proxy: {closed}")
+        event(f"POP3 AUTH LOGIN reached {loginReached(connection.transport.value())}")
         closing.finish()
         connection.clock.advance(3600)
     assertNoFailures(failures)
     closing.assertQuietAfterClose()
     assertPOP3Responses(connection.transport.value(), pop3Commands(bytes(fed)), closed)
+    assertNoChallengeInTheClear(tlsWatch, tls, allowPlaintextAuth)
     assert connection.clock.getDelayedCalls() == []
     if backends.requests:
         assert tls is TLSMode.IMPLICIT or allowPlaintextAuth or tlsWatch.seen, "logged in over plaintext"
