@@ -11,7 +11,13 @@ gets new TLS contexts, which new connections use while open ones keep
 theirs.  A pair that cannot be used (unreadable, half-written, a key that is
 not one or does not match) is logged as one error line naming its
 configuration key and the pair in use is kept; the same broken files are not
-read again until they change.
+read again until they change.  A pair is taken up only once the listener's
+new contexts are built with it.
+
+certbot switches the C{live/} symlinks of the certificate and of the key one
+after the other: a check between the two finds a key not matching its
+certificate, with only one of the files changed.  That is not logged until
+the next check still finds it (a SIGHUP reload logs it at once).
 
 Every C{server.tls_session_lifetime} seconds the listeners' contexts are
 rebuilt as they are, which replaces their session ticket key (see
@@ -22,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,7 +46,8 @@ from mailproxy.config import ConfigError, ListenerCertificate
 if TYPE_CHECKING:
     from mailproxy.tls import ServerTLS
 
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.DOTALL)
+_BEGIN_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+_END_CERTIFICATE = b"-----END CERTIFICATE-----"
 # The key types a TLS server certificate can have.
 _ServerKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
 # Certificates and keys are a few KiB, CA bundles a few hundred: a bigger
@@ -102,14 +108,40 @@ def _firstSentence(error: Exception) -> str:
     return str(error).split(". See ", 1)[0].rstrip(".")
 
 
+class KeyMismatch(ConfigError):
+    """
+    The private key is not the certificate's.
+    """
+
+
+def _certificateBlocks(pem: bytes, key: str) -> list[bytes]:
+    """
+    Each PEM certificate block of C{pem}, BEGIN to END line, in one pass.
+
+    @raise ConfigError: if a BEGIN line has no END line before the next
+        BEGIN line or the end of the file (a file written in part).
+    """
+    blocks: list[bytes] = []
+    start = pem.find(_BEGIN_CERTIFICATE)
+    while start != -1:
+        following = pem.find(_BEGIN_CERTIFICATE, start + len(_BEGIN_CERTIFICATE))
+        end = pem.find(_END_CERTIFICATE, start, len(pem) if following == -1 else following)
+        if end == -1:
+            raise ConfigError(f"{key}: PEM certificate {len(blocks) + 1} is incomplete")
+        blocks.append(pem[start : end + len(_END_CERTIFICATE)])
+        start = following
+    return blocks
+
+
 def parseCertificates(pem: bytes, key: str) -> list[x509.Certificate]:
     """
     Every PEM certificate in C{pem}, in order (other blocks, such as a
     private key, are skipped).
 
-    @raise ConfigError: naming C{key}, if there is none or one is invalid.
+    @raise ConfigError: naming C{key}, if there is none or one is
+        incomplete or invalid.
     """
-    blocks = _PEM_CERTIFICATE.findall(pem)
+    blocks = _certificateBlocks(pem, key)
     if not blocks:
         raise ConfigError(f"{key}: no PEM certificate found")
     chain = []
@@ -171,7 +203,7 @@ def loadCertificate(files: ListenerCertificate, key: str) -> LoadedCertificate:
     chain = parseCertificates(certificatePEM, f"{key}.certificate")
     privateKey = _parsePrivateKey(keyPEM, f"{key}.private_key")
     if _publicKeyBytes(privateKey) != _publicKeyBytes(chain[0]):
-        raise ConfigError(f"{key}.private_key: does not match the certificate")
+        raise KeyMismatch(f"{key}.private_key: does not match the certificate")
     loaded = LoadedCertificate(
         key,
         tuple(crypto.X509.from_cryptography(certificate) for certificate in chain),
@@ -206,6 +238,21 @@ def _stamp(files: ListenerCertificate) -> _Stamp:
     return tuple(stamps)
 
 
+@dataclass(frozen=True)
+class Renewal:
+    """
+    A pair read from renewed files, not yet in use.
+
+    @ivar watched: whose files they are.
+    @ivar stamp: the files' identity when they were read.
+    @ivar loaded: the pair.
+    """
+
+    watched: WatchedCertificate
+    stamp: _Stamp
+    loaded: LoadedCertificate
+
+
 class WatchedCertificate:
     """
     A configured certificate and key, loaded, and whether their files
@@ -222,8 +269,10 @@ class WatchedCertificate:
         self.key = key
         self._stamp = _stamp(files)
         self.current = loadCertificate(files, key)
-        # The files as they were when they last failed to load.
+        # The files as they were when they last failed to load, and as they
+        # were when a key not matching was first let pass.
         self._refused: _Stamp | None = None
+        self._halfSwitched: _Stamp | None = None
 
     def changed(self) -> bool:
         """
@@ -233,11 +282,15 @@ class WatchedCertificate:
         stamp = _stamp(self.files)
         return stamp != self._stamp and stamp != self._refused
 
-    def reload(self) -> LoadedCertificate | None:
+    def read(self, patient: bool) -> Renewal | None:
         """
         Read the files again.
 
-        @return: the new pair if their contents changed, C{None} if not.
+        @param patient: whether a key not matching its certificate, when
+            only one of the two files changed, is let pass once: the other
+            may be about to follow (certbot's symlinks).
+        @return: the new pair, to be taken up with L{accept}; C{None} if the
+            contents are the pair in use, or if a mismatch is let pass.
         @raise ConfigError: if the new pair cannot be used; the one in use
             stays.
         """
@@ -245,14 +298,38 @@ class WatchedCertificate:
         stamp = _stamp(self.files)
         try:
             loaded = loadCertificate(self.files, self.key)
-        except ConfigError:
-            self._refused = stamp
+        except KeyMismatch:
+            if patient and stamp != self._halfSwitched and self._oneFileChanged(stamp):
+                self._halfSwitched = stamp
+                return None
+            self.refuse(stamp)
             raise
-        self._stamp, self._refused = stamp, None
+        except ConfigError:
+            self.refuse(stamp)
+            raise
+        self._halfSwitched = None
         if loaded.digest == self.current.digest:
+            self._stamp, self._refused = stamp, None
             return None
-        self.current = loaded
-        return loaded
+        return Renewal(self, stamp, loaded)
+
+    def accept(self, renewal: Renewal) -> None:
+        """
+        Use C{renewal}'s pair from now on.
+        """
+        self.current, self._stamp, self._refused = renewal.loaded, renewal.stamp, None
+
+    def refuse(self, stamp: _Stamp) -> None:
+        """
+        Do not read the files again until they look different from
+        C{stamp}.
+        """
+        self._refused, self._halfSwitched = stamp, None
+
+    def _oneFileChanged(self, stamp: _Stamp) -> bool:
+        certificate, key = stamp
+        inUse = self._stamp
+        return (certificate != inUse[0]) != (key != inUse[1])
 
 
 class CertificateReloader:
@@ -266,7 +343,7 @@ class CertificateReloader:
     log = Logger()
 
     def __init__(
-        self, listeners: Sequence[ServerTLS], checkInterval: float, sessionLifetime: float, clock: IReactorTime
+        self, listeners: Sequence[ServerTLS], checkInterval: float, sessionLifetime: int, clock: IReactorTime
     ) -> None:
         self.listeners = list(listeners)
         self.checkInterval = checkInterval
@@ -305,22 +382,22 @@ class CertificateReloader:
         """
         New contexts, and so new session ticket keys, for every listener.
         """
-        for listener in self.listeners:
-            listener.rebuild()
+        rebuilt = sum(1 for listener in self.listeners if listener.rebuild())
         self.log.info(
-            "TLS session ticket keys replaced on {count} listeners (every {lifetime:g} s)",
-            count=len(self.listeners),
+            "TLS session ticket keys replaced on {count} listener{plural} (every {lifetime} s)",
+            count=rebuilt,
+            plural="" if rebuilt == 1 else "s",
             lifetime=self.sessionLifetime,
         )
 
     def _refresh(self, force: bool) -> None:
         for listener in self.listeners:
-            renewed = []
+            renewals = []
             for watched in listener.certificates:
                 if not force and not watched.changed():
                     continue
                 try:
-                    loaded = watched.reload()
+                    renewal = watched.read(patient=not force)
                 except ConfigError as error:
                     self.log.error(
                         "listener {listener}: certificate not reloaded, keeping the one in use: {error}",
@@ -328,14 +405,19 @@ class CertificateReloader:
                         error=str(error),
                     )
                     continue
-                if loaded is not None:
-                    renewed.append(loaded)
-            if not renewed or not listener.rebuild():
+                if renewal is not None:
+                    renewals.append(renewal)
+            if not renewals:
                 continue
-            for loaded in renewed:
+            if not listener.rebuild(renewals):
+                # Logged by rebuild; tried again when the files change.
+                for renewal in renewals:
+                    renewal.watched.refuse(renewal.stamp)
+                continue
+            for renewal in renewals:
                 self.log.info(
                     "listener {listener}: certificate reloaded ({key}): {certificate}",
                     listener=listener.name,
-                    key=loaded.key,
-                    certificate=loaded.describe(),
+                    key=renewal.loaded.key,
+                    certificate=renewal.loaded.describe(),
                 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -40,6 +41,10 @@ INTERMEDIATE_CIPHERS = (
 MAX_HASH_THREADS = 64
 # OpenSSL's cap on a TLS 1.3 session ticket's lifetime (RFC 8446 4.6.1).
 MAX_TLS_SESSION_LIFETIME = 7 * 24 * 3600
+# Every rotation rebuilds every listener's contexts: not more often than this.
+MIN_TLS_SESSION_LIFETIME = 60
+# Each check stats every certificate file, on the reactor thread.
+MIN_CERTIFICATE_CHECK_INTERVAL = 1
 
 
 def defaultHashThreads() -> int:
@@ -173,7 +178,7 @@ class Config:
     logFormat: str = "text"
     metricsListen: str | None = None
     certificateCheckInterval: float = 60.0
-    tlsSessionLifetime: float = 12 * 3600.0
+    tlsSessionLifetime: int = 12 * 3600
 
     def filterNamesFor(self, listener: ListenerConfig, username: str | None) -> tuple[str, ...]:
         """
@@ -249,10 +254,18 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     listenBacklog = server.number("listen_backlog", Config.listenBacklog)
     if listenBacklog != int(listenBacklog) or not 1 <= listenBacklog <= 65535:
         raise ConfigError(f"{server.where('listen_backlog')}: must be an integer from 1 to 65535")
-    tlsSessionLifetime = server.number("tls_session_lifetime", Config.tlsSessionLifetime)
-    if tlsSessionLifetime > MAX_TLS_SESSION_LIFETIME:
+    certificateCheckInterval = float(server.number("certificate_check_interval", Config.certificateCheckInterval))
+    if 0 < certificateCheckInterval < MIN_CERTIFICATE_CHECK_INTERVAL:
         raise ConfigError(
-            f"{server.where('tls_session_lifetime')}: must be at most {MAX_TLS_SESSION_LIFETIME} (7 days)"
+            f"{server.where('certificate_check_interval')}: must be 0 (never) or at least {MIN_CERTIFICATE_CHECK_INTERVAL}"
+        )
+    tlsSessionLifetime = server.number("tls_session_lifetime", Config.tlsSessionLifetime)
+    if tlsSessionLifetime != int(tlsSessionLifetime) or (
+        tlsSessionLifetime != 0 and not MIN_TLS_SESSION_LIFETIME <= tlsSessionLifetime <= MAX_TLS_SESSION_LIFETIME
+    ):
+        raise ConfigError(
+            f"{server.where('tls_session_lifetime')}: must be 0 (off) or an integer "
+            f"from {MIN_TLS_SESSION_LIFETIME} to {MAX_TLS_SESSION_LIFETIME}"
         )
 
     upstreams = {}
@@ -320,8 +333,8 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         limits=_limits(reader.table("limits")),
         logFormat=logFormat,
         metricsListen=metricsListen,
-        certificateCheckInterval=float(server.number("certificate_check_interval", Config.certificateCheckInterval)),
-        tlsSessionLifetime=float(tlsSessionLifetime),
+        certificateCheckInterval=certificateCheckInterval,
+        tlsSessionLifetime=int(tlsSessionLifetime),
     )
 
 
@@ -659,6 +672,9 @@ class _Reader:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"{self.where(key)}: must be a non-negative number")
+        # TOML has nan and inf; no setting means either.
+        if not math.isfinite(value):
+            raise ConfigError(f"{self.where(key)}: must be a finite number")
         return value
 
     def boolean(self, key: str, default: bool) -> bool:

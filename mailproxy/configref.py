@@ -41,7 +41,7 @@ class Key:
     """
     One configuration key.
 
-    @ivar type: C{string}, C{number} (may have a fraction), C{integer},
+    @ivar type: C{string}, C{number} (may have a fraction; never nan or inf), C{integer},
         C{boolean}, C{list of strings}, C{table}, C{list of tables}, C{path} (a file name,
         relative to the configuration file's directory) or C{endpoint} (a
         Twisted endpoint string).
@@ -122,15 +122,15 @@ TABLES: tuple[Table, ...] = (
                 "certificate_check_interval",
                 SECONDS,
                 60,
-                "Seconds between checks of the listeners' certificate and key files: a renewed pair is served "
-                "to new connections (SIGHUP re-reads them too). 0: only on SIGHUP. Restart only.",
+                "Seconds between checks of the listeners' certificate and key files (0: only on SIGHUP, "
+                "otherwise at least 1): a renewed pair is served to new connections. Restart only.",
             ),
             Key(
                 "tls_session_lifetime",
-                SECONDS,
+                "integer",
                 43200,
-                "Seconds a TLS session can be resumed; the ticket key is replaced this often and on every "
-                "certificate reload (at most 604800; 0 turns resumption off). Restart only.",
+                "Seconds a TLS session can be resumed (0: never, otherwise 60 to 604800); the ticket keys are "
+                "replaced this often and on every certificate reload. Restart only.",
             ),
             Key(
                 "log_format",

@@ -3,8 +3,8 @@
 TLS settings for both sides of the proxy.
 
 Listeners serve a default certificate, and others chosen by the name a
-client asks for (SNI: exact names, or C{*.} wildcards for one label, case
-insensitive).  A listener's contexts can be swapped while it runs (a
+client asks for (SNI: exact names, or C{*.} wildcards for one DNS label,
+case insensitive).  A listener's contexts can be swapped while it runs (a
 renewed certificate, see L{mailproxy.certificates}): new connections get the
 new ones, open ones keep theirs.
 
@@ -15,6 +15,15 @@ seconds (12 hours by default) and on every certificate reload; a ticket is
 good until then and at most that long (the session timeout).  A ticket
 older than the current contexts gets a full handshake.  The server keeps no
 session cache of its own.
+
+Each certificate has contexts of its own, so its own ticket key: a session
+is resumed only under the certificate it was made with (RFC 6066 section 3:
+not for another name; names one certificate is for share its sessions).
+OpenSSL decides on resumption before its server name callback runs, and
+tickets are decrypted with the key of the context a connection was made
+from, so a listener with SNI certificates reads the name from the
+ClientHello itself (L{mailproxy.clienthello}) and only then makes the
+connection, from that certificate's context.
 
 ALPN (RFC 7301): a listener takes C{imap} or C{pop3} as its protocol name;
 a client offering only other protocols (C{h2}, C{http/1.1}, another mail
@@ -29,6 +38,7 @@ no silent fallback to an unverified connection.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +51,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailproxy.addresses import clientAddressOf
-from mailproxy.certificates import LoadedCertificate, WatchedCertificate, parseCertificates, readPEM
+from mailproxy.certificates import LoadedCertificate, Renewal, WatchedCertificate, parseCertificates, readPEM
+from mailproxy.clienthello import ClientHelloReader, Sniffed
 from mailproxy.config import INTERMEDIATE_CIPHERS, ConfigError, ListenerCertificate, ListenerConfig, UpstreamConfig
 from mailproxy.logs import loggedName
 
@@ -75,7 +86,30 @@ class TLSProfile:
     minimumVersion: str = "1.2"
     ciphers: str = INTERMEDIATE_CIPHERS
     applicationProtocol: bytes | None = None
-    sessionLifetime: float = 0.0
+    sessionLifetime: int = 0
+
+
+@dataclass(frozen=True)
+class _Contexts:
+    """
+    One generation of a listener's contexts: the default certificate's, and
+    those of the certificates chosen by exact names and by wildcards (the
+    wildcards' domains).
+    """
+
+    default: SSL.Context
+    exact: dict[str, SSL.Context]
+    wildcards: dict[str, SSL.Context]
+
+    def forName(self, serverName: bytes | None) -> SSL.Context:
+        """
+        The context of the certificate for C{serverName}, the default one
+        if none is for it.
+        """
+        if not serverName:
+            return self.default
+        chosen = matchingContext(serverName.decode("ascii", "replace"), self.exact, self.wildcards)
+        return self.default if chosen is None else chosen
 
 
 class NoSharedApplicationProtocol(SSL.Error):
@@ -113,31 +147,38 @@ class ServerTLS:
             # Twisted builds the context on first use; a cipher list it
             # cannot apply (NULL ciphers only, say) must stop start-up, not
             # every handshake.
-            self._default = self._build()
+            self._contexts = self._build([watched.current for watched in self.certificates])
         except SSL.Error as error:
             raise ConfigError(f"{key}.tls_ciphers: cannot be used ({error}): {profile.ciphers!r}") from None
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         """
-        A connection of the current default context (which switches to
-        another by SNI).
+        A connection of the current contexts: of the default one when the
+        listener has no other certificate, else of the one the client's
+        ClientHello asks for (see L{ConnectionByServerName}).
         """
-        return SSL.Connection(self._default, None)
+        contexts = self._contexts
+        if not contexts.exact and not contexts.wildcards:
+            return SSL.Connection(contexts.default, None)
+        # It stands in for one: Twisted uses only SSL.Connection's methods.
+        return ConnectionByServerName(contexts)  # type: ignore[return-value]
 
     def getContext(self) -> SSL.Context:
         """
         The current default context.
         """
-        return self._default
+        return self._contexts.default
 
-    def rebuild(self) -> bool:
+    def rebuild(self, renewals: Sequence[Renewal] = ()) -> bool:
         """
-        New contexts from the current certificates, with a new session ticket
-        key; C{False} (and the error logged) if they cannot be built, the
-        old ones staying.
+        New contexts, with new session ticket keys, from the certificates in
+        use and C{renewals}, which are then in use; C{False} (and the error
+        logged) if they cannot be built, the old ones and the old
+        certificates staying.
         """
+        renewed = {id(renewal.watched): renewal.loaded for renewal in renewals}
         try:
-            self._default = self._build()
+            self._contexts = self._build([renewed.get(id(watched), watched.current) for watched in self.certificates])
         except SSL.Error as error:
             self.log.error(
                 "listener {listener}: TLS contexts not rebuilt, keeping the ones in use: {error}",
@@ -145,26 +186,33 @@ class ServerTLS:
                 error=str(error),
             )
             return False
+        for renewal in renewals:
+            renewal.watched.accept(renewal)
         return True
 
-    def _build(self) -> SSL.Context:
-        # One session ID context for every context of a generation, so a
-        # session made after an SNI switch is found again.
-        sessionIDContext = secrets.token_hex(16).encode("ascii")
-        default, *named = (self._context(watched.current, sessionIDContext) for watched in self.certificates)
+    def _build(self, pairs: Sequence[LoadedCertificate]) -> _Contexts:
+        """
+        Contexts for C{pairs}: the default certificate's first, then those
+        of L{certificates}' others, in order.
+        """
+        default, *named = (self._context(pair) for pair in pairs)
         exact: dict[str, SSL.Context] = {}
         wildcards: dict[str, SSL.Context] = {}
-        for watched, context in zip(self.certificates[1:], named, strict=True):
-            for name in watched.current.names:
+        for pair, context in zip(pairs[1:], named, strict=True):
+            for name in pair.names:
                 if name.startswith("*."):
                     wildcards.setdefault(name[2:], context)
                 else:
                     exact.setdefault(name, context)
+        contexts = _Contexts(default, exact, wildcards)
         if exact or wildcards:
-            default.set_tlsext_servername_callback(lambda connection: _selectContext(connection, exact, wildcards))
-        return default
+            # A name the ClientHello reader did not find (OpenSSL reads more
+            # forms) still picks its certificate, if not its sessions.
+            for context in (default, *named):
+                context.set_tlsext_servername_callback(lambda connection: _selectContext(connection, contexts))
+        return contexts
 
-    def _context(self, certificate: LoadedCertificate, sessionIDContext: bytes) -> SSL.Context:
+    def _context(self, certificate: LoadedCertificate) -> SSL.Context:
         profile = self.profile
         options = ssl.CertificateOptions(
             privateKey=certificate.privateKey,
@@ -175,9 +223,11 @@ class ServerTLS:
             enableSessionTickets=profile.sessionLifetime > 0,
         )
         context = options.getContext()
-        context.set_session_id(sessionIDContext)
+        # New in every generation, though each context's own ticket key
+        # already keeps sessions apart.
+        context.set_session_id(secrets.token_hex(16).encode("ascii"))
         if profile.sessionLifetime > 0:
-            context.set_timeout(int(profile.sessionLifetime))
+            context.set_timeout(profile.sessionLifetime)
         if profile.applicationProtocol is not None:
             context.set_alpn_select_callback(self._selectProtocol)
         return context
@@ -206,29 +256,101 @@ class ServerTLS:
         raise NoSharedApplicationProtocol([("SSL routines", "", "no application protocol")])
 
 
+# One DNS label (RFC 1123 section 2.1, lower case): what a wildcard stands for.
+_DNS_LABEL = re.compile(r"[a-z0-9-]{1,63}")
+
+
 def matchingContext(
     serverName: str, exact: dict[str, SSL.Context], wildcards: dict[str, SSL.Context]
 ) -> SSL.Context | None:
     """
     The context for C{serverName}: an exact name first, then a wildcard for
-    its first label; C{None} if none is for it.
+    its first label if that is a DNS label; C{None} if none is for it.
     """
     name = serverName.lower().rstrip(".")
     if name in exact:
         return exact[name]
-    _, dot, parent = name.partition(".")
-    return wildcards.get(parent) if dot else None
+    label, dot, parent = name.partition(".")
+    return wildcards.get(parent) if dot and _DNS_LABEL.fullmatch(label) else None
 
 
-def _selectContext(
-    connection: SSL.Connection, exact: dict[str, SSL.Context], wildcards: dict[str, SSL.Context]
-) -> None:
-    serverName = connection.get_servername()
-    if not serverName:
-        return
-    context = matchingContext(serverName.decode("ascii", "replace"), exact, wildcards)
-    if context is not None:
+def _selectContext(connection: SSL.Connection, contexts: _Contexts) -> None:
+    context = contexts.forName(connection.get_servername())
+    if context is not connection.get_context():
         connection.set_context(context)
+
+
+class ConnectionByServerName:
+    """
+    A server's TLS connection made once the client's ClientHello is read,
+    from the context of the certificate it asks for, so that certificate's
+    ticket key decides on resumption; until then it holds the bytes
+    received.  It stands in for an L{SSL.Connection}: any other use before
+    the ClientHello is complete makes the connection from the default
+    context.
+    """
+
+    def __init__(self, contexts: _Contexts) -> None:
+        self._contexts = contexts
+        self._hello: ClientHelloReader | None = ClientHelloReader()
+        self._connection: SSL.Connection | None = None
+        self._appData: Any = None
+
+    def set_accept_state(self) -> None:
+        """
+        Nothing to do: the connection is always a server's.
+        """
+
+    def set_app_data(self, data: Any) -> None:
+        self._appData = data
+        if self._connection is not None:
+            self._connection.set_app_data(data)
+
+    def get_app_data(self) -> Any:
+        return self._appData
+
+    # Before the ClientHello, what OpenSSL answers too: it needs more bytes.
+
+    def do_handshake(self) -> None:
+        self._established().do_handshake()
+
+    def bio_read(self, bufsiz: int) -> bytes:
+        return self._established().bio_read(bufsiz)
+
+    def send(self, buf: bytes, flags: int = 0) -> int:
+        return self._established().send(buf, flags)
+
+    def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
+        return self._established().recv(bufsiz, flags)
+
+    def _established(self) -> SSL.Connection:
+        if self._connection is None:
+            raise SSL.WantReadError()
+        return self._connection
+
+    def bio_write(self, buf: bytes) -> int:
+        if self._connection is not None:
+            return self._connection.bio_write(buf)
+        assert self._hello is not None
+        sniffed = self._hello.feed(bytes(buf))
+        if sniffed is Sniffed.INCOMPLETE:
+            return len(buf)
+        self._connect(self._contexts.forName(None if sniffed is Sniffed.NO_NAME else sniffed))
+        return len(buf)
+
+    def _connect(self, context: SSL.Context) -> SSL.Connection:
+        connection = SSL.Connection(context, None)
+        connection.set_accept_state()
+        connection.set_app_data(self._appData)
+        assert self._hello is not None
+        if self._hello.received:
+            connection.bio_write(bytes(self._hello.received))
+        self._hello, self._connection = None, connection
+        return connection
+
+    def __getattr__(self, name: str) -> Any:
+        connection = self._connection if self._connection is not None else self._connect(self._contexts.default)
+        return getattr(connection, name)
 
 
 def _clientOf(connection: SSL.Connection) -> str:
@@ -249,7 +371,7 @@ def _clientOf(connection: SSL.Connection) -> str:
         return "?"
 
 
-def listenerTLS(listener: ListenerConfig, key: str, sessionLifetime: float = 0.0) -> ServerTLS:
+def listenerTLS(listener: ListenerConfig, key: str, sessionLifetime: int = 0) -> ServerTLS:
     """
     The TLS server side of C{listener}: its default certificate and those
     chosen by server name.
@@ -274,23 +396,6 @@ def listenerTLS(listener: ListenerConfig, key: str, sessionLifetime: float = 0.0
         sessionLifetime,
     )
     return ServerTLS(listener.name, key, profile, [default, *named])
-
-
-def serverOptions(
-    certificateFile: str,
-    privateKeyFile: str,
-    key: str,
-    minimumVersion: str = "1.2",
-    ciphers: str = INTERMEDIATE_CIPHERS,
-) -> ServerTLS:
-    """
-    Server TLS from PEM files: the leaf certificate first, then its chain;
-    the key may be in either file.  No ALPN check, no resumption.
-
-    @param key: the configuration key, for error messages.
-    """
-    watched = WatchedCertificate(ListenerCertificate(certificateFile, privateKeyFile), key)
-    return ServerTLS(key, key, TLSProfile(minimumVersion, ciphers), [watched])
 
 
 def _checkCiphers(ciphers: str, key: str) -> None:

@@ -285,10 +285,30 @@ def test_server_certificate_check_and_session_lifetime_have_defaults(tmp_path: P
     assert (config.certificateCheckInterval, config.tlsSessionLifetime) == (60.0, 43200.0)
     config = loadConfig(
         writeConfig(
-            tmp_path, VALID.replace("[server]", "[server]\ncertificate_check_interval = 0.5\ntls_session_lifetime = 0")
+            tmp_path, VALID.replace("[server]", "[server]\ncertificate_check_interval = 0\ntls_session_lifetime = 0")
         )
     )
-    assert (config.certificateCheckInterval, config.tlsSessionLifetime) == (0.5, 0.0)
+    assert (config.certificateCheckInterval, config.tlsSessionLifetime) == (0.0, 0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("certificate_check_interval = 1", 1.0),
+        ("certificate_check_interval = 2.5", 2.5),
+        ("certificate_check_interval = 86400", 86400.0),
+        ("tls_session_lifetime = 60", 60),
+        ("tls_session_lifetime = 3600.0", 3600),
+        ("tls_session_lifetime = 604800", 604800),
+    ],
+)
+def test_certificate_check_and_session_lifetime_take_values_in_their_ranges(
+    tmp_path: Path, setting: str, expected: float
+) -> None:
+    """A check interval of 1 s or more, a session lifetime of whole seconds from 60 to 604800: taken as given (the lifetime an integer)."""
+    config = loadConfig(writeConfig(tmp_path, VALID.replace("[server]", f"[server]\n{setting}")))
+    value = config.certificateCheckInterval if setting.startswith("certificate") else config.tlsSessionLifetime
+    assert value == expected and type(value) is type(expected)
 
 
 @pytest.mark.parametrize(
@@ -380,3 +400,46 @@ def test_invalid_certificate_check_or_session_lifetime_names_the_key(tmp_path: P
     """A negative interval, a string, or a session lifetime over 7 days raises a ConfigError naming the key."""
     message = configError(tmp_path, VALID.replace("[server]", f"[server]\n{setting}"))
     assert message.startswith(key + ":"), message
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        # Checked every reactor turn, or about as often.
+        ("certificate_check_interval = 0.001", "server.certificate_check_interval: must be 0 (never) or at least 1"),
+        ("certificate_check_interval = 0.5", "server.certificate_check_interval: must be 0 (never) or at least 1"),
+        ("certificate_check_interval = nan", "server.certificate_check_interval: must be a finite number"),
+        ("certificate_check_interval = inf", "server.certificate_check_interval: must be a finite number"),
+        # OpenSSL takes whole seconds: 0.5 would have been 0, its default.
+        ("tls_session_lifetime = 0.5", "server.tls_session_lifetime: must be 0 (off) or an integer from 60 to 604800"),
+        ("tls_session_lifetime = 1e-9", "server.tls_session_lifetime: must be 0 (off) or an integer from 60 to 604800"),
+        ("tls_session_lifetime = 59", "server.tls_session_lifetime: must be 0 (off) or an integer from 60 to 604800"),
+        ("tls_session_lifetime = 60.5", "server.tls_session_lifetime: must be 0 (off) or an integer from 60 to 604800"),
+        ("tls_session_lifetime = nan", "server.tls_session_lifetime: must be a finite number"),
+        ("tls_session_lifetime = inf", "server.tls_session_lifetime: must be a finite number"),
+        ("tls_session_lifetime = true", "server.tls_session_lifetime: must be a non-negative number"),
+    ],
+)
+def test_certificate_check_and_session_lifetime_out_of_their_ranges_are_refused(
+    tmp_path: Path, setting: str, message: str
+) -> None:
+    """A check interval under 1 s (but 0), a session lifetime that is not 0 or whole seconds from 60 to 604800, nan or inf: one ConfigError saying what is accepted."""
+    assert configError(tmp_path, VALID.replace("[server]", f"[server]\n{setting}")) == message
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ("failure_delay = 0.5", "failure_delay = nan", "auth.failure_delay"),
+        ("failure_delay = 0.5", "failure_delay = inf", "auth.failure_delay"),
+        ("preauth_timeout = 30", "preauth_timeout = inf", "server.preauth_timeout"),
+        ("preauth_timeout = 30", "preauth_timeout = -nan", "server.preauth_timeout"),
+        ("connect_timeout = 5", "connect_timeout = nan", "upstream.main.connect_timeout"),
+        ("[server]", "[server]\nlisten_backlog = inf", "server.listen_backlog"),
+        ("[server]", "[limits]\nmax_connections = inf\n[server]", "limits.max_connections"),
+    ],
+)
+def test_nan_and_infinity_are_refused_for_every_number(tmp_path: Path, old: str, new: str, key: str) -> None:
+    """nan and inf are TOML floats, but no setting means them: a ConfigError naming the key."""
+    assert old in VALID
+    assert configError(tmp_path, VALID.replace(old, new, 1)) == f"{key}: must be a finite number"

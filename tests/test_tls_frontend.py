@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,19 @@ from zope.interface.verify import verifyObject
 from mailproxy.config import ConfigError, ListenerCertificate, ListenerConfig, TLSMode
 from mailproxy.tls import listenerTLS, matchingContext
 from tests.proxyprocess import HOST, ProxyProcess, freePort, runningProxy
-from tests.tlssupport import OPENSSL, Issuer, Pair, SClient, answeredGoodbye, goodbye, sClient, served
+from tests.tlssupport import (
+    OPENSSL,
+    Issuer,
+    Pair,
+    SClient,
+    answeredGoodbye,
+    goodbye,
+    proxyConfig,
+    sClient,
+    served,
+    servedInMemory,
+    startTLS,
+)
 
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
 
@@ -112,18 +125,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     }
     ports = {listener.name: freePort() for listener in LISTENERS}
     tables = "".join(listenerTable(listener, ports[listener.name], pairs) for listener in LISTENERS)
-    config = f"""
-[auth]
-users_file = "users"
-{tables}
-[upstream.main]
-host = "{HOST}"
-port = {freePort()}
-connect_timeout = 3
-
-[routing]
-default_upstream = "main"
-"""
+    config = proxyConfig(tables)
     with runningProxy(config, {"alice": "alicepw"}, list(ports.values()), "mp-tls-frontend-") as (_, process):
         yield Proxy(ports, issuer, pairs, process)
 
@@ -170,6 +172,16 @@ def test_the_certificate_is_chosen_by_the_name_the_client_asks_for(
         ("a.x.example.net", None),
         ("example", None),
         ("", None),
+        # A wildcard's label is a DNS label: nothing else stands for one.
+        ("a-1.example.net", "wildcard"),
+        ("\ufffd\ufffd.example.net", None),
+        ("\r\n.example.net", None),
+        (".example.net", None),
+        ("*.example.net", None),
+        ("a b.example.net", None),
+        ("under_score.example.net", None),
+        (f"{'a' * 63}.example.net", "wildcard"),
+        (f"{'a' * 64}.example.net", None),
     ],
 )
 def test_matching_context_takes_exact_names_then_one_label_wildcards(serverName: str, expected: str | None) -> None:
@@ -177,6 +189,28 @@ def test_matching_context_takes_exact_names_then_one_label_wildcards(serverName:
     exact, wildcard = SSL.Context(SSL.TLS_SERVER_METHOD), SSL.Context(SSL.TLS_SERVER_METHOD)
     found = matchingContext(serverName, {"mail.example.test": exact, "a.example.net": exact}, {"example.net": wildcard})
     assert found is {"exact": exact, "wildcard": wildcard, None: None}[expected]
+
+
+@pytest.mark.parametrize(
+    "serverName",
+    [b"\xff\xfe.example.net", b"\r\n.example.net", b".example.net", b"*.example.net", b"a b.example.net"],
+    ids=repr,
+)
+def test_a_wildcard_is_not_served_for_a_first_label_that_is_not_a_dns_label(tmp_path: Path, serverName: bytes) -> None:
+    """A client naming bytes, control characters, an empty label, a * or a space before a wildcard's domain gets the default certificate."""
+    issuer = Issuer(tmp_path)
+    default, wildcard = issuer.issue("default", "localhost"), issuer.issue("net", "*.example.net")
+    listener = ListenerConfig(
+        "imaps",
+        "tcp:0",
+        TLSMode.IMPLICIT,
+        certificate=default.certFile,
+        privateKey=default.keyFile,
+        certificates=(ListenerCertificate(wildcard.certFile, wildcard.keyFile),),
+    )
+    tls = listenerTLS(listener, "listener[0]")
+    assert servedInMemory(tls, b"webmail.example.net").serial_number == wildcard.serial
+    assert servedInMemory(tls, serverName).serial_number == default.serial
 
 
 # ALPN.
@@ -251,6 +285,64 @@ def test_a_session_is_resumed_with_its_ticket(
     assert f"TLSv1.{version[-1]}" in (second.summary or ""), second.output
     # The session goes on after the abbreviated handshake: the goodbye is answered.
     assert answeredGoodbye(listener.protocol) in second.output, second.output
+
+
+# Each certificate's sessions apart: RFC 6066 section 3, a server must not
+# resume a session made for another name.
+SWITCHES = [
+    ("mail.example.test", "localhost"),
+    ("localhost", "mail.example.test"),
+    ("webmail.example.net", "mail.example.test"),
+    ("mail.example.test", None),
+]
+
+
+@pytest.mark.parametrize("listener", [LISTENERS[0], LISTENERS[3]], ids=ids)
+@pytest.mark.parametrize("version", list(VERSIONS))
+@pytest.mark.parametrize(("first", "second"), SWITCHES, ids=str)
+def test_a_session_is_not_resumed_under_a_name_of_another_certificate(
+    proxy: Proxy, listener: Listener, version: str, first: str, second: str | None, tmp_path: Path
+) -> None:
+    """A session made under one name, presented under a name another certificate is for (or none), gets a full handshake with that certificate; under its own name it is resumed."""
+    session = str(tmp_path / "session.pem")
+    made = proxy.sClient(listener, "-servername", first, VERSIONS[version], "-sess_out", session)
+    assert made.summary is not None and made.summary.startswith("New, "), made.output
+    naming = ("-servername", second) if second is not None else ("-noservername",)
+    other = proxy.sClient(listener, *naming, VERSIONS[version], "-sess_in", session)
+    assert other.summary is not None and other.summary.startswith(f"New, TLSv1.{version[-1]}"), other.output
+    assert answeredGoodbye(listener.protocol) in other.output, other.output
+    assert other.serial == proxy.pairs[SERVED_FOR[second]].serial, other.output
+    same = proxy.sClient(listener, "-servername", first, VERSIONS[version], "-sess_in", session)
+    assert same.reused, same.output
+
+
+@pytest.mark.parametrize("listener", [LISTENERS[0], LISTENERS[1]], ids=ids)
+@pytest.mark.parametrize("sent", ["half a client hello", "plain text"])
+def test_a_client_leaving_before_its_client_hello_is_whole_leaves_nothing_behind(
+    proxy: Proxy, listener: Listener, sent: str
+) -> None:
+    """Half a ClientHello then a hang-up, or plain text where the ClientHello belongs: no traceback, and the next client is served its certificate."""
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client = SSL.Connection(context, None)
+    client.set_connect_state()
+    client.set_tlsext_host_name(b"mail.example.test")
+    with pytest.raises(SSL.WantReadError):
+        client.do_handshake()
+    hello = client.bio_read(65536)
+    data = hello[: len(hello) // 2] if sent == "half a client hello" else b"a LOGIN alice alicepw\r\n"
+    plain = startTLS(proxy.ports[listener.name], listener.protocol) if listener.starttls else None
+    with plain or socket.create_connection((HOST, proxy.ports[listener.name]), timeout=10) as connection:
+        connection.sendall(data)
+        connection.shutdown(socket.SHUT_WR)
+        # The proxy hangs up (plain text) or waits for the rest (half a hello) until the client goes.
+        connection.settimeout(0.5)
+        try:
+            connection.recv(1024)
+        except TimeoutError:
+            pass
+    certificate, line = proxy.served(listener, "mail.example.test")
+    assert certificate.serial_number == proxy.pairs["mail"].serial and line.startswith(b"* ")
+    assert "Traceback" not in proxy.process.log()
 
 
 def test_an_sni_certificate_without_names_or_dns_names_is_refused(tmp_path: Path) -> None:

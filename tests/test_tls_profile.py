@@ -28,18 +28,16 @@ from pathlib import Path
 
 import pytest
 import trustme
-from OpenSSL import SSL
 
-from mailproxy.config import INTERMEDIATE_CIPHERS, ConfigError, TLSMode, UpstreamConfig
-from mailproxy.passwords import hashPassword
-from mailproxy.tls import serverOptions, upstreamOptions
-from tests.proxyprocess import HOST, TWISTD, freePort, runningProxy
+from mailproxy.config import INTERMEDIATE_CIPHERS, ConfigError, ListenerConfig, TLSMode, UpstreamConfig
+from mailproxy.tls import ServerTLS, listenerTLS, upstreamOptions
+from tests.proxyprocess import HOST, freePort, runningProxy
+from tests.tlssupport import STARTUP_TIMEOUT, Exit, Startup, assertStoppedWithOneLine, proxyConfig
 
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
 
 CLIENT_TIMEOUT = 10.0
-STARTUP_TIMEOUT = 30.0
 
 # TLS 1.2 suites of the default profile an RSA certificate can use.
 PROFILE_RSA_SUITES = ("ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-RSA-CHACHA20-POLY1305")
@@ -258,22 +256,6 @@ private_key = "{certificate.keyFile}"
 """
 
 
-def proxyConfig(listeners: str) -> str:
-    # No session gets past login here: the upstream is never reached.
-    return f"""
-[auth]
-users_file = "users"
-{listeners}
-[upstream.main]
-host = "{HOST}"
-port = {freePort()}
-connect_timeout = 3
-
-[routing]
-default_upstream = "main"
-"""
-
-
 @pytest.fixture(scope="module")
 def proxy(certificate: Certificate, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     """
@@ -443,111 +425,64 @@ def test_python_client_limited_to_tls_1_2_is_refused_by_a_tls_1_3_listener(proxy
             context.wrap_socket(plain, server_hostname="localhost")
 
 
-# serverOptions itself.
+# A listener's TLS server side itself.
 
 
-def tls12Suites(options: object) -> set[str]:
+def serverTLS(
+    certificate: Certificate, key: str, minimumVersion: str = "1.2", ciphers: str = INTERMEDIATE_CIPHERS
+) -> ServerTLS:
     """
-    The TLS 1.2 suites a server context built from C{options} offers.
+    What C{twistd} makes of a listener with C{certificate} and these TLS
+    settings.
     """
-    context = options.getContext()  # type: ignore[attr-defined]
-    return {name for name in SSL.Connection(context, None).get_cipher_list() if not name.startswith("TLS_")}
+    listener = ListenerConfig(
+        "imaps",
+        "tcp:0",
+        TLSMode.IMPLICIT,
+        certificate=certificate.certFile,
+        privateKey=certificate.keyFile,
+        tlsMinimumVersion=minimumVersion,
+        tlsCiphers=ciphers,
+    )
+    return listenerTLS(listener, key)
 
 
-def test_server_options_default_to_the_intermediate_suites(certificate: Certificate) -> None:
-    """Without arguments the server context offers exactly the six ECDHE AEAD suites in TLS 1.2."""
-    options = serverOptions(certificate.certFile, certificate.keyFile, "listener[0]")
-    assert tls12Suites(options) == set(INTERMEDIATE_CIPHERS.split(":"))
-    assert all(suite.startswith("ECDHE-") for suite in tls12Suites(options))
+def tls12Suites(tls: ServerTLS) -> set[str]:
+    """
+    The TLS 1.2 suites a connection of C{tls} offers.
+    """
+    return {name for name in tls.serverConnectionForTLS(None).get_cipher_list() if not name.startswith("TLS_")}
 
 
-def test_server_options_take_a_custom_cipher_list(certificate: Certificate) -> None:
-    """A custom list is what the context offers in TLS 1.2; TLS 1.3's suites stay."""
-    options = serverOptions(certificate.certFile, certificate.keyFile, "listener[0]", "1.3", CUSTOM_SUITE)
-    assert tls12Suites(options) == {CUSTOM_SUITE}
-    context = options.getContext()
-    assert set(TLS13_SUITES) <= set(SSL.Connection(context, None).get_cipher_list())
+def test_listener_tls_defaults_to_the_intermediate_suites(certificate: Certificate) -> None:
+    """Without tls_ciphers a listener's connections offer exactly the six ECDHE AEAD suites in TLS 1.2."""
+    tls = serverTLS(certificate, "listener[0]")
+    assert tls12Suites(tls) == set(INTERMEDIATE_CIPHERS.split(":"))
+    assert all(suite.startswith("ECDHE-") for suite in tls12Suites(tls))
+
+
+def test_listener_tls_takes_a_custom_cipher_list(certificate: Certificate) -> None:
+    """A custom list is what a connection offers in TLS 1.2; TLS 1.3's suites stay."""
+    tls = serverTLS(certificate, "listener[0]", "1.3", CUSTOM_SUITE)
+    assert tls12Suites(tls) == {CUSTOM_SUITE}
+    assert set(TLS13_SUITES) <= set(tls.serverConnectionForTLS(None).get_cipher_list())
 
 
 @pytest.mark.parametrize("ciphers", ["NOSUCHCIPHER", "!ALL", "TLS_AES_128_GCM_SHA256", "ECDHE-RSA-AES128-GCM-SHA256:ü"])
-def test_server_options_refuse_a_cipher_list_selecting_no_tls_1_2_suite(certificate: Certificate, ciphers: str) -> None:
+def test_listener_tls_refuses_a_cipher_list_selecting_no_tls_1_2_suite(certificate: Certificate, ciphers: str) -> None:
     """A list OpenSSL cannot read, or one selecting no TLS 1.2 suite, is a ConfigError naming tls_ciphers."""
     with pytest.raises(ConfigError, match=r"^listener\[3\]\.tls_ciphers: "):
-        serverOptions(certificate.certFile, certificate.keyFile, "listener[3]", "1.2", ciphers)
+        serverTLS(certificate, "listener[3]", "1.2", ciphers)
 
 
 @pytest.mark.parametrize("ciphers", ["eNULL", "NULL-SHA256"])
-def test_server_options_refuse_a_cipher_list_of_null_ciphers(certificate: Certificate, ciphers: str) -> None:
+def test_listener_tls_refuses_a_cipher_list_of_null_ciphers(certificate: Certificate, ciphers: str) -> None:
     """A list of NULL ciphers only is a ConfigError naming tls_ciphers, not an OpenSSL error at the first client."""
     with pytest.raises(ConfigError, match=r"^listener\[0\]\.tls_ciphers: "):
-        serverOptions(certificate.certFile, certificate.keyFile, "listener[0]", "1.2", ciphers)
+        serverTLS(certificate, "listener[0]", "1.2", ciphers)
 
 
-# Start-up with a bad TLS setting.
-
-
-@dataclass(frozen=True)
-class Exit:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-
-def listening(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-class Startup:
-    """
-    C{twistd -n mailproxy} on a configuration with C{listeners} (their
-    tables by port) that must stop it during start-up.
-    """
-
-    def __init__(self, directory: Path, listeners: dict[int, str]) -> None:
-        self.ports = list(listeners)
-        (directory / "users").write_text(f"alice:{hashPassword('alicepw', log2N=4)}\n")
-        config = directory / "mailproxy.toml"
-        config.write_text(proxyConfig("".join(listeners.values())))
-        self._stdout, self._stderr = directory / "stdout", directory / "stderr"
-        command = [TWISTD, "-n", "--pidfile=", "mailproxy", "--config", str(config)]
-        with open(self._stdout, "wb") as stdout, open(self._stderr, "wb") as stderr:
-            self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=directory
-            )
-
-    def exit(self, deadline: float) -> Exit | str:
-        """
-        How it stopped, or why it did not: listening on one of its ports
-        (stopped at once, by PID) or still running at C{deadline}.
-        """
-        try:
-            while self.process.poll() is None:
-                started = [port for port in self.ports if listening(port)]
-                if started:
-                    return f"twistd started, listening on {started}"
-                if time.monotonic() > deadline:
-                    return f"twistd neither stopped nor listened in {STARTUP_TIMEOUT} s"
-                time.sleep(0.05)
-        finally:
-            self.stop()
-        return Exit(self.process.returncode, self._stdout.read_text(), self._stderr.read_text())
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+# Start-up with a bad TLS setting (Startup, in tests.tlssupport).
 
 
 # A listener's bad setting, with the key and the detail the line must name.
@@ -578,27 +513,22 @@ def startups(certificate: Certificate, tmp_path_factory: pytest.TempPathFactory)
             run.stop()
 
 
-def assertStoppedWithOneLine(startups: dict[str, Exit | str], case: str) -> None:
+def assertStoppedNaming(startups: dict[str, Exit | str], case: str) -> None:
     _, _, key, detail = BAD_SETTINGS[case]
     result = startups[case]
-    assert isinstance(result, Exit), result
-    assert result.code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith(f"mailproxy: configuration error: {key}: "), result.output
-    assert detail in lines[0], result.output
+    assertStoppedWithOneLine(result, f"{key}: ")
+    assert isinstance(result, Exit) and detail in result.stderr, result.output
 
 
 @pytest.mark.parametrize("case", ["unknown-cipher", "tls-1.1"])
 def test_twistd_stops_on_a_bad_tls_setting_with_one_line(startups: dict[str, Exit | str], case: str) -> None:
     """tls_ciphers = "NOSUCHCIPHER" or tls_min_version = "1.1" ends start-up with one line naming the key, no traceback."""
-    assertStoppedWithOneLine(startups, case)
+    assertStoppedNaming(startups, case)
 
 
 def test_twistd_stops_on_a_null_cipher_list_with_one_line(startups: dict[str, Exit | str]) -> None:
     """tls_ciphers = "eNULL" (no suite Twisted will use) ends start-up with one line naming the key."""
-    assertStoppedWithOneLine(startups, "null-ciphers")
+    assertStoppedNaming(startups, "null-ciphers")
 
 
 def test_a_corrupt_upstream_ca_file_is_a_config_error(certificate: Certificate, tmp_path: Path) -> None:

@@ -27,28 +27,33 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 
-from mailproxy.certificates import CertificateReloader
-from mailproxy.config import ListenerCertificate, ListenerConfig, TLSMode
+from mailproxy.certificates import CertificateReloader, loadCertificate, parseCertificates
+from mailproxy.config import ConfigError, ListenerCertificate, ListenerConfig, TLSMode
 from mailproxy.tls import ServerTLS, listenerTLS
 from tests.conftest import UPSTREAM_USERS
 from tests.dovecot import DovecotUpstream
 from tests.proxyprocess import HOST, ProxyProcess, freePort, runningProxy
-from tests.test_tls_profile import Exit, Startup
 from tests.tlssupport import (
     OPENSSL,
+    Exit,
     Issuer,
     Pair,
     SClient,
+    Startup,
     answeredGoodbye,
+    assertStoppedWithOneLine,
     clientContext,
     goodbye,
     logCount,
     replaceFile,
     sClient,
+    serialOf,
     served,
+    servedInMemory,
     waitFor,
     waitForLogCount,
 )
@@ -155,9 +160,10 @@ def signalled(dovecot: DovecotUpstream, tmp_path: Path) -> Iterator[Proxy]:
 @pytest.fixture
 def watching(dovecot: DovecotUpstream, tmp_path: Path) -> Iterator[Proxy]:
     """
-    A proxy checking its certificate files every 0.1 s.
+    A proxy checking its certificate files every second (the shortest
+    interval allowed).
     """
-    with reloadingProxy(Issuer(tmp_path), dovecot.ports["imap"], "certificate_check_interval = 0.1") as proxy:
+    with reloadingProxy(Issuer(tmp_path), dovecot.ports["imap"], "certificate_check_interval = 1") as proxy:
         yield proxy
 
 
@@ -256,7 +262,7 @@ def test_the_watcher_follows_a_symlink_switch(dovecot: DovecotUpstream, tmp_path
     for link, target in ((live / "cert.pem", first.certFile), (live / "key.pem", first.keyFile)):
         link.symlink_to(target)
     files = (str(live / "cert.pem"), str(live / "key.pem"))
-    server = "certificate_check_interval = 0.1"
+    server = "certificate_check_interval = 1"
     with reloadingProxy(issuer, dovecot.ports["imap"], server, default=files) as proxy:
         assert proxy.servedSerial("imaps") == first.serial
         second = proxy.issuer.issue("archive/default2", "localhost")
@@ -297,7 +303,7 @@ BREAKAGES = {
     "mismatched key": "listener[0].private_key: does not match the certificate",
     "key file holds a certificate": "listener[0].private_key: no PEM private key found",
     "garbage key": "listener[0].private_key: invalid PEM private key",
-    "half-written certificate": "listener[0].certificate: no PEM certificate found",
+    "half-written certificate": "listener[0].certificate: PEM certificate 1 is incomplete",
     "certificate is not one": "listener[0].certificate: no PEM certificate found",
     "unreadable": "listener[0].certificate: cannot read ",
 }
@@ -404,9 +410,11 @@ class Watched:
     fake clock logging into C{events}.
     """
 
-    def __init__(self, directory: Path, checkInterval: float = 10.0, lifetime: float = 3600.0) -> None:
+    def __init__(
+        self, directory: Path, checkInterval: float = 10.0, lifetime: int = 3600, default: Pair | None = None
+    ) -> None:
         self.issuer = Issuer(directory)
-        self.default = self.issuer.issue("default", "localhost")
+        self.default = default or self.issuer.issue("default", "localhost")
         self.mail = self.issuer.issue("mail", "mail.example.test")
         listener = ListenerConfig(
             "imaps",
@@ -428,6 +436,12 @@ class Watched:
 
     def serials(self) -> list[int]:
         return [watched.current.chain[0].get_serial_number() for watched in self.tls.certificates]
+
+    def servedSerial(self, serverName: bytes | None = None) -> int:
+        """
+        The serial number of the certificate a new connection is served.
+        """
+        return servedInMemory(self.tls, serverName).serial_number
 
 
 def test_the_watcher_reloads_changed_files_at_its_interval(tmp_path: Path) -> None:
@@ -495,7 +509,7 @@ def test_the_session_ticket_key_is_replaced_every_session_lifetime(tmp_path: Pat
     watched.clock.advance(1)
     assert watched.tls.getContext() is not context
     assert watched.serials() == [watched.default.serial, watched.mail.serial]
-    assert watched.messages() == ["TLS session ticket keys replaced on 1 listeners (every 600 s)"]
+    assert watched.messages() == ["TLS session ticket keys replaced on 1 listener (every 600 s)"]
     watched.reloader.stop()
     watched.clock.advance(600)
     assert len(watched.messages()) == 1
@@ -548,6 +562,11 @@ def startupCases(issuer: Issuer, directory: Path) -> dict[str, tuple[str, str, s
             good.keyFile,
             "listener[0].certificate: PEM certificate 1 is invalid",
         ),
+        "chain-cut-short": (
+            write("cut.pem", certPEM + issuer.authority.cert_pem.bytes()[:200]),
+            good.keyFile,
+            "listener[0].certificate: PEM certificate 2 is incomplete",
+        ),
     }
 
 
@@ -595,6 +614,7 @@ STARTUP_CASES = [
     "key-is-encrypted",
     "certificate-is-a-key",
     "certificate-is-corrupt",
+    "chain-cut-short",
     "sni-mismatched-key",
 ]
 
@@ -605,10 +625,210 @@ def test_twistd_stops_on_an_unusable_certificate_or_key_with_one_line(
 ) -> None:
     """A key not matching, not a key, encrypted, or a certificate file without a valid certificate: exit non-zero, one line naming the key, no traceback."""
     results, expected = startups
-    result = results[case]
-    assert isinstance(result, Exit), result
-    assert result.code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith(f"mailproxy: configuration error: {expected[case]}"), result.output
+    assertStoppedWithOneLine(results[case], expected[case])
+
+
+# A certificate chain written in part.
+
+
+def chainPEM(issuer: Issuer) -> tuple[bytes, bytes]:
+    """
+    A leaf certificate for localhost issued by an intermediate CA, and the
+    PEM of its chain (leaf, intermediate) and of its key.
+    """
+    intermediate = issuer.authority.create_child_ca()
+    leaf = intermediate.issue_cert("localhost")
+    return b"".join(pem.bytes() for pem in leaf.cert_chain_pems), leaf.private_key_pem.bytes()
+
+
+@pytest.mark.parametrize(
+    ("cut", "error"),
+    [
+        # The intermediate's END line missing.
+        (lambda chain: chain[: chain.rindex(b"-----END")], "PEM certificate 2 is incomplete"),
+        # Its BEGIN line and some base64 only.
+        (lambda chain: chain[: chain.rindex(b"-----BEGIN") + 40], "PEM certificate 2 is incomplete"),
+        # The leaf cut, then a complete certificate: the leaf has no END line of its own.
+        (lambda chain: chain[:300] + chain[chain.rindex(b"-----BEGIN") :], "PEM certificate 1 is incomplete"),
+    ],
+)
+def test_a_chain_with_a_certificate_cut_short_is_refused(tmp_path: Path, cut: Any, error: str) -> None:
+    """A BEGIN CERTIFICATE line without its END line is a ConfigError naming which certificate, not a shorter chain."""
+    chain, _ = chainPEM(Issuer(tmp_path))
+    assert len(parseCertificates(chain, "listener[0].certificate")) == 2
+    with pytest.raises(ConfigError) as raised:
+        parseCertificates(cut(chain), "listener[0].certificate")
+    assert str(raised.value) == f"listener[0].certificate: {error}"
+
+
+def test_a_reload_catching_a_chain_half_written_keeps_the_whole_one(tmp_path: Path) -> None:
+    """A check seeing the chain file written up to the intermediate's last line: one error line, the whole chain still in use."""
+    issuer = Issuer(tmp_path)
+    chain, key = chainPEM(issuer)
+    certFile, keyFile = tmp_path / "chain.pem", tmp_path / "chain.key"
+    certFile.write_bytes(chain)
+    keyFile.write_bytes(key)
+    watched = Watched(tmp_path, default=Pair(str(certFile), str(keyFile), serialOf(chain)))
+    context = watched.tls.getContext()
+    # Written in place (cp, install), as with certbot --reuse-key: the
+    # leaf is whole and matches the key, the intermediate is not there yet.
+    certFile.write_bytes(chain[: chain.rindex(b"-----END")])
+    watched.clock.advance(10)
+    assert watched.messages() == [
+        "listener imaps: certificate not reloaded, keeping the one in use: "
+        "listener[0].certificate: PEM certificate 2 is incomplete"
+    ]
+    assert len(watched.tls.certificates[0].current.chain) == 2 and watched.tls.getContext() is context
+    assert watched.servedSerial() == serialOf(chain)
+
+
+# How long a check may hold the reactor on a malformed file: long enough for
+# any linear scan of the largest file read, far less than a quadratic one.
+SCAN_GUARD = 30
+
+
+@contextmanager
+def alarmAfter(seconds: int) -> Iterator[None]:
+    """
+    Fail the test with an exception after C{seconds} instead of hanging.
+    """
+
+    def expired(signum: int, frame: Any) -> None:
+        raise AssertionError(f"still scanning after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_large_file_of_begin_lines_without_end_is_refused_in_one_pass(tmp_path: Path) -> None:
+    """2 MB of BEGIN CERTIFICATE lines and no END line: refused at the first one, in one pass, not after a quadratic search."""
+    lines = b"-----BEGIN CERTIFICATE-----\n" * (2 * 1024 * 1024 // 28)
+    path = tmp_path / "begins.pem"
+    path.write_bytes(lines)
+    with alarmAfter(SCAN_GUARD):
+        with pytest.raises(ConfigError) as raised:
+            parseCertificates(lines, "listener[0].certificate")
+        assert str(raised.value) == "listener[0].certificate: PEM certificate 1 is incomplete"
+        # And the same with a complete certificate in front of them.
+        good = Issuer(tmp_path).issue("good", "localhost")
+        path.write_bytes(Path(good.certFile).read_bytes() + lines)
+        with pytest.raises(ConfigError) as raised:
+            loadCertificate(ListenerCertificate(str(path), good.keyFile), "listener[0]")
+        assert str(raised.value) == "listener[0].certificate: PEM certificate 2 is incomplete"
+
+
+# A certbot renewal: live/ symlinks switched to the new archive/ files one
+# after the other.
+
+
+def certbotLayout(directory: Path) -> tuple[Issuer, Pair, Any]:
+    """
+    An archive/ pair and live/ symlinks to it; and a function renewing
+    into archive/ (key, then certificate) that switches C{links} of
+    C{"key"} and C{"cert"} when told.
+    """
+    issuer = Issuer(directory)
+    (directory / "archive").mkdir()
+    (directory / "live").mkdir()
+    live = {"cert": directory / "live" / "cert.pem", "key": directory / "live" / "key.pem"}
+    first = issuer.issue("archive/first", "localhost")
+    live["cert"].symlink_to(first.certFile)
+    live["key"].symlink_to(first.keyFile)
+
+    def renew(stem: str) -> Any:
+        pair = issuer.issue(f"archive/{stem}", "localhost")
+
+        def switch(which: str) -> None:
+            aside = live[which].with_name(live[which].name + ".new")
+            aside.symlink_to(pair.certFile if which == "cert" else pair.keyFile)
+            os.replace(aside, live[which])
+
+        return pair, switch
+
+    return issuer, Pair(str(live["cert"]), str(live["key"]), first.serial), renew
+
+
+def test_a_check_between_certbots_two_symlink_switches_logs_nothing(tmp_path: Path) -> None:
+    """The key switched, a check, then the certificate: no error line, the old pair served until the new one is whole, then the new one, logged once."""
+    _, live, renew = certbotLayout(tmp_path)
+    watched = Watched(tmp_path, default=live)
+    new, switch = renew("second")
+    switch("key")
+    watched.clock.advance(10)
+    assert watched.messages() == [] and watched.servedSerial() == live.serial
+    switch("cert")
+    watched.clock.advance(10)
+    [message] = watched.messages()
+    assert message.startswith("listener imaps: certificate reloaded (listener[0]): "), message
+    assert watched.servedSerial() == new.serial
+
+
+def test_a_mismatch_after_one_switch_is_logged_if_the_next_check_still_sees_it(tmp_path: Path) -> None:
+    """Only the key switched and nothing else happens: the next check logs the mismatch, once; the old pair stays served."""
+    _, live, renew = certbotLayout(tmp_path)
+    watched = Watched(tmp_path, default=live)
+    _, switch = renew("second")
+    switch("key")
+    watched.clock.advance(10)
+    assert watched.messages() == []
+    for _ in range(3):
+        watched.clock.advance(10)
+    assert watched.messages() == [
+        "listener imaps: certificate not reloaded, keeping the one in use: "
+        "listener[0].private_key: does not match the certificate"
+    ]
+    assert watched.servedSerial() == live.serial
+
+
+def test_sighup_logs_a_mismatch_at_once(tmp_path: Path) -> None:
+    """SIGHUP is the operator asking: a key not matching is logged by that reload, without waiting for a check."""
+    _, live, renew = certbotLayout(tmp_path)
+    watched = Watched(tmp_path, checkInterval=0, default=live)
+    _, switch = renew("second")
+    switch("key")
+    watched.reloader.reload()
+    assert watched.messages() == [
+        "listener imaps: certificate not reloaded, keeping the one in use: "
+        "listener[0].private_key: does not match the certificate"
+    ]
+
+
+# Contexts that cannot be rebuilt for a renewed certificate.
+
+
+def test_a_renewal_whose_contexts_cannot_be_built_is_not_taken_up_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewed pair loads but its contexts fail: the old pair stays in use, so the next ticket key rotation still serves it; SIGHUP tries the files again."""
+    watched = Watched(tmp_path, lifetime=600)
+    build = ServerTLS._build
+    failures = [SSL.Error([("SSL routines", "", "simulated failure")])]
+
+    def failOnce(self: ServerTLS, pairs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return build(self, pairs)
+
+    monkeypatch.setattr(ServerTLS, "_build", failOnce)
+    watched.tls.log = watched.reloader.log
+    renewed = watched.issuer.issue("mail", "mail.example.test")
+    watched.clock.advance(10)
+    assert watched.messages() == [
+        "listener imaps: TLS contexts not rebuilt, keeping the ones in use: [('SSL routines', '', 'simulated failure')]"
+    ]
+    assert watched.serials()[1] == watched.mail.serial
+    assert watched.servedSerial(b"mail.example.test") == watched.mail.serial
+    # The rotation rebuilds from the pair in use, not the one never taken up.
+    watched.clock.advance(590)
+    assert watched.messages()[-1] == "TLS session ticket keys replaced on 1 listener (every 600 s)"
+    assert watched.servedSerial(b"mail.example.test") == watched.mail.serial
+    assert len(watched.messages()) == 2
+    watched.reloader.reload()
+    assert watched.serials()[1] == renewed.serial
+    assert watched.servedSerial(b"mail.example.test") == renewed.serial
+    assert "certificate reloaded (listener[0].certificates[0])" in watched.messages()[-1]

@@ -1,7 +1,8 @@
 """
 Helpers for the listener TLS tests: certificates issued by a throw-away
 CA and renewed the way ACME clients do it, what a real client is served,
-and C{openssl s_client} runs.
+C{openssl s_client} runs, the proxy configuration around the listeners, and
+C{twistd} runs that must stop during start-up.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from pathlib import Path
 
 import trustme
 from cryptography import x509
+from OpenSSL import SSL
 
-from tests.proxyprocess import HOST, ProxyProcess
+from mailproxy.passwords import hashPassword
+from mailproxy.tls import ServerTLS
+from tests.proxyprocess import HOST, TWISTD, ProxyProcess, freePort
 
 OPENSSL = shutil.which("openssl")
 CLIENT_TIMEOUT = 10.0
 WAIT_TIMEOUT = 20.0
+STARTUP_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,14 @@ class SClient:
         return match.group(1) if match else None
 
     @property
+    def serial(self) -> int | None:
+        """
+        The serial number of the certificate the server sent.
+        """
+        match = re.search(r"^-----BEGIN CERTIFICATE-----$.*?^-----END CERTIFICATE-----$", self.output, re.M | re.S)
+        return serialOf(match.group(0).encode("ascii")) if match else None
+
+    @property
     def handshakeDone(self) -> bool:
         return self.summary is not None and "Cipher is (NONE)" not in self.summary
 
@@ -204,3 +217,138 @@ def answeredGoodbye(protocol: str) -> str:
     What the server answers L{goodbye} with.
     """
     return "a OK LOGOUT completed" if protocol == "imap" else "+OK Bye"
+
+
+def proxyConfig(listeners: str, server: str = "") -> str:
+    """
+    A configuration with C{listeners} (their tables) and C{server} (lines
+    of the C{[server]} table) whose upstream is never reached: no session
+    gets past login.
+    """
+    return f"""
+[server]
+{server}
+
+[auth]
+users_file = "users"
+{listeners}
+[upstream.main]
+host = "{HOST}"
+port = {freePort()}
+connect_timeout = 3
+
+[routing]
+default_upstream = "main"
+"""
+
+
+def servedInMemory(tls: ServerTLS, serverName: bytes | None) -> x509.Certificate:
+    """
+    The certificate C{tls} serves a client naming C{serverName} (any bytes,
+    even those no real client library sends), over memory BIOs.
+    """
+    server = tls.serverConnectionForTLS(None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    if serverName is not None:
+        client.set_tlsext_host_name(serverName)
+    done: set[SSL.Connection] = set()
+    # A handshake is two flights each way at most.
+    for _ in range(8):
+        for sending, receiving in ((client, server), (server, client)):
+            try:
+                sending.do_handshake()
+                done.add(sending)
+            except SSL.WantReadError:
+                pass
+            try:
+                receiving.bio_write(sending.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+        certificate = client.get_peer_certificate()
+        if len(done) == 2 and certificate is not None:
+            return certificate.to_cryptography()
+    raise AssertionError(f"no handshake for {serverName!r}: {client.get_state_string()!r}")
+
+
+@dataclass(frozen=True)
+class Exit:
+    """
+    How a C{twistd} run ended.
+    """
+
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Startup:
+    """
+    C{twistd -n mailproxy} on a configuration with C{listeners} (their
+    tables by port) that must stop it during start-up.
+    """
+
+    def __init__(self, directory: Path, listeners: dict[int, str], server: str = "") -> None:
+        self.ports = list(listeners)
+        (directory / "users").write_text(f"alice:{hashPassword('alicepw', log2N=4)}\n")
+        config = directory / "mailproxy.toml"
+        config.write_text(proxyConfig("".join(listeners.values()), server))
+        self._stdout, self._stderr = directory / "stdout", directory / "stderr"
+        command = [TWISTD, "-n", "--pidfile=", "mailproxy", "--config", str(config)]
+        with open(self._stdout, "wb") as stdout, open(self._stderr, "wb") as stderr:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=directory
+            )
+
+    def exit(self, deadline: float) -> Exit | str:
+        """
+        How it stopped, or why it did not: listening on one of its ports
+        (stopped at once, by PID) or still running at C{deadline}.
+        """
+        try:
+            while self.process.poll() is None:
+                started = [port for port in self.ports if listening(port)]
+                if started:
+                    return f"twistd started, listening on {started}"
+                if time.monotonic() > deadline:
+                    return f"twistd neither stopped nor listened in {STARTUP_TIMEOUT} s"
+                time.sleep(0.05)
+        finally:
+            self.stop()
+        return Exit(self.process.returncode, self._stdout.read_text(), self._stderr.read_text())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def assertStoppedWithOneLine(result: Exit | str, line: str) -> None:
+    """
+    C{twistd} stopped during start-up with a non-zero code and one line on
+    stderr, starting C{mailproxy: configuration error: } and C{line}, and no
+    traceback.
+    """
+    assert isinstance(result, Exit), result
+    assert result.code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(f"mailproxy: configuration error: {line}"), result.output
