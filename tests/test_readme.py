@@ -28,3 +28,19 @@ def test_readme_lists_what_make_test_installs_with_apt() -> None:
     assert sentence is not None, "the README no longer says what make test installs"
     listed = re.findall(r"`([^`]+)`", sentence.group(1))
     assert listed == packages
+
+
+def test_every_module_is_in_the_layout_table() -> None:
+    """Each module of the package is named in README's layout table, as a path or beside one."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith("| `mailproxy/")]
+    named = " ".join(row.split(" | ")[0] for row in rows)
+    missing = []
+    for module in sorted((REPO / "mailproxy").rglob("*.py")):
+        relative = module.relative_to(REPO)
+        if module.name == "__init__.py" or "plugins" in relative.parts:
+            continue
+        inPackage = f"`{relative.parent.as_posix()}/`"
+        if f"`{relative.as_posix()}`" not in named and f"`{module.name}`" not in named and inPackage not in named:
+            missing.append(relative.as_posix())
+    assert missing == []
