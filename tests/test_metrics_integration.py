@@ -25,71 +25,10 @@ from mailproxy.passwords import hashPassword
 from tests.conftest import UPSTREAM_USERS
 from tests.dovecot import DovecotUpstream
 from tests.proxyprocess import HOST, ProxyProcess, freePort
+from tests.tomlconfig import authTable, listenerTable, routingTable, table, upstreamTable
 
 WRONG_PASSWORD = "Wr0ng-S3cret-never-logged"
 PASSWORDS = {"carol": "carolpw", "pat": "patpw", "paul": "paulpw", "downuser": "down-pw-7", "badcert": "badcert-pw-9"}
-
-CONFIG = """
-[server]
-log_format = "json"
-
-[auth]
-users_file = "users"
-failure_delay = 0.1
-
-[metrics]
-listen = "tcp:{metrics}:interface=127.0.0.1"
-
-[[listener]]
-name = "imap"
-endpoint = "tcp:{imap}:interface=127.0.0.1"
-allow_plaintext_auth = true
-
-[[listener]]
-name = "imap-starttls"
-endpoint = "tcp:{starttls}:interface=127.0.0.1"
-tls = "starttls"
-certificate = "{cert}"
-private_key = "{key}"
-
-[[listener]]
-name = "pop3"
-protocol = "pop3"
-endpoint = "tcp:{pop3}:interface=127.0.0.1"
-allow_plaintext_auth = true
-
-[upstream.plain]
-host = "127.0.0.1"
-port = {upstreamImap}
-
-[upstream.pop3]
-protocol = "pop3"
-host = "localhost"
-port = {upstreamPop3}
-tls = "starttls"
-ca_file = "{ca}"
-
-[upstream.down]
-host = "127.0.0.1"
-port = {closed}
-connect_timeout = 3
-
-[upstream.badcert]
-host = "127.0.0.1"
-port = {upstreamImaps}
-tls = "implicit"
-ca_file = "{ca}"
-server_name = "wrong.example"
-
-[routing]
-default_upstream = "plain"
-[routing.users.paul]
-upstream = "pop3"
-[routing.users.downuser]
-upstream = "down"
-[routing.users.badcert]
-upstream = "badcert"
-"""
 
 
 @dataclass
@@ -109,6 +48,46 @@ class MeteredProxy:
         }
 
 
+def proxyConfig(ports: dict[str, int], dovecot: DovecotUpstream, closed: int) -> str:
+    """
+    The proxy's configuration: JSON logs, metrics on C{ports["metrics"]},
+    and Dovecot's IMAP, its POP3 over STARTTLS, a C{closed} port and
+    Dovecot's IMAPS under the wrong name as upstreams.
+    """
+    return "".join(
+        [
+            table("server", logFormat="json"),
+            authTable(failureDelay=0.1),
+            table("metrics", listen=f"tcp:{ports['metrics']}:interface={HOST}"),
+            listenerTable("imap", ports["imap"], allowPlaintextAuth=True),
+            listenerTable(
+                "imap-starttls",
+                ports["starttls"],
+                tls="starttls",
+                certificate=dovecot.certFile,
+                privateKey=dovecot.keyFile,
+            ),
+            listenerTable("pop3", ports["pop3"], protocol="pop3", allowPlaintextAuth=True),
+            upstreamTable("plain", dovecot.ports["imap"]),
+            upstreamTable(
+                "pop3", dovecot.ports["pop3"], protocol="pop3", host="localhost", tls="starttls", caFile=dovecot.caFile
+            ),
+            upstreamTable("down", closed, connectTimeout=3),
+            upstreamTable(
+                "badcert",
+                dovecot.ports["imaps"],
+                tls="implicit",
+                caFile=dovecot.caFile,
+                serverName="wrong.example",
+            ),
+            routingTable(
+                "plain",
+                {"paul": {"upstream": "pop3"}, "downuser": {"upstream": "down"}, "badcert": {"upstream": "badcert"}},
+            ),
+        ]
+    )
+
+
 @pytest.fixture(scope="module")
 def meteredProxy(dovecot: DovecotUpstream) -> Iterator[MeteredProxy]:
     directory = tempfile.mkdtemp(prefix="mp-metrics-")
@@ -119,18 +98,7 @@ def meteredProxy(dovecot: DovecotUpstream) -> Iterator[MeteredProxy]:
     ports = {name: freePort() for name in ("metrics", "imap", "starttls", "pop3")}
     configPath = os.path.join(directory, "mailproxy.toml")
     with open(configPath, "w") as handle:
-        handle.write(
-            CONFIG.format(
-                **ports,
-                cert=dovecot.certFile,
-                key=dovecot.keyFile,
-                ca=dovecot.caFile,
-                upstreamImap=dovecot.ports["imap"],
-                upstreamImaps=dovecot.ports["imaps"],
-                upstreamPop3=dovecot.ports["pop3"],
-                closed=freePort(),
-            )
-        )
+        handle.write(proxyConfig(ports, dovecot, freePort()))
     process = ProxyProcess(configPath, os.path.join(directory, "twistd.log"))
     try:
         process.waitForPorts(list(ports.values()))

@@ -23,67 +23,12 @@ import pytest
 from tests.dovecot import DovecotUpstream
 from tests.proxyprocess import HOST, ProxyProcess, freePort, runningProxy
 from tests.rawclient import authLines, clientHello, connectFrom, imapLogin, readEach, readLine
+from tests.tomlconfig import authTable, namedListeners, routingTable, table, upstreamTable
 
 DEADLINE = 4.0
 SLOTS = 250
 LOCKOUT_AFTER = 5
 HASH_THREADS = 2
-
-CONFIG = """
-[server]
-login_deadline = {deadline}
-preauth_timeout = 60
-
-[auth]
-users_file = "users"
-failure_delay = 0.02
-hash_threads = {hashThreads}
-
-[limits]
-max_connections = {slots}
-max_connections_per_ip = {slots}
-failures_before_lockout = {lockoutAfter}
-
-[[listener]]
-name = "plain"
-endpoint = "tcp:{plain}:interface=127.0.0.1"
-allow_plaintext_auth = true
-
-[[listener]]
-name = "cleartext"
-endpoint = "tcp:{cleartext}:interface=127.0.0.1"
-
-[[listener]]
-name = "starttls"
-endpoint = "tcp:{starttls}:interface=127.0.0.1"
-tls = "starttls"
-certificate = "{cert}"
-private_key = "{key}"
-
-[[listener]]
-name = "implicit"
-endpoint = "tcp:{implicit}:interface=127.0.0.1"
-tls = "implicit"
-certificate = "{cert}"
-private_key = "{key}"
-
-[[listener]]
-name = "pop3"
-protocol = "pop3"
-endpoint = "tcp:{pop3}:interface=127.0.0.1"
-allow_plaintext_auth = true
-
-[upstream.plain]
-host = "127.0.0.1"
-port = {upstream}
-
-[routing]
-default_upstream = "plain"
-
-[routing.users.victim]
-username = "carol"
-password = "carolpw"
-"""
 
 USERS = {"carol": "carolpw", "victim": "victim-right-pw"}
 
@@ -118,19 +63,27 @@ class AbuseProxy:
         return self.upstreamLogins(user)
 
 
+def proxyConfig(ports: dict[str, int], dovecot: DovecotUpstream) -> str:
+    """
+    The proxy's configuration: the listeners of C{ports} in front of
+    Dovecot's IMAP, and C{victim} logging in there as C{carol}.
+    """
+    return "".join(
+        [
+            table("server", loginDeadline=DEADLINE, preauthTimeout=60),
+            authTable(failureDelay=0.02, hashThreads=HASH_THREADS),
+            table("limits", maxConnections=SLOTS, maxConnectionsPerIp=SLOTS, failuresBeforeLockout=LOCKOUT_AFTER),
+            namedListeners(ports, dovecot.certFile, dovecot.keyFile),
+            upstreamTable("plain", dovecot.ports["imap"]),
+            routingTable("plain", {"victim": {"username": "carol", "password": "carolpw"}}),
+        ]
+    )
+
+
 @pytest.fixture(scope="module")
 def abuseProxy(dovecot: DovecotUpstream) -> Iterator[AbuseProxy]:
     ports = {name: freePort() for name in ("plain", "cleartext", "starttls", "implicit", "pop3")}
-    config = CONFIG.format(
-        deadline=DEADLINE,
-        slots=SLOTS,
-        lockoutAfter=LOCKOUT_AFTER,
-        hashThreads=HASH_THREADS,
-        cert=dovecot.certFile,
-        key=dovecot.keyFile,
-        upstream=dovecot.ports["imap"],
-        **ports,
-    )
+    config = proxyConfig(ports, dovecot)
     with runningProxy(config, USERS, list(ports.values()), prefix="mp-abuse-") as (_, process):
         yield AbuseProxy(ports, dovecot, process)
 

@@ -33,6 +33,7 @@ from tests.dovecot import DovecotUpstream
 from tests.proxyprocess import ProxyProcess, freePort, runningProxy
 from tests.rawclient import authLines, closeAbruptly, connectFrom, readEach, readLine, readTagged
 from tests.test_prelogin_attacks import fail2banHosts
+from tests.tomlconfig import authTable, namedListeners, routingTable, table, upstreamTable
 
 DEADLINE = 6.0
 LOCKOUT_AFTER = 5
@@ -52,66 +53,6 @@ AUTOLOGOUT_IMAP = b"* BYE Autologout; login took too long\r\n"
 AUTOLOGOUT_POP3 = b"-ERR Autologout; login took too long\r\n"
 PRIVACY_IMAP = b"NO [PRIVACYREQUIRED] Use STARTTLS before authenticating\r\n"
 PRIVACY_POP3 = b"-ERR [AUTH] Plaintext authentication disallowed on unencrypted connections\r\n"
-
-CONFIG = """
-[server]
-login_deadline = {deadline}
-preauth_timeout = 60
-
-[auth]
-users_file = "users"
-failure_delay = 0.02
-hash_threads = 2
-
-[limits]
-max_connections = {slots}
-max_connections_per_ip = {slots}
-failures_before_lockout = {lockoutAfter}
-lockout_seconds = 600
-
-[[listener]]
-name = "plain"
-endpoint = "tcp:{plain}:interface=127.0.0.1"
-allow_plaintext_auth = true
-
-[[listener]]
-name = "cleartext"
-endpoint = "tcp:{cleartext}:interface=127.0.0.1"
-
-[[listener]]
-name = "starttls"
-endpoint = "tcp:{starttls}:interface=127.0.0.1"
-tls = "starttls"
-certificate = "{cert}"
-private_key = "{key}"
-
-[[listener]]
-name = "pop3"
-protocol = "pop3"
-endpoint = "tcp:{pop3}:interface=127.0.0.1"
-allow_plaintext_auth = true
-
-[[listener]]
-name = "pop3clear"
-protocol = "pop3"
-endpoint = "tcp:{pop3clear}:interface=127.0.0.1"
-
-[[listener]]
-name = "pop3tls"
-protocol = "pop3"
-endpoint = "tcp:{pop3tls}:interface=127.0.0.1"
-tls = "starttls"
-certificate = "{cert}"
-private_key = "{key}"
-
-[upstream.imap]
-host = "127.0.0.1"
-port = {imap}
-
-[routing]
-default_upstream = "imap"
-{routes}
-"""
 
 
 def b64(text: str | bytes) -> bytes:
@@ -177,24 +118,35 @@ class Target:
 _sentinels = iter(range(1, 250))
 
 
+def proxyConfig(ports: dict[str, int], dovecot: DovecotUpstream) -> str:
+    """
+    The proxy's configuration: the listeners of C{ports}, and every local
+    user routed to Dovecot as the module's account.
+    """
+    upstreamAccount = {"username": UPSTREAM_USER, "password": UPSTREAM_PASSWORD}
+    return "".join(
+        [
+            table("server", loginDeadline=DEADLINE, preauthTimeout=60),
+            authTable(failureDelay=0.02, hashThreads=2),
+            table(
+                "limits",
+                maxConnections=SLOTS,
+                maxConnectionsPerIp=SLOTS,
+                failuresBeforeLockout=LOCKOUT_AFTER,
+                lockoutSeconds=600,
+            ),
+            namedListeners(ports, dovecot.certFile, dovecot.keyFile),
+            upstreamTable("imap", dovecot.ports["imap"]),
+            routingTable("imap", {name: upstreamAccount for name in USERS}),
+        ]
+    )
+
+
 @pytest.fixture(scope="module")
 def target(dovecot: DovecotUpstream) -> Iterator[Target]:
     dovecot.addUsers({UPSTREAM_USER: UPSTREAM_PASSWORD})
     ports = {name: freePort() for name in ("plain", "cleartext", "starttls", "pop3", "pop3clear", "pop3tls")}
-    routes = "".join(
-        f'\n[routing.users."{name}"]\nusername = "{UPSTREAM_USER}"\npassword = "{UPSTREAM_PASSWORD}"\n'
-        for name in USERS
-    )
-    config = CONFIG.format(
-        deadline=DEADLINE,
-        slots=SLOTS,
-        lockoutAfter=LOCKOUT_AFTER,
-        cert=dovecot.certFile,
-        key=dovecot.keyFile,
-        imap=dovecot.ports["imap"],
-        routes=routes,
-        **ports,
-    )
+    config = proxyConfig(ports, dovecot)
     with runningProxy(config, USERS, list(ports.values()), prefix="mp-saslatk-") as (directory, process):
         yield Target(ports, directory, dovecot, process)
 
@@ -570,24 +522,11 @@ def test_user_names_in_base64_forge_no_log_line_and_no_host(target: Target) -> N
     logins = target.upstreamLogins()
     # One connection and address a name: each is a checked failure, none waits behind a lockout.
     for index, name in enumerate(FORGED_NAMES):
-        with target.connect("plain", f"127.0.66.{index + 1}") as imap:
-            if index % 2:
-                imap.sendall(b"f AUTHENTICATE LOGIN " + b64(name) + b"\r\n")
-            else:
-                imap.sendall(b"f AUTHENTICATE LOGIN\r\n")
-                assert readLine(imap) == USERNAME
-                imap.sendall(b64(name) + b"\r\n")
-            assert readLine(imap) == PASSWORD
+        initial = bool(index % 2)
+        with openAtPassword(target, "plain", f"127.0.66.{index + 1}", name, initial) as imap:
             imap.sendall(b64("wrong") + b"\r\n")
-            assert readTagged(imap, b"f").startswith(b"f NO [AUTHENTICATIONFAILED]")
-        with target.connect("pop3", f"127.0.67.{index + 1}") as pop3:
-            if index % 2:
-                pop3.sendall(b"AUTH LOGIN " + b64(name) + b"\r\n")
-            else:
-                pop3.sendall(b"AUTH LOGIN\r\n")
-                assert readLine(pop3) == USERNAME
-                pop3.sendall(b64(name) + b"\r\n")
-            assert readLine(pop3) == PASSWORD
+            assert readTagged(imap, b"a").startswith(b"a NO [AUTHENTICATIONFAILED]")
+        with openAtPassword(target, "pop3", f"127.0.67.{index + 1}", name, initial) as pop3:
             pop3.sendall(b64("wrong") + b"\r\n")
             assert readLine(pop3) == b"-ERR [AUTH] Authentication failed.\r\n"
     with target.connect("plain", "127.0.66.99") as imap:

@@ -24,6 +24,7 @@ import pytest
 from tests.dovecot import DovecotUpstream
 from tests.proxyprocess import HOST, ProxyProcess, freePort, runningProxy
 from tests.rawclient import connectFrom, readLine, readTagged
+from tests.tomlconfig import authTable, namedListeners, routingTable, table, upstreamTable
 
 CURL_TIMEOUT = "30"
 LOCKOUT_AFTER = 3
@@ -41,57 +42,6 @@ MESSAGE = (
     b"\r\n"
     b"Hello over LOGIN.\r\n"
 )
-
-CONFIG = """
-[auth]
-users_file = "users"
-failure_delay = 0.05
-
-[limits]
-failures_before_lockout = {lockoutAfter}
-
-[[listener]]
-name = "plain"
-endpoint = "tcp:{plain}:interface=127.0.0.1"
-allow_plaintext_auth = true
-
-[[listener]]
-name = "cleartext"
-endpoint = "tcp:{cleartext}:interface=127.0.0.1"
-
-[[listener]]
-name = "starttls"
-endpoint = "tcp:{starttls}:interface=127.0.0.1"
-tls = "starttls"
-certificate = "{cert}"
-private_key = "{key}"
-
-[[listener]]
-name = "pop3"
-protocol = "pop3"
-endpoint = "tcp:{pop3}:interface=127.0.0.1"
-allow_plaintext_auth = true
-
-[[listener]]
-name = "pop3clear"
-protocol = "pop3"
-endpoint = "tcp:{pop3clear}:interface=127.0.0.1"
-
-[upstream.imap]
-host = "127.0.0.1"
-port = {imap}
-
-[upstream.pop3]
-protocol = "pop3"
-host = "127.0.0.1"
-port = {upstreamPop3}
-
-[routing]
-default_upstream = "imap"
-
-[routing.users.{popUser}]
-upstream = "pop3"
-"""
 
 
 @dataclass
@@ -129,6 +79,23 @@ class LoginProxy:
         return re.search(pattern, self.process.log()) is not None
 
 
+def proxyConfig(ports: dict[str, int], dovecot: DovecotUpstream) -> str:
+    """
+    The proxy's configuration: the listeners of C{ports}, Dovecot's IMAP
+    as the default upstream and its POP3 for L{POP_USER}.
+    """
+    return "".join(
+        [
+            authTable(failureDelay=0.05),
+            table("limits", failuresBeforeLockout=LOCKOUT_AFTER),
+            namedListeners(ports, dovecot.certFile, dovecot.keyFile),
+            upstreamTable("imap", dovecot.ports["imap"]),
+            upstreamTable("pop3", dovecot.ports["pop3"], protocol="pop3"),
+            routingTable("imap", {POP_USER: {"upstream": "pop3"}}),
+        ]
+    )
+
+
 @pytest.fixture(scope="module")
 def loginProxy(dovecot: DovecotUpstream) -> Iterator[LoginProxy]:
     dovecot.addUsers({USER: PASSWORD, POP_USER: POP_PASSWORD})
@@ -145,15 +112,7 @@ def loginProxy(dovecot: DovecotUpstream) -> Iterator[LoginProxy]:
         client.append("INBOX", None, None, MESSAGE)
         client.logout()
     ports = {name: freePort() for name in ("plain", "cleartext", "starttls", "pop3", "pop3clear")}
-    config = CONFIG.format(
-        lockoutAfter=LOCKOUT_AFTER,
-        cert=dovecot.certFile,
-        key=dovecot.keyFile,
-        imap=dovecot.ports["imap"],
-        upstreamPop3=dovecot.ports["pop3"],
-        popUser=POP_USER,
-        **ports,
-    )
+    config = proxyConfig(ports, dovecot)
     users = {USER: PASSWORD, POP_USER: POP_PASSWORD, LOCKED_USER: LOCKED_PASSWORD}
     with runningProxy(config, users, list(ports.values()), prefix="mp-sasl-") as (_, process):
         yield LoginProxy(ports, dovecot, process)

@@ -24,47 +24,29 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface.verify import verifyObject
 
-from mailproxy.config import ConfigError, ListenerCertificate, ListenerConfig, TLSMode
+from mailproxy.config import ConfigError, ListenerCertificate
 from mailproxy.tls import listenerTLS, matchingContext
 from tests.proxyprocess import HOST, ProxyProcess, freePort, runningProxy
 from tests.tlssupport import (
     OPENSSL,
+    TLS_LISTENERS,
     Issuer,
     Pair,
     SClient,
+    TLSListener,
     answeredGoodbye,
     goodbye,
+    implicitListener,
+    listenerId,
     proxyConfig,
     sClient,
     served,
     servedInMemory,
     startTLS,
 )
+from tests.tomlconfig import arrayTable
 
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
-
-
-@dataclass(frozen=True)
-class Listener:
-    name: str
-    protocol: str
-    tls: str
-
-    @property
-    def starttls(self) -> str | None:
-        return self.protocol if self.tls == "starttls" else None
-
-
-LISTENERS = (
-    Listener("imaps", "imap", "implicit"),
-    Listener("imap", "imap", "starttls"),
-    Listener("pop3s", "pop3", "implicit"),
-    Listener("pop3", "pop3", "starttls"),
-)
-
-
-def ids(listener: Listener) -> str:
-    return listener.name
 
 
 @dataclass
@@ -74,10 +56,10 @@ class Proxy:
     pairs: dict[str, Pair]
     process: ProxyProcess
 
-    def served(self, listener: Listener, serverName: str | None) -> tuple[x509.Certificate, bytes]:
+    def served(self, listener: TLSListener, serverName: str | None) -> tuple[x509.Certificate, bytes]:
         return served(self.ports[listener.name], self.issuer.caFile, serverName, listener.starttls)
 
-    def sClient(self, listener: Listener, *options: str) -> SClient:
+    def sClient(self, listener: TLSListener, *options: str) -> SClient:
         return sClient(
             self.ports[listener.name],
             self.issuer.caFile,
@@ -88,32 +70,29 @@ class Proxy:
         )
 
 
-def listenerTable(listener: Listener, port: int, pairs: dict[str, Pair]) -> str:
-    return f"""
-[[listener]]
-name = "{listener.name}"
-protocol = "{listener.protocol}"
-endpoint = "tcp:{port}:interface={HOST}"
-tls = "{listener.tls}"
-certificate = "{pairs["default"].certFile}"
-private_key = "{pairs["default"].keyFile}"
-
-# Names from the certificate itself.
-[[listener.certificates]]
-certificate = "{pairs["mail"].certFile}"
-private_key = "{pairs["mail"].keyFile}"
-
-[[listener.certificates]]
-names = ["pop.example.net", "*.Example.NET"]
-certificate = "{pairs["net"].certFile}"
-private_key = "{pairs["net"].keyFile}"
-"""
+def listenerTable(listener: TLSListener, port: int, pairs: dict[str, Pair]) -> str:
+    """
+    C{listener}'s table: the default certificate, one for the names it lists
+    itself and one for the names given.
+    """
+    return "".join(
+        [
+            listener.table(port, pairs["default"].certFile, pairs["default"].keyFile),
+            arrayTable("listener.certificates", certificate=pairs["mail"].certFile, privateKey=pairs["mail"].keyFile),
+            arrayTable(
+                "listener.certificates",
+                names=["pop.example.net", "*.Example.NET"],
+                certificate=pairs["net"].certFile,
+                privateKey=pairs["net"].keyFile,
+            ),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     """
-    One proxy with every listener of L{LISTENERS}, each with a default
+    One proxy with every listener of L{TLS_LISTENERS}, each with a default
     certificate (localhost), one for mail.example.test (by its own names)
     and one for pop.example.net and *.example.net.
     """
@@ -123,8 +102,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
         "mail": issuer.issue("mail", "mail.example.test", "imap.example.test"),
         "net": issuer.issue("net", "pop.example.net", "*.example.net"),
     }
-    ports = {listener.name: freePort() for listener in LISTENERS}
-    tables = "".join(listenerTable(listener, ports[listener.name], pairs) for listener in LISTENERS)
+    ports = {listener.name: freePort() for listener in TLS_LISTENERS}
+    tables = "".join(listenerTable(listener, ports[listener.name], pairs) for listener in TLS_LISTENERS)
     config = proxyConfig(tables)
     with runningProxy(config, {"alice": "alicepw"}, list(ports.values()), "mp-tls-frontend-") as (_, process):
         yield Proxy(ports, issuer, pairs, process)
@@ -149,10 +128,10 @@ SERVED_FOR = {
 }
 
 
-@pytest.mark.parametrize("listener", LISTENERS, ids=ids)
+@pytest.mark.parametrize("listener", TLS_LISTENERS, ids=listenerId)
 @pytest.mark.parametrize("serverName", list(SERVED_FOR), ids=str)
 def test_the_certificate_is_chosen_by_the_name_the_client_asks_for(
-    proxy: Proxy, listener: Listener, serverName: str | None
+    proxy: Proxy, listener: TLSListener, serverName: str | None
 ) -> None:
     """Exact names and one-label wildcards, case-insensitive, pick their certificate; no or an unknown name gets the default one."""
     certificate, line = proxy.served(listener, serverName)
@@ -200,13 +179,8 @@ def test_a_wildcard_is_not_served_for_a_first_label_that_is_not_a_dns_label(tmp_
     """A client naming bytes, control characters, an empty label, a * or a space before a wildcard's domain gets the default certificate."""
     issuer = Issuer(tmp_path)
     default, wildcard = issuer.issue("default", "localhost"), issuer.issue("net", "*.example.net")
-    listener = ListenerConfig(
-        "imaps",
-        "tcp:0",
-        TLSMode.IMPLICIT,
-        certificate=default.certFile,
-        privateKey=default.keyFile,
-        certificates=(ListenerCertificate(wildcard.certFile, wildcard.keyFile),),
+    listener = implicitListener(
+        default.certFile, default.keyFile, ListenerCertificate(wildcard.certFile, wildcard.keyFile)
     )
     tls = listenerTLS(listener, "listener[0]")
     assert servedInMemory(tls, b"webmail.example.net").serial_number == wildcard.serial
@@ -216,18 +190,18 @@ def test_a_wildcard_is_not_served_for_a_first_label_that_is_not_a_dns_label(tmp_
 # ALPN.
 
 
-@pytest.mark.parametrize("listener", LISTENERS, ids=ids)
-def test_alpn_with_the_listeners_protocol_is_negotiated(proxy: Proxy, listener: Listener) -> None:
+@pytest.mark.parametrize("listener", TLS_LISTENERS, ids=listenerId)
+def test_alpn_with_the_listeners_protocol_is_negotiated(proxy: Proxy, listener: TLSListener) -> None:
     """Offering imap (IMAP listeners) or pop3 (POP3 listeners), alone or among others, negotiates it."""
     for offer in (listener.protocol, f"h2,{listener.protocol},http/1.1"):
         answer = proxy.sClient(listener, "-servername", "localhost", "-alpn", offer)
         assert answer.handshakeDone and answer.alpn == listener.protocol, answer.output
 
 
-@pytest.mark.parametrize("listener", LISTENERS, ids=ids)
+@pytest.mark.parametrize("listener", TLS_LISTENERS, ids=listenerId)
 @pytest.mark.parametrize("serverName", ["localhost", "mail.example.test"])
 def test_alpn_without_the_listeners_protocol_is_refused_and_logged(
-    proxy: Proxy, listener: Listener, serverName: str
+    proxy: Proxy, listener: TLSListener, serverName: str
 ) -> None:
     """A client offering only other protocols (h2, or the other mail protocol) gets a no_application_protocol alert, and it is logged (default and SNI certificates)."""
     other = "pop3" if listener.protocol == "imap" else "imap"
@@ -248,15 +222,15 @@ def test_alpn_without_the_listeners_protocol_is_refused_and_logged(
 def test_a_refused_alpn_offer_cannot_forge_a_log_line(proxy: Proxy) -> None:
     """The offered names are the client's: CR LF, spaces and = are logged encoded, never as a new line or field."""
     forged = "x ip=198.51.100.7\r\nauthentication failure: ip=198.51.100.7 protocol=imap user=a failures=9"
-    answer = proxy.sClient(LISTENERS[0], "-servername", "localhost", "-alpn", forged)
+    answer = proxy.sClient(TLS_LISTENERS[0], "-servername", "localhost", "-alpn", forged)
     assert not answer.handshakeDone, answer.output
     log = proxy.process.log()
     assert "asks for x%20ip%3D198.51.100.7%0D%0Aauthentication%20failure:%20ip%3D198.51.100.7" in log
     assert "198.51.100.7 protocol=imap" not in log and "\nauthentication failure: ip=198.51.100.7" not in log
 
 
-@pytest.mark.parametrize("listener", LISTENERS, ids=ids)
-def test_a_client_offering_no_alpn_is_served(proxy: Proxy, listener: Listener) -> None:
+@pytest.mark.parametrize("listener", TLS_LISTENERS, ids=listenerId)
+def test_a_client_offering_no_alpn_is_served(proxy: Proxy, listener: TLSListener) -> None:
     """No ALPN extension at all: the session goes ahead as before, nothing negotiated."""
     certificate, line = proxy.served(listener, "mail.example.test")
     assert line.startswith((b"* ", b"+OK"))
@@ -269,11 +243,11 @@ def test_a_client_offering_no_alpn_is_served(proxy: Proxy, listener: Listener) -
 VERSIONS = {"tls1.2": "-tls1_2", "tls1.3": "-tls1_3"}
 
 
-@pytest.mark.parametrize("listener", LISTENERS, ids=ids)
+@pytest.mark.parametrize("listener", TLS_LISTENERS, ids=listenerId)
 @pytest.mark.parametrize("version", list(VERSIONS))
 @pytest.mark.parametrize("serverName", ["localhost", "webmail.example.net"])
 def test_a_session_is_resumed_with_its_ticket(
-    proxy: Proxy, listener: Listener, version: str, serverName: str, tmp_path: Path
+    proxy: Proxy, listener: TLSListener, version: str, serverName: str, tmp_path: Path
 ) -> None:
     """A second connection presenting the first one's session is resumed (TLS 1.2 and 1.3, default and SNI certificates)."""
     session = str(tmp_path / "session.pem")
@@ -297,11 +271,11 @@ SWITCHES = [
 ]
 
 
-@pytest.mark.parametrize("listener", [LISTENERS[0], LISTENERS[3]], ids=ids)
+@pytest.mark.parametrize("listener", [TLS_LISTENERS[0], TLS_LISTENERS[3]], ids=listenerId)
 @pytest.mark.parametrize("version", list(VERSIONS))
 @pytest.mark.parametrize(("first", "second"), SWITCHES, ids=str)
 def test_a_session_is_not_resumed_under_a_name_of_another_certificate(
-    proxy: Proxy, listener: Listener, version: str, first: str, second: str | None, tmp_path: Path
+    proxy: Proxy, listener: TLSListener, version: str, first: str, second: str | None, tmp_path: Path
 ) -> None:
     """A session made under one name, presented under a name another certificate is for (or none), gets a full handshake with that certificate; under its own name it is resumed."""
     session = str(tmp_path / "session.pem")
@@ -316,10 +290,10 @@ def test_a_session_is_not_resumed_under_a_name_of_another_certificate(
     assert same.reused, same.output
 
 
-@pytest.mark.parametrize("listener", [LISTENERS[0], LISTENERS[1]], ids=ids)
+@pytest.mark.parametrize("listener", [TLS_LISTENERS[0], TLS_LISTENERS[1]], ids=listenerId)
 @pytest.mark.parametrize("sent", ["half a client hello", "plain text"])
 def test_a_client_leaving_before_its_client_hello_is_whole_leaves_nothing_behind(
-    proxy: Proxy, listener: Listener, sent: str
+    proxy: Proxy, listener: TLSListener, sent: str
 ) -> None:
     """Half a ClientHello then a hang-up, or plain text where the ClientHello belongs: no traceback, and the next client is served its certificate."""
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
@@ -358,14 +332,7 @@ def test_an_sni_certificate_without_names_or_dns_names_is_refused(tmp_path: Path
         + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     default = Issuer(tmp_path).issue("default", "localhost")
-    listener = ListenerConfig(
-        "imaps",
-        "tcp:0",
-        TLSMode.IMPLICIT,
-        certificate=default.certFile,
-        privateKey=default.keyFile,
-        certificates=(ListenerCertificate(str(noNames), str(noNames)),),
-    )
+    listener = implicitListener(default.certFile, default.keyFile, ListenerCertificate(str(noNames), str(noNames)))
     with pytest.raises(ConfigError) as raised:
         listenerTLS(listener, "listener[2]")
     assert (
@@ -378,7 +345,7 @@ def test_an_sni_certificate_without_names_or_dns_names_is_refused(tmp_path: Path
 def test_server_tls_is_a_server_connection_creator(tmp_path: Path) -> None:
     """What implicit TLS (TLSMemoryBIOFactory) and STARTTLS (startTLS) are given provides IOpenSSLServerConnectionCreator."""
     pair = Issuer(tmp_path).issue("default", "localhost")
-    listener = ListenerConfig("imaps", "tcp:0", TLSMode.IMPLICIT, certificate=pair.certFile, privateKey=pair.keyFile)
+    listener = implicitListener(pair.certFile, pair.keyFile)
     tls = listenerTLS(listener, "listener[0]", 3600)
     assert verifyObject(IOpenSSLServerConnectionCreator, tls)
     connection = tls.serverConnectionForTLS(None)

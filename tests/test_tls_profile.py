@@ -29,10 +29,20 @@ from pathlib import Path
 import pytest
 import trustme
 
-from mailproxy.config import INTERMEDIATE_CIPHERS, ConfigError, ListenerConfig, TLSMode, UpstreamConfig
+from mailproxy.config import INTERMEDIATE_CIPHERS, ConfigError, TLSMode, UpstreamConfig
 from mailproxy.tls import ServerTLS, listenerTLS, upstreamOptions
 from tests.proxyprocess import HOST, freePort, runningProxy
-from tests.tlssupport import STARTUP_TIMEOUT, Exit, Startup, assertStoppedWithOneLine, proxyConfig
+from tests.tlssupport import (
+    STARTUP_TIMEOUT,
+    TLS_LISTENERS,
+    Exit,
+    Startup,
+    TLSListener,
+    assertStoppedWithOneLine,
+    implicitListener,
+    listenerId,
+    proxyConfig,
+)
 
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
@@ -61,38 +71,16 @@ ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
 """
 
 
-@dataclass(frozen=True)
-class Listener:
-    name: str
-    protocol: str
-    tls: str
-    settings: str = ""
-
-    @property
-    def starttls(self) -> str | None:
-        """
-        The C{s_client -starttls} dialogue, or C{None} for implicit TLS.
-        """
-        return self.protocol if self.tls == "starttls" else None
-
-
 LISTENERS = (
-    Listener("imaps", "imap", "implicit"),
-    Listener("imap", "imap", "starttls"),
-    Listener("pop3s", "pop3", "implicit"),
-    Listener("pop3", "pop3", "starttls"),
-    Listener("imaps-tls13", "imap", "implicit", 'tls_min_version = "1.3"'),
-    Listener("imap-tls13", "imap", "starttls", 'tls_min_version = "1.3"'),
-    Listener("imaps-custom", "imap", "implicit", f'tls_ciphers = "{CUSTOM_SUITE}"'),
-    Listener("imap-custom", "imap", "starttls", f'tls_ciphers = "{CUSTOM_SUITE}"'),
+    *TLS_LISTENERS,
+    TLSListener("imaps-tls13", "imap", "implicit", {"tlsMinVersion": "1.3"}),
+    TLSListener("imap-tls13", "imap", "starttls", {"tlsMinVersion": "1.3"}),
+    TLSListener("imaps-custom", "imap", "implicit", {"tlsCiphers": CUSTOM_SUITE}),
+    TLSListener("imap-custom", "imap", "starttls", {"tlsCiphers": CUSTOM_SUITE}),
 )
 DEFAULT_LISTENERS = [listener for listener in LISTENERS if not listener.settings]
-TLS13_LISTENERS = [listener for listener in LISTENERS if "tls_min_version" in listener.settings]
-CUSTOM_LISTENERS = [listener for listener in LISTENERS if "tls_ciphers" in listener.settings]
-
-
-def ids(listener: Listener) -> str:
-    return listener.name
+TLS13_LISTENERS = [listener for listener in LISTENERS if "tlsMinVersion" in listener.settings]
+CUSTOM_LISTENERS = [listener for listener in LISTENERS if "tlsCiphers" in listener.settings]
 
 
 @dataclass(frozen=True)
@@ -201,7 +189,7 @@ class Proxy:
     control: ControlServer
     controlled: dict[tuple[str, ...], Handshake] = field(default_factory=dict)
 
-    def handshake(self, listener: Listener, *options: str) -> Handshake:
+    def handshake(self, listener: TLSListener, *options: str) -> Handshake:
         return sClient(self.certificate, self.ports[listener.name], options, listener.starttls)
 
     def controlHandshake(self, *options: str) -> Handshake:
@@ -212,7 +200,7 @@ class Proxy:
             self.controlled[options] = sClient(self.certificate, self.control.port, options)
         return self.controlled[options]
 
-    def assertRefused(self, listener: Listener, options: tuple[str, ...], alert: str, control: str) -> None:
+    def assertRefused(self, listener: TLSListener, options: tuple[str, ...], alert: str, control: str) -> None:
         """
         The control server negotiates C{options} as C{control} (the
         protocol, then the suite if it is given after a space); the
@@ -243,19 +231,6 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
     return files
 
 
-def listenerTable(listener: Listener, port: int, certificate: Certificate) -> str:
-    return f"""
-[[listener]]
-name = "{listener.name}"
-protocol = "{listener.protocol}"
-endpoint = "tcp:{port}:interface={HOST}"
-tls = "{listener.tls}"
-certificate = "{certificate.certFile}"
-private_key = "{certificate.keyFile}"
-{listener.settings}
-"""
-
-
 @pytest.fixture(scope="module")
 def proxy(certificate: Certificate, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     """
@@ -263,7 +238,9 @@ def proxy(certificate: Certificate, tmp_path_factory: pytest.TempPathFactory) ->
     control server.
     """
     ports = {listener.name: freePort() for listener in LISTENERS}
-    tables = "".join(listenerTable(listener, ports[listener.name], certificate) for listener in LISTENERS)
+    tables = "".join(
+        listener.table(ports[listener.name], certificate.certFile, certificate.keyFile) for listener in LISTENERS
+    )
     control = ControlServer(certificate, tmp_path_factory.mktemp("tls-profile-control"))
     try:
         with runningProxy(proxyConfig(tables), {"alice": "alicepw"}, list(ports.values()), "mp-tls-profile-"):
@@ -315,33 +292,33 @@ ACCEPTED = {
 OUTSIDE_PROFILE = ("-tls1_2", "-cipher", "ALL:COMPLEMENTOFALL:!ECDHE+AESGCM:!ECDHE+CHACHA20:@SECLEVEL=0")
 
 
-@pytest.mark.parametrize("listener", DEFAULT_LISTENERS, ids=ids)
+@pytest.mark.parametrize("listener", DEFAULT_LISTENERS, ids=listenerId)
 @pytest.mark.parametrize("case", REFUSED_VERSIONS, ids=str)
-def test_default_listeners_refuse_tls_before_1_2(proxy: Proxy, listener: Listener, case: str) -> None:
+def test_default_listeners_refuse_tls_before_1_2(proxy: Proxy, listener: TLSListener, case: str) -> None:
     """A client offering only TLS 1.1 or 1.0 gets a protocol version alert and no session."""
     options, version = REFUSED_VERSIONS[case]
     proxy.assertRefused(listener, options, PROTOCOL_VERSION_ALERT, version)
 
 
-@pytest.mark.parametrize("listener", DEFAULT_LISTENERS, ids=ids)
+@pytest.mark.parametrize("listener", DEFAULT_LISTENERS, ids=listenerId)
 @pytest.mark.parametrize("case", REFUSED_SUITES, ids=str)
 def test_default_listeners_refuse_rsa_key_exchange_cbc_and_dhe_suites(
-    proxy: Proxy, listener: Listener, case: str
+    proxy: Proxy, listener: TLSListener, case: str
 ) -> None:
     """A TLS 1.2 client offering only a non-ECDHE or non-AEAD suite gets a handshake failure."""
     suite = REFUSED_SUITES[case]
     proxy.assertRefused(listener, ("-tls1_2", "-cipher", suite), HANDSHAKE_FAILURE_ALERT, f"TLSv1.2 {suite}")
 
 
-@pytest.mark.parametrize("listener", DEFAULT_LISTENERS, ids=ids)
-def test_default_listeners_refuse_every_tls_1_2_suite_outside_the_profile(proxy: Proxy, listener: Listener) -> None:
+@pytest.mark.parametrize("listener", DEFAULT_LISTENERS, ids=listenerId)
+def test_default_listeners_refuse_every_tls_1_2_suite_outside_the_profile(proxy: Proxy, listener: TLSListener) -> None:
     """Offered every other TLS 1.2 suite OpenSSL has at once, the proxy still finds none it takes."""
     proxy.assertRefused(listener, OUTSIDE_PROFILE, HANDSHAKE_FAILURE_ALERT, "TLSv1.2")
 
 
-@pytest.mark.parametrize("listener", DEFAULT_LISTENERS, ids=ids)
+@pytest.mark.parametrize("listener", DEFAULT_LISTENERS, ids=listenerId)
 @pytest.mark.parametrize("case", ACCEPTED, ids=str)
-def test_default_listeners_accept_ecdhe_aead_suites_and_tls_1_3(proxy: Proxy, listener: Listener, case: str) -> None:
+def test_default_listeners_accept_ecdhe_aead_suites_and_tls_1_3(proxy: Proxy, listener: TLSListener, case: str) -> None:
     """Each ECDHE-RSA AEAD suite of the profile, and TLS 1.3, is negotiated as offered, with the configured certificate."""
     options, protocol, cipher = ACCEPTED[case]
     answer = proxy.handshake(listener, *options)
@@ -349,30 +326,32 @@ def test_default_listeners_accept_ecdhe_aead_suites_and_tls_1_3(proxy: Proxy, li
     assert answer.verified, answer.output
 
 
-@pytest.mark.parametrize("listener", DEFAULT_LISTENERS, ids=ids)
-def test_default_listeners_pick_a_profile_suite_from_a_legacy_tls_1_2_offer(proxy: Proxy, listener: Listener) -> None:
+@pytest.mark.parametrize("listener", DEFAULT_LISTENERS, ids=listenerId)
+def test_default_listeners_pick_a_profile_suite_from_a_legacy_tls_1_2_offer(
+    proxy: Proxy, listener: TLSListener
+) -> None:
     """A TLS 1.2 client offering everything (RSA key exchange and CBC first) gets an ECDHE AEAD suite."""
     legacyFirst = "AES128-SHA:AES128-SHA256:AES128-GCM-SHA256:ECDHE-RSA-AES128-SHA:ALL:@SECLEVEL=0"
     answer = proxy.handshake(listener, "-tls1_2", "-cipher", legacyFirst)
     assert answer.protocol == "TLSv1.2" and answer.cipher in PROFILE_RSA_SUITES, answer.output
 
 
-@pytest.mark.parametrize("listener", TLS13_LISTENERS, ids=ids)
-def test_tls_min_version_1_3_refuses_tls_1_2(proxy: Proxy, listener: Listener) -> None:
+@pytest.mark.parametrize("listener", TLS13_LISTENERS, ids=listenerId)
+def test_tls_min_version_1_3_refuses_tls_1_2(proxy: Proxy, listener: TLSListener) -> None:
     """With tls_min_version = "1.3" even a profile suite over TLS 1.2 gets a protocol version alert."""
     options = ("-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256")
     proxy.assertRefused(listener, options, PROTOCOL_VERSION_ALERT, "TLSv1.2 ECDHE-RSA-AES128-GCM-SHA256")
 
 
-@pytest.mark.parametrize("listener", TLS13_LISTENERS, ids=ids)
-def test_tls_min_version_1_3_accepts_tls_1_3(proxy: Proxy, listener: Listener) -> None:
+@pytest.mark.parametrize("listener", TLS13_LISTENERS, ids=listenerId)
+def test_tls_min_version_1_3_accepts_tls_1_3(proxy: Proxy, listener: TLSListener) -> None:
     """With tls_min_version = "1.3" a client offering TLS 1.2 and 1.3 gets TLS 1.3."""
     answer = proxy.handshake(listener)
     assert (answer.protocol, answer.cipher) == ("TLSv1.3", "TLS_AES_256_GCM_SHA384"), answer.output
 
 
-@pytest.mark.parametrize("listener", CUSTOM_LISTENERS, ids=ids)
-def test_custom_tls_ciphers_accept_only_that_suite_in_tls_1_2(proxy: Proxy, listener: Listener) -> None:
+@pytest.mark.parametrize("listener", CUSTOM_LISTENERS, ids=listenerId)
+def test_custom_tls_ciphers_accept_only_that_suite_in_tls_1_2(proxy: Proxy, listener: TLSListener) -> None:
     """tls_ciphers = "ECDHE-RSA-AES256-GCM-SHA384" is the one TLS 1.2 suite negotiated, whatever else is offered."""
     answer = proxy.handshake(listener, "-tls1_2", "-cipher", "ALL:@SECLEVEL=0")
     assert (answer.protocol, answer.cipher) == ("TLSv1.2", CUSTOM_SUITE), answer.output
@@ -382,8 +361,8 @@ def test_custom_tls_ciphers_accept_only_that_suite_in_tls_1_2(proxy: Proxy, list
             proxy.assertRefused(listener, options, HANDSHAKE_FAILURE_ALERT, f"TLSv1.2 {other}")
 
 
-@pytest.mark.parametrize("listener", CUSTOM_LISTENERS, ids=ids)
-def test_custom_tls_ciphers_leave_tls_1_3_alone(proxy: Proxy, listener: Listener) -> None:
+@pytest.mark.parametrize("listener", CUSTOM_LISTENERS, ids=listenerId)
+def test_custom_tls_ciphers_leave_tls_1_3_alone(proxy: Proxy, listener: TLSListener) -> None:
     """tls_ciphers is for TLS 1.2: a TLS 1.3 client still gets its suite."""
     answer = proxy.handshake(listener, "-tls1_3", "-ciphersuites", "TLS_AES_128_GCM_SHA256")
     assert (answer.protocol, answer.cipher) == ("TLSv1.3", "TLS_AES_128_GCM_SHA256"), answer.output
@@ -435,14 +414,8 @@ def serverTLS(
     What C{twistd} makes of a listener with C{certificate} and these TLS
     settings.
     """
-    listener = ListenerConfig(
-        "imaps",
-        "tcp:0",
-        TLSMode.IMPLICIT,
-        certificate=certificate.certFile,
-        privateKey=certificate.keyFile,
-        tlsMinimumVersion=minimumVersion,
-        tlsCiphers=ciphers,
+    listener = implicitListener(
+        certificate.certFile, certificate.keyFile, minimumVersion=minimumVersion, ciphers=ciphers
     )
     return listenerTLS(listener, key)
 
@@ -487,9 +460,9 @@ def test_listener_tls_refuses_a_cipher_list_of_null_ciphers(certificate: Certifi
 
 # A listener's bad setting, with the key and the detail the line must name.
 BAD_SETTINGS = {
-    "unknown-cipher": ("starttls", 'tls_ciphers = "NOSUCHCIPHER"', "listener[1].tls_ciphers", "'NOSUCHCIPHER'"),
-    "tls-1.1": ("implicit", 'tls_min_version = "1.1"', "listener[1].tls_min_version", "'1.1' is not one of 1.2, 1.3"),
-    "null-ciphers": ("implicit", 'tls_ciphers = "eNULL"', "listener[1].tls_ciphers", "'eNULL'"),
+    "unknown-cipher": ("starttls", {"tlsCiphers": "NOSUCHCIPHER"}, "listener[1].tls_ciphers", "'NOSUCHCIPHER'"),
+    "tls-1.1": ("implicit", {"tlsMinVersion": "1.1"}, "listener[1].tls_min_version", "'1.1' is not one of 1.2, 1.3"),
+    "null-ciphers": ("implicit", {"tlsCiphers": "eNULL"}, "listener[1].tls_ciphers", "'eNULL'"),
 }
 
 
@@ -503,8 +476,8 @@ def startups(certificate: Certificate, tmp_path_factory: pytest.TempPathFactory)
     try:
         for case, (tls, setting, _, _) in BAD_SETTINGS.items():
             goodPort, badPort = freePort(), freePort()
-            good = listenerTable(Listener("good", "imap", "implicit"), goodPort, certificate)
-            bad = listenerTable(Listener("bad", "imap", tls, setting), badPort, certificate)
+            good = TLSListener("good", "imap", "implicit").table(goodPort, certificate.certFile, certificate.keyFile)
+            bad = TLSListener("bad", "imap", tls, setting).table(badPort, certificate.certFile, certificate.keyFile)
             runs[case] = Startup(tmp_path_factory.mktemp(f"tls-profile-{case}"), {goodPort: good, badPort: bad})
         deadline = time.monotonic() + STARTUP_TIMEOUT
         yield {case: run.exit(deadline) for case, run in runs.items()}

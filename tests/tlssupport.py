@@ -14,17 +14,20 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trustme
 from cryptography import x509
 from OpenSSL import SSL
 
+from mailproxy.config import INTERMEDIATE_CIPHERS, ListenerCertificate, ListenerConfig, TLSMode
 from mailproxy.passwords import hashPassword
 from mailproxy.tls import ServerTLS
 from tests.proxyprocess import HOST, TWISTD, ProxyProcess, freePort
+from tests.tomlconfig import authTable, listenerTable, routingTable, upstreamTable
 
 OPENSSL = shutil.which("openssl")
 CLIENT_TIMEOUT = 10.0
@@ -219,27 +222,96 @@ def answeredGoodbye(protocol: str) -> str:
     return "a OK LOGOUT completed" if protocol == "imap" else "+OK Bye"
 
 
+@dataclass(frozen=True)
+class TLSListener:
+    """
+    A listener with TLS of a proxy under test: its name, protocol and TLS
+    mode, and further keys of its table (by their camelCase names).
+    """
+
+    name: str
+    protocol: str
+    tls: str
+    settings: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def starttls(self) -> str | None:
+        """
+        The C{s_client -starttls} dialogue, or C{None} for implicit TLS.
+        """
+        return self.protocol if self.tls == "starttls" else None
+
+    def table(self, port: int, certFile: str, keyFile: str) -> str:
+        """
+        Its C{[[listener]]} table, on C{port} and serving C{certFile}.
+        """
+        # Settings are further keys (none is a parameter of listenerTable), so any value type goes.
+        settings: dict[str, Any] = dict(self.settings)
+        return listenerTable(
+            self.name,
+            port,
+            protocol=self.protocol,
+            tls=self.tls,
+            certificate=certFile,
+            privateKey=keyFile,
+            **settings,
+        )
+
+
+# One listener of each protocol and TLS mode.
+TLS_LISTENERS = (
+    TLSListener("imaps", "imap", "implicit"),
+    TLSListener("imap", "imap", "starttls"),
+    TLSListener("pop3s", "pop3", "implicit"),
+    TLSListener("pop3", "pop3", "starttls"),
+)
+
+
+def listenerId(listener: TLSListener) -> str:
+    """
+    The test id of a test run for C{listener}: its name.
+    """
+    return listener.name
+
+
+def implicitListener(
+    certFile: str,
+    keyFile: str,
+    *certificates: ListenerCertificate,
+    minimumVersion: str = "1.2",
+    ciphers: str = INTERMEDIATE_CIPHERS,
+) -> ListenerConfig:
+    """
+    The configuration of an implicit TLS IMAP listener (never started)
+    serving C{certFile} by default and C{certificates} for their names.
+    """
+    return ListenerConfig(
+        "imaps",
+        "tcp:0",
+        TLSMode.IMPLICIT,
+        certificate=certFile,
+        privateKey=keyFile,
+        certificates=certificates,
+        tlsMinimumVersion=minimumVersion,
+        tlsCiphers=ciphers,
+    )
+
+
 def proxyConfig(listeners: str, server: str = "") -> str:
     """
     A configuration with C{listeners} (their tables) and C{server} (lines
     of the C{[server]} table) whose upstream is never reached: no session
     gets past login.
     """
-    return f"""
-[server]
-{server}
-
-[auth]
-users_file = "users"
-{listeners}
-[upstream.main]
-host = "{HOST}"
-port = {freePort()}
-connect_timeout = 3
-
-[routing]
-default_upstream = "main"
-"""
+    return "".join(
+        [
+            f"\n[server]\n{server}\n",
+            authTable(),
+            listeners,
+            upstreamTable("main", freePort(), connectTimeout=3),
+            routingTable("main"),
+        ]
+    )
 
 
 def servedInMemory(tls: ServerTLS, serverName: bytes | None) -> x509.Certificate:
