@@ -10,11 +10,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailproxy import configref
 from mailproxy.config import Config, ConfigError, parseConfig
@@ -233,3 +236,15 @@ def test_a_required_key_is_required(item: Table, key: Key, certificate: str) -> 
     with pytest.raises(ConfigError) as raised:
         load(document)
     assert str(raised.value).startswith(where(item, key.name) + ":")
+
+
+@given(
+    st.recursive(
+        st.text() | st.booleans() | st.integers(-(2**63), 2**63 - 1),
+        lambda inner: st.lists(inner, max_size=4),
+        max_leaves=8,
+    )
+)
+def test_toml_values_read_back_as_themselves(value: Any) -> None:
+    """tomlValue (the reference's defaults, the tests' configuration files) writes TOML that reads back unchanged."""
+    assert tomllib.loads(f"key = {configref.tomlValue(value)}")["key"] == value

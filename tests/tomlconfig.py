@@ -11,11 +11,11 @@ configuration is the tables joined.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from mailproxy.configref import tomlValue
 from tests.proxyprocess import HOST
 
 TomlValue = str | bool | int | float | Sequence[str]
@@ -53,21 +53,6 @@ def tomlKey(name: str) -> str:
     C{private_key}.
     """
     return re.sub(r"[A-Z]", lambda match: "_" + match.group().lower(), name)
-
-
-def tomlValue(value: TomlValue) -> str:
-    """
-    C{value} as TOML: a string quoted and escaped, C{true}/C{false}, a
-    number, or an array of strings.
-    """
-    if isinstance(value, str):
-        # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return "[" + ", ".join(tomlValue(item) for item in value) + "]"
 
 
 def table(header: str, /, **keys: TomlValue | None) -> str:
