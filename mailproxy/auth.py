@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailproxy.config import Config, UpstreamConfig
+from mailproxy.credentialscache import CredentialsCache
 from mailproxy.interfaces import IProxyUser
 from mailproxy.passwords import UsersFileError, hashPassword, readUsers, verifyPassword
 
@@ -78,14 +79,19 @@ class UsersFileChecker:
 
     The file is read again whenever its modification time changes, so
     C{python -m mailproxy.passwd} takes effect without a restart.
+
+    @ivar cache: the verified credentials a login may succeed from without
+        the slow hash, if any; shared by every checker of the process, so a
+        reload does not empty it.
     """
 
     credentialInterfaces = (IUsernamePassword,)
     log = Logger()
 
-    def __init__(self, path: str, runInThread: RunInThread) -> None:
+    def __init__(self, path: str, runInThread: RunInThread, cache: CredentialsCache | None = None) -> None:
         self._path = path
         self._runInThread = runInThread
+        self.cache = cache
         self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, str] = {}
         self.reload()
@@ -116,14 +122,20 @@ class UsersFileChecker:
         rawPassword: bytes | str = credentials.password
         password = rawPassword.encode("utf-8") if isinstance(rawPassword, str) else rawPassword
         encoded = self._users.get(username)
-        found = encoded is not None
+        cache = self.cache
+        # Checked against the hash stored now: a changed entry never matches.
+        if encoded is not None and cache is not None and cache.knows(username, password, encoded):
+            return succeed(username)
 
         def check() -> bool:
-            return verifyPassword(password, encoded or _DECOY_HASH) and found
+            return verifyPassword(password, encoded or _DECOY_HASH) and encoded is not None
 
         def decide(ok: bool) -> str:
             if not ok:
+                # Failures are never remembered: each pays the full check.
                 raise UnauthorizedLogin()
+            if cache is not None and encoded is not None:
+                cache.remember(username, password, encoded)
             return username
 
         return self._runInThread(check).addCallback(decide)
@@ -169,8 +181,9 @@ class ProxyRealm:
         return IProxyUser, user, lambda: None
 
 
-def makePortal(config: Config, runInThread: RunInThread) -> Portal:
+def makePortal(config: Config, runInThread: RunInThread, cache: CredentialsCache | None = None) -> Portal:
     """
-    Build the portal every front end logs users in through.
+    Build the portal every front end logs users in through, its checker
+    remembering verified credentials in C{cache} if given.
     """
-    return Portal(ProxyRealm(config), [UsersFileChecker(config.usersFile, runInThread)])
+    return Portal(ProxyRealm(config), [UsersFileChecker(config.usersFile, runInThread, cache)])

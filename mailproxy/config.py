@@ -169,6 +169,8 @@ class Config:
     loginDeadline: float = 60.0
     listenBacklog: int = 1024
     hashThreads: int = field(default_factory=defaultHashThreads)
+    authCacheTTL: float = 3600.0
+    authCacheSize: int = 10000
     authenticatedTimeout: float = 30 * 60.0
     idlePollInterval: float = 15.0
     idleRefresh: float = 25 * 60.0
@@ -247,10 +249,14 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     metricsListen = metrics.string("listen", None)
     if metricsListen is not None:
         _checkEndpoint(metrics, "listen", metricsListen)
-    _rejectUnknown(auth, {"users_file", "failure_delay", "hash_threads"})
+    _rejectUnknown(auth, {"users_file", "failure_delay", "hash_threads", "cache_ttl", "cache_size"})
     hashThreads = auth.number("hash_threads", defaultHashThreads())
     if hashThreads != int(hashThreads) or not 1 <= hashThreads <= MAX_HASH_THREADS:
         raise ConfigError(f"{auth.where('hash_threads')}: must be an integer from 1 to {MAX_HASH_THREADS}")
+    authCacheTTL = float(auth.number("cache_ttl", Config.authCacheTTL))
+    authCacheSize = auth.number("cache_size", Config.authCacheSize)
+    if authCacheSize != int(authCacheSize) or authCacheSize < 1:
+        raise ConfigError(f"{auth.where('cache_size')}: must be an integer of at least 1")
     listenBacklog = server.number("listen_backlog", Config.listenBacklog)
     if listenBacklog != int(listenBacklog) or not 1 <= listenBacklog <= 65535:
         raise ConfigError(f"{server.where('listen_backlog')}: must be an integer from 1 to 65535")
@@ -325,6 +331,8 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         loginDeadline=_positive(server, "login_deadline", 60.0),
         listenBacklog=int(listenBacklog),
         hashThreads=int(hashThreads),
+        authCacheTTL=authCacheTTL,
+        authCacheSize=int(authCacheSize),
         authenticatedTimeout=_positive(server, "authenticated_timeout", 30 * 60.0),
         idlePollInterval=_positive(server, "idle_poll_interval", 15.0),
         idleRefresh=_positive(server, "idle_refresh", 25 * 60.0),

@@ -164,6 +164,23 @@ TABLES: tuple[Table, ...] = (
                 Computed("half the CPUs, at least 1"),
                 "Threads that check passwords (1 to 64). Restart only.",
             ),
+            Key(
+                "cache_ttl",
+                SECONDS,
+                3600,
+                "Seconds a successful login is remembered (as an HMAC under a per-process random key of the name, "
+                "password and stored hash), so the same user and password log in again without the slow hash; a "
+                "changed or removed users entry is never matched, failures are never remembered. A memory dump of "
+                "the process would let cached passwords be guessed at HMAC speed; 0 turns the cache off. "
+                "Restart only.",
+            ),
+            Key(
+                "cache_size",
+                "integer",
+                10000,
+                "Successful logins remembered at most (at least 1); the least recently used are forgotten first. "
+                "Restart only.",
+            ),
         ),
     ),
     Table(

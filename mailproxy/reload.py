@@ -8,10 +8,12 @@ listener's included) and server settings for new connections.  Sessions
 already open keep the routes and filter chains they started with; new
 connections and logins get the new ones.  Listeners (ports, TLS settings
 and certificate paths, PROXY protocol), limits, the failure delay, the
-metrics endpoint, the log format and the certificate check and TLS session
-intervals are bound at start-up: a change to them is logged as needing a
-restart.  (The certificate files themselves are re-read on SIGHUP too, by
-L{mailproxy.certificates}.)  A configuration that does not load is logged
+credentials cache's settings, the metrics endpoint, the log format and the
+certificate check and TLS session intervals are bound at start-up: a change
+to them is logged as needing a restart.  The credentials cache itself is
+kept across reloads (an entry whose users-file hash changed no longer
+matches).  The certificate files themselves are re-read on SIGHUP too, by
+L{mailproxy.certificates}.  A configuration that does not load is logged
 and ignored; the proxy goes on with the one it had.
 """
 
@@ -39,6 +41,8 @@ _RESTART_ONLY = (
     "metricsListen",
     "logFormat",
     "hashThreads",
+    "authCacheTTL",
+    "authCacheSize",
     "listenBacklog",
     "certificateCheckInterval",
     "tlsSessionLifetime",

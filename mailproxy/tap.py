@@ -20,6 +20,7 @@ from twisted.python.components import Componentized
 from mailproxy.auth import HashPoolService, UsersFileChecker, makePortal, threadRunner
 from mailproxy.certificates import CertificateReloader
 from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, loadConfig
+from mailproxy.credentialscache import CredentialsCache
 from mailproxy.filters.registry import buildFilters, chainFactory
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
 from mailproxy.imap.upstream import UpstreamSession, connectUpstream
@@ -154,8 +155,10 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
             log.warn("upstream {name}: certificate verification is OFF (verify = false)", name=upstream.name)
     hashing = HashPoolService(config.hashThreads)
     runInThread = threadRunner(reactor, hashing.pool)
+    # One per process, shared by every checker a reload builds.
+    credentialsCache = CredentialsCache(config.authCacheTTL, config.authCacheSize, reactor)
     try:
-        portal = makePortal(config, runInThread)
+        portal = makePortal(config, runInThread, credentialsCache)
     except OSError as error:
         raise ConfigError(f"auth.users_file: cannot read {config.usersFile!r}: {error.strerror}") from None
 
@@ -174,7 +177,12 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
     limits = Limits(config.limits, reactor, config.authFailureDelay, maxChecks=4 * config.hashThreads)
     contexts: list[ServerContext] = []
     reloader = ConfigReloader(
-        configPath, config, portal, contexts, filters, lambda path: UsersFileChecker(path, runInThread)
+        configPath,
+        config,
+        portal,
+        contexts,
+        filters,
+        lambda path: UsersFileChecker(path, runInThread, credentialsCache),
     )
     root = ListenersService(reloader, limits, reactor)
     hashing.setServiceParent(root)

@@ -15,11 +15,13 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailproxy.auth import NoRoute, ProxyRealm, UsersFileChecker, inlineRunner, makePortal
 from mailproxy.config import Config, parseConfig
+from mailproxy.credentialscache import CredentialsCache
 from mailproxy.interfaces import IProxyUser
 from mailproxy.passwords import UsersFileError, hashPassword, writeUser
 
@@ -191,3 +193,27 @@ def test_checker_and_avatar_provide_their_interfaces(config: Config) -> None:
     assert verifyObject(ICredentialsChecker, checker)
     avatar = avatarOf(Portal(ProxyRealm(config), [checker]), b"alice", b"alicepw")
     assert verifyObject(IProxyUser, avatar)
+
+
+def test_checker_without_a_cache_hashes_every_login(config: Config) -> None:
+    """Without a credentials cache every login, repeated or not, goes to the hash pool."""
+    calls: list[object] = []
+
+    def counting(work: Any) -> Deferred[bool]:
+        calls.append(work)
+        return inlineRunner(work)
+
+    portal = makePortal(config, counting)
+    for _ in range(3):
+        avatarOf(portal, b"alice", b"alicepw")
+    assert len(calls) == 3
+
+
+def test_portal_checker_remembers_in_the_given_cache(config: Config) -> None:
+    """makePortal hands its cache to the checker, which remembers a success there and not a failure."""
+    cache = CredentialsCache(60, 10, Clock())
+    portal = makePortal(config, inlineRunner, cache)
+    failureResultOf(login(portal, b"alice", b"wrong"), UnauthorizedLogin)
+    assert len(cache) == 0
+    avatarOf(portal, b"alice", b"alicepw")
+    assert len(cache) == 1
