@@ -40,6 +40,7 @@ from tests.rawclient import (
     readLine,
     readTagged,
 )
+from tests.tomlconfig import arrayTable, authTable, listenerTable, namedListeners, routingTable, table, upstreamTable
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTER = ROOT / "etc" / "fail2ban" / "filter.d" / "mailproxy.conf"
@@ -89,103 +90,40 @@ IPV6 = _ipv6Available()
 
 
 def arenaConfig(ports: dict[str, int], dovecot: DovecotUpstream, flakyPort: int, slowPort: int) -> str:
+    standard = {name: ports[name] for name in ("plain", "pop3", "starttls", "implicit")}
     dual = ""
     if IPV6:
-        dual = f"""
-[[listener]]
-name = "dual"
-endpoint = "tcp6:{ports["dual"]}:interface=\\\\:\\\\:"
-allow_plaintext_auth = true
-"""
-    routes = "".join(
-        f"""
-[routing.users."{name}"]
-username = "carol"
-password = "carolpw"
-"""
-        for name in USERS
-        if name not in ("carol", "sl", "slow")
+        dual = arrayTable(
+            "listener", name="dual", endpoint=f"tcp6:{ports['dual']}:interface=\\:\\:", allowPlaintextAuth=True
+        )
+    carol = {"username": "carol", "password": "carolpw"}
+    users: dict[str, dict[str, str]] = {
+        "carol": {"upstream": "plain"},
+        "sl": {"upstream": "flaky", **carol},
+        "slow": {"upstream": "slow", **carol},
+    }
+    users.update((name, carol) for name in USERS if name not in users)
+    return (
+        table("server", loginDeadline=DEADLINE, preauthTimeout=60)
+        + authTable(failureDelay=FAILURE_DELAY, hashThreads=2)
+        + table(
+            "limits",
+            maxConnections=SLOTS,
+            maxConnectionsPerIp=SLOTS,
+            maxSessionsPerUser=MAX_SESSIONS,
+            failuresBeforeLockout=LOCKOUT_AFTER,
+            lockoutSeconds=LOCKOUT_SECONDS,
+        )
+        + namedListeners(standard, dovecot.certFile, dovecot.keyFile)
+        + listenerTable(
+            "lb", ports["lb"], allowPlaintextAuth=True, proxyProtocol=True, proxyProtocolTrusted=["127.0.0.0/8"]
+        )
+        + dual
+        + upstreamTable("plain", dovecot.ports["imap"])
+        + upstreamTable("flaky", flakyPort, connectTimeout=2)
+        + upstreamTable("slow", slowPort, connectTimeout=30)
+        + routingTable("plain", users)
     )
-    return f"""
-[server]
-login_deadline = {DEADLINE}
-preauth_timeout = 60
-
-[auth]
-users_file = "users"
-failure_delay = {FAILURE_DELAY}
-hash_threads = 2
-
-[limits]
-max_connections = {SLOTS}
-max_connections_per_ip = {SLOTS}
-max_sessions_per_user = {MAX_SESSIONS}
-failures_before_lockout = {LOCKOUT_AFTER}
-lockout_seconds = {LOCKOUT_SECONDS}
-
-[[listener]]
-name = "plain"
-endpoint = "tcp:{ports["plain"]}:interface=127.0.0.1"
-allow_plaintext_auth = true
-
-[[listener]]
-name = "pop3"
-protocol = "pop3"
-endpoint = "tcp:{ports["pop3"]}:interface=127.0.0.1"
-allow_plaintext_auth = true
-
-[[listener]]
-name = "starttls"
-endpoint = "tcp:{ports["starttls"]}:interface=127.0.0.1"
-tls = "starttls"
-certificate = "{dovecot.certFile}"
-private_key = "{dovecot.keyFile}"
-
-[[listener]]
-name = "implicit"
-endpoint = "tcp:{ports["implicit"]}:interface=127.0.0.1"
-tls = "implicit"
-certificate = "{dovecot.certFile}"
-private_key = "{dovecot.keyFile}"
-
-[[listener]]
-name = "lb"
-endpoint = "tcp:{ports["lb"]}:interface=127.0.0.1"
-allow_plaintext_auth = true
-proxy_protocol = true
-proxy_protocol_trusted = ["127.0.0.0/8"]
-{dual}
-[upstream.plain]
-host = "127.0.0.1"
-port = {dovecot.ports["imap"]}
-
-[upstream.flaky]
-host = "127.0.0.1"
-port = {flakyPort}
-connect_timeout = 2
-
-[upstream.slow]
-host = "127.0.0.1"
-port = {slowPort}
-connect_timeout = 30
-
-[routing]
-default_upstream = "plain"
-
-[routing.users.carol]
-upstream = "plain"
-
-[routing.users.sl]
-upstream = "flaky"
-username = "carol"
-password = "carolpw"
-
-[routing.users.slow]
-upstream = "slow"
-username = "carol"
-password = "carolpw"
-{routes}
-"""
 
 
 @dataclass
