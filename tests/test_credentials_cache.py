@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import imaplib
 import os
+import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -335,7 +337,7 @@ USER = "kim"
 
 
 @pytest.fixture
-def cachedProxy(dovecot: DovecotUpstream) -> Iterator[tuple[str, int]]:
+def cachedProxy(dovecot: DovecotUpstream) -> Iterator[tuple[str, int, DovecotUpstream]]:
     port = freePort()
     config = (
         authTable(failureDelay=0.1, cacheTtl=3600)
@@ -344,7 +346,7 @@ def cachedProxy(dovecot: DovecotUpstream) -> Iterator[tuple[str, int]]:
         + routingTable("dovecot", {USER: {"password": UPSTREAM_USERS[USER]}})
     )
     with runningProxy(config, {USER: "proxy pw one"}, [port], "mp-credcache-") as (directory, _process):
-        yield directory, port
+        yield directory, port, dovecot
 
 
 def imapLogin(port: int, password: str) -> None:
@@ -360,14 +362,35 @@ def imapLogin(port: int, password: str) -> None:
             pass
 
 
-def test_changed_password_invalidates_the_cached_login_through_a_real_proxy(cachedProxy: tuple[str, int]) -> None:
-    """Two logins (the second from the cache), then a new password in the users file: old refused, new works."""
-    directory, port = cachedProxy
+def dovecotLogins(dovecot: DovecotUpstream) -> int:
+    """How many times Dovecot has logged the user in, by its own log."""
+    with open(dovecot.logFile, errors="replace") as handle:
+        return len(re.findall(rf"imap-login: (?:Info: )?Login: user=<{USER}>", handle.read()))
+
+
+def test_changed_password_invalidates_the_cached_login_through_a_real_proxy(
+    cachedProxy: tuple[str, int, DovecotUpstream],
+) -> None:
+    """
+    Attacked as a guesser would after the owner's cached login: wrong
+    passwords, then the old password once the users file has a new one,
+    are refused and never reach Dovecot; the owner's logins all do.
+    """
+    directory, port, dovecot = cachedProxy
+    before = dovecotLogins(dovecot)
     imapLogin(port, "proxy pw one")
     imapLogin(port, "proxy pw one")
+    for guess in ("proxy pw on", "proxy pw one ", "PROXY PW ONE"):
+        with pytest.raises(imaplib.IMAP4.error, match=r"AUTHENTICATIONFAILED"):
+            imapLogin(port, guess)
     # Kept cheap, as runningProxy writes it.
     writeUser(os.path.join(directory, "users"), USER, hashPassword("proxy pw two", log2N=10))
     with pytest.raises(imaplib.IMAP4.error, match=r"AUTHENTICATIONFAILED"):
         imapLogin(port, "proxy pw one")
     imapLogin(port, "proxy pw two")
     imapLogin(port, "proxy pw two")
+    # Dovecot writes its log as sessions start: the four owner's logins, nothing else.
+    deadline = time.monotonic() + 10
+    while dovecotLogins(dovecot) - before < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dovecotLogins(dovecot) - before == 4
