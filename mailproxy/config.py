@@ -250,16 +250,10 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     if metricsListen is not None:
         _checkEndpoint(metrics, "listen", metricsListen)
     _rejectUnknown(auth, {"users_file", "failure_delay", "hash_threads", "cache_ttl", "cache_size"})
-    hashThreads = auth.number("hash_threads", defaultHashThreads())
-    if hashThreads != int(hashThreads) or not 1 <= hashThreads <= MAX_HASH_THREADS:
-        raise ConfigError(f"{auth.where('hash_threads')}: must be an integer from 1 to {MAX_HASH_THREADS}")
+    hashThreads = auth.integer("hash_threads", defaultHashThreads(), 1, MAX_HASH_THREADS)
     authCacheTTL = float(auth.number("cache_ttl", Config.authCacheTTL))
-    authCacheSize = auth.number("cache_size", Config.authCacheSize)
-    if authCacheSize != int(authCacheSize) or authCacheSize < 1:
-        raise ConfigError(f"{auth.where('cache_size')}: must be an integer of at least 1")
-    listenBacklog = server.number("listen_backlog", Config.listenBacklog)
-    if listenBacklog != int(listenBacklog) or not 1 <= listenBacklog <= 65535:
-        raise ConfigError(f"{server.where('listen_backlog')}: must be an integer from 1 to 65535")
+    authCacheSize = auth.integer("cache_size", Config.authCacheSize, 1)
+    listenBacklog = server.integer("listen_backlog", Config.listenBacklog, 1, 65535)
     certificateCheckInterval = float(server.number("certificate_check_interval", Config.certificateCheckInterval))
     if 0 < certificateCheckInterval < MIN_CERTIFICATE_CHECK_INTERVAL:
         raise ConfigError(
@@ -329,10 +323,10 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         greeting=greeting,
         preAuthTimeout=_positive(server, "preauth_timeout", 60.0),
         loginDeadline=_positive(server, "login_deadline", 60.0),
-        listenBacklog=int(listenBacklog),
-        hashThreads=int(hashThreads),
+        listenBacklog=listenBacklog,
+        hashThreads=hashThreads,
         authCacheTTL=authCacheTTL,
-        authCacheSize=int(authCacheSize),
+        authCacheSize=authCacheSize,
         authenticatedTimeout=_positive(server, "authenticated_timeout", 30 * 60.0),
         idlePollInterval=_positive(server, "idle_poll_interval", 15.0),
         idleRefresh=_positive(server, "idle_refresh", 25 * 60.0),
@@ -684,6 +678,16 @@ class _Reader:
         if not math.isfinite(value):
             raise ConfigError(f"{self.where(key)}: must be a finite number")
         return value
+
+    def integer(self, key: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        """
+        A whole number from C{minimum} to C{maximum} (or more, without one).
+        """
+        value = self.number(key, default)
+        if value != int(value) or value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+            raise ConfigError(f"{self.where(key)}: must be an integer {bound}")
+        return int(value)
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self._data.get(key, default)
