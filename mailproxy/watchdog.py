@@ -88,7 +88,10 @@ class ResponseWatchdog:
         counting = self._owed and not self._pauses and not self._stopped
         if counting and self._call is None:
             self._call = self.clock.callLater(self._remaining(), self._check)
-        elif not counting and self._call is not None:
+        elif self._stopped and self._call is not None:
+            # Otherwise a timer no longer needed is left to run out
+            # (_check then does nothing): answering a command costs no
+            # cancel, and the next command no callLater.
             if self._call.active():
                 self._call.cancel()
             self._call = None
@@ -98,6 +101,8 @@ class ResponseWatchdog:
 
     def _check(self) -> None:
         self._call = None
+        if not self._owed or self._pauses or self._stopped:
+            return
         remaining = self._remaining()
         if remaining > 0:
             # Data arrived meanwhile (heard() only notes the time, so that a

@@ -39,7 +39,9 @@ class FramingError(Exception):
 OVERLONG_HEAD = 64
 
 
-@dataclass(frozen=True)
+# The events are not frozen: one is made per line and literal chunk, and a
+# frozen dataclass pays a call per field to be built.  Nothing changes them.
+@dataclass(slots=True)
 class Line:
     """
     One CRLF-terminated line, CRLF included.
@@ -64,7 +66,7 @@ class Line:
         return self.literal is None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class LiteralChunk:
     """
     Some bytes of a literal; C{remaining} of it are still to come.
@@ -74,7 +76,7 @@ class LiteralChunk:
     remaining: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OverlongLine:
     """
     A line longer than allowed, discarded up to its end; C{head} is its
@@ -186,6 +188,17 @@ class IMAPFramer:
         assert self._discardUpTo is None, "a discarding framer is fed with feedClient"
         return self._frame(data)  # type: ignore[return-value]
 
+    def feedWhole(self, data: bytes) -> tuple[list[Event], bool]:
+        """
+        Like L{feed}; also say whether the events are all of C{data} and
+        nothing else (no partial line was pending before it or is after
+        it), so that a relay that changes none of them can pass C{data} on
+        as it came, uncopied.
+        """
+        whole = not self._partial
+        events = self.feed(data)
+        return events, whole and not self._partial
+
     def feedClient(self, data: bytes) -> list[ClientEvent]:
         """
         Like L{feed}, for a framer that discards overlong lines: these come
@@ -211,34 +224,43 @@ class IMAPFramer:
             data = b"".join(self._partial) + data
             self._partial = []
             self._partialSize = 0
-        view = memoryview(data)
         position = 0
         end = len(data)
+        maxLine = self.maxLineLength
+        emit = events.append
         while position < end:
             if self._literalRemaining:
                 take = min(self._literalRemaining, end - position)
                 self._literalRemaining -= take
-                # A read inside a literal (most of a bulk FETCH) passes uncopied.
-                chunk = data if take == end else bytes(view[position : position + take])
-                events.append(LiteralChunk(chunk, self._literalRemaining))
+                # A read inside a literal (most of a bulk FETCH) passes
+                # uncopied: a slice of all of C{data} is C{data} itself.
+                emit(LiteralChunk(data[position : position + take], self._literalRemaining))
                 position += take
                 continue
-            newline = data.find(b"\n", position, position + self.maxLineLength)
+            newline = data.find(b"\n", position, position + maxLine)
             if newline < 0:
-                if end - position >= self.maxLineLength:
-                    rest = self._startDiscard(data[position:], events)
-                    data, position, end = rest, 0, len(rest)
-                    view = memoryview(data)
+                if end - position >= maxLine:
+                    data = self._startDiscard(data[position:], events)
+                    position, end = 0, len(data)
                     continue
                 self._partial = [data[position:]]
                 self._partialSize = end - position
                 break
-            line = self._line(data[position : newline + 1])
-            events.append(line)
+            raw = data[position : newline + 1]
+            # (raw is at least 3 octets long when newline - position >= 2.)
+            plain = newline - position < 2 or data[newline - 2] != 0x7D or data[newline - 1] != 0x0D
+            position = newline + 1
+            if plain:
+                # The common case: a line that cannot announce a literal
+                # (it does not end with "}\r\n").
+                emit(Line(raw, self._continuation))
+                self._continuation = False
+                continue
+            line = self._line(raw)
+            emit(line)
             if line.literal == 0:
                 # An empty literal still is a literal: consumers count them.
-                events.append(LiteralChunk(b"", 0))
-            position = newline + 1
+                emit(LiteralChunk(b"", 0))
         return events
 
     def _startDiscard(self, data: bytes, events: list[ClientEvent]) -> bytes:

@@ -73,6 +73,14 @@ class IdleController:
         return self.tag is not None
 
     @property
+    def watching(self) -> bool:
+        """
+        C{True} while L{swallow} may claim a response line: an IDLE runs,
+        or the proxy's own poll is unanswered.
+        """
+        return self.tag is not None or self._noopTag is not None
+
+    @property
     def ending(self) -> bool:
         """
         C{True} once the client sent DONE and waits for the IDLE's tagged

@@ -32,6 +32,7 @@ from mailproxy.imap.lexer import ArgumentLexer, Atom, LexError, commandHead
 from mailproxy.imap.model import IMAPCommand, ParseError, StreamedLiteral, lexCommand, parseResponse, text
 from mailproxy.imap.syntax import RELAY_CAPABILITIES, rewriteCapabilities, tagAndCommand, tagOf
 from mailproxy.watchdog import ResponseWatchdog, WatchedProducer
+from mailproxy.writenow import writeNow
 
 BUFFER_LIMIT = 256 * 1024
 # Client octets held while a synchronising literal awaits the upstream's
@@ -49,6 +50,8 @@ STREAMABLE = frozenset({b"APPEND", b"REPLACE"})
 _ABORT_COMMAND = b" (\r\n"
 # A line ending like a literal announcement.
 _ENDS_LIKE_LITERAL = re.compile(rb"~?\{[0-9]+\+?\}\r?\n\Z")
+# What every such line ends with (a cheap test before the expression).
+_LITERAL_ENDINGS = (b"}\r\n", b"}\n")
 # Commands tracked for their tagged reply at once; past this the oldest is
 # forgotten (a reply the upstream could not tag never comes), and no new
 # command is relayed until replies come.
@@ -87,6 +90,14 @@ def _synchronizing(raw: bytes) -> bytes:
     A line announcing a LITERAL+ literal, announcing it synchronising.
     """
     return raw[:-4] + b"}\r\n" if raw.endswith(b"+}\r\n") else raw
+
+
+def _tag(response: bytes) -> bytes:
+    """
+    The first word of a response line (its tag, for a tagged reply).
+    """
+    space = response.find(b" ")
+    return response if space < 0 else response[:space]
 
 
 def _withIdle(names: list[bytes]) -> list[bytes]:
@@ -164,6 +175,8 @@ class Relay:
         self.client = client
         self.upstream = upstream
         self.chain = chain
+        # Fixed for the session: the passthrough relay asks on every event.
+        self._filtered = bool(chain)
         self.session = session
         upper = {name.upper() for name in capabilities}
         config = client.context.config
@@ -234,7 +247,7 @@ class Relay:
 
     def toClient(self, data: bytes, *, complete: bool = True) -> None:
         self.bytesOut += len(data)
-        self.client.transport.write(data)
+        writeNow(self.client.transport, data)
         if self._metrics is not None:
             self._metrics.bytesToClient.inc(len(data))
         self.midResponse = not complete
@@ -254,7 +267,7 @@ class Relay:
             self._writeLocal(data)
 
     def _writeLocal(self, data: bytes) -> None:
-        self.client.transport.write(data)
+        writeNow(self.client.transport, data)
         if self._metrics is not None:
             self._metrics.bytesToClient.inc(len(data))
 
@@ -272,7 +285,7 @@ class Relay:
 
     def toUpstream(self, data: bytes) -> None:
         self.bytesIn += len(data)
-        self.upstream.transport.write(data)
+        writeNow(self.upstream.transport, data)
 
     # -- client -> upstream ------------------------------------------------------
 
@@ -280,7 +293,7 @@ class Relay:
         if isinstance(event, OverlongLine):
             self._overlong(event)
             return
-        if not self.chain:
+        if not self._filtered:
             self._passthroughFromClient(event)
         else:
             self._clientEvents.append(event)
@@ -308,43 +321,54 @@ class Relay:
             self._toUpstreamInOrder(event.data)
             return
         if not event.continuation:
-            parsed = tagAndCommand(event.raw)
-            self._clientTag = parsed[0] if parsed is not None else None
-            if parsed is not None and parsed[1] in NOT_RELAYED:
-                self._startDiscard(event, parsed[0], _NOT_RELAYED_REPLY, parsed[1])
-                return
-            if commandHead(event.raw.rstrip(b"\r\n")) is None and not self._endsIdle(event.raw):
-                # Never relayed: a server tags its reply with whatever word
-                # starts the line ("DONE BAD ..."), which could then pass for
-                # the reply to a command of the client's with that tag.
-                self._unreadable(None, b"*", ParseError("invalid tag or command name"))
-                return
-            refusal = self._refusal(parsed[0], parsed[1], event.raw) if parsed is not None else None
-            if parsed is not None and refusal is not None:
-                self._startDiscard(event, parsed[0], refusal, parsed[1])
-                return
-            if event.literal is None and _ENDS_LIKE_LITERAL.search(event.raw):
-                # The proxy reads no literal here (an unknown command, or
-                # text that does not read cleanly); a server that did would
-                # take the next octets as data the proxy took for commands.
-                tag = parsed[0] if parsed is not None else b"*"
-                self.sendLocal(tag + b" BAD Literal not accepted here by the proxy\r\n")
-                return
-            if event.complete and self._idleHandled(parsed, event.raw):
-                return
-            if parsed is not None and parsed[1] == b"IDLE" and len(event.raw.split()) == 2:
-                self._continuations.append(parsed[0])
-            if parsed is not None:
-                self._commandSent(parsed[0])
+            raw = event.raw
+            head = commandHead(raw.rstrip(b"\r\n"))
+            if head is None:
+                self._clientTag = None
+                if not self._endsIdle(raw):
+                    # Never relayed: a server tags its reply with whatever
+                    # word starts the line ("DONE BAD ..."), which could then
+                    # pass for the reply to a command of the client's with
+                    # that tag.
+                    self._unreadable(None, b"*", ParseError("invalid tag or command name"))
+                    return
+                if self.idle.clientDone():
+                    return
+            else:
+                tag = self._clientTag = head.tag
+                name = b"UID " + head.name if head.uid else head.name
+                if name in NOT_RELAYED:
+                    self._startDiscard(event, tag, _NOT_RELAYED_REPLY, name)
+                    return
+                refusal = self._refusal(tag, name, raw)
+                if refusal is not None:
+                    self._startDiscard(event, tag, refusal, name)
+                    return
+                if event.literal is None and raw.endswith(_LITERAL_ENDINGS) and _ENDS_LIKE_LITERAL.search(raw):
+                    # The proxy reads no literal here (an unknown command, or
+                    # text that does not read cleanly); a server that did would
+                    # take the next octets as data the proxy took for commands.
+                    self.sendLocal(tag + b" BAD Literal not accepted here by the proxy\r\n")
+                    return
+                if name == b"IDLE" and len(raw.split()) == 2:
+                    if event.complete and self.idle.start(tag):
+                        return
+                    self._continuations.append(tag)
+                self._commandSent(tag)
                 if self._metrics is not None:
-                    self._startTiming(parsed[0], parsed[1], event.raw)
+                    self._startTiming(tag, name)
         raw = event.raw
         if self._tail is not None and event.continuation:
             checked = self._checkTail(event)
             if checked is None:
                 return
             raw = checked
-        elif event.continuation and event.literal is None and _ENDS_LIKE_LITERAL.search(raw):
+        elif (
+            event.continuation
+            and event.literal is None
+            and raw.endswith(_LITERAL_ENDINGS)
+            and _ENDS_LIKE_LITERAL.search(raw)
+        ):
             # The same at the end of a command already on its way: the
             # upstream gets a line that ends it with BAD instead.
             raw = _ABORT_COMMAND
@@ -485,13 +509,13 @@ class Relay:
                 return tag
         return tagOf(event.head)
 
-    def _startTiming(self, tag: bytes, name: bytes, raw: bytes) -> None:
+    def _startTiming(self, tag: bytes, name: bytes) -> None:
+        """
+        Time the command C{name} (C{b"UID FETCH"} style) tagged C{tag}.
+        """
         # An IDLE's reply comes when the client ends it: not a latency.
         if name == b"IDLE" or len(self._timing) >= MAX_TIMED_COMMANDS:
             return
-        if name == b"UID":
-            words = raw[len(tag) + 5 :].split(None, 1)
-            name = b"UID " + words[0].upper() if words else name
         self._timing[tag] = (name, time.monotonic())
 
     def _commandsAnswered(self, tags: list[bytes]) -> None:
@@ -514,12 +538,6 @@ class Relay:
         The proxy answered C{tag} itself (ending an IDLE): it is free again.
         """
         self._tagsInUse.pop(tag, None)
-
-    def _idleHandled(self, parsed: tuple[bytes, bytes] | None, raw: bytes) -> bool:
-        if parsed is not None:
-            # IDLE with arguments gets BAD from the upstream: no IDLE starts.
-            return parsed[1] == b"IDLE" and len(raw.split()) == 2 and self.idle.start(parsed[0])
-        return raw.rstrip(b"\r\n").upper() == b"DONE" and self.idle.clientDone()
 
     def _startDiscard(self, event: Line, tag: bytes, reply: bytes, name: bytes = b"?") -> None:
         self._discard = (tag, reply, name)
@@ -559,7 +577,7 @@ class Relay:
         IDLE's reply and re-sends the IDLE): a tagged reply frees its tag.
         """
         if raw[:1] not in (b"*", b"+"):
-            self._tagsInUse.pop(raw.split(b" ", 1)[0], None)
+            self._tagsInUse.pop(_tag(raw), None)
 
     def _refusal(self, tag: bytes, name: bytes, line: bytes) -> bytes | None:
         """
@@ -810,18 +828,25 @@ class Relay:
         """
         Note tagged replies as they arrive (before any filter holds them).
         """
+        unanswered = self._unanswered
         for event in events:
-            if not isinstance(event, Line) or event.continuation or event.raw[:1] == b"+":
+            if not unanswered:
+                return
+            if isinstance(event, LiteralChunk) or event.continuation:
                 continue
-            if event.raw[:1] == b"*":
-                if event.raw[:6].upper() != b"* BAD " or not self._unanswered:
+            raw = event.raw
+            kind = raw[:1]
+            if kind == b"+":
+                continue
+            if kind == b"*":
+                if raw[:6].upper() != b"* BAD ":
                     continue
                 # A command the upstream could not even tag: the latest (its
                 # tag stays in use: that is not sure enough to reuse it).
-                tag = next(reversed(self._unanswered))
+                tag = next(reversed(unanswered))
             else:
-                tag = event.raw.split(b" ", 1)[0]
-            count = self._unanswered.pop(tag, 0)
+                tag = _tag(raw)
+            count = unanswered.pop(tag, 0)
             if count > 1:
                 self._unanswered[tag] = count - 1
 
@@ -869,23 +894,26 @@ class Relay:
     def fromUpstream(self, event: Event) -> None:
         self.fromUpstreamBatch([event])
 
-    def fromUpstreamBatch(self, events: list[Event]) -> None:
+    def fromUpstreamBatch(self, events: list[Event], read: bytes | None = None) -> None:
         """
         Relay what one upstream read framed; without filters, as one write.
+
+        @param read: the octets C{events} were framed from, if they are all
+            of them: relayed unchanged, they are written as they came.
         """
         self.client.resetTimeout()
         if self.watchdog is not None:
             self.watchdog.heard()
         self._responseSeen(events)
         try:
-            self._fromUpstreamBatch(events)
+            self._fromUpstreamBatch(events, read)
         finally:
             if self._releaseHeld:
                 self._release()
             self.updateWatchdog()
 
-    def _fromUpstreamBatch(self, events: list[Event]) -> None:
-        if self.chain:
+    def _fromUpstreamBatch(self, events: list[Event], read: bytes | None) -> None:
+        if self._filtered:
             self._upstreamEvents.extend(events)
             self._drainUpstream()
             return
@@ -893,6 +921,7 @@ class Relay:
         complete = not self.midResponse
         timing = self._timing
         answered: list[bytes] = []
+        idle = self.idle
         # Replies of the proxy's own caused by this batch go after it.
         self._batching = True
         for event in events:
@@ -902,18 +931,27 @@ class Relay:
                 continue
             raw = event.raw
             if not event.continuation:
-                if event.complete and self.idle.swallow(raw):
+                if idle.watching and event.literal is None and idle.swallow(raw):
+                    read = None
                     continue
-                self._replyHandled(raw)
-                if not self._answered(raw):
+                kind = raw[:1]
+                tag = None
+                if kind != b"*" and kind != b"+":
+                    # A tagged reply frees its tag (what _replyHandled does).
+                    tag = _tag(raw)
+                    self._tagsInUse.pop(tag, None)
+                if (self._continuations or kind == b"+") and not self._answered(raw):
+                    read = None
                     continue
-                if timing and raw[:1] not in (b"*", b"+"):
-                    answered.append(raw.split(b" ", 1)[0])
-                raw = self._baseRewrite(raw)
+                if timing and tag is not None:
+                    answered.append(tag)
+                rewritten = self._baseRewrite(raw)
+                if rewritten is not raw:
+                    raw, read = rewritten, None
             out.append(raw)
-            complete = event.complete
+            complete = event.literal is None
         self._batching = False
-        self.toClient(b"".join(out), complete=complete)
+        self.toClient(b"".join(out) if read is None else read, complete=complete)
         if answered:
             self._commandsAnswered(answered)
 
@@ -929,9 +967,19 @@ class Relay:
         self.toClient(raw, complete=event.complete)
 
     def _baseRewrite(self, raw: bytes) -> bytes:
-        if raw[:5].upper() == b"* BYE":
+        """
+        Note a BYE, and hide the capabilities the proxy cannot relay from a
+        capability list (C{* CAPABILITY ...} or a C{[CAPABILITY ...]} code
+        right after a status word).
+        """
+        space = raw.find(b" ")
+        if space < 0:
+            return raw
+        if raw[space + 1 : space + 4].upper() == b"BYE" and raw[:space] == b"*":
             self.upstreamSaidBye = True
-        if b"CAPABILITY" in raw[:1024].upper():
+        # "[" right after the status word ("PREAUTH " is the longest), or
+        # "CAPABILITY" as the response's name: anything else lists none.
+        if raw.find(b"[", space, space + 10) >= 0 or raw[space + 1 : space + 11].upper() == b"CAPABILITY":
             return rewriteCapabilities(raw, self._capabilities)
         return raw
 

@@ -504,7 +504,7 @@ class IMAPServerProtocol(FrontDoor):
         # so capability filters see it too.
         capabilities = b" ".join(upstreamSession.capabilities)
         relay.fromUpstream(Line(tag + b" OK [CAPABILITY " + capabilities + b"] Logged in\r\n", False))
-        upstream.startRelay(relay.fromUpstreamBatch, self._upstreamLost)
+        upstream.startRelay(relay.fromUpstreamBatch, self._upstreamLost, relay.fromUpstreamBatch)
         queued, self._queue = self._queue, deque()
         for event in queued:
             relay.fromClient(event)

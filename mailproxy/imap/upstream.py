@@ -21,6 +21,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionDone
 from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -36,6 +37,11 @@ log = Logger()
 _HANDSHAKE_LIMIT = 256 * 1024
 # SEARCH, SORT, THREAD or VANISHED replies on a big mailbox are long lines.
 RELAY_MAX_RESPONSE_LINE = 16 * 1024 * 1024
+# Octets read from the upstream at once while relaying (Twisted reads 64 KiB
+# by default): a bulk FETCH then costs a quarter of the reads, each with its
+# framing and write.  The same figure bounds what is buffered for the
+# upstream before the client is paused.
+RELAY_READ_SIZE = 256 * 1024
 
 
 class UpstreamError(Exception):
@@ -99,6 +105,7 @@ class UpstreamIMAPProtocol(Protocol):
         self._waiting: Deferred[bytes] | None = None
         self._lost: Failure | None = None
         self._onEvents: Callable[[list[Event]], None] | None = None
+        self._onWholeRead: Callable[[list[Event], bytes], None] | None = None
         self._onLost: Callable[[Failure], None] | None = None
         self.closed: Deferred[None] = Deferred()
 
@@ -108,7 +115,7 @@ class UpstreamIMAPProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         try:
-            events = self.framer.feed(data)
+            events, whole = self.framer.feedWhole(data)
         except FramingError as error:
             self.log.warn("upstream broke IMAP framing: {error}", error=str(error))
             # Aborted: a polite (TLS) close would wait for the relay's
@@ -117,7 +124,9 @@ class UpstreamIMAPProtocol(Protocol):
             return
         onEvents = self._onEvents
         if onEvents is not None:
-            if events:
+            if whole and self._onWholeRead is not None:
+                self._onWholeRead(events, data)
+            elif events:
                 onEvents(events)
             return
         self._handshakeBytes += len(data)
@@ -167,15 +176,26 @@ class UpstreamIMAPProtocol(Protocol):
         """
         return bool(self._responses or self._partial or self.framer.pending())
 
-    def startRelay(self, onEvents: Callable[[list[Event]], None], onLost: Callable[[Failure], None]) -> None:
+    def startRelay(
+        self,
+        onEvents: Callable[[list[Event]], None],
+        onLost: Callable[[Failure], None],
+        onWholeRead: Callable[[list[Event], bytes], None] | None = None,
+    ) -> None:
         """
         From now on, deliver framed events to C{onEvents} as they arrive, a
         read's worth at a time, starting with whatever arrived with the
         login reply.
+
+        @param onWholeRead: if given, gets the events of a read that they
+            are all of (see L{IMAPFramer.feedWhole}) instead, with the read
+            itself.
         """
         self.framer.maxLiteralSize = None
         self.framer.maxLineLength = RELAY_MAX_RESPONSE_LINE
+        setReadSize(self.transport, RELAY_READ_SIZE)
         self._onEvents = onEvents
+        self._onWholeRead = onWholeRead
         self._onLost = onLost
         pending = [event for response in self._responses for event in response] + self._partial
         self._responses.clear()
@@ -207,6 +227,15 @@ def closeUpstream(protocol: Any, clock: IReactorTime, grace: float) -> None:
 
 def _joined(events: list[Event]) -> bytes:
     return b"".join(event.raw if isinstance(event, Line) else event.data for event in events)
+
+
+def setReadSize(transport: Any, size: int) -> None:
+    """
+    Read up to C{size} octets at once from a plain TCP transport (under TLS,
+    Twisted hands decrypted data over in its own pieces: left alone).
+    """
+    if isinstance(transport, Connection) and not transport.TLS:
+        transport.bufferSize = size
 
 
 def setNoDelay(transport: Any) -> None:

@@ -1,0 +1,287 @@
+"""
+The passthrough relay's fast paths give the same bytes as the slow ones:
+a whole upstream read is written on uncopied only when nothing in it
+changes, however the stream is cut into reads; the framer's quick test for
+lines that cannot announce a literal agrees with its full reading; and
+commands are read once (tag, name, UID) for every check.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.protocol import Protocol
+from twisted.internet.tcp import Connection
+
+from mailproxy.imap.framer import IMAPFramer, Line, LiteralChunk
+from mailproxy.imap.upstream import RELAY_READ_SIZE, setReadSize
+from tests.support import ProxyConnection, UpstreamScript, loggedIn
+from tests.test_imap_idle import REFRESH
+
+CAPABILITIES = [b"IMAP4rev1", b"LITERAL+", b"IDLE", b"MOVE"]
+
+
+def session(tmp_path: Path) -> tuple[ProxyConnection, list[bytes]]:
+    """
+    A logged-in passthrough session whose client writes are recorded as
+    the very objects written.
+    """
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=CAPABILITIES))
+    written: list[bytes] = []
+    write = connection.transport.write
+
+    def record(data: bytes) -> None:
+        written.append(data)
+        write(data)
+
+    connection.transport.write = record  # type: ignore[method-assign]
+    return connection, written
+
+
+def fetchResponse(uid: int, body: bytes) -> bytes:
+    return b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n" % (uid, uid, len(body), body)
+
+
+def bulkStream(count: int = 4, size: int = 3000) -> bytes:
+    body = (b"0123456789abcdef" * (size // 16 + 1))[:size]
+    # a body line that looks like a literal announcement or a tagged reply
+    body = body[:100] + b"\r\nf OK [CAPABILITY IMAP4rev1 STARTTLS] {12}\r\n" + body[100:]
+    return b"".join(fetchResponse(uid, body) for uid in range(1, count + 1)) + b"f OK Fetch completed.\r\n"
+
+
+def relayed(tmp_path: Path, stream: bytes, cuts: list[int]) -> bytes:
+    connection, _ = session(tmp_path)
+    connection.send(b"f UID FETCH 1:* (BODY.PEEK[])\r\n")
+    bounds = [0, *cuts, len(stream)]
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        if end > start:
+            connection.fromUpstream(stream[start:end])
+    assert not connection.protocol.relay.midResponse  # type: ignore[union-attr]
+    return connection.received()  # type: ignore[no-any-return]
+
+
+def test_a_whole_read_that_nothing_changes_is_written_as_it_came(tmp_path: Path) -> None:
+    """FETCH bodies and replies in one read: one write, of the very object read (no copy)."""
+    connection, written = session(tmp_path)
+    connection.send(b"f UID FETCH 1:* (BODY.PEEK[])\r\n")
+    read = bulkStream()
+    connection.fromUpstream(read)
+    assert len(written) == 1
+    assert written[0] is read
+
+
+def test_a_read_with_a_capability_list_is_rewritten(tmp_path: Path) -> None:
+    """A whole read holding a CAPABILITY response is relayed with the hidden names removed, the rest intact."""
+    connection, written = session(tmp_path)
+    connection.send(b"c CAPABILITY\r\n")
+    connection.fromUpstream(b"* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN IDLE\r\nc OK done\r\n")
+    assert connection.received() == b"* CAPABILITY IMAP4rev1 IDLE\r\nc OK done\r\n"
+    assert len(written) == 1
+
+
+def test_capability_codes_after_a_status_word_are_rewritten_and_fetched_text_is_not(tmp_path: Path) -> None:
+    """'[CAPABILITY' right after OK is a code; inside FETCH data it is message text."""
+    connection, _ = session(tmp_path)
+    connection.send(b"n NOOP\r\n")
+    connection.fromUpstream(
+        b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n"
+        b'* 1 FETCH (ENVELOPE ("x" "[CAPABILITY STARTTLS]"))\r\n'
+        b"n OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] done\r\n"
+    )
+    assert connection.received() == (
+        b"* OK [CAPABILITY IMAP4rev1] hi\r\n"
+        b'* 1 FETCH (ENVELOPE ("x" "[CAPABILITY STARTTLS]"))\r\n'
+        b"n OK [CAPABILITY IMAP4rev1] done\r\n"
+    )
+
+
+def test_a_literal_split_at_every_position_relays_the_same_bytes(tmp_path: Path) -> None:
+    """Every single cut of a bulk FETCH (inside announcements, literals, CRLFs) gives the input back."""
+    stream = bulkStream(count=2, size=300)
+    for cut in range(len(stream) + 1):
+        assert relayed(tmp_path, stream, [cut]) == stream, cut
+
+
+def test_a_stream_fed_byte_by_byte_relays_the_same_bytes(tmp_path: Path) -> None:
+    """The slowest cutting there is: every read one octet."""
+    stream = bulkStream(count=2, size=200)
+    assert relayed(tmp_path, stream, list(range(1, len(stream)))) == stream
+
+
+_bodies = st.binary(max_size=400).map(lambda body: body.replace(b"\r\n", b"\n"))
+# Untagged responses and what the client gets of each.
+_RELAYED_AS = {
+    b"* 3 EXISTS\r\n": b"* 3 EXISTS\r\n",
+    b"* CAPABILITY IMAP4rev1 STARTTLS IDLE\r\n": b"* CAPABILITY IMAP4rev1 IDLE\r\n",
+    b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] still here\r\n": b"* OK [CAPABILITY IMAP4rev1] still here\r\n",
+    b"* OK text that ends like {5}\r\n": b"* OK text that ends like {5}\r\n",
+    b"* 1 FETCH (FLAGS (\\Seen))\r\n": b"* 1 FETCH (FLAGS (\\Seen))\r\n",
+}
+_untagged = st.sampled_from(sorted(_RELAYED_AS))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    items=st.lists(st.one_of(_bodies.map(lambda body: fetchResponse(1, body)), _untagged), max_size=8),
+    data=st.data(),
+)
+def test_any_cutting_relays_what_the_slow_path_relays(tmp_path_factory: Any, items: list[bytes], data: Any) -> None:
+    """Differential: random responses cut at random points relay exactly as one octet per read does."""
+    stream = b"".join(items) + b"f OK Fetch completed.\r\n"
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=12), label="cuts"))
+    directory = tmp_path_factory.mktemp("cut")
+    slow = relayed(directory, stream, list(range(1, len(stream))))
+    assert relayed(directory, stream, cuts) == slow
+    assert relayed(directory, stream, []) == slow
+    assert slow == b"".join(_RELAYED_AS.get(item, item) for item in items) + b"f OK Fetch completed.\r\n"
+
+
+def test_the_proxys_own_idle_lines_in_a_whole_read_are_not_relayed(tmp_path: Path) -> None:
+    """An IDLE refresh's tagged reply arriving with a client's update: only the update reaches the client."""
+    connection, _ = session(tmp_path)
+    connection.send(b"i IDLE\r\n")
+    connection.fromUpstream(b"+ idling\r\n")
+    connection.received()
+    connection.clock.advance(REFRESH)
+    assert connection.upstream.sent == b"i IDLE\r\nDONE\r\n"
+    connection.fromUpstream(b"* 7 EXISTS\r\ni OK Idle completed\r\n")
+    assert connection.upstream.sent == b"i IDLE\r\nDONE\r\ni IDLE\r\n"
+    assert connection.received() == b"* 7 EXISTS\r\n"
+    connection.fromUpstream(b"+ idling\r\n* 8 EXISTS\r\n")
+    assert connection.received() == b"* 8 EXISTS\r\n"
+
+
+def test_a_literal_plus_continuation_inside_a_whole_read_is_hidden(tmp_path: Path) -> None:
+    """The upstream's '+' for a LITERAL+ literal is the proxy's; a read holding it is not passed on whole."""
+    connection, written = session(tmp_path)
+    connection.send(b"a APPEND INBOX {5+}\r\nhello\r\n")
+    connection.fromUpstream(b"+ go ahead\r\n* 4 EXISTS\r\n")
+    assert connection.upstream.sent == b"a APPEND INBOX {5}\r\nhello\r\n"
+    assert connection.received() == b"* 4 EXISTS\r\n"
+
+
+# framer
+
+
+def _events(framer: IMAPFramer, pieces: list[bytes]) -> list[Line | LiteralChunk]:
+    events: list[Line | LiteralChunk] = []
+    for piece in pieces:
+        events.extend(framer.feed(piece))
+    return events
+
+
+def _merged(events: list[Line | LiteralChunk]) -> list[tuple[str, bytes, Any]]:
+    """
+    Events with consecutive literal chunks joined: what any cutting must agree on.
+    """
+    merged: list[tuple[str, bytes, Any]] = []
+    for event in events:
+        if isinstance(event, LiteralChunk):
+            if merged and merged[-1][0] == "literal" and event.data:
+                merged[-1] = ("literal", merged[-1][1] + event.data, event.remaining)
+            else:
+                merged.append(("literal", event.data, event.remaining))
+        else:
+            merged.append(("line", event.raw, (event.continuation, event.literal, event.nonSynchronizing)))
+    return merged
+
+
+_lines = st.lists(
+    st.sampled_from(
+        [
+            b"a1 NOOP\r\n",
+            b"a2 APPEND INBOX {3}\r\nabc\r\n",
+            b"a3 APPEND INBOX {0}\r\n\r\n",
+            b"a4 LOGIN {2+}\r\nab {1}\r\nc\r\n",
+            b'a5 SELECT "x{3}"\r\n',
+            b"a6 X {3}\r\n",
+            b"}\r\n",
+            b"\r\n",
+            b"\n",
+            b"a7 NOOP\n",
+            b"a8 APPEND INBOX ~{2}\r\n\x00\x01\r\n",
+        ]
+    ),
+    max_size=10,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=_lines, data=st.data())
+def test_framing_does_not_depend_on_where_reads_end(lines: list[bytes], data: Any) -> None:
+    """Differential: commands cut anywhere frame like the same stream one octet at a time."""
+    stream = b"".join(lines)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(stream) - 1)), max_size=10), label="cuts"))
+    bounds = [0, *cuts, len(stream)]
+    pieces = [stream[start:end] for start, end in zip(bounds, bounds[1:], strict=False)]
+    slow = _merged(_events(IMAPFramer(), [stream[index : index + 1] for index in range(len(stream))]))
+    assert _merged(_events(IMAPFramer(), pieces)) == slow
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    items=st.lists(st.one_of(_bodies.map(lambda body: fetchResponse(2, body)), _untagged), max_size=6), data=st.data()
+)
+def test_a_read_reported_whole_is_exactly_its_events(items: list[bytes], data: Any) -> None:
+    """feedWhole says 'whole' only when the events are the read, octet for octet."""
+    stream = b"".join(items)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(stream) - 1)), max_size=10), label="cuts"))
+    bounds = [0, *cuts, len(stream)]
+    framer = IMAPFramer(responses=True)
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        read = stream[start:end]
+        events, whole = framer.feedWhole(read)
+        joined = b"".join(event.raw if isinstance(event, Line) else event.data for event in events)
+        if whole:
+            assert joined == read
+
+
+def test_a_chunk_holding_many_responses_frames_each() -> None:
+    """One read with many short responses gives one line each, in order."""
+    responses = [b"* %d FETCH (FLAGS ())\r\n" % number for number in range(1, 200)] + [b"f OK done\r\n"]
+    events, whole = IMAPFramer(responses=True).feedWhole(b"".join(responses))
+    assert whole
+    assert [event.raw for event in events if isinstance(event, Line)] == responses
+
+
+# commands
+
+
+def test_an_unknown_command_with_a_tag_in_use_is_refused(tmp_path: Path) -> None:
+    """A name the proxy reads as a command (underscore and all) gets the same checks as any other."""
+    connection, _ = session(tmp_path)
+    connection.send(b"t NOOP\r\n")
+    connection.send(b"t X_CUSTOM\r\n")
+    assert connection.upstream.sent == b"t NOOP\r\n"
+    assert connection.received() == b"t BAD Tag already in use by a command in progress\r\n"
+
+
+def test_uid_commands_are_not_mistaken_for_their_names(tmp_path: Path) -> None:
+    """'UID IDLE' is no IDLE and 'UID LOGIN' no LOGIN: both go upstream, which refuses them."""
+    connection, _ = session(tmp_path)
+    connection.send(b"u UID IDLE\r\nv UID LOGIN a b\r\n")
+    assert connection.upstream.sent == b"u UID IDLE\r\nv UID LOGIN a b\r\n"
+    assert connection.received() == b""
+
+
+# reading
+
+
+def test_relaying_reads_larger_pieces_from_a_plain_tcp_upstream() -> None:
+    """A plain TCP upstream is read RELAY_READ_SIZE octets at a time; a TLS one is left alone."""
+    ours, theirs = socket.socketpair()
+    try:
+        plain = Connection(ours, Protocol(), None)
+        setReadSize(plain, RELAY_READ_SIZE)
+        assert plain.bufferSize == RELAY_READ_SIZE
+        tls = Connection(theirs, Protocol(), None)
+        tls.TLS = True
+        setReadSize(tls, RELAY_READ_SIZE)
+        assert tls.bufferSize == Connection.bufferSize
+    finally:
+        ours.close()
+        theirs.close()
