@@ -51,6 +51,16 @@ def defaultHashThreads() -> int:
     return max(1, (os.cpu_count() or 1) // 2)
 
 
+def defaultWorkers() -> int:
+    """
+    One worker process per CPU.
+    """
+    return os.cpu_count() or 1
+
+
+MAX_WORKERS = 256
+
+
 class ConfigError(Exception):
     """
     The configuration is invalid; the message names the key.
@@ -181,6 +191,7 @@ class Config:
     metricsListen: str | None = None
     certificateCheckInterval: float = 60.0
     tlsSessionLifetime: int = 12 * 3600
+    workers: int = field(default_factory=defaultWorkers)
 
     def filterNamesFor(self, listener: ListenerConfig, username: str | None) -> tuple[str, ...]:
         """
@@ -208,11 +219,33 @@ def loadConfig(path: str) -> Config:
 
     @raise ConfigError: naming the key and the problem.
     """
+    return configFromText(readConfigText(path), path)
+
+
+def readConfigText(path: str) -> bytes:
+    """
+    The bytes of the configuration file at C{path}.
+
+    @raise ConfigError: if it cannot be read.
+    """
     try:
         with open(path, "rb") as handle:
-            document = tomllib.load(handle)
+            return handle.read()
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+
+
+def configFromText(text: bytes, path: str) -> Config:
+    """
+    Validate C{text}, the configuration file at C{path} as read at some
+    time (workers get the one their supervisor last loaded).
+
+    @raise ConfigError: naming the key and the problem.
+    """
+    try:
+        document = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 ({error.reason} at byte {error.start})") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
     return parseConfig(document, os.path.dirname(os.path.abspath(path)))
@@ -239,6 +272,7 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
             "log_format",
             "certificate_check_interval",
             "tls_session_lifetime",
+            "workers",
         },
     )
     logFormat = server.string("log_format", "text")
@@ -254,6 +288,7 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     authCacheTTL = float(auth.number("cache_ttl", Config.authCacheTTL))
     authCacheSize = auth.integer("cache_size", Config.authCacheSize, 1)
     listenBacklog = server.integer("listen_backlog", Config.listenBacklog, 1, 65535)
+    workers = server.integer("workers", defaultWorkers(), 1, MAX_WORKERS)
     certificateCheckInterval = float(server.number("certificate_check_interval", Config.certificateCheckInterval))
     if 0 < certificateCheckInterval < MIN_CERTIFICATE_CHECK_INTERVAL:
         raise ConfigError(
@@ -325,6 +360,7 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         loginDeadline=_positive(server, "login_deadline", 60.0),
         listenBacklog=listenBacklog,
         hashThreads=hashThreads,
+        workers=workers,
         authCacheTTL=authCacheTTL,
         authCacheSize=authCacheSize,
         authenticatedTimeout=_positive(server, "authenticated_timeout", 30 * 60.0),

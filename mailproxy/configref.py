@@ -120,6 +120,15 @@ TABLES: tuple[Table, ...] = (
                 "Restart only.",
             ),
             Key(
+                "workers",
+                "integer",
+                Computed("the number of CPUs"),
+                "Processes serving the listeners (1 to 256). With more than one, the twistd process supervises "
+                "them: it binds the listeners, keeps the limits, lockouts and credentials cache they share, "
+                "restarts a worker that dies, passes SIGHUP on and drains them on SIGTERM. 1 serves everything "
+                "in the twistd process itself. Restart only.",
+            ),
+            Key(
                 "certificate_check_interval",
                 SECONDS,
                 60,

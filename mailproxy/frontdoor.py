@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -40,6 +40,7 @@ from mailproxy.interfaces import IProxyUser
 from mailproxy.limits import Gate, LoginAttempt, Turn
 from mailproxy.logs import loggedName
 from mailproxy.session import ProxySession
+from mailproxy.sharedlimits import RemoteAttempt
 from mailproxy.splice import Splice, closeClient
 
 if TYPE_CHECKING:
@@ -53,6 +54,24 @@ EXPIRY_GRACE = 1.0
 # connection, which bounds what a client that never reads its answers piles
 # up in memory, and what one connection writes to the log.
 MAX_PRELOGIN_COMMANDS = 100
+
+_Decided = TypeVar("_Decided")
+
+# This process's client connections, for draining (mailproxy.worker).
+liveConnections: set[FrontDoor] = set()
+
+
+def whenDecided(value: _Decided | Deferred[_Decided], then: Callable[[_Decided], None]) -> None:
+    """
+    Call C{then} with C{value}: at once, or when the supervisor's answer
+    comes (workers).
+    """
+    if isinstance(value, Deferred):
+        value.addCallback(then).addErrback(
+            lambda failure: FrontDoor.log.failure("answer from the supervisor failed", failure)
+        )
+    else:
+        then(value)
 
 
 @dataclass(frozen=True)
@@ -104,7 +123,7 @@ class FrontDoor(Protocol, TimeoutMixin):
         self._logout: Callable[[], None] | None = None
         self._connecting: Deferred[Any] | None = None
         self._refusal: IDelayedCall | None = None
-        self._attempt: LoginAttempt | None = None
+        self._attempt: LoginAttempt | RemoteAttempt | None = None
         self._deadline: IDelayedCall | None = None
         self._abort: IDelayedCall | None = None
         self._lost = False
@@ -163,13 +182,27 @@ class FrontDoor(Protocol, TimeoutMixin):
     # -- connection ---------------------------------------------------------
 
     def connectionMade(self) -> None:
+        liveConnections.add(self)
         if self.metrics is not None:
             self.metrics.opened()
         self.clientAddress = clientAddressOf(self.transport)
         setNoDelay(self.transport)
         assert self.context.limits is not None
         self.gate = Gate(self.context.limits, self.clientAddress, self.protocolName)
-        refusal = self.gate.admit()
+        admission = self.gate.admit()
+        if isinstance(admission, Deferred):
+            # The supervisor decides (workers): nothing is read or said
+            # until it has.
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            admission.addCallback(self._admitted, paused=True)
+        else:
+            self._admitted(admission)
+
+    def _admitted(self, refusal: str | None, paused: bool = False) -> None:
+        if self._lost:
+            return
+        if paused:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
         if refusal is not None:
             self.refuseConnection(refusal.encode("ascii"))
             self.hangUp(grace=EXPIRY_GRACE)
@@ -192,6 +225,7 @@ class FrontDoor(Protocol, TimeoutMixin):
         self.tlsHandshaking = False
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        liveConnections.discard(self)
         self._lost = True
         self._stopTimers()
         for timer in (self._abort, self._refusal):
@@ -330,11 +364,17 @@ class FrontDoor(Protocol, TimeoutMixin):
         """
         assert self.gate is not None
         name = username.decode("utf-8", "replace")
-        attempt = self._attempt = self.gate.beginLogin(name)
+        attempt = self._attempt = self.gate.beginLogin(name, password)
         attempt.turn.addCallback(self._loginTurn, attempt, username, name, password, mechanism)
 
     def _loginTurn(
-        self, turn: Turn, attempt: LoginAttempt, username: bytes, name: str, password: bytes, mechanism: str
+        self,
+        turn: Turn,
+        attempt: LoginAttempt | RemoteAttempt,
+        username: bytes,
+        name: str,
+        password: bytes,
+        mechanism: str,
     ) -> None:
         if self.isClosed:
             attempt.withdraw()
@@ -348,14 +388,25 @@ class FrontDoor(Protocol, TimeoutMixin):
             self._countLogin("locked_out")
             self._refuseLater(self.replies.authenticationFailed, attempt.delay)
             return
-        loggingIn = self.context.portal.login(UsernamePassword(username, password), None, IProxyUser)
+        loggingIn: Deferred[Any]
+        if isinstance(attempt, RemoteAttempt):
+            # The supervisor checked the password with the turn.
+            realm: Any = self.context.portal.realm
+            loggingIn = attempt.verdict().addCallback(realm.requestAvatar, None, IProxyUser)
+        else:
+            loggingIn = self.context.portal.login(UsernamePassword(username, password), None, IProxyUser)
         loggingIn.addCallbacks(
             lambda result: self._authenticated(attempt, name, password, mechanism, result),
             lambda failure: self._loginFailed(attempt, name, mechanism, failure),
         )
 
     def _authenticated(
-        self, attempt: LoginAttempt, name: str, password: bytes, mechanism: str, result: tuple[Any, Any, Any]
+        self,
+        attempt: LoginAttempt | RemoteAttempt,
+        name: str,
+        password: bytes,
+        mechanism: str,
+        result: tuple[Any, Any, Any],
     ) -> None:
         _, user, logout = result
         attempt.succeeded()
@@ -365,15 +416,23 @@ class FrontDoor(Protocol, TimeoutMixin):
             return
         self._logout = logout
         assert self.gate is not None
-        if not self.gate.startSession(name):
+        whenDecided(self.gate.startSession(name), lambda started: self._sessionDecided(started, password, mechanism))
+
+    def _sessionDecided(self, started: bool, password: bytes, mechanism: str) -> None:
+        if self.isClosed:
+            self._giveBackSession()
+            return
+        if not started:
             self._countLogin("too_many_sessions")
             self._giveBackSession()
             self._refuseLater(self.replies.tooManySessions, 0)
             return
-        self.connectUpstream(user, password, mechanism)
+        self.connectUpstream(self.user, password, mechanism)
 
-    def _loginFailed(self, attempt: LoginAttempt, name: str, mechanism: str, failure: Failure) -> None:
-        delay = attempt.failed()
+    def _loginFailed(self, attempt: LoginAttempt | RemoteAttempt, name: str, mechanism: str, failure: Failure) -> None:
+        whenDecided(attempt.failed(), lambda delay: self._refuseFailedLogin(name, mechanism, failure, delay))
+
+    def _refuseFailedLogin(self, name: str, mechanism: str, failure: Failure, delay: float) -> None:
         self._countLogin("failed")
         if self.isClosed:
             return
@@ -443,7 +502,9 @@ class FrontDoor(Protocol, TimeoutMixin):
         self.session.notify("login", ok=False, user=user.username, mechanism=mechanism)
         if refused:
             assert self._attempt is not None
-            self._refuseLater(self.replies.authenticationFailed, self._attempt.failed())
+            whenDecided(
+                self._attempt.failed(), lambda delay: self._refuseLater(self.replies.authenticationFailed, delay)
+            )
         else:
             self._refuseLater(self.replies.unavailable, 0)
 
@@ -474,7 +535,8 @@ class FrontDoor(Protocol, TimeoutMixin):
             if not self.isClosed:
                 self.loginRefused(reply)
 
-        self._refusal = self.context.clock.callLater(delay, refuse)
+        if not self.isClosed:
+            self._refusal = self.context.clock.callLater(delay, refuse)
 
     def _giveBackSession(self) -> None:
         """

@@ -36,12 +36,16 @@ import enum
 import ipaddress
 from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailproxy.logs import loggedName
+
+if TYPE_CHECKING:
+    from mailproxy.sharedlimits import RemoteAttempt, SharedLimits
 
 MAX_DELAY = 30.0
 # Attempts that may wait for their turn, per network or user and in all;
@@ -467,44 +471,89 @@ def hostOf(clientAddress: str) -> str:
     return clientAddress.rsplit(":", 1)[0]
 
 
-class Gate:
+class Admission(enum.Enum):
     """
-    One connection's view of the L{Limits}: what the IMAP and POP3 servers
-    call, so both apply them the same way.
+    Where a connection's place in the limits stands.
     """
 
-    def __init__(self, limits: Limits, clientAddress: str, protocol: str) -> None:
+    NONE = "not admitted"
+    PENDING = "asked the supervisor"
+    ADMITTED = "counted"
+    RELEASED = "given back"
+    GONE = "closed while asking"
+
+
+class Gate:
+    """
+    One connection's view of the limits: what the IMAP and POP3 servers
+    call, so both apply them the same way.
+
+    With workers the limits are the supervisor's (a
+    L{mailproxy.sharedlimits.SharedLimits}) and L{admit} and
+    L{startSession} answer with L{Deferred}s; a connection that ends before
+    the answer gives back what the answer grants.
+    """
+
+    def __init__(self, limits: Limits | SharedLimits, clientAddress: str, protocol: str) -> None:
         self.limits = limits
         self.ip = hostOf(clientAddress)
         self.network = networkOf(self.ip)
         self.protocol = protocol
-        self._admitted = False
+        self._admission = Admission.NONE
         self._sessionUser: str | None = None
+        # The login attempt the supervisor checks (workers).
+        self._remote: RemoteAttempt | None = None
 
-    def admit(self) -> str | None:
-        refusal = self.limits.admit(self.network)
-        self._admitted = refusal is None
+    def admit(self) -> str | None | Deferred[str | None]:
+        """
+        Count the connection; why it is refused, or C{None}.
+        """
+        decided = self.limits.admit(self.network)
+        if isinstance(decided, Deferred):
+            self._admission = Admission.PENDING
+            return decided.addCallback(self._decided)
+        return self._decided(decided)
+
+    def _decided(self, refusal: str | None) -> str | None:
         if refusal is not None:
+            self._admission = Admission.NONE
             self.limits.log.warn(
                 "connection refused: ip={ip} protocol={protocol}: {reason}",
                 ip=self.ip,
                 protocol=self.protocol,
                 reason=refusal,
             )
-        return refusal
+            return refusal
+        if self._admission is Admission.GONE:
+            self._admission = Admission.RELEASED
+            self.limits.release(self.network)
+            return "closed"
+        self._admission = Admission.ADMITTED
+        return None
 
     def release(self) -> None:
         """
         Free the connection's place (and its session's); safe to call
         again.
         """
-        if self._admitted:
-            self._admitted = False
+        if self._admission is Admission.ADMITTED:
+            self._admission = Admission.RELEASED
             self.limits.release(self.network)
+        elif self._admission is Admission.PENDING:
+            self._admission = Admission.GONE
+        if self._remote is not None:
+            self._remote.giveBackSession()
         self.endSession()
 
-    def beginLogin(self, user: str) -> LoginAttempt:
-        return self.limits.beginLogin(self.network, user, self.protocol)
+    def beginLogin(self, user: str, password: bytes) -> LoginAttempt | RemoteAttempt:
+        """
+        Queue a login attempt; with workers the supervisor checks
+        C{password} when its turn comes.
+        """
+        if isinstance(self.limits, Limits):
+            return self.limits.beginLogin(self.network, user, self.protocol)
+        self._remote = self.limits.beginLogin(self.network, user, self.protocol, password)
+        return self._remote
 
     def endSession(self) -> None:
         """
@@ -514,17 +563,31 @@ class Gate:
             self.limits.endSession(self._sessionUser)
             self._sessionUser = None
 
-    def startSession(self, user: str) -> bool:
+    def startSession(self, user: str) -> bool | Deferred[bool]:
         """
         Count a logged-in session; C{False} if the user has too many.
         """
-        if not self.limits.startSession(user):
+        counted = self._remote.takeSession() if self._remote is not None else None
+        if counted is not None:
+            # The supervisor counted it with the password check.
+            return self._sessionDecided(counted, user)
+        started = self.limits.startSession(user)
+        if isinstance(started, Deferred):
+            return started.addCallback(self._sessionDecided, user)
+        return self._sessionDecided(started, user)
+
+    def _sessionDecided(self, started: bool, user: str) -> bool:
+        if not started:
             self.limits.log.warn(
                 "session refused: ip={ip} protocol={protocol} user={user}: too many sessions",
                 ip=self.ip,
                 protocol=self.protocol,
                 user=loggedName(user),
             )
+            return False
+        if self._admission in (Admission.RELEASED, Admission.GONE):
+            # The connection ended while the supervisor answered.
+            self.limits.endSession(user)
             return False
         self._sessionUser = user
         return True

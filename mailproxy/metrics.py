@@ -15,13 +15,28 @@ increment.  With metrics off the protocols hold C{None} and skip it all.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import choose_encoder
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+if TYPE_CHECKING:
+    from mailproxy.workers import WorkerPool
+
+log = Logger()
 
 # Commands with a latency series of their own; anything else is "other",
 # so a client cannot create series by sending made-up command names.
@@ -194,4 +209,52 @@ def metricsSite(registry: CollectorRegistry) -> Site:
     """
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry))
+    return _QuietSite(root)
+
+
+class WorkersMetricsResource(Resource):
+    """
+    The supervisor's C{/metrics}: every worker's metrics and its own process
+    figures, merged (see L{mailproxy.metricsmerge}), in the Prometheus text
+    format.
+    """
+
+    isLeaf = True
+
+    def __init__(self, pool: WorkerPool) -> None:
+        super().__init__()
+        self.pool = pool
+        self.own = CollectorRegistry()
+        ProcessCollector(registry=self.own)
+
+    def render_GET(self, request: Request) -> Any:
+        from twisted.web.server import NOT_DONE_YET
+
+        from mailproxy.metricsmerge import mergedExposition
+
+        def write(texts: list[str]) -> None:
+            body = mergedExposition([generate_latest(self.own).decode("utf-8"), *texts])
+            request.setHeader("Content-Type", CONTENT_TYPE_LATEST)
+            request.write(body)
+            request.finish()
+
+        collecting = self.pool.collectMetrics()
+        collecting.addCallback(write)
+        collecting.addErrback(lambda failure: _failed(request, failure))
+        return NOT_DONE_YET
+
+
+def _failed(request: Request, failure: Failure) -> None:
+    log.failure("metrics not collected", failure)
+    request.setResponseCode(http.INTERNAL_SERVER_ERROR)
+    request.finish()
+
+
+def workersMetricsSite(pool: WorkerPool) -> Site:
+    """
+    An HTTP site serving the merged metrics of C{pool}'s workers at
+    C{/metrics}.
+    """
+    root = Resource()
+    root.putChild(b"metrics", WorkersMetricsResource(pool))
     return _QuietSite(root)

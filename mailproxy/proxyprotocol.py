@@ -64,6 +64,8 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self.header: ProxyHeader | None = None
         self._parser: ProxyHeaderParser | None = ProxyHeaderParser()
         self._timeout: IDelayedCall | None = None
+        self._paused = False
+        self._withheld = b""
 
     def makeConnection(self, transport: Any) -> None:
         # ProtocolWrapper's own version connects the wrapped protocol now;
@@ -115,8 +117,23 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         )
         # ProtocolWrapper provides the transport's interfaces (directlyProvides).
         self.wrappedProtocol.makeConnection(cast(ITransport, self))
-        if rest and not self.disconnecting:
+        if self._paused:
+            # The protocol waits for its admission (workers): what came
+            # with the header waits too.
+            self._withheld = rest
+        elif rest and not self.disconnecting:
             self.wrappedProtocol.dataReceived(rest)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        withheld, self._withheld = self._withheld, b""
+        if withheld and not self.disconnecting:
+            self.wrappedProtocol.dataReceived(withheld)
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stopTimeout()

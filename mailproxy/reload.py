@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.cred.portal import Portal
 from twisted.logger import Logger
 
-from mailproxy.auth import ProxyRealm, UsersFileChecker
-from mailproxy.config import Config, ConfigError, ListenerConfig, loadConfig
+from mailproxy.auth import ProxyRealm
+from mailproxy.config import Config, ConfigError, ListenerConfig, configFromText, loadConfig, readConfigText
 from mailproxy.filters.registry import buildFilters, chainFactory, closeFilters
 from mailproxy.imap.server import ServerContext
 from mailproxy.passwords import UsersFileError
 from mailproxy.tls import upstreamOptions
+
+if TYPE_CHECKING:
+    from mailproxy.workers import WorkerPool
 
 # What is bound at start-up (ports, the shared counters, logging).
 _RESTART_ONLY = (
@@ -46,7 +49,21 @@ _RESTART_ONLY = (
     "listenBacklog",
     "certificateCheckInterval",
     "tlsSessionLifetime",
+    "workers",
 )
+
+
+class Reloader(Protocol):
+    """
+    What SIGHUP runs (see L{mailproxy.tap.ListenersService}).
+    """
+
+    path: str | None
+    log: Logger
+
+    def reload(self, loaded: Config | None = None) -> bool: ...
+
+    def closeFilters(self) -> None: ...
 
 
 class ConfigReloader:
@@ -67,7 +84,7 @@ class ConfigReloader:
         portal: Portal,
         contexts: list[ServerContext],
         filters: dict[str, Any],
-        makeChecker: Callable[[str], UsersFileChecker],
+        makeChecker: Callable[[str], Any] | None,
     ) -> None:
         self.path = path
         self.config = config
@@ -79,19 +96,19 @@ class ConfigReloader:
         self._applied: dict[str, ListenerConfig] = {}
         self._makeChecker = makeChecker
 
-    def reload(self) -> bool:
+    def reload(self, loaded: Config | None = None) -> bool:
         """
-        Apply the configuration file as it is now; C{False} (and one error
-        line) if it cannot be used.
+        Apply the configuration file as it is now (or as C{loaded} from
+        it); C{False} (and one error line) if it cannot be used.
         """
         if self.path is None:
             return False
         listeners: dict[str, ListenerConfig] = {}
         try:
-            config = loadConfig(self.path)
+            config = loadConfig(self.path) if loaded is None else loaded
             for upstream in config.upstreams.values():
                 upstreamOptions(upstream)
-            checker = self._makeChecker(config.usersFile)
+            checker = self._makeChecker(config.usersFile) if self._makeChecker is not None else None
             listeners = {listener.name: listener for listener in config.listeners}
             for context in self.contexts:
                 # A listener gone from the file keeps running as it is.
@@ -112,21 +129,15 @@ class ConfigReloader:
         except (ConfigError, UsersFileError, OSError) as error:
             self.log.error("configuration not reloaded, keeping the running one: {error}", error=str(error))
             return False
-        self.portal.registerChecker(checker)
+        if checker is not None:
+            self.portal.registerChecker(checker)
         self.portal.realm = ProxyRealm(config)
         for context in self.contexts:
             listener = self._applied[context.listener.name] = listeners[context.listener.name]
             context.filtersFor = chainFactory(config, listener, filters)
             context.config = _withStartupSettings(config, context.config)
         self.filterGenerations.append(filters)
-        restartOnly = [
-            name for name in _RESTART_ONLY if _startupValue(config, name) != _startupValue(self.config, name)
-        ]
-        if restartOnly:
-            self.log.warn(
-                "configuration changes to {settings} take effect only after a restart",
-                settings=", ".join(restartOnly),
-            )
+        _warnRestartOnly(self.log, config, self.config)
         self.config = _withStartupSettings(config, self.config)
         self.log.info(
             "configuration reloaded: {users} routed users, {upstreams} upstreams, {filters} filters",
@@ -141,6 +152,53 @@ class ConfigReloader:
         Close every filter of every generation, each once.
         """
         closeFilters(item for generation in self.filterGenerations for item in generation.values())
+
+
+class SupervisorReloader:
+    """
+    The supervisor's reload (workers): the users file it checks passwords
+    against, then every worker's own reload (routes, filters, certificates).
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str, config: Config, pool: WorkerPool, makeChecker: Callable[[str], Any]) -> None:
+        self.path: str | None = path
+        self.config = config
+        self.pool = pool
+        self._makeChecker = makeChecker
+
+    def reload(self, loaded: Config | None = None) -> bool:
+        assert self.path is not None
+        try:
+            text = readConfigText(self.path)
+            config = configFromText(text, self.path)
+            checker = self._makeChecker(config.usersFile)
+        except (ConfigError, UsersFileError, OSError) as error:
+            self.log.error("configuration not reloaded, keeping the running one: {error}", error=str(error))
+            return False
+        self.pool.setChecker(checker)
+        # What workers load, also when one restarts.
+        self.pool.configText = text
+        _warnRestartOnly(self.log, config, self.config)
+        self.config = _withStartupSettings(config, self.config)
+        self.log.info("reloading {count} workers", count=len(self.pool.workers))
+        self.pool.reload()
+        return True
+
+    def closeFilters(self) -> None:
+        """
+        The supervisor runs no filters (its workers do).
+        """
+
+
+def _warnRestartOnly(log: Logger, new: Config, running: Config) -> None:
+    restartOnly = [name for name in _RESTART_ONLY if _startupValue(new, name) != _startupValue(running, name)]
+    if restartOnly:
+        log.warn(
+            "configuration changes to {settings} take effect only after a restart",
+            settings=", ".join(restartOnly),
+        )
 
 
 def _startupValue(config: Config, name: str) -> Any:

@@ -5,23 +5,28 @@ The C{twistd mailproxy} plugin: options and service construction.
 
 from __future__ import annotations
 
+import os
+import resource
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.components import Componentized
 
-from mailproxy.auth import HashPoolService, UsersFileChecker, makePortal, threadRunner
+from mailproxy.auth import HashPoolService, ProxyRealm, UsersFileChecker, threadRunner
 from mailproxy.certificates import CertificateReloader
-from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, loadConfig
+from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, loadConfig, readConfigText
 from mailproxy.credentialscache import CredentialsCache
 from mailproxy.filters.registry import buildFilters, chainFactory
+from mailproxy.frontdoor import liveConnections
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
 from mailproxy.imap.upstream import UpstreamSession, connectUpstream
 from mailproxy.limits import Limits
@@ -32,11 +37,16 @@ from mailproxy.pop3.bridge import openMaildrop
 from mailproxy.pop3.server import POP3Backends, POP3ServerFactory
 from mailproxy.pop3.upstream import connectPOP3Upstream
 from mailproxy.proxyprotocol import ProxyProtocolFactory
-from mailproxy.reload import ConfigReloader
+from mailproxy.reload import ConfigReloader, Reloader, SupervisorReloader
+from mailproxy.sharedlimits import SharedLimits
 from mailproxy.tls import ServerTLS, listenerTLS, upstreamOptions
+from mailproxy.worker import WorkerLink
+from mailproxy.workers import InheritedListener, WorkerPool
 
 log = Logger()
 PRUNE_INTERVAL = 300.0
+# How long a client may take to read its goodbye when the proxy stops.
+SHUTDOWN_GRACE = 1.0
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -51,7 +61,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor = globalReactor
     try:
         config = loadConfig(options["config"])
-        service = buildService(config, reactor, configPath=options["config"])
+        raiseFileLimit()
+        if config.workers > 1:
+            service = buildSupervisor(config, reactor, configPath=options["config"])
+        else:
+            service = buildService(config, reactor, configPath=options["config"])
     except (ConfigError, UsersFileError) as error:
         raise SystemExit(f"mailproxy: configuration error: {error}") from None
     # twistd's own options (--logfile, -n) say where the log goes.
@@ -79,10 +93,13 @@ class ListenersService(MultiService):
     """
 
     metricsService: Service | None = None
+    listenerNames: frozenset[str] = frozenset()
     certificates: CertificateReloader | None = None
     logObserver: ILogObserver | None = None
+    # Workers take their reloads from the supervisor, not from SIGHUP.
+    handlesHangup = True
 
-    def __init__(self, reloader: ConfigReloader, limits: Limits | None = None, clock: Any = None) -> None:
+    def __init__(self, reloader: Reloader, limits: Limits | None = None, clock: Any = None) -> None:
         super().__init__()
         self.reloader = reloader
         self._clock = clock
@@ -106,9 +123,26 @@ class ListenersService(MultiService):
 
     def _reload(self) -> None:
         self.reloader.log.info("SIGHUP received: reloading {path}", path=self.reloader.path)
-        self.reloader.reload()
+        self.reloadNow()
+
+    def reloadNow(self, loaded: Config | None = None) -> bool:
+        """
+        Reload the configuration (as C{loaded}, if given) and the
+        certificates; C{True} if the configuration loaded.
+        """
+        reloaded = self.reloader.reload(loaded)
         if self.certificates is not None:
             self.certificates.reload()
+        return reloaded
+
+    def stopListening(self) -> Deferred[Any]:
+        """
+        Stop accepting connections (the first step of draining).
+        """
+        return gatherResults(
+            [maybeDeferred(service.stopService) for service in self if service.name in self.listenerNames],
+            consumeErrors=True,
+        )
 
     def stopService(self) -> Any:
         if self._previousHandler is not None:
@@ -118,9 +152,43 @@ class ListenersService(MultiService):
             self._pruning.stop()
         if self.certificates is not None:
             self.certificates.stop()
-        stopping = super().stopService()
+        # Draining: no new connections, a goodbye to every open one, and the
+        # rest of the services stop once they are closed.
+        draining = self.stopListening().addBoth(lambda _: self._closeConnections())
+        draining.addBoth(lambda _: super(ListenersService, self).stopService())
+        draining.addBoth(lambda result: self._filtersClosed(result))
+        return draining
+
+    def _filtersClosed(self, result: Any) -> Any:
         self.reloader.closeFilters()
-        return stopping
+        return result
+
+    def _closeConnections(self) -> Deferred[None]:
+        """
+        Say goodbye to every client of these listeners (at a response
+        boundary) and close; fires when all are closed, or
+        L{SHUTDOWN_GRACE} seconds later.
+        """
+        contexts = set(map(id, getattr(self.reloader, "contexts", ())))
+        mine = [connection for connection in liveConnections if id(connection.context) in contexts]
+        if mine:
+            self.reloader.log.info("closing {count} client connections", count=len(mine))
+        for connection in mine:
+            connection.hangUp(b"Server shutting down", grace=SHUTDOWN_GRACE)
+        closed: Deferred[None] = Deferred()
+        clock = self._clock
+
+        def check(rounds: int) -> None:
+            if not any(connection in liveConnections for connection in mine) or rounds >= SHUTDOWN_GRACE * 10 + 5:
+                closed.callback(None)
+            else:
+                clock.callLater(0.1, check, rounds + 1)
+
+        if clock is None:
+            closed.callback(None)
+        else:
+            check(0)
+        return closed
 
     def setServiceParent(self, parent: Any) -> None:
         if self.logObserver is not None and isinstance(parent, Componentized):
@@ -131,7 +199,7 @@ class ListenersService(MultiService):
     def privilegedStartService(self) -> None:
         # Before the ports listen: once a client (or a test) can connect, a
         # SIGHUP reloads instead of ending the process.
-        if self.reloader.path is not None and hasattr(signal, "SIGHUP"):
+        if self.handlesHangup and self.reloader.path is not None and hasattr(signal, "SIGHUP"):
             self._previousHandler = signal.signal(signal.SIGHUP, self._hangup)
         Service.privilegedStartService(self)
         for service in self:
@@ -142,23 +210,38 @@ class ListenersService(MultiService):
                 raise SystemExit(f"mailproxy: {what}: {error}") from None
 
 
-def buildService(config: Config, reactor: Any, configPath: str | None = None) -> ListenersService:
+def buildService(
+    config: Config, reactor: Any, configPath: str | None = None, worker: WorkerLink | None = None
+) -> ListenersService:
     """
     Build the listeners of C{config} on C{reactor}; SIGHUP reloads
-    C{configPath} if given.
+    C{configPath} if given.  A C{worker} accepts on the sockets its
+    supervisor passed it and asks the supervisor for limits and password
+    checks.
 
     @raise ConfigError: if a certificate, key or TLS setting cannot be used.
     """
-    for upstream in config.upstreams.values():
-        upstreamOptions(upstream)  # fail at start-up on an unreadable CA file
-        if not upstream.verify:
-            log.warn("upstream {name}: certificate verification is OFF (verify = false)", name=upstream.name)
-    hashing = HashPoolService(config.hashThreads)
-    runInThread = threadRunner(reactor, hashing.pool)
-    # One per process, shared by every checker a reload builds.
-    credentialsCache = CredentialsCache(config.authCacheTTL, config.authCacheSize, reactor)
+    checkUpstreams(config, warn=worker is None)
+    hashing: HashPoolService | None = None
+    limits: Limits | SharedLimits
+    # Workers check no passwords: the supervisor does, with the login turn.
+    makeChecker: Callable[[str], Any] | None = None
+    if worker is None:
+        hashing = HashPoolService(config.hashThreads)
+        runInThread = threadRunner(reactor, hashing.pool)
+        # One per process, shared by every checker a reload builds.
+        credentialsCache = CredentialsCache(config.authCacheTTL, config.authCacheSize, reactor)
+
+        def makeUsersChecker(path: str) -> Any:
+            return UsersFileChecker(path, runInThread, credentialsCache)
+
+        makeChecker = makeUsersChecker
+        # A few checks queue per hashing thread; other attempts wait their turn.
+        limits = Limits(config.limits, reactor, config.authFailureDelay, maxChecks=4 * config.hashThreads)
+    else:
+        limits = SharedLimits(worker.channel, config.authFailureDelay)
     try:
-        portal = makePortal(config, runInThread, credentialsCache)
+        portal = Portal(ProxyRealm(config), [makeChecker(config.usersFile)] if makeChecker is not None else [])
     except OSError as error:
         raise ConfigError(f"auth.users_file: cannot read {config.usersFile!r}: {error.strerror}") from None
 
@@ -173,26 +256,25 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
 
     pop3 = POP3Backends(connectRelay, openBridge)
     filters = buildFilters(config.filters)
-    # A few checks queue per hashing thread; other attempts wait their turn.
-    limits = Limits(config.limits, reactor, config.authFailureDelay, maxChecks=4 * config.hashThreads)
     contexts: list[ServerContext] = []
-    reloader = ConfigReloader(
-        configPath,
-        config,
-        portal,
-        contexts,
-        filters,
-        lambda path: UsersFileChecker(path, runInThread, credentialsCache),
-    )
-    root = ListenersService(reloader, limits, reactor)
-    hashing.setServiceParent(root)
+    reloader = ConfigReloader(configPath, config, portal, contexts, filters, makeChecker)
+    # The supervisor keeps the counters of workers and forgets what expired.
+    root = ListenersService(reloader, limits if isinstance(limits, Limits) else None, reactor)
+    if hashing is not None:
+        hashing.setServiceParent(root)
     metrics = None
     if config.metricsListen is not None:
         from mailproxy.metrics import ProxyMetrics, metricsSite
 
         metrics = ProxyMetrics()
-        root.metricsService = strports.service(config.metricsListen, metricsSite(metrics.registry), reactor=reactor)
-        root.metricsService.setServiceParent(root)
+        if worker is None:
+            root.metricsService = strports.service(config.metricsListen, metricsSite(metrics.registry), reactor=reactor)
+            root.metricsService.setServiceParent(root)
+        else:
+            # Served, merged with the other workers', by the supervisor.
+            worker.metricsRegistry = metrics.registry
+    if worker is not None:
+        root.handlesHangup = False
     tlsListeners: list[ServerTLS] = []
     for index, listener in enumerate(config.listeners):
         tlsOptions = None
@@ -207,7 +289,7 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
             connect,
             tlsOptions,
             chainFactory(config, listener, filters),
-            limits,
+            limits,  # type: ignore[arg-type]
             metrics.forListener(listener.protocol, listener.name, listener.tls.value) if metrics else None,
         )
         contexts.append(context)
@@ -217,14 +299,117 @@ def buildService(config: Config, reactor: Any, configPath: str | None = None) ->
         if listener.proxyProtocol:
             # Outside TLS: load balancers send the header before the handshake.
             factory = ProxyProtocolFactory(factory, reactor, listener.name, listener.proxyProtocolTrusted)
-        service = strports.service(withBacklog(listener.endpoint, config.listenBacklog), factory, reactor=reactor)
+        service: Service
+        if worker is None:
+            service = strports.service(withBacklog(listener.endpoint, config.listenBacklog), factory, reactor=reactor)
+        else:
+            fd, family = worker.listeners[listener.name]
+            service = AdoptedListener(fd, family, factory, reactor)
         service.setName(listener.name)
         service.setServiceParent(root)
+    root.listenerNames = frozenset(listener.name for listener in config.listeners)
     if tlsListeners:
         root.certificates = CertificateReloader(
             tlsListeners, config.certificateCheckInterval, config.tlsSessionLifetime, reactor
         )
     return root
+
+
+def checkUpstreams(config: Config, warn: bool = True) -> None:
+    """
+    Fail at start-up on an upstream CA file that cannot be read, and warn
+    of upstreams whose certificates are not verified.
+    """
+    for upstream in config.upstreams.values():
+        upstreamOptions(upstream)
+        if warn and not upstream.verify:
+            log.warn("upstream {name}: certificate verification is OFF (verify = false)", name=upstream.name)
+
+
+class AdoptedListener(Service):
+    """
+    A worker's listener: the supervisor's listening socket, inherited.
+    """
+
+    def __init__(self, fd: int, family: int, factory: Any, reactor: Any) -> None:
+        self.fd = fd
+        self.family = family
+        self.factory = factory
+        self.reactor = reactor
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+        # adoptStreamPort duplicated it.
+        os.close(self.fd)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+def buildSupervisor(config: Config, reactor: Any, configPath: str) -> ListenersService:
+    """
+    The supervisor of C{config.workers} worker processes (see
+    L{mailproxy.workers}): it binds the listeners, keeps the shared limits
+    and the credentials cache, and serves the merged metrics.
+
+    @raise ConfigError: if a certificate, key or TLS setting cannot be used
+        (checked here, so start-up fails with one line, not in each worker).
+    """
+    checkUpstreams(config)
+    for index, listener in enumerate(config.listeners):
+        if listener.tls is not TLSMode.PLAIN:
+            listenerTLS(listener, f"listener[{index}]", config.tlsSessionLifetime)
+    hashing = HashPoolService(config.hashThreads)
+    runInThread = threadRunner(reactor, hashing.pool)
+    credentialsCache = CredentialsCache(config.authCacheTTL, config.authCacheSize, reactor)
+
+    def makeChecker(path: str) -> UsersFileChecker:
+        return UsersFileChecker(path, runInThread, credentialsCache)
+
+    try:
+        checker = makeChecker(config.usersFile)
+    except OSError as error:
+        raise ConfigError(f"auth.users_file: cannot read {config.usersFile!r}: {error.strerror}") from None
+    limits = Limits(config.limits, reactor, config.authFailureDelay, maxChecks=4 * config.hashThreads)
+    listeners = [
+        InheritedListener(listener.name, withBacklog(listener.endpoint, config.listenBacklog), config.workers, reactor)
+        for listener in config.listeners
+    ]
+    pool = WorkerPool(config.workers, configPath, listeners, limits, checker, reactor)
+    pool.configText = readConfigText(configPath)
+    root = ListenersService(SupervisorReloader(configPath, config, pool, makeChecker), limits, reactor)
+    hashing.setServiceParent(root)
+    for inherited in listeners:
+        inherited.setServiceParent(root)
+    # After the listeners: it starts the workers on their sockets.
+    pool.setServiceParent(root)
+    if config.metricsListen is not None:
+        from mailproxy.metrics import workersMetricsSite
+
+        root.metricsService = strports.service(config.metricsListen, workersMetricsSite(pool), reactor=reactor)
+        root.metricsService.setServiceParent(root)
+    return root
+
+
+def raiseFileLimit() -> None:
+    """
+    Raise the soft limit on open files to the hard one: two descriptors
+    per session (client and upstream), and 10,000 sessions are normal.
+    The hard limit is the service manager's (systemd's C{LimitNOFILE}).
+    """
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open files limit raised from {soft} to {hard}", soft=soft, hard=hard)
+    except (OSError, ValueError) as error:
+        log.warn("open files limit not raised: {error}", error=str(error))
 
 
 def withBacklog(endpoint: str, backlog: int) -> str:

@@ -40,6 +40,7 @@ UPSTREAM_USERS = {
     "pia": "piapw",  # POP3 relay (POP3 upstream, implicit TLS)
     "pete": "petepw",  # POP3 deletion tests (bridge)
     "phil": "philpw",  # POP3 deletion tests (relay)
+    "wendy": "wendypw",  # workers tests
 }
 POP3_USERS = {
     "pat": "bridge",

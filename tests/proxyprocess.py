@@ -13,7 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from mailproxy.passwords import hashPassword
@@ -29,6 +30,24 @@ def freePort() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         return int(probe.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    """
+    Whether a TCP socket of this machine listens on C{port} (read from
+    /proc/net/tcp and tcp6, so that checking makes no connection).
+    """
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                rows = list(handle)[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
 
 
 def tail(path: str, lines: int = 40) -> str:
@@ -74,24 +93,37 @@ class ProxyProcess:
 
     def waitForPorts(self, ports: list[int], timeout: float = 20.0) -> None:
         """
-        Return once every port accepts connections.
+        Return once every port listens and, with workers, every worker
+        serves.  Nothing connects: a connection made while workers start
+        would wait in the queue and be counted after the test began.
 
         @raise RuntimeError: with the proxy's output if it exits or is slow.
         """
         deadline = time.monotonic() + timeout
         for port in ports:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"twistd exited with {self.process.returncode}:\n{self.output()}")
-                try:
-                    with socket.create_connection((HOST, port), timeout=0.2):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"proxy not listening on {port} after {timeout} s:\n{self.output()}"
-                        ) from None
-                    time.sleep(0.05)
+            self._waitUntil(lambda port=port: listening(port), f"proxy not listening on {port}", deadline, timeout)
+        if self.workers > 1:
+            self._waitUntil(lambda: "workers serving" in self.log(), "workers not serving", deadline, timeout)
+
+    def _waitUntil(self, done: Callable[[], bool], what: str, deadline: float, timeout: float) -> None:
+        while not done():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"twistd exited with {self.process.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} after {timeout} s:\n{self.output()}")
+            time.sleep(0.05)
+
+    @property
+    def workers(self) -> int:
+        """
+        How many worker processes the configuration asks for.
+        """
+        try:
+            with open(self.configPath, "rb") as handle:
+                server = tomllib.load(handle).get("server", {})
+        except (OSError, tomllib.TOMLDecodeError):
+            return 1
+        return int(server.get("workers", os.cpu_count() or 1))
 
     def output(self) -> str:
         return tail(self.stderrFile) + (tail(self.logFile) if self.logFile else "")
@@ -150,19 +182,54 @@ def runningProxy(
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def processTree(pid: int) -> list[int]:
+    """
+    C{pid} and its descendants (a proxy with workers: the supervisor and
+    its worker processes).
+    """
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                # The command name may hold spaces: the fields after it.
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, waiting = [], [pid]
+    while waiting:
+        current = waiting.pop()
+        tree.append(current)
+        waiting.extend(children.get(current, ()))
+    return tree
+
+
 def residentKiB(pid: int) -> int:
     """
-    The resident set of process C{pid} (VmRSS), in KiB.
+    The resident set (VmRSS) of process C{pid} and its descendants, in KiB.
     """
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
+    total = 0
+    for member in processTree(pid):
+        try:
+            with open(f"/proc/{member}/status") as handle:
+                total += next((int(line.split()[1]) for line in handle if line.startswith("VmRSS:")), 0)
+        except OSError:
+            if member == pid:
+                raise AssertionError(f"no VmRSS for {pid}") from None
+    return total
 
 
 def openFiles(pid: int) -> int:
     """
-    How many file descriptors process C{pid} has open.
+    How many file descriptors process C{pid} and its descendants have open.
     """
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    total = 0
+    for member in processTree(pid):
+        try:
+            total += len(os.listdir(f"/proc/{member}/fd"))
+        except OSError:
+            if member == pid:
+                raise
+    return total

@@ -156,7 +156,7 @@ def test_ipv6_loopback_failures_are_covered_by_the_jails_ignoreip() -> None:
     try:
         limits = Limits(LimitsConfig(), Clock(), 2.0)
         gate = Gate(limits, "::1:40000", "imap")
-        attempt = gate.beginLogin("alice")
+        attempt = gate.beginLogin("alice", b"alicepw")
         attempt.failed()
     finally:
         globalLogPublisher.removeObserver(events.append)

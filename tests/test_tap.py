@@ -25,6 +25,7 @@ from twisted.python import usage
 from mailproxy import __version__, tap
 from mailproxy.filters.registry import buildFilters
 from mailproxy.imap.server import IMAPServerFactory
+from mailproxy.workers import InheritedListener, WorkerPool
 from tests.support import writeUsersFile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,8 +35,13 @@ TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 def writeConfig(directory: Path, listeners: str) -> Path:
     writeUsersFile(str(directory), {"alice": "pw"})
     path = directory / "mailproxy.toml"
+    # One process: these tests look at the listeners twistd itself runs.
+    server = "[server]\nworkers = 1\n"
+    if "[server]\n" in listeners:
+        listeners, server = listeners.replace("[server]\n", server, 1), ""
     path.write_text(
         f"""
+{server}
 [auth]
 users_file = "users"
 {listeners}
@@ -104,6 +110,21 @@ private_key = "{key}"
     assert isinstance(implicit, TLSMemoryBIOFactory)
     assert isinstance(implicit.wrappedFactory, IMAPServerFactory)
     assert [child.name for child in service if not isinstance(child, tap.HashPoolService)] == ["imap", "imaps"]
+
+
+def test_workers_default_to_the_number_of_cpus_and_are_supervised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without server.workers, one worker per CPU: twistd's service binds the listeners and supervises the pool."""
+    config = writeConfig(tmp_path, '[[listener]]\nname = "imap"\nendpoint = "tcp:10143:interface=127.0.0.1"\n')
+    config.write_text(config.read_text().replace("workers = 1\n", ""))
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    options = tap.Options()
+    options.parseOptions(["--config", str(config)])
+    service = tap.makeService(options, reactor=MemoryReactorClock())
+    (pool,) = [child for child in service if isinstance(child, WorkerPool)]
+    assert [worker.number for worker in pool.workers] == [1, 2, 3]
+    assert [child.name for child in service if isinstance(child, InheritedListener)] == ["imap"]
 
 
 def test_broken_config_is_one_clear_line(tmp_path: Path) -> None:

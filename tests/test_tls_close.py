@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import HOST, LOCAL_USERS, UPSTREAM_USERS, POP3Proxy, RunningProxy, tlsContext
 from tests.dovecot import DovecotUpstream
+from tests.proxyprocess import processTree
 from tests.test_pop3_integration import appendDirect, countDirect
 
 CLOSE_TIMEOUT = 10.0
@@ -103,17 +104,23 @@ def test_pop3_quit_on_an_stls_listener_ends_the_connection(
 def socketsTo(pid: int, port: int, established: bool = False) -> list[str]:
     """
     The TCP states (hex, as in /proc/net/tcp) of the sockets process
-    C{pid} holds to C{port} on 127.0.0.1, only the established ones if
+    C{pid} (or one of its workers) holds to C{port} on 127.0.0.1, only the established ones if
     C{established}.
     """
     inodes = set()
-    for name in os.listdir(f"/proc/{pid}/fd"):
+    # With workers, the sockets are the worker processes'.
+    for member in processTree(pid):
         try:
-            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            names = os.listdir(f"/proc/{member}/fd")
         except OSError:
             continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
+        for name in names:
+            try:
+                target = os.readlink(f"/proc/{member}/fd/{name}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
     states = []
     with open(f"/proc/{pid}/net/tcp") as table:
         for row in list(table)[1:]:

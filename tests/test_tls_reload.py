@@ -106,8 +106,11 @@ certificates = [{{ certificate = "{pairs["mail"].certFile}", private_key = "{pai
 """
         for name, port in ports.items()
     )
+    # One process: the certificate machinery is per process, and its log
+    # lines are counted here (tests/test_workers.py reloads every worker).
     return f"""
 [server]
+workers = 1
 {server}
 
 [auth]
@@ -598,7 +601,8 @@ def startups(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[st
             listener = (
                 f'\n[[listener]]\nname = "imaps"\nendpoint = "tcp:{port}:interface={HOST}"\ntls = "implicit"\n{table}'
             )
-            runs[case] = Startup(tmp_path_factory.mktemp(f"tls-reload-{case}"), {port: listener})
+            # With workers (the default): the supervisor checks every pair before starting any.
+            runs[case] = Startup(tmp_path_factory.mktemp(f"tls-reload-{case}"), {port: listener}, workers=2)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         yield {case: run.exit(deadline) for case, run in runs.items()}, expected
     finally:

@@ -297,15 +297,18 @@ def implicitListener(
     )
 
 
-def proxyConfig(listeners: str, server: str = "") -> str:
+def proxyConfig(listeners: str, server: str = "", workers: int = 1) -> str:
     """
     A configuration with C{listeners} (their tables) and C{server} (lines
     of the C{[server]} table) whose upstream is never reached: no session
     gets past login.
     """
+    # One process: TLS sessions resume only on the process that made them
+    # (pyOpenSSL cannot share ticket keys between workers; README), and the
+    # log is read as soon as a client is answered.
     return "".join(
         [
-            f"\n[server]\n{server}\n",
+            f"\n[server]\nworkers = {workers}\n{server}\n",
             authTable(),
             listeners,
             upstreamTable("main", freePort(), connectTimeout=3),
@@ -373,11 +376,11 @@ class Startup:
     tables by port) that must stop it during start-up.
     """
 
-    def __init__(self, directory: Path, listeners: dict[int, str], server: str = "") -> None:
+    def __init__(self, directory: Path, listeners: dict[int, str], server: str = "", workers: int = 1) -> None:
         self.ports = list(listeners)
         (directory / "users").write_text(f"alice:{hashPassword('alicepw', log2N=4)}\n")
         config = directory / "mailproxy.toml"
-        config.write_text(proxyConfig("".join(listeners.values()), server))
+        config.write_text(proxyConfig("".join(listeners.values()), server, workers))
         self._stdout, self._stderr = directory / "stdout", directory / "stderr"
         command = [TWISTD, "-n", "--pidfile=", "mailproxy", "--config", str(config)]
         with open(self._stdout, "wb") as stdout, open(self._stderr, "wb") as stderr:

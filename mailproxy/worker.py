@@ -1,0 +1,217 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+One worker process (C{python -m mailproxy.worker}), started by the
+supervisor (L{mailproxy.workers}): it accepts on the listening sockets it
+inherits and serves the connections, asking the supervisor over its
+channel for limits and password checks, and sending it its log events.
+
+Its configuration is the one the supervisor last loaded, fetched over the
+channel: a worker restarted while an admin edits the file starts with the
+configuration in force, not with the half-edited file.  It reloads when
+the supervisor asks (the supervisor gets the SIGHUP) and drains on SIGTERM,
+or when the supervisor goes away (see
+L{mailproxy.tap.ListenersService.stopService}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import generate_latest
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ReactorNotRunning
+from twisted.logger import ILogObserver, Logger, eventAsJSON, formatEvent, globalLogBeginner
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailproxy.config import Config, ConfigError, configFromText
+from mailproxy.passwords import UsersFileError
+from mailproxy.workerprotocol import (
+    PAGE,
+    CollectMetrics,
+    GetConfig,
+    Log,
+    OneProtocolFactory,
+    Ready,
+    Reload,
+    fetchPages,
+    pageOf,
+)
+
+log = Logger(namespace="mailproxy.workers")
+
+
+@dataclass
+class WorkerLink:
+    """
+    What a worker's service is built with: its channel to the supervisor
+    and the listening sockets it inherited, by listener name (descriptor,
+    address family).
+    """
+
+    channel: SupervisorChannel
+    listeners: dict[str, tuple[int, int]]
+    configPath: str
+    number: int = 0
+    metricsRegistry: Any = None
+    service: Any = field(default=None, repr=False)
+
+
+class SupervisorChannel(amp.AMP):
+    """
+    The worker's end of its channel.
+    """
+
+    link: WorkerLink | None = None
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.closed = False
+        self._metricsText = b""
+
+    def fetchConfig(self, path: str) -> Deferred[Config]:
+        """
+        The configuration as the supervisor last loaded it from C{path}.
+        """
+        return fetchPages(self, GetConfig).addCallback(configFromText, path)
+
+    @Reload.responder
+    def reload(self) -> Deferred[dict[str, Any]]:
+        assert self.link is not None
+        service = self.link.service
+
+        def failed(failure: Failure) -> bool:
+            log.error("configuration not reloaded, keeping the running one: {error}", error=str(failure.value))
+            return False
+
+        loading = self.fetchConfig(self.link.configPath)
+        loading.addCallbacks(service.reloadNow, failed)
+        return loading.addCallback(lambda reloaded: {"reloaded": bool(reloaded)})
+
+    @CollectMetrics.responder
+    def collectMetrics(self, page: int) -> dict[str, Any]:
+        if page == 0:
+            # One snapshot, however many pages it takes.
+            registry = self.link.metricsRegistry if self.link is not None else None
+            self._metricsText = generate_latest(registry) if registry is not None else b""
+        return pageOf(self._metricsText, page)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed = True
+        super().connectionLost(reason)
+        # The supervisor is gone: nobody answers for limits any more.
+        stop(self.reactor)
+
+
+@implementer(ILogObserver)
+class LogForwarder:
+    """
+    A log observer sending each event to the supervisor (to stderr, which
+    the supervisor logs too, when the channel is closed).
+    """
+
+    def __init__(self, channel: SupervisorChannel) -> None:
+        self.channel = channel
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.channel.transport is None or self.channel.closed:
+            self._fallback(event)
+            return
+        text = eventAsJSON(event)
+        if len(text.encode("utf-8")) > PAGE:
+            # Too long for one AMP value (a long traceback): its text, cut.
+            text = eventAsJSON(
+                {
+                    "log_format": "{text}",
+                    "text": formatEvent(event)[: PAGE // 4],
+                    "log_level": event.get("log_level"),
+                    "log_namespace": event.get("log_namespace"),
+                    "log_time": event.get("log_time"),
+                }
+            )
+        try:
+            self.channel.callRemote(Log, event=text)
+        except Exception:
+            self._fallback(event)
+
+    def _fallback(self, event: dict[str, Any]) -> None:
+        sys.stderr.write((formatEvent(event) or "") + "\n")
+
+
+def stop(reactor: Any) -> None:
+    """
+    Stop the worker: the service drains on the way (see
+    L{mailproxy.tap.ListenersService.stopService}).
+    """
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
+
+
+def start(reactor: Any, link: WorkerLink, config: Config) -> None:
+    """
+    Serve C{config} on the inherited sockets, and tell the supervisor.
+    """
+    from mailproxy.tap import buildService
+
+    service = link.service = buildService(config, reactor, configPath=link.configPath, worker=link)
+    service.privilegedStartService()
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    link.channel.callRemote(Ready, pid=os.getpid())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mailproxy.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--number", type=int, required=True)
+    parser.add_argument("--channel", type=int, required=True)
+    parser.add_argument("--listener", action="append", default=[], help="NAME=FD:FAMILY")
+    arguments = parser.parse_args(argv)
+    listeners: dict[str, tuple[int, int]] = {}
+    for item in arguments.listener:
+        name, _, where = item.rpartition("=")
+        fd, _, family = where.partition(":")
+        listeners[name] = (int(fd), int(family))
+
+    from twisted.internet import reactor
+
+    channel = SupervisorChannel(reactor)
+    reactor.adoptStreamConnection(arguments.channel, socket.AF_UNIX, OneProtocolFactory(channel))  # type: ignore[attr-defined]
+    os.close(arguments.channel)
+    globalLogBeginner.beginLoggingTo([LogForwarder(channel)], redirectStandardIO=False, discardBuffer=True)
+    link = channel.link = WorkerLink(channel, listeners, arguments.config, arguments.number)
+    exitCode = [0]
+
+    def failed(failure: Failure) -> None:
+        if failure.check(ConfigError, UsersFileError):
+            log.error("worker {number} not started: {error}", number=arguments.number, error=str(failure.value))
+        else:
+            log.failure("worker {number} not started", failure, number=arguments.number)
+        exitCode[0] = 1
+        stop(reactor)
+
+    def fetchAndStart() -> None:
+        loading = channel.fetchConfig(arguments.config)
+        loading.addCallback(lambda config: start(reactor, link, config)).addErrback(failed)
+
+    # Ctrl-C reaches the whole process group: the supervisor drains us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(stop, reactor))  # type: ignore[attr-defined]
+    reactor.callWhenRunning(fetchAndStart)
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
+    return exitCode[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

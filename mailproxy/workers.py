@@ -1,0 +1,415 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+Several worker processes on one set of listening sockets
+(C{server.workers}), started and supervised by the twistd process.
+
+The supervisor binds every listener (before twistd drops privileges, so
+ports below 1024 work) but never accepts on them: each worker inherits the
+sockets and accepts on them itself (L{mailproxy.worker}), so the kernel
+spreads connections over the workers.  The supervisor keeps what must hold
+across workers (limits, lockouts, login turns, the credentials cache; see
+L{mailproxy.sharedlimits}), writes every worker's log events to the one log,
+serves their merged metrics, restarts a worker that dies (after a delay
+that grows while it keeps dying), passes SIGHUP on to every worker, and on
+SIGTERM drains them: they stop accepting, say goodbye to every client at a
+response boundary, and exit.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.error import CannotListenError, ProcessDone
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from mailproxy.sharedlimits import LimitsResponder
+from mailproxy.workerprotocol import (
+    CollectMetrics,
+    GetConfig,
+    Log,
+    OneProtocolFactory,
+    Ready,
+    Reload,
+    fetchPages,
+    pageOf,
+)
+
+# A worker that dies soon after starting is restarted after a delay that
+# doubles each time (it would only die again), up to this.
+FIRST_RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
+# Running this long counts as having started well: the delay starts over.
+STABLE_SECONDS = 60.0
+# How long draining workers may take before they are killed: their own
+# close grace (mailproxy.frontdoor.CLOSE_GRACE) and a margin.
+DRAIN_TIMEOUT = 15.0
+# File descriptors of a worker: the supervisor's channel, then listeners.
+CHANNEL_FD = 3
+FIRST_LISTENER_FD = 4
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    STOPPING = "stopping"
+    ENDED = "ended"
+
+
+class InheritedListener(Service):
+    """
+    The listening sockets of one listener, bound by the supervisor and
+    accepted on by its workers.
+
+    A TCP listener gets one socket per worker, all bound to the same
+    address with C{SO_REUSEPORT}, so the kernel spreads new connections
+    evenly over the workers (one shared socket would let whichever worker
+    wakes first take a whole burst).  A restarted worker gets its
+    predecessor's socket, with the connections that queued meanwhile.  Any
+    other endpoint (UNIX sockets, systemd's) is one socket all workers
+    share.
+    """
+
+    def __init__(self, name: str, endpoint: str, workers: int, reactor: Any) -> None:
+        self.setName(name)
+        self.endpoint = endpoint
+        self.workers = workers
+        self.reactor = reactor
+        self._sockets: list[socket.socket] = []
+        self._port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        endpoint = serverFromString(self.reactor, self.endpoint)
+        if isinstance(endpoint, TCP4ServerEndpoint | TCP6ServerEndpoint):
+            family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) else socket.AF_INET
+            port = endpoint._port
+            if port:
+                # SO_REUSEPORT would let this join another process's
+                # listener on the port (a second proxy started by mistake)
+                # and share its connections: fail as a plain bind does.
+                _reusePortSocket(family, endpoint._interface, port, 1, reusePort=False).close()
+            for _ in range(self.workers):
+                sock = _reusePortSocket(family, endpoint._interface, port, endpoint._backlog)
+                # Port 0: the others join the port the first one got.
+                port = sock.getsockname()[1]
+                self._sockets.append(sock)
+            return
+        outcome: list[Any] = []
+        endpoint.listen(Factory.forProtocol(Protocol)).addBoth(outcome.append)
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        port = outcome[0]
+        # Only the workers accept.
+        port.stopReading()
+        self._port = port
+        self._sockets.append(port.socket)
+
+    def socketFor(self, number: int) -> socket.socket:
+        """
+        The socket worker C{number} (from 1) accepts on.
+        """
+        return self._sockets[(number - 1) % len(self._sockets)]
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._port is not None:
+            port, self._port = self._port, None
+            self._sockets.clear()
+            return port.stopListening()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        return None
+
+
+def _reusePortSocket(family: int, interface: str, port: int, backlog: int, reusePort: bool = True) -> socket.socket:
+    """
+    A listening TCP socket on C{interface} and C{port} that the other
+    workers' sockets may bind too (C{SO_REUSEPORT}, unless C{reusePort} is
+    false).
+
+    @raise CannotListenError: if it cannot be bound.
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reusePort:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface or ("::" if family == socket.AF_INET6 else ""), port))
+        sock.listen(backlog)
+    except OSError as error:
+        sock.close()
+        raise CannotListenError(interface, port, error) from None
+    sock.setblocking(False)
+    return sock
+
+
+class WorkerChannel(amp.AMP):
+    """
+    The supervisor's end of one worker's channel: limits and passwords
+    answered by the shared L{LimitsResponder}, log events published here.
+    """
+
+    def __init__(self, worker: Worker, responder: LimitsResponder) -> None:
+        super().__init__()
+        self.worker = worker
+        self.responder = responder
+
+    def locateResponder(self, name: bytes) -> Any:
+        return super().locateResponder(name) or self.responder.locateResponder(name)
+
+    @Log.responder
+    def log(self, event: str) -> dict[str, Any]:
+        try:
+            decoded = eventFromJSON(event)
+        except ValueError:
+            return {}
+        decoded["log_system"] = f"worker {self.worker.number}"
+        globalLogPublisher(decoded)
+        return {}
+
+    @GetConfig.responder
+    def getConfig(self, page: int) -> dict[str, Any]:
+        return pageOf(self.worker.pool.configText, page)
+
+    @Ready.responder
+    def ready(self, pid: int) -> dict[str, Any]:
+        self.worker.serving()
+        return {}
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
+        # What the worker held is given back, whatever ended it.
+        self.responder.workerGone()
+
+
+class WorkerProcess(ProcessProtocol):
+    """
+    A worker's process: what it writes to stdout or stderr (a traceback
+    before its logging started, say) goes to the log line by line.
+    """
+
+    log = Logger(namespace="mailproxy.workers")
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._partial: dict[int, bytes] = {}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        *lines, rest = (self._partial.pop(childFD, b"") + data).split(b"\n")
+        if len(rest) > 65536:
+            lines.append(rest)
+            rest = b""
+        self._partial[childFD] = rest
+        for line in lines:
+            self.log.warn(
+                "worker {number}: {line}", number=self.worker.number, line=line.decode("utf-8", "replace").rstrip()
+            )
+
+    def processEnded(self, reason: Failure) -> None:
+        self.worker.ended(reason)
+
+
+class Worker:
+    """
+    One worker slot: its process, restarted when it dies.
+    """
+
+    log = Logger(namespace="mailproxy.workers")
+
+    def __init__(self, pool: WorkerPool, number: int) -> None:
+        self.pool = pool
+        self.number = number
+        self.state = WorkerState.ENDED
+        self.pid: int | None = None
+        self.channel: WorkerChannel | None = None
+        self.process: Any = None
+        self.started = 0.0
+        self.restartDelay = FIRST_RESTART_DELAY
+        self._restart: Any = None
+        self._ended: list[Deferred[None]] = []
+
+    def start(self) -> None:
+        self._restart = None
+        pool = self.pool
+        reactor = pool.reactor
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        childFDs: dict[int, Any] = {0: pool.devNull, 1: "r", 2: "r", CHANNEL_FD: theirs.fileno()}
+        arguments = [
+            sys.executable,
+            "-m",
+            "mailproxy.worker",
+            "--config",
+            pool.configPath,
+            "--number",
+            str(self.number),
+        ]
+        arguments += ["--channel", str(CHANNEL_FD)]
+        for offset, listener in enumerate(pool.listeners):
+            inherited = listener.socketFor(self.number)
+            childFDs[FIRST_LISTENER_FD + offset] = inherited.fileno()
+            arguments += ["--listener", f"{listener.name}={FIRST_LISTENER_FD + offset}:{int(inherited.family)}"]
+        try:
+            self.process = reactor.spawnProcess(
+                WorkerProcess(self), sys.executable, arguments, env=dict(os.environ), childFDs=childFDs
+            )
+        finally:
+            theirs.close()
+        self.channel = WorkerChannel(self, LimitsResponder(pool.limits, pool.checker))
+        reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, OneProtocolFactory(self.channel))
+        ours.close()
+        self.pid = self.process.pid
+        self.state = WorkerState.STARTING
+        self.started = reactor.seconds()
+        self.log.info("worker {number} started (pid {pid})", number=self.number, pid=self.pid)
+
+    def serving(self) -> None:
+        if self.state is WorkerState.STARTING:
+            self.state = WorkerState.SERVING
+            self.pool.workerServing()
+
+    def ended(self, reason: Failure) -> None:
+        stopping = self.state is WorkerState.STOPPING or not self.pool.running
+        self.state = WorkerState.ENDED
+        ran = self.pool.reactor.seconds() - self.started
+        status = reason.value.exitCode if hasattr(reason.value, "exitCode") else None
+        if stopping:
+            self.log.info("worker {number} (pid {pid}) stopped", number=self.number, pid=self.pid)
+        else:
+            if ran >= STABLE_SECONDS:
+                self.restartDelay = FIRST_RESTART_DELAY
+            how = "exited" if reason.check(ProcessDone) or status is not None else "was killed"
+            self.log.error(
+                "worker {number} (pid {pid}) {how} ({reason}); restarting it in {delay:g} s",
+                number=self.number,
+                pid=self.pid,
+                how=how,
+                reason=str(reason.value),
+                delay=self.restartDelay,
+            )
+            self._restart = self.pool.reactor.callLater(self.restartDelay, self.start)
+            self.restartDelay = min(MAX_RESTART_DELAY, self.restartDelay * 2)
+        self.pid = None
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.loseConnection()
+        waiting, self._ended = self._ended, []
+        for waiter in waiting:
+            waiter.callback(None)
+
+    def stop(self) -> Deferred[None]:
+        """
+        Drain the worker (SIGTERM): it stops accepting, says goodbye to its
+        clients and exits; killed if it takes longer than
+        L{DRAIN_TIMEOUT}.
+        """
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
+        if self.state is WorkerState.ENDED:
+            return succeed(None)
+        self.state = WorkerState.STOPPING
+        ended: Deferred[None] = Deferred()
+        self._ended.append(ended)
+        self.signal("TERM")
+        killing = self.pool.reactor.callLater(DRAIN_TIMEOUT, self.signal, "KILL")
+        ended.addBoth(lambda result: killing.cancel() if killing.active() else None)
+        return ended
+
+    def signal(self, name: str) -> None:
+        if self.state is not WorkerState.ENDED and self.process is not None:
+            try:
+                self.process.signalProcess(name)
+            except (OSError, ProcessLookupError):
+                pass
+
+
+class WorkerPool(Service):
+    """
+    C{count} workers serving C{listeners}, with the supervisor's C{limits}
+    and C{checker} (see L{LimitsResponder}).
+    """
+
+    log = Logger(namespace="mailproxy.workers")
+
+    def __init__(
+        self, count: int, configPath: str, listeners: list[InheritedListener], limits: Any, checker: Any, reactor: Any
+    ) -> None:
+        self.configPath = os.path.abspath(configPath)
+        self.listeners = listeners
+        self.limits = limits
+        self.checker = checker
+        self.reactor = reactor
+        self.workers = [Worker(self, number) for number in range(1, count + 1)]
+        self.devNull = -1
+        # The configuration file as last loaded (what workers load).
+        self.configText = b""
+        self._allServing = False
+
+    def startService(self) -> None:
+        super().startService()
+        self.devNull = os.open(os.devnull, os.O_RDWR)
+        for worker in self.workers:
+            worker.start()
+
+    def workerServing(self) -> None:
+        if not self._allServing and all(worker.state is WorkerState.SERVING for worker in self.workers):
+            self._allServing = True
+            self.log.info("all {count} workers serving", count=len(self.workers))
+
+    def setChecker(self, checker: Any) -> None:
+        """
+        Check passwords with C{checker} from now on (a reload).
+        """
+        self.checker = checker
+        for worker in self.workers:
+            if worker.channel is not None:
+                worker.channel.responder.checker = checker
+
+    def reload(self) -> Deferred[Any]:
+        """
+        Ask every worker to reload; fires when all have answered.
+        """
+        asking = []
+        for worker in self.workers:
+            if worker.channel is not None and worker.state is WorkerState.SERVING:
+                asking.append(worker.channel.callRemote(Reload))
+        return DeferredList(asking, consumeErrors=True)
+
+    def collectMetrics(self) -> Deferred[list[str]]:
+        """
+        Every serving worker's metrics text.
+        """
+        return gatherResults(
+            [_collect(worker.channel) for worker in self.workers if worker.channel is not None],
+            consumeErrors=True,
+        ).addCallback(lambda texts: [text for text in texts if text])
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        stopping = [worker.stop() for worker in self.workers]
+
+        def closed(result: Any) -> Any:
+            if self.devNull >= 0:
+                os.close(self.devNull)
+                self.devNull = -1
+            return result
+
+        return gatherResults(stopping).addBoth(closed)
+
+
+def _collect(channel: WorkerChannel) -> Deferred[str]:
+    """
+    A worker's metrics text; empty if it is going away.
+    """
+    collecting = fetchPages(channel, CollectMetrics)
+    return collecting.addCallbacks(lambda text: text.decode("utf-8"), lambda failure: "")
