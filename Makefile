@@ -1,13 +1,13 @@
 # make demo: a private Dovecot plus the proxy in front of it, on loopback (DEMO_DIR, default .demo, and
 #   DEMO_IMAP_PORT, DEMO_IMAPS_PORT, DEMO_POP3_PORT, default 10143, 10993, 10110, choose where).
 # make test: installs what the tests need (apt and pip) and runs lint, types and the whole suite.
-# make bench: the benchmark (bench/summary.py) against direct Dovecot and nginx's mail proxy.
+# make bench: the benchmark (bench/summary.py) against direct Dovecot, nginx's mail proxy and haproxy (TCP).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # python3-venv: stock Debian's python3 has no ensurepip without it, so `python3 -m venv` fails
 APT_PACKAGES := python3-venv dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates systemd fail2ban
-BENCH_APT_PACKAGES := nginx libnginx-mod-mail
+BENCH_APT_PACKAGES := nginx libnginx-mod-mail haproxy
 BENCH_ARGS ?=
 
 .PHONY: demo test lint typecheck bench bench-deps fuzz system-deps venv-deps venv clean
@@ -40,7 +40,7 @@ system-deps:
 venv-deps:
 	@$(PYTHON) -c "import ensurepip" 2>/dev/null || $(MAKE) --no-print-directory system-deps APT_PACKAGES=python3-venv
 
-# nginx's mail proxy, the benchmark's peer (make test does not need it)
+# the benchmark's peers, nginx's mail proxy and haproxy (make test does not need them)
 bench-deps:
 	$(call apt_install,$(BENCH_APT_PACKAGES))
 
@@ -57,7 +57,7 @@ test: system-deps venv lint typecheck
 demo: system-deps venv
 	$(BIN)/python -m scripts.demo
 
-# one summary table: direct Dovecot | mailproxy | nginx mail (BENCH_ARGS=--quick for a short run)
+# one summary table: direct Dovecot | mailproxy w=1 | w=N | nginx mail | haproxy (BENCH_ARGS=--quick for a short run)
 bench: system-deps bench-deps venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
+import signal
 import socket
 import ssl
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 
+from mailproxy.config import ConfigError, parseConfig
 from mailproxy.passwords import hashPassword
 from tests.dovecot import DovecotUpstream
 from tests.proxyprocess import HOST, ProxyProcess, freePort
@@ -31,12 +35,16 @@ __all__ = [
     "memoryKiB",
     "percentile",
     "privateDovecot",
+    "raiseFileLimit",
     "seed",
     "startProxy",
     "textTable",
     "treeCpuSeconds",
     "treeMemoryKiB",
+    "treeOpenFiles",
+    "treeProcesses",
     "workDirectory",
+    "workersSupported",
     "writeUsersFile",
 ]
 
@@ -160,6 +168,11 @@ def seed(
 def privateDovecot(users: dict[str, str], maxSessions: int = 1000) -> Iterator[DovecotUpstream]:
     """
     A running private Dovecot with C{users}; stopped and removed afterwards.
+
+    Its master stops its children on SIGTERM, but is killed if that takes
+    more than a few seconds (thousands of sessions): then the children it
+    had are ended here, each by the PID (and start time) recorded just
+    before the stop.
     """
     upstream = DovecotUpstream(maxSessions=maxSessions)
     upstream.addUsers(users)
@@ -167,8 +180,88 @@ def privateDovecot(users: dict[str, str], maxSessions: int = 1000) -> Iterator[D
         upstream.start()
         yield upstream
     finally:
+        master = upstream.pid
+        children = [(pid, _startTime(pid)) for pid in treeProcesses(master)[1:]] if master is not None else []
         upstream.stop()
+        _endSurvivors(children)
         shutil.rmtree(upstream.baseDir, ignore_errors=True)
+
+
+SURVIVOR_GRACE = 10.0
+
+
+def _startTime(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _endSurvivors(processes: Sequence[tuple[int, str | None]]) -> None:
+    """
+    Wait (bounded) for C{processes} to exit; SIGKILL those still there that
+    are the same processes (same start time), not a reused PID.
+    """
+    deadline = time.monotonic() + SURVIVOR_GRACE
+    remaining = [(pid, started) for pid, started in processes if started is not None]
+    while remaining and time.monotonic() < deadline:
+        remaining = [(pid, started) for pid, started in remaining if _startTime(pid) == started]
+        if remaining:
+            time.sleep(0.2)
+    for pid, started in remaining:
+        if _startTime(pid) == started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def raiseFileLimit(wanted: int) -> str:
+    """
+    Raise this process's RLIMIT_NOFILE, soft and hard, to at least
+    C{wanted} where allowed (root may raise the hard limit), so everything
+    it starts afterwards inherits it; return a sentence saying what was
+    done.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return f"File descriptors: RLIMIT_NOFILE {soft} (soft) / {hard} (hard) was enough for {wanted}."
+    newHard = max(hard, wanted)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, newHard))
+    except (ValueError, OSError):
+        # not permitted (no CAP_SYS_RESOURCE): the soft limit can still go
+        # up to the hard one
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        raised = f"raised its soft limit from {soft} to {hard}" if soft < hard else f"ran with {hard}"
+        return (
+            f"File descriptors: wanted {wanted}, but raising the hard limit ({hard}) is not permitted here; "
+            f"the bench {raised}, which everything it starts inherits (each process stays under it: the proxy's "
+            "descriptors are spread over its workers)."
+        )
+    return (
+        f"File descriptors: the bench raised its RLIMIT_NOFILE from {soft} / {hard} (soft / hard) to "
+        f"{wanted} / {newHard} before starting Dovecot and mailproxy, which inherit it."
+    )
+
+
+def workersSupported() -> bool:
+    """
+    Whether this mailproxy knows C{[server] workers}.
+    """
+    document = {
+        "server": {"workers": 1},
+        "upstream": {"probe": {"host": HOST, "port": 1}},
+        "routing": {"default_upstream": "probe"},
+        "listener": [{"endpoint": "tcp:1:interface=127.0.0.1"}],
+        "auth": {"users_file": "users"},
+    }
+    try:
+        parseConfig(document, tempfile.gettempdir())
+    except ConfigError as error:
+        if "workers" in str(error):
+            return False
+        raise
+    return True
 
 
 @contextlib.contextmanager
@@ -221,7 +314,10 @@ def memoryKiB(pid: int) -> tuple[int, int]:
     return values["Pss:"], values["Rss:"]
 
 
-def _descendants(root: int) -> list[int]:
+def treeProcesses(root: int) -> list[int]:
+    """
+    C{root} and all its descendants (C{root} first).
+    """
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -247,9 +343,20 @@ def treeMemoryKiB(root: int) -> int:
     common pages out, so the sum is the tree's real footprint.
     """
     total = 0
-    for pid in _descendants(root):
+    for pid in treeProcesses(root):
         with contextlib.suppress(OSError, KeyError):
             total += memoryKiB(pid)[0]
+    return total
+
+
+def treeOpenFiles(root: int) -> int:
+    """
+    The file descriptors open in a process and all its descendants.
+    """
+    total = 0
+    for pid in treeProcesses(root):
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{pid}/fd"))
     return total
 
 
@@ -260,7 +367,7 @@ def treeCpuSeconds(root: int) -> float:
     clock-tick counters in /proc/PID/stat are too coarse for a 25 ms FETCH).
     """
     nanoseconds = 0
-    for pid in _descendants(root):
+    for pid in treeProcesses(root):
         with contextlib.suppress(OSError):
             for task in os.listdir(f"/proc/{pid}/task"):
                 with contextlib.suppress(OSError, ValueError, IndexError):

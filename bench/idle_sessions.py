@@ -6,8 +6,8 @@ direct upstream.
 
 Starts a private Dovecot (limits raised for the run) and the proxy (twistd);
 opens N sessions through the proxy (LOGIN, SELECT, IDLE) and a sample of
-direct ones; reports the proxy's memory per idle session (PSS and RSS from
-/proc, after minus before), its file descriptors, and how long an APPEND by
+direct ones; reports the proxy's memory per idle session (PSS from /proc of
+twistd and its workers, after minus before), their file descriptors, and how long an APPEND by
 another session takes to reach idling clients as EXISTS, proxied versus
 direct, over several rounds. Every wait is bounded; all connections stay on
 127.0.0.1. The bench users file uses a cheap scrypt cost (ln=10) so that
@@ -25,15 +25,15 @@ import time
 from bench.common import (
     HOST,
     freePort,
-    memoryKiB,
     percentile,
     privateDovecot,
     startProxy,
+    treeMemoryKiB,
+    treeOpenFiles,
     workDirectory,
     writeUsersFile,
 )
 from tests.dovecot import DovecotUpstream
-from tests.proxyprocess import openFiles
 
 USER, PASSWORD = "idler", "idlerpw"
 DEADLINE = 600.0
@@ -149,7 +149,7 @@ async def run(arguments: argparse.Namespace) -> None:
             try:
                 pid = proxy.process.pid
                 await asyncio.sleep(0.5)
-                beforePss, beforeRss = memoryKiB(pid)
+                beforePss = treeMemoryKiB(pid)
                 started = time.perf_counter()
                 proxied = await asyncio.wait_for(openMany(port, arguments.sessions), DEADLINE)
                 opened = time.perf_counter() - started
@@ -157,8 +157,8 @@ async def run(arguments: argparse.Namespace) -> None:
                 direct = await asyncio.wait_for(openMany(upstream.ports["imap"], arguments.direct), DEADLINE)
                 sessions += direct
                 await asyncio.sleep(2.0)
-                afterPss, afterRss = memoryKiB(pid)
-                descriptors = openFiles(pid)
+                afterPss = treeMemoryKiB(pid)
+                descriptors = treeOpenFiles(pid)
                 measured = await latencies(upstream, {"direct": direct, "proxy": proxied}, arguments.rounds)
                 alive = proxy.process.poll() is None
             finally:
@@ -167,9 +167,9 @@ async def run(arguments: argparse.Namespace) -> None:
     print(f"\n{arguments.sessions} IDLE sessions through the proxy (+{arguments.direct} direct), 2-core machine")
     print(f"opened in {opened:.1f} s ({arguments.sessions / opened:.0f} sessions/s incl. login, SELECT, IDLE)")
     print(
-        f"proxy memory per idle session: PSS {(afterPss - beforePss) / arguments.sessions:.1f} KiB, "
-        f"RSS {(afterRss - beforeRss) / arguments.sessions:.1f} KiB "
-        f"(process PSS {beforePss / 1024:.1f} -> {afterPss / 1024:.1f} MiB); {descriptors} fds; alive: {alive}"
+        f"proxy memory per idle session: PSS {(afterPss - beforePss) / arguments.sessions:.1f} KiB "
+        f"(PSS of twistd and its workers {beforePss / 1024:.1f} -> {afterPss / 1024:.1f} MiB); "
+        f"{descriptors} fds; alive: {alive}"
     )
     print(f"notification latency, APPEND by another session -> EXISTS, {arguments.rounds} rounds:")
     for name, values in measured.items():

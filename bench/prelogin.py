@@ -61,18 +61,19 @@ from bench.common import (
     USER,
     RawClient,
     freePort,
-    memoryKiB,
     percentile,
     privateDovecot,
     startProxy,
     textTable,
+    treeMemoryKiB,
+    treeOpenFiles,
     workDirectory,
     writeUsersFile,
 )
 from bench.logins import loginOnce
 from mailproxy.passwords import DEFAULT_LOG2_N, hashPassword
 from tests.dovecot import DovecotUpstream
-from tests.proxyprocess import ProxyProcess, openFiles
+from tests.proxyprocess import ProxyProcess
 from tests.rawclient import readEach, taggedLine
 
 VICTIM, VICTIM_PASSWORD = "victim", "victimpw"
@@ -329,7 +330,7 @@ async def _flood(port: int, directPort: int, base: str, size: int, proxyPid: int
         nonlocal peak
         for _ in range(int(timeout / PSS_INTERVAL) + 1):
             try:
-                peak = max(peak, memoryKiB(proxyPid)[0])
+                peak = max(peak, treeMemoryKiB(proxyPid))
             except OSError:
                 return
             await asyncio.sleep(PSS_INTERVAL)
@@ -384,7 +385,7 @@ def floodFigures(upstream: DovecotUpstream, directory: str, work: Workload) -> d
             print(f"NOOPs, no flood: up to {work.noopRounds} pairs")
             figures["quiet"] = noopPairs(direct, proxied, work.noopRounds, work.noopSeconds, lambda: False)
             time.sleep(0.5)
-            figures["pssBefore"] = memoryKiB(pid)[0]
+            figures["pssBefore"] = treeMemoryKiB(pid)
             print(f"NOOPs during a flood of {work.floodSize} wrong LOGINs from {work.floodSize} addresses")
             receiver, sender = multiprocessing.get_context("fork").Pipe(duplex=False)
             child = multiprocessing.get_context("fork").Process(
@@ -406,7 +407,7 @@ def floodFigures(upstream: DovecotUpstream, directory: str, work: Workload) -> d
             if "error" in result:
                 raise RuntimeError(f"flood client failed: {result['error']}")
             figures.update(result)
-            figures["pssAfter"] = memoryKiB(pid)[0]
+            figures["pssAfter"] = treeMemoryKiB(pid)
             direct.command(b"LOGOUT")
             proxied.command(b"LOGOUT")
         finally:
@@ -532,7 +533,7 @@ def silentFigures(upstream: DovecotUpstream, directory: str, work: Workload) -> 
     with startProxy(directory, config, [port]) as proxy:
         pid = proxy.process.pid
         time.sleep(0.3)  # let the start-up probe's connection go
-        baseline = openFiles(pid)
+        baseline = treeOpenFiles(pid)
         print(f"{work.silent} silent TLS connections, login_deadline {LOGIN_DEADLINE:g} s")
         started = time.monotonic()
         sockets, opened = openSilent(port, work.silent, work.silentGrace)
@@ -540,10 +541,10 @@ def silentFigures(upstream: DovecotUpstream, directory: str, work: Workload) -> 
             figures["openSeconds"] = max((o for o in opened if o is not None), default=started) - started
             figures["opened"] = len(opened) - opened.count(None)
             for _ in range(100):
-                if openFiles(pid) >= baseline + work.silent or time.monotonic() - started > 3.0:
+                if treeOpenFiles(pid) >= baseline + work.silent or time.monotonic() - started > 3.0:
                     break
                 time.sleep(0.03)
-            figures["held"] = openFiles(pid) - baseline
+            figures["held"] = treeOpenFiles(pid) - baseline
             probe, figures["during"] = tlsGreeting(port, upstream.caFile)
             if probe is not None:
                 probe.close()

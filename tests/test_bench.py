@@ -1,0 +1,174 @@
+"""
+The benchmark's own client logic, against the real Dovecot: the load
+generator's workloads complete without errors, count what they did, read
+literals as literals, and count refusals as errors. Correctness only: no
+figure is compared with a threshold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from bench.common import raiseFileLimit, seed, treeProcesses
+from bench.haproxy import HaproxyTcpProxy, findHaproxy
+from bench.load import CHURN, MIXED, LoadClient, LoadPlan, loadGenerator, parseImaptestTotals, runClients, warmUp
+from tests.dovecot import DovecotUpstream
+
+LOAD_USERS = (("loadgen1", "loadgen1pw"), ("loadgen2", "loadgen2pw"))
+MESSAGES = 5
+# a body line that looks like the load client's own tagged reply: a client
+# that read literals as lines would stop here
+TRAP_LINE = b"L3 OK FETCH completed"
+
+
+@pytest.fixture(scope="module")
+def loadUsers(dovecot: DovecotUpstream) -> tuple[tuple[str, str], ...]:
+    dovecot.addUsers(dict(LOAD_USERS))
+    for user, password in LOAD_USERS:
+        seed(dovecot.ports["imap"], MESSAGES, 3000, user=user, password=password, lastLine=TRAP_LINE)
+    return LOAD_USERS
+
+
+def plan(dovecot: DovecotUpstream, users: tuple[tuple[str, str], ...], clients: int = 4) -> LoadPlan:
+    return LoadPlan(dovecot.ports["imap"], users, clients=clients, seconds=1.0, messages=MESSAGES)
+
+
+def test_login_churn_completes_logins_without_errors(
+    dovecot: DovecotUpstream, loadUsers: tuple[tuple[str, str], ...]
+) -> None:
+    """Each churn round is connect, LOGIN, SELECT, FETCH, LOGOUT: four commands per login counted."""
+    with loadGenerator(1) as generator:
+        result = generator.run(plan(dovecot, loadUsers), CHURN)
+    assert (result.errors, result.firstError) == (0, "")
+    assert result.operations > 0
+    assert result.commands == 4 * result.operations
+    assert len(result.loginSeconds) == result.operations
+    assert result.rate == result.operations / result.seconds
+
+
+def test_mixed_load_runs_commands_on_logged_in_clients_without_errors(
+    dovecot: DovecotUpstream, loadUsers: tuple[tuple[str, str], ...]
+) -> None:
+    """The mixed loop (SELECT, FETCH FLAGS, UID FETCH BODY.PEEK[], UID STORE, NOOP) gets only tagged OKs."""
+    with loadGenerator(1) as generator:
+        result = generator.run(plan(dovecot, loadUsers), MIXED)
+    assert (result.errors, result.firstError) == (0, "")
+    assert result.operations == result.commands
+    # more than one turn of the loop, so every command of it ran at least once
+    assert result.operations > 5
+
+
+def test_client_processes_add_up_their_counts(dovecot: DovecotUpstream, loadUsers: tuple[tuple[str, str], ...]) -> None:
+    """With two forked client processes, the clients are split between them and their totals merged."""
+    with loadGenerator(2) as generator:
+        assert generator.processes == 2
+        result = generator.run(plan(dovecot, loadUsers, clients=3), CHURN)
+    assert (result.errors, result.firstError) == (0, "")
+    assert result.operations > 0
+    assert result.commands == 4 * result.operations
+
+
+def test_a_refused_login_counts_as_an_error_not_as_a_login(dovecot: DovecotUpstream) -> None:
+    """A wrong password is an error with the server's answer, and no login is counted."""
+    wrong = LoadPlan(dovecot.ports["imap"], (("loadgen1", "not the password"),), clients=1, seconds=0.5)
+    result = asyncio.run(runClients(wrong, CHURN, [0], time.monotonic()))
+    assert result.operations == 0
+    assert result.errors > 0
+    assert "LOGIN" in result.firstError
+
+
+def test_literals_are_read_whole_so_a_tag_inside_a_message_does_not_end_the_reply(
+    dovecot: DovecotUpstream, loadUsers: tuple[tuple[str, str], ...]
+) -> None:
+    """A message body holding a line like the client's tagged OK is read as part of the literal."""
+
+    async def fetchThenNoop() -> bytes:
+        client = await LoadClient.connect(dovecot.ports["imap"])
+        try:
+            await client.login(*loadUsers[0])
+            await client.command(b"SELECT INBOX")
+            # tag L3: the trap line in every body reads "L3 OK FETCH completed"
+            await client.command(b"FETCH 1:* (BODY.PEEK[])")
+            # a client that stopped at the trap would now read the rest of
+            # the FETCH as the NOOP's reply and fail or desynchronise
+            client.writer.write(b"L4 NOOP\r\n")
+            return await client._response()
+        finally:
+            await client.close()
+
+    reply = asyncio.run(fetchThenNoop())
+    assert reply.startswith(b"L4 OK")
+
+
+def test_warm_up_logs_every_user_in_once(dovecot: DovecotUpstream, loadUsers: tuple[tuple[str, str], ...]) -> None:
+    """The warm-up succeeds for good users and raises on a refused one."""
+    asyncio.run(warmUp(dovecot.ports["imap"], loadUsers))
+    with pytest.raises(Exception, match="LOGIN"):
+        asyncio.run(warmUp(dovecot.ports["imap"], [("loadgen1", "wrong")]))
+
+
+IMAPTEST_OUTPUT = """\
+Logi List Stat Sele Fetc Fet2 Stor Dele Expu Appe Logo
+100%  50%  50% 100% 100% 100%  50% 100% 100% 100% 100%
+                          30%                  5%
+ 524  262  253  500    0    0    0    0    0   63   24 20/ 20
+   5    2    1    3    4    0    0    0    0    2    5 ms/cmd avg
+
+Totals:
+Logi List Stat Sele Fetc Fet2 Stor Dele Expu Appe Logo
+100%  50%  50% 100% 100% 100%  50% 100% 100% 100% 100%
+                          30%                  5%
+2927 1460 1455 2900 2890 2011  640  600  590 1500 2900
+"""
+
+
+def test_imaptest_totals_are_read_after_the_header_and_probabilities() -> None:
+    """The counts come from the line after "Totals:", its header and its percentage lines."""
+    totals = parseImaptestTotals(IMAPTEST_OUTPUT)
+    assert totals["Logi"] == 2927
+    assert totals["Fetc"] == 2890
+    assert totals["Logo"] == 2900
+    assert parseImaptestTotals("imaptest: Fatal: connect() failed\n") == {}
+
+
+@pytest.fixture
+def scratch() -> Iterator[str]:
+    directory = tempfile.mkdtemp(prefix="mp-test-bench-")
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.skipif(findHaproxy()[0] is None, reason="haproxy is not installed (make bench-deps)")
+def test_haproxy_peer_relays_imap_to_dovecot_and_stops_by_pid(
+    dovecot: DovecotUpstream, loadUsers: tuple[tuple[str, str], ...], scratch: str
+) -> None:
+    """The private haproxy relays a login, and stopping it ends its process."""
+    binary = findHaproxy()[0]
+    assert binary is not None
+    peer = HaproxyTcpProxy(binary, scratch, dovecot.ports["imap"], dovecot.ports["pop3"], connections=64, threads=1)
+    peer.start()
+    try:
+        assert peer.process is not None
+        asyncio.run(warmUp(peer.ports["imap"], loadUsers))
+        assert peer.memoryKiB() > 0
+    finally:
+        peer.stop()
+    assert peer.process.poll() is not None
+    assert peer.process.pid not in treeProcesses(os.getpid())
+
+
+def test_file_limit_is_raised_or_explained() -> None:
+    """Asking for no more descriptors than the soft limit changes nothing and says so."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert "was enough" in raiseFileLimit(soft)
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)
