@@ -15,16 +15,18 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from mailproxy.config import ConfigError, parseConfig
 from mailproxy.passwords import hashPassword
 from tests.dovecot import DovecotUpstream
-from tests.proxyprocess import HOST, ProxyProcess, freePort
+from tests.proxyprocess import HOST, ProxyProcess, freePort, processTree
 
 __all__ = [
+    "greets",
+    "waitForGreeting",
     "HOST",
     "PASSWORD",
     "USER",
@@ -42,15 +44,16 @@ __all__ = [
     "treeCpuSeconds",
     "treeMemoryKiB",
     "treeOpenFiles",
-    "treeProcesses",
+    "processTree",
     "workDirectory",
-    "workersSupported",
     "writeUsersFile",
 ]
 
 USER, PASSWORD = "bench", "benchpw"
 TAG = b"Zq9"
 SOCKET_TIMEOUT = 60.0
+# How long a peer (nginx, haproxy) may take to greet after starting.
+PEER_START_TIMEOUT = 10.0
 
 
 class RawClient:
@@ -181,7 +184,7 @@ def privateDovecot(users: dict[str, str], maxSessions: int = 1000) -> Iterator[D
         yield upstream
     finally:
         master = upstream.pid
-        children = [(pid, _startTime(pid)) for pid in treeProcesses(master)[1:]] if master is not None else []
+        children = [(pid, _startTime(pid)) for pid in processTree(master)[1:]] if master is not None else []
         upstream.stop()
         _endSurvivors(children)
         shutil.rmtree(upstream.baseDir, ignore_errors=True)
@@ -244,26 +247,6 @@ def raiseFileLimit(wanted: int) -> str:
     )
 
 
-def workersSupported() -> bool:
-    """
-    Whether this mailproxy knows C{[server] workers}.
-    """
-    document = {
-        "server": {"workers": 1},
-        "upstream": {"probe": {"host": HOST, "port": 1}},
-        "routing": {"default_upstream": "probe"},
-        "listener": [{"endpoint": "tcp:1:interface=127.0.0.1"}],
-        "auth": {"users_file": "users"},
-    }
-    try:
-        parseConfig(document, tempfile.gettempdir())
-    except ConfigError as error:
-        if "workers" in str(error):
-            return False
-        raise
-    return True
-
-
 @contextlib.contextmanager
 def workDirectory(prefix: str) -> Iterator[str]:
     directory = tempfile.mkdtemp(prefix=prefix)
@@ -314,36 +297,13 @@ def memoryKiB(pid: int) -> tuple[int, int]:
     return values["Pss:"], values["Rss:"]
 
 
-def treeProcesses(root: int) -> list[int]:
-    """
-    C{root} and all its descendants (C{root} first).
-    """
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                # "pid (comm) S ppid ...": comm may hold spaces and parentheses
-                parent = int(handle.read().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    found, pending = [root], [root]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            found.append(child)
-            pending.append(child)
-    return found
-
-
 def treeMemoryKiB(root: int) -> int:
     """
     The summed PSS (KiB) of a process and all its descendants: PSS shares
     common pages out, so the sum is the tree's real footprint.
     """
     total = 0
-    for pid in treeProcesses(root):
+    for pid in processTree(root):
         with contextlib.suppress(OSError, KeyError):
             total += memoryKiB(pid)[0]
     return total
@@ -354,7 +314,7 @@ def treeOpenFiles(root: int) -> int:
     The file descriptors open in a process and all its descendants.
     """
     total = 0
-    for pid in treeProcesses(root):
+    for pid in processTree(root):
         with contextlib.suppress(OSError):
             total += len(os.listdir(f"/proc/{pid}/fd"))
     return total
@@ -367,7 +327,7 @@ def treeCpuSeconds(root: int) -> float:
     clock-tick counters in /proc/PID/stat are too coarse for a 25 ms FETCH).
     """
     nanoseconds = 0
-    for pid in treeProcesses(root):
+    for pid in processTree(root):
         with contextlib.suppress(OSError):
             for task in os.listdir(f"/proc/{pid}/task"):
                 with contextlib.suppress(OSError, ValueError, IndexError):
@@ -392,3 +352,30 @@ def markdownTable(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def greets(port: int) -> bool:
+    """
+    Whether an IMAP server on C{port} of the loopback address greets.
+    """
+    try:
+        with socket.create_connection((HOST, port), timeout=1) as sock:
+            return sock.recv(64).startswith(b"* OK")
+    except OSError:
+        return False
+
+
+def waitForGreeting(
+    process: subprocess.Popen[bytes], port: int, name: str, output: Callable[[], str], stop: Callable[[], None]
+) -> None:
+    """
+    Wait until the peer C{process} greets on C{port}; stop it and raise
+    with its C{output} if it exits or takes longer than
+    L{PEER_START_TIMEOUT}.
+    """
+    deadline = time.monotonic() + PEER_START_TIMEOUT
+    while not greets(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop()
+            raise RuntimeError(f"{name} did not start:\n{output()}")
+        time.sleep(0.05)

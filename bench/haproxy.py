@@ -13,15 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 
-from bench.common import HOST, freePort, treeCpuSeconds, treeMemoryKiB
+from bench.common import HOST, freePort, treeCpuSeconds, treeMemoryKiB, waitForGreeting
 from tests.proxyprocess import tail
 
 HAPROXY_PATHS = ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
-START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
 CONFIG = """\
@@ -108,19 +105,7 @@ class HaproxyTcpProxy:
                 stderr=subprocess.STDOUT,
                 cwd=self.directory,
             )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self._greets():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"haproxy did not start:\n{tail(self.outputPath)}")
-            time.sleep(0.05)
-
-    def _greets(self) -> bool:
-        try:
-            with socket.create_connection((HOST, self.ports["imap"]), timeout=1) as sock:
-                return sock.recv(64).startswith(b"* OK")
-        except OSError:
-            return False
+        waitForGreeting(self.process, self.ports["imap"], "haproxy", lambda: tail(self.outputPath), self.stop)
 
     def memoryKiB(self) -> int:
         assert self.process is not None

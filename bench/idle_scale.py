@@ -38,14 +38,13 @@ from bench.common import (
     freePort,
     percentile,
     privateDovecot,
+    processTree,
     raiseFileLimit,
     startProxy,
     textTable,
     treeMemoryKiB,
     treeOpenFiles,
-    treeProcesses,
     workDirectory,
-    workersSupported,
     writeUsersFile,
 )
 from bench.idle_sessions import Session
@@ -264,7 +263,7 @@ async def _measure(
     sessions += [idler.session for idler in direct]
     await asyncio.sleep(SETTLE_SECONDS)
     result.pssAfterKiB = treeMemoryKiB(proxyPid)
-    result.processes = len(treeProcesses(proxyPid))
+    result.processes = len(processTree(proxyPid))
     result.descriptors = treeOpenFiles(proxyPid)
     groups = {"proxy": proxied, "direct": direct}
     for number in range(rounds):
@@ -285,12 +284,11 @@ def proxyConfig(port: int, upstreamPort: int, sessions: int, workers: int | None
 
 def measure(sessions: int, directSessions: int, rounds: int, workers: int | None = 0) -> IdleScaleResult:
     """
-    Run the whole measurement. C{workers=0}: the number of CPUs where the
-    proxy supports C{[server] workers}, else leave the key out; C{None}:
-    leave it out.
+    Run the whole measurement. C{workers=0}: the number of CPUs; C{None}:
+    leave the key out.
     """
     if workers == 0:
-        workers = (os.cpu_count() or 1) if workersSupported() else None
+        workers = os.cpu_count() or 1
     result = IdleScaleResult(sessions, directSessions, workers)
     # each proxied session holds a client and an upstream descriptor
     result.fileLimit = raiseFileLimit(2 * (sessions + directSessions) + FILE_LIMIT_MARGIN)
@@ -332,7 +330,7 @@ def drainDovecot(upstream: DovecotUpstream) -> None:
     if pid is None:
         return
     deadline = time.monotonic() + DRAIN_SECONDS
-    while time.monotonic() < deadline and len(treeProcesses(pid)) > 50:
+    while time.monotonic() < deadline and len(processTree(pid)) > 50:
         time.sleep(0.5)
 
 

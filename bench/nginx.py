@@ -16,18 +16,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from bench.common import HOST, freePort, treeCpuSeconds, treeMemoryKiB
+from bench.common import HOST, freePort, treeCpuSeconds, treeMemoryKiB, waitForGreeting
 from tests.proxyprocess import tail
 
 NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
 MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
-START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
 
@@ -168,19 +165,7 @@ class NginxMailProxy:
                 stderr=subprocess.STDOUT,
                 cwd=self.directory,
             )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self._greets():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"nginx did not start:\n{self.output()}")
-            time.sleep(0.05)
-
-    def _greets(self) -> bool:
-        try:
-            with socket.create_connection((HOST, self.ports["imap"]), timeout=1) as sock:
-                return sock.recv(64).startswith(b"* OK")
-        except OSError:
-            return False
+        waitForGreeting(self.process, self.ports["imap"], "nginx", self.output, self.stop)
 
     def output(self) -> str:
         return tail(os.path.join(self.directory, "stderr.log")) + tail(self.errorLog)

@@ -1,8 +1,8 @@
 """
 The whole benchmark in one run, side by side: direct Dovecot, mailproxy
-with C{[server] workers = 1} and C{= N} (N = the number of CPUs, where the
-proxy has the key), and, when installed, nginx's mail proxy and haproxy in
-TCP mode, all in front of the same private Dovecot on 127.0.0.1.
+with C{[server] workers = 1} and C{= N} (N = the number of CPUs), and,
+when installed, nginx's mail proxy and haproxy in TCP mode, all in front of
+the same private Dovecot on 127.0.0.1.
 
     make bench                      (or: .venv/bin/python -m bench [--quick] [--output FILE])
 
@@ -55,7 +55,6 @@ from bench.common import (
     treeCpuSeconds,
     treeMemoryKiB,
     workDirectory,
-    workersSupported,
     writeUsersFile,
 )
 from bench.haproxy import HaproxyTcpProxy, findHaproxy, haproxyVersion
@@ -336,13 +335,9 @@ def run(work: Workload, withNginx: bool, withHaproxy: bool, generator: LoadGener
     if haproxyBinary is None:
         notes.append(f"haproxy column skipped: {why}.")
     cpus = os.cpu_count() or 1
-    proxies: list[tuple[str, int | None]] = [("mailproxy", None)]
-    if workersSupported():
-        proxies = [("mailproxy w=1", 1)]
-        if cpus > 1:
-            proxies.append((f"mailproxy w={cpus}", cpus))
-    else:
-        notes.append(f"mailproxy workers = {cpus} column skipped: this mailproxy has no [server] workers key.")
+    proxies: list[tuple[str, int | None]] = [("mailproxy w=1", 1)]
+    if cpus > 1:
+        proxies.append((f"mailproxy w={cpus}", cpus))
     with contextlib.ExitStack() as stack:
         directory = stack.enter_context(workDirectory("mp-bench-"))
         upstream = stack.enter_context(

@@ -34,7 +34,7 @@ from twisted.internet.task import Clock
 from bench.common import HOST, privateDovecot
 from mailproxy.limits import Gate, Limits, LimitsConfig
 from mailproxy.sharedlimits import LimitsResponder, SharedLimits
-from mailproxy.workerprotocol import OneProtocolFactory
+from mailproxy.workerprotocol import Channel, OneProtocolFactory
 
 USER, PASSWORD = "costuser", "costpw"
 CONFIG = LimitsConfig(maxConnectionsPerIP=1_000_000, maxSessionsPerUser=1_000_000)
@@ -56,11 +56,10 @@ def supervise(fd: int) -> None:
     The supervisor's side, in this (child) process, until the worker hangs up.
     """
     from twisted.internet import reactor
-    from twisted.protocols import amp
 
     limits = Limits(CONFIG, reactor, failureDelay=0.0)
 
-    class Channel(amp.AMP):
+    class SupervisorEnd(Channel):
         def connectionLost(self, reason: Any = None) -> None:
             super().connectionLost(reason)
             try:
@@ -68,7 +67,7 @@ def supervise(fd: int) -> None:
             except ReactorNotRunning:
                 pass  # stopped by SIGTERM
 
-    channel = Channel(locator=LimitsResponder(limits, Users()))
+    channel = SupervisorEnd(locator=LimitsResponder(limits, Users()))
     reactor.adoptStreamConnection(fd, socket.AF_UNIX, OneProtocolFactory(channel))  # type: ignore[attr-defined]
     os.close(fd)
     reactor.run()
@@ -178,9 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(0)
     theirs.close()
     from twisted.internet import reactor
-    from twisted.protocols import amp
 
-    channel = amp.AMP()
+    channel = Channel()
     reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, OneProtocolFactory(channel))  # type: ignore[attr-defined]
     ours.close()
     try:

@@ -27,7 +27,6 @@ from prometheus_client import generate_latest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import ILogObserver, Logger, eventAsJSON, formatEvent, globalLogBeginner
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -35,6 +34,7 @@ from mailproxy.config import Config, ConfigError, configFromText
 from mailproxy.passwords import UsersFileError
 from mailproxy.workerprotocol import (
     PAGE,
+    Channel,
     CollectMetrics,
     GetConfig,
     Log,
@@ -64,7 +64,7 @@ class WorkerLink:
     service: Any = field(default=None, repr=False)
 
 
-class SupervisorChannel(amp.AMP):
+class SupervisorChannel(Channel):
     """
     The worker's end of its channel.
     """

@@ -18,6 +18,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
+from mailproxy.writenow import writeNow
+
 # AMP values are at most 65,535 bytes: longer texts travel in pages.
 PAGE = 60_000
 
@@ -139,6 +141,20 @@ class CollectMetrics(amp.Command):
 
     arguments = [(b"page", amp.Integer())]
     response = [(b"text", amp.String()), (b"more", amp.Boolean())]
+
+
+class Channel(amp.AMP):
+    """
+    AMP between the supervisor and a worker, each box sent to the socket
+    at once (L{writeNow}) rather than on the reactor's next turn: a login
+    waits for two of these round trips.
+    """
+
+    def sendBox(self, box: amp.AmpBox) -> None:
+        if self._locked or self.transport is None or self._startingTLSBuffer is not None:
+            super().sendBox(box)
+            return
+        writeNow(self.transport, box.serialize())
 
 
 class OneProtocolFactory(Factory):

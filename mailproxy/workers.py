@@ -30,11 +30,11 @@ from twisted.internet.error import CannotListenError, ProcessDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mailproxy.sharedlimits import LimitsResponder
 from mailproxy.workerprotocol import (
+    Channel,
     CollectMetrics,
     GetConfig,
     Log,
@@ -155,7 +155,7 @@ def _reusePortSocket(family: int, interface: str, port: int, backlog: int, reuse
     return sock
 
 
-class WorkerChannel(amp.AMP):
+class WorkerChannel(Channel):
     """
     The supervisor's end of one worker's channel: limits and passwords
     answered by the shared L{LimitsResponder}, log events published here.

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.common import raiseFileLimit, seed, treeProcesses
+from bench.common import processTree, raiseFileLimit, seed
 from bench.haproxy import HaproxyTcpProxy, findHaproxy
 from bench.load import CHURN, MIXED, LoadClient, LoadPlan, loadGenerator, parseImaptestTotals, runClients, warmUp
 from tests.dovecot import DovecotUpstream
@@ -164,7 +164,7 @@ def test_haproxy_peer_relays_imap_to_dovecot_and_stops_by_pid(
     finally:
         peer.stop()
     assert peer.process.poll() is not None
-    assert peer.process.pid not in treeProcesses(os.getpid())
+    assert peer.process.pid not in processTree(os.getpid())
 
 
 def test_file_limit_is_raised_or_explained() -> None:
