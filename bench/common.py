@@ -25,6 +25,7 @@ from tests.dovecot import DovecotUpstream
 from tests.proxyprocess import HOST, ProxyProcess, freePort, processTree
 
 __all__ = [
+    "PeerProcess",
     "greets",
     "waitForGreeting",
     "HOST",
@@ -54,6 +55,7 @@ TAG = b"Zq9"
 SOCKET_TIMEOUT = 60.0
 # How long a peer (nginx, haproxy) may take to greet after starting.
 PEER_START_TIMEOUT = 10.0
+PEER_STOP_TIMEOUT = 10.0
 
 
 class RawClient:
@@ -379,3 +381,38 @@ def waitForGreeting(
             stop()
             raise RuntimeError(f"{name} did not start:\n{output()}")
         time.sleep(0.05)
+
+
+class PeerProcess:
+    """
+    A peer proxy the benchmark runs (nginx, haproxy): its process tree's
+    memory and CPU, and a stop by PID.
+
+    @ivar process: the peer's main process, once started.
+    """
+
+    process: subprocess.Popen[bytes] | None = None
+
+    def memoryKiB(self) -> int:
+        """
+        The summed PSS of the peer's processes.
+        """
+        assert self.process is not None
+        return treeMemoryKiB(self.process.pid)
+
+    def cpuSeconds(self) -> float:
+        assert self.process is not None
+        return treeCpuSeconds(self.process.pid)
+
+    def stopProcess(self) -> None:
+        """
+        SIGTERM (both peers' fast stop: open sessions are cut), then
+        SIGKILL if it takes longer than L{PEER_STOP_TIMEOUT}.
+        """
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=PEER_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 
-from bench.common import HOST, freePort, treeCpuSeconds, treeMemoryKiB, waitForGreeting
+from bench.common import HOST, PeerProcess, freePort, waitForGreeting
 from tests.proxyprocess import tail
 
 HAPROXY_PATHS = ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
-STOP_TIMEOUT = 10.0
 
 CONFIG = """\
 global
@@ -59,7 +57,7 @@ def haproxyVersion(binary: str) -> str:
     return first[0].split(" - ")[0] if first else "haproxy"
 
 
-class HaproxyTcpProxy:
+class HaproxyTcpProxy(PeerProcess):
     """
     A private haproxy relaying C{imapPort} and C{pop3Port} on 127.0.0.1
     byte for byte, with C{threads} threads (haproxy's default is one per
@@ -107,20 +105,5 @@ class HaproxyTcpProxy:
             )
         waitForGreeting(self.process, self.ports["imap"], "haproxy", lambda: tail(self.outputPath), self.stop)
 
-    def memoryKiB(self) -> int:
-        assert self.process is not None
-        return treeMemoryKiB(self.process.pid)
-
-    def cpuSeconds(self) -> float:
-        assert self.process is not None
-        return treeCpuSeconds(self.process.pid)
-
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            # SIGTERM is haproxy's hard stop: open sessions are cut
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self.stopProcess()

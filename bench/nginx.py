@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from bench.common import HOST, freePort, treeCpuSeconds, treeMemoryKiB, waitForGreeting
+from bench.common import HOST, PeerProcess, freePort, waitForGreeting
 from tests.proxyprocess import tail
 
 NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
 MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
-STOP_TIMEOUT = 10.0
 
 
 def findNginx() -> tuple[str | None, str]:
@@ -122,7 +120,7 @@ mail {{
 """
 
 
-class NginxMailProxy:
+class NginxMailProxy(PeerProcess):
     """
     A private nginx mail proxy in C{directory}, proxying to C{imapPort} and
     C{pop3Port} on 127.0.0.1; stopped by PID.
@@ -170,24 +168,6 @@ class NginxMailProxy:
     def output(self) -> str:
         return tail(os.path.join(self.directory, "stderr.log")) + tail(self.errorLog)
 
-    def memoryKiB(self) -> int:
-        """
-        The summed PSS of the master and its workers.
-        """
-        assert self.process is not None
-        return treeMemoryKiB(self.process.pid)
-
-    def cpuSeconds(self) -> float:
-        assert self.process is not None
-        return treeCpuSeconds(self.process.pid)
-
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            # SIGTERM is nginx's fast shutdown: open sessions are cut
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self.stopProcess()
         self.auth.stop()

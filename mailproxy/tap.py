@@ -23,7 +23,7 @@ from twisted.python.components import Componentized
 
 from mailproxy.auth import HashPoolService, ProxyRealm, UsersFileChecker, threadRunner
 from mailproxy.certificates import CertificateReloader
-from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, loadConfig, readConfigText
+from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, configFromText, readConfigText
 from mailproxy.credentialscache import CredentialsCache
 from mailproxy.filters.registry import buildFilters, chainFactory
 from mailproxy.frontdoor import liveConnections
@@ -60,10 +60,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
         reactor = globalReactor
     try:
-        config = loadConfig(options["config"])
+        # Read once: with workers, they load this same text.
+        configText = readConfigText(options["config"])
+        config = configFromText(configText, options["config"])
         raiseFileLimit()
         if config.workers > 1:
-            service = buildSupervisor(config, reactor, configPath=options["config"])
+            service = buildSupervisor(config, reactor, options["config"], configText)
         else:
             service = buildService(config, reactor, configPath=options["config"])
     except (ConfigError, UsersFileError) as error:
@@ -225,25 +227,14 @@ def buildService(
     hashing: HashPoolService | None = None
     limits: Limits | SharedLimits
     # Workers check no passwords: the supervisor does, with the login turn.
-    makeChecker: Callable[[str], Any] | None = None
+    makeChecker: Callable[[str], UsersFileChecker] | None = None
+    checkers: list[UsersFileChecker] = []
     if worker is None:
-        hashing = HashPoolService(config.hashThreads)
-        runInThread = threadRunner(reactor, hashing.pool)
-        # One per process, shared by every checker a reload builds.
-        credentialsCache = CredentialsCache(config.authCacheTTL, config.authCacheSize, reactor)
-
-        def makeUsersChecker(path: str) -> Any:
-            return UsersFileChecker(path, runInThread, credentialsCache)
-
-        makeChecker = makeUsersChecker
-        # A few checks queue per hashing thread; other attempts wait their turn.
-        limits = Limits(config.limits, reactor, config.authFailureDelay, maxChecks=4 * config.hashThreads)
+        hashing, makeChecker, limits = passwordChecking(config, reactor)
+        checkers = [firstChecker(config, makeChecker)]
     else:
         limits = SharedLimits(worker.channel, config.authFailureDelay)
-    try:
-        portal = Portal(ProxyRealm(config), [makeChecker(config.usersFile)] if makeChecker is not None else [])
-    except OSError as error:
-        raise ConfigError(f"auth.users_file: cannot read {config.usersFile!r}: {error.strerror}") from None
+    portal = Portal(ProxyRealm(config), checkers)
 
     def connect(upstream: UpstreamConfig, username: str, password: str, client: str) -> Deferred[UpstreamSession]:
         return Deferred.fromCoroutine(connectUpstream(reactor, upstream, username, password, clientAddress=client))
@@ -352,11 +343,43 @@ class AdoptedListener(Service):
         return None
 
 
-def buildSupervisor(config: Config, reactor: Any, configPath: str) -> ListenersService:
+def passwordChecking(config: Config, reactor: Any) -> tuple[HashPoolService, Callable[[str], UsersFileChecker], Limits]:
+    """
+    What checks passwords in this process (alone, or as the workers'
+    supervisor): the hashing threads, a maker of users-file checkers that
+    all share one credentials cache (a reload builds a new checker, the
+    cache stays), and the limits deciding whose check runs when.
+    """
+    hashing = HashPoolService(config.hashThreads)
+    runInThread = threadRunner(reactor, hashing.pool)
+    credentialsCache = CredentialsCache(config.authCacheTTL, config.authCacheSize, reactor)
+
+    def makeChecker(path: str) -> UsersFileChecker:
+        return UsersFileChecker(path, runInThread, credentialsCache)
+
+    # A few checks queue per hashing thread; other attempts wait their turn.
+    limits = Limits(config.limits, reactor, config.authFailureDelay, maxChecks=4 * config.hashThreads)
+    return hashing, makeChecker, limits
+
+
+def firstChecker(config: Config, makeChecker: Callable[[str], UsersFileChecker]) -> UsersFileChecker:
+    """
+    The checker of C{config}'s users file at start-up.
+
+    @raise ConfigError: if the file cannot be read.
+    """
+    try:
+        return makeChecker(config.usersFile)
+    except OSError as error:
+        raise ConfigError(f"auth.users_file: cannot read {config.usersFile!r}: {error.strerror}") from None
+
+
+def buildSupervisor(config: Config, reactor: Any, configPath: str, configText: bytes) -> ListenersService:
     """
     The supervisor of C{config.workers} worker processes (see
-    L{mailproxy.workers}): it binds the listeners, keeps the shared limits
-    and the credentials cache, and serves the merged metrics.
+    L{mailproxy.workers}), C{config} read from C{configText}: it binds the
+    listeners, keeps the shared limits and the credentials cache, and
+    serves the merged metrics.
 
     @raise ConfigError: if a certificate, key or TLS setting cannot be used
         (checked here, so start-up fails with one line, not in each worker).
@@ -365,24 +388,15 @@ def buildSupervisor(config: Config, reactor: Any, configPath: str) -> ListenersS
     for index, listener in enumerate(config.listeners):
         if listener.tls is not TLSMode.PLAIN:
             listenerTLS(listener, f"listener[{index}]", config.tlsSessionLifetime)
-    hashing = HashPoolService(config.hashThreads)
-    runInThread = threadRunner(reactor, hashing.pool)
-    credentialsCache = CredentialsCache(config.authCacheTTL, config.authCacheSize, reactor)
-
-    def makeChecker(path: str) -> UsersFileChecker:
-        return UsersFileChecker(path, runInThread, credentialsCache)
-
-    try:
-        checker = makeChecker(config.usersFile)
-    except OSError as error:
-        raise ConfigError(f"auth.users_file: cannot read {config.usersFile!r}: {error.strerror}") from None
-    limits = Limits(config.limits, reactor, config.authFailureDelay, maxChecks=4 * config.hashThreads)
+    hashing, makeChecker, limits = passwordChecking(config, reactor)
+    checker = firstChecker(config, makeChecker)
     listeners = [
         InheritedListener(listener.name, withBacklog(listener.endpoint, config.listenBacklog), config.workers, reactor)
         for listener in config.listeners
     ]
     pool = WorkerPool(config.workers, configPath, listeners, limits, checker, reactor)
-    pool.configText = readConfigText(configPath)
+    # What the workers load: the very text this configuration came from.
+    pool.configText = configText
     root = ListenersService(SupervisorReloader(configPath, config, pool, makeChecker), limits, reactor)
     hashing.setServiceParent(root)
     for inherited in listeners:

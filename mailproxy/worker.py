@@ -59,7 +59,6 @@ class WorkerLink:
     channel: SupervisorChannel
     listeners: dict[str, tuple[int, int]]
     configPath: str
-    number: int = 0
     metricsRegistry: Any = None
     service: Any = field(default=None, repr=False)
 
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     reactor.adoptStreamConnection(arguments.channel, socket.AF_UNIX, OneProtocolFactory(channel))  # type: ignore[attr-defined]
     os.close(arguments.channel)
     globalLogBeginner.beginLoggingTo([LogForwarder(channel)], redirectStandardIO=False, discardBuffer=True)
-    link = channel.link = WorkerLink(channel, listeners, arguments.config, arguments.number)
+    link = channel.link = WorkerLink(channel, listeners, arguments.config)
     exitCode = [0]
 
     def failed(failure: Failure) -> None:

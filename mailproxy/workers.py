@@ -26,7 +26,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
-from twisted.internet.error import CannotListenError, ProcessDone
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
@@ -283,13 +283,12 @@ class Worker:
         stopping = self.state is WorkerState.STOPPING or not self.pool.running
         self.state = WorkerState.ENDED
         ran = self.pool.reactor.seconds() - self.started
-        status = reason.value.exitCode if hasattr(reason.value, "exitCode") else None
         if stopping:
             self.log.info("worker {number} (pid {pid}) stopped", number=self.number, pid=self.pid)
         else:
             if ran >= STABLE_SECONDS:
                 self.restartDelay = FIRST_RESTART_DELAY
-            how = "exited" if reason.check(ProcessDone) or status is not None else "was killed"
+            how = "was killed" if getattr(reason.value, "signal", None) else "exited"
             self.log.error(
                 "worker {number} (pid {pid}) {how} ({reason}); restarting it in {delay:g} s",
                 number=self.number,

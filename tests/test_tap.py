@@ -124,6 +124,8 @@ def test_workers_default_to_the_number_of_cpus_and_are_supervised(
     service = tap.makeService(options, reactor=MemoryReactorClock())
     (pool,) = [child for child in service if isinstance(child, WorkerPool)]
     assert [worker.number for worker in pool.workers] == [1, 2, 3]
+    # The workers load the very text the supervisor's configuration came from.
+    assert pool.configText == config.read_bytes()
     assert [child.name for child in service if isinstance(child, InheritedListener)] == ["imap"]
 
 
