@@ -219,8 +219,12 @@ def test_lockout_after_failures_on_different_workers_holds_on_every_worker(
 
 
 def test_per_user_session_limit_counts_every_worker(startWorkers: Callable[..., Workers]) -> None:
-    """Two sessions allowed per user, one on each worker: a third login is refused whichever worker takes it."""
+    """
+    Two sessions allowed per user, one on each worker: a third login is
+    refused whichever worker takes it, and never reaches Dovecot.
+    """
     workers = startWorkers({"max_sessions_per_user": 2})
+    before = dovecotLogins(workers.dovecot)
     sessions = connectionsOnEveryWorker(workers)
     for client in sessions:
         client.login(USER, PASSWORD)
@@ -231,6 +235,8 @@ def test_per_user_session_limit_counts_every_worker(startWorkers: Callable[..., 
     closeAll(extra)
     closeAll(sessions)
     workers.waitForLog(r"session refused: ip=127\.0\.0\.1 protocol=imap user=wendy: too many sessions", len(extra))
+    # Dovecot logs a login as it starts: the two sessions, none of the refused.
+    assert dovecotLogins(workers.dovecot) - before == len(sessions)
 
 
 def test_a_changed_password_is_refused_by_every_worker(startWorkers: Callable[..., Workers]) -> None:
