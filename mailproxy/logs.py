@@ -22,11 +22,18 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, ILogObserver, LogLevel, formatEvent, formatEventAsClassicLogText
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogLevel,
+    eventAsJSON,
+    formatEvent,
+    formatEventAsClassicLogText,
+)
 from twisted.python.logfile import LogFile
 
 # Keys of Twisted's legacy log events that are bookkeeping, not fields.
@@ -134,6 +141,25 @@ def textLinesObserver(outFile: IO[Any]) -> ILogObserver:
     An observer writing L{eventAsSafeText} lines to C{outFile}.
     """
     return FileLogObserver(outFile, eventAsSafeText)
+
+
+# How a worker writes its log lines for the supervisor: as the log's own
+# lines (text or JSON), which the supervisor writes as they are, or as
+# Twisted's JSON events, which it publishes (when it logs elsewhere, to
+# syslog say).
+WORKER_LOG_FORMATS = ("text", "json", "events")
+
+
+def workerLineFormatter(logFormat: str) -> Callable[[dict[str, Any]], str | None]:
+    """
+    The formatter of a worker's log lines in C{logFormat} (one of
+    L{WORKER_LOG_FORMATS}); each line ends with a newline.
+    """
+    if logFormat == "json":
+        return eventAsJSONLine
+    if logFormat == "events":
+        return lambda event: eventAsJSON(event) + "\n"
+    return eventAsSafeText
 
 
 def twistdLogFile(twistdOptions: Mapping[str, Any] | None) -> IO[Any] | None:

@@ -75,6 +75,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if destination is not None:
         observer = jsonLinesObserver if config.logFormat == "json" else textLinesObserver
         service.logObserver = observer(destination)
+        if service.workerPool is not None:
+            # Workers write lines in the same format, passed on as they are.
+            service.workerPool.logDestination = destination
     return service
 
 
@@ -92,12 +95,14 @@ class ListenersService(MultiService):
         if any.
     @ivar logObserver: the log observer to give the application (twistd's
         only hook for a plugin's own log format), if any.
+    @ivar workerPool: the workers, if this is their supervisor.
     """
 
     metricsService: Service | None = None
     listenerNames: frozenset[str] = frozenset()
     certificates: CertificateReloader | None = None
     logObserver: ILogObserver | None = None
+    workerPool: WorkerPool | None = None
     # Workers take their reloads from the supervisor, not from SIGHUP.
     handlesHangup = True
 
@@ -395,9 +400,11 @@ def buildSupervisor(config: Config, reactor: Any, configPath: str, configText: b
         for listener in config.listeners
     ]
     pool = WorkerPool(config.workers, configPath, listeners, limits, checker, reactor)
+    pool.logFormat = config.logFormat
     # What the workers load: the very text this configuration came from.
     pool.configText = configText
     root = ListenersService(SupervisorReloader(configPath, config, pool, makeChecker), limits, reactor)
+    root.workerPool = pool
     hashing.setServiceParent(root)
     for inherited in listeners:
         inherited.setServiceParent(root)

@@ -3,7 +3,8 @@
 One worker process (C{python -m mailproxy.worker}), started by the
 supervisor (L{mailproxy.workers}): it accepts on the listening sockets it
 inherits and serves the connections, asking the supervisor over its
-channel for limits and password checks, and sending it its log events.
+channel for limits and password checks, and writing its log lines to a
+pipe the supervisor reads.
 
 Its configuration is the one the supervisor last loaded, fetched over the
 channel: a worker restarted while an admin edits the file starts with the
@@ -26,18 +27,17 @@ from typing import Any
 from prometheus_client import generate_latest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ReactorNotRunning
-from twisted.logger import ILogObserver, Logger, eventAsJSON, formatEvent, globalLogBeginner
+from twisted.logger import ILogObserver, Logger, globalLogBeginner
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailproxy.config import Config, ConfigError, configFromText
+from mailproxy.logs import WORKER_LOG_FORMATS, workerLineFormatter
 from mailproxy.passwords import UsersFileError
 from mailproxy.workerprotocol import (
-    PAGE,
     Channel,
     CollectMetrics,
     GetConfig,
-    Log,
     OneProtocolFactory,
     Ready,
     Reload,
@@ -113,36 +113,48 @@ class SupervisorChannel(Channel):
 @implementer(ILogObserver)
 class LogForwarder:
     """
-    A log observer sending each event to the supervisor (to stderr, which
-    the supervisor logs too, when the channel is closed).
+    A log observer writing each event, formatted as the supervisor's log
+    wants it (see L{mailproxy.logs.workerLineFormatter}), to the pipe the
+    supervisor reads it from.  The lines of one reactor turn are written
+    at once, at its end; a worker whose supervisor is gone writes to
+    stderr.
+
+    The pipe is blocking: a worker whose supervisor cannot keep up waits,
+    as it would for a slow log file, rather than losing lines or piling
+    them up.
     """
 
-    def __init__(self, channel: SupervisorChannel) -> None:
-        self.channel = channel
+    def __init__(self, fd: int, logFormat: str, system: str, reactor: Any) -> None:
+        self.fd = fd
+        self.format = workerLineFormatter(logFormat)
+        self.system = system
+        self.reactor = reactor
+        self._pending: list[str] = []
+        self._flushing: Any = None
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if self.channel.transport is None or self.channel.closed:
-            self._fallback(event)
+        event = dict(event, log_system=self.system)
+        text = self.format(event)
+        if not text:
             return
-        text = eventAsJSON(event)
-        if len(text.encode("utf-8")) > PAGE:
-            # Too long for one AMP value (a long traceback): its text, cut.
-            text = eventAsJSON(
-                {
-                    "log_format": "{text}",
-                    "text": formatEvent(event)[: PAGE // 4],
-                    "log_level": event.get("log_level"),
-                    "log_namespace": event.get("log_namespace"),
-                    "log_time": event.get("log_time"),
-                }
-            )
-        try:
-            self.channel.callRemote(Log, event=text)
-        except Exception:
-            self._fallback(event)
+        self._pending.append(text)
+        if self._flushing is None:
+            self._flushing = self.reactor.callLater(0, self.flush)
 
-    def _fallback(self, event: dict[str, Any]) -> None:
-        sys.stderr.write((formatEvent(event) or "") + "\n")
+    def flush(self) -> None:
+        if self._flushing is not None and self._flushing.active():
+            self._flushing.cancel()
+        self._flushing = None
+        if not self._pending:
+            return
+        data = memoryview("".join(self._pending).encode("utf-8", "replace"))
+        self._pending.clear()
+        try:
+            while data:
+                data = data[os.write(self.fd, data) :]
+        except OSError:
+            # The supervisor is gone (it stops us too): stderr, if anyone reads it.
+            sys.stderr.write(bytes(data).decode("utf-8", "replace"))
 
 
 def stop(reactor: Any) -> None:
@@ -174,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--number", type=int, required=True)
     parser.add_argument("--channel", type=int, required=True)
+    parser.add_argument("--log-fd", type=int, required=True, help="the pipe to write log lines to")
+    parser.add_argument("--log-format", choices=WORKER_LOG_FORMATS, required=True)
     parser.add_argument("--listener", action="append", default=[], help="NAME=FD:FAMILY")
     arguments = parser.parse_args(argv)
     listeners: dict[str, tuple[int, int]] = {}
@@ -187,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     channel = SupervisorChannel(reactor)
     reactor.adoptStreamConnection(arguments.channel, socket.AF_UNIX, OneProtocolFactory(channel))  # type: ignore[attr-defined]
     os.close(arguments.channel)
-    globalLogBeginner.beginLoggingTo([LogForwarder(channel)], redirectStandardIO=False, discardBuffer=True)
+    forwarder = LogForwarder(arguments.log_fd, arguments.log_format, f"worker {arguments.number}", reactor)
+    globalLogBeginner.beginLoggingTo([forwarder], redirectStandardIO=False, discardBuffer=True)
     link = channel.link = WorkerLink(channel, listeners, arguments.config)
     exitCode = [0]
 
@@ -209,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(stop, reactor))  # type: ignore[attr-defined]
     reactor.callWhenRunning(fetchAndStart)
     reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
+    forwarder.flush()
     return exitCode[0]
 
 

@@ -7,7 +7,8 @@ Workers ask the supervisor, which holds the one set of counters and the
 one credentials cache for the whole proxy: admit a connection, count a
 session, take a login turn and check a password.  The
 supervisor asks workers to reload and for their metrics; workers
-send it their log events, and ask it for the configuration.
+ask it for the configuration.  (Log lines take a pipe of their own: see
+L{mailproxy.worker.LogForwarder}.)
 """
 
 from __future__ import annotations
@@ -94,16 +95,6 @@ class AbandonLogin(amp.Command):
     """
 
     arguments = [(b"attempt", amp.Integer())]
-    requiresAnswer = False
-
-
-class Log(amp.Command):
-    """
-    One log event of a worker, as Twisted's JSON (see
-    L{twisted.logger.eventAsJSON}), cut to one AMP value.
-    """
-
-    arguments = [(b"event", amp.Unicode())]
     requiresAnswer = False
 
 

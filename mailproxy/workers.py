@@ -8,7 +8,7 @@ ports below 1024 work) but never accepts on them: each worker inherits the
 sockets and accepts on them itself (L{mailproxy.worker}), so the kernel
 spreads connections over the workers.  The supervisor keeps what must hold
 across workers (limits, lockouts, login turns, the credentials cache; see
-L{mailproxy.sharedlimits}), writes every worker's log events to the one log,
+L{mailproxy.sharedlimits}), writes every worker's log lines to the one log,
 serves their merged metrics, restarts a worker that dies (after a delay
 that grows while it keeps dying), passes SIGHUP on to every worker, and on
 SIGTERM drains them: they stop accepting, say goodbye to every client at a
@@ -21,7 +21,8 @@ import enum
 import os
 import socket
 import sys
-from typing import Any
+import time
+from typing import IO, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
@@ -29,7 +30,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, s
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
 from mailproxy.sharedlimits import LimitsResponder
@@ -37,7 +38,6 @@ from mailproxy.workerprotocol import (
     Channel,
     CollectMetrics,
     GetConfig,
-    Log,
     OneProtocolFactory,
     Ready,
     Reload,
@@ -54,9 +54,13 @@ STABLE_SECONDS = 60.0
 # How long draining workers may take before they are killed: their own
 # close grace (mailproxy.frontdoor.CLOSE_GRACE) and a margin.
 DRAIN_TIMEOUT = 15.0
-# File descriptors of a worker: the supervisor's channel, then listeners.
+# File descriptors of a worker: the supervisor's channel, the pipe for its
+# log lines, then listeners.
 CHANNEL_FD = 3
-FIRST_LISTENER_FD = 4
+LOG_FD = 4
+FIRST_LISTENER_FD = 5
+# A log line longer than this is written in pieces rather than held back.
+MAX_LOG_LINE = 1 << 20
 
 
 class WorkerState(enum.Enum):
@@ -158,7 +162,7 @@ def _reusePortSocket(family: int, interface: str, port: int, backlog: int, reuse
 class WorkerChannel(Channel):
     """
     The supervisor's end of one worker's channel: limits and passwords
-    answered by the shared L{LimitsResponder}, log events published here.
+    answered by the shared L{LimitsResponder}.
     """
 
     def __init__(self, worker: Worker, responder: LimitsResponder) -> None:
@@ -168,16 +172,6 @@ class WorkerChannel(Channel):
 
     def locateResponder(self, name: bytes) -> Any:
         return super().locateResponder(name) or self.responder.locateResponder(name)
-
-    @Log.responder
-    def log(self, event: str) -> dict[str, Any]:
-        try:
-            decoded = eventFromJSON(event)
-        except ValueError:
-            return {}
-        decoded["log_system"] = f"worker {self.worker.number}"
-        globalLogPublisher(decoded)
-        return {}
 
     @GetConfig.responder
     def getConfig(self, page: int) -> dict[str, Any]:
@@ -207,12 +201,19 @@ class WorkerProcess(ProcessProtocol):
         self._partial: dict[int, bytes] = {}
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        *lines, rest = (self._partial.pop(childFD, b"") + data).split(b"\n")
-        if len(rest) > 65536:
-            lines.append(rest)
-            rest = b""
-        self._partial[childFD] = rest
-        for line in lines:
+        data = self._partial.pop(childFD, b"") + data
+        # Whole lines only: the rest waits for its end.
+        end = data.rfind(b"\n") + 1
+        if end == 0 and len(data) > MAX_LOG_LINE:
+            data, end = data + b"\n", len(data) + 1
+        if end < len(data):
+            self._partial[childFD] = data[end:]
+        if end == 0:
+            return
+        if childFD == LOG_FD:
+            self.worker.pool.writeWorkerLog(self.worker.number, data[:end])
+            return
+        for line in data[:end].splitlines():
             self.log.warn(
                 "worker {number}: {line}", number=self.worker.number, line=line.decode("utf-8", "replace").rstrip()
             )
@@ -245,7 +246,7 @@ class Worker:
         pool = self.pool
         reactor = pool.reactor
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        childFDs: dict[int, Any] = {0: pool.devNull, 1: "r", 2: "r", CHANNEL_FD: theirs.fileno()}
+        childFDs: dict[int, Any] = {0: pool.devNull, 1: "r", 2: "r", CHANNEL_FD: theirs.fileno(), LOG_FD: "r"}
         arguments = [
             sys.executable,
             "-m",
@@ -255,7 +256,7 @@ class Worker:
             "--number",
             str(self.number),
         ]
-        arguments += ["--channel", str(CHANNEL_FD)]
+        arguments += ["--channel", str(CHANNEL_FD), "--log-fd", str(LOG_FD), "--log-format", pool.workerLogFormat]
         for offset, listener in enumerate(pool.listeners):
             inherited = listener.socketFor(self.number)
             childFDs[FIRST_LISTENER_FD + offset] = inherited.fileno()
@@ -352,6 +353,10 @@ class WorkerPool(Service):
         self.devNull = -1
         # The configuration file as last loaded (what workers load).
         self.configText = b""
+        # Where the log goes (twistd's file or stdout), if the supervisor
+        # writes it itself, and in which format (see mailproxy.logs).
+        self.logDestination: IO[Any] | None = None
+        self.logFormat = "text"
         self._allServing = False
 
     def startService(self) -> None:
@@ -364,6 +369,31 @@ class WorkerPool(Service):
         if not self._allServing and all(worker.state is WorkerState.SERVING for worker in self.workers):
             self._allServing = True
             self.log.info("all {count} workers serving", count=len(self.workers))
+
+    @property
+    def workerLogFormat(self) -> str:
+        """
+        How workers write their log lines: ready for L{logDestination}, or
+        as events for the supervisor's own observers.
+        """
+        return self.logFormat if self.logDestination is not None else "events"
+
+    def writeWorkerLog(self, number: int, lines: bytes) -> None:
+        """
+        Write whole log C{lines} of worker C{number}.
+        """
+        text = lines.decode("utf-8", "replace")
+        if self.logDestination is not None:
+            self.logDestination.write(text)
+            self.logDestination.flush()
+            return
+        for line in text.splitlines():
+            try:
+                event = eventFromJSON(line)
+            except ValueError:
+                event = {"log_format": "{line}", "line": line, "log_level": LogLevel.warn, "log_time": time.time()}
+            event["log_system"] = f"worker {number}"
+            globalLogPublisher(event)
 
     def setChecker(self, checker: Any) -> None:
         """

@@ -54,17 +54,28 @@ def startDemo(environment: dict[str, str], outputPath: Path) -> Demo:
     """
     Start the demo in a process group of its own, as a shell starts a
     foreground job, with its output going to C{outputPath}.
+
+    Ctrl-C is not ignored in a terminal's foreground job, even when the
+    tests run as a background job (which a shell starts with SIGINT
+    ignored, and children inherit that).
     """
-    with open(outputPath, "wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "scripts.demo"],
-            cwd=REPO,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    ignoring = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignoring:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with open(outputPath, "wb") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "scripts.demo"],
+                cwd=REPO,
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+    finally:
+        if ignoring:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     return Demo(process, outputPath)
 
 

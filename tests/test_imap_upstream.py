@@ -9,11 +9,18 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.imap.framer import Line
-from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, UpstreamSession, _loginHandshake
+from mailproxy.imap.upstream import (
+    UpstreamError,
+    UpstreamIMAPProtocol,
+    UpstreamSession,
+    _loginHandshake,
+    openConnection,
+)
 from tests.support import FakeTLSTransport
 
 
@@ -199,3 +206,47 @@ class HandshakeTests(SynchronousTestCase):
         )
         protocol.dataReceived(b"defghij)\r\n")
         self.assertEqual(b"".join(got), b"* 1 FETCH (BODY[] {10}\r\nabcdefghij)\r\n")
+
+
+class UpstreamAddressTests(SynchronousTestCase):
+    """
+    An upstream given as an address is connected to at once; only a name
+    goes through the resolver (whose lookups run in a thread each).
+    """
+
+    def connectionAttempts(self, host: str) -> tuple[list[tuple[Any, ...]], list[str]]:
+        """
+        The connections attempted to C{host} and the names looked up, with
+        a resolver that never answers.
+        """
+        reactor = MemoryReactorClock()
+        resolver = DeferredResolver()
+        reactor.installNameResolver(resolver)
+        upstream = UpstreamConfig("main", host, 143, TLSMode.PLAIN, connectTimeout=5)
+        Deferred.fromCoroutine(openConnection(reactor, upstream, UpstreamIMAPProtocol))
+        return reactor.tcpClients, resolver.asked
+
+    def test_an_ipv4_address_is_connected_to_without_resolving(self) -> None:
+        [(host, port, *_)], asked = self.connectionAttempts("127.0.0.1")
+        self.assertEqual(((host, port), asked), (("127.0.0.1", 143), []))
+
+    def test_an_ipv6_address_is_connected_to_without_resolving(self) -> None:
+        [(host, port, *_)], asked = self.connectionAttempts("::1")
+        self.assertEqual(((host, port), asked), (("::1", 143), []))
+
+    def test_a_name_waits_for_the_resolver(self) -> None:
+        self.assertEqual(self.connectionAttempts("imap.example"), ([], ["imap.example"]))
+
+
+class DeferredResolver:
+    """
+    A name resolver that never answers, noting what it was asked.
+    """
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def resolveHostName(self, receiver: Any, hostName: str, *args: Any, **kwargs: Any) -> Any:
+        self.asked.append(hostName)
+        receiver.resolutionBegan(None)
+        return receiver

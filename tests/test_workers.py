@@ -171,6 +171,11 @@ def test_every_worker_serves_and_logs_to_the_one_log(startWorkers: Callable[...,
     closeAll(clients)
     workers.waitForLog(r"\[worker 1\] .* logged in as wendy")
     workers.waitForLog(r"\[worker 2\] .* logged in as wendy")
+    workers.waitForLog(r"\[worker \d\] .* disconnected", WORKERS)
+    # Whole lines, each stamped; nothing about each session's upstream factory.
+    lines = workers.log.splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[", line) for line in lines), lines
+    assert not [line for line in lines if "factory <twisted.internet.protocol.Factory" in line]
 
 
 def test_per_address_connection_limit_counts_every_worker(startWorkers: Callable[..., Workers]) -> None:

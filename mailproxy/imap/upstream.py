@@ -17,7 +17,7 @@ from service_identity import VerificationError
 from twisted.internet import defer
 from twisted.internet import error as error_
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionDone
 from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol
@@ -332,6 +332,21 @@ async def connectUpstream(
         raise
 
 
+def upstreamEndpoint(reactor: IReactorTCP, upstream: UpstreamConfig) -> Any:
+    """
+    The endpoint reaching C{upstream}: an address is connected to as it is,
+    a name resolved (every address tried, as L{HostnameEndpoint} does).
+    Resolving an address would cost each session a trip through the
+    resolver's thread.
+    """
+    try:
+        address = ipaddress.ip_address(upstream.host)
+    except ValueError:
+        return HostnameEndpoint(reactor, upstream.host.encode("idna"), upstream.port, timeout=upstream.connectTimeout)
+    connect = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+    return connect(reactor, upstream.host, upstream.port, timeout=upstream.connectTimeout)
+
+
 async def openConnection(reactor: IReactorTCP, upstream: UpstreamConfig, protocolClass: type[Protocol]) -> Any:
     """
     Connect to C{upstream} (implicit TLS verified as configured) within its
@@ -340,12 +355,13 @@ async def openConnection(reactor: IReactorTCP, upstream: UpstreamConfig, protoco
     @raise UpstreamError: if the connection cannot be made.
     """
     clock: IReactorTime = reactor  # type: ignore[assignment]
-    endpoint: Any = HostnameEndpoint(
-        reactor, upstream.host.encode("idna"), upstream.port, timeout=upstream.connectTimeout
-    )
+    endpoint = upstreamEndpoint(reactor, upstream)
     if upstream.tls is TLSMode.IMPLICIT:
         endpoint = wrapClientTLS(upstreamOptions(upstream), endpoint)
-    connecting = endpoint.connect(Factory.forProtocol(protocolClass))
+    factory = Factory.forProtocol(protocolClass)
+    # "Starting factory" twice per session says nothing to an operator.
+    factory.noisy = False
+    connecting = endpoint.connect(factory)
     connecting.addTimeout(upstream.connectTimeout, clock)
     try:
         return await connecting
