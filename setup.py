@@ -34,6 +34,9 @@ setup(
         "service-identity>=24",
         "zope.interface>=6",
         "prometheus-client>=0.20",
+        # OAuth 2.0 token requests: Twisted's own HTTP client, with forms,
+        # timeouts and connection pooling done right.
+        "treq>=24",
     ],
     extras_require={
         # setuptools: tests/test_install.py builds the project without downloading anything.
@@ -54,6 +57,7 @@ setup(
         "console_scripts": [
             "mailproxy-passwd = mailproxy.passwd:main",
             "mailproxy-example-config = mailproxy.examples:main",
+            "mailproxy-oauth = mailproxy.oauth.authorize:main",
         ]
     },
 )

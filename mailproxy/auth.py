@@ -25,6 +25,7 @@ from zope.interface import implementer
 from mailproxy.config import Config, UpstreamConfig
 from mailproxy.credentialscache import CredentialsCache
 from mailproxy.interfaces import IProxyUser
+from mailproxy.oauth.settings import OAuthLogin, OAuthProvider
 from mailproxy.passwords import UsersFileError, hashPassword, readUsers, verifyPassword
 
 RunInThread = Callable[[Callable[[], bool]], "Deferred[bool]"]
@@ -148,12 +149,29 @@ class ProxyUser:
     """
 
     def __init__(
-        self, username: str, upstream: UpstreamConfig, upstreamUsername: str, upstreamPassword: str | None
+        self,
+        username: str,
+        upstream: UpstreamConfig,
+        upstreamUsername: str,
+        upstreamPassword: str | None,
+        oauth2: OAuthProvider | None = None,
     ) -> None:
         self.username = username
         self.upstream = upstream
         self.upstreamUsername = upstreamUsername
         self.upstreamPassword = upstreamPassword
+        self.oauth2 = oauth2
+
+    def upstreamCredential(self, clientPassword: bytes) -> str | OAuthLogin:
+        """
+        What the upstream login uses: an access token from the user's
+        provider, the route's password, or the client's own (passthrough).
+        """
+        if self.oauth2 is not None:
+            return OAuthLogin(self.username, self.oauth2)
+        # surrogateescape: a passthrough password that was not UTF-8 goes
+        # back out as the very octets the client sent.
+        return self.upstreamPassword or clientPassword.decode("utf-8", "surrogateescape")
 
 
 class NoRoute(UnauthorizedLogin):
@@ -177,7 +195,10 @@ class ProxyRealm:
         route = self._config.routeFor(avatarId)
         if route is None:
             raise NoRoute(f"no upstream route for {avatarId!r}")
-        user = ProxyUser(avatarId, self._config.upstreams[route.upstream], route.username or avatarId, route.password)
+        oauth2 = self._config.oauth2
+        provider = oauth2.providers[route.oauth2] if oauth2 is not None and route.oauth2 is not None else None
+        upstream = self._config.upstreams[route.upstream]
+        user = ProxyUser(avatarId, upstream, route.username or avatarId, route.password, provider)
         return IProxyUser, user, lambda: None
 
 

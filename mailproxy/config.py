@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from twisted.internet.endpoints import serverFromString
 
 from mailproxy.limits import LimitsConfig
+from mailproxy.oauth.settings import MECHANISMS, PRESETS, OAuthConfig, OAuthProvider
 
 LOG_FORMATS = ("text", "json")
 TLS_VERSIONS = ("1.2", "1.3")
@@ -141,6 +143,8 @@ class UpstreamConfig:
     bridgeMarkSeen: bool = False
     bridgeFallbackFolder: str | None = None
     forwardClientAddress: bool = False
+    # The OAuth 2.0 provider ([oauth2.NAME]) its users log in upstream with.
+    oauth2: str | None = None
 
     @property
     def verifyName(self) -> str:
@@ -158,12 +162,15 @@ class UserRoute:
     @ivar username: upstream user name; C{None} reuses the local name.
     @ivar password: upstream password; C{None} reuses the client's
         (passthrough).
+    @ivar oauth2: the OAuth 2.0 provider the upstream login takes an access
+        token from, instead of a password.
     """
 
     upstream: str
     username: str | None = None
     password: str | None = None
     filters: tuple[str, ...] | None = None
+    oauth2: str | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,7 @@ class Config:
     certificateCheckInterval: float = 60.0
     tlsSessionLifetime: int = 12 * 3600
     workers: int = field(default_factory=defaultWorkers)
+    oauth2: OAuthConfig | None = None
 
     def filterNamesFor(self, listener: ListenerConfig, username: str | None) -> tuple[str, ...]:
         """
@@ -256,7 +264,9 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     Validate an already-decoded configuration document.
     """
     reader = _Reader(document, "", baseDir)
-    _rejectUnknown(reader, {"server", "auth", "listener", "upstream", "routing", "filters", "limits", "metrics"})
+    _rejectUnknown(
+        reader, {"server", "auth", "listener", "upstream", "routing", "filters", "limits", "metrics", "oauth2"}
+    )
     server = reader.table("server")
     auth = reader.table("auth")
     _rejectUnknown(
@@ -309,6 +319,9 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         upstreams[name] = _upstream(name, upstreamTables.table(name))
     if not upstreams:
         raise ConfigError("upstream: at least one [upstream.NAME] table is required")
+    oauth2 = _oauth2(reader.table("oauth2")) if "oauth2" in reader.keys() else None
+    for name, upstreamConfig in upstreams.items():
+        _checkProvider(upstreamTables.table(name), upstreamConfig.oauth2, oauth2)
 
     filters = {}
     filterTables = reader.table("filters")
@@ -328,21 +341,32 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     defaultUpstream = routing.string("default_upstream", None)
     if defaultUpstream is not None:
         _checkUpstream(routing, "default_upstream", defaultUpstream, upstreams)
-        defaultRoute = UserRoute(defaultUpstream, None, _password(routing, "default_password"))
+        defaultRoute = UserRoute(
+            defaultUpstream,
+            None,
+            _password(routing, "default_password"),
+            oauth2=upstreams[defaultUpstream].oauth2,
+        )
     routes = {}
     userTables = routing.table("users")
     for user in userTables.keys():
         table = userTables.table(user)
-        _rejectUnknown(table, {"upstream", "username", "password", "filters"})
+        _rejectUnknown(table, {"upstream", "username", "password", "filters", "oauth2"})
         upstream = table.string("upstream", defaultUpstream)
         if upstream is None:
             raise ConfigError(f"{table.where('upstream')}: required (no routing.default_upstream)")
         _checkUpstream(table, "upstream", upstream, upstreams)
+        provider = table.string("oauth2", upstreams[upstream].oauth2)
+        _checkProvider(table, provider, oauth2)
+        password = _password(table, "password")
+        if provider is not None and password is not None:
+            raise ConfigError(f"{table.where('password')}: not with oauth2 (the upstream login takes a token)")
         routes[user] = UserRoute(
             upstream,
             table.string("username", None),
-            _password(table, "password"),
+            password,
             _filterNames(table, filters) if "filters" in table.keys() else None,
+            provider,
         )
 
     greeting = server.string("greeting", "mailproxy ready.") or "mailproxy ready."
@@ -373,6 +397,7 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         metricsListen=metricsListen,
         certificateCheckInterval=certificateCheckInterval,
         tlsSessionLifetime=int(tlsSessionLifetime),
+        oauth2=oauth2,
     )
 
 
@@ -601,6 +626,7 @@ def _upstream(name: str, table: _Reader) -> UpstreamConfig:
             "bridge_mark_seen",
             "bridge_fallback_folder",
             "forward_client_address",
+            "oauth2",
         },
     )
     host = table.string("host", None)
@@ -644,7 +670,93 @@ def _upstream(name: str, table: _Reader) -> UpstreamConfig:
         bridgeMarkSeen=table.boolean("bridge_mark_seen", False),
         bridgeFallbackFolder=table.string("bridge_fallback_folder", None),
         forwardClientAddress=forwardClientAddress,
+        oauth2=table.string("oauth2", None),
     )
+
+
+# Keys of [oauth2] itself; every other key names a provider's table.
+_OAUTH2_KEYS = {"token_store", "key_file", "timeout", "refresh_margin"}
+_PROVIDER_KEYS = {
+    "preset",
+    "tenant",
+    "token_endpoint",
+    "device_authorization_endpoint",
+    "authorization_endpoint",
+    "client_id",
+    "client_secret",
+    "scopes",
+    "mechanism",
+}
+
+
+def _oauth2(table: _Reader) -> OAuthConfig:
+    providers = {}
+    for key in table.keys():
+        if key in _OAUTH2_KEYS:
+            continue
+        if not isinstance(table.raw(key), dict):
+            raise ConfigError(
+                f"{table.where(key)}: unknown key, and not a provider's table [oauth2.NAME] "
+                f"(expected one of {', '.join(sorted(_OAUTH2_KEYS))})"
+            )
+        providers[key] = _provider(key, table.table(key))
+    return OAuthConfig(
+        tokenStore=table.path("token_store", required=True) or "",
+        keyFile=table.path("key_file", required=True) or "",
+        providers=providers,
+        timeout=_positive(table, "timeout", OAuthConfig.timeout),
+        refreshMargin=float(table.number("refresh_margin", OAuthConfig.refreshMargin)),
+    )
+
+
+def _provider(name: str, table: _Reader) -> OAuthProvider:
+    _rejectUnknown(table, _PROVIDER_KEYS)
+    presetName = table.string("preset", "generic") or "generic"
+    if presetName not in PRESETS:
+        raise ConfigError(f"{table.where('preset')}: {presetName!r} is not one of {', '.join(PRESETS)}")
+    preset = PRESETS[presetName]
+    tenant = table.string("tenant", "common") or "common"
+
+    def endpoint(key: str, required: bool = False) -> str | None:
+        value = table.string(key, preset.get(key))
+        if value is None:
+            if required:
+                raise ConfigError(f"{table.where(key)}: required (no preset gives it)")
+            return None
+        value = value.replace("{tenant}", tenant)
+        parsed = urllib.parse.urlsplit(value)
+        loopback = parsed.hostname in ("127.0.0.1", "::1", "localhost")
+        if parsed.scheme != "https" and not (parsed.scheme == "http" and loopback):
+            raise ConfigError(f"{table.where(key)}: must be an https URL (http only on loopback)")
+        return value
+
+    clientId = table.string("client_id", None)
+    if not clientId:
+        raise ConfigError(f"{table.where('client_id')}: required (from the provider's app registration)")
+    mechanism = (table.string("mechanism", preset.get("mechanism", "xoauth2")) or "").lower()
+    if mechanism not in MECHANISMS:
+        raise ConfigError(f"{table.where('mechanism')}: {mechanism!r} is not one of {', '.join(MECHANISMS)}")
+    scopes = table.stringList("scopes") if "scopes" in table.keys() else tuple(preset.get("scopes", ()))
+    return OAuthProvider(
+        name=name,
+        tokenEndpoint=endpoint("token_endpoint", required=True) or "",
+        clientId=clientId,
+        clientSecret=table.string("client_secret", None),
+        scopes=scopes,
+        deviceAuthorizationEndpoint=endpoint("device_authorization_endpoint"),
+        authorizationEndpoint=endpoint("authorization_endpoint"),
+        mechanism=mechanism,
+        deviceFlowAllowed=preset.get("deviceFlowAllowed", True),
+    )
+
+
+def _checkProvider(table: _Reader, provider: str | None, oauth2: OAuthConfig | None) -> None:
+    if provider is None:
+        return
+    if oauth2 is None:
+        raise ConfigError(f"{table.where('oauth2')}: no [oauth2] table (token_store, key_file, providers)")
+    if provider not in oauth2.providers:
+        raise ConfigError(f"{table.where('oauth2')}: no provider [oauth2.{provider}]")
 
 
 def _tlsMode(table: _Reader) -> TLSMode:

@@ -369,6 +369,12 @@ TABLES: tuple[Table, ...] = (
                 False,
                 "Send the client's address with IMAP `ID` before login (Dovecot: `login_trusted_networks`).",
             ),
+            Key(
+                "oauth2",
+                "string",
+                Computed("none: password logins"),
+                "Its users log in with an access token from this `[oauth2.NAME]` provider (XOAUTH2 or OAUTHBEARER).",
+            ),
             Key("bridge_mailbox", "string", "INBOX", "POP3 bridge: the mailbox POP3 clients see."),
             Key(
                 "bridge_uidl_format",
@@ -420,6 +426,61 @@ TABLES: tuple[Table, ...] = (
             Key("username", "string", Computed("the local name"), "The user name upstream."),
             Key("password", "string", "passthrough", 'The upstream password; `"passthrough"` reuses the client\'s.'),
             Key("filters", "list of strings", Computed("routing.default_filters"), "Filters after login."),
+            Key(
+                "oauth2",
+                "string",
+                Computed("the upstream's oauth2"),
+                "Log in upstream with an access token from this `[oauth2.NAME]` provider; not with `password`.",
+            ),
+        ),
+    ),
+    Table(
+        "[oauth2]",
+        "oauth2",
+        "OAuth 2.0 upstream logins: where grants are kept (see OAuth 2.0 upstreams). Restart to change.",
+        (
+            Key("token_store", "path", Required("with [oauth2]"), "Directory of the users' encrypted grants (0700)."),
+            Key(
+                "key_file",
+                "path",
+                Required("with [oauth2]"),
+                "Fernet keys, one per line (`mailproxy-oauth new-key FILE`); the first encrypts, all decrypt.",
+            ),
+            Key("timeout", SECONDS, 10, "Seconds a token endpoint has to answer."),
+            Key("refresh_margin", SECONDS, 60, "An access token is refreshed this many seconds before it expires."),
+        ),
+    ),
+    Table(
+        "[oauth2.NAME]",
+        "oauth2.NAME",
+        "One OAuth 2.0 provider (authorization server).",
+        (
+            Key(
+                "preset",
+                "string",
+                "generic",
+                '`"google"`, `"microsoft"` or `"generic"`: fills in endpoints and scopes.',
+            ),
+            Key(
+                "tenant",
+                "string",
+                "common",
+                "Replaces `{tenant}` in the endpoints (the Microsoft preset's): `common`, `organizations`, or an id.",
+            ),
+            Key("client_id", "string", REQUIRED, "The client id of the proxy's app registration."),
+            Key("client_secret", "string", Computed("none: a public client"), "The client secret, if it has one."),
+            Key("token_endpoint", "string", Computed("the preset's"), "Token endpoint URL (https; http on loopback)."),
+            Key(
+                "device_authorization_endpoint",
+                "string",
+                Computed("the preset's"),
+                "Device authorization endpoint (RFC 8628), for `mailproxy-oauth authorize`.",
+            ),
+            Key(
+                "authorization_endpoint", "string", Computed("the preset's"), "Authorization endpoint (browser login)."
+            ),
+            Key("scopes", "list of strings", Computed("the preset's"), "Scopes asked for."),
+            Key("mechanism", "string", "xoauth2", '`"xoauth2"` or `"oauthbearer"` (RFC 7628) upstream.'),
         ),
     ),
     Table(

@@ -487,10 +487,13 @@ class FrontDoor(Protocol, TimeoutMixin):
             self.log.failure("upstream session for {user} failed unexpectedly", failure, user=user.username)
             error = UpstreamError(str(error))
         # With a passthrough password the upstream refusing it is a wrong
-        # password too.
-        refused = error.authenticationFailed and user.upstreamPassword is None
+        # password too.  An OAuth 2.0 grant refused is not the client's
+        # wrong password (that was checked here): refused, but not counted
+        # towards a lockout.
+        refused = error.authenticationFailed and user.upstreamPassword is None and user.oauth2 is None
+        grantRefused = error.authenticationFailed and user.oauth2 is not None
         if self.metrics is not None:
-            self.metrics.login("upstream_refused" if refused else "upstream_error")
+            self.metrics.login("upstream_refused" if refused or grantRefused else "upstream_error")
             self.metrics.upstreamError(user.upstream.name, error.kind)
         self.log.warn(
             "{client} user {user}: upstream {upstream} unavailable: {error}",
@@ -505,6 +508,8 @@ class FrontDoor(Protocol, TimeoutMixin):
             whenDecided(
                 self._attempt.failed(), lambda delay: self._refuseLater(self.replies.authenticationFailed, delay)
             )
+        elif grantRefused:
+            self._refuseLater(self.replies.authenticationFailed, 0)
         else:
             self._refuseLater(self.replies.unavailable, 0)
 

@@ -62,7 +62,17 @@ LOGIN_RESULTS = (
     "upstream_refused",
     "upstream_error",
 )
-UPSTREAM_ERROR_KINDS = ("connect_failed", "timeout", "tls", "login_refused", "protocol", "closed", "reset")
+UPSTREAM_ERROR_KINDS = (
+    "connect_failed",
+    "timeout",
+    "tls",
+    "login_refused",
+    "protocol",
+    "closed",
+    "reset",
+    "oauth_refused",
+    "oauth_unavailable",
+)
 
 # From well under a millisecond (NOOP through the proxy) to a minute (a big
 # FETCH or a slow SEARCH).

@@ -28,9 +28,13 @@ from mailproxy.credentialscache import CredentialsCache
 from mailproxy.filters.registry import buildFilters, chainFactory
 from mailproxy.frontdoor import liveConnections
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
-from mailproxy.imap.upstream import UpstreamSession, connectUpstream
+from mailproxy.imap.upstream import connectUpstream
 from mailproxy.limits import Limits
 from mailproxy.logs import jsonLinesObserver, textLinesObserver, twistdLogFile
+from mailproxy.oauth.login import loginWith
+from mailproxy.oauth.settings import OAuthLogin
+from mailproxy.oauth.store import TokenStoreError
+from mailproxy.oauth.tokens import AccessTokens
 from mailproxy.options import Options
 from mailproxy.passwords import UsersFileError
 from mailproxy.pop3.bridge import openMaildrop
@@ -241,14 +245,30 @@ def buildService(
         limits = SharedLimits(worker.channel, config.authFailureDelay)
     portal = Portal(ProxyRealm(config), checkers)
 
-    def connect(upstream: UpstreamConfig, username: str, password: str, client: str) -> Deferred[UpstreamSession]:
-        return Deferred.fromCoroutine(connectUpstream(reactor, upstream, username, password, clientAddress=client))
+    tokens = accessTokens(config, reactor, configPath)
 
-    def connectRelay(upstream: UpstreamConfig, username: str, password: str, client: str) -> Deferred[Any]:
-        return Deferred.fromCoroutine(connectPOP3Upstream(reactor, upstream, username, password, clientAddress=client))
+    def connect(upstream: UpstreamConfig, username: str, credential: Credential, client: str) -> Deferred[Any]:
+        return Deferred.fromCoroutine(
+            loginWith(
+                tokens,
+                credential,
+                lambda secret: connectUpstream(reactor, upstream, username, secret, clientAddress=client),
+            )
+        )
 
-    def openBridge(upstream: UpstreamConfig, username: str, password: str, client: str) -> Deferred[Any]:
-        return Deferred.fromCoroutine(openMaildrop(reactor, upstream, username, password, client))
+    def connectRelay(upstream: UpstreamConfig, username: str, credential: Credential, client: str) -> Deferred[Any]:
+        return Deferred.fromCoroutine(
+            loginWith(
+                tokens,
+                credential,
+                lambda secret: connectPOP3Upstream(reactor, upstream, username, secret, clientAddress=client),
+            )
+        )
+
+    def openBridge(upstream: UpstreamConfig, username: str, credential: Credential, client: str) -> Deferred[Any]:
+        return Deferred.fromCoroutine(
+            loginWith(tokens, credential, lambda secret: openMaildrop(reactor, upstream, username, secret, client))
+        )
 
     pop3 = POP3Backends(connectRelay, openBridge)
     filters = buildFilters(config.filters)
@@ -416,6 +436,23 @@ def buildSupervisor(config: Config, reactor: Any, configPath: str, configText: b
         root.metricsService = strports.service(config.metricsListen, workersMetricsSite(pool), reactor=reactor)
         root.metricsService.setServiceParent(root)
     return root
+
+
+Credential = str | OAuthLogin
+
+
+def accessTokens(config: Config, reactor: Any, configPath: str | None) -> AccessTokens | None:
+    """
+    The access tokens of OAuth 2.0 upstream logins, if any are configured.
+
+    @raise ConfigError: if the token store's key cannot be used.
+    """
+    if config.oauth2 is None:
+        return None
+    try:
+        return AccessTokens.fromConfig(config.oauth2, reactor, configPath or "")
+    except TokenStoreError as error:
+        raise ConfigError(str(error)) from None
 
 
 def raiseFileLimit() -> None:

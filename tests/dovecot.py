@@ -330,7 +330,15 @@ class DovecotUpstream:
         loginTrustedNetworks: str | None = None,
         rawlog: bool = False,
         autoMailboxes: bool = True,
+        oauth2IntrospectionUrl: str | None = None,
     ) -> None:
+        """
+        @param oauth2IntrospectionUrl: if given, an OAuth-only server:
+            logins by C{XOAUTH2} or C{OAUTHBEARER} only, each token checked
+            at this RFC 7662 introspection endpoint (C{POST token=...}; the
+            reply's C{username} must be the login name).
+        """
+        self.oauth2IntrospectionUrl = oauth2IntrospectionUrl
         self.maxSessions = maxSessions
         self.rawlog = rawlog
         self.autoMailboxes = autoMailboxes
@@ -742,13 +750,29 @@ class DovecotUpstream:
             conf.append(f"ssl_dh = <{DH_PARAMS}")
         conf += [
             "disable_plaintext_auth = no",
-            "auth_mechanisms = plain login",
             "auth_failure_delay = 0",
             "",
-            "passdb {",
-            "  driver = passwd-file",
-            f"  args = scheme=PLAIN username_format=%u {self.usersFile}",
-            "}",
+        ]
+        if self.oauth2IntrospectionUrl is None:
+            conf += [
+                "auth_mechanisms = plain login",
+                "passdb {",
+                "  driver = passwd-file",
+                f"  args = scheme=PLAIN username_format=%u {self.usersFile}",
+                "}",
+            ]
+        else:
+            # No auth cache (the default): every login asks the endpoint,
+            # so a revoked token is refused at once.
+            conf += [
+                "auth_mechanisms = xoauth2 oauthbearer",
+                "passdb {",
+                "  driver = oauth2",
+                "  mechanisms = xoauth2 oauthbearer",
+                f"  args = {self._oauth2File}",
+                "}",
+            ]
+        conf += [
             "userdb {",
             "  driver = static",
             f"  args = uid={mailUid} gid={mailGid} home={self.mailDir}/%u",
@@ -843,7 +867,23 @@ class DovecotUpstream:
         ]
         return "\n".join(conf) + "\n"
 
+    @property
+    def _oauth2File(self) -> str:
+        return os.path.join(os.path.dirname(self.confFile), "dovecot-oauth2.conf.ext")
+
     def _writeConfig(self) -> None:
+        if self.oauth2IntrospectionUrl is not None:
+            # Read once when auth starts: the endpoint's port is fixed by now.
+            settings = [
+                f"introspection_url = {self.oauth2IntrospectionUrl}",
+                "introspection_mode = post",
+                "username_attribute = username",
+                "active_attribute = active",
+                "active_value = true",
+                # else a silent endpoint holds a login for 60 s
+                "timeout_msecs = 5000",
+            ]
+            self._writeFile(self._oauth2File, ("\n".join(settings) + "\n").encode(), 0o600)
         if not self.idle:
             self._writeFile(self._wrapperFile, self._imapLoginWrapper().encode(), 0o755)
         self._writeFile(self.confFile, self._config().encode("utf-8"), 0o644)

@@ -76,6 +76,11 @@ def baseDocument(certificate: str) -> dict[str, Any]:
         "upstream": {"main": {"host": "localhost", "port": 993}},
         "routing": {"default_upstream": "main"},
         "filters": {"f": {"type": "audit", "log": False}},
+        "oauth2": {
+            "token_store": "tokens",
+            "key_file": "token.key",
+            "p": {"client_id": "proxy", "token_endpoint": "https://as.example.test/token"},
+        },
     }
 
 
@@ -99,6 +104,8 @@ def tableIn(document: dict[str, Any], item: Table) -> dict[str, Any]:
         return document["filters"]["f"]
     if item.location == "routing.users.NAME":
         return document["routing"].setdefault("users", {}).setdefault("alice", {})
+    if item.location == "oauth2.NAME":
+        return document["oauth2"]["p"]
     return document[item.location]
 
 
@@ -109,6 +116,7 @@ def where(item: Table, key: str) -> str:
         "upstream.NAME": "upstream.main",
         "routing.users.NAME": "routing.users.alice",
         "filters.NAME": "filters.f",
+        "oauth2.NAME": "oauth2.p",
     }.get(item.location, item.location)
     return f"{location}.{key}"
 

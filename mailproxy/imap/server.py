@@ -33,6 +33,7 @@ from mailproxy.imap.upstream import (
     droppedKind,
 )
 from mailproxy.limits import Limits
+from mailproxy.oauth.settings import OAuthLogin
 from mailproxy.sasl import MECHANISMS, Challenge, Credentials, SASLError, SASLExchange, Step, exchangeFor
 from mailproxy.splice import Splice
 
@@ -50,7 +51,8 @@ OVERLONG_DISCARD_FACTOR = 16
 
 _TAKES_ASTRINGS = frozenset({b"LOGIN", b"AUTHENTICATE"})
 
-ConnectUpstream = Callable[[UpstreamConfig, str, str, str], "Deferred[UpstreamSession]"]
+# (upstream, upstream user name, password or OAuth 2.0 login, client address)
+ConnectUpstream = Callable[[UpstreamConfig, str, "str | OAuthLogin", str], "Deferred[UpstreamSession]"]
 
 # Commands the proxy answers itself after login instead of relaying.
 
@@ -468,9 +470,8 @@ class IMAPServerProtocol(FrontDoor):
                 "an IMAP session needs an IMAP upstream", b"NO [UNAVAILABLE] No IMAP service for this account."
             )
             return
-        upstreamPassword = user.upstreamPassword or password.decode("utf-8", "surrogateescape")
         connecting = self.context.connectUpstream(
-            user.upstream, user.upstreamUsername, upstreamPassword, self.clientAddress
+            user.upstream, user.upstreamUsername, user.upstreamCredential(password), self.clientAddress
         )
         tag = self._loginTag
         self.awaitUpstream(connecting, lambda session: self._startRelay(tag, mechanism, session), mechanism)

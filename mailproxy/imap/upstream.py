@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.imap.framer import Event, FramingError, IMAPFramer, Line
 from mailproxy.imap.syntax import capabilitiesIn, isAtom, quoted
+from mailproxy.oauth.sasl import Bearer, challengeStatus
 from mailproxy.tls import upstreamOptions
 
 log = Logger()
@@ -317,7 +318,7 @@ def _isOK(tagged: bytes) -> bool:
 
 
 async def connectUpstream(
-    reactor: Any, upstream: UpstreamConfig, username: str, password: str, *, clientAddress: str = ""
+    reactor: Any, upstream: UpstreamConfig, username: str, password: str | Bearer, *, clientAddress: str = ""
 ) -> UpstreamSession:
     """
     Connect to C{upstream}, secure the connection as configured and log in.
@@ -384,7 +385,7 @@ async def _loginHandshake(
     protocol: UpstreamIMAPProtocol,
     upstream: UpstreamConfig,
     username: str,
-    password: str,
+    password: str | Bearer,
     clientAddress: str = "",
 ) -> UpstreamSession:
     clock: IReactorTime = reactor  # type: ignore[assignment]
@@ -425,10 +426,13 @@ async def _loginHandshake(
 
     # The TLS handshake result only shows once data flows, so a bad
     # certificate surfaces as a closed connection in the command above.
-    # surrogateescape: a passthrough password that was not UTF-8 goes back
-    # out as the very octets the client sent.
-    credentials = (username.encode("utf-8", "surrogateescape"), password.encode("utf-8", "surrogateescape"))
-    tagged = await withTimeout(_login(handshake, upper, *credentials))
+    if isinstance(password, Bearer):
+        tagged = await withTimeout(_bearerLogin(handshake, upper, username, password, upstream))
+    else:
+        # surrogateescape: a passthrough password that was not UTF-8 goes
+        # back out as the very octets the client sent.
+        credentials = (username.encode("utf-8", "surrogateescape"), password.encode("utf-8", "surrogateescape"))
+        tagged = await withTimeout(_login(handshake, upper, *credentials))
     if not _isOK(tagged):
         raise UpstreamError(f"upstream rejected the login: {_text(tagged)}", authenticationFailed=True)
     loggedIn = capabilitiesIn(tagged)
@@ -505,6 +509,49 @@ def _capabilitiesFrom(untagged: list[bytes]) -> list[bytes]:
         if found is not None:
             return found
     raise UpstreamError("upstream sent no CAPABILITY response")
+
+
+async def _bearerLogin(
+    handshake: _Handshake, capabilities: set[bytes], username: str, bearer: Bearer, upstream: UpstreamConfig
+) -> bytes:
+    """
+    AUTHENTICATE with an OAuth 2.0 access token; the tagged reply.  A token
+    the upstream refuses gets an error challenge (base64 JSON) first, which
+    is acknowledged so that the upstream ends the exchange with NO.
+    """
+    mechanism = bearer.mechanism.upper().encode("ascii")
+    if b"AUTH=" + mechanism not in capabilities:
+        raise UpstreamError(f"upstream does not offer AUTHENTICATE {mechanism.decode()}", kind="protocol")
+    response = bearer.initialResponse(username, upstream.host, upstream.port)
+    tag = handshake.nextTag()
+    transport = handshake.protocol.transport
+    sent = b"SASL-IR" in capabilities
+    if sent:
+        transport.write(tag + b" AUTHENTICATE " + mechanism + b" " + response + b"\r\n")
+    else:
+        transport.write(tag + b" AUTHENTICATE " + mechanism + b"\r\n")
+    # What the upstream's error challenge said, for the log.
+    challenge: str | None = None
+    while True:
+        reply = await handshake.protocol.readResponse()
+        if reply.startswith(tag + b" "):
+            if challenge is not None and not _isOK(reply):
+                reply = reply.rstrip(b"\r\n") + b" (" + challenge.encode("ascii", "replace") + b")\r\n"
+            return reply
+        if reply.upper().startswith(b"* BYE"):
+            raise UpstreamError(f"upstream said {_text(reply)}")
+        if not reply.startswith(b"+"):
+            # "* OK Waiting for authentication process to respond.." and the like
+            continue
+        if not sent:
+            transport.write(response + b"\r\n")
+            sent = True
+        elif challenge is None:
+            challenge = challengeStatus(reply[1:])
+            transport.write(bearer.errorAcknowledgement + b"\r\n")
+        else:
+            # A second challenge: cancel rather than loop.
+            transport.write(b"*\r\n")
 
 
 async def _login(handshake: _Handshake, capabilities: set[bytes], username: bytes, password: bytes) -> bytes:

@@ -49,6 +49,7 @@ from mailproxy.imap import mutf7
 from mailproxy.imap.syntax import SyntaxError_, quoted, readQuoted
 from mailproxy.imap.upstream import UpstreamError, UpstreamSession, connectUpstream
 from mailproxy.interfaces import IPOP3Maildrop
+from mailproxy.oauth.sasl import Bearer
 from mailproxy.pop3 import MessageExpunged, NoSuchMessage
 from mailproxy.pop3.imapclient import IMAPCommandClient, IMAPReply
 
@@ -535,7 +536,7 @@ def _text(reply: IMAPReply) -> str:
 
 
 async def openMaildrop(
-    reactor: Any, upstream: UpstreamConfig, username: str, password: str, clientAddress: str = ""
+    reactor: Any, upstream: UpstreamConfig, username: str, password: str | Bearer, clientAddress: str = ""
 ) -> IMAPMaildrop:
     """
     Log in to the IMAP upstream and take the snapshot of the bridged mailbox.

@@ -363,8 +363,7 @@ class POP3ServerProtocol(FrontDoor):
 
     def connectUpstream(self, user: Any, password: bytes, mechanism: str) -> None:
         upstream = user.upstream
-        upstreamPassword = user.upstreamPassword or password.decode("utf-8", "surrogateescape")
-        arguments = (upstream, user.upstreamUsername, upstreamPassword, self.clientAddress)
+        arguments = (upstream, user.upstreamUsername, user.upstreamCredential(password), self.clientAddress)
         if upstream.protocol == "pop3":
             connecting = maybeDeferred(self.backends.connectRelay, *arguments)
             self.awaitUpstream(connecting, lambda session: self._startRelay(mechanism, session), mechanism)

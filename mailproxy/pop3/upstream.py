@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.imap.upstream import UpstreamError, closeUpstream, lostKind, openConnection, setNoDelay
+from mailproxy.oauth.sasl import Bearer, challengeStatus
 from mailproxy.pop3.wire import unstuff
 from mailproxy.tls import upstreamOptions
 
@@ -142,7 +143,7 @@ def _isOK(line: bytes) -> bool:
 
 
 async def connectPOP3Upstream(
-    reactor: Any, upstream: UpstreamConfig, username: str, password: str, *, clientAddress: str = ""
+    reactor: Any, upstream: UpstreamConfig, username: str, password: str | Bearer, *, clientAddress: str = ""
 ) -> POP3UpstreamSession:
     """
     Connect to the POP3 server C{upstream}, secure the connection as
@@ -188,7 +189,7 @@ class _Handshake:
 
 
 async def loginHandshake(
-    reactor: Any, protocol: POP3UpstreamProtocol, upstream: UpstreamConfig, username: str, password: str
+    reactor: Any, protocol: POP3UpstreamProtocol, upstream: UpstreamConfig, username: str, password: str | Bearer
 ) -> POP3UpstreamSession:
     """
     Greeting, STLS if configured, CAPA and login on a connected C{protocol}.
@@ -216,14 +217,17 @@ async def loginHandshake(
     capabilities = await handshake.multiLine() if _isOK(reply) else []
     mechanisms = _saslMechanisms(capabilities)
 
-    # surrogateescape: a passthrough password that was not UTF-8 goes back
-    # out as the very octets the client sent.
-    user = username.encode("utf-8", "surrogateescape")
-    secret = password.encode("utf-8", "surrogateescape")
-    if b"PLAIN" in mechanisms:
-        reply = await _plain(handshake, user, secret)
+    if isinstance(password, Bearer):
+        reply = await _bearer(handshake, mechanisms, username, password, upstream)
     else:
-        reply = await _userPass(handshake, user, secret)
+        # surrogateescape: a passthrough password that was not UTF-8 goes
+        # back out as the very octets the client sent.
+        user = username.encode("utf-8", "surrogateescape")
+        secret = password.encode("utf-8", "surrogateescape")
+        if b"PLAIN" in mechanisms:
+            reply = await _plain(handshake, user, secret)
+        else:
+            reply = await _userPass(handshake, user, secret)
     if not _isOK(reply):
         code = reply[4:].lstrip().upper()
         failed = not code.startswith(_NOT_CREDENTIALS)
@@ -239,6 +243,30 @@ def _saslMechanisms(capabilities: list[bytes]) -> set[bytes]:
         if fields and fields[0] == b"SASL":
             return set(fields[1:])
     return set()
+
+
+async def _bearer(
+    handshake: _Handshake, mechanisms: set[bytes], username: str, bearer: Bearer, upstream: UpstreamConfig
+) -> bytes:
+    """
+    AUTH with an OAuth 2.0 access token (the initial response on the AUTH
+    line, RFC 5034); a refused token gets an error challenge, acknowledged
+    so that the upstream answers -ERR.
+    """
+    mechanism = bearer.mechanism.upper().encode("ascii")
+    if mechanism not in mechanisms:
+        raise UpstreamError(f"upstream does not offer AUTH {mechanism.decode()}", kind="protocol")
+    reply = await handshake.command(
+        b"AUTH " + mechanism + b" " + bearer.initialResponse(username, upstream.host, upstream.port)
+    )
+    if reply.startswith(b"+"):
+        status = challengeStatus(reply[1:])
+        reply = await handshake.command(bearer.errorAcknowledgement)
+        if reply.startswith(b"+"):
+            await handshake.command(b"*")
+            raise UpstreamError("upstream sent a second challenge to an OAuth 2.0 login")
+        reply = reply.rstrip(b"\r\n") + b" (" + status.encode("ascii", "replace") + b")\r\n"
+    return reply
 
 
 async def _plain(handshake: _Handshake, username: bytes, password: bytes) -> bytes:

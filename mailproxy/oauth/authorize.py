@@ -1,0 +1,166 @@
+# -*- test-case-name: tests.test_oauth -*-
+"""
+C{mailproxy-oauth}: make the token store's key, and obtain a user's grant
+with the device authorization grant (RFC 8628), which needs no browser on
+the proxy's host: the command prints a link and a code, the user signs in
+at the provider from any device, and the refresh token is stored.
+
+    mailproxy-oauth new-key /etc/mailproxy/token.key
+    mailproxy-oauth --config /etc/mailproxy/mailproxy.toml authorize alice microsoft
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater, react
+
+from mailproxy.config import ConfigError, loadConfig
+from mailproxy.oauth.client import ProviderUnavailable, TokenError, clientFields, postForm, tokenRequest
+from mailproxy.oauth.settings import OAuthConfig, OAuthProvider
+from mailproxy.oauth.store import StoredGrant, TokenStore, TokenStoreError, loadKeys, newKey
+
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# RFC 8628 section 3.5: without "interval", poll every 5 s; "slow_down" adds 5.
+DEFAULT_INTERVAL = 5.0
+SLOW_DOWN = 5.0
+# Microsoft's names for RFC 8628's access_denied and invalid_grant.
+DENIED = {"access_denied", "authorization_declined"}
+
+
+class AuthorizeError(Exception):
+    """
+    The grant was not obtained; the message says why.
+    """
+
+
+def writeKey(path: str) -> None:
+    """
+    Write a new key to C{path} (mode 0600), refusing to replace one: the
+    grants sealed with it would be lost.
+    """
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise AuthorizeError(
+            f"{path} exists: add a new key as its first line to rotate (old keys still decrypt)"
+        ) from None
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(newKey() + b"\n")
+
+
+async def deviceGrant(reactor: Any, provider: OAuthProvider, timeout: float) -> dict[str, Any]:
+    """
+    Run the device authorization grant with C{provider}; its tokens.
+
+    @raise AuthorizeError: if the user declines, the code expires or the
+        provider refuses.
+    """
+    if provider.deviceAuthorizationEndpoint is None:
+        raise AuthorizeError(f"provider {provider.name} has no device_authorization_endpoint")
+    if not provider.deviceFlowAllowed:
+        raise AuthorizeError(
+            f"provider {provider.name}: its device flow does not grant mail scopes (Google's does not)"
+        )
+    fields = {**clientFields(provider), "scope": " ".join(provider.scopes)}
+    code, started = await postForm(reactor, provider.deviceAuthorizationEndpoint, fields, timeout)
+    if code != 200 or not isinstance(started.get("device_code"), str):
+        raise AuthorizeError(f"device authorization refused: HTTP {code} {started.get('error', '')}".rstrip())
+    # Google names it verification_url.
+    link = (
+        started.get("verification_uri_complete") or started.get("verification_uri") or started.get("verification_url")
+    )
+    print(f"To let the proxy read mail for this user, open {link}", flush=True)
+    print(f"and enter the code {started.get('user_code')} (valid {started.get('expires_in', '?')} s).", flush=True)
+    interval = float(started.get("interval") or DEFAULT_INTERVAL)
+    deadline = reactor.seconds() + float(started.get("expires_in") or 900)
+    while reactor.seconds() < deadline:
+        await deferLater(reactor, interval, lambda: None)
+        try:
+            issued = await tokenRequest(
+                reactor, provider, {"grant_type": DEVICE_GRANT, "device_code": started["device_code"]}, timeout
+            )
+        except TokenError as error:
+            if error.error == "authorization_pending":
+                continue
+            if error.error == "slow_down":
+                interval += SLOW_DOWN
+                continue
+            if error.error in DENIED:
+                raise AuthorizeError("the user declined") from None
+            if error.error == "expired_token":
+                raise AuthorizeError("the code expired before the user signed in; run the command again") from None
+            raise AuthorizeError(f"the provider refused: {error}") from None
+        if issued.refreshToken is None:
+            raise AuthorizeError("the provider gave no refresh token (Microsoft: add the offline_access scope)")
+        return {"refresh_token": issued.refreshToken, "scope": issued.scope}
+    raise AuthorizeError("the code expired before the user signed in; run the command again")
+
+
+async def authorize(reactor: Any, oauth: OAuthConfig, user: str, providerName: str) -> str:
+    """
+    Obtain and store C{user}'s grant from C{providerName}; the file.
+    """
+    provider = oauth.providers.get(providerName)
+    if provider is None:
+        known = ", ".join(sorted(oauth.providers)) or "none"
+        raise AuthorizeError(f"no provider [oauth2.{providerName}] (configured: {known})")
+    store = TokenStore(oauth.tokenStore, loadKeys(oauth.keyFile))
+    tokens = await deviceGrant(reactor, provider, oauth.timeout)
+    store.save(user, StoredGrant(provider.name, tokens["refresh_token"], time.time(), tokens["scope"]))
+    return store.path(user)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mailproxy-oauth", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="/etc/mailproxy/mailproxy.toml", help="the proxy's configuration")
+    commands = parser.add_subparsers(dest="command", required=True)
+    newKeyCommand = commands.add_parser("new-key", help="write a new token store key (mode 0600)")
+    newKeyCommand.add_argument("file")
+    authorizeCommand = commands.add_parser("authorize", help="obtain USER's grant from PROVIDER (device flow)")
+    authorizeCommand.add_argument("user", help="the local user name")
+    authorizeCommand.add_argument("provider", help="the provider's name, [oauth2.PROVIDER]")
+    arguments = parser.parse_args(argv)
+    try:
+        if arguments.command == "new-key":
+            writeKey(arguments.file)
+            print(f"wrote a new key to {arguments.file}")
+            return 0
+        config = loadConfig(arguments.config)
+        if config.oauth2 is None:
+            raise AuthorizeError(f"{arguments.config} has no [oauth2] table")
+        oauth = config.oauth2
+    except (AuthorizeError, ConfigError) as error:
+        print(f"mailproxy-oauth: {error}", file=sys.stderr)
+        return 1
+    outcome: list[str] = []
+
+    def run(reactor: Any) -> Deferred[None]:
+        async def work() -> None:
+            try:
+                path = await authorize(reactor, oauth, arguments.user, arguments.provider)
+            except (AuthorizeError, ProviderUnavailable, TokenStoreError, OSError) as error:
+                outcome.append(f"mailproxy-oauth: {error}")
+                return
+            print(f"stored the grant of {arguments.user} from {arguments.provider} in {path}")
+
+        return ensureDeferred(work())
+
+    try:
+        react(run)
+    except SystemExit as exit:
+        if exit.code:
+            return int(exit.code)
+    if outcome:
+        print(outcome[0], file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""
+OAuth 2.0 upstream login (XOAUTH2 / OAUTHBEARER) end to end: clients log in
+to the proxy with their local password; the proxy logs in to an OAuth-only
+Dovecot (oauth2 passdb, every token checked by RFC 7662 introspection at
+the tests' authorization server) with an access token it refreshes from
+the user's stored, encrypted grant.  Each attack or fault is checked in
+Dovecot's own log and at the authorization server, not only in the reply.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import poplib
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mailproxy.oauth.store import StoredGrant, TokenStore, loadKeys, newKey
+from tests.conftest import HOST
+from tests.dovecot import DovecotUpstream
+from tests.oauthserver import CLIENT_ID, CLIENT_SECRET, AuthorizationServer
+from tests.proxyprocess import ProxyProcess, freePort, runningProxy
+from tests.tomlconfig import authTable, listenerTable, routingTable, table, upstreamTable
+
+USER = "olivia"
+PASSWORD = "olivia's local pw"
+# Her name at the provider (and so at Dovecot): not her local name.
+UPSTREAM_USER = "olivia@mail.test"
+OTHER = "oscar"
+OTHER_PASSWORD = "oscar's local pw"
+OTHER_UPSTREAM = "oscar@mail.test"
+WAIT = 20.0
+SUBJECT = b"Subject: through OAuth"
+
+
+@pytest.fixture(scope="module")
+def authorizationServer() -> Iterator[AuthorizationServer]:
+    server = AuthorizationServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def oauthDovecot(authorizationServer: AuthorizationServer) -> Iterator[DovecotUpstream]:
+    upstream = DovecotUpstream(oauth2IntrospectionUrl=authorizationServer.introspectionUrl)
+    upstream.start()
+    try:
+        # One message in each INBOX, put there over XOAUTH2 itself.
+        for name in (UPSTREAM_USER, OTHER_UPSTREAM):
+            token = authorizationServer.accessToken(name)
+            client = imaplib.IMAP4(HOST, upstream.ports["imap"])
+            client.authenticate("XOAUTH2", lambda _, name=name, token=token: xoauth2(name, token))
+            client.append("INBOX", None, None, SUBJECT + b"\r\n\r\nhello " + name.encode() + b"\r\n")
+            client.logout()
+        yield upstream
+    finally:
+        upstream.stop()
+
+
+def xoauth2(user: str, token: str) -> bytes:
+    return f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+
+
+@dataclass
+class OAuthProxy:
+    directory: str
+    configPath: str
+    process: ProxyProcess
+    ports: dict[str, int]
+    server: AuthorizationServer
+    dovecot: DovecotUpstream
+
+    @property
+    def store(self) -> TokenStore:
+        return TokenStore(os.path.join(self.directory, "tokens"), loadKeys(os.path.join(self.directory, "token.key")))
+
+    def authorize(self, user: str, upstreamUser: str) -> None:
+        """
+        Store a grant for C{user}, as C{mailproxy-oauth authorize} would.
+        """
+        self.store.save(user, StoredGrant("test", self.server.grant(upstreamUser), time.time()))
+
+    def log(self) -> str:
+        return self.process.log()
+
+    def waitForLog(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.log())
+            if found or time.monotonic() > deadline:
+                assert found, f"{pattern!r} not in log:\n{self.log()[-3000:]}"
+                return found
+            time.sleep(0.05)
+
+    def imap(self) -> imaplib.IMAP4:
+        return imaplib.IMAP4(HOST, self.ports["imap"], timeout=WAIT)
+
+    def dovecotLogins(self, user: str) -> int:
+        with open(self.dovecot.logFile, errors="replace") as handle:
+            return len(
+                re.findall(rf"imap-login: (?:Info: )?Login: user=<{re.escape(user)}>.*method=XOAUTH2", handle.read())
+            )
+
+
+def oauthConfig(
+    directory: str, ports: dict[str, int], server: AuthorizationServer, dovecot: DovecotUpstream, **oauth: object
+) -> str:
+    return (
+        # One process: the refresh counts below are per process.
+        table("server", workers=1)
+        + authTable(failureDelay=0.05)
+        + listenerTable("imap", ports["imap"], allowPlaintextAuth=True)
+        + listenerTable("pop3", ports["pop3"], protocol="pop3", allowPlaintextAuth=True)
+        + listenerTable("pop3relay", ports["pop3relay"], protocol="pop3", allowPlaintextAuth=True)
+        + upstreamTable("mail", dovecot.ports["imap"], oauth2="test")
+        + upstreamTable("mailpop", dovecot.ports["pop3"], protocol="pop3", oauth2="test")
+        + routingTable("mail", {USER: {"username": UPSTREAM_USER}, OTHER: {"username": OTHER_UPSTREAM}})
+        + table(
+            "oauth2",
+            tokenStore=os.path.join(directory, "tokens"),
+            keyFile=os.path.join(directory, "token.key"),
+            **oauth,  # type: ignore[arg-type]
+        )
+        + table(
+            "oauth2.test",
+            tokenEndpoint=f"{server.url}/token",
+            deviceAuthorizationEndpoint=f"{server.url}/device",
+            authorizationEndpoint=f"{server.url}/authorize",
+            clientId=CLIENT_ID,
+            clientSecret=CLIENT_SECRET,
+            scopes=["mail"],
+        )
+    )
+
+
+@pytest.fixture
+def startProxy(
+    authorizationServer: AuthorizationServer, oauthDovecot: DovecotUpstream, tmp_path: Path
+) -> Iterator[Callable[..., OAuthProxy]]:
+    server = authorizationServer
+    server.accessLifetime, server.rotate, server.delay = 3600.0, False, 0.0
+    server.expireAccessTokens()
+    server.refreshes.clear()
+    with ExitStack() as running:
+
+        def start(routes: dict[str, dict[str, object]] | None = None, **oauth: object) -> OAuthProxy:
+            ports = {"imap": freePort(), "pop3": freePort(), "pop3relay": freePort()}
+            keyDirectory = tmp_path
+            (keyDirectory / "token.key").write_bytes(newKey() + b"\n")
+            config = oauthConfig(str(keyDirectory), ports, server, oauthDovecot, **oauth)
+            if routes:
+                config += "".join(table(f'routing.users."{user}"', **keys) for user, keys in routes.items())  # type: ignore[arg-type]
+            directory, process = running.enter_context(
+                runningProxy(config, {USER: PASSWORD, OTHER: OTHER_PASSWORD}, list(ports.values()), "mp-oauth-")
+            )
+            configPath = os.path.join(directory, "mailproxy.toml")
+            proxy = OAuthProxy(str(keyDirectory), configPath, process, ports, server, oauthDovecot)
+            return proxy
+
+        yield start
+
+
+def test_first_login_logs_in_upstream_with_a_refreshed_token(startProxy: Callable[..., OAuthProxy]) -> None:
+    proxy = startProxy()
+    proxy.authorize(USER, UPSTREAM_USER)
+    before = proxy.dovecotLogins(UPSTREAM_USER)
+    client = proxy.imap()
+    client.login(USER, PASSWORD)
+    typ, data = client.select("INBOX", readonly=True)
+    assert typ == "OK" and int(data[0] or 0) >= 1
+    assert SUBJECT in client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1][0][1]  # type: ignore[index]
+    client.logout()
+    assert proxy.server.refreshes[UPSTREAM_USER] == 1
+    assert proxy.dovecotLogins(UPSTREAM_USER) == before + 1
+    log = proxy.log()
+    assert "access token of olivia at test refreshed" in log
+    # Never a token or a secret in the log.
+    assert "at-" not in log and "rt-" not in log and CLIENT_SECRET not in log
+
+
+def test_a_cached_token_serves_the_next_session_and_an_expired_one_is_refreshed(
+    startProxy: Callable[..., OAuthProxy],
+) -> None:
+    proxy = startProxy(refreshMargin=1)
+    proxy.server.accessLifetime = 3.0
+    proxy.authorize(USER, UPSTREAM_USER)
+    long = proxy.imap()
+    long.login(USER, PASSWORD)
+    assert long.select("INBOX")[0] == "OK"
+    second = proxy.imap()
+    second.login(USER, PASSWORD)
+    second.logout()
+    assert proxy.server.refreshes[UPSTREAM_USER] == 1
+    # The token expires (at the provider, and by the proxy's clock).
+    time.sleep(3.2)
+    third = proxy.imap()
+    third.login(USER, PASSWORD)
+    assert third.select("INBOX")[0] == "OK"
+    third.logout()
+    assert proxy.server.refreshes[UPSTREAM_USER] == 2
+    # The long session, logged in with the first token, still works.
+    assert long.noop()[0] == "OK"
+    assert long.fetch("1", "(FLAGS)")[0] == "OK"
+    long.logout()
+
+
+def test_concurrent_logins_share_one_refresh(startProxy: Callable[..., OAuthProxy]) -> None:
+    proxy = startProxy()
+    proxy.authorize(USER, UPSTREAM_USER)
+    proxy.server.delay = 0.5
+
+    def login(_: int) -> str:
+        client = proxy.imap()
+        try:
+            client.login(USER, PASSWORD)
+            return client.select("INBOX", readonly=True)[0]
+        finally:
+            client.logout()
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(login, range(6)))
+    assert results == ["OK"] * 6
+    assert proxy.server.refreshes[UPSTREAM_USER] == 1
+
+
+def test_a_revoked_grant_is_refused_with_authenticationfailed_and_says_what_to_do(
+    startProxy: Callable[..., OAuthProxy],
+) -> None:
+    proxy = startProxy()
+    proxy.authorize(USER, UPSTREAM_USER)
+    client = proxy.imap()
+    client.login(USER, PASSWORD)
+    client.logout()
+    before = proxy.dovecotLogins(UPSTREAM_USER)
+    # The user revokes the proxy's access at the provider: the cached
+    # access token is refused upstream, and so is the refresh token.
+    proxy.server.revoke(UPSTREAM_USER)
+    client = proxy.imap()
+    with pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\]"):
+        client.login(USER, PASSWORD)
+    client.logout()
+    assert proxy.dovecotLogins(UPSTREAM_USER) == before
+    proxy.waitForLog(
+        r"test refused the grant of olivia \(invalid_grant.*mailproxy-oauth --config \S+ authorize olivia test"
+    )
+    # POP3 too, with its own code.
+    pop = poplib.POP3(HOST, proxy.ports["pop3relay"], timeout=WAIT)
+    pop.user(USER)
+    with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\]"):
+        pop.pass_(PASSWORD)
+    pop.quit()
+    # Not the client's wrong password: no lockout follows.
+    proxy.authorize(USER, UPSTREAM_USER)
+    client = proxy.imap()
+    client.login(USER, PASSWORD)
+    client.logout()
+
+
+def test_an_unreachable_provider_gives_unavailable_within_the_timeout(startProxy: Callable[..., OAuthProxy]) -> None:
+    proxy = startProxy(timeout=1)
+    proxy.authorize(USER, UPSTREAM_USER)
+    proxy.server.delay = 3.0
+    client = proxy.imap()
+    started = time.monotonic()
+    with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
+        client.login(USER, PASSWORD)
+    assert time.monotonic() - started < WAIT
+    client.logout()
+    proxy.waitForLog(r"cannot refresh the access token of olivia at test: .*no answer in 1 s")
+
+
+def test_a_damaged_token_file_or_a_wrong_key_gives_unavailable_and_a_log_line(
+    startProxy: Callable[..., OAuthProxy],
+) -> None:
+    proxy = startProxy()
+    proxy.authorize(USER, UPSTREAM_USER)
+    proxy.authorize(OTHER, OTHER_UPSTREAM)
+    damaged = proxy.store.path(USER)
+    with open(damaged, "r+b") as handle:
+        handle.seek(20)
+        handle.write(b"XXXX")
+    client = proxy.imap()
+    with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
+        client.login(USER, PASSWORD)
+    client.logout()
+    proxy.waitForLog(r"token file \S+ of 'olivia' cannot be decrypted with oauth2.key_file")
+    # Oscar's file, sealed under another key.
+    other = TokenStore(proxy.store.directory, loadKeys_from(newKey()))
+    other.save(OTHER, StoredGrant("test", proxy.server.grant(OTHER_UPSTREAM), time.time()))
+    client = proxy.imap()
+    with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
+        client.login(OTHER, OTHER_PASSWORD)
+    client.logout()
+    assert proxy.server.refreshes[OTHER_UPSTREAM] == 0
+
+
+def loadKeys_from(key: bytes):  # type: ignore[no-untyped-def]
+    from cryptography.fernet import Fernet, MultiFernet
+
+    return MultiFernet([Fernet(key)])
+
+
+def test_pop3_bridge_and_relay_reach_the_oauth_only_dovecot(startProxy: Callable[..., OAuthProxy]) -> None:
+    proxy = startProxy()
+    proxy.authorize(USER, UPSTREAM_USER)
+    for port in (proxy.ports["pop3"], proxy.ports["pop3relay"]):
+        pop = poplib.POP3(HOST, port, timeout=WAIT)
+        pop.user(USER)
+        pop.pass_(PASSWORD)
+        count, _ = pop.stat()
+        assert count >= 1
+        assert SUBJECT in b"\r\n".join(pop.retr(1)[1])
+        pop.quit()
+
+
+def test_curl_fetches_through_the_oauth_login(startProxy: Callable[..., OAuthProxy]) -> None:
+    proxy = startProxy()
+    proxy.authorize(USER, UPSTREAM_USER)
+    fetched = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "-u",
+            f"{USER}:{PASSWORD}",
+            f"imap://{HOST}:{proxy.ports['imap']}/INBOX;UID=1",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    assert SUBJECT in fetched.stdout
+
+
+def runAuthorize(proxy: OAuthProxy, user: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "mailproxy-oauth"), "--config", proxy.configPath]
+        + ["authorize", user, "test"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def userCode(authorizing: subprocess.Popen[str]) -> str:
+    assert authorizing.stdout is not None
+    shown = authorizing.stdout.readline() + authorizing.stdout.readline()
+    found = re.search(r"open (\S+)\nand enter the code (\w+)", shown)
+    assert found, shown
+    return found.group(2)
+
+
+def test_the_device_flow_stores_a_grant_that_logs_the_user_in(startProxy: Callable[..., OAuthProxy]) -> None:
+    proxy = startProxy()
+    authorizing = runAuthorize(proxy, USER)
+    code = userCode(authorizing)
+    # The user signs in at the provider a little later: the command polls.
+    time.sleep(0.5)
+    proxy.server.approve(code, UPSTREAM_USER)
+    output, _ = authorizing.communicate(timeout=WAIT)
+    assert authorizing.returncode == 0, output
+    assert f"stored the grant of {USER} from test in {proxy.store.path(USER)}" in output
+    assert os.stat(proxy.store.path(USER)).st_mode & 0o777 == 0o600
+    # Sealed: neither token shows in the file.
+    assert b"rt-" not in Path(proxy.store.path(USER)).read_bytes()
+    client = proxy.imap()
+    client.login(USER, PASSWORD)
+    assert client.select("INBOX", readonly=True)[0] == "OK"
+    client.logout()
+
+
+def test_a_declined_device_login_stores_nothing(startProxy: Callable[..., OAuthProxy]) -> None:
+    proxy = startProxy()
+    authorizing = runAuthorize(proxy, OTHER)
+    proxy.server.deny(userCode(authorizing))
+    output, _ = authorizing.communicate(timeout=WAIT)
+    assert authorizing.returncode == 1
+    assert "mailproxy-oauth: the user declined" in output
+    assert not os.path.exists(proxy.store.path(OTHER))
