@@ -10,7 +10,7 @@ APT_PACKAGES := python3-venv dovecot-core dovecot-imapd dovecot-pop3d curl fetch
 BENCH_APT_PACKAGES := nginx libnginx-mod-mail haproxy
 BENCH_ARGS ?=
 
-.PHONY: demo test lint typecheck bench bench-deps fuzz system-deps venv-deps venv clean
+.PHONY: demo demo-oauth test lint typecheck bench bench-deps fuzz system-deps venv-deps venv clean
 
 venv: $(VENV)/.installed
 
@@ -56,6 +56,10 @@ test: system-deps venv lint typecheck
 
 demo: system-deps venv
 	$(BIN)/python -m scripts.demo
+
+# the OAuth 2.0 flow on loopback: an OAuth-only Dovecot, the tests' authorization server, mailproxy-oauth authorize
+demo-oauth: system-deps venv
+	$(BIN)/python -m scripts.oauth_demo
 
 # one summary table: direct Dovecot | mailproxy w=1 | w=N | nginx mail | haproxy (BENCH_ARGS=--quick for a short run)
 bench: system-deps bench-deps venv

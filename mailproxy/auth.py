@@ -195,8 +195,13 @@ class ProxyRealm:
         route = self._config.routeFor(avatarId)
         if route is None:
             raise NoRoute(f"no upstream route for {avatarId!r}")
-        oauth2 = self._config.oauth2
-        provider = oauth2.providers[route.oauth2] if oauth2 is not None and route.oauth2 is not None else None
+        provider = None
+        if route.oauth2 is not None:
+            oauth2 = self._config.oauth2
+            provider = oauth2.providers.get(route.oauth2) if oauth2 is not None else None
+            if provider is None:
+                # Added by a reload: [oauth2] is bound at start-up.
+                raise NoRoute(f"OAuth 2.0 provider {route.oauth2!r} of {avatarId!r} is not loaded; restart the proxy")
         upstream = self._config.upstreams[route.upstream]
         user = ProxyUser(avatarId, upstream, route.username or avatarId, route.password, provider)
         return IProxyUser, user, lambda: None

@@ -50,6 +50,7 @@ _RESTART_ONLY = (
     "certificateCheckInterval",
     "tlsSessionLifetime",
     "workers",
+    "oauth2",
 )
 
 

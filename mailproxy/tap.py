@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.application import strports
@@ -31,10 +31,11 @@ from mailproxy.imap.server import IMAPServerFactory, ServerContext
 from mailproxy.imap.upstream import connectUpstream
 from mailproxy.limits import Limits
 from mailproxy.logs import jsonLinesObserver, textLinesObserver, twistdLogFile
-from mailproxy.oauth.login import loginWith
+from mailproxy.oauth.login import TokenSource, loginWith
+from mailproxy.oauth.sasl import Bearer
 from mailproxy.oauth.settings import OAuthLogin
 from mailproxy.oauth.store import TokenStoreError
-from mailproxy.oauth.tokens import AccessTokens
+from mailproxy.oauth.tokens import AccessTokens, RemoteAccessTokens
 from mailproxy.options import Options
 from mailproxy.passwords import UsersFileError
 from mailproxy.pop3.bridge import openMaildrop
@@ -245,30 +246,26 @@ def buildService(
         limits = SharedLimits(worker.channel, config.authFailureDelay)
     portal = Portal(ProxyRealm(config), checkers)
 
-    tokens = accessTokens(config, reactor, configPath)
+    # Workers ask the supervisor: one cache and one refresh for all.
+    tokens: TokenSource | None = (
+        accessTokens(config, reactor, configPath) if worker is None else RemoteAccessTokens(worker.channel)
+    )
+
+    def loggedIn(credential: Credential, login: Callable[[str | Bearer], Awaitable[Any]]) -> Deferred[Any]:
+        return Deferred.fromCoroutine(loginWith(tokens, credential, login))
 
     def connect(upstream: UpstreamConfig, username: str, credential: Credential, client: str) -> Deferred[Any]:
-        return Deferred.fromCoroutine(
-            loginWith(
-                tokens,
-                credential,
-                lambda secret: connectUpstream(reactor, upstream, username, secret, clientAddress=client),
-            )
+        return loggedIn(
+            credential, lambda secret: connectUpstream(reactor, upstream, username, secret, clientAddress=client)
         )
 
     def connectRelay(upstream: UpstreamConfig, username: str, credential: Credential, client: str) -> Deferred[Any]:
-        return Deferred.fromCoroutine(
-            loginWith(
-                tokens,
-                credential,
-                lambda secret: connectPOP3Upstream(reactor, upstream, username, secret, clientAddress=client),
-            )
+        return loggedIn(
+            credential, lambda secret: connectPOP3Upstream(reactor, upstream, username, secret, clientAddress=client)
         )
 
     def openBridge(upstream: UpstreamConfig, username: str, credential: Credential, client: str) -> Deferred[Any]:
-        return Deferred.fromCoroutine(
-            loginWith(tokens, credential, lambda secret: openMaildrop(reactor, upstream, username, secret, client))
-        )
+        return loggedIn(credential, lambda secret: openMaildrop(reactor, upstream, username, secret, client))
 
     pop3 = POP3Backends(connectRelay, openBridge)
     filters = buildFilters(config.filters)
@@ -421,6 +418,7 @@ def buildSupervisor(config: Config, reactor: Any, configPath: str, configText: b
     ]
     pool = WorkerPool(config.workers, configPath, listeners, limits, checker, reactor)
     pool.logFormat = config.logFormat
+    pool.tokens = accessTokens(config, reactor, configPath)
     # What the workers load: the very text this configuration came from.
     pool.configText = configText
     root = ListenersService(SupervisorReloader(configPath, config, pool, makeChecker), limits, reactor)

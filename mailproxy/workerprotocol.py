@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
+from mailproxy.imap.upstream import OAuthRefused, OAuthUnavailable
 from mailproxy.writenow import writeNow
 
 # AMP values are at most 65,535 bytes: longer texts travel in pages.
@@ -95,6 +96,27 @@ class AbandonLogin(amp.Command):
     """
 
     arguments = [(b"attempt", amp.Integer())]
+    requiresAnswer = False
+
+
+class AccessToken(amp.Command):
+    """
+    A current OAuth 2.0 access token of a local user from a provider (by
+    name): the supervisor keeps them, so that one refresh serves every
+    worker.
+    """
+
+    arguments = [(b"user", amp.Unicode()), (b"provider", amp.Unicode())]
+    response = [(b"token", amp.Unicode()), (b"mechanism", amp.Unicode())]
+    errors = {OAuthRefused: b"OAUTH_REFUSED", OAuthUnavailable: b"OAUTH_UNAVAILABLE"}
+
+
+class ForgetAccessToken(amp.Command):
+    """
+    The upstream refused this access token: the next ask refreshes.
+    """
+
+    arguments = [(b"user", amp.Unicode()), (b"token", amp.Unicode())]
     requiresAnswer = False
 
 

@@ -33,10 +33,13 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
+from mailproxy.oauth.tokens import AccessTokens, answerAccessToken
 from mailproxy.sharedlimits import LimitsResponder
 from mailproxy.workerprotocol import (
+    AccessToken,
     Channel,
     CollectMetrics,
+    ForgetAccessToken,
     GetConfig,
     OneProtocolFactory,
     Ready,
@@ -172,6 +175,17 @@ class WorkerChannel(Channel):
 
     def locateResponder(self, name: bytes) -> Any:
         return super().locateResponder(name) or self.responder.locateResponder(name)
+
+    @AccessToken.responder
+    def accessToken(self, user: str, provider: str) -> Deferred[dict[str, Any]]:
+        return answerAccessToken(self.worker.pool.tokens, user, provider)
+
+    @ForgetAccessToken.responder
+    def forgetAccessToken(self, user: str, token: str) -> dict[str, Any]:
+        tokens = self.worker.pool.tokens
+        if tokens is not None:
+            tokens.forgetToken(user, token)
+        return {}
 
     @GetConfig.responder
     def getConfig(self, page: int) -> dict[str, Any]:
@@ -357,6 +371,8 @@ class WorkerPool(Service):
         # writes it itself, and in which format (see mailproxy.logs).
         self.logDestination: IO[Any] | None = None
         self.logFormat = "text"
+        # The OAuth 2.0 access tokens workers ask for, if configured.
+        self.tokens: AccessTokens | None = None
         self._allServing = False
 
     def startService(self) -> None:

@@ -22,8 +22,10 @@ import os
 import pwd
 import signal
 import stat
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from email.message import EmailMessage
 from typing import IO
 
@@ -197,51 +199,69 @@ Ctrl-C stops the proxy and Dovecot.
 """
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def raiseKeyboardInterrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def serveUntilInterrupted(
+    name: str, what: str, start: Callable[[list[ProxyProcess]], ProxyProcess], stopTheRest: Callable[[], None]
+) -> int:
+    """
+    Bring the demo up with C{start} (which notes the proxy in the list it
+    is given as soon as it runs, and returns it serving), then wait for
+    Ctrl-C, SIGTERM or the proxy's exit; stop the proxy, then the rest,
+    either way.
+
+    @return: the exit status: 0 after Ctrl-C or SIGTERM, 1 on a failure.
+    """
+    running: list[ProxyProcess] = []
+    try:
+        proxy = start(running)
+        while proxy.process.poll() is None:
+            time.sleep(POLL_INTERVAL)
+        print(
+            f"{name}: the proxy exited by itself, with status {proxy.process.returncode}:\n{proxy.output()}",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except (RuntimeError, subprocess.SubprocessError) as error:
+        print(f"{name}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        # A second Ctrl-C must not cut the clean-up short and leave Dovecot or twistd behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"stopping {what}...", flush=True)
+        for proxy in running:
+            proxy.stop()
+        stopTheRest()
+        print("demo stopped", flush=True)
 
 
 def serve(demoDir: str, upstream: DovecotUpstream) -> int:
     """
     Run Dovecot and the proxy until Ctrl-C, SIGTERM or the proxy's exit;
     stop both either way.
-
-    @return: the exit status: 0 after Ctrl-C or SIGTERM, 1 on a failure.
     """
-    proxy: ProxyProcess | None = None
-    try:
+
+    def start(running: list[ProxyProcess]) -> ProxyProcess:
         upstream.addUser(USER, PASSWORD)
         upstream.start()
         seed(upstream)
         # The log goes to a file: the terminal keeps the banner in view.
         proxy = ProxyProcess(writeConfig(demoDir, upstream), os.path.join(demoDir, LOG_NAME))
+        running.append(proxy)
         proxy.waitForPorts([PROXY_IMAP_PORT, PROXY_IMAPS_PORT, PROXY_POP3_PORT], timeout=LISTEN_TIMEOUT)
         print(banner(upstream, proxy), flush=True)
-        while proxy.process.poll() is None:
-            time.sleep(POLL_INTERVAL)
-        print(
-            f"make demo: the proxy exited by itself, with status {proxy.process.returncode}:\n{proxy.output()}",
-            file=sys.stderr,
-        )
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    except RuntimeError as error:
-        print(f"make demo: {error}", file=sys.stderr)
-        return 1
-    finally:
-        # A second Ctrl-C must not cut the clean-up short and leave Dovecot or twistd behind.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("stopping the proxy and Dovecot...", flush=True)
-        if proxy is not None:
-            proxy.stop()
-        upstream.stop()
-        print("demo stopped", flush=True)
+        return proxy
+
+    return serveUntilInterrupted("make demo", "the proxy and Dovecot", start, upstream.stop)
 
 
 def main() -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, raiseKeyboardInterrupt)
     os.makedirs(DEMO_DIR, exist_ok=True)
     try:
         lock = lockDemoDirectory(DEMO_DIR)

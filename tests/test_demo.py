@@ -50,7 +50,7 @@ class Demo:
         return self.outputPath.read_text(errors="replace")
 
 
-def startDemo(environment: dict[str, str], outputPath: Path) -> Demo:
+def startDemo(environment: dict[str, str], outputPath: Path, module: str = "scripts.demo") -> Demo:
     """
     Start the demo in a process group of its own, as a shell starts a
     foreground job, with its output going to C{outputPath}.
@@ -65,7 +65,7 @@ def startDemo(environment: dict[str, str], outputPath: Path) -> Demo:
     try:
         with open(outputPath, "wb") as output:
             process = subprocess.Popen(
-                [sys.executable, "-m", "scripts.demo"],
+                [sys.executable, "-m", module],
                 cwd=REPO,
                 env=environment,
                 stdin=subprocess.DEVNULL,

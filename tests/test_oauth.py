@@ -16,6 +16,9 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -38,6 +41,9 @@ UPSTREAM_USER = "olivia@mail.test"
 OTHER = "oscar"
 OTHER_PASSWORD = "oscar's local pw"
 OTHER_UPSTREAM = "oscar@mail.test"
+# Routed to Dovecot's POP3 (relay, AUTH XOAUTH2 upstream): olivia's mailbox.
+POP_USER = "pia"
+POP_PASSWORD = "pia's local pw"
 WAIT = 20.0
 SUBJECT = b"Subject: through OAuth"
 
@@ -85,11 +91,11 @@ class OAuthProxy:
     def store(self) -> TokenStore:
         return TokenStore(os.path.join(self.directory, "tokens"), loadKeys(os.path.join(self.directory, "token.key")))
 
-    def authorize(self, user: str, upstreamUser: str) -> None:
+    def authorize(self, user: str, upstreamUser: str, provider: str = "test") -> None:
         """
         Store a grant for C{user}, as C{mailproxy-oauth authorize} would.
         """
-        self.store.save(user, StoredGrant("test", self.server.grant(upstreamUser), time.time()))
+        self.store.save(user, StoredGrant(provider, self.server.grant(upstreamUser), time.time()))
 
     def log(self) -> str:
         return self.process.log()
@@ -106,26 +112,40 @@ class OAuthProxy:
     def imap(self) -> imaplib.IMAP4:
         return imaplib.IMAP4(HOST, self.ports["imap"], timeout=WAIT)
 
-    def dovecotLogins(self, user: str) -> int:
+    def dovecotLogins(self, user: str, service: str = "imap", method: str = "XOAUTH2") -> int:
+        """
+        The logins of C{user} Dovecot's log shows, by C{service} and SASL C{method}.
+        """
         with open(self.dovecot.logFile, errors="replace") as handle:
-            return len(
-                re.findall(rf"imap-login: (?:Info: )?Login: user=<{re.escape(user)}>.*method=XOAUTH2", handle.read())
-            )
+            pattern = rf"{service}-login: (?:Info: )?Login: user=<{re.escape(user)}>.*method={method}"
+            return len(re.findall(pattern, handle.read()))
 
 
 def oauthConfig(
-    directory: str, ports: dict[str, int], server: AuthorizationServer, dovecot: DovecotUpstream, **oauth: object
+    directory: str,
+    ports: dict[str, int],
+    server: AuthorizationServer,
+    dovecot: DovecotUpstream,
+    routes: dict[str, dict[str, object]] | None = None,
+    **oauth: object,
 ) -> str:
     return (
-        # One process: the refresh counts below are per process.
-        table("server", workers=1)
+        # Two workers, so that one refresh serving both is shown.
+        table("server", workers=2)
         + authTable(failureDelay=0.05)
         + listenerTable("imap", ports["imap"], allowPlaintextAuth=True)
         + listenerTable("pop3", ports["pop3"], protocol="pop3", allowPlaintextAuth=True)
-        + listenerTable("pop3relay", ports["pop3relay"], protocol="pop3", allowPlaintextAuth=True)
         + upstreamTable("mail", dovecot.ports["imap"], oauth2="test")
         + upstreamTable("mailpop", dovecot.ports["pop3"], protocol="pop3", oauth2="test")
-        + routingTable("mail", {USER: {"username": UPSTREAM_USER}, OTHER: {"username": OTHER_UPSTREAM}})
+        + routingTable(
+            "mail",
+            {
+                USER: {"username": UPSTREAM_USER},
+                OTHER: {"username": OTHER_UPSTREAM},
+                POP_USER: {"upstream": "mailpop", "username": UPSTREAM_USER},
+                **(routes or {}),
+            },  # type: ignore[dict-item]
+        )
         + table(
             "oauth2",
             tokenStore=os.path.join(directory, "tokens"),
@@ -141,6 +161,14 @@ def oauthConfig(
             clientSecret=CLIENT_SECRET,
             scopes=["mail"],
         )
+        # The same server, with RFC 7628's mechanism.
+        + table(
+            "oauth2.bearer",
+            tokenEndpoint=f"{server.url}/token",
+            clientId=CLIENT_ID,
+            clientSecret=CLIENT_SECRET,
+            mechanism="oauthbearer",
+        )
     )
 
 
@@ -155,14 +183,17 @@ def startProxy(
     with ExitStack() as running:
 
         def start(routes: dict[str, dict[str, object]] | None = None, **oauth: object) -> OAuthProxy:
-            ports = {"imap": freePort(), "pop3": freePort(), "pop3relay": freePort()}
+            ports = {"imap": freePort(), "pop3": freePort()}
             keyDirectory = tmp_path
             (keyDirectory / "token.key").write_bytes(newKey() + b"\n")
-            config = oauthConfig(str(keyDirectory), ports, server, oauthDovecot, **oauth)
-            if routes:
-                config += "".join(table(f'routing.users."{user}"', **keys) for user, keys in routes.items())  # type: ignore[arg-type]
+            config = oauthConfig(str(keyDirectory), ports, server, oauthDovecot, routes, **oauth)
             directory, process = running.enter_context(
-                runningProxy(config, {USER: PASSWORD, OTHER: OTHER_PASSWORD}, list(ports.values()), "mp-oauth-")
+                runningProxy(
+                    config,
+                    {USER: PASSWORD, OTHER: OTHER_PASSWORD, POP_USER: POP_PASSWORD},
+                    list(ports.values()),
+                    "mp-oauth-",
+                )
             )
             configPath = os.path.join(directory, "mailproxy.toml")
             proxy = OAuthProxy(str(keyDirectory), configPath, process, ports, server, oauthDovecot)
@@ -255,7 +286,7 @@ def test_a_revoked_grant_is_refused_with_authenticationfailed_and_says_what_to_d
         r"test refused the grant of olivia \(invalid_grant.*mailproxy-oauth --config \S+ authorize olivia test"
     )
     # POP3 too, with its own code.
-    pop = poplib.POP3(HOST, proxy.ports["pop3relay"], timeout=WAIT)
+    pop = poplib.POP3(HOST, proxy.ports["pop3"], timeout=WAIT)
     pop.user(USER)
     with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\]"):
         pop.pass_(PASSWORD)
@@ -314,14 +345,18 @@ def loadKeys_from(key: bytes):  # type: ignore[no-untyped-def]
 def test_pop3_bridge_and_relay_reach_the_oauth_only_dovecot(startProxy: Callable[..., OAuthProxy]) -> None:
     proxy = startProxy()
     proxy.authorize(USER, UPSTREAM_USER)
-    for port in (proxy.ports["pop3"], proxy.ports["pop3relay"]):
-        pop = poplib.POP3(HOST, port, timeout=WAIT)
-        pop.user(USER)
-        pop.pass_(PASSWORD)
+    proxy.authorize(POP_USER, UPSTREAM_USER)
+    relayed = proxy.dovecotLogins(UPSTREAM_USER, "pop3")
+    for user, password in ((USER, PASSWORD), (POP_USER, POP_PASSWORD)):
+        pop = poplib.POP3(HOST, proxy.ports["pop3"], timeout=WAIT)
+        pop.user(user)
+        pop.pass_(password)
         count, _ = pop.stat()
         assert count >= 1
         assert SUBJECT in b"\r\n".join(pop.retr(1)[1])
         pop.quit()
+    # Pia's session went to Dovecot's POP3, logged in there with AUTH XOAUTH2.
+    assert proxy.dovecotLogins(UPSTREAM_USER, "pop3") == relayed + 1
 
 
 def test_curl_fetches_through_the_oauth_login(startProxy: Callable[..., OAuthProxy]) -> None:
@@ -344,10 +379,10 @@ def test_curl_fetches_through_the_oauth_login(startProxy: Callable[..., OAuthPro
     assert SUBJECT in fetched.stdout
 
 
-def runAuthorize(proxy: OAuthProxy, user: str) -> subprocess.Popen[str]:
+def runAuthorize(proxy: OAuthProxy, user: str, *options: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "mailproxy-oauth"), "--config", proxy.configPath]
-        + ["authorize", user, "test"],
+        + ["authorize", user, "test", *options],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -355,12 +390,19 @@ def runAuthorize(proxy: OAuthProxy, user: str) -> subprocess.Popen[str]:
     )
 
 
-def userCode(authorizing: subprocess.Popen[str]) -> str:
+def shown(authorizing: subprocess.Popen[str], pattern: str) -> str:
+    """
+    What the command's first two lines show for C{pattern}'s group.
+    """
     assert authorizing.stdout is not None
-    shown = authorizing.stdout.readline() + authorizing.stdout.readline()
-    found = re.search(r"open (\S+)\nand enter the code (\w+)", shown)
-    assert found, shown
-    return found.group(2)
+    lines = authorizing.stdout.readline() + authorizing.stdout.readline()
+    found = re.search(pattern, lines)
+    assert found, lines
+    return found.group(1)
+
+
+def userCode(authorizing: subprocess.Popen[str]) -> str:
+    return shown(authorizing, r"open \S+\nand enter the code (\w+)")
 
 
 def test_the_device_flow_stores_a_grant_that_logs_the_user_in(startProxy: Callable[..., OAuthProxy]) -> None:
@@ -390,3 +432,117 @@ def test_a_declined_device_login_stores_nothing(startProxy: Callable[..., OAuthP
     assert authorizing.returncode == 1
     assert "mailproxy-oauth: the user declined" in output
     assert not os.path.exists(proxy.store.path(OTHER))
+
+
+def authorizationLink(authorizing: subprocess.Popen[str]) -> str:
+    return shown(authorizing, r"open in a browser on this machine:\n(\S+)")
+
+
+def visit(link: str) -> tuple[int, str]:
+    """
+    What a browser does with the link: sign in (the test server approves
+    at once) and follow the redirect back to the command's loopback port.
+    """
+    try:
+        with urllib.request.urlopen(link, timeout=WAIT) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_the_browser_flow_with_pkce_stores_a_grant_that_logs_the_user_in(
+    startProxy: Callable[..., OAuthProxy],
+) -> None:
+    proxy = startProxy()
+    proxy.server.browserUser = UPSTREAM_USER
+    authorizing = runAuthorize(proxy, USER, "--browser")
+    link = authorizationLink(authorizing)
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)
+    assert query["code_challenge_method"] == ["S256"] and query["redirect_uri"][0].startswith("http://127.0.0.1:")
+    assert visit(link) == (200, "mailproxy-oauth got the answer; you may close this window.\n")
+    output, _ = authorizing.communicate(timeout=WAIT)
+    assert authorizing.returncode == 0, output
+    client = proxy.imap()
+    client.login(USER, PASSWORD)
+    assert client.select("INBOX", readonly=True)[0] == "OK"
+    client.logout()
+
+
+def test_a_forged_redirect_without_the_state_stores_nothing(startProxy: Callable[..., OAuthProxy]) -> None:
+    """Another page sending the browser to the loopback port with a code of its own is refused."""
+    proxy = startProxy()
+    authorizing = runAuthorize(proxy, OTHER, "--browser")
+    link = authorizationLink(authorizing)
+    redirect = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["redirect_uri"][0]
+    assert visit(redirect + "?code=attackers-code&state=guess")[0] == 200
+    output, _ = authorizing.communicate(timeout=WAIT)
+    assert authorizing.returncode == 1
+    assert "state does not match" in output
+    assert not os.path.exists(proxy.store.path(OTHER))
+
+
+@pytest.mark.parametrize(("user", "password"), [(USER, PASSWORD), (POP_USER, POP_PASSWORD)], ids=["bridge", "relay"])
+def test_fetchmail_fetches_through_the_oauth_login(
+    startProxy: Callable[..., OAuthProxy], tmp_path: Path, user: str, password: str
+) -> None:
+    """A legacy POP3 client with a password, a mailbox that takes only tokens: every message arrives, and stays."""
+    proxy = startProxy()
+    proxy.authorize(user, UPSTREAM_USER)
+    messages = tmp_path / "msgs"
+    messages.mkdir()
+    mda = tmp_path / "mda.sh"
+    mda.write_text('#!/bin/sh\nexec cat > "$1/$(date +%s%N).$$"\n')
+    mda.chmod(0o755)
+    rc = tmp_path / "rc"
+    rc.write_text(
+        "set no syslog\nset no bouncemail\n"
+        f'poll "{HOST}" with proto pop3 service {proxy.ports["pop3"]} timeout 30\n'
+        f'  user "{user}" there with password "{password}" is root here\n'
+        f'  options keep fetchall sslproto ""\n'
+        f'  mda "{mda} {messages}"\n'
+    )
+    rc.chmod(0o600)
+    fetched = subprocess.run(
+        ["fetchmail", "-N", "-v", "-f", str(rc), "--idfile", str(tmp_path / "ids"), "--pidfile", str(tmp_path / "pid")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HOME": str(tmp_path)},
+        stdin=subprocess.DEVNULL,
+    )
+    delivered = [path.read_bytes() for path in messages.iterdir()]
+    assert fetched.returncode == 0 and delivered, fetched.stdout[-2000:] + fetched.stderr[-2000:]
+    assert any(SUBJECT in message for message in delivered)
+    assert CLIENT_SECRET not in fetched.stdout + proxy.log()
+
+
+def test_oauthbearer_logs_in_over_imap_and_pop3(startProxy: Callable[..., OAuthProxy]) -> None:
+    """RFC 7628's mechanism, chosen per user; Dovecot's log names it."""
+    proxy = startProxy(
+        routes={
+            OTHER: {"username": OTHER_UPSTREAM, "oauth2": "bearer"},
+            POP_USER: {"upstream": "mailpop", "username": OTHER_UPSTREAM, "oauth2": "bearer"},
+        }
+    )
+    # A grant from another provider is none for this one.
+    proxy.authorize(OTHER, OTHER_UPSTREAM, "test")
+    client = proxy.imap()
+    with pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\]"):
+        client.login(OTHER, OTHER_PASSWORD)
+    client.logout()
+    proxy.waitForLog(r"oauth2: oscar has no grant from bearer; to give one, run: mailproxy-oauth")
+    proxy.authorize(OTHER, OTHER_UPSTREAM, "bearer")
+    proxy.authorize(POP_USER, OTHER_UPSTREAM, "bearer")
+    imap = proxy.dovecotLogins(OTHER_UPSTREAM, method="OAUTHBEARER")
+    pop3 = proxy.dovecotLogins(OTHER_UPSTREAM, "pop3", "OAUTHBEARER")
+    client = proxy.imap()
+    client.login(OTHER, OTHER_PASSWORD)
+    assert client.select("INBOX", readonly=True)[0] == "OK"
+    client.logout()
+    pop = poplib.POP3(HOST, proxy.ports["pop3"], timeout=WAIT)
+    pop.user(POP_USER)
+    pop.pass_(POP_PASSWORD)
+    assert pop.stat()[0] >= 1
+    pop.quit()
+    assert proxy.dovecotLogins(OTHER_UPSTREAM, method="OAUTHBEARER") == imap + 1
+    assert proxy.dovecotLogins(OTHER_UPSTREAM, "pop3", "OAUTHBEARER") == pop3 + 1

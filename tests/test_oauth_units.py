@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from cryptography.fernet import Fernet, MultiFernet
 
 from mailproxy.config import ConfigError, parseConfig
@@ -146,3 +149,20 @@ def test_a_bad_key_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
         loadKeys(str(tmp_path / "key"))
     with pytest.raises(TokenStoreError, match="cannot read"):
         loadKeys(str(tmp_path / "missing"))
+
+
+def test_the_oauth_example_config_is_valid(tmp_path: Path) -> None:
+    """etc/mailproxy-oauth.example.toml parses: Microsoft 365 by the device flow, Gmail by the browser."""
+    text = (Path(__file__).resolve().parent.parent / "etc" / "mailproxy-oauth.example.toml").read_text()
+    (tmp_path / "tls").mkdir()
+    trustme.CA().issue_cert("mail.example.test").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "tls" / "fullchain.pem")
+    )
+    shutil.copy(tmp_path / "tls" / "fullchain.pem", tmp_path / "tls" / "privkey.pem")
+    config = parseConfig(tomllib.loads(text.replace("/etc/mailproxy/", f"{tmp_path}/")), str(tmp_path))
+    assert config.oauth2 is not None
+    m365, gmail = config.oauth2.providers["m365"], config.oauth2.providers["gmail"]
+    assert m365.tokenEndpoint == "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    assert m365.deviceFlowAllowed and not gmail.deviceFlowAllowed
+    assert gmail.scopes == ("https://mail.google.com/",)
+    assert {user: route.oauth2 for user, route in config.routes.items()} == {"alice": "m365", "bob": "gmail"}

@@ -62,6 +62,27 @@ class UpstreamError(Exception):
         self.kind = kind or ("login_refused" if authenticationFailed else "protocol")
 
 
+class OAuthRefused(UpstreamError):
+    """
+    The user has no OAuth 2.0 grant, or the provider refused it: the client
+    is refused as for a wrong password (but nothing counts towards a
+    lockout: the local password was right).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, authenticationFailed=True, kind="oauth_refused")
+
+
+class OAuthUnavailable(UpstreamError):
+    """
+    No access token now: the provider did not answer, or the token store
+    cannot be used.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="oauth_unavailable")
+
+
 def lostKind(reason: Failure) -> str:
     """
     The L{UpstreamError.kind} of a connection that closed: a failed TLS

@@ -1,9 +1,12 @@
 # -*- test-case-name: tests.test_oauth -*-
 """
-C{mailproxy-oauth}: make the token store's key, and obtain a user's grant
+C{mailproxy-oauth}: make the token store's key, and obtain a user's grant:
 with the device authorization grant (RFC 8628), which needs no browser on
-the proxy's host: the command prints a link and a code, the user signs in
-at the provider from any device, and the refresh token is stored.
+the proxy's host (the command prints a link and a code, the user signs in
+at the provider from any device), or with the authorization code grant,
+PKCE and a loopback redirect (RFC 7636, RFC 8252) for providers whose
+device flow cannot grant mail access (Google's).  The refresh token is
+stored encrypted.
 
     mailproxy-oauth new-key /etc/mailproxy/token.key
     mailproxy-oauth --config /etc/mailproxy/mailproxy.toml authorize alice microsoft
@@ -12,13 +15,19 @@ at the provider from any device, and the refresh token is stored.
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import os
+import secrets
 import sys
 import time
+import urllib.parse
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred
 from twisted.internet.task import deferLater, react
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from mailproxy.config import ConfigError, loadConfig
 from mailproxy.oauth.client import ProviderUnavailable, TokenError, clientFields, postForm, tokenRequest
@@ -102,16 +111,110 @@ async def deviceGrant(reactor: Any, provider: OAuthProvider, timeout: float) -> 
     raise AuthorizeError("the code expired before the user signed in; run the command again")
 
 
-async def authorize(reactor: Any, oauth: OAuthConfig, user: str, providerName: str) -> str:
+class _Redirect(Resource):
     """
-    Obtain and store C{user}'s grant from C{providerName}; the file.
+    The loopback redirect target: the first visit with C{code} or C{error}
+    ends the wait.
+    """
+
+    isLeaf = True
+
+    def __init__(self, arrived: Deferred[dict[str, str]]) -> None:
+        super().__init__()
+        self.arrived = arrived
+
+    def render_GET(self, request: Any) -> bytes:
+        query = {key.decode(): values[0].decode("utf-8", "replace") for key, values in request.args.items()}
+        if "code" not in query and "error" not in query:
+            request.setResponseCode(404)
+            return b"Not the authorization's answer.\n"
+        if not self.arrived.called:
+            self.arrived.callback(query)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"mailproxy-oauth got the answer; you may close this window.\n"
+
+
+async def browserGrant(reactor: Any, provider: OAuthProvider, timeout: float, wait: float) -> dict[str, Any]:
+    """
+    Run the authorization code grant with PKCE (RFC 7636) and a loopback
+    redirect (RFC 8252): the user opens the printed link in a browser on
+    this machine (or with the port forwarded), signs in, and the provider
+    sends the browser back here with the code.
+
+    @raise AuthorizeError: if the user declines, the answer does not come
+        within C{wait} seconds or does not match.
+    """
+    if provider.authorizationEndpoint is None:
+        raise AuthorizeError(f"provider {provider.name} has no authorization_endpoint")
+    verifier = secrets.token_urlsafe(64)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    state = secrets.token_urlsafe(16)
+    arrived: Deferred[dict[str, str]] = Deferred()
+    port = reactor.listenTCP(0, Site(_Redirect(arrived)), interface="127.0.0.1")
+    try:
+        redirect = f"http://127.0.0.1:{port.getHost().port}/"
+        query = {
+            "response_type": "code",
+            "client_id": provider.clientId,
+            "redirect_uri": redirect,
+            "scope": " ".join(provider.scopes),
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+            "state": state,
+            # Google gives a refresh token only with these.
+            "access_type": "offline",
+            "prompt": "consent",
+        }
+        separator = "&" if "?" in provider.authorizationEndpoint else "?"
+        print("To let the proxy read mail for this user, open in a browser on this machine:", flush=True)
+        print(provider.authorizationEndpoint + separator + urllib.parse.urlencode(query), flush=True)
+        arrived.addTimeout(wait, reactor)
+        try:
+            answer = await arrived
+        except TimeoutError:
+            raise AuthorizeError(f"no answer from the browser within {wait:g} s; run the command again") from None
+        # Let the page for the browser go out before anything can end the process.
+        await deferLater(reactor, 0.2, lambda: None)
+    finally:
+        await port.stopListening()
+    if answer.get("state") != state:
+        raise AuthorizeError("the answer's state does not match this request (not ours): nothing stored")
+    if "error" in answer:
+        if answer["error"] in DENIED:
+            raise AuthorizeError("the user declined")
+        raise AuthorizeError(f"the provider refused: {answer['error']}")
+    fields = {
+        "grant_type": "authorization_code",
+        "code": answer["code"],
+        "redirect_uri": redirect,
+        "code_verifier": verifier,
+    }
+    try:
+        issued = await tokenRequest(reactor, provider, fields, timeout)
+    except TokenError as error:
+        raise AuthorizeError(f"the provider refused the code: {error}") from None
+    if issued.refreshToken is None:
+        raise AuthorizeError("the provider gave no refresh token")
+    return {"refresh_token": issued.refreshToken, "scope": issued.scope}
+
+
+async def authorize(
+    reactor: Any, oauth: OAuthConfig, user: str, providerName: str, browser: bool = False, wait: float = 300.0
+) -> str:
+    """
+    Obtain and store C{user}'s grant from C{providerName}; the file.  The
+    device flow unless C{browser} is asked for or the provider's device
+    flow cannot grant mail scopes (Google's).
     """
     provider = oauth.providers.get(providerName)
     if provider is None:
         known = ", ".join(sorted(oauth.providers)) or "none"
         raise AuthorizeError(f"no provider [oauth2.{providerName}] (configured: {known})")
     store = TokenStore(oauth.tokenStore, loadKeys(oauth.keyFile))
-    tokens = await deviceGrant(reactor, provider, oauth.timeout)
+    if browser or not provider.deviceFlowAllowed or provider.deviceAuthorizationEndpoint is None:
+        tokens = await browserGrant(reactor, provider, oauth.timeout, wait)
+    else:
+        tokens = await deviceGrant(reactor, provider, oauth.timeout)
     store.save(user, StoredGrant(provider.name, tokens["refresh_token"], time.time(), tokens["scope"]))
     return store.path(user)
 
@@ -125,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     authorizeCommand = commands.add_parser("authorize", help="obtain USER's grant from PROVIDER (device flow)")
     authorizeCommand.add_argument("user", help="the local user name")
     authorizeCommand.add_argument("provider", help="the provider's name, [oauth2.PROVIDER]")
+    authorizeCommand.add_argument(
+        "--browser",
+        action="store_true",
+        help="sign in with a browser on this machine (authorization code, PKCE, loopback redirect); "
+        "the default for providers whose device flow cannot grant mail access (Google)",
+    )
+    authorizeCommand.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the browser")
     arguments = parser.parse_args(argv)
     try:
         if arguments.command == "new-key":
@@ -143,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     def run(reactor: Any) -> Deferred[None]:
         async def work() -> None:
             try:
-                path = await authorize(reactor, oauth, arguments.user, arguments.provider)
+                path = await authorize(
+                    reactor, oauth, arguments.user, arguments.provider, arguments.browser, arguments.wait
+                )
             except (AuthorizeError, ProviderUnavailable, TokenStoreError, OSError) as error:
                 outcome.append(f"mailproxy-oauth: {error}")
                 return

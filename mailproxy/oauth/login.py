@@ -8,18 +8,30 @@ say) is refreshed and tried once more.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
+
+from twisted.internet.defer import Deferred
 
 from mailproxy.imap.upstream import UpstreamError
 from mailproxy.oauth.sasl import Bearer
-from mailproxy.oauth.settings import OAuthLogin
-from mailproxy.oauth.tokens import AccessTokens
+from mailproxy.oauth.settings import OAuthLogin, OAuthProvider
 
 T = TypeVar("T")
 
 
+class TokenSource(Protocol):
+    """
+    Where access tokens come from: L{mailproxy.oauth.tokens.AccessTokens},
+    or the supervisor's, asked over a worker's channel.
+    """
+
+    def bearer(self, user: str, provider: OAuthProvider) -> Deferred[Bearer]: ...
+
+    def forget(self, user: str, bearer: Bearer) -> None: ...
+
+
 async def loginWith(
-    tokens: AccessTokens | None, credential: str | OAuthLogin, login: Callable[[str | Bearer], Awaitable[T]]
+    tokens: TokenSource | None, credential: str | OAuthLogin, login: Callable[[str | Bearer], Awaitable[T]]
 ) -> T:
     """
     Run C{login} with C{credential}: a password as it is, an L{OAuthLogin}

@@ -2,7 +2,8 @@
 """
 Access tokens for upstream logins: kept in memory until shortly before
 they expire, then refreshed from the user's stored grant, at most one
-refresh per user at a time (the logins waiting meanwhile share it).
+refresh per user at a time (the logins waiting meanwhile share it).  With
+workers, the supervisor keeps them and workers ask it.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailproxy.imap.upstream import UpstreamError
+from mailproxy.imap.upstream import OAuthRefused, OAuthUnavailable
 from mailproxy.oauth.client import IssuedTokens, ProviderUnavailable, TokenError, connectionPool, refresh
 from mailproxy.oauth.sasl import BadToken, Bearer
 from mailproxy.oauth.settings import OAuthConfig, OAuthProvider
 from mailproxy.oauth.store import StoredGrant, TokenStore, TokenStoreError, loadKeys
+from mailproxy.workerprotocol import AccessToken, ForgetAccessToken
 
 # Without expires_in, a token is taken to last this long (RFC 6749 leaves
 # it to the documentation; Google's and Microsoft's last an hour).
@@ -61,8 +63,8 @@ class AccessTokens:
         """
         A current access token of C{user} at C{provider}.
 
-        @return: fails with L{UpstreamError} (C{authenticationFailed} if the
-            grant is missing or refused).
+        @return: fails with L{OAuthRefused} if the grant is missing or
+            refused, L{OAuthUnavailable} if there is no token now.
         """
         cached = self._cached.get(user)
         if cached is not None and cached.provider == provider.name and self.reactor.seconds() < cached.refreshAt:
@@ -81,8 +83,11 @@ class AccessTokens:
         """
         The upstream refused C{bearer}: the next login refreshes.
         """
+        self.forgetToken(user, bearer.token)
+
+    def forgetToken(self, user: str, token: str) -> None:
         cached = self._cached.get(user)
-        if cached is not None and cached.bearer == bearer:
+        if cached is not None and cached.bearer.token == token:
             del self._cached[user]
 
     def _refreshed(self, result: Bearer | Failure, user: str) -> None:
@@ -101,7 +106,7 @@ class AccessTokens:
             grant: StoredGrant | None = await self._inThread(self.store.load, user)
         except TokenStoreError as error:
             self.log.error("oauth2: {error}", error=str(error))
-            raise UpstreamError(f"OAuth 2.0 token store: {error}", kind="oauth_unavailable") from None
+            raise OAuthUnavailable(f"OAuth 2.0 token store: {error}") from None
         if grant is None or grant.provider != provider.name:
             self.log.warn(
                 "oauth2: {user} has no grant from {provider}; to give one, run: {authorize}",
@@ -109,9 +114,7 @@ class AccessTokens:
                 provider=provider.name,
                 authorize=authorize,
             )
-            raise UpstreamError(
-                f"{user} has no OAuth 2.0 grant from {provider.name}", authenticationFailed=True, kind="oauth_refused"
-            )
+            raise OAuthRefused(f"{user} has no OAuth 2.0 grant from {provider.name}")
         started = self.reactor.seconds()
         self.refreshes += 1
         try:
@@ -126,11 +129,7 @@ class AccessTokens:
                 error=str(error),
                 authorize=authorize,
             )
-            raise UpstreamError(
-                f"{provider.name} refused the OAuth 2.0 grant of {user}: {error.error}",
-                authenticationFailed=True,
-                kind="oauth_refused",
-            ) from None
+            raise OAuthRefused(f"{provider.name} refused the OAuth 2.0 grant of {user}: {error.error}") from None
         except ProviderUnavailable as error:
             self.log.warn(
                 "oauth2: cannot refresh the access token of {user} at {provider}: {error}",
@@ -138,11 +137,11 @@ class AccessTokens:
                 provider=provider.name,
                 error=str(error),
             )
-            raise UpstreamError(f"OAuth 2.0 provider {provider.name}: {error}", kind="oauth_unavailable") from None
+            raise OAuthUnavailable(f"OAuth 2.0 provider {provider.name}: {error}") from None
         try:
             bearer = Bearer(issued.accessToken, provider.mechanism)
         except BadToken as error:
-            raise UpstreamError(f"OAuth 2.0 provider {provider.name}: {error}", kind="oauth_unavailable") from None
+            raise OAuthUnavailable(f"OAuth 2.0 provider {provider.name}: {error}") from None
         if issued.refreshToken is not None and issued.refreshToken != grant.refreshToken:
             # A rotating provider: the old refresh token no longer works.
             rotated = StoredGrant(
@@ -167,3 +166,35 @@ class AccessTokens:
             lifetime=lifetime,
         )
         return bearer
+
+
+class RemoteAccessTokens:
+    """
+    A worker's access tokens: asked of its supervisor's L{AccessTokens}
+    (see L{mailproxy.workers}), so that all workers share one cache and one
+    refresh per user.
+    """
+
+    def __init__(self, supervisor: Any) -> None:
+        self.supervisor = supervisor
+
+    def bearer(self, user: str, provider: OAuthProvider) -> Deferred[Bearer]:
+        asking: Deferred[dict[str, Any]] = self.supervisor.callRemote(AccessToken, user=user, provider=provider.name)
+        return asking.addCallback(lambda answer: Bearer(answer["token"], answer["mechanism"]))
+
+    def forget(self, user: str, bearer: Bearer) -> None:
+        try:
+            self.supervisor.callRemote(ForgetAccessToken, user=user, token=bearer.token)
+        except Exception:
+            # The supervisor is gone: the worker stops anyway.
+            pass
+
+
+def answerAccessToken(tokens: AccessTokens | None, user: str, provider: str) -> Deferred[dict[str, Any]]:
+    """
+    The supervisor's answer to a worker's L{AccessToken}.
+    """
+    found = tokens.config.providers.get(provider) if tokens is not None else None
+    if tokens is None or found is None:
+        raise OAuthUnavailable(f"no OAuth 2.0 provider {provider!r} loaded (restart after adding one)")
+    return tokens.bearer(user, found).addCallback(lambda bearer: {"token": bearer.token, "mechanism": bearer.mechanism})

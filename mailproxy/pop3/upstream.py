@@ -259,14 +259,21 @@ async def _bearer(
     reply = await handshake.command(
         b"AUTH " + mechanism + b" " + bearer.initialResponse(username, upstream.host, upstream.port)
     )
-    if reply.startswith(b"+"):
+    if _isChallenge(reply):
         status = challengeStatus(reply[1:])
         reply = await handshake.command(bearer.errorAcknowledgement)
-        if reply.startswith(b"+"):
+        if _isChallenge(reply):
             await handshake.command(b"*")
             raise UpstreamError("upstream sent a second challenge to an OAuth 2.0 login")
         reply = reply.rstrip(b"\r\n") + b" (" + status.encode("ascii", "replace") + b")\r\n"
     return reply
+
+
+def _isChallenge(reply: bytes) -> bool:
+    """
+    A SASL challenge (C{+ data}, or a bare C{+}), not C{+OK}.
+    """
+    return reply.startswith(b"+ ") or reply.rstrip(b"\r\n") == b"+"
 
 
 async def _plain(handshake: _Handshake, username: bytes, password: bytes) -> bytes:
@@ -275,7 +282,7 @@ async def _plain(handshake: _Handshake, username: bytes, password: bytes) -> byt
     response = base64.b64encode(b"\0" + username + b"\0" + password)
     # RFC 5034 servers must take the initial response on the AUTH line.
     reply = await handshake.command(b"AUTH PLAIN " + response)
-    if reply.startswith(b"+ ") or reply.rstrip(b"\r\n") == b"+":
+    if _isChallenge(reply):
         # A challenge despite the initial response: cancel rather than guess.
         await handshake.command(b"*")
         raise UpstreamError("upstream sent a challenge to AUTH PLAIN with an initial response")
