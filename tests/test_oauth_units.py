@@ -15,10 +15,16 @@ from typing import Any
 import pytest
 import trustme
 from cryptography.fernet import Fernet, MultiFernet
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 
 from mailproxy.config import ConfigError, parseConfig
+from mailproxy.imap.upstream import OAuthRefused, OAuthUnavailable
 from mailproxy.oauth.sasl import BadToken, Bearer, challengeStatus
+from mailproxy.oauth.settings import OAuthProvider
 from mailproxy.oauth.store import StoredGrant, TokenStore, TokenStoreError, loadKeys, newKey
+from mailproxy.oauth.tokens import RemoteAccessTokens
 
 
 def document(**oauthRoute: Any) -> dict[str, Any]:
@@ -166,3 +172,33 @@ def test_the_oauth_example_config_is_valid(tmp_path: Path) -> None:
     assert m365.deviceFlowAllowed and not gmail.deviceFlowAllowed
     assert gmail.scopes == ("https://mail.google.com/",)
     assert {user: route.oauth2 for user, route in config.routes.items()} == {"alice": "m365", "bob": "gmail"}
+
+
+class Supervisor:
+    """
+    A worker's channel whose every question fails with C{error}.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def callRemote(self, command: Any, **arguments: Any) -> Deferred[Any]:
+        return fail(self.error)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (OAuthRefused("test refused the OAuth 2.0 grant of olivia: invalid_grant"), OAuthRefused),
+        (ConnectionDone("the supervisor went away"), OAuthUnavailable),
+    ],
+)
+def test_a_worker_gets_the_supervisors_refusal_or_no_token_never_another_error(
+    error: Exception, expected: type[Exception]
+) -> None:
+    provider = OAuthProvider("test", "https://as.example.test/token", "proxy")
+    asking = RemoteAccessTokens(Supervisor(error)).bearer("olivia", provider)
+    failures: list[Failure] = []
+    asking.addErrback(failures.append)
+    [failure] = failures
+    assert failure.check(expected) and failure.check(OAuthRefused, OAuthUnavailable)

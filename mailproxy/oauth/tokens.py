@@ -49,7 +49,6 @@ class AccessTokens:
         self.configPath = configPath
         self._cached: dict[str, _Cached] = {}
         self._refreshing: dict[str, list[Deferred[Bearer]]] = {}
-        self.refreshes = 0
         self.pool = connectionPool(reactor)
 
     @classmethod
@@ -116,7 +115,6 @@ class AccessTokens:
             )
             raise OAuthRefused(f"{user} has no OAuth 2.0 grant from {provider.name}")
         started = self.reactor.seconds()
-        self.refreshes += 1
         try:
             issued: IssuedTokens = await refresh(
                 self.reactor, provider, grant.refreshToken, self.config.timeout, self.pool
@@ -180,7 +178,7 @@ class RemoteAccessTokens:
 
     def bearer(self, user: str, provider: OAuthProvider) -> Deferred[Bearer]:
         asking: Deferred[dict[str, Any]] = self.supervisor.callRemote(AccessToken, user=user, provider=provider.name)
-        return asking.addCallback(lambda answer: Bearer(answer["token"], answer["mechanism"]))
+        return asking.addCallbacks(lambda answer: Bearer(answer["token"], answer["mechanism"]), _unavailable)
 
     def forget(self, user: str, bearer: Bearer) -> None:
         try:
@@ -188,6 +186,16 @@ class RemoteAccessTokens:
         except Exception:
             # The supervisor is gone: the worker stops anyway.
             pass
+
+
+def _unavailable(failure: Failure) -> Failure:
+    """
+    Keep the supervisor's answers; anything else (the supervisor gone, a
+    bug there) is no token now, not a traceback in the worker's log.
+    """
+    if failure.check(OAuthRefused, OAuthUnavailable):
+        return failure
+    return Failure(OAuthUnavailable(f"no access token from the supervisor: {failure.getErrorMessage()}"))
 
 
 def answerAccessToken(tokens: AccessTokens | None, user: str, provider: str) -> Deferred[dict[str, Any]]:
