@@ -132,7 +132,8 @@ class ConfigReloader:
             return False
         if checker is not None:
             self.portal.registerChecker(checker)
-        self.portal.realm = ProxyRealm(config)
+        # [oauth2] is bound at start-up: routes resolve providers in that one.
+        self.portal.realm = ProxyRealm(_withStartupSettings(config, self.config))
         for context in self.contexts:
             listener = self._applied[context.listener.name] = listeners[context.listener.name]
             context.filtersFor = chainFactory(config, listener, filters)

@@ -153,8 +153,13 @@ class LogForwarder:
             while data:
                 data = data[os.write(self.fd, data) :]
         except OSError:
-            # The supervisor is gone (it stops us too): stderr, if anyone reads it.
-            sys.stderr.write(bytes(data).decode("utf-8", "replace"))
+            # The supervisor is gone (it stops us too): stderr, if anyone
+            # still reads it; else the lines are lost with it.
+            try:
+                sys.stderr.write(bytes(data).decode("utf-8", "replace"))
+                sys.stderr.flush()
+            except OSError:
+                pass
 
 
 def stop(reactor: Any) -> None:

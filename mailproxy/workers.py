@@ -400,8 +400,13 @@ class WorkerPool(Service):
         """
         text = lines.decode("utf-8", "replace")
         if self.logDestination is not None:
-            self.logDestination.write(text)
-            self.logDestination.flush()
+            try:
+                self.logDestination.write(text)
+                self.logDestination.flush()
+            except OSError:
+                # The log itself cannot be written (a full disk): the lines
+                # are lost either way, and the worker's pipe must stay open.
+                pass
             return
         for line in text.splitlines():
             try:

@@ -66,6 +66,12 @@ class AuthorizationServer:
         self.rotate = False
         self.delay = 0.0
         self.deviceInterval = 0.2
+        # Random octets in an access token: real ones run to 1-2 KB.
+        self.accessTokenOctets = 16
+        # A misbehaving token endpoint: the body this long after the
+        # headers, or a body this long (padding inside the JSON).
+        self.bodyDelay = 0.0
+        self.bodyPadding = 0
         self.browserUser: str | None = None
         # Approve every device code at its first poll, as this user (a demo).
         self.autoApprove: str | None = None
@@ -142,7 +148,7 @@ class AuthorizationServer:
     # -- the endpoints, under the lock -------------------------------------------
 
     def _issueAccess(self, user: str) -> str:
-        token = "at-" + secrets.token_urlsafe(16)
+        token = "at-" + secrets.token_urlsafe(self.accessTokenOctets)
         self.state.accessTokens[token] = (user, time.time() + self.accessLifetime)
         return token
 
@@ -257,15 +263,18 @@ def _handlerFor(server: AuthorizationServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-        def _answer(self, code: int, document: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        def _answer(self, code: int, document: dict[str, Any], misbehave: bool = False) -> None:
+            if misbehave and server.bodyPadding:
+                document = {**document, "padding": "x" * server.bodyPadding}
             body = json.dumps(document).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Cache-Control", "no-store")
             self.send_header("Content-Length", str(len(body)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
             self.end_headers()
+            if misbehave and server.bodyDelay:
+                self.wfile.flush()
+                time.sleep(server.bodyDelay)
             self.wfile.write(body)
 
         def do_POST(self) -> None:
@@ -287,7 +296,7 @@ def _handlerFor(server: AuthorizationServer) -> type[BaseHTTPRequestHandler]:
                     code, document = server.device(form)
                 else:
                     code, document = 404, {"error": "not_found"}
-            self._answer(code, document)
+            self._answer(code, document, misbehave=True)
 
         def do_GET(self) -> None:
             parts = urllib.parse.urlsplit(self.path)

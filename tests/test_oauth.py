@@ -178,6 +178,7 @@ def startProxy(
 ) -> Iterator[Callable[..., OAuthProxy]]:
     server = authorizationServer
     server.accessLifetime, server.rotate, server.delay = 3600.0, False, 0.0
+    server.accessTokenOctets, server.bodyDelay, server.bodyPadding = 16, 0.0, 0
     server.expireAccessTokens()
     server.refreshes.clear()
     with ExitStack() as running:
@@ -468,17 +469,27 @@ def test_the_browser_flow_with_pkce_stores_a_grant_that_logs_the_user_in(
     client.logout()
 
 
-def test_a_forged_redirect_without_the_state_stores_nothing(startProxy: Callable[..., OAuthProxy]) -> None:
-    """Another page sending the browser to the loopback port with a code of its own is refused."""
+def test_a_forged_redirect_is_refused_and_the_real_answer_still_awaited(
+    startProxy: Callable[..., OAuthProxy],
+) -> None:
+    """Another page sending the browser to the loopback port with a code of its own neither ends nor hijacks the flow."""
     proxy = startProxy()
+    proxy.server.browserUser = OTHER_UPSTREAM
     authorizing = runAuthorize(proxy, OTHER, "--browser")
     link = authorizationLink(authorizing)
     redirect = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["redirect_uri"][0]
-    assert visit(redirect + "?code=attackers-code&state=guess")[0] == 200
+    assert visit(redirect + "?code=attackers-code&state=guess") == (
+        400,
+        "Not the answer to this authorization request.\n",
+    )
+    assert visit(redirect + "?error=access_denied") == (400, "Not the answer to this authorization request.\n")
+    assert authorizing.poll() is None
+    assert visit(link)[0] == 200
     output, _ = authorizing.communicate(timeout=WAIT)
-    assert authorizing.returncode == 1
-    assert "state does not match" in output
-    assert not os.path.exists(proxy.store.path(OTHER))
+    assert authorizing.returncode == 0, output
+    client = proxy.imap()
+    client.login(OTHER, OTHER_PASSWORD)
+    client.logout()
 
 
 @pytest.mark.parametrize(("user", "password"), [(USER, PASSWORD), (POP_USER, POP_PASSWORD)], ids=["bridge", "relay"])
@@ -546,3 +557,62 @@ def test_oauthbearer_logs_in_over_imap_and_pop3(startProxy: Callable[..., OAuthP
     pop.quit()
     assert proxy.dovecotLogins(OTHER_UPSTREAM, method="OAUTHBEARER") == imap + 1
     assert proxy.dovecotLogins(OTHER_UPSTREAM, "pop3", "OAUTHBEARER") == pop3 + 1
+
+
+def test_a_token_endpoint_that_stalls_or_floods_gives_unavailable_in_time(
+    startProxy: Callable[..., OAuthProxy],
+) -> None:
+    """Headers at once and then nothing, or an endless answer: the timeout covers the whole answer, its size is bounded."""
+    proxy = startProxy(timeout=1)
+    proxy.authorize(USER, UPSTREAM_USER)
+    proxy.server.bodyDelay = 5.0
+    client = proxy.imap()
+    started = time.monotonic()
+    with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
+        client.login(USER, PASSWORD)
+    assert time.monotonic() - started < 4.0
+    client.logout()
+    proxy.server.bodyDelay, proxy.server.bodyPadding = 0.0, 1 << 20
+    client = proxy.imap()
+    with pytest.raises(imaplib.IMAP4.error, match=r"\[UNAVAILABLE\]"):
+        client.login(USER, PASSWORD)
+    client.logout()
+    proxy.waitForLog(r"cannot refresh the access token of olivia at test: .*an answer of over 65536 octets")
+    # The provider recovers: so do the logins.
+    proxy.server.bodyPadding = 0
+    client = proxy.imap()
+    client.login(USER, PASSWORD)
+    client.logout()
+
+
+def test_real_length_tokens_log_in_over_imap_and_pop3(startProxy: Callable[..., OAuthProxy]) -> None:
+    """A 2 KB token: POP3 sends AUTH on its own line, then the response (RFC 2449's 255-octet lines)."""
+    proxy = startProxy()
+    proxy.server.accessTokenOctets = 1500
+    proxy.authorize(POP_USER, UPSTREAM_USER)
+    proxy.authorize(USER, UPSTREAM_USER)
+    relayed = proxy.dovecotLogins(UPSTREAM_USER, "pop3")
+    pop = poplib.POP3(HOST, proxy.ports["pop3"], timeout=WAIT)
+    pop.user(POP_USER)
+    pop.pass_(POP_PASSWORD)
+    assert pop.stat()[0] >= 1
+    pop.quit()
+    assert proxy.dovecotLogins(UPSTREAM_USER, "pop3") == relayed + 1
+    client = proxy.imap()
+    client.login(USER, PASSWORD)
+    client.logout()
+
+
+def test_a_refusal_refreshing_cannot_cure_refreshes_once_not_at_every_login(
+    startProxy: Callable[..., OAuthProxy],
+) -> None:
+    """Tokens for oscar, but a route naming another mailbox: Dovecot refuses every one; the provider is asked twice, not twice per login."""
+    proxy = startProxy(routes={OTHER: {"username": "someone-else@mail.test"}})
+    proxy.authorize(OTHER, OTHER_UPSTREAM)
+    for _ in range(3):
+        client = proxy.imap()
+        with pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\]"):
+            client.login(OTHER, OTHER_PASSWORD)
+        client.logout()
+    # The first login's refresh, and one forced refresh after its refusal.
+    assert proxy.server.refreshes[OTHER_UPSTREAM] == 2

@@ -19,12 +19,13 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from mailproxy.config import ConfigError, parseConfig
+from mailproxy.config import ConfigError, TLSMode, UpstreamConfig, parseConfig
 from mailproxy.imap.upstream import OAuthRefused, OAuthUnavailable
 from mailproxy.oauth.sasl import BadToken, Bearer, challengeStatus
 from mailproxy.oauth.settings import OAuthProvider
 from mailproxy.oauth.store import StoredGrant, TokenStore, TokenStoreError, loadKeys, newKey
 from mailproxy.oauth.tokens import RemoteAccessTokens
+from mailproxy.pop3.upstream import _bearer
 
 
 def document(**oauthRoute: Any) -> dict[str, Any]:
@@ -202,3 +203,37 @@ def test_a_worker_gets_the_supervisors_refusal_or_no_token_never_another_error(
     asking.addErrback(failures.append)
     [failure] = failures
     assert failure.check(expected) and failure.check(OAuthRefused, OAuthUnavailable)
+
+
+class POP3Handshake:
+    """
+    Records the POP3 commands sent and answers from C{replies}.
+    """
+
+    def __init__(self, *replies: bytes) -> None:
+        self.sent: list[bytes] = []
+        self.replies = list(replies)
+
+    async def command(self, line: bytes) -> bytes:
+        self.sent.append(line)
+        return self.replies.pop(0)
+
+
+@pytest.mark.parametrize("octets", [16, 1500])
+def test_pop3_auth_keeps_command_lines_within_255_octets(octets: int) -> None:
+    """RFC 2449: a real (long) token goes as the answer to the server's empty challenge, not on the AUTH line."""
+    token = "t" * octets
+    handshake = (
+        POP3Handshake(b"+ \r\n", b"+OK Logged in.\r\n") if octets > 100 else POP3Handshake(b"+OK Logged in.\r\n")
+    )
+    upstream = UpstreamConfig("pop", "127.0.0.1", 110, TLSMode.PLAIN, protocol="pop3")
+    reply = Deferred.fromCoroutine(
+        _bearer(handshake, {b"XOAUTH2"}, "olivia@mail.test", Bearer(token, "xoauth2"), upstream)  # type: ignore[arg-type]
+    )
+    replies: list[bytes] = []
+    reply.addCallback(replies.append)
+    assert replies == [b"+OK Logged in.\r\n"]
+    assert all(len(line) + 2 <= 255 for line in handshake.sent[:1])
+    assert b"".join(handshake.sent).endswith(
+        Bearer(token, "xoauth2").initialResponse("olivia@mail.test", "127.0.0.1", 110)
+    )

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.imap.framer import Event, FramingError, IMAPFramer, Line
 from mailproxy.imap.syntax import capabilitiesIn, isAtom, quoted
-from mailproxy.oauth.sasl import Bearer, challengeStatus
+from mailproxy.oauth.sasl import BadToken, Bearer, challengeStatus
 from mailproxy.tls import upstreamOptions
 
 log = Logger()
@@ -543,7 +543,10 @@ async def _bearerLogin(
     mechanism = bearer.mechanism.upper().encode("ascii")
     if b"AUTH=" + mechanism not in capabilities:
         raise UpstreamError(f"upstream does not offer AUTHENTICATE {mechanism.decode()}", kind="protocol")
-    response = bearer.initialResponse(username, upstream.host, upstream.port)
+    try:
+        response = bearer.initialResponse(username, upstream.host, upstream.port)
+    except BadToken as error:
+        raise UpstreamError(f"cannot log in upstream with a token: {error}") from None
     tag = handshake.nextTag()
     transport = handshake.protocol.transport
     sent = b"SASL-IR" in capabilities

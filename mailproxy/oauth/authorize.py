@@ -86,14 +86,19 @@ async def deviceGrant(reactor: Any, provider: OAuthProvider, timeout: float) -> 
     )
     print(f"To let the proxy read mail for this user, open {link}", flush=True)
     print(f"and enter the code {started.get('user_code')} (valid {started.get('expires_in', '?')} s).", flush=True)
-    interval = float(started.get("interval") or DEFAULT_INTERVAL)
-    deadline = reactor.seconds() + float(started.get("expires_in") or 900)
+    interval = _seconds(started.get("interval"), DEFAULT_INTERVAL, 1.0, 60.0)
+    deadline = reactor.seconds() + _seconds(started.get("expires_in"), 900.0, 1.0, 3600.0)
     while reactor.seconds() < deadline:
         await deferLater(reactor, interval, lambda: None)
         try:
             issued = await tokenRequest(
                 reactor, provider, {"grant_type": DEVICE_GRANT, "device_code": started["device_code"]}, timeout
             )
+        except ProviderUnavailable as error:
+            # A passing failure; the user may have signed in meanwhile.
+            print(f"(the provider did not answer: {error}; trying again)", flush=True)
+            interval = min(interval * 2, 60.0)
+            continue
         except TokenError as error:
             if error.error == "authorization_pending":
                 continue
@@ -119,15 +124,21 @@ class _Redirect(Resource):
 
     isLeaf = True
 
-    def __init__(self, arrived: Deferred[dict[str, str]]) -> None:
+    def __init__(self, arrived: Deferred[dict[str, str]], state: str) -> None:
         super().__init__()
         self.arrived = arrived
+        self.state = state
 
     def render_GET(self, request: Any) -> bytes:
         query = {key.decode(): values[0].decode("utf-8", "replace") for key, values in request.args.items()}
         if "code" not in query and "error" not in query:
             request.setResponseCode(404)
             return b"Not the authorization's answer.\n"
+        if not secrets.compare_digest(query.get("state", "").encode(), self.state.encode()):
+            # Not the answer to this request (another page, a local
+            # process): refused, and the real one is still awaited.
+            request.setResponseCode(400)
+            return b"Not the answer to this authorization request.\n"
         if not self.arrived.called:
             self.arrived.callback(query)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
@@ -150,7 +161,7 @@ async def browserGrant(reactor: Any, provider: OAuthProvider, timeout: float, wa
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
     state = secrets.token_urlsafe(16)
     arrived: Deferred[dict[str, str]] = Deferred()
-    port = reactor.listenTCP(0, Site(_Redirect(arrived)), interface="127.0.0.1")
+    port = reactor.listenTCP(0, Site(_Redirect(arrived, state)), interface="127.0.0.1")
     try:
         redirect = f"http://127.0.0.1:{port.getHost().port}/"
         query = {
@@ -177,8 +188,6 @@ async def browserGrant(reactor: Any, provider: OAuthProvider, timeout: float, wa
         await deferLater(reactor, 0.2, lambda: None)
     finally:
         await port.stopListening()
-    if answer.get("state") != state:
-        raise AuthorizeError("the answer's state does not match this request (not ours): nothing stored")
     if "error" in answer:
         if answer["error"] in DENIED:
             raise AuthorizeError("the user declined")
@@ -196,6 +205,17 @@ async def browserGrant(reactor: Any, provider: OAuthProvider, timeout: float, wa
     if issued.refreshToken is None:
         raise AuthorizeError("the provider gave no refresh token")
     return {"refresh_token": issued.refreshToken, "scope": issued.scope}
+
+
+def _seconds(value: Any, default: float, least: float, most: float) -> float:
+    """
+    A number of seconds from the provider, within bounds.
+    """
+    try:
+        seconds = float(value) if value is not None else default
+    except (TypeError, ValueError, OverflowError):
+        seconds = default
+    return min(max(seconds, least), most) if seconds == seconds else default
 
 
 async def authorize(

@@ -17,8 +17,9 @@ from typing import Any
 
 import treq
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.web._newclient import ResponseNeverReceived
+from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 
@@ -26,6 +27,8 @@ from mailproxy.oauth.settings import OAuthProvider
 
 # A token endpoint's answer is a small JSON object; more is not one.
 MAX_RESPONSE = 64 * 1024
+# Access tokens last an hour at the big providers; a longer claim is capped.
+MAX_LIFETIME = 86400.0
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -94,32 +97,47 @@ async def postForm(
 
     @raise ProviderUnavailable: if there is no such answer in C{timeout} s.
     """
-    try:
+
+    async def exchange() -> tuple[int, bytes]:
         response = await treq.post(
-            url,
-            data=fields,
-            headers=Headers({b"Accept": [b"application/json"]}),
-            timeout=timeout,
-            reactor=reactor,
-            pool=pool,
+            url, data=fields, headers=Headers({b"Accept": [b"application/json"]}), reactor=reactor, pool=pool
         )
-        body = await treq.content(response)
-    except (defer.CancelledError, ResponseNeverReceived, ResponseFailed) as error:
+        chunks: list[bytes] = []
+
+        def collect(data: bytes) -> None:
+            chunks.append(data)
+            if sum(map(len, chunks)) > MAX_RESPONSE:
+                raise ProviderUnavailable(f"{url}: an answer of over {MAX_RESPONSE} octets is no token response")
+
+        await treq.collect(response, collect)
+        return response.code, b"".join(chunks)
+
+    # The whole exchange, body included, within the timeout.
+    asking = Deferred.fromCoroutine(exchange())
+    asking.addTimeout(timeout, reactor)
+    try:
+        code, body = await asking
+    except ProviderUnavailable:
+        raise
+    except (defer.CancelledError, defer.TimeoutError):
+        raise ProviderUnavailable(f"{url}: no answer in {timeout:g} s") from None
+    except (ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) as error:
         reasons = getattr(error, "reasons", [])
-        if isinstance(error, defer.CancelledError) or any(reason.check(defer.CancelledError) for reason in reasons):
+        for reason in reasons:
+            if reason.check(ProviderUnavailable):
+                raise reason.value from None
+        if any(reason.check(defer.CancelledError) for reason in reasons):
             raise ProviderUnavailable(f"{url}: no answer in {timeout:g} s") from None
         raise ProviderUnavailable(f"{url}: {', '.join(reason.getErrorMessage() for reason in reasons)}") from None
     except (ConnectError, DNSLookupError, OSError) as error:
         raise ProviderUnavailable(f"{url}: {error}") from None
-    if len(body) > MAX_RESPONSE:
-        raise ProviderUnavailable(f"{url}: answer of {len(body)} octets, not a token response")
     try:
         document = json.loads(body)
-    except ValueError:
-        raise ProviderUnavailable(f"{url}: HTTP {response.code}, not JSON") from None
+    except (ValueError, RecursionError):
+        raise ProviderUnavailable(f"{url}: HTTP {code}, not JSON") from None
     if not isinstance(document, dict):
-        raise ProviderUnavailable(f"{url}: HTTP {response.code}, not a JSON object")
-    return response.code, document
+        raise ProviderUnavailable(f"{url}: HTTP {code}, not a JSON object")
+    return code, document
 
 
 async def tokenRequest(
@@ -145,14 +163,26 @@ async def tokenRequest(
     accessToken = document.get("access_token")
     if not isinstance(accessToken, str) or not accessToken:
         raise ProviderUnavailable(f"{provider.tokenEndpoint}: no access_token in the answer")
-    expiresIn = document.get("expires_in")
     refreshToken = document.get("refresh_token")
     return IssuedTokens(
         accessToken=accessToken,
-        expiresIn=float(expiresIn) if isinstance(expiresIn, int | float) and not isinstance(expiresIn, bool) else None,
+        expiresIn=_lifetime(document.get("expires_in")),
         refreshToken=refreshToken if isinstance(refreshToken, str) and refreshToken else None,
         scope=str(document.get("scope", "")),
     )
+
+
+def _lifetime(value: Any) -> float | None:
+    """
+    C{expires_in} as seconds from 0 to a day; C{None} if it is not a number.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = MAX_LIFETIME
+    return min(max(seconds, 0.0), MAX_LIFETIME) if seconds == seconds else None
 
 
 async def refresh(
@@ -161,6 +191,8 @@ async def refresh(
     """
     A new access token for C{refreshToken} (RFC 6749 section 6).
     """
-    return await tokenRequest(
-        reactor, provider, {"grant_type": "refresh_token", "refresh_token": refreshToken}, timeout, pool
-    )
+    fields = {"grant_type": "refresh_token", "refresh_token": refreshToken}
+    if provider.scopes:
+        # Microsoft's identity platform requires the scopes again (RFC 6749 section 6 allows them).
+        fields["scope"] = " ".join(provider.scopes)
+    return await tokenRequest(reactor, provider, fields, timeout, pool)

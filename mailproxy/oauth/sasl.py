@@ -46,7 +46,12 @@ class Bearer:
     def initialResponse(self, username: str, host: str, port: int) -> bytes:
         """
         The client's first SASL message, base64-encoded.
+
+        @raise BadToken: if C{username} holds a control character, which
+            would end a field of the message early.
         """
+        if any(ord(char) < 0x20 or ord(char) == 0x7F for char in username):
+            raise BadToken("the upstream user name holds a control character")
         user = username.encode("utf-8")
         if self.mechanism == "oauthbearer":
             # RFC 5801 saslname: "," and "=" escaped in the authzid.
@@ -74,7 +79,7 @@ def challengeStatus(challenge: bytes) -> str:
     """
     try:
         document = json.loads(base64.b64decode(challenge.strip(), validate=True))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return challenge.strip()[:100].decode("ascii", "replace")
     if not isinstance(document, dict):
         return str(document)[:100]

@@ -26,7 +26,7 @@ class OAuthProvider:
     name: str
     tokenEndpoint: str
     clientId: str
-    clientSecret: str | None = None
+    clientSecret: str | None = field(default=None, repr=False)
     scopes: tuple[str, ...] = ()
     deviceAuthorizationEndpoint: str | None = None
     authorizationEndpoint: str | None = None

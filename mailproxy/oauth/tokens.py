@@ -28,6 +28,12 @@ from mailproxy.workerprotocol import AccessToken, ForgetAccessToken
 DEFAULT_LIFETIME = 3600.0
 
 
+# A token the upstream refuses is dropped (and so refreshed) at most this
+# often per user: when refreshing does not help (a wrong user name, a
+# disabled account), every login would otherwise hammer the provider.
+MIN_FORCED_REFRESH = 60.0
+
+
 @dataclass(frozen=True)
 class _Cached:
     bearer: Bearer
@@ -49,6 +55,7 @@ class AccessTokens:
         self.configPath = configPath
         self._cached: dict[str, _Cached] = {}
         self._refreshing: dict[str, list[Deferred[Bearer]]] = {}
+        self._forcedAt: dict[str, float] = {}
         self.pool = connectionPool(reactor)
 
     @classmethod
@@ -86,7 +93,11 @@ class AccessTokens:
 
     def forgetToken(self, user: str, token: str) -> None:
         cached = self._cached.get(user)
-        if cached is not None and cached.bearer.token == token:
+        if cached is None or cached.bearer.token != token:
+            return
+        now = self.reactor.seconds()
+        if now - self._forcedAt.get(user, -MIN_FORCED_REFRESH) >= MIN_FORCED_REFRESH:
+            self._forcedAt[user] = now
             del self._cached[user]
 
     def _refreshed(self, result: Bearer | Failure, user: str) -> None:

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.imap.upstream import UpstreamError, closeUpstream, lostKind, openConnection, setNoDelay
-from mailproxy.oauth.sasl import Bearer, challengeStatus
+from mailproxy.oauth.sasl import BadToken, Bearer, challengeStatus
 from mailproxy.pop3.wire import unstuff
 from mailproxy.tls import upstreamOptions
 
@@ -256,9 +256,19 @@ async def _bearer(
     mechanism = bearer.mechanism.upper().encode("ascii")
     if mechanism not in mechanisms:
         raise UpstreamError(f"upstream does not offer AUTH {mechanism.decode()}", kind="protocol")
-    reply = await handshake.command(
-        b"AUTH " + mechanism + b" " + bearer.initialResponse(username, upstream.host, upstream.port)
-    )
+    try:
+        response = bearer.initialResponse(username, upstream.host, upstream.port)
+    except BadToken as error:
+        raise UpstreamError(f"cannot log in upstream with a token: {error}") from None
+    line = b"AUTH " + mechanism + b" " + response
+    if len(line) + 2 <= MAX_POP3_COMMAND:
+        reply = await handshake.command(line)
+    else:
+        # Too long for one POP3 command line (RFC 2449: 255 octets; real
+        # tokens are longer): the response answers the server's empty "+".
+        reply = await handshake.command(b"AUTH " + mechanism)
+        if _isChallenge(reply):
+            reply = await handshake.command(response)
     if _isChallenge(reply):
         status = challengeStatus(reply[1:])
         reply = await handshake.command(bearer.errorAcknowledgement)
@@ -267,6 +277,10 @@ async def _bearer(
             raise UpstreamError("upstream sent a second challenge to an OAuth 2.0 login")
         reply = reply.rstrip(b"\r\n") + b" (" + status.encode("ascii", "replace") + b")\r\n"
     return reply
+
+
+# RFC 2449 section 4: a command line is at most 255 octets, CRLF included.
+MAX_POP3_COMMAND = 255
 
 
 def _isChallenge(reply: bytes) -> bool:
