@@ -6,6 +6,7 @@ messages, and the encrypted token store.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import shutil
 import tomllib
@@ -19,10 +20,12 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
+from mailproxy.auth import NoRoute, ProxyRealm
 from mailproxy.config import ConfigError, TLSMode, UpstreamConfig, parseConfig
 from mailproxy.imap.upstream import OAuthRefused, OAuthUnavailable
+from mailproxy.interfaces import IProxyUser
 from mailproxy.oauth.sasl import BadToken, Bearer, challengeStatus
-from mailproxy.oauth.settings import OAuthProvider
+from mailproxy.oauth.settings import OAuthLogin, OAuthProvider
 from mailproxy.oauth.store import StoredGrant, TokenStore, TokenStoreError, loadKeys, newKey
 from mailproxy.oauth.tokens import RemoteAccessTokens
 from mailproxy.pop3.upstream import _bearer
@@ -237,3 +240,14 @@ def test_pop3_auth_keeps_command_lines_within_255_octets(octets: int) -> None:
     assert b"".join(handshake.sent).endswith(
         Bearer(token, "xoauth2").initialResponse("olivia@mail.test", "127.0.0.1", 110)
     )
+
+
+def test_a_provider_added_by_a_reload_is_refused_until_a_restart() -> None:
+    """[oauth2] is bound at start-up: a route naming a provider that is not loaded gets no session."""
+    config = parseConfig(document(), "/etc/mailproxy")
+    assert config.oauth2 is not None
+    running = dataclasses.replace(config, oauth2=dataclasses.replace(config.oauth2, providers={}))
+    with pytest.raises(NoRoute, match="OAuth 2.0 provider 'ms' of 'alice' is not loaded; restart the proxy"):
+        ProxyRealm(running).requestAvatar("alice", None, IProxyUser)
+    _, user, _ = ProxyRealm(config).requestAvatar("alice", None, IProxyUser)
+    assert user.upstreamCredential(b"local pw") == OAuthLogin("alice", config.oauth2.providers["ms"])
