@@ -47,7 +47,7 @@ from bench.common import (
     workDirectory,
     writeUsersFile,
 )
-from bench.idle_sessions import Session
+from bench.idle_sessions import Session, proxyConfig
 from bench.load import LoadClient
 from tests.dovecot import DovecotUpstream
 
@@ -70,24 +70,6 @@ DRAIN_SECONDS = 60.0
 NOTIFICATION_GOAL_MS = 1500.0
 # client sessions + proxy-to-Dovecot sessions + everything else, with room
 FILE_LIMIT_MARGIN = 4096
-
-PROXY_CONFIG = """
-{server}
-[auth]
-users_file = "users"
-[[listener]]
-endpoint = "tcp:{port}:interface=127.0.0.1:backlog=4096"
-allow_plaintext_auth = true
-[upstream.dovecot]
-host = "127.0.0.1"
-port = {upstreamPort}
-[routing]
-default_upstream = "dovecot"
-[limits]
-max_connections = {limit}
-max_connections_per_ip = {limit}
-max_sessions_per_user = {limit}
-"""
 
 
 @dataclass
@@ -277,11 +259,6 @@ async def _measure(
     result.aliveDirect = len(result.lastRound["direct"])
 
 
-def proxyConfig(port: int, upstreamPort: int, sessions: int, workers: int | None) -> str:
-    server = f"[server]\nworkers = {workers}\n" if workers is not None else ""
-    return PROXY_CONFIG.format(server=server, port=port, upstreamPort=upstreamPort, limit=sessions + 100)
-
-
 def measure(sessions: int, directSessions: int, rounds: int, workers: int | None = 0) -> IdleScaleResult:
     """
     Run the whole measurement. C{workers=0}: the number of CPUs; C{None}:
@@ -299,7 +276,7 @@ def measure(sessions: int, directSessions: int, rounds: int, workers: int | None
     ):
         writeUsersFile(directory, dict.fromkeys(users, (PASSWORD, CHEAP_LOG2_N)))
         port = freePort()
-        config = proxyConfig(port, upstream.ports["imap"], sessions + directSessions, workers)
+        config = proxyConfig(port, upstream.ports["imap"], sessions + directSessions, workers, backlog=4096)
         with startProxy(directory, config, [port]) as proxy:
             asyncio.run(_measureAndClose(upstream, proxy.pid, port, rounds, result))
             result.proxyAlive = proxy.process.poll() is None

@@ -33,6 +33,7 @@ from bench.common import (
     workDirectory,
     writeUsersFile,
 )
+from mailproxy.limits import LimitsConfig
 from tests.dovecot import DovecotUpstream
 
 USER, PASSWORD = "idler", "idlerpw"
@@ -119,12 +120,18 @@ async def latencies(upstream: DovecotUpstream, groups: dict[str, list[Session]],
     return results
 
 
-def proxyConfig(port: int, upstreamPort: int, sessions: int) -> str:
+def proxyConfig(port: int, upstreamPort: int, sessions: int, workers: int | None = None, backlog: int = 1024) -> str:
+    """
+    mailproxy in front of Dovecot with room for C{sessions} idle sessions
+    from one address (and C{workers}, if given).
+    """
+    limit = sessions + 100
+    server = f"[server]\nworkers = {workers}\n" if workers is not None else ""
     return f"""
-[auth]
+{server}[auth]
 users_file = "users"
 [[listener]]
-endpoint = "tcp:{port}:interface=127.0.0.1:backlog=1024"
+endpoint = "tcp:{port}:interface=127.0.0.1:backlog={backlog}"
 allow_plaintext_auth = true
 [upstream.dovecot]
 host = "127.0.0.1"
@@ -132,8 +139,9 @@ port = {upstreamPort}
 [routing]
 default_upstream = "dovecot"
 [limits]
-max_connections_per_ip = {sessions + 100}
-max_sessions_per_user = {sessions + 100}
+max_connections = {max(limit, LimitsConfig.maxConnections)}
+max_connections_per_ip = {limit}
+max_sessions_per_user = {limit}
 """
 
 

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 from bench import idle_scale, prelogin
 from bench.common import (
@@ -408,39 +409,57 @@ def run(work: Workload, withNginx: bool, withHaproxy: bool, generator: LoadGener
                 )
             )
             stack.callback(_checkAlive, proxy, name)
+        upstreamPorts = (upstream.ports["imap"], upstream.ports["pop3"], 2 * work.sessions + 256)
         if nginxBinary is not None:
-            nginxDirectory = os.path.join(directory, "nginx")
-            os.mkdir(nginxDirectory)
-            nginx = NginxMailProxy(
-                nginxBinary, nginxDirectory, upstream.ports["imap"], upstream.ports["pop3"], 2 * work.sessions + 256
-            )
-            nginx.start()
-            stack.callback(nginx.stop)
-            notes.append(f"{nginxVersion(nginxBinary)}, 1 worker, proxy_buffer {nginx.buffer}.")
+            nginxPath = nginxBinary
             targets.append(
-                Target("nginx mail", NGINX, nginx.ports["imap"], nginx.ports["pop3"], nginx.memoryKiB, nginx.cpuSeconds)
+                peerTarget(
+                    stack,
+                    directory,
+                    "nginx mail",
+                    NGINX,
+                    lambda where: NginxMailProxy(nginxPath, where, *upstreamPorts),
+                    lambda nginx: f"{nginxVersion(nginxPath)}, 1 worker, proxy_buffer {nginx.buffer}.",
+                    notes,
+                )
             )
         if haproxyBinary is not None:
-            haproxyDirectory = os.path.join(directory, "haproxy")
-            os.mkdir(haproxyDirectory)
-            haproxy = HaproxyTcpProxy(
-                haproxyBinary, haproxyDirectory, upstream.ports["imap"], upstream.ports["pop3"], 2 * work.sessions + 256
-            )
-            haproxy.start()
-            stack.callback(haproxy.stop)
-            notes.append(f"{haproxyVersion(haproxyBinary)}, mode tcp, {haproxy.threads} threads.")
+            haproxyPath = haproxyBinary
             targets.append(
-                Target(
+                peerTarget(
+                    stack,
+                    directory,
                     "haproxy (TCP)",
                     HAPROXY,
-                    haproxy.ports["imap"],
-                    haproxy.ports["pop3"],
-                    haproxy.memoryKiB,
-                    haproxy.cpuSeconds,
+                    lambda where: HaproxyTcpProxy(haproxyPath, where, *upstreamPorts),
+                    lambda haproxy: f"{haproxyVersion(haproxyPath)}, mode tcp, {haproxy.threads} threads.",
+                    notes,
                 )
             )
         measureAll(targets, work, generator, directory, notes)
     return targets, notes
+
+
+def peerTarget(
+    stack: contextlib.ExitStack,
+    directory: str,
+    label: str,
+    kind: str,
+    makePeer: Callable[[str], Any],
+    describe: Callable[[Any], str],
+    notes: list[str],
+) -> Target:
+    """
+    Start a peer proxy (nginx, haproxy) in a directory of its own, stopped
+    with C{stack}; its target, and a note saying what ran.
+    """
+    peerDirectory = os.path.join(directory, kind)
+    os.mkdir(peerDirectory)
+    peer = makePeer(peerDirectory)
+    peer.start()
+    stack.callback(peer.stop)
+    notes.append(describe(peer))
+    return Target(label, kind, peer.ports["imap"], peer.ports["pop3"], peer.memoryKiB, peer.cpuSeconds)
 
 
 def _checkAlive(proxy: ProxyProcess, name: str) -> None:
