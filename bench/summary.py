@@ -1,7 +1,9 @@
 """
 The whole benchmark in one run, side by side: direct Dovecot, mailproxy
 with C{[server] workers = 1} and C{= N} (N = the number of CPUs), and,
-when installed, nginx's mail proxy and haproxy in TCP mode, all in front of
+when installed, nginx's mail proxy and haproxy in TCP mode, and two byte
+forwarders in Python (bench.forwarder: one on Twisted's reactor, one on a
+bare epoll loop; the floor for a proxy in this language), all in front of
 the same private Dovecot on 127.0.0.1.
 
     make bench                      (or: .venv/bin/python -m bench [--quick] [--output FILE])
@@ -32,6 +34,7 @@ import platform
 import shutil
 import signal
 import statistics
+import tempfile
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +61,7 @@ from bench.common import (
     workDirectory,
     writeUsersFile,
 )
+from bench.forwarder import PythonForwarder
 from bench.haproxy import HaproxyTcpProxy, findHaproxy, haproxyVersion
 from bench.idle_sessions import Session, openMany
 from bench.load import (
@@ -91,7 +95,9 @@ LOAD_USERS = tuple((f"load{number}", "loadpw") for number in range(1, 21))
 OPEN_TIMEOUT = 300.0
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.md")
 
-DIRECT, MAILPROXY, NGINX, HAPROXY = "direct", "mailproxy", "nginx", "haproxy"
+DIRECT, MAILPROXY, NGINX, HAPROXY, FORWARDER = "direct", "mailproxy", "nginx", "haproxy", "forwarder"
+# the Python forwarders' columns: (engine, column)
+FORWARDERS = (("twisted", "Twisted forwarder"), ("epoll", "epoll forwarder"))
 
 PROXY_CONFIG = """
 {server}
@@ -131,7 +137,7 @@ class Target:
     """
     One column: what it is, where to connect and how to read its memory.
 
-    @ivar kind: L{DIRECT}, L{MAILPROXY}, L{NGINX} or L{HAPROXY}.
+    @ivar kind: L{DIRECT}, L{MAILPROXY}, L{NGINX}, L{HAPROXY} or L{FORWARDER}.
     """
 
     name: str
@@ -327,7 +333,9 @@ def imaptestFigures(targets: list[Target], work: Workload, directory: str, notes
             target.imaptest[key] = totals
 
 
-def run(work: Workload, withNginx: bool, withHaproxy: bool, generator: LoadGenerator) -> tuple[list[Target], list[str]]:
+def run(
+    work: Workload, withNginx: bool, withHaproxy: bool, generator: LoadGenerator, withForwarders: bool = True
+) -> tuple[list[Target], list[str]]:
     notes: list[str] = []
     nginxBinary, why = findNginx() if withNginx else (None, "nginx left out (--no-nginx)")
     if nginxBinary is None:
@@ -436,6 +444,21 @@ def run(work: Workload, withNginx: bool, withHaproxy: bool, generator: LoadGener
                     notes,
                 )
             )
+        if withForwarders:
+            for engine, label in FORWARDERS:
+                targets.append(
+                    peerTarget(
+                        stack,
+                        directory,
+                        label,
+                        FORWARDER,
+                        lambda where, engine=engine: PythonForwarder(engine, where, *upstreamPorts[:2]),  # type: ignore[misc]
+                        lambda forwarder: f"{forwarder.engine} forwarder: bench/forwarder.py, one process.",
+                        notes,
+                    )
+                )
+        else:
+            notes.append("Python forwarder columns left out (--no-forwarders).")
         measureAll(targets, work, generator, directory, notes)
     return targets, notes
 
@@ -453,8 +476,7 @@ def peerTarget(
     Start a peer proxy (nginx, haproxy) in a directory of its own, stopped
     with C{stack}; its target, and a note saying what ran.
     """
-    peerDirectory = os.path.join(directory, kind)
-    os.mkdir(peerDirectory)
+    peerDirectory = tempfile.mkdtemp(prefix=kind + "-", dir=directory)
     peer = makePeer(peerDirectory)
     peer.start()
     stack.callback(peer.stop)
@@ -677,18 +699,20 @@ def workloadText(work: Workload, generator: LoadGenerator) -> str:
         "Logins rows: connect, greeting, LOGIN, LOGOUT, "
         f"for up to {work.loginSeconds:g} s or {work.maxLogins} logins. 'cheap local hash': mailproxy checks a "
         f"users-file entry with scrypt ln={CHEAP_LOG2_N} (microseconds) so the figure is proxy overhead; nginx "
-        "asks an auth_http server in the bench that accepts everybody; haproxy relays bytes; all then log in to "
+        "asks an auth_http server in the bench that accepts everybody; haproxy and the forwarders relay bytes; all then "
+        "log in to "
         "Dovecot, which checks the password as it does directly. "
         f"'scrypt ln={DEFAULT_LOG2_N}': mailproxy's default hash (32 MiB, deliberately slow, run in a thread pool), "
         "paid once per user and password while the credentials cache holds it. Memory: (PSS after - before) / "
         f"sessions for {work.sessions} sessions in LOGIN, SELECT, IDLE; direct = the whole Dovecot process tree, "
-        "mailproxy = the twistd process and its workers, nginx = master + worker, haproxy = its process (the "
+        "mailproxy = the twistd process and its workers, nginx = master + worker, haproxy and the forwarders = their "
+        "process (the "
         "Dovecot sessions behind the proxies are not counted). "
         "CPU: user + system time of the Dovecot tree (its side of direct), the mailproxy tree, nginx's "
-        "master + worker or haproxy during a bulk FETCH; it counts only the proxy's work (the Dovecot behind it is "
+        "master + worker, haproxy or a forwarder during a bulk FETCH; it counts only the proxy's work (the Dovecot behind it is "
         "not counted) and depends less on the machine's load than the throughput. "
         "POP3: poplib STAT, LIST, UIDL, RETR of every INBOX message; mailproxy relays to Dovecot's POP3, "
-        "nginx and haproxy too; the bridge row is mailproxy speaking IMAP upstream."
+        "nginx, haproxy and the forwarders too; the bridge row is mailproxy speaking IMAP upstream."
     )
 
 
@@ -753,6 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="Markdown file for the table (default: %(default)s)")
     parser.add_argument("--no-nginx", action="store_true", help="leave out the nginx column")
     parser.add_argument("--no-haproxy", action="store_true", help="leave out the haproxy column")
+    parser.add_argument(
+        "--no-forwarders", action="store_true", help="leave out the Python forwarder columns (bench.forwarder)"
+    )
     parser.add_argument("--no-prelogin", action="store_true", help="leave out the before-login table (bench.prelogin)")
     parser.add_argument(
         "--idle-sessions",
@@ -779,7 +806,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # the client processes are forked first, before any thread or server
         with loadGenerator() as generator:
-            targets, notes = run(work, not arguments.no_nginx, not arguments.no_haproxy, generator)
+            targets, notes = run(
+                work, not arguments.no_nginx, not arguments.no_haproxy, generator, not arguments.no_forwarders
+            )
             endLoad = os.getloadavg()[0]
             notes.append(fileLimit)
             if not arguments.no_prelogin:
