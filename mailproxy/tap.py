@@ -25,6 +25,7 @@ from mailproxy.auth import HashPoolService, ProxyRealm, UsersFileChecker, thread
 from mailproxy.certificates import CertificateReloader
 from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, configFromText, readConfigText
 from mailproxy.credentialscache import CredentialsCache
+from mailproxy.epolldispatch import dispatchWithoutLogContext
 from mailproxy.filters.registry import buildFilters, chainFactory
 from mailproxy.frontdoor import liveConnections
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
@@ -64,6 +65,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    dispatchWithoutLogContext(reactor)
     try:
         # Read once: with workers, they load this same text.
         configText = readConfigText(options["config"])

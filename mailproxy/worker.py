@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailproxy.config import Config, ConfigError, configFromText
+from mailproxy.epolldispatch import dispatchWithoutLogContext
 from mailproxy.logs import WORKER_LOG_FORMATS, workerLineFormatter
 from mailproxy.passwords import UsersFileError
 from mailproxy.workerprotocol import (
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
+    dispatchWithoutLogContext(reactor)
     channel = SupervisorChannel(reactor)
     reactor.adoptStreamConnection(arguments.channel, socket.AF_UNIX, OneProtocolFactory(channel))  # type: ignore[attr-defined]
     os.close(arguments.channel)

@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from twisted.application.service import Application
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, formatEventAsClassicLogText, formatTime
 from twisted.python import log as legacyLog
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from twisted.scripts.twistd import ServerOptions
 
 from mailproxy import tap
-from mailproxy.logs import eventAsJSONLine, jsonLinesObserver, twistdLogFile
+from mailproxy.logs import eventAsJSONLine, eventAsSafeText, jsonLinesObserver, twistdLogFile
 from tests.proxyprocess import TWISTD
 from tests.test_tap import writeConfig
 
@@ -186,3 +186,58 @@ def test_twistd_logs_json_to_stdout_and_a_busy_metrics_port_is_one_line(tmp_path
     assert any("starting up" in record["message"] for record in records)
     assert f"mailproxy: metrics.listen: Couldn't listen on 127.0.0.1:{port}" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+class _Named:
+    name = "upstream-a"
+
+    def __repr__(self) -> str:
+        return "<Named>"
+
+
+_TEXT_EVENTS: list[dict[str, Any]] = [
+    {"log_format": "{client} logged in as {user}", "client": "127.0.0.1:5", "user": "alice"},
+    {"log_format": "{count:5d} sessions, {ratio:.2f} {what!r}", "count": 3, "ratio": 0.5, "what": b"x"},
+    {"log_format": "{item.name} and {items[1]}", "item": _Named(), "items": ["a", "b"]},
+    {"log_format": "{missing} field", "present": 1},
+    {"log_format": "{call()} called", "call": lambda: "yes"},
+    {"log_format": "two\nlines and {x}", "x": "a\rb"},
+    {"log_format": "system set", "log_system": "imap,3,127.0.0.1"},
+    {"log_format": "system not text", "log_system": 42},
+    {"log_format": "", "x": 1},
+    {"log_format": None},
+    {"log_format": "no level or namespace at all"},
+    {"log_format": "{{braces}} {x}", "x": "kept", "log_time": None},
+]
+
+
+@pytest.mark.parametrize("fields", _TEXT_EVENTS)
+def test_text_lines_are_twisteds_classic_lines(fields: dict[str, Any]) -> None:
+    """
+    The text observer's fast path writes exactly what Twisted's classic
+    formatter would (then escapes line breakers), for every kind of format
+    string, falling back to Twisted's for what it does not handle itself.
+    """
+    event = {"log_namespace": "mailproxy.test", "log_level": LogLevel.info, "log_time": 1764800000.75, **fields}
+    if "no level" in str(fields.get("log_format")):
+        del event["log_namespace"], event["log_level"]
+    expected = formatEventAsClassicLogText(event)
+    assert eventAsSafeText(event) == (None if expected is None else expected.replace("\r", "\\x0d"))
+
+
+def test_text_line_timestamps_follow_the_second() -> None:
+    """
+    The timestamp computed once per second still changes with the second,
+    both ways (a clock stepped back).
+    """
+    times = [1764800000.1, 1764800000.9, 1764800001.0, 1764799999.5, 1764800001.2]
+    lines = [eventAsSafeText({"log_format": "tick", "log_namespace": "n", "log_time": when}) for when in times]
+    assert [line.split(" ")[0] for line in lines if line] == [formatTime(int(when)) for when in times]
+
+
+def test_failures_in_text_lines_carry_their_traceback() -> None:
+    failure = Failure(ZeroDivisionError("division by zero"))
+    event = {"log_format": "it broke", "log_namespace": "n", "log_time": 1764800000.0, "log_failure": failure}
+    line = eventAsSafeText(event)
+    assert line is not None and line.startswith(formatTime(1764800000) + " [n#-] it broke\n\t")
+    assert "ZeroDivisionError" in line
