@@ -36,6 +36,7 @@ from mailproxy.limits import Limits
 from mailproxy.oauth.settings import OAuthLogin
 from mailproxy.sasl import MECHANISMS, Challenge, Credentials, SASLError, SASLExchange, Step, exchangeFor
 from mailproxy.splice import Splice
+from mailproxy.writenow import writeNow
 
 if TYPE_CHECKING:
     from mailproxy.metrics import ListenerMetrics
@@ -167,7 +168,7 @@ class IMAPServerProtocol(FrontDoor):
                 fields = line.split(b" ", 2)
                 if len(fields) > 1 and line[:1] not in (b"*", b"+"):
                     self._lastStatus = {fields[0]: fields[1].decode("ascii", "replace")}
-        self.transport.write(data)
+        writeNow(self.transport, data)
 
     def disconnect(self) -> None:
         """

@@ -30,6 +30,7 @@ from mailproxy.imap.framer import Event, FramingError, IMAPFramer, Line
 from mailproxy.imap.syntax import capabilitiesIn, isAtom, quoted
 from mailproxy.oauth.sasl import BadToken, Bearer, challengeStatus
 from mailproxy.tls import upstreamOptions
+from mailproxy.writenow import writeNow
 
 log = Logger()
 
@@ -301,7 +302,7 @@ class _Handshake:
         Send one command line; return its untagged responses and the tagged one.
         """
         tag = self.nextTag()
-        self.protocol.transport.write(tag + b" " + line + b"\r\n")
+        writeNow(self.protocol.transport, tag + b" " + line + b"\r\n")
         return await self.awaitTagged(tag)
 
     async def awaitContinuation(self, tag: bytes) -> bytes | None:
@@ -551,9 +552,9 @@ async def _bearerLogin(
     transport = handshake.protocol.transport
     sent = b"SASL-IR" in capabilities
     if sent:
-        transport.write(tag + b" AUTHENTICATE " + mechanism + b" " + response + b"\r\n")
+        writeNow(transport, tag + b" AUTHENTICATE " + mechanism + b" " + response + b"\r\n")
     else:
-        transport.write(tag + b" AUTHENTICATE " + mechanism + b"\r\n")
+        writeNow(transport, tag + b" AUTHENTICATE " + mechanism + b"\r\n")
     # What the upstream's error challenge said, for the log.
     challenge: str | None = None
     while True:
@@ -568,14 +569,14 @@ async def _bearerLogin(
             # "* OK Waiting for authentication process to respond.." and the like
             continue
         if not sent:
-            transport.write(response + b"\r\n")
+            writeNow(transport, response + b"\r\n")
             sent = True
         elif challenge is None:
             challenge = challengeStatus(reply[1:])
-            transport.write(bearer.errorAcknowledgement + b"\r\n")
+            writeNow(transport, bearer.errorAcknowledgement + b"\r\n")
         else:
             # A second challenge: cancel rather than loop.
-            transport.write(b"*\r\n")
+            writeNow(transport, b"*\r\n")
 
 
 async def _login(handshake: _Handshake, capabilities: set[bytes], username: bytes, password: bytes) -> bytes:
@@ -587,13 +588,13 @@ async def _login(handshake: _Handshake, capabilities: set[bytes], username: byte
         response = base64.b64encode(b"\0" + username + b"\0" + password)
         tag = handshake.nextTag()
         if b"SASL-IR" in capabilities:
-            handshake.protocol.transport.write(tag + b" AUTHENTICATE PLAIN " + response + b"\r\n")
+            writeNow(handshake.protocol.transport, tag + b" AUTHENTICATE PLAIN " + response + b"\r\n")
         else:
-            handshake.protocol.transport.write(tag + b" AUTHENTICATE PLAIN\r\n")
+            writeNow(handshake.protocol.transport, tag + b" AUTHENTICATE PLAIN\r\n")
             refused = await handshake.awaitContinuation(tag)
             if refused is not None:
                 return refused
-            handshake.protocol.transport.write(response + b"\r\n")
+            writeNow(handshake.protocol.transport, response + b"\r\n")
         _, tagged = await handshake.awaitTagged(tag)
         return tagged
     tag = handshake.nextTag()
@@ -606,12 +607,12 @@ async def _login(handshake: _Handshake, capabilities: set[bytes], username: byte
             line += b" " + quoted(value)
         else:
             literalPlus = b"LITERAL+" in capabilities
-            transport.write(line + b" {%d%s}\r\n" % (len(value), b"+" if literalPlus else b""))
+            writeNow(transport, line + b" {%d%s}\r\n" % (len(value), b"+" if literalPlus else b""))
             if not literalPlus:
                 refused = await handshake.awaitContinuation(tag)
                 if refused is not None:
                     return refused
             line = value
-    transport.write(line + b"\r\n")
+    writeNow(transport, line + b"\r\n")
     _, tagged = await handshake.awaitTagged(tag)
     return tagged

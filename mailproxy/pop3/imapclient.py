@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from mailproxy.imap.framer import Event, Line
 from mailproxy.imap.upstream import UpstreamError, UpstreamIMAPProtocol, closeUpstream, droppedKind
 from mailproxy.watchdog import ResponseWatchdog
+from mailproxy.writenow import writeNow
 
 # onLiteral(head, chunk, remaining): head is the response so far (its lines,
 # without streamed literal data) up to and including the line announcing
@@ -185,7 +186,7 @@ class IMAPCommandClient:
         self._counter += 1
         command.tag = b"pb%d" % (self._counter,)
         self._current = command
-        self.protocol.transport.write(command.tag + b" " + command.line + b"\r\n")
+        writeNow(self.protocol.transport, command.tag + b" " + command.line + b"\r\n")
         self._updateWatchdog()
 
     def _events(self, events: list[Event]) -> None:

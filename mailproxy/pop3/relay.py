@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from mailproxy.pop3.upstream import POP3UpstreamProtocol
 from mailproxy.pop3.wire import TerminatorScanner
 from mailproxy.watchdog import ResponseWatchdog, WatchedProducer
+from mailproxy.writenow import writeNow
 
 # The commands relayed; anything else is refused locally, since an unknown
 # extension could be multi-line and desynchronise the relay.
@@ -128,7 +129,7 @@ class POP3Relay:
         # multi-line reply the relay does not expect.
         line = b" ".join([keyword, *arguments]) + b"\r\n"
         self.bytesIn += len(line)
-        self.upstream.transport.write(line)
+        writeNow(self.upstream.transport, line)
         self._relayedPending += 1
         self._updateWatchdog()
 

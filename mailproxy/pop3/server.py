@@ -36,6 +36,7 @@ from mailproxy.pop3.upstream import POP3UpstreamSession
 from mailproxy.pop3.wire import LineSplitter, LineTooLong
 from mailproxy.sasl import MECHANISMS, Challenge, Credentials, SASLError, SASLExchange, Step, exchangeFor
 from mailproxy.splice import Splice
+from mailproxy.writenow import writeNow
 
 # RFC 2449 allows 255 octets per command; be generous, and drop a client
 # whose unfinished line grows past the hard limit.
@@ -142,7 +143,7 @@ class POP3ServerProtocol(FrontDoor):
             # The status line of the command in progress, for observers.
             self._firstLine = data.split(b"\r\n", 1)[0]
         self.bytesOut += len(data)
-        self.transport.write(data)
+        writeNow(self.transport, data)
         if self.metrics is not None and self.loggedIn:
             self.metrics.bytesToClient.inc(len(data))
 

@@ -25,6 +25,7 @@ from mailproxy.imap.upstream import UpstreamError, closeUpstream, lostKind, open
 from mailproxy.oauth.sasl import BadToken, Bearer, challengeStatus
 from mailproxy.pop3.wire import unstuff
 from mailproxy.tls import upstreamOptions
+from mailproxy.writenow import writeNow
 
 # A server has no business sending more than this before login.
 _HANDSHAKE_LIMIT = 64 * 1024
@@ -176,7 +177,7 @@ class _Handshake:
             ) from None
 
     async def command(self, line: bytes) -> bytes:
-        self.protocol.transport.write(line + b"\r\n")
+        writeNow(self.protocol.transport, line + b"\r\n")
         return await self.readLine()
 
     async def multiLine(self) -> list[bytes]:
