@@ -34,8 +34,8 @@ import platform
 import shutil
 import signal
 import statistics
-import tempfile
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
