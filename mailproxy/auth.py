@@ -6,6 +6,7 @@ a realm that turns an authenticated name into an L{IProxyUser}.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mailproxy.accounts.model import Account
 from mailproxy.config import Config, UpstreamConfig
 from mailproxy.credentialscache import CredentialsCache
 from mailproxy.interfaces import IProxyUser
@@ -155,12 +157,14 @@ class ProxyUser:
         upstreamUsername: str,
         upstreamPassword: str | None,
         oauth2: OAuthProvider | None = None,
+        filters: tuple[str, ...] | None = None,
     ) -> None:
         self.username = username
         self.upstream = upstream
         self.upstreamUsername = upstreamUsername
         self.upstreamPassword = upstreamPassword
         self.oauth2 = oauth2
+        self.filters = filters
 
     def upstreamCredential(self, clientPassword: bytes) -> str | OAuthLogin:
         """
@@ -192,6 +196,8 @@ class ProxyRealm:
     def requestAvatar(self, avatarId: Any, mind: object, *interfaces: Any) -> tuple[Any, ProxyUser, Callable[[], None]]:
         if IProxyUser not in interfaces:
             raise NotImplementedError("mailproxy only offers IProxyUser avatars")
+        if isinstance(avatarId, Account):
+            return IProxyUser, self._accountUser(avatarId), lambda: None
         route = self._config.routeFor(avatarId)
         if route is None:
             raise NoRoute(f"no upstream route for {avatarId!r}")
@@ -205,6 +211,32 @@ class ProxyRealm:
         upstream = self._config.upstreams[route.upstream]
         user = ProxyUser(avatarId, upstream, route.username or avatarId, route.password, provider)
         return IProxyUser, user, lambda: None
+
+    def _accountUser(self, account: Account) -> ProxyUser:
+        """
+        The user an account backend vouched for: what the backend said,
+        the configuration's routing for what it left out.
+        """
+        config = self._config
+        route = config.routeFor(account.name)
+        upstreamName = account.upstream or (route.upstream if route is not None else None)
+        if upstreamName is None:
+            raise NoRoute(f"no upstream route for {account.name!r} (the account backend named none)")
+        upstream = config.upstreams.get(upstreamName)
+        if upstream is None:
+            raise NoRoute(f"account backend routes {account.name!r} to no [upstream.{upstreamName}]")
+        if account.server is not None:
+            upstream = dataclasses.replace(upstream, host=account.server, port=account.port or upstream.port)
+        # A route's upstream password and OAuth login are for its own upstream.
+        ownRoute = route if route is not None and route.upstream == upstreamName else None
+        password = account.password
+        if password is None and ownRoute is not None:
+            password = ownRoute.password
+        provider = None
+        if account.password is None and ownRoute is not None and ownRoute.oauth2 is not None:
+            provider = config.oauth2.providers.get(ownRoute.oauth2) if config.oauth2 is not None else None
+        username = account.username or (ownRoute.username if ownRoute is not None else None) or account.name
+        return ProxyUser(account.name, upstream, username, password, provider, account.filters)
 
 
 def makePortal(config: Config, runInThread: RunInThread, cache: CredentialsCache | None = None) -> Portal:

@@ -154,6 +154,11 @@ class UpstreamConfig:
         return self.serverName or self.host
 
 
+# [auth] backend: the users file, the embedded default (any other name is
+# an account backend plugin's).
+USERS_FILE_BACKEND = "users_file"
+
+
 @dataclass(frozen=True)
 class UserRoute:
     """
@@ -188,6 +193,10 @@ class Config:
     hashThreads: int = field(default_factory=defaultHashThreads)
     authCacheTTL: float = 3600.0
     authCacheSize: int = 10000
+    authBackend: str = "users_file"
+    authBackendSettings: Mapping[str, Any] = field(default_factory=dict)
+    lookupTimeout: float = 5.0
+    negativeTTL: float = 60.0
     authenticatedTimeout: float = 30 * 60.0
     idlePollInterval: float = 15.0
     idleRefresh: float = 25 * 60.0
@@ -201,15 +210,19 @@ class Config:
     workers: int = field(default_factory=defaultWorkers)
     oauth2: OAuthConfig | None = None
 
-    def filterNamesFor(self, listener: ListenerConfig, username: str | None) -> tuple[str, ...]:
+    def filterNamesFor(
+        self, listener: ListenerConfig, username: str | None, own: tuple[str, ...] | None = None
+    ) -> tuple[str, ...]:
         """
         The filter chain of a session: the listener's filters, then (after
-        login) the user's own or the default ones.
+        login) the user's own (C{own}, as an account backend gave them, or
+        the route's) or the default ones.
         """
         if username is None:
             return listener.filters
         route = self.routes.get(username)
-        own = route.filters if route is not None else None
+        if own is None:
+            own = route.filters if route is not None else None
         return listener.filters + (self.defaultFilters if own is None else own)
 
     def routeFor(self, username: str) -> UserRoute | None:
@@ -293,7 +306,18 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     metricsListen = metrics.string("listen", None)
     if metricsListen is not None:
         _checkEndpoint(metrics, "listen", metricsListen)
-    _rejectUnknown(auth, {"users_file", "failure_delay", "hash_threads", "cache_ttl", "cache_size"})
+    authBackend = auth.string("backend", USERS_FILE_BACKEND) or USERS_FILE_BACKEND
+    _rejectUnknown(
+        auth,
+        {"users_file", "failure_delay", "hash_threads", "cache_ttl", "cache_size", "backend", "lookup_timeout"}
+        | {"negative_ttl"}
+        | ({authBackend} if authBackend != USERS_FILE_BACKEND else set()),
+    )
+    lookupTimeout = _positive(auth, "lookup_timeout", Config.lookupTimeout)
+    negativeTTL = float(auth.number("negative_ttl", Config.negativeTTL))
+    if negativeTTL < 0:
+        raise ConfigError(f"{auth.where('negative_ttl')}: must be 0 (off) or more")
+    backendSettings = auth.rawTable(authBackend) if authBackend != USERS_FILE_BACKEND else {}
     hashThreads = auth.integer("hash_threads", defaultHashThreads(), 1, MAX_HASH_THREADS)
     authCacheTTL = float(auth.number("cache_ttl", Config.authCacheTTL))
     authCacheSize = auth.integer("cache_size", Config.authCacheSize, 1)
@@ -375,7 +399,11 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
     return Config(
         listeners=listeners,
         upstreams=upstreams,
-        usersFile=auth.path("users_file", required=True) or "",
+        usersFile=auth.path("users_file", required=authBackend == USERS_FILE_BACKEND) or "",
+        authBackend=authBackend,
+        authBackendSettings=backendSettings,
+        lookupTimeout=lookupTimeout,
+        negativeTTL=negativeTTL,
         defaultRoute=defaultRoute,
         routes=routes,
         authFailureDelay=auth.number("failure_delay", 2.0),
@@ -794,6 +822,16 @@ class _Reader:
         if not isinstance(value, dict):
             raise ConfigError(f"{self.where(key)}: must be a table")
         return _Reader(value, self.where(key), self._baseDir)
+
+    def rawTable(self, key: str) -> dict[str, Any]:
+        """
+        The table C{key} as it is (a plugin's settings, checked by the
+        plugin).
+        """
+        value = self._data.get(key, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.where(key)}: must be a table")
+        return dict(value)
 
     def tableArray(self, key: str) -> list[_Reader]:
         value = self._data.get(key, [])

@@ -156,10 +156,31 @@ TABLES: tuple[Table, ...] = (
         "Local authentication.",
         (
             Key(
+                "backend",
+                "string",
+                "users_file",
+                "Where users and passwords come from: `users_file`, `http` (an nginx `auth_http` service, "
+                "`[auth.http]`), or an account backend plugin's name, set up in `[auth.NAME]`.",
+            ),
+            Key(
                 "users_file",
                 "path",
-                REQUIRED,
+                Required('with backend = "users_file"'),
                 "The users file (`name:$scrypt$...` lines, written by `mailproxy-passwd`); re-read when it changes.",
+            ),
+            Key(
+                "lookup_timeout",
+                SECONDS,
+                5.0,
+                "Seconds an account backend may take to answer a login; then the client is told "
+                "`NO [UNAVAILABLE]` (POP3 `-ERR [SYS/TEMP]`), which counts as no failure.",
+            ),
+            Key(
+                "negative_ttl",
+                SECONDS,
+                60,
+                "Seconds an account backend's refusal is remembered for that name, password and protocol: the same "
+                "wrong password is refused (after the failure delay) without asking again; 0 turns it off.",
             ),
             Key(
                 "failure_delay",
@@ -179,9 +200,10 @@ TABLES: tuple[Table, ...] = (
                 3600,
                 "Seconds a successful login is remembered (as an HMAC under a per-process random key of the name, "
                 "password and stored hash), so the same user and password log in again without the slow hash; a "
-                "changed or removed users entry is never matched, failures are never remembered. A memory dump of "
-                "the process would let cached passwords be guessed at HMAC speed; 0 turns the cache off. "
-                "Restart only.",
+                "changed or removed users entry is never matched, failures are never remembered. With an account "
+                "backend, its answer (the account and route) is remembered for the name, password and protocol. "
+                "A memory dump of the process would let cached passwords be guessed at HMAC speed; 0 turns the "
+                "cache off. Restart only.",
             ),
             Key(
                 "cache_size",
@@ -190,6 +212,27 @@ TABLES: tuple[Table, ...] = (
                 "Successful logins remembered at most (at least 1); the least recently used are forgotten first. "
                 "Restart only.",
             ),
+        ),
+    ),
+    Table(
+        "[auth.http]",
+        "auth.http",
+        "The `http` account backend: an HTTP service in nginx's `auth_http` protocol decides each login.",
+        (
+            Key("url", "string", REQUIRED, "The service's URL (`http://` or `https://`, certificate verified)."),
+            Key(
+                "headers",
+                "table",
+                {},
+                "Header names to values added to every request (nginx's `auth_http_header`), a shared secret say.",
+            ),
+            Key(
+                "upstream",
+                "string",
+                Computed("the user's `[routing]` upstream"),
+                "The `[upstream.NAME]` whose settings (TLS, timeouts) reach an `Auth-Server`/`Auth-Port` address.",
+            ),
+            Key("max_wait", SECONDS, 30, "At most this many seconds of an answer's `Auth-Wait` are waited (0 to 300)."),
         ),
     ),
     Table(

@@ -24,6 +24,7 @@ import hmac
 import secrets
 import struct
 from collections import OrderedDict
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -47,8 +48,9 @@ class CredentialsCache:
         self._size = size
         self._clock = clock
         self._key = secrets.token_bytes(32)
-        # Digest to the time it stops being valid, least recently used first.
-        self._entries: OrderedDict[bytes, float] = OrderedDict()
+        # Digest to the time it stops being valid and what was found,
+        # least recently used first.
+        self._entries: OrderedDict[bytes, tuple[float, Any]] = OrderedDict()
 
     def __repr__(self) -> str:
         # Never the key or the digests.
@@ -57,11 +59,11 @@ class CredentialsCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _digest(self, username: str, password: bytes, encoded: str) -> bytes:
-        # Each part length-prefixed, so that no two triples give one message.
+    def _digest(self, *parts: str | bytes) -> bytes:
+        # Each part length-prefixed, so that no two tuples give one message.
         message = b"".join(
             struct.pack(">I", len(part)) + part
-            for part in (username.encode("utf-8"), password, encoded.encode("utf-8"))
+            for part in (item.encode("utf-8") if isinstance(item, str) else item for item in parts)
         )
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
@@ -71,34 +73,50 @@ class CredentialsCache:
         C{username}, whose stored hash is C{encoded}.  Call it after a
         success only.
         """
-        if not self._ttl:
-            return
-        now = self._clock.seconds()
-        digest = self._digest(username, password, encoded)
-        self._entries[digest] = now + self._ttl
-        self._entries.move_to_end(digest)
-        # Bounded: each pass removes one entry, and the new one is never expired.
-        while self._entries:
-            oldest, expires = next(iter(self._entries.items()))
-            if len(self._entries) <= self._size and expires > now:
-                break
-            del self._entries[oldest]
+        self.store((username, password, encoded), True, self._ttl)
 
     def knows(self, username: str, password: bytes, encoded: str) -> bool:
         """
         Whether C{password} was verified for C{username} against the stored
         hash C{encoded} within the time to live.
         """
-        if not self._ttl or not self._entries:
-            return False
+        return self.recall((username, password, encoded)) is True
+
+    def store(self, parts: tuple[str | bytes, ...], value: Any, ttl: float | None = None) -> None:
+        """
+        Remember C{value} for the credentials C{parts} (a user name, a
+        password, and whatever else the answer depends on) for C{ttl}
+        seconds (the cache's own by default; 0 remembers nothing).
+        """
+        ttl = self._ttl if ttl is None else ttl
+        if not ttl:
+            return
+        now = self._clock.seconds()
+        digest = self._digest(*parts)
+        self._entries[digest] = (now + ttl, value)
+        self._entries.move_to_end(digest)
+        # Bounded: each pass removes one entry, and the new one is never expired.
+        while self._entries:
+            oldest, (expires, _) = next(iter(self._entries.items()))
+            if len(self._entries) <= self._size and expires > now:
+                break
+            del self._entries[oldest]
+
+    def recall(self, parts: tuple[str | bytes, ...]) -> Any:
+        """
+        What was remembered for C{parts} within its time to live, or
+        C{None}.
+        """
+        if not self._entries:
+            return None
         # A dictionary lookup by digest: the key is secret, so the lookup's
         # timing tells an attacker nothing they can steer.
-        digest = self._digest(username, password, encoded)
-        expires = self._entries.get(digest)
-        if expires is None:
-            return False
-        if expires <= self._clock.seconds():
+        digest = self._digest(*parts)
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock.seconds():
             del self._entries[digest]
-            return False
+            return None
         self._entries.move_to_end(digest)
-        return True
+        return entry[1]

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ITransport
@@ -33,6 +32,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailproxy.accounts.model import AccountRefused, BackendUnavailable, LoginCredentials
 from mailproxy.addresses import clientAddressOf
 from mailproxy.config import TLSMode
 from mailproxy.imap.upstream import UpstreamError, setNoDelay
@@ -85,6 +85,7 @@ class LoginReplies:
     busy: bytes
     tooManySessions: bytes
     unavailable: bytes
+    authUnavailable: bytes
 
 
 @implementer(IHandshakeListener)
@@ -364,7 +365,7 @@ class FrontDoor(Protocol, TimeoutMixin):
         """
         assert self.gate is not None
         name = username.decode("utf-8", "replace")
-        attempt = self._attempt = self.gate.beginLogin(name, password)
+        attempt = self._attempt = self.gate.beginLogin(name, password, self.tlsActive)
         attempt.turn.addCallback(self._loginTurn, attempt, username, name, password, mechanism)
 
     def _loginTurn(
@@ -394,7 +395,9 @@ class FrontDoor(Protocol, TimeoutMixin):
             realm: Any = self.context.portal.realm
             loggingIn = attempt.verdict().addCallback(realm.requestAvatar, None, IProxyUser)
         else:
-            loggingIn = self.context.portal.login(UsernamePassword(username, password), None, IProxyUser)
+            assert self.gate is not None
+            credentials = LoginCredentials(username, password, self.protocolName, self.gate.ip, self.tlsActive)
+            loggingIn = self.context.portal.login(credentials, None, IProxyUser)
         loggingIn.addCallbacks(
             lambda result: self._authenticated(attempt, name, password, mechanism, result),
             lambda failure: self._loginFailed(attempt, name, mechanism, failure),
@@ -430,7 +433,21 @@ class FrontDoor(Protocol, TimeoutMixin):
         self.connectUpstream(self.user, password, mechanism)
 
     def _loginFailed(self, attempt: LoginAttempt | RemoteAttempt, name: str, mechanism: str, failure: Failure) -> None:
-        whenDecided(attempt.failed(), lambda delay: self._refuseFailedLogin(name, mechanism, failure, delay))
+        if failure.check(BackendUnavailable):
+            # No verdict on the password: nothing counted, try again later.
+            attempt.withdraw()
+            self._countLogin("backend_unavailable")
+            if not self.isClosed:
+                self.log.warn(
+                    "{client} login of {user} not checked: {error}",
+                    client=self.clientAddress,
+                    user=loggedName(name),
+                    error=str(failure.value),
+                )
+                self._refuseLater(self.replies.authUnavailable, 0)
+            return
+        wait = failure.value.wait if failure.check(AccountRefused) else 0.0
+        whenDecided(attempt.failed(), lambda delay: self._refuseFailedLogin(name, mechanism, failure, max(delay, wait)))
 
     def _refuseFailedLogin(self, name: str, mechanism: str, failure: Failure, delay: float) -> None:
         self._countLogin("failed")
@@ -531,7 +548,7 @@ class FrontDoor(Protocol, TimeoutMixin):
         self.setTimeout(self.context.config.authenticatedTimeout)
         self.session.user = self.user.username
         self.session.upstream = self.user.upstream.name
-        self.session.chain = self.context.filtersFor(self.user.username)
+        self.session.chain = self.context.filtersFor(self.user.username, getattr(self.user, "filters", None))
         self.session.notify("login", ok=True, mechanism=mechanism)
 
     def _refuseLater(self, reply: bytes, delay: float) -> None:

@@ -24,6 +24,7 @@ class IProxyUser(Interface):
     upstream = Attribute("The mailproxy.config.UpstreamConfig the session is relayed to.")
     upstreamUsername = Attribute("The user name presented upstream (str).")
     upstreamPassword = Attribute("The stored upstream password (str), or None to reuse the client's (passthrough).")
+    filters = Attribute("The user's filter names (tuple of str), or None for the configuration's.")
 
 
 class ISession(Interface):
@@ -98,6 +99,51 @@ class IFilterFactory(Interface):
         Build a filter.
 
         @raise ValueError: naming the option that is wrong.
+        """
+
+
+class IAccountBackend(Interface):
+    """
+    Where local users, their passwords and their routes come from (the
+    users file is the embedded default): an HTTP service, a database, a
+    directory.  The proxy asks it once per login that its cache cannot
+    answer, with a time limit of its own (C{[auth] lookup_timeout}).
+    """
+
+    def authenticate(request: Any) -> Any:
+        """
+        Verify C{request} (a L{mailproxy.accounts.model.LoginRequest}).
+
+        @return: a L{Deferred} firing with a
+            L{mailproxy.accounts.model.Account}, or failing with
+            L{mailproxy.accounts.model.AccountRefused} (unknown user, wrong
+            password) or L{mailproxy.accounts.model.BackendUnavailable}
+            (cannot say now).  It must never block the reactor.
+        """
+
+    def close() -> Any:
+        """
+        Let go of connections and threads (a reload replaced the backend,
+        or the proxy stops); may return a L{Deferred}.
+        """
+
+
+class IAccountBackendFactory(Interface):
+    """
+    A plugin (in the C{mailproxy.plugins} package) that builds an account
+    backend from its settings, the C{[auth.NAME]} table.
+    """
+
+    name = Attribute("The name C{[auth] backend} uses (str).")
+    description = Attribute("One line for humans (str).")
+
+    def build(settings: dict[str, Any], context: Any) -> IAccountBackend:
+        """
+        Build a backend.  C{context} is a
+        L{mailproxy.accounts.registry.BackendContext}: the reactor, the
+        configuration, the hashing threads.
+
+        @raise ValueError: naming the setting that is wrong.
         """
 
 

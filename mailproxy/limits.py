@@ -545,14 +545,15 @@ class Gate:
             self._remote.giveBackSession()
         self.endSession()
 
-    def beginLogin(self, user: str, password: bytes) -> LoginAttempt | RemoteAttempt:
+    def beginLogin(self, user: str, password: bytes, tls: bool = False) -> LoginAttempt | RemoteAttempt:
         """
         Queue a login attempt; with workers the supervisor checks
-        C{password} when its turn comes.
+        C{password} when its turn comes (C{tls}: whether the client's
+        connection is encrypted, which an account backend may ask).
         """
         if isinstance(self.limits, Limits):
             return self.limits.beginLogin(self.network, user, self.protocol)
-        self._remote = self.limits.beginLogin(self.network, user, self.protocol, password)
+        self._remote = self.limits.beginLogin(self.network, user, self.protocol, password, self.ip, tls)
         return self._remote
 
     def endSession(self) -> None:

@@ -61,6 +61,7 @@ LOGIN_RESULTS = (
     "too_many_sessions",
     "upstream_refused",
     "upstream_error",
+    "backend_unavailable",
 )
 UPSTREAM_ERROR_KINDS = (
     "connect_failed",

@@ -23,9 +23,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.logger import Logger
 
+from mailproxy.accounts.checker import replaced
 from mailproxy.auth import ProxyRealm
 from mailproxy.config import Config, ConfigError, ListenerConfig, configFromText, loadConfig, readConfigText
 from mailproxy.filters.registry import buildFilters, chainFactory, closeFilters
@@ -85,7 +87,7 @@ class ConfigReloader:
         portal: Portal,
         contexts: list[ServerContext],
         filters: dict[str, Any],
-        makeChecker: Callable[[str], Any] | None,
+        makeChecker: Callable[[Config], Any] | None,
     ) -> None:
         self.path = path
         self.config = config
@@ -109,7 +111,7 @@ class ConfigReloader:
             config = loadConfig(self.path) if loaded is None else loaded
             for upstream in config.upstreams.values():
                 upstreamOptions(upstream)
-            checker = self._makeChecker(config.usersFile) if self._makeChecker is not None else None
+            checker = self._makeChecker(config) if self._makeChecker is not None else None
             listeners = {listener.name: listener for listener in config.listeners}
             for context in self.contexts:
                 # A listener gone from the file keeps running as it is.
@@ -131,7 +133,9 @@ class ConfigReloader:
             self.log.error("configuration not reloaded, keeping the running one: {error}", error=str(error))
             return False
         if checker is not None:
+            old = self.portal.checkers.get(IUsernamePassword)
             self.portal.registerChecker(checker)
+            replaced(old, checker)
         # [oauth2] is bound at start-up: routes resolve providers in that one.
         self.portal.realm = ProxyRealm(_withStartupSettings(config, self.config))
         for context in self.contexts:
@@ -164,7 +168,7 @@ class SupervisorReloader:
 
     log = Logger()
 
-    def __init__(self, path: str, config: Config, pool: WorkerPool, makeChecker: Callable[[str], Any]) -> None:
+    def __init__(self, path: str, config: Config, pool: WorkerPool, makeChecker: Callable[[Config], Any]) -> None:
         self.path: str | None = path
         self.config = config
         self.pool = pool
@@ -175,7 +179,7 @@ class SupervisorReloader:
         try:
             text = readConfigText(self.path)
             config = configFromText(text, self.path)
-            checker = self._makeChecker(config.usersFile)
+            checker = self._makeChecker(config)
         except (ConfigError, UsersFileError, OSError) as error:
             self.log.error("configuration not reloaded, keeping the running one: {error}", error=str(error))
             return False

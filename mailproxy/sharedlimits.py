@@ -24,13 +24,13 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from mailproxy.accounts.model import Account, AccountRefused, BackendUnavailable, LoginCredentials
 from mailproxy.limits import MAX_USER_KEY, Limits, LoginAttempt, Turn
 from mailproxy.workerprotocol import AbandonLogin, Admit, BeginLogin, EndSession, LoginFailed, Release, StartSession
 
@@ -68,9 +68,11 @@ class SharedLimits:
     def endSession(self, user: str) -> None:
         self._tell(EndSession, user=user)
 
-    def beginLogin(self, network: str, user: str, protocol: str, password: bytes) -> RemoteAttempt:
+    def beginLogin(
+        self, network: str, user: str, protocol: str, password: bytes, client: str = "", tls: bool = False
+    ) -> RemoteAttempt:
         self._attempts += 1
-        return RemoteAttempt(self, self._attempts, network, user, protocol, password)
+        return RemoteAttempt(self, self._attempts, network, user, protocol, password, client, tls)
 
     def _tell(self, command: type[amp.Command], **arguments: Any) -> None:
         try:
@@ -95,7 +97,15 @@ class RemoteAttempt:
     """
 
     def __init__(
-        self, limits: SharedLimits, number: int, network: str, user: str, protocol: str, password: bytes
+        self,
+        limits: SharedLimits,
+        number: int,
+        network: str,
+        user: str,
+        protocol: str,
+        password: bytes,
+        client: str = "",
+        tls: bool = False,
     ) -> None:
         self.limits = limits
         self.number = number
@@ -104,6 +114,8 @@ class RemoteAttempt:
         self.protocol = protocol
         self.delay = limits.failureDelay
         self.avatar: str | None = None
+        self.account: str | None = None
+        self.unavailable = False
         self.session: bool | None = None
         self.turn: Deferred[Turn] = Deferred()
         checkable = len(user.encode("utf-8")) <= MAX_CHECKED and len(password) <= MAX_CHECKED
@@ -115,12 +127,16 @@ class RemoteAttempt:
             user=self.checkedUser,
             protocol=protocol,
             password=password if checkable else None,
+            client=client,
+            tls=tls,
         )
         asking.addCallbacks(self._given, self._unanswered)
 
     def _given(self, answer: dict[str, Any]) -> None:
         self.delay = float(answer["delay"])
         self.avatar = answer.get("avatar")
+        self.account = answer.get("account")
+        self.unavailable = bool(answer.get("unavailable"))
         self.session = answer.get("session")
         self.turn.callback(Turn[answer["turn"]])
 
@@ -135,12 +151,18 @@ class RemoteAttempt:
     def _unanswered(self, failure: Failure) -> None:
         self.turn.callback(Turn.BUSY)
 
-    def verdict(self) -> Deferred[str]:
+    def verdict(self) -> Deferred[Any]:
         """
-        The avatar ID the check gave, or L{UnauthorizedLogin}.
+        The avatar ID the check gave (an L{Account} when an account backend
+        vouched for the user), or L{UnauthorizedLogin}, or
+        L{BackendUnavailable}.
         """
+        if self.unavailable:
+            return fail(BackendUnavailable("the account backend is unavailable"))
         if self.avatar is None:
             return fail(UnauthorizedLogin())
+        if self.account is not None:
+            return succeed(Account.fromJSON(self.account))
         return succeed(self.avatar)
 
     def succeeded(self) -> None:
@@ -231,7 +253,14 @@ class LimitsResponder(amp.CommandLocator):
 
     @BeginLogin.responder
     def beginLogin(
-        self, attempt: int, network: str, user: str, protocol: str, password: bytes | None
+        self,
+        attempt: int,
+        network: str,
+        user: str,
+        protocol: str,
+        password: bytes | None,
+        client: str | None = None,
+        tls: bool | None = None,
     ) -> Deferred[dict[str, Any]]:
         queued = self.limits.beginLogin(network, user, protocol)
         answer: Deferred[dict[str, Any]] = Deferred()
@@ -245,30 +274,43 @@ class LimitsResponder(amp.CommandLocator):
             if turn is not Turn.CHECK:
                 answer.callback({"turn": turn.name, "delay": queued.delay})
                 return
-            self._check(queued, user, password).addCallback(answer.callback)
+            self._check(queued, user, password, client or network, bool(tls)).addCallback(answer.callback)
 
         queued.turn.addCallback(given)
         return answer
 
-    def _check(self, queued: LoginAttempt, user: str, password: bytes | None) -> Deferred[dict[str, Any]]:
+    def _check(
+        self, queued: LoginAttempt, user: str, password: bytes | None, client: str, tls: bool
+    ) -> Deferred[dict[str, Any]]:
         """
         Check the password, settle the attempt, and say how.
         """
         if password is None:
             checking: Deferred[Any] = fail(UnauthorizedLogin())
         else:
-            checking = self.checker.requestAvatarId(UsernamePassword(user.encode("utf-8"), password))
+            credentials = LoginCredentials(user.encode("utf-8"), password, queued.protocol, client, tls)
+            checking = self.checker.requestAvatarId(credentials)
 
         def checked(avatar: Any) -> dict[str, Any]:
             queued.succeeded()
             # The session is counted now too: one round trip less a login.
             session = self.startSession(user)["started"]
-            return {"turn": Turn.CHECK.name, "delay": queued.delay, "avatar": str(avatar), "session": session}
+            answer = {"turn": Turn.CHECK.name, "delay": queued.delay, "avatar": str(avatar), "session": session}
+            if isinstance(avatar, Account):
+                answer["account"] = avatar.toJSON()
+            return answer
 
         def refused(failure: Failure) -> dict[str, Any]:
+            if failure.check(BackendUnavailable):
+                # No verdict: not counted against the user or the address.
+                queued.withdraw()
+                return {"turn": Turn.CHECK.name, "delay": 0.0, "unavailable": True}
             if failure.check(UnauthorizedLogin) is None:
                 self.log.failure("password check failed unexpectedly", failure)
-            return {"turn": Turn.CHECK.name, "delay": queued.failed()}
+            delay = queued.failed()
+            if failure.check(AccountRefused):
+                delay = max(delay, failure.value.wait)
+            return {"turn": Turn.CHECK.name, "delay": delay}
 
         return checking.addCallbacks(checked, refused)
 

@@ -21,9 +21,19 @@ from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.components import Componentized
 
+from mailproxy.accounts.checker import AccountChecker
+from mailproxy.accounts.registry import BackendContext, buildBackend
 from mailproxy.auth import HashPoolService, ProxyRealm, UsersFileChecker, threadRunner
 from mailproxy.certificates import CertificateReloader
-from mailproxy.config import Config, ConfigError, TLSMode, UpstreamConfig, configFromText, readConfigText
+from mailproxy.config import (
+    USERS_FILE_BACKEND,
+    Config,
+    ConfigError,
+    TLSMode,
+    UpstreamConfig,
+    configFromText,
+    readConfigText,
+)
 from mailproxy.credentialscache import CredentialsCache
 from mailproxy.epolldispatch import dispatchWithoutLogContext
 from mailproxy.filters.registry import buildFilters, chainFactory
@@ -53,6 +63,10 @@ log = Logger()
 PRUNE_INTERVAL = 300.0
 # How long a client may take to read its goodbye when the proxy stops.
 SHUTDOWN_GRACE = 1.0
+
+
+# What checks a login's password: the users file, or an account backend.
+Checker = UsersFileChecker | AccountChecker
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -239,8 +253,8 @@ def buildService(
     hashing: HashPoolService | None = None
     limits: Limits | SharedLimits
     # Workers check no passwords: the supervisor does, with the login turn.
-    makeChecker: Callable[[str], UsersFileChecker] | None = None
-    checkers: list[UsersFileChecker] = []
+    makeChecker: Callable[[Config], Checker] | None = None
+    checkers: list[Checker] = []
     if worker is None:
         hashing, makeChecker, limits = passwordChecking(config, reactor)
         checkers = [firstChecker(config, makeChecker)]
@@ -367,33 +381,40 @@ class AdoptedListener(Service):
         return None
 
 
-def passwordChecking(config: Config, reactor: Any) -> tuple[HashPoolService, Callable[[str], UsersFileChecker], Limits]:
+def passwordChecking(config: Config, reactor: Any) -> tuple[HashPoolService, Callable[[Config], Checker], Limits]:
     """
     What checks passwords in this process (alone, or as the workers'
-    supervisor): the hashing threads, a maker of users-file checkers that
-    all share one credentials cache (a reload builds a new checker, the
-    cache stays), and the limits deciding whose check runs when.
+    supervisor): the hashing threads, a maker of the checker a
+    configuration names (the users file, or an account backend) that all
+    share one credentials cache (a reload builds a new checker, the cache
+    stays), and the limits deciding whose check runs when.
     """
     hashing = HashPoolService(config.hashThreads)
     runInThread = threadRunner(reactor, hashing.pool)
     credentialsCache = CredentialsCache(config.authCacheTTL, config.authCacheSize, reactor)
 
-    def makeChecker(path: str) -> UsersFileChecker:
-        return UsersFileChecker(path, runInThread, credentialsCache)
+    def makeChecker(config: Config) -> Checker:
+        if config.authBackend == USERS_FILE_BACKEND:
+            return UsersFileChecker(config.usersFile, runInThread, credentialsCache)
+        backend = buildBackend(config, BackendContext(reactor, config, config.lookupTimeout, runInThread))
+        return AccountChecker(
+            backend, config.authBackend, reactor, config.lookupTimeout, credentialsCache, config.negativeTTL
+        )
 
     # A few checks queue per hashing thread; other attempts wait their turn.
     limits = Limits(config.limits, reactor, config.authFailureDelay, maxChecks=4 * config.hashThreads)
     return hashing, makeChecker, limits
 
 
-def firstChecker(config: Config, makeChecker: Callable[[str], UsersFileChecker]) -> UsersFileChecker:
+def firstChecker(config: Config, makeChecker: Callable[[Config], Checker]) -> Checker:
     """
-    The checker of C{config}'s users file at start-up.
+    The checker C{config} names at start-up.
 
-    @raise ConfigError: if the file cannot be read.
+    @raise ConfigError: if the users file cannot be read, or the backend
+        not built.
     """
     try:
-        return makeChecker(config.usersFile)
+        return makeChecker(config)
     except OSError as error:
         raise ConfigError(f"auth.users_file: cannot read {config.usersFile!r}: {error.strerror}") from None
 

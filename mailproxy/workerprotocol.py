@@ -60,8 +60,10 @@ class BeginLogin(amp.Command):
     Queue a login attempt; when its turn comes, check the password (none:
     refuse without a check) and settle the attempt.  Answered with the
     L{Turn}'s name, the delay before answering a refusal, and after a
-    C{CHECK} turn the avatar ID if the password was right, and whether the
-    user's session was counted (L{StartSession} done with the check).
+    C{CHECK} turn the avatar ID if the password was right (and the account
+    an account backend gave, as JSON), whether the user's session was
+    counted (L{StartSession} done with the check), or that the account
+    backend was unavailable.  C{client} and C{tls} are for the backend.
     """
 
     arguments = [
@@ -70,11 +72,15 @@ class BeginLogin(amp.Command):
         (b"user", amp.Unicode()),
         (b"protocol", amp.Unicode()),
         (b"password", amp.String(optional=True)),
+        (b"client", amp.Unicode(optional=True)),
+        (b"tls", amp.Boolean(optional=True)),
     ]
     response = [
         (b"turn", amp.Unicode()),
         (b"delay", amp.Float()),
         (b"avatar", amp.Unicode(optional=True)),
+        (b"account", amp.Unicode(optional=True)),
+        (b"unavailable", amp.Boolean(optional=True)),
         (b"session", amp.Boolean(optional=True)),
     ]
 

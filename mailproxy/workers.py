@@ -33,6 +33,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
+from mailproxy.accounts.checker import replaced
 from mailproxy.oauth.tokens import AccessTokens, answerAccessToken
 from mailproxy.sharedlimits import LimitsResponder
 from mailproxy.workerprotocol import (
@@ -420,6 +421,7 @@ class WorkerPool(Service):
         """
         Check passwords with C{checker} from now on (a reload).
         """
+        replaced(self.checker, checker)
         self.checker = checker
         for worker in self.workers:
             if worker.channel is not None:

@@ -167,7 +167,7 @@ def connect(
         clock,
         script,
         "TLS-OPTIONS",
-        lambda user: chain,
+        lambda user, own=None: chain,
         metrics=metrics,
     )
     return another(context, script)

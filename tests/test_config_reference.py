@@ -20,7 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailproxy import configref
-from mailproxy.config import Config, ConfigError, parseConfig
+from mailproxy.accounts.registry import BackendContext, buildBackend
+from mailproxy.config import USERS_FILE_BACKEND, Config, ConfigError, parseConfig
 from mailproxy.configref import Computed, Key, Required, Table
 from mailproxy.filters.registry import buildFilters, closeFilters
 
@@ -106,6 +107,9 @@ def tableIn(document: dict[str, Any], item: Table) -> dict[str, Any]:
         return document["routing"].setdefault("users", {}).setdefault("alice", {})
     if item.location == "oauth2.NAME":
         return document["oauth2"]["p"]
+    if item.location == "auth.http":
+        document["auth"]["backend"] = "http"
+        return document["auth"].setdefault("http", {"url": "http://127.0.0.1:9/auth"})
     return document[item.location]
 
 
@@ -123,17 +127,27 @@ def where(item: Table, key: str) -> str:
 
 def load(document: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     """
-    Parse C{document} and build its filters, as start-up does.
+    Parse C{document} and build its filters and account backend, as
+    start-up does.
     """
     config = parseConfig(document, "/nonexistent")
     filters = buildFilters(config.filters)
     closeFilters(filters.values())
-    return config, filters
+    built = dict(filters)
+    if config.authBackend != USERS_FILE_BACKEND:
+        backend = buildBackend(config, BackendContext(None, config, config.lookupTimeout, None))
+        built["[auth backend]"] = backend
+    return config, built
 
 
-def describe(config: Config, filters: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
-    # Built filters have no equality of their own; their attributes do.
-    return dataclasses.replace(config, filters={}), {name: vars(item) for name, item in filters.items()}
+def describe(config: Config, built: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
+    # Built filters and backends have no equality of their own; their
+    # settings do (a backend's settings table is compared as built).
+    own = {
+        name: {key: value for key, value in vars(item).items() if key not in ("reactor", "config", "_pool")}
+        for name, item in built.items()
+    }
+    return dataclasses.replace(config, filters={}, authBackendSettings={}), own
 
 
 ALL_KEYS = [pytest.param(item, key, id=f"{item.heading} {key.name}") for item in configref.TABLES for key in item.keys]

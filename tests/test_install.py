@@ -35,6 +35,7 @@ COMMAND_TIMEOUT = 120.0
 EXAMPLES = [
     "fail2ban/filter.d/mailproxy.conf",
     "fail2ban/jail.d/mailproxy.local",
+    "mailproxy-http-auth.example.toml",
     "mailproxy-oauth.example.toml",
     "mailproxy.example.toml",
     "mailproxy.service",

@@ -8,13 +8,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
-import shutil
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 from cryptography.fernet import Fernet, MultiFernet
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
@@ -29,6 +26,7 @@ from mailproxy.oauth.settings import OAuthLogin, OAuthProvider
 from mailproxy.oauth.store import StoredGrant, TokenStore, TokenStoreError, loadKeys, newKey
 from mailproxy.oauth.tokens import RemoteAccessTokens
 from mailproxy.pop3.upstream import _bearer
+from tests.tlssupport import parsedExample
 
 
 def document(**oauthRoute: Any) -> dict[str, Any]:
@@ -163,13 +161,7 @@ def test_a_bad_key_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
 
 def test_the_oauth_example_config_is_valid(tmp_path: Path) -> None:
     """etc/mailproxy-oauth.example.toml parses: Microsoft 365 by the device flow, Gmail by the browser."""
-    text = (Path(__file__).resolve().parent.parent / "etc" / "mailproxy-oauth.example.toml").read_text()
-    (tmp_path / "tls").mkdir()
-    trustme.CA().issue_cert("mail.example.test").private_key_and_cert_chain_pem.write_to_path(
-        str(tmp_path / "tls" / "fullchain.pem")
-    )
-    shutil.copy(tmp_path / "tls" / "fullchain.pem", tmp_path / "tls" / "privkey.pem")
-    config = parseConfig(tomllib.loads(text.replace("/etc/mailproxy/", f"{tmp_path}/")), str(tmp_path))
+    config = parsedExample("mailproxy-oauth.example.toml", tmp_path)
     assert config.oauth2 is not None
     m365, gmail = config.oauth2.providers["m365"], config.oauth2.providers["gmail"]
     assert m365.tokenEndpoint == "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"

@@ -208,7 +208,7 @@ def connect(
         clock,
         lambda *args: fail(AssertionError("IMAP upstream asked for")),
         "TLS-OPTIONS",
-        lambda user: chain,
+        lambda user, own=None: chain,
     )
     factory = POP3ServerFactory(context, POP3Backends(fakes.connectRelay, fakes.openMaildrop))
     server = factory.buildProtocol(None)

@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import time
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import trustme
 from cryptography import x509
 from OpenSSL import SSL
 
-from mailproxy.config import INTERMEDIATE_CIPHERS, ListenerCertificate, ListenerConfig, TLSMode
+from mailproxy.config import INTERMEDIATE_CIPHERS, Config, ListenerCertificate, ListenerConfig, TLSMode, parseConfig
 from mailproxy.passwords import hashPassword
 from mailproxy.tls import ServerTLS
 from tests.proxyprocess import HOST, TWISTD, ProxyProcess, freePort
@@ -427,3 +428,17 @@ def assertStoppedWithOneLine(result: Exit | str, line: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.output
     assert lines[0].startswith(f"mailproxy: configuration error: {line}"), result.output
+
+
+def parsedExample(name: str, directory: Path) -> Config:
+    """
+    The example configuration C{etc/NAME} parsed, its C{/etc/mailproxy/}
+    files in C{directory} (a throw-away certificate for the listeners).
+    """
+    text = (Path(__file__).resolve().parent.parent / "etc" / name).read_text()
+    (directory / "tls").mkdir()
+    trustme.CA().issue_cert("mail.example.test").private_key_and_cert_chain_pem.write_to_path(
+        str(directory / "tls" / "fullchain.pem")
+    )
+    shutil.copy(directory / "tls" / "fullchain.pem", directory / "tls" / "privkey.pem")
+    return parseConfig(tomllib.loads(text.replace("/etc/mailproxy/", f"{directory}/")), str(directory))

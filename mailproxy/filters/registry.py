@@ -79,7 +79,7 @@ def chainFactory(
     and after login.
     """
 
-    def chainFor(username: str | None) -> FilterChain:
-        return FilterChain([built[name] for name in config.filterNamesFor(listener, username)])
+    def chainFor(username: str | None, own: tuple[str, ...] | None = None) -> FilterChain:
+        return FilterChain([built[name] for name in config.filterNamesFor(listener, username, own)])
 
     return chainFor

@@ -36,7 +36,6 @@ from mailproxy.limits import Limits
 from mailproxy.oauth.settings import OAuthLogin
 from mailproxy.sasl import MECHANISMS, Challenge, Credentials, SASLError, SASLExchange, Step, exchangeFor
 from mailproxy.splice import Splice
-from mailproxy.writenow import writeNow
 
 if TYPE_CHECKING:
     from mailproxy.metrics import ListenerMetrics
@@ -78,7 +77,7 @@ class ServerContext:
     clock: IReactorTime
     connectUpstream: ConnectUpstream
     tlsOptions: Any = None
-    filtersFor: Callable[[str | None], FilterChain] = lambda user: FilterChain()
+    filtersFor: Callable[..., FilterChain] = lambda user, own=None: FilterChain()
     limits: Limits | None = None
     metrics: ListenerMetrics | None = None
 
@@ -111,6 +110,7 @@ _REPLIES = LoginReplies(
     busy=b"NO [UNAVAILABLE] Too many logins in progress from your address or for this user, try again later.",
     tooManySessions=b"NO [LIMIT] Too many sessions for this user.",
     unavailable=b"NO [UNAVAILABLE] Upstream server unavailable, try again later.",
+    authUnavailable=b"NO [UNAVAILABLE] Authentication service unavailable, try again later.",
 )
 
 
@@ -168,7 +168,10 @@ class IMAPServerProtocol(FrontDoor):
                 fields = line.split(b" ", 2)
                 if len(fields) > 1 and line[:1] not in (b"*", b"+"):
                     self._lastStatus = {fields[0]: fields[1].decode("ascii", "replace")}
-        writeNow(self.transport, data)
+        # Buffered, not writeNow: sent one by one, the replies to a flood of
+        # pipelined commands were partly lost to the reset that closing with
+        # the flood unread sends (test_prelogin_attacks, bounded_log).
+        self.transport.write(data)
 
     def disconnect(self) -> None:
         """

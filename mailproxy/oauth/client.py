@@ -15,14 +15,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import treq
-from twisted.internet import defer
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
-from twisted.web.client import HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
-from twisted.web.http_headers import Headers
+from twisted.web.client import HTTPConnectionPool
 
+from mailproxy.httpclient import HTTPUnavailable, exchange
 from mailproxy.oauth.settings import OAuthProvider
 
 # A token endpoint's answer is a small JSON object; more is not one.
@@ -31,21 +26,7 @@ MAX_RESPONSE = 64 * 1024
 MAX_LIFETIME = 86400.0
 
 
-class _QuietFactory(_HTTP11ClientFactory):
-    # "Starting factory" for each connection to the provider says nothing.
-    noisy = False
-
-
-def connectionPool(reactor: Any) -> HTTPConnectionPool:
-    """
-    Persistent connections to token endpoints, which log nothing of their own.
-    """
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietFactory
-    return pool
-
-
-class ProviderUnavailable(Exception):
+class ProviderUnavailable(HTTPUnavailable):
     """
     The token endpoint could not be asked, or answered with no usable
     reply (a timeout, a refused connection, a 5xx, not JSON).
@@ -97,47 +78,24 @@ async def postForm(
 
     @raise ProviderUnavailable: if there is no such answer in C{timeout} s.
     """
-
-    async def exchange() -> tuple[int, bytes]:
-        response = await treq.post(
-            url, data=fields, headers=Headers({b"Accept": [b"application/json"]}), reactor=reactor, pool=pool
-        )
-        chunks: list[bytes] = []
-
-        def collect(data: bytes) -> None:
-            chunks.append(data)
-            if sum(map(len, chunks)) > MAX_RESPONSE:
-                raise ProviderUnavailable(f"{url}: an answer of over {MAX_RESPONSE} octets is no token response")
-
-        await treq.collect(response, collect)
-        return response.code, b"".join(chunks)
-
-    # The whole exchange, body included, within the timeout.
-    asking = Deferred.fromCoroutine(exchange())
-    asking.addTimeout(timeout, reactor)
+    answer = await exchange(
+        reactor,
+        "POST",
+        url,
+        data=fields,
+        headers={b"Accept": [b"application/json"]},
+        timeout=timeout,
+        maxBody=MAX_RESPONSE,
+        pool=pool,
+        unavailable=ProviderUnavailable,
+    )
     try:
-        code, body = await asking
-    except ProviderUnavailable:
-        raise
-    except (defer.CancelledError, defer.TimeoutError):
-        raise ProviderUnavailable(f"{url}: no answer in {timeout:g} s") from None
-    except (ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) as error:
-        reasons = getattr(error, "reasons", [])
-        for reason in reasons:
-            if reason.check(ProviderUnavailable):
-                raise reason.value from None
-        if any(reason.check(defer.CancelledError) for reason in reasons):
-            raise ProviderUnavailable(f"{url}: no answer in {timeout:g} s") from None
-        raise ProviderUnavailable(f"{url}: {', '.join(reason.getErrorMessage() for reason in reasons)}") from None
-    except (ConnectError, DNSLookupError, OSError) as error:
-        raise ProviderUnavailable(f"{url}: {error}") from None
-    try:
-        document = json.loads(body)
+        document = json.loads(answer.body)
     except (ValueError, RecursionError):
-        raise ProviderUnavailable(f"{url}: HTTP {code}, not JSON") from None
+        raise ProviderUnavailable(f"{url}: HTTP {answer.code}, not JSON") from None
     if not isinstance(document, dict):
-        raise ProviderUnavailable(f"{url}: HTTP {code}, not a JSON object")
-    return code, document
+        raise ProviderUnavailable(f"{url}: HTTP {answer.code}, not a JSON object")
+    return answer.code, document
 
 
 async def tokenRequest(

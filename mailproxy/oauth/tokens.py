@@ -16,8 +16,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailproxy.httpclient import connectionPool
 from mailproxy.imap.upstream import OAuthRefused, OAuthUnavailable
-from mailproxy.oauth.client import IssuedTokens, ProviderUnavailable, TokenError, connectionPool, refresh
+from mailproxy.oauth.client import IssuedTokens, ProviderUnavailable, TokenError, refresh
 from mailproxy.oauth.sasl import BadToken, Bearer
 from mailproxy.oauth.settings import OAuthConfig, OAuthProvider
 from mailproxy.oauth.store import StoredGrant, TokenStore, TokenStoreError, loadKeys

@@ -1,0 +1,135 @@
+"""
+Logins per second by account backend, with a warm and a cold cache,
+against direct Dovecot measured in the same run.
+
+    .venv/bin/python -m bench.backends [--seconds 4] [--rounds 3]
+
+Each backend runs in its own proxy (one worker, so the figures are the
+backend's and not the machine's spread): the users file (the default
+scrypt, ln=15), and the HTTP backend (nginx's auth_http protocol) asking
+a service in this process.  'warm' logs the same user in again and again,
+the credentials cache answering; 'cold' runs with C{[auth] cache_ttl = 0}
+(and C{negative_ttl = 0}), so every login pays the full check: a scrypt,
+or a round trip to the service.  A login is connect, greeting, LOGIN,
+LOGOUT, one at a time and 8 in parallel; the targets are interleaved round
+by round and the medians reported, with their ratio to direct Dovecot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from bench.common import PASSWORD, USER, freePort, privateDovecot, startProxy, workDirectory, writeUsersFile
+from bench.logins import loginRate
+from mailproxy.passwords import DEFAULT_LOG2_N
+from tests.authhttpserver import SECRET, SECRET_HEADER, AuthService
+
+PARALLEL = (1, 8)
+MAX_LOGINS = 2000
+
+CONFIG = """
+[server]
+workers = 1
+[auth]
+{auth}
+[[listener]]
+name = "imap"
+endpoint = "tcp:{port}:interface=127.0.0.1:backlog=1024"
+allow_plaintext_auth = true
+[upstream.imap]
+host = "127.0.0.1"
+port = {upstreamPort}
+[routing]
+default_upstream = "imap"
+[limits]
+max_connections_per_ip = 1000
+max_sessions_per_user = 1000
+"""
+
+
+@dataclass
+class Column:
+    name: str
+    port: int
+    rates: dict[int, list[float]] = field(default_factory=dict)
+
+
+def backendAuth(backend: str, cache: bool, serviceUrl: str) -> str:
+    ttl = "" if cache else "cache_ttl = 0\nnegative_ttl = 0\n"
+    if backend == "users_file":
+        return 'users_file = "users"\n' + ttl
+    return (
+        f'backend = "http"\n{ttl}[auth.http]\nurl = "{serviceUrl}"\n'
+        f'[auth.http.headers]\n"{SECRET_HEADER}" = "{SECRET}"\n'
+    )
+
+
+@contextlib.contextmanager
+def proxies(directory: str, upstreamPort: int, serviceUrl: str) -> Iterator[list[Column]]:
+    columns = []
+    with contextlib.ExitStack() as stack:
+        for backend in ("users_file", "http"):
+            for cache in (True, False):
+                name = f"{backend}, {'warm' if cache else 'cold'}"
+                where = os.path.join(directory, name.replace(", ", "-"))
+                os.mkdir(where)
+                writeUsersFile(where, {USER: (PASSWORD, DEFAULT_LOG2_N)})
+                port = freePort()
+                config = CONFIG.format(
+                    auth=backendAuth(backend, cache, serviceUrl), port=port, upstreamPort=upstreamPort
+                )
+                stack.enter_context(startProxy(where, config, [port]))
+                columns.append(Column(name, port))
+        yield columns
+
+
+def measure(seconds: float, rounds: int) -> list[Column]:
+    with workDirectory("mp-backends-") as directory, privateDovecot({USER: PASSWORD}) as upstream:
+        service = AuthService().start()
+        try:
+            service.add(USER, PASSWORD)
+            with proxies(directory, upstream.ports["imap"], service.url) as columns:
+                targets = [Column("direct Dovecot", upstream.ports["imap"]), *columns]
+                for target in targets:
+                    # a first login fills a warm cache
+                    asyncio.run(loginRate(target.port, USER, PASSWORD, 1, 1, seconds))
+                for _ in range(rounds):
+                    for parallel in PARALLEL:
+                        for target in targets:
+                            rate = asyncio.run(loginRate(target.port, USER, PASSWORD, parallel, MAX_LOGINS, seconds))
+                            target.rates.setdefault(parallel, []).append(rate)
+                return targets
+        finally:
+            service.stop()
+
+
+def report(targets: Sequence[Column]) -> str:
+    direct = targets[0]
+    lines = [f"{'target':<20}" + "".join(f"{f'{n} at a time':>24}" for n in PARALLEL)]
+    for target in targets:
+        cells = []
+        for parallel in PARALLEL:
+            rate = statistics.median(target.rates[parallel])
+            ratio = rate / statistics.median(direct.rates[parallel])
+            cells.append(f"{rate:>10.1f} logins/s" + (f" ({ratio:.2f}x)" if target is not direct else " " * 8))
+        lines.append(f"{target.name:<20}" + "".join(f"{cell:>24}" for cell in cells))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per measurement (default: %(default)g)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)d)")
+    arguments = parser.parse_args(argv)
+    print(report(measure(arguments.seconds, arguments.rounds)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
