@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mailproxy.accounts.model import Account
+from mailproxy.accounts.model import Account, BackendUnavailable
 from mailproxy.config import Config, UpstreamConfig
 from mailproxy.credentialscache import CredentialsCache
 from mailproxy.interfaces import IProxyUser
@@ -174,8 +174,11 @@ class ProxyUser:
         if self.oauth2 is not None:
             return OAuthLogin(self.username, self.oauth2)
         # surrogateescape: a passthrough password that was not UTF-8 goes
-        # back out as the very octets the client sent.
-        return self.upstreamPassword or clientPassword.decode("utf-8", "surrogateescape")
+        # back out as the very octets the client sent.  (An empty password
+        # is one: an account backend may answer it, as nginx's passes it on.)
+        if self.upstreamPassword is not None:
+            return self.upstreamPassword
+        return clientPassword.decode("utf-8", "surrogateescape")
 
 
 class NoRoute(UnauthorizedLogin):
@@ -216,6 +219,10 @@ class ProxyRealm:
         """
         The user an account backend vouched for: what the backend said,
         the configuration's routing for what it left out.
+
+        @raise BackendUnavailable: if the account names an upstream or a
+            filter this configuration lacks (a reload since it was
+            remembered): no verdict on the password, so no failure.
         """
         config = self._config
         route = config.routeFor(account.name)
@@ -224,9 +231,15 @@ class ProxyRealm:
             raise NoRoute(f"no upstream route for {account.name!r} (the account backend named none)")
         upstream = config.upstreams.get(upstreamName)
         if upstream is None:
-            raise NoRoute(f"account backend routes {account.name!r} to no [upstream.{upstreamName}]")
+            raise BackendUnavailable(f"the account of {account.name!r} names no [upstream.{upstreamName}]")
+        missing = [name for name in account.filters or () if name not in config.filters]
+        if missing:
+            raise BackendUnavailable(f"the account of {account.name!r} names no [filters.{missing[0]}]")
         if account.server is not None:
-            upstream = dataclasses.replace(upstream, host=account.server, port=account.port or upstream.port)
+            # The certificate is still checked against the upstream's name.
+            upstream = dataclasses.replace(
+                upstream, host=account.server, port=account.port or upstream.port, serverName=upstream.verifyName
+            )
         # A route's upstream password and OAuth login are for its own upstream.
         ownRoute = route if route is not None and route.upstream == upstreamName else None
         password = account.password

@@ -115,6 +115,7 @@ class FrontDoor(Protocol, TimeoutMixin):
         self.clientAddress = "?"
         self.user: Any = None
         self.gate: Gate | None = None
+        self._loginAttempts = 0
         self.splice: Splice | None = None
         self.metrics = context.metrics
         self.session = ProxySession(
@@ -365,7 +366,8 @@ class FrontDoor(Protocol, TimeoutMixin):
         """
         assert self.gate is not None
         name = username.decode("utf-8", "replace")
-        attempt = self._attempt = self.gate.beginLogin(name, password, self.tlsActive)
+        self._loginAttempts += 1
+        attempt = self._attempt = self.gate.beginLogin(name, password, self.tlsActive, self._loginAttempts)
         attempt.turn.addCallback(self._loginTurn, attempt, username, name, password, mechanism)
 
     def _loginTurn(
@@ -396,7 +398,9 @@ class FrontDoor(Protocol, TimeoutMixin):
             loggingIn = attempt.verdict().addCallback(realm.requestAvatar, None, IProxyUser)
         else:
             assert self.gate is not None
-            credentials = LoginCredentials(username, password, self.protocolName, self.gate.ip, self.tlsActive)
+            credentials = LoginCredentials(
+                username, password, self.protocolName, self.gate.ip, self.tlsActive, self._loginAttempts
+            )
             loggingIn = self.context.portal.login(credentials, None, IProxyUser)
         loggingIn.addCallbacks(
             lambda result: self._authenticated(attempt, name, password, mechanism, result),
@@ -434,8 +438,10 @@ class FrontDoor(Protocol, TimeoutMixin):
 
     def _loginFailed(self, attempt: LoginAttempt | RemoteAttempt, name: str, mechanism: str, failure: Failure) -> None:
         if failure.check(BackendUnavailable):
-            # No verdict on the password: nothing counted, try again later.
-            attempt.withdraw()
+            # No verdict on the password: nothing counted, try again later
+            # (a session the supervisor counted with the check given back).
+            if isinstance(attempt, RemoteAttempt):
+                attempt.giveBackSession()
             self._countLogin("backend_unavailable")
             if not self.isClosed:
                 self.log.warn(
@@ -444,7 +450,7 @@ class FrontDoor(Protocol, TimeoutMixin):
                     user=loggedName(name),
                     error=str(failure.value),
                 )
-                self._refuseLater(self.replies.authUnavailable, 0)
+            whenDecided(attempt.unavailable(), lambda delay: self._refuseLater(self.replies.authUnavailable, delay))
             return
         wait = failure.value.wait if failure.check(AccountRefused) else 0.0
         whenDecided(attempt.failed(), lambda delay: self._refuseFailedLogin(name, mechanism, failure, max(delay, wait)))

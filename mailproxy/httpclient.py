@@ -61,18 +61,30 @@ async def exchange(
     data: Any = None,
     pool: HTTPConnectionPool | None = None,
     unavailable: type[Exception] = HTTPUnavailable,
+    shownAs: str | None = None,
 ) -> Answer:
     """
     Send one request; its answer.
 
+    @param shownAs: C{url} as error messages name it (without secrets).
     @raise unavailable: (an L{HTTPUnavailable} by default) if there is no
         whole answer of at most C{maxBody} octets in C{timeout} s, its
         message naming C{url} and why.
     """
+    name = shownAs or url
 
     async def run() -> Answer:
+        # Never redirected: a Location would take the request (a password, a
+        # shared secret) elsewhere, and its answer would be taken as the
+        # service's.
         response = await treq.request(
-            method, url, data=data, headers=Headers(dict(headers)), reactor=reactor, pool=pool
+            method,
+            url,
+            data=data,
+            headers=Headers(dict(headers)),
+            reactor=reactor,
+            pool=pool,
+            allow_redirects=False,
         )
         chunks: list[bytes] = []
         size = 0
@@ -81,7 +93,7 @@ async def exchange(
             nonlocal size
             size += len(chunk)
             if size > maxBody:
-                raise unavailable(f"{url}: an answer of over {maxBody} octets")
+                raise unavailable(f"{name}: an answer of over {maxBody} octets")
             chunks.append(chunk)
 
         await treq.collect(response, collect)
@@ -94,14 +106,14 @@ async def exchange(
     except unavailable:
         raise
     except (defer.CancelledError, defer.TimeoutError):
-        raise unavailable(f"{url}: no answer in {timeout:g} s") from None
+        raise unavailable(f"{name}: no answer in {timeout:g} s") from None
     except (ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) as error:
         reasons = getattr(error, "reasons", [])
         for reason in reasons:
             if reason.check(unavailable):
                 raise reason.value from None
         if any(reason.check(defer.CancelledError) for reason in reasons):
-            raise unavailable(f"{url}: no answer in {timeout:g} s") from None
-        raise unavailable(f"{url}: {', '.join(reason.getErrorMessage() for reason in reasons)}") from None
+            raise unavailable(f"{name}: no answer in {timeout:g} s") from None
+        raise unavailable(f"{name}: {', '.join(reason.getErrorMessage() for reason in reasons)}") from None
     except (ConnectError, DNSLookupError, OSError) as error:
-        raise unavailable(f"{url}: {error}") from None
+        raise unavailable(f"{name}: {error}") from None

@@ -403,6 +403,23 @@ class LoginAttempt:
             limits.clock.callLater(self.delay, limits._releaseTurn, self)
         return self.delay
 
+    def unavailable(self) -> float:
+        """
+        The check could not be made (the account backend did not say): the
+        attempt counts as no failure, but keeps its turn for the first
+        failure delay, so that making the backend slow or fail does not let
+        anyone ask it at full speed.  The delay before saying so.
+        """
+        limits = self.limits
+        if self.checking:
+            self.checking = False
+            for key in self.countedKeys:
+                limits._uncount(key, self.started)
+            limits._checked(self)
+            limits.clock.callLater(limits.failureDelay, limits._releaseTurn, self)
+        self.delay = limits.failureDelay
+        return self.delay
+
     def refuse(self, reason: str) -> None:
         """
         Log an attempt refused without a check.
@@ -545,15 +562,18 @@ class Gate:
             self._remote.giveBackSession()
         self.endSession()
 
-    def beginLogin(self, user: str, password: bytes, tls: bool = False) -> LoginAttempt | RemoteAttempt:
+    def beginLogin(
+        self, user: str, password: bytes, tls: bool = False, number: int = 1
+    ) -> LoginAttempt | RemoteAttempt:
         """
         Queue a login attempt; with workers the supervisor checks
         C{password} when its turn comes (C{tls}: whether the client's
-        connection is encrypted, which an account backend may ask).
+        connection is encrypted, C{number}: the attempt's on the
+        connection; an account backend may ask both).
         """
         if isinstance(self.limits, Limits):
             return self.limits.beginLogin(self.network, user, self.protocol)
-        self._remote = self.limits.beginLogin(self.network, user, self.protocol, password, self.ip, tls)
+        self._remote = self.limits.beginLogin(self.network, user, self.protocol, password, self.ip, tls, number)
         return self._remote
 
     def endSession(self) -> None:

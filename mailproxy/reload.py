@@ -107,6 +107,7 @@ class ConfigReloader:
         if self.path is None:
             return False
         listeners: dict[str, ListenerConfig] = {}
+        checker = None
         try:
             config = loadConfig(self.path) if loaded is None else loaded
             for upstream in config.upstreams.values():
@@ -131,6 +132,8 @@ class ConfigReloader:
             filters = buildFilters(config.filters, reuse=unchanged)
         except (ConfigError, UsersFileError, OSError) as error:
             self.log.error("configuration not reloaded, keeping the running one: {error}", error=str(error))
+            # An account backend built for the new configuration lets go.
+            replaced(checker, None)
             return False
         if checker is not None:
             old = self.portal.checkers.get(IUsernamePassword)

@@ -69,10 +69,17 @@ class SharedLimits:
         self._tell(EndSession, user=user)
 
     def beginLogin(
-        self, network: str, user: str, protocol: str, password: bytes, client: str = "", tls: bool = False
+        self,
+        network: str,
+        user: str,
+        protocol: str,
+        password: bytes,
+        client: str = "",
+        tls: bool = False,
+        number: int = 1,
     ) -> RemoteAttempt:
         self._attempts += 1
-        return RemoteAttempt(self, self._attempts, network, user, protocol, password, client, tls)
+        return RemoteAttempt(self, self._attempts, network, user, protocol, password, client, tls, number)
 
     def _tell(self, command: type[amp.Command], **arguments: Any) -> None:
         try:
@@ -106,6 +113,7 @@ class RemoteAttempt:
         password: bytes,
         client: str = "",
         tls: bool = False,
+        loginAttempt: int = 1,
     ) -> None:
         self.limits = limits
         self.number = number
@@ -115,7 +123,7 @@ class RemoteAttempt:
         self.delay = limits.failureDelay
         self.avatar: str | None = None
         self.account: str | None = None
-        self.unavailable = False
+        self.backendUnavailable = False
         self.session: bool | None = None
         self.turn: Deferred[Turn] = Deferred()
         checkable = len(user.encode("utf-8")) <= MAX_CHECKED and len(password) <= MAX_CHECKED
@@ -129,6 +137,7 @@ class RemoteAttempt:
             password=password if checkable else None,
             client=client,
             tls=tls,
+            loginAttempt=loginAttempt,
         )
         asking.addCallbacks(self._given, self._unanswered)
 
@@ -136,7 +145,7 @@ class RemoteAttempt:
         self.delay = float(answer["delay"])
         self.avatar = answer.get("avatar")
         self.account = answer.get("account")
-        self.unavailable = bool(answer.get("unavailable"))
+        self.backendUnavailable = bool(answer.get("unavailable"))
         self.session = answer.get("session")
         self.turn.callback(Turn[answer["turn"]])
 
@@ -157,7 +166,7 @@ class RemoteAttempt:
         vouched for the user), or L{UnauthorizedLogin}, or
         L{BackendUnavailable}.
         """
-        if self.unavailable:
+        if self.backendUnavailable:
             return fail(BackendUnavailable("the account backend is unavailable"))
         if self.avatar is None:
             return fail(UnauthorizedLogin())
@@ -169,6 +178,12 @@ class RemoteAttempt:
         """
         Settled by the supervisor when the password checked.
         """
+
+    def unavailable(self) -> float:
+        """
+        Settled by the supervisor, which holds the turn: its delay.
+        """
+        return self.delay
 
     def failed(self) -> Deferred[float]:
         """
@@ -261,6 +276,7 @@ class LimitsResponder(amp.CommandLocator):
         password: bytes | None,
         client: str | None = None,
         tls: bool | None = None,
+        loginAttempt: int | None = None,
     ) -> Deferred[dict[str, Any]]:
         queued = self.limits.beginLogin(network, user, protocol)
         answer: Deferred[dict[str, Any]] = Deferred()
@@ -274,13 +290,15 @@ class LimitsResponder(amp.CommandLocator):
             if turn is not Turn.CHECK:
                 answer.callback({"turn": turn.name, "delay": queued.delay})
                 return
-            self._check(queued, user, password, client or network, bool(tls)).addCallback(answer.callback)
+            self._check(queued, user, password, client or network, bool(tls), loginAttempt or 1).addCallback(
+                answer.callback
+            )
 
         queued.turn.addCallback(given)
         return answer
 
     def _check(
-        self, queued: LoginAttempt, user: str, password: bytes | None, client: str, tls: bool
+        self, queued: LoginAttempt, user: str, password: bytes | None, client: str, tls: bool, number: int
     ) -> Deferred[dict[str, Any]]:
         """
         Check the password, settle the attempt, and say how.
@@ -288,7 +306,7 @@ class LimitsResponder(amp.CommandLocator):
         if password is None:
             checking: Deferred[Any] = fail(UnauthorizedLogin())
         else:
-            credentials = LoginCredentials(user.encode("utf-8"), password, queued.protocol, client, tls)
+            credentials = LoginCredentials(user.encode("utf-8"), password, queued.protocol, client, tls, number)
             checking = self.checker.requestAvatarId(credentials)
 
         def checked(avatar: Any) -> dict[str, Any]:
@@ -303,8 +321,7 @@ class LimitsResponder(amp.CommandLocator):
         def refused(failure: Failure) -> dict[str, Any]:
             if failure.check(BackendUnavailable):
                 # No verdict: not counted against the user or the address.
-                queued.withdraw()
-                return {"turn": Turn.CHECK.name, "delay": 0.0, "unavailable": True}
+                return {"turn": Turn.CHECK.name, "delay": queued.unavailable(), "unavailable": True}
             if failure.check(UnauthorizedLogin) is None:
                 self.log.failure("password check failed unexpectedly", failure)
             delay = queued.failed()

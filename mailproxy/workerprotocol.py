@@ -63,7 +63,8 @@ class BeginLogin(amp.Command):
     C{CHECK} turn the avatar ID if the password was right (and the account
     an account backend gave, as JSON), whether the user's session was
     counted (L{StartSession} done with the check), or that the account
-    backend was unavailable.  C{client} and C{tls} are for the backend.
+    backend was unavailable.  C{client}, C{tls} and C{loginAttempt} (the
+    attempt's number on its connection) are for the backend.
     """
 
     arguments = [
@@ -74,6 +75,7 @@ class BeginLogin(amp.Command):
         (b"password", amp.String(optional=True)),
         (b"client", amp.Unicode(optional=True)),
         (b"tls", amp.Boolean(optional=True)),
+        (b"loginAttempt", amp.Integer(optional=True)),
     ]
     response = [
         (b"turn", amp.Unicode()),

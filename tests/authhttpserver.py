@@ -27,11 +27,11 @@ REFUSAL = "Invalid login or password"
 class AuthRequest:
     """
     One request as the service saw it: its headers (names in lower case:
-    they are case-insensitive), C{Auth-User} and C{Auth-Pass} decoded as
-    nginx's escaping is undone.
+    they are case-insensitive; values as their octets), C{Auth-User} and
+    C{Auth-Pass} decoded as nginx's escaping is undone.
     """
 
-    headers: dict[str, str]
+    headers: dict[str, bytes]
     user: str
     password: bytes
 
@@ -43,7 +43,10 @@ class AuthService:
 
     @ivar users: name -> (password, headers answered when it is right).
     @ivar delay: seconds each answer waits.
-    @ivar status: the HTTP status answered (the auth_http answer needs 200).
+    @ivar status: the HTTP status answered (nginx reads the headers whatever
+        it is).
+    @ivar bare: answer no Auth- header at all (an error page).
+    @ivar redirect: answer a redirect to this URL instead.
     @ivar waits: how many answers say C{Auth-Status: WAIT} before the real one.
     @ivar refusalWait: C{Auth-Wait} sent with a refusal, if any.
     """
@@ -51,6 +54,8 @@ class AuthService:
     users: dict[str, tuple[bytes, dict[str, str]]] = field(default_factory=dict)
     delay: float = 0.0
     status: int = 200
+    bare: bool = False
+    redirect: str | None = None
     waits: int = 0
     refusalWait: int | None = None
     requests: list[AuthRequest] = field(default_factory=list)
@@ -90,10 +95,11 @@ class AuthService:
         with self._lock:
             return [request for request in self.requests if user is None or request.user == user]
 
-    def answer(self, headers: Mapping[str, str]) -> tuple[int, dict[str, str]]:
-        headers = {name.lower(): value for name, value in headers.items()}
-        user = urllib.parse.unquote(headers.get("auth-user", ""), errors="surrogateescape")
-        password = urllib.parse.unquote_to_bytes(headers.get("auth-pass", ""))
+    def answer(self, raw: Mapping[str, str]) -> tuple[int, dict[str, str]]:
+        # (http.server reads header octets as Latin-1: back to octets)
+        headers = {name.lower(): value.encode("latin-1") for name, value in raw.items()}
+        password = urllib.parse.unquote_to_bytes(headers.get("auth-pass", b""))
+        user = urllib.parse.unquote_to_bytes(headers.get("auth-user", b"")).decode("utf-8", "surrogateescape")
         with self._lock:
             self.requests.append(AuthRequest(headers, user, password))
             waiting = self.waits > 0
@@ -101,19 +107,21 @@ class AuthService:
                 self.waits -= 1
         if self.delay:
             time.sleep(self.delay)
-        if self.status != 200:
+        if self.redirect is not None:
+            return 302, {"Location": self.redirect}
+        if self.bare:
             return self.status, {}
-        if headers.get(SECRET_HEADER.lower()) != SECRET:
-            return 200, {"Auth-Status": "Missing shared secret"}
+        if headers.get(SECRET_HEADER.lower()) != SECRET.encode():
+            return self.status, {"Auth-Status": "Missing shared secret"}
         if waiting:
-            return 200, {"Auth-Status": "WAIT", "Auth-Wait": "0"}
+            return self.status, {"Auth-Status": "WAIT", "Auth-Wait": "0"}
         known = self.users.get(user)
         if known is None or known[0] != password:
             refusal = {"Auth-Status": REFUSAL}
             if self.refusalWait is not None:
                 refusal["Auth-Wait"] = str(self.refusalWait)
-            return 200, refusal
-        return 200, {"Auth-Status": "OK", **known[1]}
+            return self.status, refusal
+        return self.status, {"Auth-Status": "OK", **known[1]}
 
 
 def _handlerFor(service: AuthService) -> type[BaseHTTPRequestHandler]:

@@ -5,6 +5,7 @@ and cache, and how the realm turns an account into a session's route.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
 from mailproxy.accounts.checker import AccountChecker
 from mailproxy.accounts.model import Account, AccountRefused, BackendUnavailable, LoginCredentials, LoginRequest
@@ -114,6 +116,36 @@ def checked(checker: AccountChecker, user: str = "amy", password: bytes = b"pw",
     )
     assert results, "no answer yet"
     return results[0]
+
+
+def test_a_plugins_own_unauthorized_login_is_a_refusal() -> None:
+    clock = Clock()
+    checker = AccountChecker(Backend(UnauthorizedLogin()), "test", clock, 5.0, CredentialsCache(60, 10, clock))
+    result = checked(checker)
+    assert result.check(UnauthorizedLogin) and not result.check(BackendUnavailable)
+
+
+def test_what_a_checker_remembers_is_its_own() -> None:
+    """After a reload (a new checker, the cache kept), the new backend is asked."""
+    clock = Clock()
+    cache = CredentialsCache(60, 10, clock)
+    old = Backend(Account("amy", upstream="main"))
+    new = Backend(Account("amy", upstream="tls"))
+    assert checked(AccountChecker(old, "test", clock, 5.0, cache)) == Account("amy", upstream="main")
+    assert checked(AccountChecker(new, "test", clock, 5.0, cache)) == Account("amy", upstream="tls")
+
+
+def test_the_address_and_tls_are_part_of_what_is_remembered() -> None:
+    clock = Clock()
+    backend = Backend(Account("amy"), Account("amy"), Account("amy"))
+    checker = AccountChecker(backend, "test", clock, 5.0, CredentialsCache(60, 10, clock))
+    for clientIP, tls in (("192.0.2.7", True), ("192.0.2.8", True), ("192.0.2.7", False), ("192.0.2.7", True)):
+        checker.requestAvatarId(LoginCredentials(b"amy", b"pw", "imap", clientIP, tls))
+    assert [(request.clientIP, request.tls) for request in backend.asked] == [
+        ("192.0.2.7", True),
+        ("192.0.2.8", True),
+        ("192.0.2.7", False),
+    ]
 
 
 def test_the_backend_is_asked_with_the_logins_context_and_its_account_remembered() -> None:
@@ -226,11 +258,84 @@ def test_what_the_backend_leaves_out_comes_from_the_routing() -> None:
 def test_an_address_from_the_backend_keeps_the_upstreams_other_settings() -> None:
     user = avatar(Account("zoe", upstream="tls", server="192.0.2.9", port=10993))
     assert (user.upstream.host, user.upstream.port, user.upstream.tls.value) == ("192.0.2.9", 10993, "implicit")
+    # The certificate must still name the configured host, not the address.
+    assert user.upstream.verifyName == "mail.example"
 
 
-def test_an_upstream_the_configuration_lacks_is_no_route() -> None:
-    with pytest.raises(NoRoute):
+def test_an_empty_upstream_password_is_one() -> None:
+    user = avatar(Account("zoe", password=""))
+    assert user.upstreamCredential(b"client pw") == ""
+
+
+def httpBackend() -> Any:
+    config = parseConfig(document(), "/etc/mailproxy")
+    return buildBackend(config, BackendContext(None, config, 1.0, None))
+
+
+def answered(*pairs: tuple[bytes, bytes]) -> Any:
+    headers = Headers()
+    for name, value in pairs:
+        headers.addRawHeader(name, value)
+    try:
+        return httpBackend().verdict(LoginRequest("zoe", b"pw"), 200, headers)
+    except (AccountRefused, BackendUnavailable) as error:
+        return error
+
+
+def test_answers_are_read_as_nginx_reads_them() -> None:
+    # Of a repeated header, the last counts.
+    account = answered(
+        (b"Auth-Status", b"OK"),
+        (b"Auth-Server", b"192.0.2.1"),
+        (b"Auth-Port", b"143"),
+        (b"Auth-Server", b"192.0.2.2"),
+        (b"Auth-Port", b"1143"),
+        (b"Auth-User", b"first"),
+        (b"Auth-User", b"zoe@x"),
+    )
+    assert (account.server, account.port, account.username) == ("192.0.2.2", 1143, "zoe@x")
+    # A refusal anywhere wins over OK.
+    refused = answered((b"Auth-Status", b"OK"), (b"Auth-Status", b"Account disabled"), (b"Auth-Wait", b"7"))
+    assert isinstance(refused, AccountRefused) and (refused.reason, refused.wait) == ("Account disabled", 7.0)
+    # WAIT: the seconds to wait before asking again (capped by max_wait).
+    assert answered((b"Auth-Status", b"WAIT"), (b"Auth-Wait", b"3")) == 3.0
+    assert answered((b"Auth-Status", b"WAIT"), (b"Auth-Wait", b"999")) == 30.0
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        ((b"Auth-Status", b"OK"), (b"Auth-Server", b"mail.example"), (b"Auth-Port", b"143")),
+        ((b"Auth-Status", b"OK"), (b"Auth-Server", b"192.0.2.1"), (b"Auth-Port", b"000001999999")),
+        ((b"Auth-Status", b"OK"), (b"Auth-Server", b"192.0.2.1"), (b"Auth-Port", "١٤٣".encode())),
+        ((b"Auth-Status", b"OK"), (b"Auth-Server", b"192.0.2.1")),
+        ((b"Auth-Status", b"OK"), (b"Auth-Upstream", b"gone")),
+        ((b"Auth-Status", b"OK"), (b"Auth-Filters", b"ro, gone")),
+        ((b"Content-Type", b"text/html"),),
+    ],
+)
+def test_an_answer_that_cannot_be_used_is_unavailable(pairs: tuple[tuple[bytes, bytes], ...]) -> None:
+    assert isinstance(answered(*pairs), BackendUnavailable)
+
+
+def test_a_wait_that_is_no_number_is_no_wait() -> None:
+    refused = answered((b"Auth-Status", b"No"), (b"Auth-Wait", "²".encode()))
+    assert isinstance(refused, AccountRefused) and refused.wait == 0.0
+
+
+def test_an_account_naming_what_the_configuration_lacks_is_no_verdict() -> None:
+    """A remembered account after a reload that removed its upstream or filter: unavailable, no failure."""
+    with pytest.raises(BackendUnavailable, match=r"no \[upstream.gone\]"):
         avatar(Account("zoe", upstream="gone"))
+    with pytest.raises(BackendUnavailable, match=r"no \[filters.gone\]"):
+        avatar(Account("zoe", filters=("ro", "gone")))
+
+
+def test_no_route_at_all_is_no_route() -> None:
+    config = parseConfig(document(), "/etc/mailproxy")
+    config = dataclasses.replace(config, defaultRoute=None)
+    with pytest.raises(NoRoute):
+        ProxyRealm(config).requestAvatar(Account("zoe"), None, IProxyUser)
 
 
 def test_the_http_auth_example_config_is_valid(tmp_path: Path) -> None:

@@ -117,6 +117,8 @@ def httpConfig(
         + upstreamTable("mailpop", dovecot.ports["pop3"], protocol="pop3")
         + table("filters.readonly", type="policy", readOnly=True)
         + table("routing", defaultUpstream="mail")
+        # Fewer failures than the tests' unavailable logins lock a user out.
+        + table("limits", failuresBeforeLockout=3)
     )
 
 
@@ -163,11 +165,11 @@ def test_the_service_decides_the_login_and_where_the_session_goes(
     assert proxy.dovecotLogins(HUGO_UP) == before + 1
     (asked,) = proxy.service.asked(HUGO)
     headers = asked.headers
-    assert headers["auth-method"] == "plain"
-    assert headers["auth-protocol"] == "imap"
-    assert headers["auth-login-attempt"] == "1"
-    assert headers["client-ip"] == "127.0.0.1"
-    assert headers[SECRET_HEADER.lower()] == SECRET
+    assert headers["auth-method"] == b"plain"
+    assert headers["auth-protocol"] == b"imap"
+    assert headers["auth-login-attempt"] == b"1"
+    assert headers["client-ip"] == b"127.0.0.1"
+    assert headers[SECRET_HEADER.lower()] == SECRET.encode()
     assert "auth-ssl" not in headers
     assert asked.password == HUGO_PW.encode()
     # The password is never logged.
@@ -187,7 +189,7 @@ def test_pop3_asks_with_its_protocol_and_relays_to_the_upstream_named(
     assert count >= 1
     client.quit()
     assert proxy.dovecotLogins(HANA_UP, "pop3") == before + 1
-    assert [request.headers["auth-protocol"] for request in service.asked(HANA)] == ["pop3"]
+    assert [request.headers["auth-protocol"] for request in service.asked(HANA)] == [b"pop3"]
 
 
 def test_a_refusal_fails_the_login_and_the_same_wrong_password_is_refused_from_memory(
@@ -212,25 +214,33 @@ def test_a_refusal_fails_the_login_and_the_same_wrong_password_is_refused_from_m
     assert proxy.dovecotLogins(HUGO_UP) == before + 2
 
 
-@pytest.mark.parametrize("fault", ["http-500", "slow", "down", "unknown-upstream"])
+@pytest.mark.parametrize("fault", ["http-500", "slow", "down", "unknown-upstream", "redirect"])
 def test_an_unusable_service_answers_unavailable_and_locks_nobody_out(
     startProxy: Callable[..., HTTPProxy], service: AuthService, fault: str
 ) -> None:
     proxy = startProxy()
     before = proxy.dovecotLogins(HANA_UP)
+    elsewhere = AuthService().start()
+    elsewhere.add(HANA, HANA_PW, Auth_User=HANA_UP, Auth_Pass=HANA_UP_PW)
     if fault == "http-500":
-        service.status = 500
+        service.status, service.bare = 500, True
+    elif fault == "redirect":
+        service.redirect = elsewhere.url
     elif fault == "slow":
         service.delay = 3.0
     elif fault == "down":
         service.stop()
     else:
         service.add(HANA, HANA_PW, Auth_Upstream="elsewhere")
-    # More attempts than a lockout takes: none of them counts.
+    # More attempts than a lockout takes (3): none of them counts.
     for _ in range(6):
         proxy.loginRefused("UNAVAILABLE", HANA, HANA_PW)
+    # A redirect is never followed: the password goes nowhere else.
+    assert not elsewhere.asked()
+    elsewhere.stop()
     reason = {
-        "http-500": "HTTP 500",
+        "http-500": "HTTP 500 without Auth-Status",
+        "redirect": "HTTP 302 without Auth-Status",
         "slow": r"no answer in 1\.5 s",
         "down": "Connection refused",
         "unknown-upstream": r"Auth-Upstream names no \[upstream\.elsewhere\]",
@@ -241,7 +251,7 @@ def test_an_unusable_service_answers_unavailable_and_locks_nobody_out(
     assert proxy.dovecotLogins(HANA_UP) == before
     if fault == "down":
         return
-    service.status, service.delay = 200, 0.0
+    service.status, service.bare, service.redirect, service.delay = 200, False, None, 0.0
     service.add(HANA, HANA_PW, Auth_User=HANA_UP, Auth_Pass=HANA_UP_PW)
     client = proxy.imap()
     client.login(HANA, HANA_PW)
@@ -292,8 +302,8 @@ def test_the_service_can_set_the_users_filters(
     client.shutdown()
     client = proxy.imap()
     client.login(READER, READER_PW)
-    typ, data = client.append("INBOX", None, None, MESSAGE)
-    assert typ == "NO", data
+    appended = client.append("INBOX", None, None, MESSAGE)
+    assert appended[0] == "NO", appended
     client.shutdown()
     # Dovecot's state, asked directly: no flag, no second message.
     direct = imaplib.IMAP4(HOST, mailDovecot.ports["imap"])
@@ -310,9 +320,10 @@ def test_odd_passwords_are_escaped_as_nginx_sends_them(
     proxy = startProxy()
     assert imapLogin(proxy.ports["imap"], ODD, ODD_PW, HOST).startswith(b"a OK")
     (asked,) = service.asked(ODD)
-    assert asked.headers["auth-pass"] == "100%25%20sure%20%C3%A9"
+    # As nginx: space, "%" and control characters escaped, UTF-8 as it is.
+    assert asked.headers["auth-pass"] == "100%25%20sure%20é".encode()
     assert asked.password == ODD_PW.encode()
-    assert escape(b"a b%c\x01\x7f") == b"a%20b%25c%01%7F"
+    assert escape(b"a b%c\x01\r\n\x7f\xc3\xa9") == b"a%20b%25c%01%0D%0A\x7f\xc3\xa9"
 
 
 def test_wait_asks_again(startProxy: Callable[..., HTTPProxy], service: AuthService) -> None:
@@ -350,3 +361,31 @@ def test_a_reload_asks_the_service_the_new_configuration_names(
         client.logout()
     finally:
         other.stop()
+
+
+def test_a_refusal_with_another_http_status_still_counts(
+    startProxy: Callable[..., HTTPProxy], service: AuthService
+) -> None:
+    """nginx reads Auth-Status whatever the status line says: a 403 refusal is a refusal."""
+    proxy = startProxy()
+    service.status = 403
+    proxy.loginRefused("AUTHENTICATIONFAILED", HANA, "a guess")
+    proxy.waitForLog(r"authentication failure: ip=127\.0\.0\.1 protocol=imap user=hana")
+    proxy.waitForLog(r"account backend http refused hana: Invalid login or password")
+
+
+def test_each_attempt_on_a_connection_is_numbered_and_each_address_asked_for_itself(
+    startProxy: Callable[..., HTTPProxy], service: AuthService
+) -> None:
+    proxy = startProxy()
+    client = proxy.imap()
+    with pytest.raises(imaplib.IMAP4.error):
+        client.login(HANA, "a guess")
+    client.login(HANA, HANA_PW)
+    client.logout()
+    assert [request.headers["auth-login-attempt"] for request in service.asked(HANA)] == [b"1", b"2"]
+    # Remembered for 127.0.0.1 only: another address is asked about again.
+    assert imapLogin(proxy.ports["imap"], HANA, HANA_PW, HOST).startswith(b"a OK")
+    assert len(service.asked(HANA)) == 2
+    assert imapLogin(proxy.ports["imap"], HANA, HANA_PW, "127.0.0.2").startswith(b"a OK")
+    assert [request.headers["client-ip"] for request in service.asked(HANA)][-1] == b"127.0.0.2"

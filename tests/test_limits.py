@@ -372,3 +372,20 @@ def test_a_user_remembers_only_their_most_recent_networks() -> None:
     assert not counters.isKnown("192.0.2.1", "alice")
     assert counters.isKnown("192.0.2.1", "bob")
     assert counters.isKnown("198.51.100.0", "alice")
+
+
+def test_an_unchecked_login_holds_its_turn_for_the_first_delay_and_counts_nothing() -> None:
+    """The account backend could not say: nothing counted, but the next attempt still waits 2 s."""
+    counters, clock = limits(failuresBeforeLockout=3)
+    for _ in range(10):
+        started, turns = attempt(counters, "192.0.2.1", "alice")
+        assert turns == [Turn.CHECK]
+        assert started.unavailable() == 2.0
+        queued, waiting = attempt(counters, "192.0.2.1", "alice")
+        assert waiting == []
+        clock.advance(2.0)
+        assert waiting == [Turn.CHECK]
+        queued.unavailable()
+        clock.advance(2.0)
+    # Twenty unchecked attempts: no lockout, and a failure is the first.
+    assert fail(counters, "192.0.2.1", "alice") == 2.0

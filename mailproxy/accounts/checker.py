@@ -3,20 +3,24 @@
 An account backend behind twisted.cred: each login asks the backend once,
 within a time limit, unless the cache answers.
 
-What the cache remembers is keyed by a digest of the user name, the
-password and the protocol (the credentials cache's HMAC under a key of
-this process's own): an account for C{[auth] cache_ttl} seconds after the
-backend accepted it, a refusal for C{[auth] negative_ttl} seconds.  A
-refusal from memory still pays the failure delay, and only the same wrong
-password is refused from memory: the right one always reaches the backend.
+What the cache remembers is keyed by a digest (the credentials cache's
+HMAC under a key of this process's own) of everything the backend is
+told: the user name, the password, the protocol, the client's address
+and whether it came over TLS, as well as the checker it was asked
+through, so a reload (a new backend, new settings) starts afresh.  An
+account is remembered for C{[auth] cache_ttl} seconds after the backend
+accepted it, a refusal for C{[auth] negative_ttl} seconds; a refusal from
+memory still pays the failure delay and counts.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -60,6 +64,9 @@ class AccountChecker:
         self._timeout = timeout
         self._cache = cache
         self._negativeTTL = negativeTTL
+        # What this checker remembers is its own: after a reload, the new
+        # checker asks its backend again.
+        self._generation = secrets.token_bytes(16)
 
     def close(self) -> None:
         """
@@ -77,7 +84,14 @@ class AccountChecker:
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         request = requestFrom(credentials)
-        key = (self.name, request.protocol, request.username, request.password)
+        key = (
+            self._generation,
+            request.protocol,
+            request.clientIP,
+            b"tls" if request.tls else b"plain",
+            request.username,
+            request.password,
+        )
         cache = self._cache
         if cache is not None:
             known = cache.recall(key)
@@ -98,9 +112,17 @@ class AccountChecker:
         return account
 
     def _notAccepted(self, failure: Failure, key: tuple[str | bytes, ...], request: LoginRequest) -> Failure:
-        if failure.check(AccountRefused):
+        if failure.check(UnauthorizedLogin):
+            # AccountRefused, or twisted.cred's own from a plugin
             if self._cache is not None:
                 self._cache.store(key, _REFUSED, self._negativeTTL)
+            reason = getattr(failure.value, "reason", "") or str(failure.value)
+            self.log.info(
+                "account backend {backend} refused {user}: {reason}",
+                backend=self.name,
+                user=loggedName(request.username),
+                reason=reason[:200],
+            )
             return failure
         if failure.check(defer.TimeoutError, defer.CancelledError):
             why = f"no answer in {self._timeout:g} s"

@@ -6,12 +6,14 @@ deployment's authentication service serves the proxy unchanged.
 
 The request is a C{GET} of the configured URL with the login in headers:
 C{Auth-Method: plain}, C{Auth-User} and C{Auth-Pass} (percent-encoded as
-nginx does: space, C{%}, control characters and octets over 127),
+nginx does: space, C{%} and control characters),
 C{Auth-Protocol} (C{imap} or C{pop3}), C{Auth-Login-Attempt},
 C{Client-IP}, C{Auth-SSL: on} over TLS, and the configured C{headers}
 (nginx's C{auth_http_header}, a shared secret say).
 
-The answer is read from its headers (the body is ignored), HTTP status 200:
+The answer is read from its headers as nginx reads them (the status line
+and the body are ignored; of a repeated header the last counts, and any
+refusing C{Auth-Status} wins), and never redirected:
 
   - C{Auth-Status: OK}: accepted.  C{Auth-Server} (an address) and
     C{Auth-Port} say where the session goes, reached with the settings of
@@ -27,14 +29,16 @@ The answer is read from its headers (the body is ignored), HTTP status 200:
     the proxy's own reply), and C{Auth-Wait} is the least delay before
     the reply.
 
-Any other HTTP status, no answer within C{[auth] lookup_timeout}, or an
-answer that names an invalid address or an unknown upstream or filter:
-the backend is unavailable, and the client is told to try again later.
+No C{Auth-Status} (an error page, a redirect), no answer within C{[auth]
+lookup_timeout}, or an accepting answer that names an invalid address or
+an unknown upstream or filter: the backend is unavailable, and the client
+is told to try again later.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -53,9 +57,11 @@ MAX_ANSWER = 64 * 1024
 # How often an answer may say WAIT before the login is given up.
 MAX_WAITS = 3
 DEFAULT_MAX_WAIT = 30.0
-# What nginx's NGX_ESCAPE_MAIL_AUTH escapes: control characters, space,
-# "%", DEL and every octet over 127.
-_ESCAPED = frozenset(range(0x00, 0x21)) | {0x25} | frozenset(range(0x7F, 0x100))
+# What nginx's NGX_ESCAPE_MAIL_AUTH (its "memcached" table) escapes: control
+# characters, space and "%"; other octets (UTF-8 too) go as they are.
+_ESCAPED = frozenset(range(0x00, 0x21)) | {0x25}
+_PORT = re.compile(r"[0-9]{1,5}")
+_SECONDS = re.compile(r"[0-9]{1,6}")
 _SETTINGS = {"url", "headers", "upstream", "max_wait"}
 
 
@@ -93,6 +99,7 @@ class HTTPBackend:
         """
         self.reactor = reactor
         self.url = url
+        self.where = _withoutSecrets(url)
         self.extraHeaders = {name.encode("ascii"): [value.encode("utf-8")] for name, value in headers.items()}
         self.upstream = upstream
         self.timeout = timeout
@@ -129,7 +136,7 @@ class HTTPBackend:
 
     def __repr__(self) -> str:
         # Never the extra headers: they hold shared secrets.
-        return f"<HTTPBackend {self.url}>"
+        return f"<HTTPBackend {self.where}>"
 
     def requestHeaders(self, request: LoginRequest) -> dict[bytes, list[bytes]]:
         headers = {
@@ -155,54 +162,70 @@ class HTTPBackend:
                 maxBody=MAX_ANSWER,
                 pool=self._pool,
                 unavailable=BackendUnavailable,
+                shownAs=self.where,
             )
-            if answer.code != 200:
-                raise BackendUnavailable(f"{self.url}: HTTP {answer.code}")
-            status = _header(answer.headers, b"Auth-Status")
-            if status is None:
-                raise BackendUnavailable(f"{self.url}: no Auth-Status in the answer")
-            if status == "OK":
-                return self._account(request, answer.headers)
-            wait = self._wait(answer.headers)
-            if status != "WAIT":
-                raise AccountRefused(status[:200], wait)
-            await deferLater(self.reactor, wait, lambda: None)
-        raise BackendUnavailable(f"{self.url}: Auth-Status WAIT {MAX_WAITS + 1} times")
+            verdict = self.verdict(request, answer.code, answer.headers)
+            if isinstance(verdict, Account):
+                return verdict
+            await deferLater(self.reactor, verdict, lambda: None)
+        raise BackendUnavailable(f"{self.where}: Auth-Status WAIT {MAX_WAITS + 1} times")
 
     def authenticate(self, request: LoginRequest) -> Deferred[Account]:
         return Deferred.fromCoroutine(self._authenticate(request))
 
+    def verdict(self, request: LoginRequest, code: int, headers: Headers) -> Account | float:
+        """
+        What an answer says: the account, or the seconds to wait before
+        asking again (C{WAIT}).
+
+        @raise AccountRefused: if it refuses.
+        @raise BackendUnavailable: if it says nothing usable.
+        """
+        statuses = headers.getRawHeaders(b"Auth-Status") or []
+        if not statuses:
+            raise BackendUnavailable(f"{self.where}: HTTP {code} without Auth-Status")
+        # As nginx: any other status than OK and WAIT refuses (the last one
+        # is the reason); else a WAIT asks again.
+        texts = [_text(value) for value in statuses]
+        refusals = [text for text in texts if text not in ("OK", "WAIT")]
+        wait = self._wait(headers)
+        if refusals:
+            raise AccountRefused(refusals[-1][:200], wait)
+        if "WAIT" in texts:
+            return wait
+        return self._account(request, headers)
+
     def _wait(self, headers: Headers) -> float:
         text = _header(headers, b"Auth-Wait")
-        if text is None or not text.isdigit():
+        if text is None or not _SECONDS.fullmatch(text):
             return 0.0
-        return min(float(int(text[:6])), self.maxWait)
+        return min(float(int(text)), self.maxWait)
 
     def _account(self, request: LoginRequest, headers: Headers) -> Account:
         config = self.config
         server = _header(headers, b"Auth-Server")
         port = _header(headers, b"Auth-Port")
         if (server is None) != (port is None):
-            raise BackendUnavailable(f"{self.url}: Auth-Server and Auth-Port come together")
+            raise BackendUnavailable(f"{self.where}: Auth-Server and Auth-Port come together")
         portNumber = None
         if server is not None and port is not None:
             try:
                 ipaddress.ip_address(server)
             except ValueError:
-                raise BackendUnavailable(f"{self.url}: Auth-Server {server[:100]!r} is not an address") from None
-            if not port.isdigit() or not 1 <= int(port[:6]) <= 65535:
-                raise BackendUnavailable(f"{self.url}: Auth-Port {port[:100]!r} is not a port")
+                raise BackendUnavailable(f"{self.where}: Auth-Server {server[:100]!r} is not an address") from None
+            if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
+                raise BackendUnavailable(f"{self.where}: Auth-Port {port[:100]!r} is not a port")
             portNumber = int(port)
         upstream = _header(headers, b"Auth-Upstream") or (self.upstream if server is not None else None)
         if upstream is not None and upstream not in config.upstreams:
-            raise BackendUnavailable(f"{self.url}: Auth-Upstream names no [upstream.{upstream[:100]}]")
+            raise BackendUnavailable(f"{self.where}: Auth-Upstream names no [upstream.{upstream[:100]}]")
         filters = None
         named = _header(headers, b"Auth-Filters")
         if named is not None:
             filters = tuple(name.strip() for name in named.split(",") if name.strip())
             for name in filters:
                 if name not in config.filters:
-                    raise BackendUnavailable(f"{self.url}: Auth-Filters names no [filters.{name[:100]}]")
+                    raise BackendUnavailable(f"{self.where}: Auth-Filters names no [filters.{name[:100]}]")
         return Account(
             name=request.username,
             upstream=upstream,
@@ -219,10 +242,30 @@ class HTTPBackend:
 
 def _header(headers: Headers, name: bytes) -> str | None:
     """
-    The first value of header C{name}, as text (its octets kept as they
-    are: a password may be anything), stripped as nginx strips it.
+    The last value of header C{name} (nginx takes the last), as text.
     """
     values = headers.getRawHeaders(name)
     if not values:
         return None
-    return values[0].strip(b" \t").decode("utf-8", "surrogateescape")
+    return _text(values[-1])
+
+
+def _text(value: bytes) -> str:
+    """
+    A header value as text (its octets kept as they are: a password may be
+    anything), stripped as nginx strips it.
+    """
+    return value.strip(b" \t").decode("utf-8", "surrogateescape")
+
+
+def _withoutSecrets(url: str) -> str:
+    """
+    C{url} as log lines show it: no user information, query or fragment
+    (a token there stays out of the log).
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"

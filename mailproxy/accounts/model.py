@@ -22,6 +22,7 @@ class LoginRequest:
     @ivar clientIP: the client's address (the PROXY protocol's source when
         the listener trusts one).
     @ivar tls: whether the client's connection is encrypted.
+    @ivar attempt: the login attempt's number on its connection, from 1.
     """
 
     username: str
@@ -36,14 +37,17 @@ class LoginCredentials(UsernamePassword):
     """
     A user name and password (twisted.cred's L{IUsernamePassword}) with
     what else a backend may decide by: the protocol, the client's address,
-    whether it came over TLS.
+    whether it came over TLS, the attempt's number on its connection.
     """
 
-    def __init__(self, username: bytes, password: bytes, protocol: str, clientIP: str, tls: bool) -> None:
+    def __init__(
+        self, username: bytes, password: bytes, protocol: str, clientIP: str, tls: bool, attempt: int = 1
+    ) -> None:
         super().__init__(username, password)
         self.protocol = protocol
         self.clientIP = clientIP
         self.tls = tls
+        self.attempt = attempt
 
     def request(self) -> LoginRequest:
         return requestFrom(self)
@@ -62,6 +66,7 @@ def requestFrom(credentials: Any) -> LoginRequest:
         getattr(credentials, "protocol", "imap"),
         getattr(credentials, "clientIP", ""),
         getattr(credentials, "tls", False),
+        getattr(credentials, "attempt", 1),
     )
 
 
