@@ -6,11 +6,12 @@ against direct Dovecot measured in the same run.
 
 Each backend runs in its own proxy (one worker, so the figures are the
 backend's and not the machine's spread): the users file (the default
-scrypt, ln=15), and the HTTP backend (nginx's auth_http protocol) asking
-a service in this process.  'warm' logs the same user in again and again,
-the credentials cache answering; 'cold' runs with C{[auth] cache_ttl = 0}
-(and C{negative_ttl = 0}), so every login pays the full check: a scrypt,
-or a round trip to the service.  A login is connect, greeting, LOGIN,
+scrypt, ln=15), the HTTP backend (nginx's auth_http protocol) asking a
+service in this process, and the SQL backend (an SQLite file holding the
+same scrypt hash).  'warm' logs the same user in again and again, the
+credentials cache answering; 'cold' runs with C{[auth] cache_ttl = 0} (and
+C{negative_ttl = 0}), so every login pays the full check: a scrypt, a
+round trip to the service, or a query and a scrypt.  A login is connect, greeting, LOGIN,
 LOGOUT, one at a time and 8 in parallel; the targets are interleaved round
 by round and the medians reported, with their ratio to direct Dovecot.
 """
@@ -21,13 +22,14 @@ import argparse
 import asyncio
 import contextlib
 import os
+import sqlite3
 import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from bench.common import PASSWORD, USER, freePort, privateDovecot, startProxy, workDirectory, writeUsersFile
 from bench.logins import loginRate
-from mailproxy.passwords import DEFAULT_LOG2_N
+from mailproxy.passwords import DEFAULT_LOG2_N, hashPassword
 from tests.authhttpserver import SECRET, SECRET_HEADER, AuthService
 
 PARALLEL = (1, 8)
@@ -60,10 +62,19 @@ class Column:
     rates: dict[int, list[float]] = field(default_factory=dict)
 
 
-def backendAuth(backend: str, cache: bool, serviceUrl: str) -> str:
+BACKENDS = ("users_file", "http", "sql")
+
+
+def backendAuth(backend: str, cache: bool, serviceUrl: str, directory: str) -> str:
     ttl = "" if cache else "cache_ttl = 0\nnegative_ttl = 0\n"
     if backend == "users_file":
         return 'users_file = "users"\n' + ttl
+    if backend == "sql":
+        database = os.path.join(directory, "accounts.db")
+        with contextlib.closing(sqlite3.connect(database)) as connection, connection:
+            connection.execute("CREATE TABLE users (username TEXT PRIMARY KEY, password TEXT)")
+            connection.execute("INSERT INTO users VALUES (?, ?)", (USER, hashPassword(PASSWORD)))
+        return f'backend = "sql"\n{ttl}[auth.sql]\ndatabase = "{database}"\n'
     return (
         f'backend = "http"\n{ttl}[auth.http]\nurl = "{serviceUrl}"\n'
         f'[auth.http.headers]\n"{SECRET_HEADER}" = "{SECRET}"\n'
@@ -74,7 +85,7 @@ def backendAuth(backend: str, cache: bool, serviceUrl: str) -> str:
 def proxies(directory: str, upstreamPort: int, serviceUrl: str) -> Iterator[list[Column]]:
     columns = []
     with contextlib.ExitStack() as stack:
-        for backend in ("users_file", "http"):
+        for backend in BACKENDS:
             for cache in (True, False):
                 name = f"{backend}, {'warm' if cache else 'cold'}"
                 where = os.path.join(directory, name.replace(", ", "-"))
@@ -82,7 +93,7 @@ def proxies(directory: str, upstreamPort: int, serviceUrl: str) -> Iterator[list
                 writeUsersFile(where, {USER: (PASSWORD, DEFAULT_LOG2_N)})
                 port = freePort()
                 config = CONFIG.format(
-                    auth=backendAuth(backend, cache, serviceUrl), port=port, upstreamPort=upstreamPort
+                    auth=backendAuth(backend, cache, serviceUrl, where), port=port, upstreamPort=upstreamPort
                 )
                 stack.enter_context(startProxy(where, config, [port]))
                 columns.append(Column(name, port))

@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -315,6 +316,17 @@ async def runClients(plan: LoadPlan, scenario: str, indices: Sequence[int], star
     return result
 
 
+def _defaultSignals() -> None:
+    """
+    A client process ends on SIGTERM (which L{LoadGenerator.close} sends),
+    and on SIGINT, whatever handlers it inherited: a reactor that ran in the
+    parent (a test's) leaves its own, which only stop that reactor, and the
+    close then waits for a child that never exits.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _runShare(plan: LoadPlan, scenario: str, indices: Sequence[int], start: float) -> LoadResult:
     return asyncio.run(runClients(plan, scenario, indices, start))
 
@@ -335,7 +347,7 @@ class LoadGenerator:
         self.processes = processes or max(1, os.cpu_count() or 1)
         self._pool: Pool | None = None
         if self.processes > 1:
-            self._pool = multiprocessing.get_context("fork").Pool(self.processes)
+            self._pool = multiprocessing.get_context("fork").Pool(self.processes, initializer=_defaultSignals)
 
     def run(self, plan: LoadPlan, scenario: str) -> LoadResult:
         start = time.monotonic() + START_MARGIN[scenario]

@@ -195,6 +195,9 @@ class Config:
     authCacheSize: int = 10000
     authBackend: str = "users_file"
     authBackendSettings: Mapping[str, Any] = field(default_factory=dict)
+    # The configuration file's directory: a backend's relative file names
+    # are taken relative to it, as the file's own are.
+    directory: str = ""
     lookupTimeout: float = 5.0
     negativeTTL: float = 60.0
     authenticatedTimeout: float = 30 * 60.0
@@ -402,6 +405,7 @@ def parseConfig(document: Mapping[str, Any], baseDir: str) -> Config:
         usersFile=auth.path("users_file", required=authBackend == USERS_FILE_BACKEND) or "",
         authBackend=authBackend,
         authBackendSettings=backendSettings,
+        directory=baseDir,
         lookupTimeout=lookupTimeout,
         negativeTTL=negativeTTL,
         defaultRoute=defaultRoute,

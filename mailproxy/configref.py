@@ -160,7 +160,8 @@ TABLES: tuple[Table, ...] = (
                 "string",
                 "users_file",
                 "Where users and passwords come from: `users_file`, `http` (an nginx `auth_http` service, "
-                "`[auth.http]`), or an account backend plugin's name, set up in `[auth.NAME]`.",
+                "`[auth.http]`), `sql` (`[auth.sql]`), or an account backend plugin's name, set up in "
+                "`[auth.NAME]`.",
             ),
             Key(
                 "users_file",
@@ -233,6 +234,24 @@ TABLES: tuple[Table, ...] = (
                 "The `[upstream.NAME]` whose settings (TLS, timeouts) reach an `Auth-Server`/`Auth-Port` address.",
             ),
             Key("max_wait", SECONDS, 30, "At most this many seconds of an answer's `Auth-Wait` are waited (0 to 300)."),
+        ),
+    ),
+    Table(
+        "[auth.sql]",
+        "auth.sql",
+        "The `sql` account backend: one query per login finds the user's stored hash and route.",
+        (
+            Key("driver", "string", "sqlite", "The database: `sqlite` (the standard library's)."),
+            Key("database", "path", REQUIRED, "The SQLite database file (opened read-only; it must exist)."),
+            Key(
+                "query",
+                "string",
+                "SELECT password FROM users WHERE username = %u",
+                "The lookup: `%u` the user name, `%s` the protocol, `%r` the client's address (passed as "
+                "parameters). Columns: `password` (the stored hash: `$scrypt$`, `{SHA512-CRYPT}`, "
+                "`{SHA256-CRYPT}`, `{BLF-CRYPT}`, yescrypt, `{PLAIN}`), and optionally `upstream`, `server`, "
+                "`port`, `username`, `upstream_password`, `filters`.",
+            ),
         ),
     ),
     Table(

@@ -7,9 +7,12 @@ the same required keys.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
+import os
 import re
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,9 @@ from mailproxy.configref import Computed, Key, Required, Table
 from mailproxy.filters.registry import buildFilters, closeFilters
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+# An (empty) SQLite database the [auth.sql] table can name.
+SQLITE_DATABASE = tempfile.mkstemp(prefix="mp-reference-", suffix=".db")[1]
+atexit.register(os.unlink, SQLITE_DATABASE)
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 FILTER_TYPE = re.compile(r'type = "([a-z0-9_-]+)"')
 # Where each table stands in a document, and a wrong value of each type.
@@ -110,6 +116,9 @@ def tableIn(document: dict[str, Any], item: Table) -> dict[str, Any]:
     if item.location == "auth.http":
         document["auth"]["backend"] = "http"
         return document["auth"].setdefault("http", {"url": "http://127.0.0.1:9/auth"})
+    if item.location == "auth.sql":
+        document["auth"]["backend"] = "sql"
+        return document["auth"].setdefault("sql", {"database": SQLITE_DATABASE})
     return document[item.location]
 
 
@@ -144,7 +153,9 @@ def describe(config: Config, built: dict[str, Any]) -> tuple[Config, dict[str, A
     # Built filters and backends have no equality of their own; their
     # settings do (a backend's settings table is compared as built).
     own = {
-        name: {key: value for key, value in vars(item).items() if key not in ("reactor", "config", "_pool")}
+        name: {
+            key: value for key, value in vars(item).items() if key not in ("reactor", "config", "_pool", "_connections")
+        }
         for name, item in built.items()
     }
     return dataclasses.replace(config, filters={}, authBackendSettings={}), own

@@ -34,3 +34,8 @@ http = BuiltinBackend(
     "An HTTP service speaking nginx's auth_http protocol decides each login and its upstream.",
     "mailproxy.accounts.http.HTTPBackend",
 )
+sql = BuiltinBackend(
+    "sql",
+    "An SQL database (SQLite) holds users, their password hashes and routes, as Dovecot's SQL passdb.",
+    "mailproxy.accounts.sql.SQLBackend",
+)

@@ -1,0 +1,84 @@
+# -*- test-case-name: tests.test_accounts_sql -*-
+"""
+Password hashes as account databases store them: the proxy's own scrypt
+(what C{mailproxy-passwd} writes), and the crypt(3) family as Dovecot's
+SQL and LDAP passdbs keep them, with or without Dovecot's C{{SCHEME}}
+prefix: C{{SHA512-CRYPT}} (C{$6$}), C{{SHA256-CRYPT}} (C{$5$}),
+C{{BLF-CRYPT}} (bcrypt, C{$2b$}, C{$2y$}), yescrypt (C{$y$}), and
+C{{PLAIN}} for a test database.
+
+crypt(3) is the system's C{libcrypt} (libxcrypt on Debian), called through
+ctypes: the standard library's C{crypt} module is deprecated and gone in
+Python 3.13.  Slow by design: verify off the reactor thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hmac
+import threading
+
+from mailproxy.passwords import verifyPassword
+
+# Dovecot's scheme prefixes whose rest is a crypt(3) string.
+_CRYPT_SCHEMES = {"CRYPT", "MD5-CRYPT", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT"}
+_PLAIN_SCHEMES = {"PLAIN", "CLEARTEXT"}
+# crypt(3) method prefixes this verifies: SHA-512, SHA-256, bcrypt, yescrypt.
+_CRYPT_PREFIXES = ("$6$", "$5$", "$2a$", "$2b$", "$2y$", "$y$")
+
+
+class UnsupportedHash(ValueError):
+    """
+    A stored hash of a scheme this cannot verify.
+    """
+
+
+def verifyStored(password: bytes, stored: str) -> bool:
+    """
+    Whether C{password} matches C{stored}, compared in constant time.
+
+    @raise UnsupportedHash: if C{stored} is of no scheme known here.
+    """
+    scheme = None
+    rest = stored
+    if stored.startswith("{") and "}" in stored:
+        scheme, rest = stored[1:].split("}", 1)
+        scheme = scheme.upper()
+    if stored.startswith("$scrypt$"):
+        return verifyPassword(password, stored)
+    if scheme in _PLAIN_SCHEMES:
+        return hmac.compare_digest(password, rest.encode("utf-8"))
+    if (scheme is None or scheme in _CRYPT_SCHEMES) and rest.startswith(_CRYPT_PREFIXES):
+        if b"\0" in password:
+            # crypt(3) would stop at it: nothing with one matches.
+            return False
+        hashed = crypt3(password, rest.encode("ascii", "replace"))
+        return hashed is not None and hmac.compare_digest(hashed, rest.encode("ascii", "replace"))
+    shown = f"{{{scheme}}}" if scheme is not None else stored[:4]
+    raise UnsupportedHash(f"a stored password hash of an unsupported scheme ({shown})")
+
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+
+
+def crypt3(password: bytes, setting: bytes) -> bytes | None:
+    """
+    crypt(3) of C{password} with C{setting} (a stored hash or a salt
+    string); C{None} if the method is unknown or the setting invalid.
+    """
+    global _library
+    with _lock:
+        if _library is None:
+            name = ctypes.util.find_library("crypt") or "libcrypt.so.1"
+            library = ctypes.CDLL(name)
+            library.crypt.restype = ctypes.c_char_p
+            library.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+            _library = library
+        # crypt(3) returns a static buffer: read it under the lock.
+        result: bytes | None = _library.crypt(password, setting)
+    # libxcrypt answers a failure with "*0" or "*1", never a match.
+    if result is None or result.startswith(b"*"):
+        return None
+    return result
