@@ -5,7 +5,9 @@ and the demo share this).
 
 from __future__ import annotations
 
+import imaplib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,10 +18,14 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 from mailproxy.passwords import hashPassword
 
 HOST = "127.0.0.1"
+# How long a test waits for a log line or a reply.
+LOG_WAIT = 20.0
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
@@ -233,3 +239,61 @@ def openFiles(pid: int) -> int:
             if member == pid:
                 raise
     return total
+
+
+@dataclass
+class ProxyInFront:
+    """
+    A running proxy (L{runningProxy}) in front of a test's Dovecot, and
+    what its tests ask of both: the proxy's log, IMAP logins, and the logins
+    Dovecot's own log shows.
+    """
+
+    directory: str
+    process: ProxyProcess
+    ports: dict[str, int]
+    dovecot: Any
+
+    @property
+    def configPath(self) -> str:
+        return os.path.join(self.directory, "mailproxy.toml")
+
+    def log(self) -> str:
+        return self.process.log()
+
+    def waitForLog(self, pattern: str, timeout: float = LOG_WAIT) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.log())
+            if found or time.monotonic() > deadline:
+                assert found, f"{pattern!r} not in log:\n{self.log()[-3000:]}"
+                return found
+            time.sleep(0.05)
+
+    def imap(self) -> imaplib.IMAP4:
+        return imaplib.IMAP4(HOST, self.ports["imap"], timeout=LOG_WAIT)
+
+    def loginRefused(self, code: str, user: str, password: str) -> None:
+        """
+        Log in, expecting a refusal with response code C{code}.  A proxy
+        that hangs instead fails this by the client's timeout.
+        """
+        client = self.imap()
+        try:
+            client.login(user, password)
+        except imaplib.IMAP4.error as error:
+            assert f"[{code}]" in str(error), error
+        else:
+            raise AssertionError(f"{user} logged in; [{code}] expected")
+        client.logout()
+
+    def dovecotLogins(self, user: str, service: str = "imap", method: str | None = None) -> int:
+        """
+        The logins of C{user} Dovecot's log shows, by C{service} (and SASL
+        C{method}).
+        """
+        with open(self.dovecot.logFile, errors="replace") as handle:
+            pattern = rf"{service}-login: (?:Info: )?Login: user=<{re.escape(user)}>"
+            if method is not None:
+                pattern += rf".*method={method}"
+            return len(re.findall(pattern, handle.read()))

@@ -26,7 +26,7 @@ from mailproxy.accounts.http import escape
 from tests.authhttpserver import SECRET, SECRET_HEADER, AuthService
 from tests.conftest import HOST
 from tests.dovecot import DovecotUpstream
-from tests.proxyprocess import ProxyProcess, freePort, runningProxy
+from tests.proxyprocess import ProxyInFront, freePort, runningProxy
 from tests.rawclient import imapLogin
 from tests.tomlconfig import listenerTable, table, upstreamTable
 
@@ -62,42 +62,8 @@ def mailDovecot() -> Iterator[DovecotUpstream]:
 
 
 @dataclass
-class HTTPProxy:
-    directory: str
-    process: ProxyProcess
-    ports: dict[str, int]
+class HTTPProxy(ProxyInFront):
     service: AuthService
-    dovecot: DovecotUpstream
-
-    @property
-    def configPath(self) -> str:
-        return os.path.join(self.directory, "mailproxy.toml")
-
-    def log(self) -> str:
-        return self.process.log()
-
-    def waitForLog(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = re.search(pattern, self.log())
-            if found or time.monotonic() > deadline:
-                assert found, f"{pattern!r} not in log:\n{self.log()[-3000:]}"
-                return found
-            time.sleep(0.05)
-
-    def imap(self) -> imaplib.IMAP4:
-        return imaplib.IMAP4(HOST, self.ports["imap"], timeout=WAIT)
-
-    def loginRefused(self, code: str, user: str, password: str) -> None:
-        client = self.imap()
-        with pytest.raises(imaplib.IMAP4.error, match=rf"\[{code}\]"):
-            client.login(user, password)
-        client.logout()
-
-    def dovecotLogins(self, user: str, service: str = "imap") -> int:
-        with open(self.dovecot.logFile, errors="replace") as handle:
-            pattern = rf"{service}-login: (?:Info: )?Login: user=<{re.escape(user)}>"
-            return len(re.findall(pattern, handle.read()))
 
 
 def httpConfig(
@@ -144,7 +110,7 @@ def startProxy(service: AuthService, mailDovecot: DovecotUpstream) -> Iterator[C
             ports = {"imap": freePort(), "pop3": freePort()}
             config = httpConfig(ports, service, mailDovecot, workers)
             directory, process = running.enter_context(runningProxy(config, {}, list(ports.values()), "mp-http-"))
-            return HTTPProxy(directory, process, ports, service, mailDovecot)
+            return HTTPProxy(directory, process, ports, mailDovecot, service)
 
         yield start
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import imaplib
 import os
-import re
 import signal
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,9 +22,8 @@ import pytest
 from mailproxy.accounts.hashes import UnsupportedHash, crypt3, verifyStored
 from mailproxy.accounts.sql import placeholders
 from mailproxy.passwords import hashPassword
-from tests.conftest import HOST
 from tests.dovecot import DovecotUpstream
-from tests.proxyprocess import ProxyProcess, freePort, runningProxy
+from tests.proxyprocess import ProxyInFront, freePort, runningProxy
 from tests.tomlconfig import listenerTable, table, upstreamTable
 
 WAIT = 20.0
@@ -106,40 +103,11 @@ QUERY = (
 )
 
 
-@dataclass
-class SQLProxy:
-    directory: str
-    process: ProxyProcess
-    ports: dict[str, int]
-    dovecot: DovecotUpstream
-
-    @property
-    def configPath(self) -> str:
-        return os.path.join(self.directory, "mailproxy.toml")
-
-    def log(self) -> str:
-        return self.process.log()
-
-    def waitForLog(self, pattern: str, timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.log()):
-            assert time.monotonic() < deadline, f"{pattern!r} not in log:\n{self.log()[-3000:]}"
-            time.sleep(0.05)
-
+class SQLProxy(ProxyInFront):
     def login(self, user: str, password: str) -> imaplib.IMAP4:
-        client = imaplib.IMAP4(HOST, self.ports["imap"], timeout=WAIT)
+        client = self.imap()
         client.login(user, password)
         return client
-
-    def loginRefused(self, code: str, user: str, password: str) -> None:
-        client = imaplib.IMAP4(HOST, self.ports["imap"], timeout=WAIT)
-        with pytest.raises(imaplib.IMAP4.error, match=rf"\[{code}\]"):
-            client.login(user, password)
-        client.logout()
-
-    def dovecotLogins(self, user: str) -> int:
-        with open(self.dovecot.logFile, errors="replace") as handle:
-            return len(re.findall(rf"imap-login: (?:Info: )?Login: user=<{re.escape(user)}>", handle.read()))
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from mailproxy.oauth.store import StoredGrant, TokenStore, loadKeys, newKey
 from tests.conftest import HOST
 from tests.dovecot import DovecotUpstream
 from tests.oauthserver import CLIENT_ID, CLIENT_SECRET, AuthorizationServer
-from tests.proxyprocess import ProxyProcess, freePort, runningProxy
+from tests.proxyprocess import ProxyInFront, freePort, runningProxy
 from tests.tomlconfig import authTable, listenerTable, routingTable, table, upstreamTable
 
 USER = "olivia"
@@ -79,17 +79,22 @@ def xoauth2(user: str, token: str) -> bytes:
 
 
 @dataclass
-class OAuthProxy:
-    directory: str
-    configPath: str
-    process: ProxyProcess
-    ports: dict[str, int]
+class OAuthProxy(ProxyInFront):
+    """
+    A proxy logging in upstream with tokens from the tests' authorization
+    C{server}.
+
+    @ivar keyDirectory: where the token store and its key are.
+    """
+
     server: AuthorizationServer
-    dovecot: DovecotUpstream
+    keyDirectory: str
 
     @property
     def store(self) -> TokenStore:
-        return TokenStore(os.path.join(self.directory, "tokens"), loadKeys(os.path.join(self.directory, "token.key")))
+        return TokenStore(
+            os.path.join(self.keyDirectory, "tokens"), loadKeys(os.path.join(self.keyDirectory, "token.key"))
+        )
 
     def authorize(self, user: str, upstreamUser: str, provider: str = "test") -> None:
         """
@@ -97,43 +102,13 @@ class OAuthProxy:
         """
         self.store.save(user, StoredGrant(provider, self.server.grant(upstreamUser), time.time()))
 
-    def log(self) -> str:
-        return self.process.log()
-
-    def waitForLog(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = re.search(pattern, self.log())
-            if found or time.monotonic() > deadline:
-                assert found, f"{pattern!r} not in log:\n{self.log()[-3000:]}"
-                return found
-            time.sleep(0.05)
-
-    def imap(self) -> imaplib.IMAP4:
-        return imaplib.IMAP4(HOST, self.ports["imap"], timeout=WAIT)
-
     def logsIn(self, user: str, password: str) -> None:
         client = self.imap()
         client.login(user, password)
         client.logout()
 
-    def loginRefused(self, code: str, user: str, password: str) -> None:
-        """
-        Log in, expecting a refusal with response code C{code}.  A proxy
-        that hangs instead fails this by the client's timeout (L{WAIT}).
-        """
-        client = self.imap()
-        with pytest.raises(imaplib.IMAP4.error, match=rf"\[{code}\]"):
-            client.login(user, password)
-        client.logout()
-
-    def dovecotLogins(self, user: str, service: str = "imap", method: str = "XOAUTH2") -> int:
-        """
-        The logins of C{user} Dovecot's log shows, by C{service} and SASL C{method}.
-        """
-        with open(self.dovecot.logFile, errors="replace") as handle:
-            pattern = rf"{service}-login: (?:Info: )?Login: user=<{re.escape(user)}>.*method={method}"
-            return len(re.findall(pattern, handle.read()))
+    def dovecotLogins(self, user: str, service: str = "imap", method: str | None = "XOAUTH2") -> int:
+        return super().dovecotLogins(user, service, method)
 
 
 def oauthConfig(
@@ -211,8 +186,7 @@ def startProxy(
                     "mp-oauth-",
                 )
             )
-            configPath = os.path.join(directory, "mailproxy.toml")
-            proxy = OAuthProxy(str(keyDirectory), configPath, process, ports, server, oauthDovecot)
+            proxy = OAuthProxy(directory, process, ports, oauthDovecot, server, str(keyDirectory))
             return proxy
 
         yield start
