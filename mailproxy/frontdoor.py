@@ -28,7 +28,6 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -36,6 +35,7 @@ from mailproxy.accounts.model import AccountRefused, BackendUnavailable, LoginCr
 from mailproxy.addresses import clientAddressOf
 from mailproxy.config import TLSMode
 from mailproxy.imap.upstream import UpstreamError, setNoDelay
+from mailproxy.inactivity import Inactivity
 from mailproxy.interfaces import IProxyUser
 from mailproxy.limits import Gate, LoginAttempt, Turn
 from mailproxy.logs import loggedName
@@ -89,7 +89,7 @@ class LoginReplies:
 
 
 @implementer(IHandshakeListener)
-class FrontDoor(Protocol, TimeoutMixin):
+class FrontDoor(Protocol, Inactivity):
     """
     A client connection before and around its relayed session; the IMAP and
     POP3 servers fill in the protocol.
@@ -121,7 +121,7 @@ class FrontDoor(Protocol, TimeoutMixin):
         self.session = ProxySession(
             self.protocolName, context.listener.name, "?", self.tlsActive, context.filtersFor(None)
         )
-        self.callLater = context.clock.callLater  # type: ignore[method-assign, assignment]
+        self.clock = context.clock
         self._logout: Callable[[], None] | None = None
         self._connecting: Deferred[Any] | None = None
         self._refusal: IDelayedCall | None = None

@@ -48,13 +48,19 @@ class ResponseWatchdog:
         self._owed = owed
         if owed:
             self._lastHeard = self.clock.seconds()
-        self._arm()
+        if self._call is None or self._stopped:
+            # (A running timer stays: _check looks at the state when it runs.)
+            self._arm()
 
-    def heard(self) -> None:
+    def heard(self, owed: bool | None = None) -> None:
         """
-        The upstream sent something.
+        The upstream sent something; if C{owed} is given, L{owed} too.
         """
         self._lastHeard = self.clock.seconds()
+        if owed is not None and owed != self._owed:
+            self._owed = owed
+            if self._call is None or self._stopped:
+                self._arm()
 
     def pause(self) -> None:
         """

@@ -22,11 +22,21 @@ from twisted.internet.tcp import Connection
 def writeNow(transport: Any, data: bytes) -> None:
     """
     Write C{data} to C{transport}, sending it immediately if C{transport} is
-    a plain (not TLS) TCP connection with nothing buffered; any other
-    transport, or what the socket does not take, goes through
-    C{transport.write}.
+    a plain (not TLS) TCP connection with nothing queued (what is sent now
+    cannot overtake anything); any other transport, or what the socket does
+    not take, goes through C{transport.write}.
     """
-    if data and isinstance(transport, Connection) and _idle(transport):
+    # One function, no helper: this runs twice per relayed command.
+    if (
+        data
+        and isinstance(transport, Connection)
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport.dataBuffer
+        and not transport._tempDataLen
+    ):
         try:
             sent = transport.socket.send(data)
         except OSError:
@@ -37,18 +47,3 @@ def writeNow(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
-
-
-def _idle(transport: Connection) -> bool:
-    """
-    C{True} if C{transport} sends plain octets and has nothing queued: what
-    is sent now cannot overtake anything.
-    """
-    return (
-        not transport.TLS
-        and bool(transport.connected)
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-        and not transport.dataBuffer
-        and not transport._tempDataLen
-    )

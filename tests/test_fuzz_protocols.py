@@ -162,7 +162,7 @@ class Closing:
 
 def isIdleTimeout(call: Any) -> bool:
     """
-    C{True} for the timer of L{twisted.protocols.policies.TimeoutMixin}.
+    C{True} for the inactivity timer (L{mailproxy.inactivity.Inactivity}).
     """
     return "timedOut" in getattr(call.func, "__name__", "")
 

@@ -2,7 +2,9 @@
 The passthrough relay's fast paths give the same bytes as the slow ones:
 a whole upstream read is written on uncopied only when nothing in it
 changes, however the stream is cut into reads; the framer's quick test for
-lines that cannot announce a literal agrees with its full reading; and
+lines that cannot announce a literal agrees with its full reading; the lean
+paths (the framer's scan of responses, command lines relayed unframed) do
+what the framed events do, octet for octet and in the relay's state; and
 commands are read once (tag, name, UID) for every check.
 """
 
@@ -12,12 +14,14 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.protocol import Protocol
 from twisted.internet.tcp import Connection
 
-from mailproxy.imap.framer import IMAPFramer, Line, LiteralChunk
+from mailproxy.imap.framer import FramingError, IMAPFramer, Line, LiteralChunk
+from mailproxy.imap.relay import _NOTABLE_LINE
 from mailproxy.imap.upstream import RELAY_READ_SIZE, setReadSize
 from tests.support import ProxyConnection, UpstreamScript, loggedIn
 from tests.test_imap_idle import REFRESH
@@ -246,6 +250,177 @@ def test_a_chunk_holding_many_responses_frames_each() -> None:
     events, whole = IMAPFramer(responses=True).feedWhole(b"".join(responses))
     assert whole
     assert [event.raw for event in events if isinstance(event, Line)] == responses
+
+
+# the lean paths
+
+# Responses that test the scan's edges: a status response or continuation
+# ending like a literal (which announces none), an empty literal, a binary
+# literal, two literals in one response, bare LF, an empty line, lines the
+# relay acts on.
+_ODD_RESPONSES = [
+    b"* OK [ALERT] ends like {3}\r\n",
+    b"a1 NO text {2}\r\n",
+    b"+ send it {4}\r\n",
+    b"* 2 FETCH (BODY[] {0}\r\n)\r\n",
+    b"* 3 FETCH (BINARY[] ~{2}\r\n\x00\n)\r\n",
+    b"* 4 FETCH (BODY[1] {1}\r\nx BODY[2] {2}\r\n}\n)\r\n",
+    b"* 5 EXISTS\n",
+    b"\r\n",
+    b"* BAD [PARSE] what\r\n",
+    b"* BYE going\r\n",
+    b"*x [CAPABILITY IMAP4rev1]\r\n",
+    b"t2 OK [CAPABILITY IMAP4rev1 STARTTLS] done\r\n",
+]
+_responses = st.lists(
+    st.one_of(_bodies.map(lambda body: fetchResponse(1, body)), _untagged, st.sampled_from(_ODD_RESPONSES)),
+    max_size=8,
+)
+
+
+def _cut(stream: bytes, data: Any) -> list[bytes]:
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(stream) - 1)), max_size=10), label="cuts"))
+    bounds = [0, *cuts, len(stream)]
+    return [stream[start:end] for start, end in zip(bounds, bounds[1:], strict=False) if end > start]
+
+
+def _framerState(framer: IMAPFramer) -> tuple[bytes, bool, bool, bool]:
+    return framer.pending(), framer.inLiteral, framer.midCommand, framer.atBoundary
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=_responses, data=st.data())
+def test_scanning_responses_frames_them_as_feeding_does(items: list[bytes], data: Any) -> None:
+    """Differential: scan passes on exactly the octets feed frames, finds the notable response starts, ends in the same state."""
+    scanner = IMAPFramer(responses=True)
+    feeder = IMAPFramer(responses=True)
+    for piece in _cut(b"".join(items), data):
+        events = feeder.feed(piece)
+        read, starts, framed = scanner.scan(piece, _NOTABLE_LINE)
+        assert read[:framed] == b"".join(event.raw if isinstance(event, Line) else event.data for event in events)
+        notable = [
+            event.raw
+            for event in events
+            if isinstance(event, Line) and not event.continuation and _NOTABLE_LINE.match(event.raw)
+        ]
+        assert [read[start : read.index(b"\n", start) + 1] for start in starts] == notable
+        assert _framerState(scanner) == _framerState(feeder)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    items=st.lists(st.sampled_from([b"* 1 EXISTS\r\n", b"x" * 40 + b"\r\n", b"y" * 70 + b"\r\n"]), max_size=6),
+    data=st.data(),
+)
+def test_scanning_refuses_an_overlong_line_where_feeding_does(items: list[bytes], data: Any) -> None:
+    """A line over the limit is a FramingError for scan at the very read where it is one for feed."""
+    scanner = IMAPFramer(64, responses=True)
+    feeder = IMAPFramer(64, responses=True)
+    for piece in _cut(b"".join(items), data):
+        try:
+            feeder.feed(piece)
+        except FramingError:
+            with pytest.raises(FramingError):
+                scanner.scan(piece, _NOTABLE_LINE)
+            return
+        scanner.scan(piece, _NOTABLE_LINE)
+        assert _framerState(scanner) == _framerState(feeder)
+
+
+# What a client may send and an upstream answer, for the relay differential:
+# plain commands, a tag reused, a reserved tag, commands the proxy answers or
+# handles itself, IDLE and DONE, a literal, lines without a tag.
+_CLIENT_LINES = [
+    b"a NOOP\r\n",
+    b"b UID FETCH 1 (BODY.PEEK[])\r\n",
+    b"c SELECT INBOX\r\n",
+    b"mpi3 NOOP\r\n",
+    b"d LOGIN x y\r\n",
+    b"e IDLE\r\n",
+    b"DONE\r\n",
+    b"f UID IDLE\r\n",
+    b"g APPEND INBOX {3}\r\n",
+    b"abc\r\n",
+    b"h APPEND INBOX {2+}\r\nhi\r\n",
+    b"no-command\r\n",
+    b"i NOOP\n",
+    b"\r\n",
+]
+_UPSTREAM_LINES = [
+    b"a OK done\r\n",
+    b"b OK done\r\n",
+    b"c OK [READ-WRITE] done\r\n",
+    b"e OK idle done\r\n",
+    b"f BAD no\r\n",
+    b"g OK appended\r\n",
+    b"h NO refused\r\n",
+    b"i OK done\r\n",
+    b"+ go ahead\r\n",
+    b"* 1 FETCH (UID 1 BODY[] {3}\r\nabc)\r\n",
+    b"* 2 EXISTS\r\n",
+    b"* OK [CAPABILITY IMAP4rev1 STARTTLS] x\r\n",
+    b"* BAD [PARSE] what\r\n",
+]
+_steps = st.lists(
+    st.tuples(st.booleans(), st.lists(st.integers(0, 12), min_size=1, max_size=4)),
+    max_size=10,
+)
+
+
+def _relayState(connection: ProxyConnection) -> tuple[Any, ...]:
+    relay: Any = connection.protocol.relay
+    return (
+        dict(relay._tagsInUse),
+        dict(relay._unanswered),
+        list(relay._continuations),
+        relay._awaitingContinuation,
+        relay.midResponse,
+        relay.upstreamSaidBye,
+        relay._clientTag,
+        relay.idle.tag,
+        _framerState(connection.protocol.framer),
+        _framerState(connection.upstreamProtocol.framer),
+        relay.watchdog._owed if relay.watchdog is not None else None,
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=_steps, data=st.data())
+def test_the_lean_paths_relay_what_the_framed_events_relay(tmp_path_factory: Any, steps: list[Any], data: Any) -> None:
+    """Differential: the same conversation, cut the same way, through the lean paths and with them off."""
+    lean, _ = session(tmp_path_factory.mktemp("lean"))
+    framed, _ = session(tmp_path_factory.mktemp("framed"))
+    framed.protocol.relay.fromClientLines = lambda data: 0  # type: ignore[union-attr, method-assign]
+    framed.upstreamProtocol._onRead = None
+    for fromClient, picks in steps:
+        lines = _CLIENT_LINES if fromClient else _UPSTREAM_LINES
+        for piece in _cut(b"".join(lines[pick % len(lines)] for pick in picks), data):
+            for connection in (lean, framed):
+                if fromClient:
+                    connection.send(piece)
+                else:
+                    connection.fromUpstream(piece)
+        assert lean.received() == framed.received()
+        assert lean.upstream.sent == framed.upstream.sent
+        assert _relayState(lean) == _relayState(framed)
+
+
+def test_pipelined_commands_stop_the_lean_path_at_the_first_it_cannot_relay(tmp_path: Path) -> None:
+    """One read: relayed, a reused tag (refused), relayed again; in order, and the refusal never reaches the upstream."""
+    connection, _ = session(tmp_path)
+    connection.send(b"a NOOP\r\na NOOP\r\nb NOOP\r\nmpi1 NOOP\r\nc NOOP\r\n")
+    assert connection.upstream.sent == b"a NOOP\r\nb NOOP\r\nc NOOP\r\n"
+    assert connection.received() == (
+        b"a BAD Tag already in use by a command in progress\r\nmpi1 BAD Tags mpi<N> are reserved by the proxy\r\n"
+    )
+
+
+def test_an_unsolicited_continuation_in_a_scanned_read_is_dropped(tmp_path: Path) -> None:
+    """A '+' nothing asked for, in the middle of a read: the lines around it pass, it does not."""
+    connection, _ = session(tmp_path)
+    connection.send(b"a NOOP\r\n")
+    connection.fromUpstream(b"* 1 EXISTS\r\n+ send your commands\r\na OK done\r\n")
+    assert connection.received() == b"* 1 EXISTS\r\na OK done\r\n"
 
 
 # commands

@@ -39,8 +39,10 @@ DEADLINE = 6.0
 LOCKOUT_AFTER = 5
 SLOTS = 300
 
-# The Dovecot account every local user below logs in upstream as.
+# The Dovecot account every local user below logs in upstream as, but the
+# sentinel (see Target.reachedUpstream), which has its own.
 UPSTREAM_USER, UPSTREAM_PASSWORD = "saslatk", "saslatk-pw"
+SENTINEL_UPSTREAM_USER, SENTINEL_UPSTREAM_PASSWORD = "saslatk-sentinel", "saslatk-sentinel-pw"
 # Local name -> password.
 USERS = {
     name: f"{name}-right"
@@ -98,11 +100,12 @@ class Target:
         with open(self.dovecot.logFile, errors="replace") as handle:
             return handle.read()
 
-    def upstreamLogins(self) -> int:
+    def upstreamLogins(self, user: str = UPSTREAM_USER) -> int:
         """
-        How many times Dovecot logged the module's account in (any protocol).
+        How many times Dovecot logged C{user} (the module's account) in, in
+        any protocol.
         """
-        return len(re.findall(rf"-login: (?:Info: )?Login: user=<{UPSTREAM_USER}>", self.dovecotLog()))
+        return len(re.findall(rf"-login: (?:Info: )?Login: user=<{re.escape(user)}>", self.dovecotLog()))
 
     def upstreamAuthFailures(self) -> int:
         """
@@ -112,20 +115,24 @@ class Target:
 
     def reachedUpstream(self, logins: int) -> int:
         """
-        Log in once more from a fresh address (the sentinel), wait until
-        Dovecot shows it, and return how many logins Dovecot shows since
-        C{logins} apart from it.
+        Log in once more from a fresh address as the sentinel (its own
+        upstream account), wait until Dovecot shows that very login, and
+        return how many logins of the module's account Dovecot shows since
+        C{logins}.
         """
         source = f"127.0.69.{next(_sentinels)}"
+        sentinels = self.upstreamLogins(SENTINEL_UPSTREAM_USER)
         with self.connect("plain", source) as sock:
             sock.sendall(b"s AUTHENTICATE LOGIN " + b64("sentinel") + b"\r\n" + b64(USERS["sentinel"]) + b"\r\n")
             assert readLine(sock) == PASSWORD
             assert readTagged(sock, b"s").startswith(b"s OK ")
         deadline = time.monotonic() + 10
-        while self.upstreamLogins() < logins + 1 and time.monotonic() < deadline:
+        while self.upstreamLogins(SENTINEL_UPSTREAM_USER) <= sentinels and time.monotonic() < deadline:
             time.sleep(0.05)
-        # Whatever came before the sentinel is in Dovecot's log by now.
-        return self.upstreamLogins() - logins - 1
+        # Whatever came before the sentinel is in Dovecot's log by now (a
+        # wait for any new line would return before a slower login
+        # process's line of an earlier login).
+        return self.upstreamLogins() - logins
 
 
 _sentinels = iter(range(1, 250))
@@ -137,6 +144,7 @@ def proxyConfig(ports: dict[str, int], dovecot: DovecotUpstream) -> str:
     user routed to Dovecot as the module's account.
     """
     upstreamAccount = {"username": UPSTREAM_USER, "password": UPSTREAM_PASSWORD}
+    sentinelAccount = {"username": SENTINEL_UPSTREAM_USER, "password": SENTINEL_UPSTREAM_PASSWORD}
     return "".join(
         [
             table("server", loginDeadline=DEADLINE, preauthTimeout=60),
@@ -150,14 +158,14 @@ def proxyConfig(ports: dict[str, int], dovecot: DovecotUpstream) -> str:
             ),
             namedListeners(ports, dovecot.certFile, dovecot.keyFile),
             upstreamTable("imap", dovecot.ports["imap"]),
-            routingTable("imap", {name: upstreamAccount for name in USERS}),
+            routingTable("imap", {name: sentinelAccount if name == "sentinel" else upstreamAccount for name in USERS}),
         ]
     )
 
 
 @pytest.fixture(scope="module")
 def target(dovecot: DovecotUpstream) -> Iterator[Target]:
-    dovecot.addUsers({UPSTREAM_USER: UPSTREAM_PASSWORD})
+    dovecot.addUsers({UPSTREAM_USER: UPSTREAM_PASSWORD, SENTINEL_UPSTREAM_USER: SENTINEL_UPSTREAM_PASSWORD})
     ports = {name: freePort() for name in ("plain", "cleartext", "starttls", "pop3", "pop3clear", "pop3tls")}
     config = proxyConfig(ports, dovecot)
     with runningProxy(config, USERS, list(ports.values()), prefix="mp-saslatk-") as (directory, process):

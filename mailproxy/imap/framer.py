@@ -28,6 +28,9 @@ _LITERAL_AT_END = re.compile(rb"(~?)\{([0-9]{1,20})(\+?)\}\r\n\Z")
 _STATUS_RESPONSE = re.compile(rb"\A\S+ (?:OK|NO|BAD|BYE|PREAUTH)(?: |\r\n)", re.IGNORECASE)
 
 
+_matchStart = re.Match.start
+
+
 class FramingError(Exception):
     """
     The peer broke IMAP framing (a line longer than allowed, or an
@@ -262,6 +265,74 @@ class IMAPFramer:
                 # An empty literal still is a literal: consumers count them.
                 emit(LiteralChunk(b"", 0))
         return events
+
+    def scan(self, data: bytes, notable: re.Pattern[bytes]) -> tuple[bytes, list[int], int]:
+        """
+        Frame a response stream's C{data} without making events, for a relay
+        that passes what is framed on as it came and acts on a few lines.
+
+        @param notable: matches, anchored at a line's start (with
+            C{re.MULTILINE}: C{^}), the lines that start a response the
+            caller wants to see.
+        @return: the octets framed from (C{data}, after any partial line held
+            from before), the offsets in them of the notable lines that start
+            a response (not lines that continue one after a literal), and how
+            many of the octets are framed: the rest, a partial line, is held
+            as L{feed} holds it, and the framer's state is what L{feed} leaves.
+        @raise FramingError: as L{feed} does.
+        """
+        assert self._responses and self._discardUpTo is None
+        if self._partial:
+            if b"\n" not in data:
+                self._partial.append(data)
+                self._partialSize += len(data)
+                if self._partialSize >= self.maxLineLength:
+                    raise FramingError(f"line longer than {self.maxLineLength} octets")
+                return data, [], 0
+            data = b"".join(self._partial) + data
+            self._partial = []
+            self._partialSize = 0
+        starts: list[int] = []
+        position = 0
+        end = len(data)
+        maxLine = self.maxLineLength
+        while position < end:
+            remaining = self._literalRemaining
+            if remaining:
+                take = min(remaining, end - position)
+                self._literalRemaining = remaining - take
+                position += take
+                continue
+            if not self._continuation:
+                # Every whole line before the next one that may announce a
+                # literal starts a response: only the notable ones are
+                # looked at, found in one pass.
+                announcing = data.find(b"}\r\n", position)
+                if announcing < 0:
+                    segmentEnd = data.rfind(b"\n", position) + 1
+                else:
+                    segmentEnd = data.rfind(b"\n", position, announcing) + 1
+                if position < segmentEnd <= position + maxLine:
+                    starts += map(_matchStart, notable.finditer(data, position, segmentEnd))
+                    position = segmentEnd
+                    continue
+            # One line: the rest of a response after a literal, one that may
+            # announce a literal, or a partial one.
+            newline = data.find(b"\n", position, position + maxLine)
+            if newline < 0:
+                if end - position >= maxLine:
+                    raise FramingError(f"line longer than {self.maxLineLength} octets")
+                self._partial = [data[position:]]
+                self._partialSize = end - position
+                return data, starts, position
+            if not self._continuation and notable.match(data, position) is not None:
+                starts.append(position)
+            if newline - position >= 2 and data[newline - 2] == 0x7D and data[newline - 1] == 0x0D:
+                self._line(data[position : newline + 1])
+            else:
+                self._continuation = False
+            position = newline + 1
+        return data, starts, end
 
     def _startDiscard(self, data: bytes, events: list[ClientEvent]) -> bytes:
         """

@@ -81,6 +81,15 @@ class IdleController:
         return self.tag is not None or self._noopTag is not None
 
     @property
+    def quiet(self) -> bool:
+        """
+        C{True} while neither an IDLE nor a poll or refresh of the proxy's
+        own is under way: no response line is claimed (L{watching}) and
+        the upstream owes the proxy nothing (L{owedByUpstream}).
+        """
+        return self.tag is None and self._noopTag is None and self._refresh is _Refresh.NONE
+
+    @property
     def ending(self) -> bool:
         """
         C{True} once the client sent DONE and waits for the IDLE's tagged

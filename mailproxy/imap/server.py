@@ -205,21 +205,36 @@ class IMAPServerProtocol(FrontDoor):
         if self.state is State.CLOSED:
             return
         self.resetTimeout()
+        relay = self.relay
+        framer = self.framer
+        if relay is not None:
+            if self.metrics is not None:
+                self.metrics.bytesFromClient.inc(len(data))
+            if (
+                framer.atBoundary
+                and data.endswith(b"\n")
+                and len(data) <= framer.maxLineLength
+                and b"}\n" not in data
+                and b"}\r\n" not in data
+            ):
+                # Whole lines that announce no literal: most need no framing.
+                relayed = relay.fromClientLines(data)
+                if relayed == len(data):
+                    return
+                data = data[relayed:]
         try:
-            events = self.framer.feedClient(data)
+            events = framer.feedClient(data)
         except FramingError as error:
             self.log.warn("{client} broke IMAP framing: {error}", client=self.clientAddress, error=str(error))
             self._sendAtBoundary(b"* BYE " + _protocolText(str(error)) + b"\r\n")
             self.state = State.CLOSED
             self.disconnect()
             return
-        if self.relay is not None:
-            if self.metrics is not None:
-                self.metrics.bytesFromClient.inc(len(data))
+        if relay is not None:
             for event in events:
                 if self.state is State.CLOSED:
                     break
-                self.relay.fromClient(event)
+                relay.fromClient(event)
             return
         self._queue.extend(events)
         self._processQueue()
@@ -509,7 +524,9 @@ class IMAPServerProtocol(FrontDoor):
         # so capability filters see it too.
         capabilities = b" ".join(upstreamSession.capabilities)
         relay.fromUpstream(Line(tag + b" OK [CAPABILITY " + capabilities + b"] Logged in\r\n", False))
-        upstream.startRelay(relay.fromUpstreamBatch, self._upstreamLost, relay.fromUpstreamBatch)
+        upstream.startRelay(
+            relay.fromUpstreamBatch, self._upstreamLost, relay.fromUpstreamBatch, relay.fromUpstreamRead
+        )
         queued, self._queue = self._queue, deque()
         for event in queued:
             relay.fromClient(event)

@@ -129,6 +129,7 @@ class UpstreamIMAPProtocol(Protocol):
         self._lost: Failure | None = None
         self._onEvents: Callable[[list[Event]], None] | None = None
         self._onWholeRead: Callable[[list[Event], bytes], None] | None = None
+        self._onRead: Callable[[bytes], bool] | None = None
         self._onLost: Callable[[Failure], None] | None = None
         self.closed: Deferred[None] = Deferred()
 
@@ -138,6 +139,9 @@ class UpstreamIMAPProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         try:
+            onRead = self._onRead
+            if onRead is not None and onRead(data):
+                return
             events, whole = self.framer.feedWhole(data)
         except FramingError as error:
             self.log.warn("upstream broke IMAP framing: {error}", error=str(error))
@@ -204,6 +208,7 @@ class UpstreamIMAPProtocol(Protocol):
         onEvents: Callable[[list[Event]], None],
         onLost: Callable[[Failure], None],
         onWholeRead: Callable[[list[Event], bytes], None] | None = None,
+        onRead: Callable[[bytes], bool] | None = None,
     ) -> None:
         """
         From now on, deliver framed events to C{onEvents} as they arrive, a
@@ -213,12 +218,16 @@ class UpstreamIMAPProtocol(Protocol):
         @param onWholeRead: if given, gets the events of a read that they
             are all of (see L{IMAPFramer.feedWhole}) instead, with the read
             itself.
+        @param onRead: if given, gets each read first, unframed; if it
+            returns C{False}, the read is framed into events as usual (it
+            may raise L{FramingError}).
         """
         self.framer.maxLiteralSize = None
         self.framer.maxLineLength = RELAY_MAX_RESPONSE_LINE
         setReadSize(self.transport, RELAY_READ_SIZE)
         self._onEvents = onEvents
         self._onWholeRead = onWholeRead
+        self._onRead = onRead
         self._onLost = onLost
         pending = [event for response in self._responses for event in response] + self._partial
         self._responses.clear()
