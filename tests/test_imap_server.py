@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from mailproxy.config import TLSMode, UserRoute
@@ -461,22 +462,26 @@ def test_each_side_is_registered_as_the_others_producer(tmp_path: Path) -> None:
 
 
 def test_upstream_closing_mid_session_sends_bye(tmp_path: Path) -> None:
-    """If the upstream goes away the client gets * BYE and is disconnected."""
+    """If the upstream goes away the client gets * BYE and is disconnected, and the log says so."""
     connection = loggedIn(tmp_path)
     upstream = connection.upstreamProtocol
-    upstream.connectionLost(Failure(ConnectionDone()))
+    with capturedLogs() as events:
+        upstream.connectionLost(Failure(ConnectionDone()))
     assert connection.received() == b"* BYE Upstream server closed the connection\r\n"
     assert connection.transport.disconnecting
+    assert any("upstream closed the session" in formatEvent(event) for event in events)
 
 
 def test_upstream_bye_is_not_doubled(tmp_path: Path) -> None:
-    """After LOGOUT the upstream's own BYE is relayed, and no second BYE is added."""
+    """After LOGOUT the upstream's own BYE is relayed, no second BYE is added, and the close is no news in the log."""
     connection = loggedIn(tmp_path)
     upstream = connection.upstreamProtocol
     connection.send(b"z LOGOUT\r\n")
     connection.fromUpstream(b"* BYE Logging out\r\nz OK Logout completed.\r\n")
-    upstream.connectionLost(Failure(ConnectionDone()))
+    with capturedLogs() as events:
+        upstream.connectionLost(Failure(ConnectionDone()))
     assert connection.received() == b"* BYE Logging out\r\nz OK Logout completed.\r\n"
+    assert not any("upstream closed" in formatEvent(event) for event in events)
 
 
 def test_client_disconnect_closes_the_upstream(tmp_path: Path) -> None:

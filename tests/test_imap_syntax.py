@@ -226,3 +226,15 @@ def test_capabilities_in_response_code() -> None:
 def test_capabilities_in_returns_none_without_a_list(line: bytes) -> None:
     """capabilitiesIn returns None for lines without a capability list."""
     assert capabilitiesIn(line) is None
+
+
+def test_a_transform_remembers_lists_without_sharing_its_answers() -> None:
+    """The same list again gets the same answer, which the caller may change; past the remembered lists, still right."""
+    transform = CapabilityTransform(hidden=[b"STARTTLS"], hiddenPrefixes=[b"AUTH="])
+    names = [b"IMAP4rev1", b"STARTTLS", b"AUTH=PLAIN", b"IDLE"]
+    first = transform(names)
+    first.append(b"CHANGED")
+    assert transform(names) == [b"IMAP4rev1", b"IDLE"]
+    for number in range(200):
+        assert transform([b"X%d" % number, b"starttls"]) == [b"X%d" % number]
+    assert transform(names) == [b"IMAP4rev1", b"IDLE"]

@@ -187,17 +187,18 @@ class Relay:
         # Fixed for the session: the passthrough relay asks on every event.
         self._filtered = bool(chain)
         self.session = session
-        upper = {name.upper() for name in capabilities}
+        # (In C, not a loop over the names: this runs once per login.)
+        offersIdle = b"IDLE" in b" ".join(capabilities).upper().split()
         config = client.context.config
         self.idle = IdleController(
             self,
             client.context.clock,
-            emulate=b"IDLE" not in upper,
+            emulate=not offersIdle,
             pollInterval=config.idlePollInterval,
             refreshInterval=config.idleRefresh,
             timeout=config.authenticatedTimeout,
         )
-        self._capabilities = RELAY_CAPABILITIES if b"IDLE" in upper else _withIdle
+        self._capabilities = RELAY_CAPABILITIES if offersIdle else _withIdle
         self.bytesIn = 0
         self.bytesOut = 0
         self.upstreamSaidBye = False

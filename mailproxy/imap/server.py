@@ -578,10 +578,15 @@ class IMAPServerProtocol(FrontDoor):
             # not come now.
             self.disconnect()
             return
-        self.log.info(
-            "{client} upstream closed the session: {reason}", client=self.clientAddress, reason=reason.getErrorMessage()
-        )
         assert self.relay is not None
+        if not self.relay.upstreamSaidBye:
+            # (After a BYE, a LOGOUT's say, the close is the session's
+            # normal end: the "disconnected" line says enough.)
+            self.log.info(
+                "{client} upstream closed the session: {reason}",
+                client=self.clientAddress,
+                reason=reason.getErrorMessage(),
+            )
         if self.metrics is not None and not self.relay.upstreamSaidBye:
             self.metrics.upstreamError(self.user.upstream.name, droppedKind(reason))
         if not self.relay.upstreamSaidBye and not self.relay.midResponse:

@@ -157,15 +157,26 @@ class CapabilityTransform:
     def __init__(self, hidden: Iterable[bytes], hiddenPrefixes: Iterable[bytes] = ()) -> None:
         self.hidden = frozenset(name.upper() for name in hidden)
         self.hiddenPrefixes = tuple(prefix.upper() for prefix in hiddenPrefixes)
+        # An upstream sends the same lists login after login.
+        self._seen: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
 
     def __call__(self, names: list[bytes]) -> list[bytes]:
-        kept = []
-        for name in names:
-            upper = name.upper()
-            if upper in self.hidden or upper.startswith(self.hiddenPrefixes):
-                continue
-            kept.append(name)
-        return kept
+        key = tuple(names)
+        kept = self._seen.get(key)
+        if kept is None:
+            kept = tuple(name for name in names if not self._hides(name.upper()))
+            if len(self._seen) >= _TRANSFORMS_REMEMBERED:
+                self._seen.clear()
+            self._seen[key] = kept
+        return list(kept)
+
+    def _hides(self, upper: bytes) -> bool:
+        return upper in self.hidden or upper.startswith(self.hiddenPrefixes)
+
+
+# Capability lists a transform remembers the result for (a few upstreams,
+# before and after login, each).
+_TRANSFORMS_REMEMBERED = 64
 
 
 # What a client must not see after login: the proxy terminates TLS and
