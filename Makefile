@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # python3-venv: stock Debian's python3 has no ensurepip without it, so `python3 -m venv` fails
-APT_PACKAGES := python3-venv dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates systemd fail2ban
+# postgresql: the tests run a private cluster of their own (tests/postgres.py), never the system's.
+APT_PACKAGES := python3-venv dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates systemd fail2ban postgresql
 BENCH_APT_PACKAGES := nginx libnginx-mod-mail haproxy
 BENCH_ARGS ?=
 

@@ -40,12 +40,16 @@ setup(
     ],
     extras_require={
         # setuptools: tests/test_install.py builds the project without downloading anything.
-        "test": ["pytest>=8", "hypothesis>=6", "trustme>=1.1", "setuptools>=70.1"],
+        # The SQL account backend on PostgreSQL: psycopg 3, the maintained driver (libpq itself; its
+        # binary wheel brings libpq along), run in the reactor's thread pool.
+        "postgresql": ["psycopg[binary]>=3.1"],
+        "test": ["pytest>=8", "hypothesis>=6", "trustme>=1.1", "setuptools>=70.1", "psycopg[binary]>=3.1"],
         "dev": [
             "pytest>=8",
             "hypothesis>=6",
             "trustme>=1.1",
             "setuptools>=70.1",
+            "psycopg[binary]>=3.1",
             "mypy>=1.10",
             "mypy-zope>=1.0",
             "ruff>=0.5",

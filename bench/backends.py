@@ -7,8 +7,9 @@ against direct Dovecot measured in the same run.
 Each backend runs in its own proxy (one worker, so the figures are the
 backend's and not the machine's spread): the users file (the default
 scrypt, ln=15), the HTTP backend (nginx's auth_http protocol) asking a
-service in this process, and the SQL backend (an SQLite file holding the
-same scrypt hash).  'warm' logs the same user in again and again, the
+service in this process, and the SQL backend on an SQLite file and on a
+private PostgreSQL cluster (tests/postgres.py, left out with a note where
+PostgreSQL or psycopg is missing), each row holding the same scrypt hash.  'warm' logs the same user in again and again, the
 credentials cache answering; 'cold' runs with C{[auth] cache_ttl = 0} (and
 C{negative_ttl = 0}), so every login pays the full check: a scrypt, a
 round trip to the service, or a query and a scrypt.  A login is connect, greeting, LOGIN,
@@ -62,10 +63,10 @@ class Column:
     rates: dict[int, list[float]] = field(default_factory=dict)
 
 
-BACKENDS = ("users_file", "http", "sql")
+BACKENDS = ("users_file", "http", "sql", "postgresql")
 
 
-def backendAuth(backend: str, cache: bool, serviceUrl: str, directory: str) -> str:
+def backendAuth(backend: str, cache: bool, serviceUrl: str, directory: str, postgres: str | None = None) -> str:
     ttl = "" if cache else "cache_ttl = 0\nnegative_ttl = 0\n"
     if backend == "users_file":
         return 'users_file = "users"\n' + ttl
@@ -75,6 +76,11 @@ def backendAuth(backend: str, cache: bool, serviceUrl: str, directory: str) -> s
             connection.execute("CREATE TABLE users (username TEXT PRIMARY KEY, password TEXT)")
             connection.execute("INSERT INTO users VALUES (?, ?)", (USER, hashPassword(PASSWORD)))
         return f'backend = "sql"\n{ttl}[auth.sql]\ndatabase = "{database}"\n'
+    if backend == "postgresql":
+        assert postgres is not None
+        # a TOML literal string: the connection string's quotes stay as they are
+        literal = "'''" + postgres + "'''"
+        return f'backend = "sql"\n{ttl}[auth.sql]\ndriver = "postgresql"\ndatabase = {literal}\n'
     return (
         f'backend = "http"\n{ttl}[auth.http]\nurl = "{serviceUrl}"\n'
         f'[auth.http.headers]\n"{SECRET_HEADER}" = "{SECRET}"\n'
@@ -82,10 +88,41 @@ def backendAuth(backend: str, cache: bool, serviceUrl: str, directory: str) -> s
 
 
 @contextlib.contextmanager
-def proxies(directory: str, upstreamPort: int, serviceUrl: str) -> Iterator[list[Column]]:
+def postgresAccounts() -> Iterator[str | None]:
+    """
+    A private PostgreSQL cluster holding the bench user's row: its
+    connection string, or C{None} (and a note) where it cannot run.
+    """
+    try:
+        import psycopg  # noqa: F401
+
+        from tests.postgres import PROXY_ROLE, PostgresCluster
+    except ImportError as error:
+        print(f"postgresql column left out: {error}")
+        yield None
+        return
+    try:
+        cluster = PostgresCluster()
+    except RuntimeError as error:
+        print(f"postgresql column left out: {error}")
+        yield None
+        return
+    with cluster:
+        hashed = hashPassword(PASSWORD).replace("'", "''")
+        cluster.sql(
+            f"CREATE TABLE users (username text PRIMARY KEY, password text); GRANT SELECT ON users TO {PROXY_ROLE};"
+            f"INSERT INTO users VALUES ('{USER}', '{hashed}')"
+        )
+        yield cluster.conninfo()
+
+
+@contextlib.contextmanager
+def proxies(directory: str, upstreamPort: int, serviceUrl: str, postgres: str | None) -> Iterator[list[Column]]:
     columns = []
     with contextlib.ExitStack() as stack:
         for backend in BACKENDS:
+            if backend == "postgresql" and postgres is None:
+                continue
             for cache in (True, False):
                 name = f"{backend}, {'warm' if cache else 'cold'}"
                 where = os.path.join(directory, name.replace(", ", "-"))
@@ -93,7 +130,7 @@ def proxies(directory: str, upstreamPort: int, serviceUrl: str) -> Iterator[list
                 writeUsersFile(where, {USER: (PASSWORD, DEFAULT_LOG2_N)})
                 port = freePort()
                 config = CONFIG.format(
-                    auth=backendAuth(backend, cache, serviceUrl, where), port=port, upstreamPort=upstreamPort
+                    auth=backendAuth(backend, cache, serviceUrl, where, postgres), port=port, upstreamPort=upstreamPort
                 )
                 stack.enter_context(startProxy(where, config, [port]))
                 columns.append(Column(name, port))
@@ -101,11 +138,15 @@ def proxies(directory: str, upstreamPort: int, serviceUrl: str) -> Iterator[list
 
 
 def measure(seconds: float, rounds: int) -> list[Column]:
-    with workDirectory("mp-backends-") as directory, privateDovecot({USER: PASSWORD}) as upstream:
+    with (
+        workDirectory("mp-backends-") as directory,
+        privateDovecot({USER: PASSWORD}) as upstream,
+        postgresAccounts() as postgres,
+    ):
         service = AuthService().start()
         try:
             service.add(USER, PASSWORD)
-            with proxies(directory, upstream.ports["imap"], service.url) as columns:
+            with proxies(directory, upstream.ports["imap"], service.url, postgres) as columns:
                 targets = [Column("direct Dovecot", upstream.ports["imap"]), *columns]
                 for target in targets:
                     # a first login fills a warm cache

@@ -241,8 +241,22 @@ TABLES: tuple[Table, ...] = (
         "auth.sql",
         "The `sql` account backend: one query per login finds the user's stored hash and route.",
         (
-            Key("driver", "string", "sqlite", "The database: `sqlite` (the standard library's)."),
-            Key("database", "path", REQUIRED, "The SQLite database file (opened read-only; it must exist)."),
+            Key(
+                "driver",
+                "string",
+                "sqlite",
+                "The database: `sqlite` (the standard library's) or `postgresql` (psycopg 3: "
+                "`pip install 'mailproxy[postgresql]'`).",
+            ),
+            Key(
+                "database",
+                "string",
+                REQUIRED,
+                "sqlite: the database file (opened read-only; it must exist). postgresql: a libpq connection "
+                "string or URI (`host=db.example dbname=mail user=mailproxy password=... sslmode=verify-full`); "
+                "each session is read-only, each query cut off after `lookup_timeout`, and logs show the string "
+                "without its password.",
+            ),
             Key(
                 "query",
                 "string",

@@ -20,9 +20,13 @@ No row, or a wrong password, refuses the login (an unknown user costs a
 decoy hash, as a wrong password does); more than one row, a query that
 fails, or a hash of an unknown scheme makes the backend unavailable.
 
-Drivers: C{sqlite} (the standard library's; the database file must
-exist).  Lookups run in the reactor's thread pool, one connection per
-thread; password hashes in the proxy's hashing threads.
+Drivers: C{sqlite} (the standard library's; C{database} is the file, which
+must exist) and C{postgresql} (psycopg 3, the C{postgresql} extra;
+C{database} is a libpq connection string or URI).  Lookups run in the
+reactor's thread pool, one connection per thread, opened read-only (a
+query that writes fails) and kept until it fails; a PostgreSQL query is
+also cut off by the server after the backend's lookup time.  Password
+hashes are checked in the proxy's hashing threads.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from mailproxy.accounts.model import Account, AccountRefused, BackendUnavailable
 from mailproxy.interfaces import IAccountBackend
 from mailproxy.passwords import hashPassword
 
-DRIVERS = ("sqlite",)
+DRIVERS = ("sqlite", "postgresql")
 DEFAULT_QUERY = "SELECT password FROM users WHERE username = %u"
 _SETTINGS = {"driver", "database", "query"}
 _VARIABLES = {"u": "user", "s": "protocol", "r": "ip"}
@@ -53,24 +57,111 @@ _ROUTE_COLUMNS = ("upstream", "server", "port", "username", "upstream_password",
 _DECOY_HASH = hashPassword("mailproxy sql decoy", log2N=15)
 
 
-def placeholders(query: str) -> str:
+def placeholders(query: str, style: str = "named") -> str:
     """
-    C{query} with Dovecot's variables as sqlite3's named parameters.
+    C{query} with Dovecot's variables as named parameters: C{:name}
+    (sqlite3's C{named} style) or C{%(name)s} (psycopg's C{pyformat}, where
+    a literal C{%} is written C{%%}).
 
     @raise ValueError: for a variable there is none of, or no C{%u}.
     """
+    pyformat = style == "pyformat"
 
     def replace(match: re.Match[str]) -> str:
         name = match.group(1)
         if name == "%":
-            return "%"
+            return "%%" if pyformat else "%"
         if name not in _VARIABLES:
             raise ValueError(f"query: %{name} is no variable (%u user, %s protocol, %r client address, %% a %)")
-        return ":" + _VARIABLES[name]
+        return f"%({_VARIABLES[name]})s" if pyformat else ":" + _VARIABLES[name]
 
     if "%u" not in query:
         raise ValueError("query: must look the user up by %u")
     return _VARIABLE.sub(replace, query)
+
+
+def shownConninfo(conninfo: str) -> str:
+    """
+    A PostgreSQL connection string as logs may show it: without its
+    password (nor anything unreadable).
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        parameters = conninfo_to_dict(conninfo)
+    except Exception:
+        return "(an unreadable connection string)"
+    parameters.pop("password", None)
+    return " ".join(f"{key}={value}" for key, value in parameters.items())
+
+
+class SQLiteDatabase:
+    """
+    A read-only SQLite database file.
+    """
+
+    style = "named"
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.shownAs = path
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SQLiteDatabase) and (other.path, other.timeout) == (self.path, self.timeout)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.timeout))
+
+    def connect(self) -> Any:
+        quoted = self.path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+        connection = sqlite3.connect("file:" + quoted + "?mode=ro", uri=True, timeout=self.timeout)
+        connection.row_factory = sqlite3.Row
+        return connection
+
+    def rows(self, connection: Any, query: str, parameters: dict[str, str]) -> list[dict[str, Any]]:
+        return [dict(row) for row in connection.execute(query, parameters).fetchmany(2)]
+
+
+class PostgreSQLDatabase:
+    """
+    A PostgreSQL database, through psycopg 3: each session read-only, and
+    each statement cut off after C{timeout} seconds by the server itself.
+    """
+
+    style = "pyformat"
+
+    def __init__(self, conninfo: str, timeout: float) -> None:
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        self._psycopg = psycopg
+        self.errors = (psycopg.Error,)
+        try:
+            own = conninfo_to_dict(conninfo).get("options") or ""
+        except psycopg.Error as error:
+            raise ValueError(f"database: not a PostgreSQL connection string: {error}") from None
+        milliseconds = max(1, round(timeout * 1000))
+        options = f"{own} -c default_transaction_read_only=on -c statement_timeout={milliseconds}".strip()
+        self.conninfo = make_conninfo(conninfo, options=options, connect_timeout=str(max(1, round(timeout))))
+        self.shownAs = shownConninfo(conninfo)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PostgreSQLDatabase) and other.conninfo == self.conninfo
+
+    def __hash__(self) -> int:
+        return hash(self.conninfo)
+
+    def connect(self) -> Any:
+        from psycopg.rows import dict_row
+
+        return self._psycopg.connect(self.conninfo, autocommit=True, row_factory=dict_row)
+
+    def rows(self, connection: Any, query: str, parameters: dict[str, str]) -> list[dict[str, Any]]:
+        with connection.cursor() as cursor:
+            cursor.execute(query, parameters)
+            return list(cursor.fetchmany(2))
 
 
 @implementer(IAccountBackend)
@@ -79,14 +170,17 @@ class SQLBackend:
     Look users up with one query (see the module's description).
     """
 
-    def __init__(self, reactor: Any, database: str, query: str, timeout: float, runInThread: Any, config: Any) -> None:
+    def __init__(self, reactor: Any, database: Any, query: str, timeout: float, runInThread: Any, config: Any) -> None:
+        """
+        @param database: a L{SQLiteDatabase} or L{PostgreSQLDatabase}.
+        """
         self.reactor = reactor
         self.database = database
-        self.query = placeholders(query)
+        self.query = placeholders(query, database.style)
         self.timeout = timeout
         self.runInThread = runInThread
         self.config = config
-        self._connections = threading.local()
+        self._connections = ThreadConnections(database.connect)
 
     @classmethod
     def fromSettings(cls, settings: dict[str, Any], context: Any) -> SQLBackend:
@@ -98,50 +192,54 @@ class SQLBackend:
             raise ValueError(f"driver: one of {', '.join(DRIVERS)}")
         database = settings.get("database")
         if not isinstance(database, str) or not database:
-            raise ValueError("database: required, the database file")
-        path = os.path.join(context.config.directory, os.path.expanduser(database))
-        if not os.path.isfile(path):
-            raise ValueError(f"database: no such file {path!r}")
+            raise ValueError("database: required, the database file (sqlite) or connection string (postgresql)")
+        opened: SQLiteDatabase | PostgreSQLDatabase
+        if driver == "postgresql":
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise ValueError("driver: postgresql needs psycopg 3 (pip install 'mailproxy[postgresql]')") from None
+            opened = PostgreSQLDatabase(database, context.timeout)
+        else:
+            path = os.path.join(context.config.directory, os.path.expanduser(database))
+            if not os.path.isfile(path):
+                raise ValueError(f"database: no such file {path!r}")
+            opened = SQLiteDatabase(path, context.timeout)
         query = settings.get("query", DEFAULT_QUERY)
         if not isinstance(query, str):
             raise ValueError("query: an SQL query")
-        return cls(context.reactor, path, query, context.timeout, context.runInThread, context.config)
+        return cls(context.reactor, opened, query, context.timeout, context.runInThread, context.config)
 
     def __repr__(self) -> str:
-        return f"<SQLBackend sqlite {self.database}>"
+        return f"<SQLBackend {self.database.shownAs}>"
 
     def authenticate(self, request: LoginRequest) -> Deferred[Account]:
         looking = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._lookup, request)
         return looking.addCallback(self._verify, request)
-
-    def _connection(self) -> sqlite3.Connection:
-        connection: sqlite3.Connection | None = getattr(self._connections, "connection", None)
-        if connection is None:
-            # Read-only: the proxy never writes the accounts.
-            quoted = self.database.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
-            uri = "file:" + quoted + "?mode=ro"
-            connection = sqlite3.connect(uri, uri=True, timeout=self.timeout)
-            connection.row_factory = sqlite3.Row
-            self._connections.connection = connection
-        return connection
 
     def _lookup(self, request: LoginRequest) -> dict[str, Any] | None:
         """
         The user's row (in a thread of the pool).
         """
         parameters = {"user": request.username, "protocol": request.protocol, "ip": request.clientIP}
+        shownAs = self.database.shownAs
+        connection = None
         try:
-            rows = self._connection().execute(self.query, parameters).fetchmany(2)
-        except sqlite3.Error as error:
-            self._connections.connection = None
-            raise BackendUnavailable(f"{self.database}: {error}") from None
+            connection = self._connections.get()
+            rows = self.database.rows(connection, self.query, parameters)
+        except self.database.errors as error:
+            if connection is not None:
+                # A connection that failed once is not trusted again.
+                self._connections.forget(connection)
+            reason = " ".join(str(error).split())
+            raise BackendUnavailable(f"{shownAs}: {reason}") from None
         if len(rows) > 1:
-            raise BackendUnavailable(f"{self.database}: the query found more than one row for one user")
+            raise BackendUnavailable(f"{shownAs}: the query found more than one row for one user")
         if not rows:
             return None
-        row = dict(rows[0])
+        row = rows[0]
         if "password" not in row:
-            raise BackendUnavailable(f"{self.database}: the query gives no password column")
+            raise BackendUnavailable(f"{shownAs}: the query gives no password column")
         return row
 
     def _verify(self, row: dict[str, Any] | None, request: LoginRequest) -> Deferred[Account]:
@@ -152,7 +250,7 @@ class SQLBackend:
             try:
                 return verifyStored(request.password, encoded)
             except UnsupportedHash as error:
-                raise BackendUnavailable(f"{self.database}: {request.username!r}: {error}") from None
+                raise BackendUnavailable(f"{self.database.shownAs}: {request.username!r}: {error}") from None
 
         def decide(right: bool) -> Account:
             if not right or row is None or encoded is _DECOY_HASH:
@@ -168,12 +266,13 @@ class SQLBackend:
         if isinstance(port, str) and port.isascii() and port.isdigit() and len(port) <= 5:
             port = int(port)
         if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
-            raise BackendUnavailable(f"{self.database}: port {port!r} of {request.username!r} is not a port")
+            raise BackendUnavailable(f"{self.database.shownAs}: port {port!r} of {request.username!r} is not a port")
         texts = {}
         for column in ("upstream", "server", "username", "upstream_password", "filters"):
             value = route[column]
             if value is not None and not isinstance(value, str):
-                raise BackendUnavailable(f"{self.database}: column {column} of {request.username!r} is not text")
+                shownAs = self.database.shownAs
+                raise BackendUnavailable(f"{shownAs}: column {column} of {request.username!r} is not text")
             texts[column] = value
         filters = None
         if texts["filters"] is not None:
@@ -189,5 +288,56 @@ class SQLBackend:
         )
 
     def close(self) -> None:
-        # Each pool thread's connection goes with this backend's thread-local.
-        self._connections = threading.local()
+        self._connections.closeAll()
+
+
+class ThreadConnections:
+    """
+    One database connection per thread (of the pool the lookups run in),
+    opened when the thread first needs one, and all closed together.
+    """
+
+    def __init__(self, connect: Any) -> None:
+        self._connect = connect
+        self._local = threading.local()
+        self._opened: list[Any] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._connect()
+            self._local.connection = connection
+            with self._lock:
+                self._opened.append(connection)
+        return connection
+
+    def forget(self, connection: Any) -> None:
+        """
+        Close the calling thread's C{connection}; the next L{get} opens another.
+        """
+        self._local.connection = None
+        with self._lock:
+            if connection in self._opened:
+                self._opened.remove(connection)
+        _close(connection)
+
+    def closeAll(self) -> None:
+        """
+        Close every connection (a lookup still using one then fails, as a
+        lookup of a backend being replaced may).
+        """
+        self._local = threading.local()
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for connection in opened:
+            _close(connection)
+
+
+def _close(connection: Any) -> None:
+    try:
+        connection.close()
+    except Exception:
+        # (An SQLite connection closes only in its own thread; it goes
+        # with the thread-local then.)
+        pass

@@ -1,0 +1,240 @@
+"""
+The SQL account backend on PostgreSQL end to end: a private cluster (see
+tests/postgres.py), a real twistd with two workers asking it over TCP as a
+password-authenticated role, a real Dovecot behind; Dovecot's own log and
+the database's state show what happened, not only the replies.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from mailproxy.accounts.sql import placeholders, shownConninfo
+from mailproxy.passwords import hashPassword
+from tests.dovecot import DovecotUpstream
+from tests.postgres import PROXY_PASSWORD, PROXY_ROLE, PostgresCluster
+from tests.proxyprocess import ProxyInFront, freePort, runningProxy
+from tests.test_accounts_sql import (
+    SAM,
+    SAM_PW,
+    SAM_UP,
+    SID,
+    SID_PW,
+    SID_UP,
+    SUE,
+    SUE_PW,
+    SUE_UP,
+    UPSTREAM_USERS,
+    bcrypt,
+    sha512crypt,
+)
+from tests.tomlconfig import listenerTable, table, upstreamTable
+
+WAIT = 20.0
+LOCKOUT_AFTER = 3
+QUERY = (
+    "SELECT password, upstream, username_up AS username, upstream_password, filters "
+    "FROM users WHERE username = %u AND active"
+)
+
+
+def test_the_query_takes_dovecots_variables_as_psycopg_parameters() -> None:
+    """Variables become named parameters; a literal % is doubled, as psycopg reads the query."""
+    assert placeholders("SELECT password FROM u WHERE n = %u AND s = %s AND i = %r AND x LIKE '5%%'", "pyformat") == (
+        "SELECT password FROM u WHERE n = %(user)s AND s = %(protocol)s AND i = %(ip)s AND x LIKE '5%%'"
+    )
+
+
+def test_a_connection_string_is_shown_without_its_password() -> None:
+    shown = shownConninfo("host=db.example port=5433 dbname=mail user=proxy password='s3cret pw' sslmode=verify-full")
+    assert "s3cret" not in shown
+    assert sorted(shown.split()) == ["dbname=mail", "host=db.example", "port=5433", "sslmode=verify-full", "user=proxy"]
+    assert "hunter2" not in shownConninfo("postgresql://proxy:hunter2@db.example/mail")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[PostgresCluster]:
+    with PostgresCluster() as running:
+        running.sql(
+            "CREATE TABLE users (username text PRIMARY KEY, password text, upstream text, username_up text, "
+            "upstream_password text, filters text, active boolean DEFAULT true);"
+            "CREATE TABLE audit (who text);"
+            f"GRANT SELECT ON users, audit TO {PROXY_ROLE};"
+            f"GRANT INSERT ON audit TO {PROXY_ROLE};"
+        )
+        rows = [
+            (SAM, hashPassword(SAM_PW, log2N=10), None, SAM_UP, UPSTREAM_USERS[SAM_UP], None, True),
+            (SUE, sha512crypt(SUE_PW), "mail", SUE_UP, UPSTREAM_USERS[SUE_UP], "readonly", True),
+            (SID, bcrypt(SID_PW), None, SID_UP, UPSTREAM_USERS[SID_UP], None, False),
+        ]
+        for row in rows:
+            values = ", ".join("NULL" if value is None else _literal(value) for value in row)
+            running.sql(f"INSERT INTO users VALUES ({values})")
+        yield running
+
+
+def _literal(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+@pytest.fixture(scope="module")
+def pgDovecot() -> Iterator[DovecotUpstream]:
+    upstream = DovecotUpstream()
+    upstream.addUsers(UPSTREAM_USERS)
+    upstream.start()
+    try:
+        yield upstream
+    finally:
+        upstream.stop()
+
+
+class PostgresProxy(ProxyInFront):
+    def login(self, user: str, password: str) -> imaplib.IMAP4:
+        client = self.imap()
+        client.login(user, password)
+        return client
+
+
+@pytest.fixture
+def startProxy(
+    cluster: PostgresCluster, pgDovecot: DovecotUpstream, tmp_path: Path
+) -> Iterator[Callable[..., PostgresProxy]]:
+    with ExitStack() as running:
+
+        def start(query: str = QUERY, conninfo: str | None = None) -> PostgresProxy:
+            ports = {"imap": freePort()}
+            config = proxyConfig(ports["imap"], pgDovecot, conninfo or cluster.conninfo(), query)
+            directory, process = running.enter_context(runningProxy(config, {}, list(ports.values()), "mp-pg-"))
+            return PostgresProxy(directory, process, ports, pgDovecot)
+
+        yield start
+
+
+def proxyConfig(port: int, dovecot: DovecotUpstream, conninfo: str, query: str = QUERY) -> str:
+    return (
+        table("server", workers=2)
+        + table("auth", backend="sql", failureDelay=0.05, lookupTimeout=2, negativeTtl=0)
+        + table("auth.sql", driver="postgresql", database=conninfo, query=query)
+        + table("limits", failuresBeforeLockout=LOCKOUT_AFTER, lockoutSeconds=600)
+        + listenerTable("imap", port, allowPlaintextAuth=True)
+        + upstreamTable("mail", dovecot.ports["imap"])
+        + table("filters.readonly", type="policy", readOnly=True)
+        + table("routing", defaultUpstream="mail")
+    )
+
+
+def test_users_log_in_with_the_hash_and_route_their_row_holds(startProxy: Callable[..., PostgresProxy]) -> None:
+    proxy = startProxy()
+    before = {user: proxy.dovecotLogins(user) for user in (SAM_UP, SUE_UP)}
+    client = proxy.login(SAM, SAM_PW)
+    assert client.select("INBOX", readonly=True)[0] == "OK"
+    client.logout()
+    client = proxy.login(SUE, SUE_PW)
+    # sue's row names the read-only policy.
+    with pytest.raises(imaplib.IMAP4.readonly):
+        client.select("INBOX")
+    client.shutdown()
+    assert {user: proxy.dovecotLogins(user) for user in (SAM_UP, SUE_UP)} == {
+        user: count + 1 for user, count in before.items()
+    }
+    for secret in (SAM_PW, UPSTREAM_USERS[SAM_UP], PROXY_PASSWORD):
+        assert secret not in proxy.log()
+
+
+def test_wrong_passwords_unknown_inactive_users_and_injections_are_refused(
+    startProxy: Callable[..., PostgresProxy],
+) -> None:
+    proxy = startProxy()
+    before = proxy.dovecotLogins(SAM_UP) + proxy.dovecotLogins(SID_UP)
+    proxy.loginRefused("AUTHENTICATIONFAILED", SAM, "a guess")
+    proxy.loginRefused("AUTHENTICATIONFAILED", "nobody", SAM_PW)
+    proxy.loginRefused("AUTHENTICATIONFAILED", SID, SID_PW)
+    proxy.loginRefused("AUTHENTICATIONFAILED", "sam'OR'1'='1", SAM_PW)
+    proxy.waitForLog(r"account backend sql refused nobody: unknown user")
+    assert proxy.dovecotLogins(SAM_UP) + proxy.dovecotLogins(SID_UP) == before
+
+
+def test_the_database_session_is_read_only(cluster: PostgresCluster, startProxy: Callable[..., PostgresProxy]) -> None:
+    """A query that writes (its role may) fails in the read-only session: unavailable, and nothing is written."""
+    writing = (
+        "WITH noted AS (INSERT INTO audit VALUES (%u) RETURNING who) "
+        "SELECT password FROM users, noted WHERE username = noted.who"
+    )
+    proxy = startProxy(query=writing)
+    proxy.loginRefused("UNAVAILABLE", SAM, SAM_PW)
+    proxy.waitForLog(r"account backend sql unavailable for sam: .*read-only transaction")
+    assert cluster.sql("SELECT count(*) FROM audit").strip() == "0"
+
+
+def test_an_outage_is_unavailable_without_lockout_and_ends_by_itself(
+    cluster: PostgresCluster, startProxy: Callable[..., PostgresProxy]
+) -> None:
+    """
+    PostgreSQL stopped: a user the cache knows still logs in; another gets UNAVAILABLE, more times than a
+    lockout takes, none counted; PostgreSQL back: that user logs in too (the proxy connects again by itself).
+    """
+    proxy = startProxy()
+    proxy.login(SAM, SAM_PW).logout()
+    cluster.pause()
+    try:
+        proxy.login(SAM, SAM_PW).logout()
+        for _ in range(LOCKOUT_AFTER + 2):
+            proxy.loginRefused("UNAVAILABLE", SUE, SUE_PW)
+        proxy.waitForLog(r"account backend sql unavailable for sue")
+    finally:
+        cluster.resume()
+    assert "authentication failure" not in proxy.log()
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            proxy.login(SUE, SUE_PW).logout()
+            break
+        except imaplib.IMAP4.error:
+            assert time.monotonic() < deadline, "no login after PostgreSQL came back:\n" + proxy.log()[-4000:]
+            time.sleep(0.2)
+
+
+def test_a_wrong_database_password_is_unavailable_and_a_reload_mends_it(
+    cluster: PostgresCluster, startProxy: Callable[..., PostgresProxy]
+) -> None:
+    proxy = startProxy(conninfo=cluster.conninfo(password="not the role's"))
+    proxy.loginRefused("UNAVAILABLE", SAM, SAM_PW)
+    proxy.waitForLog(r"account backend sql unavailable for sam: .*password authentication failed")
+    assert "not the role's" not in proxy.log()
+    Path(proxy.configPath).write_text(proxyConfig(proxy.ports["imap"], proxy.dovecot, cluster.conninfo()))
+    os.kill(proxy.process.pid, signal.SIGHUP)
+    proxy.waitForLog(r"reloading 2 workers")
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            proxy.login(SAM, SAM_PW).logout()
+            break
+        except imaplib.IMAP4.error:
+            assert time.monotonic() < deadline, "the reloaded settings never served:\n" + proxy.log()[-4000:]
+            time.sleep(0.2)
+
+
+def test_a_slow_query_is_cut_off_in_the_database_too(
+    cluster: PostgresCluster, startProxy: Callable[..., PostgresProxy]
+) -> None:
+    """Past lookup_timeout the login is UNAVAILABLE, and PostgreSQL itself stops the query (no thread held for it)."""
+    proxy = startProxy(query="SELECT password FROM users, pg_sleep(30) AS pause WHERE username = %u")
+    started = time.monotonic()
+    proxy.loginRefused("UNAVAILABLE", SAM, SAM_PW)
+    assert time.monotonic() - started < 10
+    running = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()"
+    deadline = time.monotonic() + 8
+    while cluster.sql(running).strip() != "0":
+        assert time.monotonic() < deadline, "the query still runs in PostgreSQL"
+        time.sleep(0.2)
+    proxy.waitForLog(r"account backend sql unavailable for sam")
