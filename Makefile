@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # python3-venv: stock Debian's python3 has no ensurepip without it, so `python3 -m venv` fails
-# postgresql: the tests run a private cluster of their own (tests/postgres.py), never the system's.
-APT_PACKAGES := python3-venv dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates systemd fail2ban postgresql
+# postgresql and haproxy: the tests run private instances of their own (tests/postgres.py,
+# tests/test_multihost.py), never the system's.
+APT_PACKAGES := python3-venv dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates systemd fail2ban postgresql haproxy
 BENCH_APT_PACKAGES := nginx libnginx-mod-mail haproxy
 BENCH_ARGS ?=
 

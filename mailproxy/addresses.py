@@ -33,3 +33,15 @@ def clientAddressOf(transport: Any) -> ClientAddress:
     The addresses of the client connection on C{transport}.
     """
     return ClientAddress(_hostPort(transport.getPeer()), _hostPort(transport.getHost()))
+
+
+def balancerCheck(transport: Any) -> bool:
+    """
+    C{True} if the connection on C{transport} began with a PROXY v2
+    C{LOCAL} header: the load balancer's own health check, not a client's.
+    """
+    for layer in (transport, getattr(transport, "transport", None)):
+        header = getattr(layer, "header", None)
+        if header is not None:
+            return bool(getattr(header, "local", False))
+    return False

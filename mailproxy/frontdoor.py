@@ -27,12 +27,12 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ITransport
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailproxy.accounts.model import AccountRefused, BackendUnavailable, LoginCredentials
-from mailproxy.addresses import clientAddressOf
+from mailproxy.addresses import balancerCheck, clientAddressOf
 from mailproxy.config import TLSMode
 from mailproxy.imap.upstream import UpstreamError, setNoDelay
 from mailproxy.inactivity import Inactivity
@@ -107,6 +107,8 @@ class FrontDoor(Protocol, Inactivity):
     state: enum.Enum
     # Client input not acted on yet (lines, literal chunks).
     _queue: deque[Any]
+    # How the connection's coming and going is logged.
+    _connectionLogLevel = LogLevel.info
 
     def __init__(self, context: ServerContext) -> None:
         self.context = context
@@ -188,6 +190,10 @@ class FrontDoor(Protocol, Inactivity):
         if self.metrics is not None:
             self.metrics.opened()
         self.clientAddress = clientAddressOf(self.transport)
+        if balancerCheck(self.transport):
+            # A health check every few seconds per balancer: its coming and
+            # going is no news (anything it does beyond that still is).
+            self._connectionLogLevel = LogLevel.debug
         setNoDelay(self.transport)
         assert self.context.limits is not None
         self.gate = Gate(self.context.limits, self.clientAddress, self.protocolName)
@@ -214,7 +220,8 @@ class FrontDoor(Protocol, Inactivity):
         self.setTimeout(config.preAuthTimeout)
         self.session.clientAddress = self.clientAddress
         self.session.notify("connected")
-        self.log.info(
+        self.log.emit(
+            self._connectionLogLevel,
             "{client} connected to {protocol} listener {listener} (tls={tls})",
             client=self.clientAddress,
             protocol=self.protocolName.upper(),
@@ -251,7 +258,7 @@ class FrontDoor(Protocol, Inactivity):
         self.session.notify(
             "closed", bytesIn=octetsIn, bytesOut=octetsOut, duration=time.monotonic() - self.session.started
         )
-        self.log.info("{client} disconnected", client=self.clientAddress)
+        self.log.emit(self._connectionLogLevel, "{client} disconnected", client=self.clientAddress)
 
     def hangUp(self, goodbye: bytes | None = None, grace: float = CLOSE_GRACE) -> None:
         """

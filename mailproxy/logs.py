@@ -76,8 +76,11 @@ def eventAsSafeText(event: dict[str, Any]) -> str | None:
     """
     twistd's classic text line for an event, with control characters that
     could start a forged line (CR, form feed, ...) written as escapes: the
-    safety net under L{loggedName} for any text a client chose.
+    safety net under L{loggedName} for any text a client chose; nothing for
+    a debug event (see L{_written}).
     """
+    if not _written(event):
+        return None
     text = _plainClassicText(event)
     if text is None:
         text = formatEventAsClassicLogText(event, formatTime=_timestamp)
@@ -146,10 +149,21 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-def eventAsJSONLine(event: dict[str, Any]) -> str:
+def _written(event: dict[str, Any]) -> bool:
     """
-    One event as a flat JSON object, with its line end.
+    C{False} for a debug event: twistd writes every level, and the log is
+    the operators' (a load balancer's health checks, say, are debug).
     """
+    return event.get("log_level") is not LogLevel.debug
+
+
+def eventAsJSONLine(event: dict[str, Any]) -> str | None:
+    """
+    One event as a flat JSON object, with its line end; nothing for a debug
+    event.
+    """
+    if not _written(event):
+        return None
     level = event.get("log_level", LogLevel.info)
     record: dict[str, Any] = {
         "time": datetime.fromtimestamp(event.get("log_time") or 0.0, UTC).isoformat(timespec="milliseconds"),

@@ -241,3 +241,13 @@ def test_failures_in_text_lines_carry_their_traceback() -> None:
     line = eventAsSafeText(event)
     assert line is not None and line.startswith(formatTime(1764800000) + " [n#-] it broke\n\t")
     assert "ZeroDivisionError" in line
+
+
+def test_debug_events_are_not_written_in_either_format() -> None:
+    """twistd writes every level; the proxy's log leaves debug out (a balancer's health checks), info and up stay."""
+    debug = {"log_format": "checked {n}", "n": 1, "log_level": LogLevel.debug, "log_time": 0.0, "log_namespace": "x"}
+    info = dict(debug, log_level=LogLevel.info)
+    assert eventAsSafeText(debug) is None
+    assert eventAsJSONLine(debug) is None
+    assert eventAsSafeText(info) is not None and "checked 1" in eventAsSafeText(info)  # type: ignore[operator]
+    assert json.loads(eventAsJSONLine(info) or "{}")["message"] == "checked 1"

@@ -312,11 +312,22 @@ def test_upstream_without_forwarding_sees_the_proxy(chain: Chain) -> None:
     assert waitFor(chain.dovecotLog, dovecotLogin("nina")).group(1) == "127.0.0.1"
 
 
-def test_local_command_is_served_as_the_balancer_itself(chain: Chain) -> None:
+def test_local_command_is_served_as_the_balancer_itself_and_logged_quietly(chain: Chain) -> None:
+    """A LOCAL header (a health check) is greeted; its connecting and closing are no info lines, what it says is."""
     with rawConnection(chain.ports["imap-plain"], V2_LOCAL) as sock:
         assert readLine(sock).startswith(b"* OK [CAPABILITY ")
         localPort = sock.getsockname()[1]
-    waitFor(chain.proxyLog, rf"127\.0\.0\.1:{localPort} connected to IMAP listener imap-plain")
+    with rawConnection(chain.ports["imap-plain"], V2_LOCAL + b"a LOGIN nobody wrong\r\n") as sock:
+        assert readLine(sock).startswith(b"* OK [CAPABILITY ")
+        assert readLine(sock).startswith(b"a NO ")
+        talkingPort = sock.getsockname()[1]
+    waitFor(chain.proxyLog, r"authentication failure: ip=127\.0\.0\.1 .*user=nobody")
+    # A client after them: once its line is in the log, theirs would be too.
+    with rawConnection(chain.ports["imap-plain"], v1("203.0.113.98", 40098)) as sock:
+        assert readLine(sock).startswith(b"* OK [CAPABILITY ")
+    waitFor(chain.proxyLog, r"203\.0\.113\.98:40098 disconnected")
+    for port in (localPort, talkingPort):
+        assert not re.search(rf"127\.0\.0\.1:{port} (connected|disconnected)", chain.proxyLog())
 
 
 def test_a_client_without_header_is_closed_without_greeting(chain: Chain) -> None:
