@@ -225,6 +225,26 @@ class PostgresCluster:
                 process.wait()
         shutil.rmtree(self.directory, ignore_errors=True)
 
+    def freeze(self) -> None:
+        """
+        Stop the server and its backends dead (SIGSTOP): connections stay
+        open and nothing answers, as with a hung server.  L{thaw} undoes it.
+        """
+        for pid in self._tree():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self._tree():
+            os.kill(pid, signal.SIGCONT)
+
+    def _tree(self) -> list[int]:
+        from tests.proxyprocess import processTree
+
+        assert self.process is not None
+        # (Each backend runs in a process group of its own: the postmaster's
+        # group alone would leave them answering.)
+        return processTree(self.process.pid)
+
     def pause(self) -> None:
         """
         Stop the server but keep the cluster (an outage); L{resume} serves

@@ -12,12 +12,15 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
-from mailproxy.accounts.sql import placeholders, shownConninfo
+from mailproxy.accounts.sql import PostgreSQLDatabase, placeholders, shownConninfo
 from mailproxy.passwords import hashPassword
 from tests.dovecot import DovecotUpstream
 from tests.postgres import PROXY_PASSWORD, PROXY_ROLE, PostgresCluster
@@ -58,6 +61,33 @@ def test_a_connection_string_is_shown_without_its_password() -> None:
     assert "s3cret" not in shown
     assert sorted(shown.split()) == ["dbname=mail", "host=db.example", "port=5433", "sslmode=verify-full", "user=proxy"]
     assert "hunter2" not in shownConninfo("postgresql://proxy:hunter2@db.example/mail")
+
+
+def test_no_password_of_a_connection_string_reaches_a_message() -> None:
+    """Neither the password nor a client key's passphrase is shown; a string libpq cannot read is not repeated."""
+    shown = shownConninfo("host=127.0.0.1 port=1 password=pw1 sslpassword=KEYPASS")
+    assert "pw1" not in shown and "KEYPASS" not in shown
+    unreadable = [
+        "postgresql://alice:S3%ZZCRET@db/mail",
+        "postgresql://alice:S3CRET@[::1/db",
+        "host=x password S3CRET",
+    ]
+    for conninfo in unreadable:
+        with pytest.raises(ValueError) as raised:
+            PostgreSQLDatabase(conninfo, 5.0)
+        assert "S3" not in str(raised.value) and "CRET" not in str(raised.value), raised.value
+
+
+def test_a_connection_gives_up_on_a_dead_network_within_the_lookup_time() -> None:
+    """Unless the connection string says otherwise: TCP keepalives, and unacknowledged data abandoned after the lookup time."""
+    parameters = conninfo_to_dict(PostgreSQLDatabase("host=db.example dbname=mail", 3.0).conninfo)
+    assert parameters["tcp_user_timeout"] == "3000"
+    assert (parameters["keepalives"], parameters["keepalives_idle"], parameters["keepalives_count"]) == ("1", "3", "3")
+    assert parameters["connect_timeout"] == "3"
+    assert "default_transaction_read_only=on" in parameters["options"]
+    own = conninfo_to_dict(PostgreSQLDatabase("host=db.example keepalives_idle=30 options='-c x=y'", 3.0).conninfo)
+    assert own["keepalives_idle"] == "30"
+    assert own["options"].startswith("-c x=y ")
 
 
 @pytest.fixture(scope="module")
@@ -111,23 +141,40 @@ def startProxy(
 ) -> Iterator[Callable[..., PostgresProxy]]:
     with ExitStack() as running:
 
-        def start(query: str = QUERY, conninfo: str | None = None) -> PostgresProxy:
+        def start(query: str = QUERY, conninfo: str | None = None, **more: Any) -> PostgresProxy:
             ports = {"imap": freePort()}
-            config = proxyConfig(ports["imap"], pgDovecot, conninfo or cluster.conninfo(), query)
+            config = proxyConfig(ports["imap"], pgDovecot, conninfo or cluster.conninfo(), query, **more)
             directory, process = running.enter_context(runningProxy(config, {}, list(ports.values()), "mp-pg-"))
             return PostgresProxy(directory, process, ports, pgDovecot)
 
         yield start
 
 
-def proxyConfig(port: int, dovecot: DovecotUpstream, conninfo: str, query: str = QUERY) -> str:
+def proxyConfig(
+    port: int,
+    dovecot: DovecotUpstream,
+    conninfo: str,
+    query: str = QUERY,
+    workers: int = 2,
+    lookupTimeout: float = 2,
+    upstreamHost: str = "127.0.0.1",
+    hashThreads: int | None = None,
+    lockoutAfter: int = LOCKOUT_AFTER,
+) -> str:
     return (
-        table("server", workers=2)
-        + table("auth", backend="sql", failureDelay=0.05, lookupTimeout=2, negativeTtl=0)
+        table("server", workers=workers)
+        + table(
+            "auth",
+            backend="sql",
+            failureDelay=0.05,
+            lookupTimeout=lookupTimeout,
+            negativeTtl=0,
+            hashThreads=hashThreads,
+        )
         + table("auth.sql", driver="postgresql", database=conninfo, query=query)
-        + table("limits", failuresBeforeLockout=LOCKOUT_AFTER, lockoutSeconds=600)
+        + table("limits", failuresBeforeLockout=lockoutAfter, lockoutSeconds=600)
         + listenerTable("imap", port, allowPlaintextAuth=True)
-        + upstreamTable("mail", dovecot.ports["imap"])
+        + upstreamTable("mail", dovecot.ports["imap"], host=upstreamHost)
         + table("filters.readonly", type="policy", readOnly=True)
         + table("routing", defaultUpstream="mail")
     )
@@ -238,3 +285,32 @@ def test_a_slow_query_is_cut_off_in_the_database_too(
         assert time.monotonic() < deadline, "the query still runs in PostgreSQL"
         time.sleep(0.2)
     proxy.waitForLog(r"account backend sql unavailable for sam")
+
+
+def test_a_hung_database_holds_only_the_backends_own_threads(
+    cluster: PostgresCluster, startProxy: Callable[..., PostgresProxy]
+) -> None:
+    """
+    PostgreSQL stopped dead (SIGSTOP: its connections stay open and nothing answers): lookups end UNAVAILABLE and
+    leave their threads waiting, more of them than the reactor's pool has; a user the cache knows still logs in
+    to an upstream named by host name, which the reactor's pool resolves (one process, no workers to spread it).
+    """
+    # "warm" users are looked up slowly, so that their lookups (all at once) hold many threads at a time, each
+    # of which then keeps a connection.
+    slowForSome = QUERY.replace("FROM users", "FROM users, pg_sleep(CASE WHEN %u LIKE 'warm%%' THEN 0.5 ELSE 0 END)")
+    proxy = startProxy(
+        query=slowForSome, workers=1, lookupTimeout=1, upstreamHost="localhost", hashThreads=4, lockoutAfter=1000
+    )
+    proxy.login(SAM, SAM_PW).logout()
+    with ThreadPoolExecutor(16) as clients:
+        list(clients.map(lambda number: proxy.loginRefused("AUTHENTICATIONFAILED", f"warm{number}", "pw"), range(16)))
+    cluster.freeze()
+    try:
+        with ThreadPoolExecutor(16) as clients:
+            refusals = list(
+                clients.map(lambda number: proxy.loginRefused("UNAVAILABLE", f"nobody{number}", "pw"), range(16))
+            )
+        assert len(refusals) == 16
+        proxy.login(SAM, SAM_PW).logout()
+    finally:
+        cluster.thaw()

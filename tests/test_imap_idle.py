@@ -67,6 +67,30 @@ def test_long_idle_is_refreshed_upstream_without_the_client_noticing(tmp_path: P
     assert connection.received() == b"i OK Idle completed\r\n"
 
 
+def test_an_idle_the_upstream_refuses_on_its_refresh_ends_with_nothing_owed(tmp_path: Path, filters: list[Any]) -> None:
+    """
+    The upstream answers the proxy's re-sent IDLE with NO: the client gets it (its IDLE is over), and the session
+    relays on with nothing owed: no "not responding" BYE once the response timeout has passed.
+    """
+    connection = session(tmp_path, WITH_IDLE, filters)
+    connection.send(b"i IDLE\r\n")
+    connection.fromUpstream(b"+ idling\r\n")
+    connection.received()
+    connection.clock.advance(REFRESH)
+    connection.fromUpstream(b"i OK Idle completed\r\n")
+    assert connection.upstream.sent.endswith(b"DONE\r\ni IDLE\r\n")
+    connection.fromUpstream(b"i NO [LIMIT] Too many idlers\r\n")
+    assert connection.received() == b"i NO [LIMIT] Too many idlers\r\n"
+    relay = connection.protocol.relay
+    assert relay is not None and relay.idle.quiet
+    connection.send(b"n NOOP\r\n")
+    connection.fromUpstream(b"n OK NOOP completed\r\n")
+    assert connection.received() == b"n OK NOOP completed\r\n"
+    connection.clock.advance(121)
+    assert connection.received() == b""
+    assert not connection.transport.disconnecting
+
+
 def test_client_done_during_a_refresh_gets_the_refresh_reply(tmp_path: Path) -> None:
     """DONE arriving after the proxy's own DONE is not sent twice; the tagged reply goes to the client."""
     connection = session(tmp_path, WITH_IDLE)

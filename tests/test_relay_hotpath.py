@@ -23,18 +23,20 @@ from twisted.internet.tcp import Connection
 from mailproxy.imap.framer import FramingError, IMAPFramer, Line, LiteralChunk
 from mailproxy.imap.relay import _NOTABLE_LINE
 from mailproxy.imap.upstream import RELAY_READ_SIZE, setReadSize
+from mailproxy.limits import LimitsConfig
 from tests.support import ProxyConnection, UpstreamScript, loggedIn
 from tests.test_imap_idle import REFRESH
 
 CAPABILITIES = [b"IMAP4rev1", b"LITERAL+", b"IDLE", b"MOVE"]
 
 
-def session(tmp_path: Path) -> tuple[ProxyConnection, list[bytes]]:
+def session(tmp_path: Path, maxLineLength: int | None = None) -> tuple[ProxyConnection, list[bytes]]:
     """
     A logged-in passthrough session whose client writes are recorded as
-    the very objects written.
+    the very objects written (command lines up to C{maxLineLength} if given).
     """
-    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=CAPABILITIES))
+    limits = LimitsConfig(maxLineLength=maxLineLength) if maxLineLength is not None else None
+    connection = loggedIn(tmp_path, upstream=UpstreamScript(capabilities=CAPABILITIES), limits=limits)
     written: list[bytes] = []
     write = connection.transport.write
 
@@ -384,16 +386,51 @@ def _relayState(connection: ProxyConnection) -> tuple[Any, ...]:
     )
 
 
+# Command lines over a 48-octet limit whose rest, cut almost anywhere,
+# reads like a command ("a b" is tag a, command b).
+_LONG_LINES = [b"j SEARCH OR FROM a@example.org OR FROM b@example.org ALL\r\n", b"k NOOP" + b" a b" * 15 + b"\r\n"]
+
+
 @settings(max_examples=150, deadline=None)
 @given(steps=_steps, data=st.data())
 def test_the_lean_paths_relay_what_the_framed_events_relay(tmp_path_factory: Any, steps: list[Any], data: Any) -> None:
     """Differential: the same conversation, cut the same way, through the lean paths and with them off."""
-    lean, _ = session(tmp_path_factory.mktemp("lean"))
-    framed, _ = session(tmp_path_factory.mktemp("framed"))
+    _converse(tmp_path_factory, steps, data, _CLIENT_LINES)
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=_steps, data=st.data())
+def test_the_lean_paths_relay_overlong_lines_as_the_framed_events_do(
+    tmp_path_factory: Any, steps: list[Any], data: Any
+) -> None:
+    """Differential with a 48-octet line limit and lines over it, cut anywhere (an overlong line discarded across reads)."""
+    _converse(tmp_path_factory, steps, data, _CLIENT_LINES + _LONG_LINES, maxLineLength=48)
+
+
+def test_an_overlong_line_cut_anywhere_relays_as_the_framed_events_do(tmp_path_factory: Any) -> None:
+    """Every cut of a line over the limit, its rest read on its own, then a command: lean and framed agree."""
+    line = _LONG_LINES[1]
+    for cut in range(1, len(line)):
+        pieces = [line[:cut], line[cut:], b"A2 NOOP\r\n"]
+        connections = [session(tmp_path_factory.mktemp("cut"), 48)[0] for _ in range(2)]
+        framed = connections[1]
+        framed.protocol.relay.fromClientLines = lambda data: 0  # type: ignore[union-attr, method-assign]
+        for connection in connections:
+            for piece in pieces:
+                connection.send(piece)
+        lean = connections[0]
+        assert (lean.upstream.sent, lean.received()) == (framed.upstream.sent, framed.received()), cut
+
+
+def _converse(
+    tmp_path_factory: Any, steps: list[Any], data: Any, clientLines: list[bytes], maxLineLength: int | None = None
+) -> None:
+    lean, _ = session(tmp_path_factory.mktemp("lean"), maxLineLength)
+    framed, _ = session(tmp_path_factory.mktemp("framed"), maxLineLength)
     framed.protocol.relay.fromClientLines = lambda data: 0  # type: ignore[union-attr, method-assign]
     framed.upstreamProtocol._onRead = None
     for fromClient, picks in steps:
-        lines = _CLIENT_LINES if fromClient else _UPSTREAM_LINES
+        lines = clientLines if fromClient else _UPSTREAM_LINES
         for piece in _cut(b"".join(lines[pick % len(lines)] for pick in picks), data):
             for connection in (lean, framed):
                 if fromClient:
@@ -413,6 +450,19 @@ def test_pipelined_commands_stop_the_lean_path_at_the_first_it_cannot_relay(tmp_
     assert connection.received() == (
         b"a BAD Tag already in use by a command in progress\r\nmpi1 BAD Tags mpi<N> are reserved by the proxy\r\n"
     )
+
+
+def test_the_tail_of_an_overlong_command_line_is_never_relayed(tmp_path: Path) -> None:
+    """
+    A line over the limit arriving in reads, the last one starting like a command: refused whole with its tag,
+    nothing of it upstream, and the next command relayed and answerable.
+    """
+    connection, _ = session(tmp_path, maxLineLength=1024)
+    connection.send(b"A1 SEARCH " + b"OR FROM a@example.org " * 60)
+    connection.send(b"OR FROM b@example.org ALL\r\n")
+    connection.send(b"A2 NOOP\r\n")
+    assert connection.upstream.sent == b"A2 NOOP\r\n"
+    assert connection.received() == b"A1 BAD [TOOBIG] Command line too long (limit 1024 octets)\r\n"
 
 
 def test_an_unsolicited_continuation_in_a_scanned_read_is_dropped(tmp_path: Path) -> None:

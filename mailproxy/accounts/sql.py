@@ -91,8 +91,7 @@ def shownConninfo(conninfo: str) -> str:
         parameters = conninfo_to_dict(conninfo)
     except Exception:
         return "(an unreadable connection string)"
-    parameters.pop("password", None)
-    return " ".join(f"{key}={value}" for key, value in parameters.items())
+    return " ".join(f"{key}={value}" for key, value in parameters.items() if "pass" not in key)
 
 
 class SQLiteDatabase:
@@ -139,12 +138,27 @@ class PostgreSQLDatabase:
         self._psycopg = psycopg
         self.errors = (psycopg.Error,)
         try:
-            own = conninfo_to_dict(conninfo).get("options") or ""
-        except psycopg.Error as error:
-            raise ValueError(f"database: not a PostgreSQL connection string: {error}") from None
+            given = conninfo_to_dict(conninfo)
+        except psycopg.Error:
+            # (libpq's message repeats what it could not read: a password, maybe.)
+            raise ValueError("database: not a PostgreSQL connection string (libpq cannot read it)") from None
         milliseconds = max(1, round(timeout * 1000))
-        options = f"{own} -c default_transaction_read_only=on -c statement_timeout={milliseconds}".strip()
-        self.conninfo = make_conninfo(conninfo, options=options, connect_timeout=str(max(1, round(timeout))))
+        seconds = str(max(1, round(timeout)))
+        options = (
+            f"{given.get('options') or ''} -c default_transaction_read_only=on -c statement_timeout={milliseconds}"
+        )
+        # A dead network path (no answer at all) ends within the lookup time
+        # too, unless the connection string says otherwise.
+        defaults = {
+            "connect_timeout": seconds,
+            "keepalives": "1",
+            "keepalives_idle": seconds,
+            "keepalives_interval": "1",
+            "keepalives_count": "3",
+            "tcp_user_timeout": str(milliseconds),
+        }
+        missing = {key: value for key, value in defaults.items() if given.get(key) is None}
+        self.conninfo = make_conninfo(conninfo, options=options.strip(), **missing)
         self.shownAs = shownConninfo(conninfo)
 
     def __eq__(self, other: object) -> bool:
@@ -294,22 +308,20 @@ class SQLBackend:
 class ThreadConnections:
     """
     One database connection per thread (of the pool the lookups run in),
-    opened when the thread first needs one, and all closed together.
+    opened when the thread first needs one.  Only the thread that uses a
+    connection closes it: closing one another thread may be using would
+    free it under that thread (libpq).
     """
 
     def __init__(self, connect: Any) -> None:
         self._connect = connect
         self._local = threading.local()
-        self._opened: list[Any] = []
-        self._lock = threading.Lock()
 
     def get(self) -> Any:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = self._connect()
             self._local.connection = connection
-            with self._lock:
-                self._opened.append(connection)
         return connection
 
     def forget(self, connection: Any) -> None:
@@ -317,27 +329,19 @@ class ThreadConnections:
         Close the calling thread's C{connection}; the next L{get} opens another.
         """
         self._local.connection = None
-        with self._lock:
-            if connection in self._opened:
-                self._opened.remove(connection)
         _close(connection)
 
     def closeAll(self) -> None:
         """
-        Close every connection (a lookup still using one then fails, as a
-        lookup of a backend being replaced may).
+        Let go of every connection: each closes once no lookup uses it any
+        more (when the last reference to it goes), in whichever thread that is.
         """
         self._local = threading.local()
-        with self._lock:
-            opened, self._opened = self._opened, []
-        for connection in opened:
-            _close(connection)
 
 
 def _close(connection: Any) -> None:
     try:
         connection.close()
     except Exception:
-        # (An SQLite connection closes only in its own thread; it goes
-        # with the thread-local then.)
+        # (A connection that just failed may fail to close as well.)
         pass

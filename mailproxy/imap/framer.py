@@ -146,9 +146,10 @@ class IMAPFramer:
     def atBoundary(self) -> bool:
         """
         C{True} if the stream so far ends exactly between two commands or
-        responses, with nothing partial buffered.
+        responses, with nothing partial buffered (nor an overlong line being
+        discarded).
         """
-        return not self._partial and not self._literalRemaining and not self._continuation
+        return not self._partial and not self._literalRemaining and not self._continuation and self._discarding is None
 
     def pending(self) -> bytes:
         """

@@ -212,6 +212,9 @@ class IdleController:
 
     def _finish(self, *, emulated: bool) -> None:
         tag, self.tag = self.tag, None
+        # (An IDLE the upstream refused when re-sent ends here too: no "+"
+        # is owed for it any more.)
+        self._refresh = _Refresh.NONE
         self._doneRequested = False
         self._doneDuringRefresh = False
         self._clientDone = False
