@@ -25,6 +25,7 @@ from mailproxy.passwords import hashPassword
 from tests.dovecot import DovecotUpstream
 from tests.postgres import PROXY_PASSWORD, PROXY_ROLE, PostgresCluster
 from tests.proxyprocess import ProxyInFront, freePort, runningProxy
+from tests.rawclient import connectFrom, readLine, readTagged
 from tests.test_accounts_sql import (
     SAM,
     SAM_PW,
@@ -295,22 +296,36 @@ def test_a_hung_database_holds_only_the_backends_own_threads(
     leave their threads waiting, more of them than the reactor's pool has; a user the cache knows still logs in
     to an upstream named by host name, which the reactor's pool resolves (one process, no workers to spread it).
     """
-    # "warm" users are looked up slowly, so that their lookups (all at once) hold many threads at a time, each
-    # of which then keeps a connection.
+    # "warm" users (sam's mailbox upstream) are looked up slowly, so that their logins (all at once) hold many
+    # lookup threads at a time, each of which then keeps a connection.
+    hashed = hashPassword("warm pw", log2N=4)
+    for number in range(16):
+        cluster.sql(
+            f"INSERT INTO users VALUES ('warm{number}', '{hashed}', NULL, '{SAM_UP}', "
+            f"{_literal(UPSTREAM_USERS[SAM_UP])}, NULL, true) ON CONFLICT DO NOTHING"
+        )
     slowForSome = QUERY.replace("FROM users", "FROM users, pg_sleep(CASE WHEN %u LIKE 'warm%%' THEN 0.5 ELSE 0 END)")
-    proxy = startProxy(
-        query=slowForSome, workers=1, lookupTimeout=1, upstreamHost="localhost", hashThreads=4, lockoutAfter=1000
-    )
+    proxy = startProxy(query=slowForSome, workers=1, lookupTimeout=3, upstreamHost="localhost", hashThreads=4)
     proxy.login(SAM, SAM_PW).logout()
+    # From as many addresses: each address has one login checked at a time.
     with ThreadPoolExecutor(16) as clients:
-        list(clients.map(lambda number: proxy.loginRefused("AUTHENTICATIONFAILED", f"warm{number}", "pw"), range(16)))
+        replies = list(clients.map(lambda number: loginFrom(proxy, number, f"warm{number}", "warm pw"), range(16)))
+    assert all(reply.startswith(b"l OK") for reply in replies), replies
     cluster.freeze()
     try:
         with ThreadPoolExecutor(16) as clients:
-            refusals = list(
-                clients.map(lambda number: proxy.loginRefused("UNAVAILABLE", f"nobody{number}", "pw"), range(16))
-            )
-        assert len(refusals) == 16
+            replies = list(clients.map(lambda number: loginFrom(proxy, number, f"nobody{number}", "pw"), range(16)))
+        assert all(reply.startswith(b"l NO [UNAVAILABLE]") for reply in replies), replies
         proxy.login(SAM, SAM_PW).logout()
     finally:
         cluster.thaw()
+
+
+def loginFrom(proxy: PostgresProxy, number: int, user: str, password: str) -> bytes:
+    """
+    A LOGIN from 127.0.60.(number + 1): its tagged reply.
+    """
+    with connectFrom(proxy.ports["imap"], f"127.0.60.{number + 1}", timeout=WAIT) as sock:
+        readLine(sock)
+        sock.sendall(f'l LOGIN {user} "{password}"\r\n'.encode())
+        return readTagged(sock, b"l")

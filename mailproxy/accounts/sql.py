@@ -23,7 +23,7 @@ fails, or a hash of an unknown scheme makes the backend unavailable.
 Drivers: C{sqlite} (the standard library's; C{database} is the file, which
 must exist) and C{postgresql} (psycopg 3, the C{postgresql} extra;
 C{database} is a libpq connection string or URI).  Lookups run in the
-reactor's thread pool, one connection per thread, opened read-only (a
+backend's own threads (L{LOOKUP_THREADS}), one connection per thread, opened read-only (a
 query that writes fails) and kept until it fails; a PostgreSQL query is
 also cut off by the server after the backend's lookup time.  Password
 hashes are checked in the proxy's hashing threads.
@@ -39,6 +39,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailproxy.accounts.hashes import UnsupportedHash, verifyStored
@@ -51,6 +52,10 @@ DEFAULT_QUERY = "SELECT password FROM users WHERE username = %u"
 _SETTINGS = {"driver", "database", "query"}
 _VARIABLES = {"u": "user", "s": "protocol", "r": "ip"}
 _VARIABLE = re.compile(r"%(.)")
+# Threads a backend looks users up in: its own, so that a database that
+# hangs (a stopped server keeps its connections open and answers nothing)
+# holds these and not the reactor's pool, which resolves host names.
+LOOKUP_THREADS = 4
 _ROUTE_COLUMNS = ("upstream", "server", "port", "username", "upstream_password", "filters")
 # Verified for unknown users so that a missing name costs the same time as a
 # wrong password.
@@ -195,6 +200,8 @@ class SQLBackend:
         self.runInThread = runInThread
         self.config = config
         self._connections = ThreadConnections(database.connect)
+        self._pool = LookupThreads(0, LOOKUP_THREADS, "mailproxy-sql")
+        self._pool.start()
 
     @classmethod
     def fromSettings(cls, settings: dict[str, Any], context: Any) -> SQLBackend:
@@ -228,7 +235,7 @@ class SQLBackend:
         return f"<SQLBackend {self.database.shownAs}>"
 
     def authenticate(self, request: LoginRequest) -> Deferred[Account]:
-        looking = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._lookup, request)
+        looking = deferToThreadPool(self.reactor, self._pool, self._lookup, request)
         return looking.addCallback(self._verify, request)
 
     def _lookup(self, request: LoginRequest) -> dict[str, Any] | None:
@@ -303,6 +310,20 @@ class SQLBackend:
 
     def close(self) -> None:
         self._connections.closeAll()
+        # Stopping the pool waits for its threads: never on the reactor's
+        # (one may wait for a hung database).
+        threading.Thread(target=self._pool.stop, name="mailproxy-sql-stop", daemon=True).start()
+
+
+class LookupThreads(ThreadPool):
+    """
+    A thread pool whose threads never hold up the process's exit (one may
+    be waiting for a database that does not answer).
+    """
+
+    @staticmethod
+    def threadFactory(*args: Any, **kwargs: Any) -> threading.Thread:  # type: ignore[override]
+        return threading.Thread(*args, daemon=True, **kwargs)
 
 
 class ThreadConnections:
