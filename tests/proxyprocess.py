@@ -273,6 +273,25 @@ class ProxyInFront:
     def imap(self) -> imaplib.IMAP4:
         return imaplib.IMAP4(HOST, self.ports["imap"], timeout=LOG_WAIT)
 
+    def login(self, user: str, password: str) -> imaplib.IMAP4:
+        client = self.imap()
+        client.login(user, password)
+        return client
+
+    def awaitLogin(self, user: str, password: str, what: str, timeout: float = LOG_WAIT) -> None:
+        """
+        Log in (and out) as soon as the proxy lets C{user} in, within
+        C{timeout} seconds; C{what} names what the login waits for.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.login(user, password).logout()
+                return
+            except imaplib.IMAP4.error:
+                assert time.monotonic() < deadline, f"{what}: no login:\n" + self.log()[-4000:]
+                time.sleep(0.2)
+
     def loginRefused(self, code: str, user: str, password: str) -> None:
         """
         Log in, expecting a refusal with response code C{code}.  A proxy

@@ -7,7 +7,6 @@ the database's state show what happened, not only the replies.
 
 from __future__ import annotations
 
-import imaplib
 import os
 import signal
 import time
@@ -37,6 +36,8 @@ from tests.test_accounts_sql import (
     SUE_PW,
     SUE_UP,
     UPSTREAM_USERS,
+    accountsDovecot,
+    assertRowsGiveHashAndRoute,
     bcrypt,
     sha512crypt,
 )
@@ -120,33 +121,20 @@ def _literal(value: object) -> str:
 
 @pytest.fixture(scope="module")
 def pgDovecot() -> Iterator[DovecotUpstream]:
-    upstream = DovecotUpstream()
-    upstream.addUsers(UPSTREAM_USERS)
-    upstream.start()
-    try:
-        yield upstream
-    finally:
-        upstream.stop()
-
-
-class PostgresProxy(ProxyInFront):
-    def login(self, user: str, password: str) -> imaplib.IMAP4:
-        client = self.imap()
-        client.login(user, password)
-        return client
+    yield from accountsDovecot()
 
 
 @pytest.fixture
 def startProxy(
     cluster: PostgresCluster, pgDovecot: DovecotUpstream, tmp_path: Path
-) -> Iterator[Callable[..., PostgresProxy]]:
+) -> Iterator[Callable[..., ProxyInFront]]:
     with ExitStack() as running:
 
-        def start(query: str = QUERY, conninfo: str | None = None, **more: Any) -> PostgresProxy:
+        def start(query: str = QUERY, conninfo: str | None = None, **more: Any) -> ProxyInFront:
             ports = {"imap": freePort()}
             config = proxyConfig(ports["imap"], pgDovecot, conninfo or cluster.conninfo(), query, **more)
             directory, process = running.enter_context(runningProxy(config, {}, list(ports.values()), "mp-pg-"))
-            return PostgresProxy(directory, process, ports, pgDovecot)
+            return ProxyInFront(directory, process, ports, pgDovecot)
 
         yield start
 
@@ -181,26 +169,14 @@ def proxyConfig(
     )
 
 
-def test_users_log_in_with_the_hash_and_route_their_row_holds(startProxy: Callable[..., PostgresProxy]) -> None:
+def test_users_log_in_with_the_hash_and_route_their_row_holds(startProxy: Callable[..., ProxyInFront]) -> None:
     proxy = startProxy()
-    before = {user: proxy.dovecotLogins(user) for user in (SAM_UP, SUE_UP)}
-    client = proxy.login(SAM, SAM_PW)
-    assert client.select("INBOX", readonly=True)[0] == "OK"
-    client.logout()
-    client = proxy.login(SUE, SUE_PW)
-    # sue's row names the read-only policy.
-    with pytest.raises(imaplib.IMAP4.readonly):
-        client.select("INBOX")
-    client.shutdown()
-    assert {user: proxy.dovecotLogins(user) for user in (SAM_UP, SUE_UP)} == {
-        user: count + 1 for user, count in before.items()
-    }
-    for secret in (SAM_PW, UPSTREAM_USERS[SAM_UP], PROXY_PASSWORD):
-        assert secret not in proxy.log()
+    assertRowsGiveHashAndRoute(proxy)
+    assert PROXY_PASSWORD not in proxy.log()
 
 
 def test_wrong_passwords_unknown_inactive_users_and_injections_are_refused(
-    startProxy: Callable[..., PostgresProxy],
+    startProxy: Callable[..., ProxyInFront],
 ) -> None:
     proxy = startProxy()
     before = proxy.dovecotLogins(SAM_UP) + proxy.dovecotLogins(SID_UP)
@@ -212,7 +188,7 @@ def test_wrong_passwords_unknown_inactive_users_and_injections_are_refused(
     assert proxy.dovecotLogins(SAM_UP) + proxy.dovecotLogins(SID_UP) == before
 
 
-def test_the_database_session_is_read_only(cluster: PostgresCluster, startProxy: Callable[..., PostgresProxy]) -> None:
+def test_the_database_session_is_read_only(cluster: PostgresCluster, startProxy: Callable[..., ProxyInFront]) -> None:
     """A query that writes (its role may) fails in the read-only session: unavailable, and nothing is written."""
     writing = (
         "WITH noted AS (INSERT INTO audit VALUES (%u) RETURNING who) "
@@ -225,7 +201,7 @@ def test_the_database_session_is_read_only(cluster: PostgresCluster, startProxy:
 
 
 def test_an_outage_is_unavailable_without_lockout_and_ends_by_itself(
-    cluster: PostgresCluster, startProxy: Callable[..., PostgresProxy]
+    cluster: PostgresCluster, startProxy: Callable[..., ProxyInFront]
 ) -> None:
     """
     PostgreSQL stopped: a user the cache knows still logs in; another gets UNAVAILABLE, more times than a
@@ -242,18 +218,11 @@ def test_an_outage_is_unavailable_without_lockout_and_ends_by_itself(
     finally:
         cluster.resume()
     assert "authentication failure" not in proxy.log()
-    deadline = time.monotonic() + WAIT
-    while True:
-        try:
-            proxy.login(SUE, SUE_PW).logout()
-            break
-        except imaplib.IMAP4.error:
-            assert time.monotonic() < deadline, "no login after PostgreSQL came back:\n" + proxy.log()[-4000:]
-            time.sleep(0.2)
+    proxy.awaitLogin(SUE, SUE_PW, "PostgreSQL back", WAIT)
 
 
 def test_a_wrong_database_password_is_unavailable_and_a_reload_mends_it(
-    cluster: PostgresCluster, startProxy: Callable[..., PostgresProxy]
+    cluster: PostgresCluster, startProxy: Callable[..., ProxyInFront]
 ) -> None:
     proxy = startProxy(conninfo=cluster.conninfo(password="not the role's"))
     proxy.loginRefused("UNAVAILABLE", SAM, SAM_PW)
@@ -262,18 +231,11 @@ def test_a_wrong_database_password_is_unavailable_and_a_reload_mends_it(
     Path(proxy.configPath).write_text(proxyConfig(proxy.ports["imap"], proxy.dovecot, cluster.conninfo()))
     os.kill(proxy.process.pid, signal.SIGHUP)
     proxy.waitForLog(r"reloading 2 workers")
-    deadline = time.monotonic() + WAIT
-    while True:
-        try:
-            proxy.login(SAM, SAM_PW).logout()
-            break
-        except imaplib.IMAP4.error:
-            assert time.monotonic() < deadline, "the reloaded settings never served:\n" + proxy.log()[-4000:]
-            time.sleep(0.2)
+    proxy.awaitLogin(SAM, SAM_PW, "the reloaded settings", WAIT)
 
 
 def test_a_slow_query_is_cut_off_in_the_database_too(
-    cluster: PostgresCluster, startProxy: Callable[..., PostgresProxy]
+    cluster: PostgresCluster, startProxy: Callable[..., ProxyInFront]
 ) -> None:
     """Past lookup_timeout the login is UNAVAILABLE, and PostgreSQL itself stops the query (no thread held for it)."""
     proxy = startProxy(query="SELECT password FROM users, pg_sleep(30) AS pause WHERE username = %u")
@@ -289,7 +251,7 @@ def test_a_slow_query_is_cut_off_in_the_database_too(
 
 
 def test_a_hung_database_holds_only_the_backends_own_threads(
-    cluster: PostgresCluster, startProxy: Callable[..., PostgresProxy]
+    cluster: PostgresCluster, startProxy: Callable[..., ProxyInFront]
 ) -> None:
     """
     PostgreSQL stopped dead (SIGSTOP: its connections stay open and nothing answers): lookups end UNAVAILABLE and
@@ -321,7 +283,7 @@ def test_a_hung_database_holds_only_the_backends_own_threads(
         cluster.thaw()
 
 
-def loginFrom(proxy: PostgresProxy, number: int, user: str, password: str) -> bytes:
+def loginFrom(proxy: ProxyInFront, number: int, user: str, password: str) -> bytes:
     """
     A LOGIN from 127.0.60.(number + 1): its tagged reply.
     """
