@@ -58,9 +58,7 @@ class ResponseWatchdog:
         """
         self._lastHeard = self.clock.seconds()
         if owed is not None and owed != self._owed:
-            self._owed = owed
-            if self._call is None or self._stopped:
-                self._arm()
+            self.owed(owed)
 
     def pause(self) -> None:
         """

@@ -37,6 +37,7 @@ from tests.test_accounts_sql import (
     SUE_UP,
     UPSTREAM_USERS,
     accountsDovecot,
+    assertRefusalsReachNoUpstream,
     assertRowsGiveHashAndRoute,
     bcrypt,
     sha512crypt,
@@ -178,14 +179,7 @@ def test_users_log_in_with_the_hash_and_route_their_row_holds(startProxy: Callab
 def test_wrong_passwords_unknown_inactive_users_and_injections_are_refused(
     startProxy: Callable[..., ProxyInFront],
 ) -> None:
-    proxy = startProxy()
-    before = proxy.dovecotLogins(SAM_UP) + proxy.dovecotLogins(SID_UP)
-    proxy.loginRefused("AUTHENTICATIONFAILED", SAM, "a guess")
-    proxy.loginRefused("AUTHENTICATIONFAILED", "nobody", SAM_PW)
-    proxy.loginRefused("AUTHENTICATIONFAILED", SID, SID_PW)
-    proxy.loginRefused("AUTHENTICATIONFAILED", "sam'OR'1'='1", SAM_PW)
-    proxy.waitForLog(r"account backend sql refused nobody: unknown user")
-    assert proxy.dovecotLogins(SAM_UP) + proxy.dovecotLogins(SID_UP) == before
+    assertRefusalsReachNoUpstream(startProxy())
 
 
 def test_the_database_session_is_read_only(cluster: PostgresCluster, startProxy: Callable[..., ProxyInFront]) -> None:

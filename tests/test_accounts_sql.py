@@ -164,14 +164,22 @@ def assertRowsGiveHashAndRoute(proxy: ProxyInFront) -> None:
 
 
 def test_wrong_passwords_unknown_and_inactive_users_are_refused(startProxy: Callable[..., ProxyInFront]) -> None:
-    proxy = startProxy()
+    assertRefusalsReachNoUpstream(startProxy())
+
+
+def assertRefusalsReachNoUpstream(proxy: ProxyInFront) -> None:
+    """
+    A wrong password, an unknown user, an inactive row and injection
+    attempts in the name: each a counted failure, none logged in upstream.
+    """
     before = proxy.dovecotLogins(SAM_UP) + proxy.dovecotLogins(SID_UP)
     proxy.loginRefused("AUTHENTICATIONFAILED", SAM, "a guess")
     proxy.loginRefused("AUTHENTICATIONFAILED", "nobody", SAM_PW)
     # sid's row is not active: the query finds none.
     proxy.loginRefused("AUTHENTICATIONFAILED", SID, SID_PW)
     # An injection attempt in the name is a name like any other.
-    proxy.loginRefused("AUTHENTICATIONFAILED", "sam'--", SAM_PW)
+    for injection in ("sam'--", "sam'OR'1'='1"):
+        proxy.loginRefused("AUTHENTICATIONFAILED", injection, SAM_PW)
     for user in ("sam", "nobody", "sid"):
         proxy.waitForLog(rf"authentication failure: ip=127\.0\.0\.1 protocol=imap user={user}")
     proxy.waitForLog(r"account backend sql refused nobody: unknown user")

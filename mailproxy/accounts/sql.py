@@ -137,8 +137,14 @@ class PostgreSQLDatabase:
     style = "pyformat"
 
     def __init__(self, conninfo: str, timeout: float) -> None:
-        import psycopg
-        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+        """
+        @raise ValueError: without psycopg, or for a string libpq cannot read.
+        """
+        try:
+            import psycopg
+            from psycopg.conninfo import conninfo_to_dict, make_conninfo
+        except ImportError:
+            raise ValueError("driver: postgresql needs psycopg 3 (pip install 'mailproxy[postgresql]')") from None
 
         self._psycopg = psycopg
         self.errors = (psycopg.Error,)
@@ -189,14 +195,14 @@ class SQLBackend:
     Look users up with one query (see the module's description).
     """
 
-    def __init__(self, reactor: Any, database: Any, query: str, timeout: float, runInThread: Any, config: Any) -> None:
+    def __init__(self, reactor: Any, database: Any, query: str, runInThread: Any, config: Any) -> None:
         """
-        @param database: a L{SQLiteDatabase} or L{PostgreSQLDatabase}.
+        @param database: a L{SQLiteDatabase} or L{PostgreSQLDatabase} (each
+            with the lookup time it was made with).
         """
         self.reactor = reactor
         self.database = database
         self.query = placeholders(query, database.style)
-        self.timeout = timeout
         self.runInThread = runInThread
         self.config = config
         self._connections = ThreadConnections(database.connect)
@@ -216,10 +222,6 @@ class SQLBackend:
             raise ValueError("database: required, the database file (sqlite) or connection string (postgresql)")
         opened: SQLiteDatabase | PostgreSQLDatabase
         if driver == "postgresql":
-            try:
-                import psycopg  # noqa: F401
-            except ImportError:
-                raise ValueError("driver: postgresql needs psycopg 3 (pip install 'mailproxy[postgresql]')") from None
             opened = PostgreSQLDatabase(database, context.timeout)
         else:
             path = os.path.join(context.config.directory, os.path.expanduser(database))
@@ -229,7 +231,7 @@ class SQLBackend:
         query = settings.get("query", DEFAULT_QUERY)
         if not isinstance(query, str):
             raise ValueError("query: an SQL query")
-        return cls(context.reactor, opened, query, context.timeout, context.runInThread, context.config)
+        return cls(context.reactor, opened, query, context.runInThread, context.config)
 
     def __repr__(self) -> str:
         return f"<SQLBackend {self.database.shownAs}>"
@@ -350,7 +352,11 @@ class ThreadConnections:
         Close the calling thread's C{connection}; the next L{get} opens another.
         """
         self._local.connection = None
-        _close(connection)
+        try:
+            connection.close()
+        except Exception:
+            # (A connection that just failed may fail to close as well.)
+            pass
 
     def closeAll(self) -> None:
         """
@@ -358,11 +364,3 @@ class ThreadConnections:
         more (when the last reference to it goes), in whichever thread that is.
         """
         self._local = threading.local()
-
-
-def _close(connection: Any) -> None:
-    try:
-        connection.close()
-    except Exception:
-        # (A connection that just failed may fail to close as well.)
-        pass
