@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # python3-venv: stock Debian's python3 has no ensurepip without it, so `python3 -m venv` fails
 # postgresql and haproxy: the tests run private instances of their own (tests/postgres.py,
 # tests/test_multihost.py), never the system's.
-APT_PACKAGES := python3-venv dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates systemd fail2ban postgresql haproxy
+APT_PACKAGES := python3-venv dovecot-core dovecot-imapd dovecot-pop3d curl fetchmail openssl ca-certificates systemd fail2ban postgresql haproxy slapd ldap-utils
 BENCH_APT_PACKAGES := nginx libnginx-mod-mail haproxy
 BENCH_ARGS ?=
 

@@ -41,15 +41,26 @@ setup(
     extras_require={
         # setuptools: tests/test_install.py builds the project without downloading anything.
         # The SQL account backend on PostgreSQL: psycopg 3, the maintained driver (libpq itself; its
-        # binary wheel brings libpq along), run in the reactor's thread pool.
+        # binary wheel brings libpq along), run in the backend's own threads.
         "postgresql": ["psycopg[binary]>=3.1"],
-        "test": ["pytest>=8", "hypothesis>=6", "trustme>=1.1", "setuptools>=70.1", "psycopg[binary]>=3.1"],
+        # The LDAP account backend: ldaptor, LDAP for Twisted (its BER codec and message types; no
+        # threads, no C library), as the issue asks.
+        "ldap": ["ldaptor>=21.2"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6",
+            "trustme>=1.1",
+            "setuptools>=70.1",
+            "psycopg[binary]>=3.1",
+            "ldaptor>=21.2",
+        ],
         "dev": [
             "pytest>=8",
             "hypothesis>=6",
             "trustme>=1.1",
             "setuptools>=70.1",
             "psycopg[binary]>=3.1",
+            "ldaptor>=21.2",
             "mypy>=1.10",
             "mypy-zope>=1.0",
             "ruff>=0.5",

@@ -9,10 +9,14 @@ backend's and not the machine's spread): the users file (the default
 scrypt, ln=15), the HTTP backend (nginx's auth_http protocol) asking a
 service in this process, and the SQL backend on an SQLite file and on a
 private PostgreSQL cluster (tests/postgres.py, left out with a note where
-PostgreSQL or psycopg is missing), each row holding the same scrypt hash.  'warm' logs the same user in again and again, the
-credentials cache answering; 'cold' runs with C{[auth] cache_ttl = 0} (and
-C{negative_ttl = 0}), so every login pays the full check: a scrypt, a
-round trip to the service, or a query and a scrypt.  A login is connect, greeting, LOGIN,
+PostgreSQL or psycopg is missing), each row holding the same scrypt hash;
+and the LDAP backend on a private OpenLDAP directory (tests/slapd.py, left
+out with a note where slapd or ldaptor is missing) over StartTLS, the
+password checked by a bind as the user's entry ({SSHA}, slapd's default).
+'warm' logs the same user in again and again, the credentials cache
+answering; 'cold' runs with C{[auth] cache_ttl = 0} (and C{negative_ttl =
+0}), so every login pays the full check: a scrypt, a round trip to the
+service, a query and a scrypt, or a search and a bind.  A login is connect, greeting, LOGIN,
 LOGOUT, one at a time and 8 in parallel; the targets are interleaved round
 by round and the medians reported, with their ratio to direct Dovecot.
 """
@@ -27,6 +31,7 @@ import sqlite3
 import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from bench.common import PASSWORD, USER, freePort, privateDovecot, startProxy, workDirectory, writeUsersFile
 from bench.logins import loginRate
@@ -63,10 +68,25 @@ class Column:
     rates: dict[int, list[float]] = field(default_factory=dict)
 
 
-BACKENDS = ("users_file", "http", "sql", "postgresql")
+BACKENDS = ("users_file", "http", "sql", "postgresql", "ldap")
 
 
-def backendAuth(backend: str, cache: bool, serviceUrl: str, directory: str, postgres: str | None = None) -> str:
+@dataclass(frozen=True)
+class Servers:
+    """
+    What the backends ask: the HTTP service's URL, and the PostgreSQL
+    connection string and LDAP directory (C{None} where they cannot run).
+    """
+
+    serviceUrl: str
+    postgres: str | None = None
+    ldap: Any = None
+
+    def missing(self, backend: str) -> bool:
+        return (backend == "postgresql" and self.postgres is None) or (backend == "ldap" and self.ldap is None)
+
+
+def backendAuth(backend: str, cache: bool, servers: Servers, directory: str) -> str:
     ttl = "" if cache else "cache_ttl = 0\nnegative_ttl = 0\n"
     if backend == "users_file":
         return 'users_file = "users"\n' + ttl
@@ -77,12 +97,21 @@ def backendAuth(backend: str, cache: bool, serviceUrl: str, directory: str, post
             connection.execute("INSERT INTO users VALUES (?, ?)", (USER, hashPassword(PASSWORD)))
         return f'backend = "sql"\n{ttl}[auth.sql]\ndatabase = "{database}"\n'
     if backend == "postgresql":
-        assert postgres is not None
+        assert servers.postgres is not None
         # a TOML literal string: the connection string's quotes stay as they are
-        literal = "'''" + postgres + "'''"
+        literal = "'''" + servers.postgres + "'''"
         return f'backend = "sql"\n{ttl}[auth.sql]\ndriver = "postgresql"\ndatabase = {literal}\n'
+    if backend == "ldap":
+        from tests.slapd import PEOPLE, SERVICE_DN, SERVICE_PASSWORD
+
+        ldap = servers.ldap
+        return (
+            f'backend = "ldap"\n{ttl}[auth.ldap]\nurl = "{ldap.url("ldap")}"\nstarttls = true\n'
+            f'ca_file = "{ldap.caFile}"\nbind_dn = "{SERVICE_DN}"\nbind_password = "{SERVICE_PASSWORD}"\n'
+            f'base = "{PEOPLE}"\n'
+        )
     return (
-        f'backend = "http"\n{ttl}[auth.http]\nurl = "{serviceUrl}"\n'
+        f'backend = "http"\n{ttl}[auth.http]\nurl = "{servers.serviceUrl}"\n'
         f'[auth.http.headers]\n"{SECRET_HEADER}" = "{SECRET}"\n'
     )
 
@@ -117,11 +146,34 @@ def postgresAccounts() -> Iterator[str | None]:
 
 
 @contextlib.contextmanager
-def proxies(directory: str, upstreamPort: int, serviceUrl: str, postgres: str | None) -> Iterator[list[Column]]:
+def ldapAccounts() -> Iterator[Any]:
+    """
+    A private OpenLDAP directory holding the bench user's entry, or
+    C{None} (and a note) where it cannot run.
+    """
+    try:
+        import ldaptor  # noqa: F401
+
+        from tests.slapd import SlapdServer, binary
+    except ImportError as error:
+        print(f"ldap column left out: {error}")
+        yield None
+        return
+    if binary() is None:
+        print("ldap column left out: slapd is not installed (apt-get install slapd ldap-utils)")
+        yield None
+        return
+    with SlapdServer() as directory:
+        directory.addUser(USER, PASSWORD)
+        yield directory
+
+
+@contextlib.contextmanager
+def proxies(directory: str, upstreamPort: int, servers: Servers) -> Iterator[list[Column]]:
     columns = []
     with contextlib.ExitStack() as stack:
         for backend in BACKENDS:
-            if backend == "postgresql" and postgres is None:
+            if servers.missing(backend):
                 continue
             for cache in (True, False):
                 name = f"{backend}, {'warm' if cache else 'cold'}"
@@ -130,7 +182,7 @@ def proxies(directory: str, upstreamPort: int, serviceUrl: str, postgres: str | 
                 writeUsersFile(where, {USER: (PASSWORD, DEFAULT_LOG2_N)})
                 port = freePort()
                 config = CONFIG.format(
-                    auth=backendAuth(backend, cache, serviceUrl, where, postgres), port=port, upstreamPort=upstreamPort
+                    auth=backendAuth(backend, cache, servers, where), port=port, upstreamPort=upstreamPort
                 )
                 stack.enter_context(startProxy(where, config, [port]))
                 columns.append(Column(name, port))
@@ -142,11 +194,12 @@ def measure(seconds: float, rounds: int) -> list[Column]:
         workDirectory("mp-backends-") as directory,
         privateDovecot({USER: PASSWORD}) as upstream,
         postgresAccounts() as postgres,
+        ldapAccounts() as ldap,
     ):
         service = AuthService().start()
         try:
             service.add(USER, PASSWORD)
-            with proxies(directory, upstream.ports["imap"], service.url, postgres) as columns:
+            with proxies(directory, upstream.ports["imap"], Servers(service.url, postgres, ldap)) as columns:
                 targets = [Column("direct Dovecot", upstream.ports["imap"]), *columns]
                 for target in targets:
                     # a first login fills a warm cache

@@ -160,7 +160,7 @@ TABLES: tuple[Table, ...] = (
                 "string",
                 "users_file",
                 "Where users and passwords come from: `users_file`, `http` (an nginx `auth_http` service, "
-                "`[auth.http]`), `sql` (`[auth.sql]`), or an account backend plugin's name, set up in "
+                "`[auth.http]`), `sql` (`[auth.sql]`), `ldap` (`[auth.ldap]`), or an account backend plugin's name, set up in "
                 "`[auth.NAME]`.",
             ),
             Key(
@@ -265,6 +265,89 @@ TABLES: tuple[Table, ...] = (
                 "parameters). Columns: `password` (the stored hash: `$scrypt$`, `{SHA512-CRYPT}`, "
                 "`{SHA256-CRYPT}`, `{BLF-CRYPT}`, yescrypt, `{PLAIN}`), and optionally `upstream`, `server`, "
                 "`port`, `username`, `upstream_password`, `filters`.",
+            ),
+        ),
+    ),
+    Table(
+        "[auth.ldap]",
+        "auth.ldap",
+        "The `ldap` account backend: a directory search per login finds the user's entry, then a bind as that "
+        "entry (or its stored hash) checks the password (ldaptor: `pip install 'mailproxy[ldap]'`).",
+        (
+            Key(
+                "url",
+                "string or list",
+                REQUIRED,
+                "The directory: `ldap://HOST[:PORT]` or `ldaps://HOST[:PORT]` (TLS from the start), or a list of "
+                "them tried in order when one cannot be reached.",
+            ),
+            Key("starttls", "boolean", False, "Switch an `ldap://` connection to TLS (StartTLS) before anything else."),
+            Key(
+                "ca_file",
+                "path",
+                Computed("the system's trust store"),
+                "CA certificates (PEM) the directory's certificate must chain to; its name is checked against the URL's host.",
+            ),
+            Key(
+                "verify_certificate",
+                "boolean",
+                True,
+                "Check the directory's certificate; `false` for a test directory only.",
+            ),
+            Key(
+                "bind_dn",
+                "string",
+                Computed("anonymous searches"),
+                'The account searches bind as (with `bind_password`); with `verify = "hash"` it must be allowed to '
+                "read the password attribute.",
+            ),
+            Key("bind_password", "string", Computed("none"), "The search account's password (never logged)."),
+            Key("base", "string", REQUIRED, "The DN searches start at (`ou=people,dc=example,dc=org`)."),
+            Key("scope", "string", "subtree", "How deep searches go: `base`, `onelevel` or `subtree`."),
+            Key(
+                "filter",
+                "string",
+                "(&(objectClass=inetOrgPerson)(uid=%u))",
+                "The search (RFC 4515): `%u` the user name, `%s` the protocol, `%r` the client's address, `%%` a "
+                "percent sign; put into the parsed filter as values, so nothing a user types can change the search. "
+                "It must find one entry: none refuses the login, more than one is an error.",
+            ),
+            Key(
+                "verify",
+                "string",
+                "bind",
+                "How the password is checked: `bind` (as the entry found; the directory's password policy applies, "
+                "empty passwords are refused) or `hash` (the stored hash in `password_attribute`: `{SSHA}`, "
+                "`{SSHA256}`, `{SSHA512}`, `{CRYPT}`, `$scrypt$`..., checked in the hashing threads).",
+            ),
+            Key(
+                "password_attribute",
+                "string",
+                "userPassword",
+                'The attribute holding the stored hash (`verify = "hash"`).',
+            ),
+            Key(
+                "name_attribute",
+                "string",
+                "uid",
+                "The attribute whose value is the account's name for limits, per-user routes and logs, however the "
+                "client spelt it (`SAM` finds `uid=sam`: one user, one session count); without one value, the name "
+                "as typed.",
+            ),
+            Key(
+                "attributes",
+                "table",
+                {},
+                "Route fields to the attributes holding them: `upstream`, `server`, `port`, `username`, "
+                "`upstream_password`, `filters` (each value a filter name, or names separated by commas); an "
+                "attribute the entry lacks leaves the field to `[routing]`. `etc/ldap/mailproxy.schema` has "
+                "attributes for each.",
+            ),
+            Key(
+                "connections",
+                "integer",
+                4,
+                "Connections users' binds go over (1 to 64), kept open; searches share one more.",
             ),
         ),
     ),

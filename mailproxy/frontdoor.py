@@ -430,7 +430,10 @@ class FrontDoor(Protocol, Inactivity):
             return
         self._logout = logout
         assert self.gate is not None
-        whenDecided(self.gate.startSession(name), lambda started: self._sessionDecided(started, password, mechanism))
+        # Counted by the account's name, which a backend may spell otherwise than the client typed it.
+        whenDecided(
+            self.gate.startSession(user.username), lambda started: self._sessionDecided(started, password, mechanism)
+        )
 
     def _sessionDecided(self, started: bool, password: bytes, mechanism: str) -> None:
         if self.isClosed:

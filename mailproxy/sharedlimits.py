@@ -312,7 +312,7 @@ class LimitsResponder(amp.CommandLocator):
         def checked(avatar: Any) -> dict[str, Any]:
             queued.succeeded()
             # The session is counted now too: one round trip less a login.
-            session = self.startSession(user)["started"]
+            session = self.startSession(str(avatar))["started"]
             answer = {"turn": Turn.CHECK.name, "delay": queued.delay, "avatar": str(avatar), "session": session}
             if isinstance(avatar, Account):
                 answer["account"] = avatar.toJSON()

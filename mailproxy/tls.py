@@ -414,12 +414,23 @@ def upstreamOptions(upstream: UpstreamConfig) -> IOpenSSLClientConnectionCreator
     """
     Client TLS options for C{upstream}: verified unless it says otherwise.
     """
-    key = f"upstream.{upstream.name}"
-    if not upstream.verify:
+    return clientOptions(upstream.verifyName, upstream.caFile, upstream.verify, f"upstream.{upstream.name}")
+
+
+def clientOptions(name: str, caFile: str | None, verify: bool, key: str) -> IOpenSSLClientConnectionCreator:
+    """
+    Client TLS options for a server called C{name}: its certificate
+    verified (chain and name) against C{caFile}, or the system's trust
+    store without one, unless C{verify} is false.
+
+    @param key: the configuration's name for these settings, for errors.
+    @raise ConfigError: if C{caFile} holds no certificate.
+    """
+    if not verify:
         return ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
-    if upstream.caFile is not None:
-        certificates = _certificates(readPEM(upstream.caFile, f"{key}.ca_file"), f"{key}.ca_file")
+    if caFile is not None:
+        certificates = _certificates(readPEM(caFile, f"{key}.ca_file"), f"{key}.ca_file")
         trustRoot = ssl.trustRootFromCertificates(certificates)
     else:
         trustRoot = ssl.platformTrust()
-    return ssl.optionsForClientTLS(upstream.verifyName, trustRoot=trustRoot)
+    return ssl.optionsForClientTLS(name, trustRoot=trustRoot)

@@ -167,10 +167,11 @@ def test_wrong_passwords_unknown_and_inactive_users_are_refused(startProxy: Call
     assertRefusalsReachNoUpstream(startProxy())
 
 
-def assertRefusalsReachNoUpstream(proxy: ProxyInFront) -> None:
+def assertRefusalsReachNoUpstream(proxy: ProxyInFront, backend: str = "sql", injections: tuple[str, ...] = ()) -> None:
     """
-    A wrong password, an unknown user, an inactive row and injection
-    attempts in the name: each a counted failure, none logged in upstream.
+    A wrong password, an unknown user, an inactive account and injection
+    attempts in the name (SQL's, and C{injections}): each a counted
+    failure, none logged in upstream.
     """
     before = proxy.dovecotLogins(SAM_UP) + proxy.dovecotLogins(SID_UP)
     proxy.loginRefused("AUTHENTICATIONFAILED", SAM, "a guess")
@@ -178,11 +179,11 @@ def assertRefusalsReachNoUpstream(proxy: ProxyInFront) -> None:
     # sid's row is not active: the query finds none.
     proxy.loginRefused("AUTHENTICATIONFAILED", SID, SID_PW)
     # An injection attempt in the name is a name like any other.
-    for injection in ("sam'--", "sam'OR'1'='1"):
+    for injection in ("sam'--", "sam'OR'1'='1", *injections):
         proxy.loginRefused("AUTHENTICATIONFAILED", injection, SAM_PW)
     for user in ("sam", "nobody", "sid"):
         proxy.waitForLog(rf"authentication failure: ip=127\.0\.0\.1 protocol=imap user={user}")
-    proxy.waitForLog(r"account backend sql refused nobody: unknown user")
+    proxy.waitForLog(rf"account backend {backend} refused nobody: unknown user")
     assert proxy.dovecotLogins(SAM_UP) + proxy.dovecotLogins(SID_UP) == before
 
 

@@ -37,6 +37,7 @@ FILTER_TYPE = re.compile(r'type = "([a-z0-9_-]+)"')
 # Where each table stands in a document, and a wrong value of each type.
 WRONG_TYPE: dict[str, Any] = {
     "string": 12345,
+    "string or list": 12345,
     "number": "soon",
     "integer": "many",
     "boolean": "yes",
@@ -51,6 +52,7 @@ WRONG_TYPE: dict[str, Any] = {
 # What a value of each documented type is once TOML is read.
 PYTHON_TYPES: dict[str, type | tuple[type, ...]] = {
     "string": str,
+    "string or list": (str, list),
     "number": (int, float),
     "integer": int,
     "boolean": bool,
@@ -119,6 +121,9 @@ def tableIn(document: dict[str, Any], item: Table) -> dict[str, Any]:
     if item.location == "auth.sql":
         document["auth"]["backend"] = "sql"
         return document["auth"].setdefault("sql", {"database": SQLITE_DATABASE})
+    if item.location == "auth.ldap":
+        document["auth"]["backend"] = "ldap"
+        return document["auth"].setdefault("ldap", {"url": "ldap://127.0.0.1:9", "base": "dc=example,dc=org"})
     return document[item.location]
 
 

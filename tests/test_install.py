@@ -35,7 +35,9 @@ COMMAND_TIMEOUT = 120.0
 EXAMPLES = [
     "fail2ban/filter.d/mailproxy.conf",
     "fail2ban/jail.d/mailproxy.local",
+    "ldap/mailproxy.schema",
     "mailproxy-http-auth.example.toml",
+    "mailproxy-ldap.example.toml",
     "mailproxy-oauth.example.toml",
     "mailproxy.example.toml",
     "mailproxy.service",

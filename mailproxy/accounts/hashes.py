@@ -5,7 +5,9 @@ Password hashes as account databases store them: the proxy's own scrypt
 SQL and LDAP passdbs keep them, with or without Dovecot's C{{SCHEME}}
 prefix: C{{SHA512-CRYPT}} (C{$6$}), C{{SHA256-CRYPT}} (C{$5$}),
 C{{BLF-CRYPT}} (bcrypt, C{$2b$}, C{$2y$}), yescrypt (C{$y$}), and
-C{{PLAIN}} for a test database.
+C{{PLAIN}} for a test database; and the salted SHA digests OpenLDAP
+keeps in C{userPassword} by default: C{{SSHA}}, C{{SSHA256}},
+C{{SSHA512}} (and the unsalted C{{SHA}} family, for old directories).
 
 crypt(3) is the system's C{libcrypt} (libxcrypt on Debian), called through
 ctypes: the standard library's C{crypt} module is deprecated and gone in
@@ -14,8 +16,11 @@ Python 3.13.  Slow by design: verify off the reactor thread.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ctypes
 import ctypes.util
+import hashlib
 import hmac
 import threading
 
@@ -24,6 +29,15 @@ from mailproxy.passwords import verifyPassword
 # Dovecot's scheme prefixes whose rest is a crypt(3) string.
 _CRYPT_SCHEMES = {"CRYPT", "MD5-CRYPT", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT"}
 _PLAIN_SCHEMES = {"PLAIN", "CLEARTEXT"}
+# RFC 2307's (and OpenLDAP's) digests: base64 of the digest, then the salt.
+_DIGEST_SCHEMES = {
+    "SHA": ("sha1", False),
+    "SSHA": ("sha1", True),
+    "SHA256": ("sha256", False),
+    "SSHA256": ("sha256", True),
+    "SHA512": ("sha512", False),
+    "SSHA512": ("sha512", True),
+}
 # crypt(3) method prefixes this verifies: SHA-512, SHA-256, bcrypt, yescrypt.
 _CRYPT_PREFIXES = ("$6$", "$5$", "$2a$", "$2b$", "$2y$", "$y$")
 
@@ -49,6 +63,8 @@ def verifyStored(password: bytes, stored: str) -> bool:
         return verifyPassword(password, stored)
     if scheme in _PLAIN_SCHEMES:
         return hmac.compare_digest(password, rest.encode("utf-8"))
+    if scheme in _DIGEST_SCHEMES:
+        return _verifyDigest(password, rest, *_DIGEST_SCHEMES[scheme])
     if (scheme is None or scheme in _CRYPT_SCHEMES) and rest.startswith(_CRYPT_PREFIXES):
         if b"\0" in password:
             # crypt(3) would stop at it: nothing with one matches.
@@ -57,6 +73,18 @@ def verifyStored(password: bytes, stored: str) -> bool:
         return hashed is not None and hmac.compare_digest(hashed, rest.encode("ascii", "replace"))
     shown = f"{{{scheme}}}" if scheme is not None else stored[:4]
     raise UnsupportedHash(f"a stored password hash of an unsupported scheme ({shown})")
+
+
+def _verifyDigest(password: bytes, encoded: str, algorithm: str, salted: bool) -> bool:
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise UnsupportedHash("a stored password digest that is not base64") from None
+    size = hashlib.new(algorithm).digest_size
+    if len(decoded) < size or (not salted and len(decoded) != size):
+        raise UnsupportedHash(f"a stored {algorithm} password digest of the wrong length")
+    digest, salt = decoded[:size], decoded[size:]
+    return hmac.compare_digest(hashlib.new(algorithm, password + salt).digest(), digest)
 
 
 _lock = threading.Lock()
