@@ -469,7 +469,10 @@ def _networkKey(network: str) -> str:
 
 
 def _userKey(user: str) -> str:
-    return f"user={user[:MAX_USER_KEY]}"
+    # Spellings a directory or database may take for one account (case,
+    # spaces: LDAP's caseIgnoreMatch) count as one: guesses at one account
+    # are not multiplied by respelling its name.
+    return f"user={' '.join(user.split()).casefold()[:MAX_USER_KEY]}"
 
 
 def _shown(key: str) -> str:

@@ -219,7 +219,8 @@ class RemoteAttempt:
         took it (the connection ended first).
         """
         if self.takeSession():
-            self.limits.endSession(self.checkedUser)
+            # Under the name the supervisor counted it: the account's (a backend may spell it otherwise).
+            self.limits.endSession(self.avatar if self.avatar is not None else self.checkedUser)
 
 
 class LimitsResponder(amp.CommandLocator):

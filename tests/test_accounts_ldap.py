@@ -324,3 +324,29 @@ def test_a_user_is_one_account_however_the_name_is_spelt(
     held.logout()
     proxy.login("SAM", SAM_PW).logout()
     assert proxy.dovecotLogins(SAM_UP) == before + 2
+
+
+def test_a_hung_first_directory_hands_over_to_the_next_within_the_lookup_time(
+    directory: SlapdServer, ldapDovecot: DovecotUpstream
+) -> None:
+    """
+    The first URL's slapd is stopped dead (connections accepted, nothing answered): logins still succeed through
+    the second within the lookup time, and the next ones go straight to the second.
+    """
+    with SlapdServer(ca=directory.ca) as hung, ExitStack() as running:
+        hung.freeze()
+        try:
+            port = freePort()
+            urls = [hung.url("ldap"), directory.url("ldap")]
+            config = proxyConfig(port, ldapDovecot, directory, url=urls, starttls=True, lookupTimeout=4, cacheTtl=0)
+            proxyDirectory, process = running.enter_context(runningProxy(config, {}, [port], "mp-ldap-"))
+            proxy = ProxyInFront(proxyDirectory, process, {"imap": port}, ldapDovecot)
+            mark = directory.logMark()
+            before = proxy.dovecotLogins(SAM_UP)
+            for _ in range(3):
+                proxy.login(SAM, SAM_PW).logout()
+            assert proxy.dovecotLogins(SAM_UP) == before + 3
+            assert directory.binds(mark).count(userDn(SAM)) == 3
+            assert "authentication failure" not in proxy.log() and "unavailable" not in proxy.log()
+        finally:
+            hung.thaw()

@@ -159,7 +159,9 @@ def describe(config: Config, built: dict[str, Any]) -> tuple[Config, dict[str, A
     # settings do (a backend's settings table is compared as built).
     own = {
         name: {
-            key: value for key, value in vars(item).items() if key not in ("reactor", "config", "_pool", "_connections")
+            key: value
+            for key, value in vars(item).items()
+            if key not in ("reactor", "config", "_pool", "_connections", "_decoy")
         }
         for name, item in built.items()
     }

@@ -20,10 +20,11 @@ from ldaptor.protocols import pureber, pureldap
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
 from mailproxy.accounts.directory import DirectoryAddress, DirectoryClient, DirectoryConnections, connect
-from mailproxy.accounts.hashes import UnsupportedHash, verifyStored
+from mailproxy.accounts.hashes import DecoyHash, UnsupportedHash, verifyStored
 from mailproxy.accounts.ldap import LDAPBackend
 from mailproxy.accounts.ldapfilter import FilterTemplate
 from mailproxy.accounts.model import Account, BackendUnavailable, LoginRequest
@@ -107,6 +108,7 @@ def build(**settings: Any) -> LDAPBackend:
         ({"url": "http://x"}, "url: 'http://x' is no ldap://"),
         ({"url": "ldap://x/dc=example?uid"}, "url: 'ldap://x/dc=example"),
         ({"url": "ldap://user@x"}, "only a host and a port"),
+        ({"url": "ldap://:s3cret@x"}, "only a host and a port"),
         ({"url": []}, "url: required"),
         ({"url": "ldaps://x", "starttls": True}, "starttls: not with ldaps://"),
         ({"starttls": "yes"}, "starttls: true or false"),
@@ -191,8 +193,8 @@ def response(messageID: int, value: Any) -> bytes:
     return bytes(pureldap.LDAPMessage(value, id=messageID).toWire())
 
 
-def connected() -> tuple[DirectoryClient, StringTransport]:
-    client = DirectoryClient()
+def connected(clock: MemoryReactorClock | None = None) -> tuple[DirectoryClient, StringTransport]:
+    client = DirectoryClient(clock or MemoryReactorClock())
     transport = StringTransport()
     transport.abortConnection = transport.loseConnection  # type: ignore[method-assign]
     client.makeConnection(transport)
@@ -253,6 +255,7 @@ class FakeConnections(DirectoryConnections):
 
     def __init__(self, binders: int) -> None:
         address = DirectoryAddress("ldap://x", "x", 389, False, False)
+        self.reactor: MemoryReactorClock
         super().__init__(MemoryReactorClock(), [address], 2.0, None, None, binders)
         self.opening: list[Deferred[DirectoryClient]] = []
 
@@ -315,9 +318,59 @@ def test_searches_wait_for_one_connection_and_share_it() -> None:
     pool.opening[0].callback(client)
     assert [waiter.result for waiter in waiters] == [client] * 3
     assert pool.searcher().result is client
-    pool.searchFailed(client, "a search was given up")
+
+
+def test_a_search_given_up_closes_its_connection_only_when_the_directory_fell_silent() -> None:
+    """Another login's answer on its way keeps the connection; nothing heard for the lookup time closes it."""
+    pool = FakeConnections(binders=1)
+    clock = pool.reactor
+    waiting = pool.searcher()
+    client, transport = connected(clock)
+    pool.opening[0].callback(client)
+    assert waiting.result is client
+    slow = client.search(pureldap.LDAPSearchRequest(baseObject="dc=example,dc=org"))
+    slow.addErrback(lambda failure: None)
+    fast = client.search(pureldap.LDAPSearchRequest(baseObject="dc=example,dc=org"))
+    fastID = max(client.onwire)
+    clock.advance(1.5)
+    client.dataReceived(response(fastID, pureldap.LDAPSearchResultDone(resultCode=0)))
+    clock.advance(0.6)
+    slow.cancel()
+    pool.searchGivenUp(client)
+    assert fast.result == ([], fast.result[1]) and not transport.disconnecting
+    assert pool.searcher().result is client
+    # Silent from now on: the next search given up finds it hung.
+    silent = client.search(pureldap.LDAPSearchRequest(baseObject="dc=example,dc=org"))
+    silent.addErrback(lambda failure: None)
+    clock.advance(2.0)
+    silent.cancel()
+    pool.searchGivenUp(client)
+    assert transport.disconnecting
     pool.searcher()
     assert len(pool.opening) == 2
+
+
+def test_a_reload_lets_lookups_under_way_finish() -> None:
+    """Closing the pool closes idle connections now and busy ones after the lookup time, their answers read."""
+    pool = FakeConnections(binders=1)
+    clock = pool.reactor
+    waiting = pool.searcher()
+    busy, busyTransport = connected(clock)
+    pool.opening[0].callback(busy)
+    assert waiting.result is busy
+    holding = pool.binder()
+    idle, idleTransport = connected(clock)
+    pool.opening[1].callback(idle)
+    pool.giveBack(holding.result)
+    pool._connections.update({busy, idle})
+    searching = busy.search(pureldap.LDAPSearchRequest(baseObject="dc=example,dc=org"))
+    [messageID] = busy.onwire
+    pool.close()
+    assert idleTransport.disconnecting and not busyTransport.disconnecting
+    busy.dataReceived(response(messageID, pureldap.LDAPSearchResultDone(resultCode=0)))
+    assert searching.result[1].resultCode == 0
+    clock.advance(2.0)
+    assert busyTransport.disconnecting
 
 
 def test_closing_fails_what_waits_and_closes_every_connection() -> None:
@@ -411,4 +464,42 @@ def test_a_directory_that_never_answers_leaves_time_for_the_next() -> None:
     assert [(connector[1], connector[3]) for connector in reactor.tcpClients] == [(1, 1.0), (2, 1.0)]
     reactor.advance(2.0)
     assert failures and failures[0].check(BackendUnavailable)
-    assert "not connected in 2 s" in str(failures[0].value)
+    assert str(failures[0].value).endswith("ldap://127.0.0.1:2: no answer in 1 s")
+
+
+def test_a_stored_value_without_a_scheme_is_never_shown() -> None:
+    """A directory may keep a password in clear: the error names no part of it."""
+    with pytest.raises(UnsupportedHash) as raised:
+        verifyStored(b"guess", "hunter2")
+    assert "hunt" not in str(raised.value) and "no {SCHEME} prefix" in str(raised.value)
+
+
+def test_an_unknown_user_costs_what_the_accounts_own_hashes_cost() -> None:
+    """The decoy is the proxy's scrypt until a real hash was checked, then a hash of the accounts' own scheme."""
+    decoy = DecoyHash()
+    decoy.check(b"guess")
+    assert decoy._encoded is not None and decoy._encoded.startswith("$scrypt$")
+    ssha = digest("SSHA", "sha1", b"right", b"salt")
+    decoy.seen(ssha)
+    decoy.check(b"right")
+    assert decoy._encoded == ssha
+
+
+def test_unknown_tags_in_a_message_close_the_connection_and_print_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    client, transport = connected()
+    pending = client.request(pureldap.LDAPBindRequest(dn="cn=x", auth=b"pw"))
+    pending.addErrback(lambda failure: None)
+    [messageID] = client.onwire
+    answer = bytearray(response(messageID, pureldap.LDAPBindResponse(resultCode=0)))
+    # The bind response's result code (ENUMERATED, 0x0a) turned into a tag LDAP has not.
+    answer[answer.index(b"\x0a\x01\x00")] = 0x1F
+    client.dataReceived(bytes(answer))
+    assert transport.disconnecting and "does not decode" in client.why
+    assert capsys.readouterr().out == ""
+
+
+def test_a_directory_reached_without_tls_over_the_network_is_warned_of() -> None:
+    with capturedLogs() as events:
+        build(url=["ldap://127.0.0.1:3389", "ldap://ldap.example.org", "ldaps://ldap2.example.org"])
+    warned = [event["url"] for event in events if "without TLS" in event.get("log_format", "")]
+    assert warned == ["ldap://ldap.example.org"]

@@ -164,6 +164,14 @@ def test_lockout_per_network_and_per_user_expires() -> None:
     counters.prune()
 
 
+def test_respelling_a_name_gives_no_more_guesses() -> None:
+    """A directory finds uid=erin for ERIN and " erin " too: failures under every spelling count for erin."""
+    counters, clock = limits(failuresBeforeLockout=3, lockoutSeconds=100)
+    for number, spelling in enumerate(("ERIN", " erin", "Erin  ")):
+        clock.advance(fail(counters, f"192.0.2.{number + 1}", spelling))
+    assert counters.lockedOut("198.51.100.1", "erin") and counters.lockedOut("198.51.100.1", "eRiN")
+
+
 def test_strangers_cannot_lock_the_owner_out() -> None:
     """Failures from elsewhere lock the user out for unknown networks, not where the owner logged in from."""
     counters, clock = limits(failuresBeforeLockout=3, lockoutSeconds=900)

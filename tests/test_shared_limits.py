@@ -16,6 +16,7 @@ from twisted.protocols import amp
 from twisted.test.iosim import IOPump, connect, makeFakeClient, makeFakeServer
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailproxy.accounts.model import Account
 from mailproxy.limits import Gate, Limits, LimitsConfig, Turn
 from mailproxy.metricsmerge import mergedExposition
 from mailproxy.sharedlimits import UNAVAILABLE, LimitsResponder, SharedLimits
@@ -182,6 +183,19 @@ class SharedLimitsTests(SynchronousTestCase):
         self.assertFalse(self.successResultOf(self.one.limits.startSession("alice")))
 
 
+class AccountNamed:
+    """
+    An account backend's checker that finds one account whatever the name's
+    spelling (as a directory matching uid without case).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        return succeed(Account(name=self.name))
+
+
 class GateTests(SynchronousTestCase):
     """
     A connection's L{Gate} when the supervisor answers later.
@@ -216,6 +230,23 @@ class GateTests(SynchronousTestCase):
         gate.release()
         self.worker.flush()
         self.assertEqual((self.limits.connections, dict(self.limits._perUser)), (0, {}))
+
+    def test_a_session_counted_under_the_accounts_name_is_given_back_under_it(self) -> None:
+        """A backend names the account otherwise than typed (SAM is sam): the session returns to sam's count."""
+        self.worker.responder.checker = AccountNamed("sam")
+        for _ in range(2):
+            gate = Gate(self.worker.limits, "192.0.2.1:4000", "imap")
+            gate.admit()
+            self.worker.flush()
+            attempt = gate.beginLogin("SAM", b"right")
+            self.worker.flush()
+            self.worker.flush()
+            self.successResultOf(attempt.turn)
+            self.assertEqual(dict(self.limits._perUser), {"sam": 1})
+            gate.release()
+            self.worker.flush()
+            self.worker.flush()
+            self.assertEqual(dict(self.limits._perUser), {})
 
     def test_a_session_counted_with_the_check_is_used_without_asking_again(self) -> None:
         self.worker.responder.checker = PasswordsOf({"alice": b"right"})

@@ -29,16 +29,34 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError, ConnectionLost
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.python.failure import Failure
 
 from mailproxy.accounts.model import BackendUnavailable
 
 LDAP_PORT, LDAPS_PORT = 389, 636
-# Larger than this, one message from the directory is no answer to a login lookup.
-MAX_MESSAGE = 1024 * 1024
+# Larger than this, one message from the directory is no answer to a login
+# lookup (and ldaptor's decoding time grows with the square of a message's
+# elements: at this size, a few hundredths of a second at worst).
+MAX_MESSAGE = 32 * 1024
 SUCCESS = ldaperrors.Success.resultCode
 _CLOSED = Failure(ConnectionLost())
+
+
+class UnknownTag(ValueError):
+    """
+    A BER element of a kind LDAP has not.
+    """
+
+
+def _refuseUnknownTag(text: str) -> None:
+    raise UnknownTag(text[:100])
+
+
+# ldaptor prints each element it cannot decode (to the log, under twistd) and
+# skips it; a hostile directory could send thousands.  Such a message is
+# refused instead, and its connection closed (DirectoryClient.dataReceived).
+pureber.print = _refuseUnknownTag
 
 
 @dataclass(frozen=True)
@@ -74,7 +92,7 @@ class DirectoryAddress:
         parts = urlsplit(url)
         if parts.scheme not in ("ldap", "ldaps") or not parts.hostname or parts.path not in ("", "/"):
             raise ValueError(f"url: {url!r} is no ldap://HOST[:PORT] or ldaps://HOST[:PORT]")
-        if parts.query or parts.fragment or parts.username:
+        if parts.query or parts.fragment or "@" in parts.netloc:
             raise ValueError(f"url: {url!r}: only a host and a port (base, filter and accounts have keys of their own)")
         try:
             port = parts.port
@@ -100,12 +118,16 @@ class DirectoryClient(LDAPClient):
     buffer: bytes
     onwire: dict[int, Any]
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         super().__init__()
+        self.clock = clock
         self.closed: Deferred[None] = Deferred()
         self.why = ""
+        # When the directory last said anything on this connection.
+        self.lastHeard = clock.seconds()
 
     def dataReceived(self, data: bytes) -> None:
+        self.lastHeard = self.clock.seconds()
         self.buffer += data
         while self.buffer and self.connected:
             try:
@@ -238,7 +260,7 @@ async def connect(
         assert address.tlsOptions is not None
         endpoint = wrapClientTLS(address.tlsOptions, endpoint)
     try:
-        client = await connectProtocol(endpoint, DirectoryClient())
+        client = await connectProtocol(endpoint, DirectoryClient(reactor))
     except (defer.CancelledError, ConnectingCancelledError):
         # Given up by the caller: no reason to try another directory.
         raise defer.CancelledError() from None
@@ -311,6 +333,7 @@ class DirectoryConnections:
         self._openingBinders = 0
         self._bindWaiters: deque[Deferred[DirectoryClient]] = deque()
         self._connections: set[DirectoryClient] = set()
+        self._preferred = 0
         self._closed = False
 
     def __eq__(self, other: object) -> bool:
@@ -336,15 +359,26 @@ class DirectoryConnections:
         if self._closed:
             raise BackendUnavailable(REPLACED)
         errors = []
-        # Each directory gets its share of the lookup time, so that one that
-        # never answers leaves time for the next.
-        share = self.timeout / len(self.addresses)
-        for address in self.addresses:
+        # Each directory gets its share of the lookup time (connection, TLS,
+        # bind), so that one that never answers leaves time for the next;
+        # the next connection starts with the directory that answered last.
+        count = len(self.addresses)
+        share = self.timeout / count
+        start = self._preferred
+        for step in range(count):
+            index = (start + step) % count
+            address = self.addresses[index]
+            attempt = Deferred.fromCoroutine(connect(self.reactor, address, share, bindDN, bindPassword))
+            attempt.addTimeout(share, self.reactor)
             try:
-                client = await connect(self.reactor, address, share, bindDN, bindPassword)
-            except BackendUnavailable as error:
-                errors.append(str(error))
+                client = await attempt
+            except (BackendUnavailable, defer.TimeoutError) as error:
+                errors.append(
+                    f"{address.url}: no answer in {share:g} s" if isinstance(error, defer.TimeoutError) else str(error)
+                )
+                self._preferred = (index + 1) % count
                 continue
+            self._preferred = index
             if self._closed:
                 client.fail(REPLACED)
                 raise BackendUnavailable(REPLACED)
@@ -377,14 +411,17 @@ class DirectoryConnections:
         for waiter in waiters:
             _fire(waiter, result)
 
-    def searchFailed(self, client: DirectoryClient, why: str) -> None:
+    def searchGivenUp(self, client: DirectoryClient) -> None:
         """
-        A search on C{client} was given up: the next one opens another
-        connection.
+        A search on C{client} was given up (and abandoned): if the directory
+        has said nothing on it for the whole lookup time, it hangs, and the
+        next search opens another connection; else the others go on.
         """
+        if self.reactor.seconds() - client.lastHeard < self.timeout:
+            return
         if self._searcher is client:
             self._searcher = None
-        client.fail(why)
+        client.fail(f"no answer in {self.timeout:g} s")
 
     def binder(self) -> Deferred[DirectoryClient]:
         """
@@ -438,11 +475,17 @@ class DirectoryConnections:
 
     def close(self) -> None:
         """
-        Close every connection; lookups under way fail.
+        Close every connection: at once if idle, else once the lookups
+        under way have had their time.  Lookups still waiting for a
+        connection fail.
         """
         self._closed = True
         for client in list(self._connections):
-            client.fail(REPLACED)
+            if client.onwire:
+                # Answers on their way still reach the lookups waiting for them.
+                self.reactor.callLater(self.timeout, client.fail, REPLACED)
+            else:
+                client.fail(REPLACED)
         for waiters in (self._searchWaiters, self._bindWaiters):
             while waiters:
                 waiters.popleft().errback(BackendUnavailable(REPLACED))

@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import threading
 
-from mailproxy.passwords import verifyPassword
+from mailproxy.passwords import hashPassword, verifyPassword
 
 # Dovecot's scheme prefixes whose rest is a crypt(3) string.
 _CRYPT_SCHEMES = {"CRYPT", "MD5-CRYPT", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT"}
@@ -71,8 +71,38 @@ def verifyStored(password: bytes, stored: str) -> bool:
             return False
         hashed = crypt3(password, rest.encode("ascii", "replace"))
         return hashed is not None and hmac.compare_digest(hashed, rest.encode("ascii", "replace"))
-    shown = f"{{{scheme}}}" if scheme is not None else stored[:4]
+    # (Never a part of the value itself: it may be a password kept in clear.)
+    shown = f"{{{scheme}}}" if scheme is not None else "no {SCHEME} prefix"
     raise UnsupportedHash(f"a stored password hash of an unsupported scheme ({shown})")
+
+
+class DecoyHash:
+    """
+    What an unknown user's password is checked against, so that a missing
+    name takes as long as a wrong password: the last stored hash a backend
+    checked (the scheme and cost its own accounts have: a directory's
+    {SSHA} costs microseconds, scrypt a tenth of a second), the proxy's
+    scrypt until there is one.  Used in the hashing threads.
+    """
+
+    def __init__(self) -> None:
+        self._encoded: str | None = None
+
+    def seen(self, encoded: str) -> None:
+        """
+        C{encoded} was checked (its scheme is one this verifies).
+        """
+        self._encoded = encoded
+
+    def check(self, password: bytes) -> None:
+        """
+        Spend the time checking C{password} would take; the answer is no.
+        """
+        encoded = self._encoded
+        if encoded is None:
+            # mailproxy-passwd's cost
+            encoded = self._encoded = hashPassword("mailproxy decoy")
+        verifyStored(password, encoded)
 
 
 def _verifyDigest(password: bytes, encoded: str, algorithm: str, salted: bool) -> bool:

@@ -32,6 +32,7 @@ search account or fails otherwise makes the backend unavailable.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from collections.abc import Mapping
@@ -39,16 +40,17 @@ from typing import Any
 
 from ldaptor.protocols import pureldap
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailproxy.accounts.directory import SUCCESS, DirectoryAddress, DirectoryConnections, resultText
-from mailproxy.accounts.hashes import UnsupportedHash, verifyStored
+from mailproxy.accounts.hashes import DecoyHash, UnsupportedHash, verifyStored
 from mailproxy.accounts.ldapfilter import FilterTemplate
 from mailproxy.accounts.model import Account, AccountRefused, BackendUnavailable, LoginRequest
 from mailproxy.interfaces import IAccountBackend
-from mailproxy.passwords import hashPassword
 from mailproxy.tls import clientOptions
 
+log = Logger(namespace="mailproxy.accounts.ldap")
 DEFAULT_FILTER = "(&(objectClass=inetOrgPerson)(uid=%u))"
 DEFAULT_BINDERS = 4
 SCOPES = {"base": 0, "onelevel": 1, "subtree": 2}
@@ -71,9 +73,6 @@ _SETTINGS = {
     "connections",
 }
 INVALID_CREDENTIALS = 49
-# Verified for unknown users (verify = "hash") so that a missing name costs
-# the same time as a wrong password.
-_DECOY_HASH = hashPassword("mailproxy ldap decoy", log2N=15)
 
 
 @implementer(IAccountBackend)
@@ -113,6 +112,7 @@ class LDAPBackend:
         self.attributes = dict(attributes)
         self.runInThread = runInThread
         self.timeout = timeout
+        self._decoy = DecoyHash()
         wanted = {*self.attributes.values(), nameAttribute}
         if verify == "hash":
             wanted.add(passwordAttribute)
@@ -142,6 +142,13 @@ class LDAPBackend:
 
         trust = "unverified" if not verifyCertificate else f"ca_file {caFile}" if caFile else "the system's trust store"
         addresses = [DirectoryAddress.fromURL(url, startTLS, tlsOptions, trust) for url in urls]
+        for address in addresses:
+            if address.tlsOptions is None and not _loopback(address.host):
+                log.warn(
+                    "auth.ldap: {url} without TLS: users' passwords and bind_password cross the network in clear "
+                    "(ldaps://, or starttls = true)",
+                    url=address.url,
+                )
         bindDN = _text(settings, "bind_dn")
         bindPassword = _text(settings, "bind_password")
         if (bindDN is None) != (bindPassword is None):
@@ -226,7 +233,7 @@ class LDAPBackend:
         try:
             entries, result = await client.search(operation)
         except CancelledError:
-            self.connections.searchFailed(client, "a search was given up")
+            self.connections.searchGivenUp(client)
             raise
         if result.resultCode == _SIZE_LIMIT_EXCEEDED or len(entries) > 1:
             raise BackendUnavailable(f"{self.where}: the filter found more than one entry for one user")
@@ -250,16 +257,23 @@ class LDAPBackend:
 
     async def _verifyStored(self, entry: Any, request: LoginRequest) -> None:
         stored = [] if entry is None else _attributes(entry).get(self.passwordAttribute.lower(), [])
-        hashes = [value.decode("utf-8", "replace") for value in stored] or [_DECOY_HASH]
+        hashes = [value.decode("utf-8", "replace") for value in stored]
+        decoy = self._decoy
 
         def check() -> bool:
+            if not hashes:
+                decoy.check(request.password)
+                return False
             unsupported = []
             for encoded in hashes:
                 try:
-                    if verifyStored(request.password, encoded):
-                        return True
+                    right = verifyStored(request.password, encoded)
                 except UnsupportedHash as error:
                     unsupported.append(error)
+                    continue
+                decoy.seen(encoded)
+                if right:
+                    return True
             if len(unsupported) == len(hashes):
                 raise BackendUnavailable(f"{self.where}: {request.username!r}: {unsupported[0]}")
             return False
@@ -330,6 +344,13 @@ def _attributes(entry: Any) -> dict[str, list[bytes]]:
         key = name.decode("utf-8", "replace").lower() if isinstance(name, bytes) else str(name).lower()
         values.setdefault(key, []).extend(value if isinstance(value, bytes) else str(value).encode() for value in found)
     return values
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _told(answer: Any) -> str:

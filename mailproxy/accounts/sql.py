@@ -17,7 +17,8 @@ into the SQL.  The row's columns, by name:
     the configuration's routing.
 
 No row, or a wrong password, refuses the login (an unknown user costs a
-decoy hash, as a wrong password does); more than one row, a query that
+decoy check, L{mailproxy.accounts.hashes.DecoyHash}, as a wrong password
+does); more than one row, a query that
 fails, or a hash of an unknown scheme makes the backend unavailable.
 
 Drivers: C{sqlite} (the standard library's; C{database} is the file, which
@@ -42,10 +43,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mailproxy.accounts.hashes import UnsupportedHash, verifyStored
+from mailproxy.accounts.hashes import DecoyHash, UnsupportedHash, verifyStored
 from mailproxy.accounts.model import Account, AccountRefused, BackendUnavailable, LoginRequest
 from mailproxy.interfaces import IAccountBackend
-from mailproxy.passwords import hashPassword
 
 DRIVERS = ("sqlite", "postgresql")
 DEFAULT_QUERY = "SELECT password FROM users WHERE username = %u"
@@ -57,9 +57,6 @@ _VARIABLE = re.compile(r"%(.)")
 # holds these and not the reactor's pool, which resolves host names.
 LOOKUP_THREADS = 4
 _ROUTE_COLUMNS = ("upstream", "server", "port", "username", "upstream_password", "filters")
-# Verified for unknown users so that a missing name costs the same time as a
-# wrong password.
-_DECOY_HASH = hashPassword("mailproxy sql decoy", log2N=15)
 
 
 def placeholders(query: str, style: str = "named") -> str:
@@ -206,6 +203,7 @@ class SQLBackend:
         self.runInThread = runInThread
         self.config = config
         self._connections = ThreadConnections(database.connect)
+        self._decoy = DecoyHash()
         self._pool = LookupThreads(0, LOOKUP_THREADS, "mailproxy-sql")
         self._pool.start()
 
@@ -267,16 +265,22 @@ class SQLBackend:
 
     def _verify(self, row: dict[str, Any] | None, request: LoginRequest) -> Deferred[Account]:
         stored = row.get("password") if row is not None else None
-        encoded = stored if isinstance(stored, str) and stored else _DECOY_HASH
+        known = stored if isinstance(stored, str) and stored else None
+        decoy = self._decoy
 
         def check() -> bool:
+            if known is None:
+                decoy.check(request.password)
+                return False
             try:
-                return verifyStored(request.password, encoded)
+                right = verifyStored(request.password, known)
             except UnsupportedHash as error:
                 raise BackendUnavailable(f"{self.database.shownAs}: {request.username!r}: {error}") from None
+            decoy.seen(known)
+            return right
 
         def decide(right: bool) -> Account:
-            if not right or row is None or encoded is _DECOY_HASH:
+            if not right or row is None:
                 raise AccountRefused("unknown user" if row is None else "wrong password")
             return self._account(request, row)
 
