@@ -37,6 +37,7 @@ from tests.test_accounts_sql import (
     SUE_UP,
     UPSTREAM_USERS,
     accountsDovecot,
+    assertOutageEndsByItself,
     assertRefusalsReachNoUpstream,
     assertRowsGiveHashAndRoute,
     sha512crypt,
@@ -237,22 +238,9 @@ def test_a_directory_whose_certificate_names_another_host_is_never_sent_a_passwo
 def test_an_outage_is_unavailable_without_lockout_and_ends_by_itself(
     directory: SlapdServer, startProxy: Callable[..., ProxyInFront]
 ) -> None:
-    """
-    slapd stopped: a user the cache knows logs in; another gets UNAVAILABLE, more times than a lockout takes,
-    none counted; slapd back: that user logs in (the proxy connects again by itself).
-    """
     proxy = startProxy(lockoutAfter=LOCKOUT_AFTER)
-    proxy.login(SAM, SAM_PW).logout()
-    directory.stop()
-    try:
-        proxy.login(SAM, SAM_PW).logout()
-        for _ in range(LOCKOUT_AFTER + 2):
-            proxy.loginRefused("UNAVAILABLE", SUE, SUE_PW)
-        proxy.waitForLog(r"account backend ldap unavailable for sue: .*cannot connect")
-    finally:
-        directory.start()
-    assert "authentication failure" not in proxy.log()
-    proxy.awaitLogin(SUE, SUE_PW, "slapd back", WAIT)
+    assertOutageEndsByItself(proxy, "ldap", directory.stop, directory.start, LOCKOUT_AFTER)
+    proxy.waitForLog(r"account backend ldap unavailable for sue: .*cannot connect")
 
 
 def test_a_hung_directory_ends_each_lookup_in_time_and_blocks_no_one_else(

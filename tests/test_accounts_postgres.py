@@ -37,6 +37,7 @@ from tests.test_accounts_sql import (
     SUE_UP,
     UPSTREAM_USERS,
     accountsDovecot,
+    assertOutageEndsByItself,
     assertRefusalsReachNoUpstream,
     assertRowsGiveHashAndRoute,
     bcrypt,
@@ -197,22 +198,7 @@ def test_the_database_session_is_read_only(cluster: PostgresCluster, startProxy:
 def test_an_outage_is_unavailable_without_lockout_and_ends_by_itself(
     cluster: PostgresCluster, startProxy: Callable[..., ProxyInFront]
 ) -> None:
-    """
-    PostgreSQL stopped: a user the cache knows still logs in; another gets UNAVAILABLE, more times than a
-    lockout takes, none counted; PostgreSQL back: that user logs in too (the proxy connects again by itself).
-    """
-    proxy = startProxy()
-    proxy.login(SAM, SAM_PW).logout()
-    cluster.pause()
-    try:
-        proxy.login(SAM, SAM_PW).logout()
-        for _ in range(LOCKOUT_AFTER + 2):
-            proxy.loginRefused("UNAVAILABLE", SUE, SUE_PW)
-        proxy.waitForLog(r"account backend sql unavailable for sue")
-    finally:
-        cluster.resume()
-    assert "authentication failure" not in proxy.log()
-    proxy.awaitLogin(SUE, SUE_PW, "PostgreSQL back", WAIT)
+    assertOutageEndsByItself(startProxy(), "sql", cluster.pause, cluster.resume, LOCKOUT_AFTER)
 
 
 def test_a_wrong_database_password_is_unavailable_and_a_reload_mends_it(

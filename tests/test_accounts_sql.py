@@ -197,3 +197,24 @@ def test_a_broken_query_is_unavailable_and_a_reload_mends_it(startProxy: Callabl
     os.kill(proxy.process.pid, signal.SIGHUP)
     proxy.waitForLog(r"reloading 2 workers")
     proxy.awaitLogin(SAM, SAM_PW, "the reloaded query", WAIT)
+
+
+def assertOutageEndsByItself(
+    proxy: ProxyInFront, backend: str, stop: Callable[[], None], start: Callable[[], None], lockoutAfter: int
+) -> None:
+    """
+    The backend's server stopped: a user the cache knows still logs in; another gets UNAVAILABLE, more times
+    than a lockout takes, none counted; the server back: that user logs in too (the proxy connects again by
+    itself).
+    """
+    proxy.login(SAM, SAM_PW).logout()
+    stop()
+    try:
+        proxy.login(SAM, SAM_PW).logout()
+        for _ in range(lockoutAfter + 2):
+            proxy.loginRefused("UNAVAILABLE", SUE, SUE_PW)
+        proxy.waitForLog(rf"account backend {backend} unavailable for sue")
+    finally:
+        start()
+    assert "authentication failure" not in proxy.log()
+    proxy.awaitLogin(SUE, SUE_PW, "the backend's server back", WAIT)

@@ -265,6 +265,27 @@ class FakeConnections(DirectoryConnections):
         return opening
 
 
+def searchResult(searching: Deferred[tuple[list[Any], Any]]) -> tuple[list[Any], Any]:
+    """
+    What a fired search gave.
+    """
+    fired: list[tuple[list[Any], Any]] = []
+    searching.addCallback(fired.append)
+    [result] = fired
+    return result
+
+
+def openSearcher(pool: FakeConnections) -> tuple[DirectoryClient, StringTransport]:
+    """
+    The pool's search connection, opened.
+    """
+    waiting = pool.searcher()
+    client, transport = connected(pool.reactor)
+    pool.opening[-1].callback(client)
+    assert waiting.result is client
+    return client, transport
+
+
 def test_binds_share_at_most_the_configured_connections_and_reuse_them() -> None:
     pool = FakeConnections(binders=2)
     waiters = [pool.binder() for _ in range(3)]
@@ -324,10 +345,7 @@ def test_a_search_given_up_closes_its_connection_only_when_the_directory_fell_si
     """Another login's answer on its way keeps the connection; nothing heard for the lookup time closes it."""
     pool = FakeConnections(binders=1)
     clock = pool.reactor
-    waiting = pool.searcher()
-    client, transport = connected(clock)
-    pool.opening[0].callback(client)
-    assert waiting.result is client
+    client, transport = openSearcher(pool)
     slow = client.search(pureldap.LDAPSearchRequest(baseObject="dc=example,dc=org"))
     slow.addErrback(lambda failure: None)
     fast = client.search(pureldap.LDAPSearchRequest(baseObject="dc=example,dc=org"))
@@ -337,7 +355,8 @@ def test_a_search_given_up_closes_its_connection_only_when_the_directory_fell_si
     clock.advance(0.6)
     slow.cancel()
     pool.searchGivenUp(client)
-    assert fast.result == ([], fast.result[1]) and not transport.disconnecting
+    entries, done = searchResult(fast)
+    assert entries == [] and done.resultCode == 0 and not transport.disconnecting
     assert pool.searcher().result is client
     # Silent from now on: the next search given up finds it hung.
     silent = client.search(pureldap.LDAPSearchRequest(baseObject="dc=example,dc=org"))
@@ -354,21 +373,19 @@ def test_a_reload_lets_lookups_under_way_finish() -> None:
     """Closing the pool closes idle connections now and busy ones after the lookup time, their answers read."""
     pool = FakeConnections(binders=1)
     clock = pool.reactor
-    waiting = pool.searcher()
-    busy, busyTransport = connected(clock)
-    pool.opening[0].callback(busy)
-    assert waiting.result is busy
+    busy, busyTransport = openSearcher(pool)
     holding = pool.binder()
     idle, idleTransport = connected(clock)
     pool.opening[1].callback(idle)
-    pool.giveBack(holding.result)
+    assert holding.result is idle
+    pool.giveBack(idle)
     pool._connections.update({busy, idle})
     searching = busy.search(pureldap.LDAPSearchRequest(baseObject="dc=example,dc=org"))
     [messageID] = busy.onwire
     pool.close()
     assert idleTransport.disconnecting and not busyTransport.disconnecting
     busy.dataReceived(response(messageID, pureldap.LDAPSearchResultDone(resultCode=0)))
-    assert searching.result[1].resultCode == 0
+    assert searchResult(searching)[1].resultCode == 0
     clock.advance(2.0)
     assert busyTransport.disconnecting
 
@@ -459,7 +476,7 @@ def test_a_directory_that_never_answers_leaves_time_for_the_next() -> None:
     # Each directory is given its share of the lookup time to connect in.
     [(host, port, _, timeout, _)] = reactor.tcpClients
     assert (port, timeout) == (1, 1.0)
-    reactor.tcpClients[0][2].clientConnectionFailed(None, Failure(TimeoutError()))
+    reactor.tcpClients[0][2].clientConnectionFailed(reactor.connectors[0], Failure(TimeoutError()))
     reactor.advance(0.3)
     assert [(connector[1], connector[3]) for connector in reactor.tcpClients] == [(1, 1.0), (2, 1.0)]
     reactor.advance(2.0)

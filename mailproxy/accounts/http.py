@@ -49,6 +49,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from mailproxy.accounts.model import Account, AccountRefused, BackendUnavailable, LoginRequest
+from mailproxy.accounts.registry import refuseUnknownKeys
 from mailproxy.httpclient import connectionPool, exchange
 from mailproxy.interfaces import IAccountBackend
 
@@ -109,9 +110,7 @@ class HTTPBackend:
 
     @classmethod
     def fromSettings(cls, settings: dict[str, Any], context: Any) -> HTTPBackend:
-        unknown = set(settings) - _SETTINGS
-        if unknown:
-            raise ValueError(f"{sorted(unknown)[0]}: unknown key (expected one of {', '.join(sorted(_SETTINGS))})")
+        refuseUnknownKeys(settings, _SETTINGS)
         url = settings.get("url")
         if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
             raise ValueError("url: required, an http:// or https:// URL")

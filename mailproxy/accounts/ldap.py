@@ -46,7 +46,15 @@ from zope.interface import implementer
 from mailproxy.accounts.directory import SUCCESS, DirectoryAddress, DirectoryConnections, resultText
 from mailproxy.accounts.hashes import DecoyHash, UnsupportedHash, verifyStored
 from mailproxy.accounts.ldapfilter import FilterTemplate
-from mailproxy.accounts.model import Account, AccountRefused, BackendUnavailable, LoginRequest
+from mailproxy.accounts.model import (
+    ROUTE_FIELDS,
+    Account,
+    AccountRefused,
+    BackendUnavailable,
+    LoginRequest,
+    routedAccount,
+)
+from mailproxy.accounts.registry import refuseUnknownKeys
 from mailproxy.interfaces import IAccountBackend
 from mailproxy.tls import clientOptions
 
@@ -55,7 +63,6 @@ DEFAULT_FILTER = "(&(objectClass=inetOrgPerson)(uid=%u))"
 DEFAULT_BINDERS = 4
 SCOPES = {"base": 0, "onelevel": 1, "subtree": 2}
 VERIFY_MODES = ("bind", "hash")
-ROUTE_FIELDS = ("upstream", "server", "port", "username", "upstream_password", "filters")
 _SETTINGS = {
     "url",
     "starttls",
@@ -121,9 +128,7 @@ class LDAPBackend:
 
     @classmethod
     def fromSettings(cls, settings: dict[str, Any], context: Any) -> LDAPBackend:
-        unknown = set(settings) - _SETTINGS
-        if unknown:
-            raise ValueError(f"{sorted(unknown)[0]}: unknown key (expected one of {', '.join(sorted(_SETTINGS))})")
+        refuseUnknownKeys(settings, _SETTINGS)
         urls = settings.get("url")
         if isinstance(urls, str):
             urls = [urls]
@@ -308,24 +313,7 @@ class LDAPBackend:
             except UnicodeDecodeError:
                 raise BackendUnavailable(f"{self.where}: {attribute} of {request.username!r} is not UTF-8") from None
             route[field] = ",".join(texts) if texts else None
-        port = route["port"]
-        portNumber = None
-        if port is not None:
-            if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
-                raise BackendUnavailable(f"{self.where}: port {port[:20]!r} of {request.username!r} is not a port")
-            portNumber = int(port)
-        filters = None
-        if route["filters"] is not None:
-            filters = tuple(name.strip() for name in route["filters"].split(",") if name.strip())
-        return Account(
-            name=name,
-            upstream=route["upstream"],
-            server=route["server"],
-            port=portNumber,
-            username=route["username"],
-            password=route["upstream_password"],
-            filters=filters,
-        )
+        return routedAccount(name, route, self.where, request.username)
 
     def close(self) -> None:
         self.connections.close()

@@ -112,6 +112,44 @@ class Account:
         return cls(**fields)
 
 
+# The route fields a backend's record may hold (a row's columns, an entry's attributes).
+ROUTE_FIELDS = ("upstream", "server", "port", "username", "upstream_password", "filters")
+
+
+def routedAccount(name: str, route: dict[str, Any], where: str, user: str) -> Account:
+    """
+    The account C{name} with the route a backend's record gives: text
+    fields (C{None} where the record has none), the port as an integer or
+    its digits, the filters as names separated by commas.
+
+    @param where: the backend, for errors; C{user} the name as typed.
+    @raise BackendUnavailable: for a port that is none, or a field that is
+        not text.
+    """
+    port = route.get("port")
+    if isinstance(port, str) and port.isascii() and port.isdigit() and len(port) <= 5:
+        port = int(port)
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+        raise BackendUnavailable(f"{where}: port {str(port)[:20]!r} of {user!r} is not a port")
+    texts: dict[str, str | None] = {}
+    for field_ in ROUTE_FIELDS:
+        value = route.get(field_)
+        if field_ != "port" and value is not None and not isinstance(value, str):
+            raise BackendUnavailable(f"{where}: {field_} of {user!r} is not text")
+        texts[field_] = value
+    named = texts["filters"]
+    filters = tuple(filter(None, (part.strip() for part in named.split(",")))) if named is not None else None
+    return Account(
+        name=name,
+        upstream=texts["upstream"],
+        server=texts["server"],
+        port=port,
+        username=texts["username"],
+        password=texts["upstream_password"],
+        filters=filters,
+    )
+
+
 class AccountRefused(UnauthorizedLogin):
     """
     The backend says no: an unknown user or a wrong password.

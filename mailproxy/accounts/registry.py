@@ -66,3 +66,12 @@ def buildBackend(config: Config, context: BackendContext, factories: dict[str, A
         message = str(error)
         separator = "." if _NAMES_A_SETTING.match(message) else ": "
         raise ConfigError(f"auth.{name}{separator}{message}") from None
+
+
+def refuseUnknownKeys(settings: dict[str, Any], known: set[str]) -> None:
+    """
+    @raise ValueError: naming the first key of C{settings} not in C{known}.
+    """
+    unknown = set(settings) - known
+    if unknown:
+        raise ValueError(f"{sorted(unknown)[0]}: unknown key (expected one of {', '.join(sorted(known))})")

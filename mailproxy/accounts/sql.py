@@ -44,7 +44,15 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailproxy.accounts.hashes import DecoyHash, UnsupportedHash, verifyStored
-from mailproxy.accounts.model import Account, AccountRefused, BackendUnavailable, LoginRequest
+from mailproxy.accounts.model import (
+    ROUTE_FIELDS,
+    Account,
+    AccountRefused,
+    BackendUnavailable,
+    LoginRequest,
+    routedAccount,
+)
+from mailproxy.accounts.registry import refuseUnknownKeys
 from mailproxy.interfaces import IAccountBackend
 
 DRIVERS = ("sqlite", "postgresql")
@@ -56,7 +64,6 @@ _VARIABLE = re.compile(r"%(.)")
 # hangs (a stopped server keeps its connections open and answers nothing)
 # holds these and not the reactor's pool, which resolves host names.
 LOOKUP_THREADS = 4
-_ROUTE_COLUMNS = ("upstream", "server", "port", "username", "upstream_password", "filters")
 
 
 def placeholders(query: str, style: str = "named") -> str:
@@ -209,9 +216,7 @@ class SQLBackend:
 
     @classmethod
     def fromSettings(cls, settings: dict[str, Any], context: Any) -> SQLBackend:
-        unknown = set(settings) - _SETTINGS
-        if unknown:
-            raise ValueError(f"{sorted(unknown)[0]}: unknown key (expected one of {', '.join(sorted(_SETTINGS))})")
+        refuseUnknownKeys(settings, _SETTINGS)
         driver = settings.get("driver", "sqlite")
         if driver not in DRIVERS:
             raise ValueError(f"driver: one of {', '.join(DRIVERS)}")
@@ -288,31 +293,8 @@ class SQLBackend:
         return checking.addCallback(decide)
 
     def _account(self, request: LoginRequest, row: dict[str, Any]) -> Account:
-        route = {column: row.get(column) for column in _ROUTE_COLUMNS}
-        port = route["port"]
-        if isinstance(port, str) and port.isascii() and port.isdigit() and len(port) <= 5:
-            port = int(port)
-        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
-            raise BackendUnavailable(f"{self.database.shownAs}: port {port!r} of {request.username!r} is not a port")
-        texts = {}
-        for column in ("upstream", "server", "username", "upstream_password", "filters"):
-            value = route[column]
-            if value is not None and not isinstance(value, str):
-                shownAs = self.database.shownAs
-                raise BackendUnavailable(f"{shownAs}: column {column} of {request.username!r} is not text")
-            texts[column] = value
-        filters = None
-        if texts["filters"] is not None:
-            filters = tuple(name.strip() for name in texts["filters"].split(",") if name.strip())
-        return Account(
-            name=request.username,
-            upstream=texts["upstream"],
-            server=texts["server"],
-            port=port,
-            username=texts["username"],
-            password=texts["upstream_password"],
-            filters=filters,
-        )
+        route = {field: row.get(field) for field in ROUTE_FIELDS}
+        return routedAccount(request.username, route, self.database.shownAs, request.username)
 
     def close(self) -> None:
         self._connections.closeAll()
