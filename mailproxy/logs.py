@@ -25,11 +25,12 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
+    LegacyLogObserverWrapper,
     LogLevel,
     eventAsJSON,
     formatEvent,
@@ -254,6 +255,26 @@ def twistdLogFile(twistdOptions: Mapping[str, Any] | None) -> IO[Any] | None:
     logFile = LogFile.fromFullPath(name or "twistd.log")
     _rotateOnSIGUSR1(logFile)
     return logFile
+
+
+def syslogObserver(twistdOptions: Mapping[str, Any] | None) -> ILogObserver | None:
+    """
+    With twistd's C{--syslog}: what twistd would log to syslog with (its
+    C{--prefix}), less the debug events, as the log file leaves them out
+    (a load balancer's health checks, say).  C{None} without C{--syslog}.
+    """
+    if twistdOptions is None or not twistdOptions.get("syslog"):
+        return None
+    from twisted.python import log, syslog
+
+    legacy = syslog.SyslogObserver(twistdOptions.get("prefix") or "").emit
+    toSyslog = LegacyLogObserverWrapper(cast(log.ILogObserver, legacy))
+
+    def emit(event: dict[str, Any]) -> None:
+        if _written(event):
+            toSyslog(event)
+
+    return cast(ILogObserver, emit)
 
 
 def _rotateOnSIGUSR1(logFile: LogFile) -> None:

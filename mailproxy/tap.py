@@ -41,7 +41,7 @@ from mailproxy.frontdoor import liveConnections
 from mailproxy.imap.server import IMAPServerFactory, ServerContext
 from mailproxy.imap.upstream import connectUpstream
 from mailproxy.limits import Limits
-from mailproxy.logs import jsonLinesObserver, textLinesObserver, twistdLogFile
+from mailproxy.logs import jsonLinesObserver, syslogObserver, textLinesObserver, twistdLogFile
 from mailproxy.oauth.login import TokenSource, loginWith
 from mailproxy.oauth.sasl import Bearer
 from mailproxy.oauth.settings import OAuthLogin
@@ -92,7 +92,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     except (ConfigError, UsersFileError) as error:
         raise SystemExit(f"mailproxy: configuration error: {error}") from None
     # twistd's own options (--logfile, -n) say where the log goes.
-    destination = twistdLogFile(getattr(options, "parent", None))
+    twistdOptions = getattr(options, "parent", None)
+    destination = twistdLogFile(twistdOptions)
+    toSyslog = syslogObserver(twistdOptions)
+    if toSyslog is not None:
+        service.logObserver = toSyslog
     if destination is not None:
         observer = jsonLinesObserver if config.logFormat == "json" else textLinesObserver
         service.logObserver = observer(destination)

@@ -24,7 +24,7 @@ from twisted.python.logfile import LogFile
 from twisted.scripts.twistd import ServerOptions
 
 from mailproxy import tap
-from mailproxy.logs import eventAsJSONLine, eventAsSafeText, jsonLinesObserver, twistdLogFile
+from mailproxy.logs import eventAsJSONLine, eventAsSafeText, jsonLinesObserver, syslogObserver, twistdLogFile
 from tests.proxyprocess import TWISTD
 from tests.test_tap import writeConfig
 
@@ -251,3 +251,21 @@ def test_debug_events_are_not_written_in_either_format() -> None:
     assert eventAsJSONLine(debug) is None
     assert eventAsSafeText(info) is not None and "checked 1" in eventAsSafeText(info)  # type: ignore[operator]
     assert json.loads(eventAsJSONLine(info) or "{}")["message"] == "checked 1"
+
+
+def test_with_syslog_debug_events_are_left_out_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """twistd --syslog: the proxy gives twistd a syslog observer of its own that leaves debug events out."""
+    from twisted.python import syslog
+
+    sent: list[tuple[int, str]] = []
+    monkeypatch.setattr(syslog.SyslogObserver, "openlog", staticmethod(lambda *arguments: None))
+    monkeypatch.setattr(
+        syslog.SyslogObserver, "syslog", staticmethod(lambda priority, line: sent.append((priority, line)))
+    )
+    assert syslogObserver({"syslog": False}) is None and syslogObserver(None) is None
+    observer = syslogObserver({"syslog": True, "prefix": "mailproxy"})
+    assert observer is not None
+    debug = {"log_format": "checked {n}", "n": 1, "log_level": LogLevel.debug, "log_time": 0.0, "log_namespace": "x"}
+    observer(debug)
+    observer(dict(debug, log_level=LogLevel.warn, n=2))
+    assert [line for _, line in sent] == ["[-] checked 2"]

@@ -212,3 +212,14 @@ def test_twistd_version_names_mailproxy_and_twisted() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"mailproxy {__version__} (Twisted {twistedVersion})\n"
+
+
+def test_with_syslog_twistd_logs_through_the_proxys_own_observer(tmp_path: Path) -> None:
+    """twistd --syslog: the service names an observer for twistd (one that leaves debug events out)."""
+    config = writeConfig(tmp_path, '[[listener]]\nname = "imap"\nendpoint = "tcp:10143:interface=127.0.0.1"\n')
+    options = tap.Options()
+    options.parseOptions(["--config", str(config)])
+    options.parent = {"syslog": True, "prefix": "mailproxy", "nodaemon": True}  # type: ignore[attr-defined]
+    assert tap.makeService(options, reactor=MemoryReactorClock()).logObserver is not None
+    options.parent = {"nodaemon": True, "logger": "some.observer"}  # type: ignore[attr-defined]
+    assert tap.makeService(options, reactor=MemoryReactorClock()).logObserver is None
