@@ -137,9 +137,6 @@ class DirectoryClient(LDAPClient):
             except Exception as error:
                 self.fail(f"a message that does not decode ({type(error).__name__})")
                 return
-            if message is None and used:
-                self.fail("a message of a kind LDAP has not")
-                return
             if message is None:
                 if len(self.buffer) > MAX_MESSAGE:
                     self.fail(f"a message of more than {MAX_MESSAGE} octets")

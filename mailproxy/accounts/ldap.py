@@ -80,6 +80,7 @@ _SETTINGS = {
     "connections",
 }
 INVALID_CREDENTIALS = 49
+SIZE_LIMIT_EXCEEDED = 4
 
 
 @implementer(IAccountBackend)
@@ -240,7 +241,7 @@ class LDAPBackend:
         except CancelledError:
             self.connections.searchGivenUp(client)
             raise
-        if result.resultCode == _SIZE_LIMIT_EXCEEDED or len(entries) > 1:
+        if result.resultCode == SIZE_LIMIT_EXCEEDED or len(entries) > 1:
             raise BackendUnavailable(f"{self.where}: the filter found more than one entry for one user")
         if result.resultCode != SUCCESS:
             raise BackendUnavailable(f"{self.where}: the search failed: {resultText(result)}")
@@ -317,9 +318,6 @@ class LDAPBackend:
 
     def close(self) -> None:
         self.connections.close()
-
-
-_SIZE_LIMIT_EXCEEDED = 4
 
 
 def _attributes(entry: Any) -> dict[str, list[bytes]]:
