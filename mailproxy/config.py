@@ -63,6 +63,14 @@ def defaultWorkers() -> int:
 MAX_WORKERS = 256
 
 
+def resolvePath(baseDir: str, value: str) -> str:
+    """
+    A file name from the configuration: C{~} expanded, and a relative name
+    taken relative to the configuration file's directory C{baseDir}.
+    """
+    return os.path.join(baseDir, os.path.expanduser(value))
+
+
 class ConfigError(Exception):
     """
     The configuration is invalid; the message names the key.
@@ -891,4 +899,4 @@ class _Reader:
             if required:
                 raise ConfigError(f"{self.where(key)}: required")
             return None
-        return os.path.join(self._baseDir, os.path.expanduser(value))
+        return resolvePath(self._baseDir, value)

@@ -165,7 +165,7 @@ class DirectoryClient(LDAPClient):
             self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = _CLOSED) -> None:
-        why = self.why or _reasonText(reason)
+        why = self.why or _errorText(reason.value)
         self.why = why
         self.connected = 0
         pending = self.onwire
@@ -237,10 +237,11 @@ class DirectoryClient(LDAPClient):
         return self._startTLS(options)
 
 
-def _reasonText(reason: Failure) -> str:
-    value = reason.value
-    text = " ".join(str(value).split()) or type(value).__name__
-    return text[:300]
+def _errorText(error: BaseException, limit: int = 300) -> str:
+    """
+    An error as a log line shows it: one line, at most C{limit} characters.
+    """
+    return (" ".join(str(error).split()) or type(error).__name__)[:limit]
 
 
 async def connect(
@@ -262,13 +263,13 @@ async def connect(
         # Given up by the caller: no reason to try another directory.
         raise defer.CancelledError() from None
     except Exception as error:
-        raise BackendUnavailable(f"{address.url}: cannot connect: {_reasonText(Failure(error))}") from None
+        raise BackendUnavailable(f"{address.url}: cannot connect: {_errorText(error)}") from None
     try:
         if address.startTLS:
             try:
                 await client.startTLSNow(address.tlsOptions)
             except ldaperrors.LDAPException as error:
-                raise BackendUnavailable(f"{address.url}: StartTLS refused: {_ldapText(error)}") from None
+                raise BackendUnavailable(f"{address.url}: StartTLS refused: {_errorText(error, 200)}") from None
         if bindDN is not None:
             answer = await client.request(pureldap.LDAPBindRequest(dn=bindDN, auth=(bindPassword or "").encode()))
             if answer.resultCode != SUCCESS:
@@ -290,13 +291,17 @@ def resultText(answer: Any) -> str:
     directory's message.
     """
     name = ldaperrors.get(answer.resultCode, "").__class__.__name__.removeprefix("LDAP")
-    message = answer.errorMessage.decode("utf-8", "replace") if isinstance(answer.errorMessage, bytes) else ""
+    message = answerMessage(answer)
     text = f"{name} ({answer.resultCode})"
-    return f"{text}: {message[:200]}" if message else text
+    return f"{text}: {message}" if message else text
 
 
-def _ldapText(error: Exception) -> str:
-    return " ".join(str(error).split())[:200] or type(error).__name__
+def answerMessage(answer: Any) -> str:
+    """
+    The directory's own words in an LDAP result (at most 200 characters).
+    """
+    message = answer.errorMessage
+    return message.decode("utf-8", "replace")[:200] if isinstance(message, bytes) else ""
 
 
 class DirectoryConnections:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,7 +42,13 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailproxy.accounts.directory import SUCCESS, DirectoryAddress, DirectoryConnections, resultText
+from mailproxy.accounts.directory import (
+    SUCCESS,
+    DirectoryAddress,
+    DirectoryConnections,
+    answerMessage,
+    resultText,
+)
 from mailproxy.accounts.hashes import DecoyHash, UnsupportedHash, verifyStored
 from mailproxy.accounts.ldapfilter import FilterTemplate
 from mailproxy.accounts.model import (
@@ -55,6 +60,7 @@ from mailproxy.accounts.model import (
     routedAccount,
 )
 from mailproxy.accounts.registry import refuseUnknownKeys
+from mailproxy.config import resolvePath
 from mailproxy.interfaces import IAccountBackend
 from mailproxy.tls import clientOptions
 
@@ -141,7 +147,7 @@ class LDAPBackend:
         if caFile is not None:
             if not isinstance(caFile, str):
                 raise ValueError("ca_file: a path")
-            caFile = os.path.join(context.config.directory, os.path.expanduser(caFile))
+            caFile = resolvePath(context.config.directory, caFile)
 
         def tlsOptions(host: str) -> Any:
             return clientOptions(host, caFile, verifyCertificate, "auth.ldap")
@@ -208,14 +214,15 @@ class LDAPBackend:
             # A bind with a name and no password is an anonymous bind (RFC 4513 5.1.2).
             raise AccountRefused("an empty password")
         entry = await self._find(request)
+        values = _attributes(entry) if entry is not None else None
         if self.verify == "bind":
             if entry is None:
                 raise AccountRefused("unknown user")
             await self._bind(entry.objectName, request.password)
         else:
-            await self._verifyStored(entry, request)
-        assert entry is not None
-        return self._account(request, _attributes(entry))
+            await self._verifyStored(values, request)
+        assert values is not None
+        return self._account(request, values)
 
     async def _find(self, request: LoginRequest) -> Any:
         """
@@ -261,8 +268,12 @@ class LDAPBackend:
         if answer.resultCode != SUCCESS:
             raise BackendUnavailable(f"{self.where}: a user's bind failed: {resultText(answer)}")
 
-    async def _verifyStored(self, entry: Any, request: LoginRequest) -> None:
-        stored = [] if entry is None else _attributes(entry).get(self.passwordAttribute.lower(), [])
+    async def _verifyStored(self, values: dict[str, list[bytes]] | None, request: LoginRequest) -> None:
+        """
+        Check the password against the entry's stored hashes (C{values}:
+        its attributes, C{None} for no entry) in the hashing threads.
+        """
+        stored = [] if values is None else values.get(self.passwordAttribute.lower(), [])
         hashes = [value.decode("utf-8", "replace") for value in stored]
         decoy = self._decoy
 
@@ -285,7 +296,7 @@ class LDAPBackend:
             return False
 
         right = await self.runInThread(check)
-        if entry is None:
+        if values is None:
             raise AccountRefused("unknown user")
         if not stored:
             raise AccountRefused(f"no {self.passwordAttribute} the search account may read")
@@ -340,10 +351,8 @@ def _loopback(host: str) -> bool:
 
 
 def _told(answer: Any) -> str:
-    message = answer.errorMessage
-    if isinstance(message, bytes) and message:
-        return ": " + message.decode("utf-8", "replace")[:200]
-    return ""
+    message = answerMessage(answer)
+    return f": {message}" if message else ""
 
 
 def _boolean(settings: dict[str, Any], key: str, default: bool) -> bool:

@@ -53,6 +53,7 @@ from mailproxy.accounts.model import (
     routedAccount,
 )
 from mailproxy.accounts.registry import refuseUnknownKeys
+from mailproxy.config import resolvePath
 from mailproxy.interfaces import IAccountBackend
 
 DRIVERS = ("sqlite", "postgresql")
@@ -227,7 +228,7 @@ class SQLBackend:
         if driver == "postgresql":
             opened = PostgreSQLDatabase(database, context.timeout)
         else:
-            path = os.path.join(context.config.directory, os.path.expanduser(database))
+            path = resolvePath(context.config.directory, database)
             if not os.path.isfile(path):
                 raise ValueError(f"database: no such file {path!r}")
             opened = SQLiteDatabase(path, context.timeout)
