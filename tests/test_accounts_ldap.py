@@ -338,3 +338,23 @@ def test_a_hung_first_directory_hands_over_to_the_next_within_the_lookup_time(
             assert "authentication failure" not in proxy.log() and "unavailable" not in proxy.log()
         finally:
             hung.thaw()
+
+
+def test_respelling_a_name_gives_no_more_guesses(
+    directory: SlapdServer, startProxy: Callable[..., ProxyInFront]
+) -> None:
+    """
+    The directory finds uid=sam for SAM, " sam" and "Sam ": three wrong passwords under three spellings, from
+    three addresses, lock sam out, so that even sam's right password from a fourth is refused and never reaches
+    Dovecot (counted per spelling, sam would log in).
+    """
+    proxy = startProxy(lockoutAfter=LOCKOUT_AFTER, cacheTtl=0)
+    mark = directory.logMark()
+    before = proxy.dovecotLogins(SAM_UP)
+    for number, spelling in enumerate(('"SAM"', '" sam"', '"Sam "')):
+        assert loginFrom(proxy, number, spelling, "a guess").startswith(b"l NO [AUTHENTICATIONFAILED]")
+    # Each spelling found sam's entry and was refused by a bind as it.
+    assert directory.binds(mark).count(userDn(SAM)) == LOCKOUT_AFTER
+    assert loginFrom(proxy, LOCKOUT_AFTER, SAM, SAM_PW).startswith(b"l NO [AUTHENTICATIONFAILED]")
+    proxy.waitForLog(r"authentication lockout: .*user=sam")
+    assert proxy.dovecotLogins(SAM_UP) == before
