@@ -47,6 +47,7 @@ from tests.tomlconfig import listenerTable, table, upstreamTable
 pytestmark = pytest.mark.skipif(binary() is None, reason="slapd is not installed (make test installs it)")
 
 WAIT = 20.0
+CLEO, CLEO_PW = "cleo", "hunter2 in clear"
 LOCKOUT_AFTER = 3
 FILTER = "(&(objectClass=inetOrgPerson)(uid=%u)(!(employeeType=disabled)))"
 # Names that, written into the filter's text, would match other entries (as IMAP quoted strings: imaplib
@@ -78,6 +79,8 @@ def directory() -> Iterator[SlapdServer]:
             extraAttributes=route(SUE_UP, mailProxyUpstream=["mail"], mailProxyFilter=["readonly"]),
         )
         running.addUser(SID, SID_PW, extraAttributes=route(SID_UP, employeeType=["disabled"]))
+        # cleo's password is kept in clear, as OpenLDAP does unless something hashes it.
+        running.addUser(CLEO, None, passwordHash=CLEO_PW, extraAttributes=route(SID_UP))
         yield running
 
 
@@ -358,3 +361,18 @@ def test_respelling_a_name_gives_no_more_guesses(
     assert loginFrom(proxy, LOCKOUT_AFTER, SAM, SAM_PW).startswith(b"l NO [AUTHENTICATIONFAILED]")
     proxy.waitForLog(r"authentication lockout: .*user=sam")
     assert proxy.dovecotLogins(SAM_UP) == before
+
+
+def test_a_password_kept_in_clear_is_never_compared_nor_logged(
+    directory: SlapdServer, startProxy: Callable[..., ProxyInFront]
+) -> None:
+    """
+    verify = "hash" and a userPassword without a scheme: even its own text does not log in (UNAVAILABLE, no
+    upstream login), and no part of it reaches the proxy's log.
+    """
+    proxy = startProxy(verify="hash")
+    before = proxy.dovecotLogins(SID_UP)
+    proxy.loginRefused("UNAVAILABLE", CLEO, CLEO_PW)
+    proxy.waitForLog(r"account backend ldap unavailable for cleo: .*unsupported scheme \(no \{SCHEME\} prefix\)")
+    assert "hunt" not in proxy.log()
+    assert proxy.dovecotLogins(SID_UP) == before
