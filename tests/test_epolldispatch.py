@@ -7,13 +7,17 @@ reactor is changed.
 
 from __future__ import annotations
 
+import socket
+import threading
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
+from zope.interface import implementer
 
 from mailproxy.epolldispatch import dispatchWithoutLogContext
 
@@ -138,3 +142,108 @@ def test_other_reactors_are_left_as_they_are() -> None:
     assert not dispatchWithoutLogContext(selectReactor)
     assert selectReactor.doIteration == doIteration
     assert not dispatchWithoutLogContext(MemoryReactorClock())
+
+
+def test_timed_calls_run_when_due_in_order_and_a_cancelled_one_never() -> None:
+    reactor = EPollReactor()
+    assert dispatchWithoutLogContext(reactor)
+    ran: list[str] = []
+    reactor.callLater(0.05, ran.append, "second")
+    reactor.callLater(0.01, ran.append, "first")
+    reactor.callLater(0.02, ran.append, "cancelled").cancel()
+    postponed = reactor.callLater(0.01, ran.append, "postponed")
+    postponed.delay(0.07)
+    reactor.callLater(0.15, reactor.stop)
+    reactor.callLater(RUN_LIMIT, reactor.stop)
+    reactor.run(installSignalHandlers=False)
+    assert ran == ["first", "second", "postponed"]
+
+
+def test_a_call_from_another_thread_wakes_the_sleeping_loop() -> None:
+    reactor = EPollReactor()
+    assert dispatchWithoutLogContext(reactor)
+    ran: list[str] = []
+
+    def fromThread() -> None:
+        reactor.callFromThread(ran.append, "from thread")
+        reactor.callFromThread(reactor.stop)
+
+    # Only the run limit is pending while the thread asks: the thread's
+    # calls run at once only if the loop looks at them when the waker wakes it.
+    reactor.callWhenRunning(lambda: threading.Thread(target=fromThread).start())
+    limit = reactor.callLater(RUN_LIMIT, reactor.stop)
+    reactor.run(installSignalHandlers=False)
+    assert ran == ["from thread"]
+    assert limit.active(), "the thread's calls waited for the next timed call"
+
+
+def test_an_error_in_a_timed_call_is_logged_and_the_loop_goes_on() -> None:
+    reactor = EPollReactor()
+    assert dispatchWithoutLogContext(reactor)
+    ran: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("timed call broke")
+
+    reactor.callLater(0.01, broken)
+    reactor.callLater(0.02, ran.append, "after")
+    reactor.callLater(0.03, reactor.stop)
+    reactor.callLater(RUN_LIMIT, reactor.stop)
+    errors, stop = capturedErrors()
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        stop()
+    assert ran == ["after"]
+    assert any("timed call broke" in str(event.get("log_failure", "")) for event in errors)
+
+
+def test_stopping_fires_the_shutdown_triggers() -> None:
+    reactor = EPollReactor()
+    assert dispatchWithoutLogContext(reactor)
+    fired: list[str] = []
+    reactor.addSystemEventTrigger("before", "shutdown", fired.append, "before")
+    reactor.addSystemEventTrigger("during", "shutdown", fired.append, "during")
+    reactor.callWhenRunning(reactor.stop)
+    reactor.callLater(RUN_LIMIT, reactor.stop)
+    reactor.run(installSignalHandlers=False)
+    assert fired == ["before", "during"]
+
+
+class HalfClosingEcho(Echo):
+    """
+    Echoes, and answers the client's half-close with what it read in all.
+    """
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(b"got " + self.received)  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+def test_a_half_close_reaches_a_half_closeable_protocol_as_on_twisted() -> None:
+    reactor = EPollReactor()
+    assert dispatchWithoutLogContext(reactor)
+    factory = Factory.forProtocol(implementer(IHalfCloseableProtocol)(HalfClosingEcho))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1").getHost().port
+    answer: list[bytes] = []
+
+    def talk() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"hello")
+            client.shutdown(socket.SHUT_WR)
+            answer.append(b"".join(iter(lambda: client.recv(100), b"")))
+        reactor.callFromThread(reactor.stop)
+
+    reactor.callWhenRunning(lambda: threading.Thread(target=talk, daemon=True).start())
+    reactor.callLater(RUN_LIMIT, reactor.stop)
+    reactor.run(installSignalHandlers=False)
+    assert answer == [b"got hello"]

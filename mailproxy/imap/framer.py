@@ -329,7 +329,9 @@ class IMAPFramer:
             if not self._continuation and notable.match(data, position) is not None:
                 starts.append(position)
             if newline - position >= 2 and data[newline - 2] == 0x7D and data[newline - 1] == 0x0D:
-                self._line(data[position : newline + 1])
+                # No Line is made: nothing reads it (only a client's
+                # literals are cancelled, and this frames responses).
+                self._announce(data[position : newline + 1])
             else:
                 self._continuation = False
             position = newline + 1
@@ -363,21 +365,32 @@ class IMAPFramer:
 
     def _line(self, raw: bytes) -> Line:
         continuation = self._continuation
+        size, nonSync = self._announce(raw)
+        if size is None:
+            return Line(raw, continuation)
+        self._announcedBy = Line(raw, continuation, size, nonSync)
+        return self._announcedBy
+
+    def _announce(self, raw: bytes) -> tuple[int | None, bool]:
+        """
+        Frame the line C{raw} (which may end with "}\r\n"): if it announces
+        a literal, expect it, and return its size and whether it is
+        non-synchronising; otherwise C{(None, False)}.
+        """
         if not raw.endswith(CRLF):
             # A bare LF ends the line too; tolerate it rather than hang, but
             # it never announces a literal.
             self._continuation = False
-            return Line(raw, continuation)
-        size, nonSync = self._announcedLiteral(raw, continuation)
+            return None, False
+        size, nonSync = self._announcedLiteral(raw, self._continuation)
         if size is None:
             self._continuation = False
-            return Line(raw, continuation)
+            return None, False
         if self.maxLiteralSize is not None and size > self.maxLiteralSize:
             raise FramingError(f"literal of {size} octets exceeds {self.maxLiteralSize}")
         self._literalRemaining = size
         self._continuation = True
-        self._announcedBy = Line(raw, continuation, size, nonSync)
-        return self._announcedBy
+        return size, nonSync
 
     def _announcedLiteral(self, raw: bytes, continuation: bool) -> tuple[int | None, bool]:
         if raw[-3:-2] != b"}":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_DEPTH = 64
 """The deepest list nesting accepted (real commands stay below ten)."""
@@ -113,11 +114,13 @@ _HEAD = re.compile(rb"(" + _TAG + rb") (" + _NAME + rb")(?: |\Z)")
 _UID_NAME = re.compile(rb"(" + _NAME + rb")(?: |\Z)")
 
 
-@dataclass(frozen=True)
-class Head:
+class Head(NamedTuple):
     """
     The start of a command line: tag, command name (upper case, without
     C{UID}), whether it was a C{UID} command, and where its arguments start.
+
+    (A named tuple, not a frozen dataclass: one is made for every command
+    relayed, and a tuple is made several times faster.)
     """
 
     tag: bytes
