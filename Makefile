@@ -2,6 +2,7 @@
 #   DEMO_IMAP_PORT, DEMO_IMAPS_PORT, DEMO_POP3_PORT, default 10143, 10993, 10110, choose where).
 # make test: installs what the tests need (apt and pip) and runs lint, types and the whole suite.
 # make bench: the benchmark (bench/summary.py) against direct Dovecot, nginx's mail proxy and haproxy (TCP).
+# make bench-instructions: instructions per relayed FETCH and per login under callgrind (bench/instructions.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ APT_PACKAGES := python3-venv dovecot-core dovecot-imapd dovecot-pop3d curl fetch
 BENCH_APT_PACKAGES := nginx libnginx-mod-mail haproxy
 BENCH_ARGS ?=
 
-.PHONY: demo demo-oauth test lint typecheck bench bench-deps fuzz system-deps venv-deps venv clean
+.PHONY: demo demo-oauth test lint typecheck bench bench-instructions bench-deps fuzz system-deps venv-deps venv clean
 
 venv: $(VENV)/.installed
 
@@ -66,6 +67,11 @@ demo-oauth: system-deps venv
 # one summary table: direct Dovecot | mailproxy w=1 | w=N | nginx mail | haproxy (BENCH_ARGS=--quick for a short run)
 bench: system-deps bench-deps venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# the same code counts the same instructions whatever the machine's load: for comparing changes
+bench-instructions: system-deps venv
+	$(call apt_install,valgrind)
+	$(BIN)/python -m bench.instructions
 
 # coverage-guided fuzzing with atheris (FUZZ_SECONDS, default 60; crashes land in ./crash-*)
 fuzz: venv

@@ -14,11 +14,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from bench.common import processTree, raiseFileLimit, seed
 from bench.haproxy import HaproxyTcpProxy, findHaproxy
+from bench.instructions import Counts, Work, counts, totalInstructions
 from bench.load import CHURN, MIXED, LoadClient, LoadPlan, loadGenerator, parseImaptestTotals, runClients, warmUp
 from tests.dovecot import DovecotUpstream
 
@@ -172,3 +174,22 @@ def test_file_limit_is_raised_or_explained() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert "was enough" in raiseFileLimit(soft)
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)
+
+
+def test_instruction_counts_are_the_extra_work_of_each_run_divided_by_how_much_more_it_did(tmp_path: Any) -> None:
+    """Start-up cancels out: per FETCH from the second run, per login from the third."""
+    runs = [Work(fetches=100, logins=20), Work(fetches=1100, logins=20), Work(fetches=100, logins=220)]
+    # start-up 5e9, 150k per FETCH, 2.3M per login
+    totals = [5_000_000_000 + 100 * 150_000 + 20 * 2_300_000]
+    totals.append(totals[0] + 1000 * 150_000)
+    totals.append(totals[0] + 200 * 2_300_000)
+    assert counts(totals, runs) == Counts(150_000, 2_300_000)
+
+
+def test_instruction_totals_add_up_every_profile_of_a_run(tmp_path: Any) -> None:
+    """A twistd run may leave a profile per process (callgrind.%p): all are counted."""
+    for pid, total in ((101, 7), (102, 35)):
+        (tmp_path / f"callgrind.{pid}").write_text(
+            f"# callgrind format\nevents: Ir\nsummary: {total}\ntotals: {total}\n"
+        )
+    assert totalInstructions(str(tmp_path / "callgrind.*")) == 42

@@ -7,6 +7,7 @@ with the mapped credentials, then hand every framed response to the relay.
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 from collections import deque
 from collections.abc import Callable
@@ -371,12 +372,23 @@ def upstreamEndpoint(reactor: IReactorTCP, upstream: UpstreamConfig) -> Any:
     Resolving an address would cost each session a trip through the
     resolver's thread.
     """
-    try:
-        address = ipaddress.ip_address(upstream.host)
-    except ValueError:
+    version = _addressVersion(upstream.host)
+    if version is None:
         return HostnameEndpoint(reactor, upstream.host.encode("idna"), upstream.port, timeout=upstream.connectTimeout)
-    connect = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+    connect = TCP6ClientEndpoint if version == 6 else TCP4ClientEndpoint
     return connect(reactor, upstream.host, upstream.port, timeout=upstream.connectTimeout)
+
+
+@functools.lru_cache(maxsize=256)
+def _addressVersion(host: str) -> int | None:
+    """
+    4 or 6 if C{host} is an IP address, C{None} if it is a name (worked out
+    once per upstream host, not on every connection).
+    """
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
 
 
 async def openConnection(reactor: IReactorTCP, upstream: UpstreamConfig, protocolClass: type[Protocol]) -> Any:

@@ -1,0 +1,260 @@
+"""
+The proxy's own work per relayed command and per login, counted in
+instructions by valgrind's callgrind: the same for the same code whatever
+else the machine is doing, where the timed figures of C{python -m bench}
+move by several points between runs.
+
+    python -m bench.instructions        (valgrind: apt install valgrind)
+
+Each target runs under callgrind three times against one private Dovecot:
+a few logins and FETCHes, more FETCHes, more logins.  The differences
+between the runs' totals, divided by the extra work, are the
+instructions one FETCH (one at a time, C{UID FETCH n (BODY.PEEK[])} of a
+2 kB message) and one login (connect, C{LOGIN}, C{SELECT}, C{FETCH 1:4
+(FLAGS)}, C{LOGOUT}) cost the target's process in user space: start-up and
+shut-down cancel out.  The targets are mailproxy (twistd, C{workers = 1})
+and the two Python forwarders of L{bench.forwarder}, which relay octets
+without reading them: the floor for a proxy on Twisted's reactor and for
+one in plain Python.  The kernel's share (system calls, loopback TCP) is
+not counted: it is about the same for every target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from bench.common import (
+    HOST,
+    PASSWORD,
+    USER,
+    RawClient,
+    freePort,
+    markdownTable,
+    privateDovecot,
+    seed,
+    workDirectory,
+    writeUsersFile,
+)
+
+SMALL_MAILBOX = b"Small"
+MESSAGES = 200
+MESSAGE_SIZE = 2000
+# Under callgrind a Python process starts some fifty times slower.
+START_TIMEOUT = 300.0
+STOP_TIMEOUT = 120.0
+CHEAP_LOG2_N = 1
+
+PROXY_CONFIG = """
+[server]
+workers = 1
+[auth]
+users_file = "users"
+[[listener]]
+name = "imap"
+endpoint = "tcp:{port}:interface=127.0.0.1"
+allow_plaintext_auth = true
+[upstream.imap]
+host = "127.0.0.1"
+port = {upstream}
+[routing]
+default_upstream = "imap"
+"""
+
+
+@dataclass(frozen=True)
+class Work:
+    """
+    What one run under callgrind does: C{fetches} FETCHes in one session,
+    then C{logins} logins one after the other.
+    """
+
+    fetches: int
+    logins: int
+
+
+@dataclass(frozen=True)
+class Counts:
+    """
+    Instructions per FETCH and per login of one target.
+    """
+
+    perFetch: float
+    perLogin: float
+
+
+def findValgrind() -> str | None:
+    return shutil.which("valgrind")
+
+
+def fetches(port: int, count: int) -> None:
+    client = RawClient(port)
+    try:
+        client.command(b"LOGIN %s %s" % (USER.encode(), PASSWORD.encode()))
+        client.command(b"EXAMINE " + SMALL_MAILBOX)
+        for number in range(count):
+            client.command(b"UID FETCH %d (BODY.PEEK[])" % (number % MESSAGES + 1))
+        client.command(b"LOGOUT")
+    finally:
+        client.close()
+
+
+def logins(port: int, count: int) -> None:
+    for _ in range(count):
+        client = RawClient(port)
+        try:
+            client.command(b"LOGIN %s %s" % (USER.encode(), PASSWORD.encode()))
+            client.command(b"SELECT " + SMALL_MAILBOX)
+            client.command(b"FETCH 1:4 (FLAGS)")
+            client.command(b"LOGOUT")
+        finally:
+            client.close()
+
+
+def _waitForPort(process: subprocess.Popen[bytes], port: int, output: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            RawClient(port).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                with open(output, errors="replace") as handle:
+                    raise RuntimeError(f"the target did not start under callgrind:\n{handle.read()[-2000:]}") from None
+            time.sleep(0.2)
+
+
+def totalInstructions(outputs: str) -> int:
+    total = 0
+    for path in glob.glob(outputs):
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith("totals:"):
+                    total += int(line.split()[1])
+                    break
+    return total
+
+
+@contextlib.contextmanager
+def _underCallgrind(command: Sequence[str], directory: str, cwd: str, port: int) -> Iterator[str]:
+    """
+    Run C{command} under callgrind until it serves C{port}; stop it with
+    SIGINT (by PID) afterwards, and give the pattern of its profiles.
+    """
+    valgrind = findValgrind()
+    assert valgrind is not None
+    os.makedirs(directory)
+    outputs = os.path.join(directory, "callgrind.%p")
+    log = os.path.join(directory, "valgrind.log")
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [valgrind, "--tool=callgrind", f"--callgrind-out-file={outputs}", *command],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _waitForPort(process, port, log)
+        yield outputs.replace("%p", "*")
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def measureTarget(name: str, directory: str, upstreamPort: int, runs: Sequence[Work]) -> list[int]:
+    """
+    The total instructions of target C{name} for each of C{runs}.
+    """
+    totals = []
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for index, work in enumerate(runs):
+        port = freePort()
+        runDirectory = os.path.join(directory, f"{name}-{index}")
+        if name == "mailproxy":
+            os.makedirs(runDirectory)
+            writeUsersFile(runDirectory, {USER: (PASSWORD, CHEAP_LOG2_N)})
+            with open(os.path.join(runDirectory, "mailproxy.toml"), "w") as handle:
+                handle.write(PROXY_CONFIG.format(port=port, upstream=upstreamPort))
+            twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+            command = [sys.executable, twistd, "-n", "--pidfile=", "--logfile=twistd.log"]
+            command += ["mailproxy", "--config", "mailproxy.toml"]
+            cwd = runDirectory
+            profiles = os.path.join(runDirectory, "profiles")
+        else:
+            command = [sys.executable, "-m", "bench.forwarder", "--engine", name, "--route", f"{port}:{upstreamPort}"]
+            cwd = root
+            profiles = runDirectory
+        with _underCallgrind(command, profiles, cwd, port) as outputs:
+            fetches(port, work.fetches)
+            logins(port, work.logins)
+        totals.append(totalInstructions(outputs))
+    return totals
+
+
+def counts(totals: Sequence[int], runs: Sequence[Work]) -> Counts:
+    """
+    Per FETCH and per login, from three runs: the base, more FETCHes, more
+    logins.
+    """
+    base, moreFetches, moreLogins = totals
+    return Counts(
+        (moreFetches - base) / (runs[1].fetches - runs[0].fetches),
+        (moreLogins - base) / (runs[2].logins - runs[0].logins),
+    )
+
+
+TARGETS = ("mailproxy", "twisted", "epoll")
+LABELS = {"mailproxy": "mailproxy (w=1)", "twisted": "Twisted forwarder", "epoll": "epoll forwarder"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fetches", type=int, default=1000, help="extra FETCHes in the second run")
+    parser.add_argument("--logins", type=int, default=200, help="extra logins in the third run")
+    parser.add_argument("--target", choices=TARGETS, action="append", help="only these (default: all)")
+    arguments = parser.parse_args(argv)
+    if findValgrind() is None:
+        print("valgrind is not installed (apt install valgrind): no instruction counts.")
+        return 0
+    base = Work(fetches=100, logins=20)
+    runs = [
+        base,
+        Work(base.fetches + arguments.fetches, base.logins),
+        Work(base.fetches, base.logins + arguments.logins),
+    ]
+    results: dict[str, Counts] = {}
+    with contextlib.ExitStack() as stack:
+        directory = stack.enter_context(workDirectory("mp-instructions-"))
+        upstream = stack.enter_context(privateDovecot({USER: PASSWORD}))
+        seed(upstream.ports["imap"], MESSAGES, MESSAGE_SIZE, SMALL_MAILBOX)
+        for name in arguments.target or TARGETS:
+            print(f"{LABELS[name]}: three runs under callgrind on {HOST} ...", flush=True)
+            results[name] = counts(measureTarget(name, directory, upstream.ports["imap"], runs), runs)
+    floor = results.get("twisted")
+    rows = []
+    for name, result in results.items():
+        share = "" if floor is None else f" ({result.perFetch / floor.perFetch:.2f}x)"
+        loginShare = "" if floor is None else f" ({result.perLogin / floor.perLogin:.2f}x)"
+        rows.append([LABELS[name], f"{result.perFetch:,.0f}{share}", f"{result.perLogin:,.0f}{loginShare}"])
+    header = ["target", "instructions per FETCH (x Twisted forwarder)", "instructions per login (x Twisted forwarder)"]
+    print(markdownTable(header, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
