@@ -10,6 +10,7 @@ commands are read once (tag, name, UID) for every check.
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -269,6 +270,12 @@ _ODD_RESPONSES = [
     b"* 4 FETCH (BODY[1] {1}\r\nx BODY[2] {2}\r\n}\n)\r\n",
     b"* 5 EXISTS\n",
     b"\r\n",
+    # lines whose first octets are the newline ending them: the next line is
+    # still a line start (the scan's search must not consume a newline)
+    b"\n",
+    b"*\n",
+    b"*\r\n",
+    b"a {2}x}\r\n",
     b"* BAD [PARSE] what\r\n",
     b"* BYE going\r\n",
     b"*x [CAPABILITY IMAP4rev1]\r\n",
@@ -307,6 +314,21 @@ def test_scanning_responses_frames_them_as_feeding_does(items: list[bytes], data
         ]
         assert [read[start : read.index(b"\n", start) + 1] for start in starts] == notable
         assert _framerState(scanner) == _framerState(feeder)
+
+
+def test_scanning_refuses_an_expression_not_anchored_at_line_starts() -> None:
+    """scan finds lines after their newline: an expression without ^ and re.MULTILINE would mean something else."""
+    for pattern in (re.compile(rb"[^*]", re.MULTILINE), re.compile(rb"^[^*]")):
+        with pytest.raises(ValueError):
+            IMAPFramer(responses=True).scan(b"* 1 EXISTS\r\na OK\r\n", pattern)
+
+
+def test_scanning_finds_a_notable_line_right_after_a_line_that_is_only_its_newline() -> None:
+    """An empty line, "*" alone: each is notable, and so is the line after it, all in one read."""
+    lines = [b"* 1 EXISTS\r\n", b"\n", b"* BYE x\r\n", b"*\n", b"* BAD y\r\n", b"\r\n", b"a1 OK z\r\n"]
+    read, starts, framed = IMAPFramer(responses=True).scan(b"".join(lines), _NOTABLE_LINE)
+    assert framed == len(read)
+    assert [read[start : read.index(b"\n", start) + 1] for start in starts] == lines[1:]
 
 
 @settings(max_examples=200, deadline=None)

@@ -28,7 +28,21 @@ _LITERAL_AT_END = re.compile(rb"(~?)\{([0-9]{1,20})(\+?)\}\r\n\Z")
 _STATUS_RESPONSE = re.compile(rb"\A\S+ (?:OK|NO|BAD|BYE|PREAUTH)(?: |\r\n)", re.IGNORECASE)
 
 
-_matchStart = re.Match.start
+def _afterNewline(notable: re.Pattern[bytes]) -> re.Pattern[bytes]:
+    """
+    The newlines after which C{notable} (C{^...} with C{re.MULTILINE})
+    matches: the same line starts, found much faster.  An expression
+    anchored with C{^} is tried at every octet of the text; one that starts
+    with a newline is tried only where the engine finds one (and looks
+    ahead, so that it consumes nothing of the line it finds).
+    """
+    if not notable.pattern.startswith(b"^") or not notable.flags & re.MULTILINE:
+        raise ValueError("a notable-line expression starts with ^ and is re.MULTILINE")
+    return re.compile(rb"\n(?=" + notable.pattern[1:] + rb")", notable.flags & ~re.MULTILINE)
+
+
+def _lineAfter(match: re.Match[bytes]) -> int:
+    return match.start() + 1
 
 
 class FramingError(Exception):
@@ -123,6 +137,8 @@ class IMAPFramer:
         self.maxLiteralSize: int | None = None
         # The line that announced the literal being framed.
         self._announcedBy: Line | None = None
+        # scan's notable-line expression and its search after newlines.
+        self._following: tuple[re.Pattern[bytes], re.Pattern[bytes]] | None = None
         # The arguments of the command being framed, read so far.
         self._lexer = ArgumentLexer()
 
@@ -293,6 +309,10 @@ class IMAPFramer:
             data = b"".join(self._partial) + data
             self._partial = []
             self._partialSize = 0
+        following = self._following
+        if following is None or following[0] is not notable:
+            following = self._following = (notable, _afterNewline(notable))
+        afterNewline = following[1]
         starts: list[int] = []
         position = 0
         end = len(data)
@@ -314,7 +334,11 @@ class IMAPFramer:
                 else:
                     segmentEnd = data.rfind(b"\n", position, announcing) + 1
                 if position < segmentEnd <= position + maxLine:
-                    starts += map(_matchStart, notable.finditer(data, position, segmentEnd))
+                    # (position is a line's start: the first line is
+                    # matched where it is, the others after their newline.)
+                    if notable.match(data, position) is not None:
+                        starts.append(position)
+                    starts += map(_lineAfter, afterNewline.finditer(data, position, segmentEnd))
                     position = segmentEnd
                     continue
             # One line: the rest of a response after a literal, one that may
@@ -400,7 +424,13 @@ class IMAPFramer:
         if not continuation:
             if raw.startswith(b"+") or _STATUS_RESPONSE.match(raw):
                 return None, False
-        match = _LITERAL_AT_END.search(raw)
+        # The only "{" a match can hold is the last one (what follows it is
+        # digits, "+", "}" and CRLF): matched from there (a "~" before it
+        # changes neither size nor "+"), not searched for at every octet.
+        brace = raw.rfind(b"{")
+        if brace < 0:
+            return None, False
+        match = _LITERAL_AT_END.match(raw, brace)
         if match is None:
             return None, False
         return int(match.group(2)), bool(match.group(3))
