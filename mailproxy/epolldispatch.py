@@ -76,8 +76,9 @@ def dispatchWithoutLogContext(reactor: Any) -> bool:
 def _mainLoop(self: EPollReactor) -> None:
     """
     L{ReactorBase.mainLoop}, calling C{runUntilCurrent} and C{timeout} only
-    when a timed call is due, new or cancelled since the last turn, a
-    thread asked for a call, or the reactor has just stopped.
+    when a timed call is due or new, a thread asked for a call, or the
+    reactor has just stopped (cancelled calls wait in the heap until then,
+    as they may on Twisted's loop).
     """
     seconds = self.seconds
     poll = self.doIteration
@@ -105,7 +106,8 @@ def _mainLoop(self: EPollReactor) -> None:
 
 def _doPoll(self: EPollReactor, timeout: float | None) -> None:
     """
-    L{EPollReactor.doPoll}, calling C{_doReadOrWrite} directly.
+    L{EPollReactor.doPoll}, calling C{_doReadOrWrite} directly, and reading
+    a plain TCP connection inline.
     """
     try:
         ready = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))

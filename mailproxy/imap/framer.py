@@ -233,7 +233,7 @@ class IMAPFramer:
         elif self._partial:
             # Collect a long line's pieces without rescanning or recopying
             # them on every read.
-            if b"\n" not in data:
+            if data.find(b"\n") < 0:
                 self._partial.append(data)
                 self._partialSize += len(data)
                 if self._partialSize >= self.maxLineLength:
@@ -300,7 +300,7 @@ class IMAPFramer:
         """
         assert self._responses and self._discardUpTo is None
         if self._partial:
-            if b"\n" not in data:
+            if data.find(b"\n") < 0:
                 self._partial.append(data)
                 self._partialSize += len(data)
                 if self._partialSize >= self.maxLineLength:

@@ -214,8 +214,10 @@ class IMAPServerProtocol(FrontDoor):
                 framer.atBoundary
                 and data.endswith(b"\n")
                 and len(data) <= framer.maxLineLength
-                and b"}\n" not in data
-                and b"}\r\n" not in data
+                # (find, not "in": bytes.__contains__ first tries its
+                # argument as an integer, raising and clearing a TypeError)
+                and data.find(b"}\n") < 0
+                and data.find(b"}\r\n") < 0
             ):
                 # Whole lines that announce no literal: most need no framing.
                 relayed = relay.fromClientLines(data)
