@@ -122,8 +122,9 @@ def _doPoll(self: EPollReactor, timeout: float | None) -> None:
             # removed by a handler earlier in this turn
             continue
         try:
-            if event == EPOLLIN and type(selectable) in plainReads:
-                # Connection.doRead, inline.
+            if event == EPOLLIN and type(selectable) in plainReads and "doRead" not in selectable.__dict__:
+                # Connection.doRead, inline (unless the connection put its
+                # own in place: abortConnection makes reading a no-op).
                 try:
                     data = selectable.socket.recv(selectable.bufferSize)
                 except OSError as error:

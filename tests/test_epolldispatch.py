@@ -247,3 +247,47 @@ def test_a_half_close_reaches_a_half_closeable_protocol_as_on_twisted() -> None:
     reactor.callLater(RUN_LIMIT, reactor.stop)
     reactor.run(installSignalHandlers=False)
     assert answer == [b"got hello"]
+
+
+class AbortedWhilePaused(Protocol):
+    """
+    Stops reading at once; later aborts, then resumes (as closing a relayed
+    session may), while the peer's data waits unread.
+    """
+
+    def __init__(self, reactor: EPollReactor, events: list[tuple[str, Any]]) -> None:
+        self.reactor = reactor
+        self.events = events
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.reactor.callLater(0.2, self.abortAndResume)
+
+    def abortAndResume(self) -> None:
+        self.transport.abortConnection()  # type: ignore[union-attr]
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.events.append(("data", data))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.events.append(("lost", reason.type.__name__))
+        self.reactor.callLater(0.05, self.reactor.stop)
+
+
+def test_an_aborted_connection_reads_nothing_more_even_if_resumed() -> None:
+    """Twisted's abortConnection makes doRead a no-op on the connection: the inline read honours it."""
+    reactor = EPollReactor()
+    assert dispatchWithoutLogContext(reactor)
+    events: list[tuple[str, Any]] = []
+    factory = Factory.forProtocol(lambda: AbortedWhilePaused(reactor, events))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1").getHost().port
+
+    def talk() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"sent before the abort")
+
+    reactor.callWhenRunning(lambda: threading.Thread(target=talk, daemon=True).start())
+    reactor.callLater(RUN_LIMIT, reactor.stop)
+    reactor.run(installSignalHandlers=False)
+    assert events == [("lost", "ConnectionAborted")]
