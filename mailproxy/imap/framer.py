@@ -30,15 +30,16 @@ _STATUS_RESPONSE = re.compile(rb"\A\S+ (?:OK|NO|BAD|BYE|PREAUTH)(?: |\r\n)", re.
 
 def _afterNewline(notable: re.Pattern[bytes]) -> re.Pattern[bytes]:
     """
-    The newlines after which C{notable} (C{^...} with C{re.MULTILINE})
-    matches: the same line starts, found much faster.  An expression
-    anchored with C{^} is tried at every octet of the text; one that starts
-    with a newline is tried only where the engine finds one (and looks
-    ahead, so that it consumes nothing of the line it finds).
+    The newlines after which C{notable} (C{^(?:...)} with C{re.MULTILINE},
+    matching within one line) matches: the same line starts, found much
+    faster.  An expression anchored with C{^} is tried at every octet of the
+    text; one that starts with a newline is tried only where the engine
+    finds one (and looks ahead, so that it consumes nothing of the line it
+    finds).
     """
     if not notable.pattern.startswith(b"^") or not notable.flags & re.MULTILINE:
         raise ValueError("a notable-line expression starts with ^ and is re.MULTILINE")
-    return re.compile(rb"\n(?=" + notable.pattern[1:] + rb")", notable.flags & ~re.MULTILINE)
+    return re.compile(rb"\n(?=" + notable.pattern[1:] + rb")", notable.flags)
 
 
 def _lineAfter(match: re.Match[bytes]) -> int:
