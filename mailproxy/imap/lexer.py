@@ -275,7 +275,9 @@ def readQuoted(data: bytes, position: int) -> tuple[bytes, int]:
     # The common case: no escapes at all.
     if end > 0 and data.find(b"\\", position + 1, end) < 0:
         value = data[position + 1 : end]
-        if b"\0" in value or b"\r" in value or b"\n" in value:
+        # (find, not "in": bytes.__contains__ first tries its argument as
+        # an integer, raising and clearing a TypeError each time)
+        if value.find(b"\0") >= 0 or value.find(b"\r") >= 0 or value.find(b"\n") >= 0:
             raise LexError("CR, LF or NUL in a quoted string")
         return value, end + 1
     collected = bytearray()
