@@ -19,6 +19,7 @@ from twisted.logger import capturedLogs, formatEvent
 from mailproxy.addresses import ClientAddress, clientAddressOf
 from mailproxy.config import ConfigError, TLSMode, UpstreamConfig, parseConfig
 from mailproxy.imap.upstream import UpstreamIMAPProtocol, UpstreamSession, _loginHandshake, clientIdCommand
+from mailproxy.stepdeadline import StepDeadline
 from tests.support import FakeTLSTransport
 
 # The client's address, and the one it connected to (the listener's, or a
@@ -38,7 +39,7 @@ class Handshake:
         self.protocol.makeConnection(self.transport)
         upstream = UpstreamConfig("main", "imap.example", 143, tls, connectTimeout=5, forwardClientAddress=forward)
         self.result: Deferred[UpstreamSession] = Deferred.fromCoroutine(
-            _loginHandshake(Clock(), self.protocol, upstream, "alice", "pw", clientAddress)
+            _loginHandshake(self.protocol, upstream, "alice", "pw", clientAddress, StepDeadline(Clock(), 5))
         )
 
     def receive(self, data: bytes) -> bytes:

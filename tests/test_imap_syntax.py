@@ -115,6 +115,19 @@ def test_parse_arguments_rejects_atom_specials_in_atoms(segment: bytes) -> None:
         parseArguments([segment], [])
 
 
+# (space, CR and LF end an atom, or its line)
+@pytest.mark.parametrize("octet", [octet for octet in range(256) if octet not in b" \r\n"])
+def test_an_atom_argument_is_refused_exactly_for_specials_and_controls(octet: int) -> None:
+    """Every octet: an atom holding one of ( ) { % * " \\, a control or DEL is refused; any other is read."""
+    refused = octet in b'(){%*"\\' or octet < 0x20 or octet == 0x7F
+    segment = b" a" + bytes([octet]) + b"b\r\n"
+    if refused:
+        with pytest.raises(SyntaxError_):
+            parseArguments([segment], [])
+    else:
+        assert parseArguments([segment], []) == [b"a" + bytes([octet]) + b"b"]
+
+
 # quoted and isAtom
 
 

@@ -19,8 +19,10 @@ from mailproxy.imap.upstream import (
     UpstreamIMAPProtocol,
     UpstreamSession,
     _loginHandshake,
+    connectUpstream,
     openConnection,
 )
+from mailproxy.stepdeadline import StepDeadline
 from tests.support import FakeTLSTransport
 
 
@@ -33,7 +35,9 @@ class HandshakeTests(SynchronousTestCase):
         transport = FakeTLSTransport()
         protocol.makeConnection(transport)
         upstream = UpstreamConfig("main", "imap.example", 143, tls, connectTimeout=5)
-        handshake = Deferred.fromCoroutine(_loginHandshake(clock, protocol, upstream, username, password))
+        handshake = Deferred.fromCoroutine(
+            _loginHandshake(protocol, upstream, username, password, "", StepDeadline(clock, 5))
+        )
         return handshake, protocol, transport, clock
 
     def sent(self, transport: FakeTLSTransport) -> bytes:
@@ -143,6 +147,18 @@ class HandshakeTests(SynchronousTestCase):
         clock.advance(0.2)
         self.assertIn("did not answer", str(self.error(handshake)))
 
+    def test_each_step_has_the_whole_connect_timeout(self) -> None:
+        """A slow greeting leaves the login its own connect_timeout; a silent step then fails."""
+        handshake, protocol, transport, clock = self.begin()
+        clock.advance(4.9)
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+        self.assertEqual(self.sent(transport), b"mp1 LOGIN alice pw\r\n")
+        clock.advance(4.9)
+        self.assertNoResult(handshake)
+        clock.advance(0.2)
+        error = self.error(handshake)
+        self.assertEqual((str(error), error.kind), ("upstream imap.example:143 did not answer in time", "timeout"))
+
     def test_untagged_ok_before_plain_continuation_is_not_a_login(self) -> None:
         """An untagged response while waiting for '+' is skipped, not taken as the login result."""
         d, protocol, transport, _ = self.begin()
@@ -208,6 +224,37 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(b"".join(got), b"* 1 FETCH (BODY[] {10}\r\nabcdefghij)\r\n")
 
 
+class ConnectUpstreamTests(SynchronousTestCase):
+    """
+    L{connectUpstream} over an in-memory reactor: one timer bounds the
+    connection and every step of the login, and none is left once it ends.
+    """
+
+    def connect(self) -> tuple[Deferred[UpstreamSession], Any, MemoryReactorClock]:
+        reactor = MemoryReactorClock()
+        upstream = UpstreamConfig("main", "127.0.0.1", 143, TLSMode.PLAIN, connectTimeout=5)
+        session = Deferred.fromCoroutine(connectUpstream(reactor, upstream, "alice", "pw"))
+        [(_, _, factory, _, _)] = reactor.tcpClients
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(FakeTLSTransport())
+        return session, protocol, reactor
+
+    def test_one_timer_for_the_whole_handshake_and_none_after(self) -> None:
+        session, protocol, reactor = self.connect()
+        protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+        self.assertEqual(len(reactor.getDelayedCalls()), 1)
+        protocol.dataReceived(b"mp1 OK [CAPABILITY IMAP4rev1 IDLE] in\r\n")
+        self.assertEqual(self.successResultOf(session).capabilities, [b"IMAP4rev1", b"IDLE"])
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_a_silent_upstream_is_closed_after_the_timeout(self) -> None:
+        session, protocol, reactor = self.connect()
+        reactor.advance(5.1)
+        error = self.failureResultOf(session, UpstreamError).value
+        self.assertEqual(error.kind, "timeout")
+        self.assertTrue(protocol.transport.disconnecting)
+
+
 class UpstreamAddressTests(SynchronousTestCase):
     """
     An upstream given as an address is connected to at once; only a name
@@ -223,7 +270,7 @@ class UpstreamAddressTests(SynchronousTestCase):
         resolver = DeferredResolver()
         reactor.installNameResolver(resolver)
         upstream = UpstreamConfig("main", host, 143, TLSMode.PLAIN, connectTimeout=5)
-        Deferred.fromCoroutine(openConnection(reactor, upstream, UpstreamIMAPProtocol))
+        Deferred.fromCoroutine(openConnection(reactor, upstream, UpstreamIMAPProtocol, StepDeadline(reactor, 5)))
         return reactor.tcpClients, resolver.asked
 
     def test_an_ipv4_address_is_connected_to_without_resolving(self) -> None:
@@ -233,6 +280,22 @@ class UpstreamAddressTests(SynchronousTestCase):
     def test_an_ipv6_address_is_connected_to_without_resolving(self) -> None:
         [(host, port, *_)], asked = self.connectionAttempts("::1")
         self.assertEqual(((host, port), asked), (("::1", 143), []))
+
+    def test_a_connection_that_never_completes_times_out_and_is_abandoned(self) -> None:
+        """The handshake's deadline bounds the connection too: the attempt is stopped, and reported as a timeout."""
+        reactor = MemoryReactorClock()
+        upstream = UpstreamConfig("main", "127.0.0.1", 143, TLSMode.PLAIN, connectTimeout=5)
+        connecting = Deferred.fromCoroutine(
+            openConnection(reactor, upstream, UpstreamIMAPProtocol, StepDeadline(reactor, 5))
+        )
+        reactor.advance(4.9)
+        self.assertNoResult(connecting)
+        reactor.advance(0.2)
+        error = self.failureResultOf(connecting, UpstreamError).value
+        self.assertEqual(
+            (str(error), error.kind, reactor.connectors[0].stoppedConnecting),
+            ("cannot connect to 127.0.0.1:143: no connection within 5 s", "timeout", True),
+        )
 
     def test_a_name_waits_for_the_resolver(self) -> None:
         self.assertEqual(self.connectionAttempts("imap.example"), ([], ["imap.example"]))

@@ -24,6 +24,7 @@ from mailproxy.imap.server import ServerContext
 from mailproxy.imap.upstream import UpstreamError
 from mailproxy.pop3.server import POP3Backends, POP3ServerFactory
 from mailproxy.pop3.upstream import POP3UpstreamProtocol, POP3UpstreamSession, connectPOP3Upstream, loginHandshake
+from mailproxy.stepdeadline import StepDeadline
 from tests.support import FakeTLSTransport, makeConfig, writeUsersFile
 
 CAPA_PLAIN = b"+OK\r\nUSER\r\nSASL PLAIN LOGIN\r\nTOP\r\n.\r\n"
@@ -39,7 +40,9 @@ class HandshakeTests(SynchronousTestCase):
         transport = FakeTLSTransport()
         protocol.makeConnection(transport)
         upstream = UpstreamConfig("main", "pop.example", 110, tls, connectTimeout=5, protocol="pop3")
-        handshake = Deferred.fromCoroutine(loginHandshake(clock, protocol, upstream, username, password))
+        handshake = Deferred.fromCoroutine(
+            loginHandshake(protocol, upstream, username, password, StepDeadline(clock, 5))
+        )
         return handshake, protocol, transport, clock
 
     def sent(self, transport: FakeTLSTransport) -> bytes:

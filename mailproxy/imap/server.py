@@ -36,6 +36,7 @@ from mailproxy.limits import Limits
 from mailproxy.oauth.settings import OAuthLogin
 from mailproxy.sasl import MECHANISMS, Challenge, Credentials, SASLError, SASLExchange, Step, exchangeFor
 from mailproxy.splice import Splice
+from mailproxy.writenow import writeNow
 
 if TYPE_CHECKING:
     from mailproxy.metrics import ListenerMetrics
@@ -141,7 +142,10 @@ class IMAPServerProtocol(FrontDoor):
     # -- the front door's hooks ---------------------------------------------
 
     def greet(self) -> None:
-        self._send(b"* OK [CAPABILITY " + self.capabilities() + b"] " + self.context.config.greeting.encode() + b"\r\n")
+        self._send(
+            b"* OK [CAPABILITY " + self.capabilities() + b"] " + self.context.config.greeting.encode() + b"\r\n",
+            now=True,
+        )
 
     def refuseConnection(self, reason: bytes) -> None:
         self._send(b"* BYE [UNAVAILABLE] " + reason + b", try again later\r\n")
@@ -160,7 +164,7 @@ class IMAPServerProtocol(FrontDoor):
     def octetsExchanged(self) -> tuple[int, int]:
         return (self.relay.bytesIn, self.relay.bytesOut) if self.relay else (0, 0)
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, *, now: bool = False) -> None:
         self._written += len(data)
         if self.relay is None:
             # Remember how the proxy answered each tag, for observers.
@@ -168,10 +172,15 @@ class IMAPServerProtocol(FrontDoor):
                 fields = line.split(b" ", 2)
                 if len(fields) > 1 and line[:1] not in (b"*", b"+"):
                     self._lastStatus = {fields[0]: fields[1].decode("ascii", "replace")}
-        # Buffered, not writeNow: sent one by one, the replies to a flood of
-        # pipelined commands were partly lost to the reset that closing with
-        # the flood unread sends (test_prelogin_attacks, bounded_log).
-        self.transport.write(data)
+        if now:
+            # The greeting: nothing can be queued before it.
+            writeNow(self.transport, data)
+        else:
+            # Buffered, not writeNow: sent one by one, the replies to a flood
+            # of pipelined commands were partly lost to the reset that
+            # closing with the flood unread sends (test_prelogin_attacks,
+            # bounded_log).
+            self.transport.write(data)
 
     def disconnect(self) -> None:
         """

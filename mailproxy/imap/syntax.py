@@ -14,6 +14,8 @@ from mailproxy.imap.lexer import LexError, readQuoted
 
 _TAG_AND_NAME = re.compile(rb"\A([^\x00-\x20\x7f(){%*\"\\+]+) ([A-Za-z][A-Za-z0-9.\-]*)(?=[ \r\n]|\Z)")
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
+# What an argument read as an atom must not hold (a space ends it).
+_NOT_IN_ATOM = re.compile(rb'[(){%*"\\\x00-\x1f\x7f]')
 # The code only counts right after the status word of a status response;
 # "[CAPABILITY" elsewhere (a FETCH'd subject, say) is message data.
 _CAPABILITY_CODE = re.compile(rb"\A(\S+ (?:OK|NO|BAD|PREAUTH|BYE) )\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
@@ -85,7 +87,7 @@ def _tokens(text: bytes) -> Iterable[bytes]:
             if end < 0:
                 end = length
             atom = text[position:end]
-            if any(byte in b'(){%*"\\' or byte < 0x20 or byte == 0x7F for byte in atom):
+            if _NOT_IN_ATOM.search(atom) is not None:
                 raise SyntaxError_("invalid character in atom")
             yield atom
             position = end

@@ -20,7 +20,7 @@ from twisted.internet import error as error_
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionDone
-from twisted.internet.interfaces import IReactorCore, IReactorTCP, IReactorTime, ITransport
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
@@ -30,6 +30,7 @@ from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.imap.framer import Event, FramingError, IMAPFramer, Line
 from mailproxy.imap.syntax import capabilitiesIn, isAtom, quoted
 from mailproxy.oauth.sasl import BadToken, Bearer, challengeStatus
+from mailproxy.stepdeadline import StepDeadline
 from mailproxy.tls import upstreamOptions
 from mailproxy.writenow import writeNow
 
@@ -107,7 +108,70 @@ def droppedKind(reason: Failure) -> str:
 UPSTREAM_MAX_LINE = 32 * 1024 * 1024
 
 
-class UpstreamIMAPProtocol(Protocol):
+class HandshakeReads:
+    """
+    The reads an upstream protocol offers its login handshake: each waits
+    for the next response (or line); once the connection is lost, or the
+    handshake gave up on the upstream, each fails.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: Deferred[bytes] | None = None
+        self._failure: UpstreamError | None = None
+        self._lostReason: Failure | None = None
+
+    def _read(self, ready: bytes | None) -> Deferred[bytes]:
+        """
+        C{ready} if something is, else what comes next (or the failure).
+        """
+        if ready is not None:
+            return defer.succeed(ready)
+        if self._failure is None and self._lostReason is not None:
+            self._failure = _closedError(self._lostReason)
+        if self._failure is not None:
+            return defer.fail(self._failure)
+        self._waiting = Deferred()
+        return self._waiting
+
+    def _deliver(self, take: Callable[[], bytes]) -> None:
+        """
+        Hand what C{take} returns to a read that waits, if one does.
+        """
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.callback(take())
+
+    def _fail(self, error: UpstreamError) -> None:
+        """
+        Fail the waiting read and every later one (after what was read
+        already) with C{error}, unless they fail with an earlier error.
+        """
+        if self._failure is None:
+            self._failure = error
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.errback(self._failure)
+
+    def _lostWith(self, reason: Failure) -> None:
+        # (The error is made only if a read wants it: most connections are
+        # lost long after their handshake.)
+        self._lostReason = reason
+        if self._waiting is not None:
+            self._fail(_closedError(reason))
+
+    def giveUp(self, error: UpstreamError) -> None:
+        """
+        The handshake gave up on the upstream (it did not answer in time):
+        the waiting read fails with C{error}.
+        """
+        self._fail(error)
+
+
+def _closedError(reason: Failure) -> UpstreamError:
+    return UpstreamError(f"upstream closed the connection: {reason.getErrorMessage()}", kind=lostKind(reason))
+
+
+class UpstreamIMAPProtocol(HandshakeReads, Protocol):
     """
     The connection to the upstream server.
 
@@ -120,14 +184,13 @@ class UpstreamIMAPProtocol(Protocol):
     transport: ITransport
 
     def __init__(self) -> None:
+        HandshakeReads.__init__(self)
         self.framer = IMAPFramer(UPSTREAM_MAX_LINE, responses=True)
         self.framer.maxLiteralSize = _HANDSHAKE_LIMIT
         self.connected = False
         self._responses: deque[list[Event]] = deque()
         self._partial: list[Event] = []
         self._handshakeBytes = 0
-        self._waiting: Deferred[bytes] | None = None
-        self._lost: Failure | None = None
         self._onEvents: Callable[[list[Event]], None] | None = None
         self._onWholeRead: Callable[[list[Event], bytes], None] | None = None
         self._onRead: Callable[[bytes], bool] | None = None
@@ -170,18 +233,12 @@ class UpstreamIMAPProtocol(Protocol):
                 self._partial = []
         # Deliver only after the whole read is framed, so the handshake can
         # see what else arrived with a response (STARTTLS injection check).
-        if self._waiting is not None and self._responses:
-            waiting, self._waiting = self._waiting, None
-            waiting.callback(_joined(self._responses.popleft()))
+        if self._responses:
+            self._deliver(self._nextResponse)
 
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
         self.connected = False
-        self._lost = reason
-        if self._waiting is not None:
-            waiting, self._waiting = self._waiting, None
-            waiting.errback(
-                UpstreamError(f"upstream closed the connection: {reason.getErrorMessage()}", kind=lostKind(reason))
-            )
+        self._lostWith(reason)
         if self._onLost is not None:
             self._onLost(reason)
         self.closed.callback(None)
@@ -190,13 +247,10 @@ class UpstreamIMAPProtocol(Protocol):
         """
         The next whole response (line plus any literals), during the handshake.
         """
-        if self._responses:
-            return defer.succeed(_joined(self._responses.popleft()))
-        if self._lost is not None:
-            message = f"upstream closed the connection: {self._lost.getErrorMessage()}"
-            return defer.fail(UpstreamError(message, kind=lostKind(self._lost)))
-        self._waiting = Deferred()
-        return self._waiting
+        return self._read(self._nextResponse() if self._responses else None)
+
+    def _nextResponse(self) -> bytes:
+        return _joined(self._responses.popleft())
 
     def hasBufferedInput(self) -> bool:
         """
@@ -353,16 +407,21 @@ async def connectUpstream(
     reactor: Any, upstream: UpstreamConfig, username: str, password: str | Bearer, *, clientAddress: str = ""
 ) -> UpstreamSession:
     """
-    Connect to C{upstream}, secure the connection as configured and log in.
+    Connect to C{upstream}, secure the connection as configured and log in,
+    each step within C{upstream.connectTimeout}.
 
     @raise UpstreamError: if any step fails; the connection is closed.
     """
-    protocol: UpstreamIMAPProtocol = await openConnection(reactor, upstream, UpstreamIMAPProtocol)
+    deadline = StepDeadline(reactor, upstream.connectTimeout)
     try:
-        return await _loginHandshake(reactor, protocol, upstream, username, password, clientAddress)
-    except BaseException:
-        closeUpstream(protocol, reactor, upstream.connectTimeout)
-        raise
+        protocol: UpstreamIMAPProtocol = await openConnection(reactor, upstream, UpstreamIMAPProtocol, deadline)
+        try:
+            return await _loginHandshake(protocol, upstream, username, password, clientAddress, deadline)
+        except BaseException:
+            closeUpstream(protocol, reactor, upstream.connectTimeout)
+            raise
+    finally:
+        deadline.stop()
 
 
 def upstreamEndpoint(reactor: IReactorTCP, upstream: UpstreamConfig) -> Any:
@@ -371,12 +430,16 @@ def upstreamEndpoint(reactor: IReactorTCP, upstream: UpstreamConfig) -> Any:
     a name resolved (every address tried, as L{HostnameEndpoint} does).
     Resolving an address would cost each session a trip through the
     resolver's thread.
+
+    An address gets no timer of its own: the caller's L{StepDeadline}
+    bounds the connection.  A name's attempts each get one, as
+    L{HostnameEndpoint} needs to move on to the next address.
     """
     version = _addressVersion(upstream.host)
     if version is None:
         return HostnameEndpoint(reactor, upstream.host.encode("idna"), upstream.port, timeout=upstream.connectTimeout)
     connect = TCP6ClientEndpoint if version == 6 else TCP4ClientEndpoint
-    return connect(reactor, upstream.host, upstream.port, timeout=upstream.connectTimeout)
+    return connect(reactor, upstream.host, upstream.port, timeout=None)  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=256)
@@ -391,26 +454,38 @@ def _addressVersion(host: str) -> int | None:
         return None
 
 
-async def openConnection(reactor: IReactorTCP, upstream: UpstreamConfig, protocolClass: type[Protocol]) -> Any:
+# One factory per upstream protocol, for every connection (a factory keeps
+# no state of its own here).
+_factories: dict[type[Protocol], Factory] = {}
+
+
+def _quietFactory(protocolClass: type[Protocol]) -> Any:
+    factory = _factories.get(protocolClass)
+    if factory is None:
+        factory = _factories[protocolClass] = Factory.forProtocol(protocolClass)
+        # "Starting factory" twice per session says nothing to an operator.
+        factory.noisy = False
+    return factory
+
+
+async def openConnection(
+    reactor: IReactorTCP, upstream: UpstreamConfig, protocolClass: type[Protocol], deadline: StepDeadline
+) -> Any:
     """
-    Connect to C{upstream} (implicit TLS verified as configured) within its
-    connect timeout; IMAP and POP3 upstreams alike.
+    Connect to C{upstream} (implicit TLS verified as configured), as the
+    first step of C{deadline}; IMAP and POP3 upstreams alike.
 
     @raise UpstreamError: if the connection cannot be made.
     """
-    clock: IReactorTime = reactor  # type: ignore[assignment]
     endpoint = upstreamEndpoint(reactor, upstream)
     if upstream.tls is TLSMode.IMPLICIT:
         endpoint = wrapClientTLS(upstreamOptions(upstream), endpoint)
-    factory = Factory.forProtocol(protocolClass)
-    # "Starting factory" twice per session says nothing to an operator.
-    factory.noisy = False
-    connecting = endpoint.connect(factory)
-    connecting.addTimeout(upstream.connectTimeout, clock)
+    connecting = endpoint.connect(_quietFactory(protocolClass))
+    deadline.step(connecting.cancel)
     try:
         return await connecting
-    except (defer.TimeoutError, ConnectingCancelledError):
-        # The endpoint reports the timeout's cancellation as its own error.
+    except (defer.CancelledError, ConnectingCancelledError):
+        # Cancelled by the deadline: the endpoint reports it as its own error.
         raise UpstreamError(
             f"cannot connect to {upstream.host}:{upstream.port}: no connection within {upstream.connectTimeout:g} s",
             kind="timeout",
@@ -424,33 +499,29 @@ async def openConnection(reactor: IReactorTCP, upstream: UpstreamConfig, protoco
 
 
 async def _loginHandshake(
-    reactor: IReactorCore,
     protocol: UpstreamIMAPProtocol,
     upstream: UpstreamConfig,
     username: str,
     password: str | Bearer,
-    clientAddress: str = "",
+    clientAddress: str,
+    deadline: StepDeadline,
 ) -> UpstreamSession:
-    clock: IReactorTime = reactor  # type: ignore[assignment]
     handshake = _Handshake(protocol)
 
-    async def withTimeout(work: Any) -> Any:
-        deferred = Deferred.fromCoroutine(work)
-        deferred.addTimeout(upstream.connectTimeout, clock)
-        try:
-            return await deferred
-        except defer.TimeoutError:
-            raise UpstreamError(
-                f"upstream {upstream.host}:{upstream.port} did not answer in time", kind="timeout"
-            ) from None
+    def timedOut() -> None:
+        protocol.giveUp(
+            UpstreamError(f"upstream {upstream.host}:{upstream.port} did not answer in time", kind="timeout")
+        )
 
-    greeting = await withTimeout(_awaitResponse(protocol))
+    deadline.step(timedOut)
+    greeting = await protocol.readResponse()
     if not greeting.upper().startswith(b"* OK"):
         raise UpstreamError(f"upstream greeting was not OK: {_text(greeting)}")
     capabilities = capabilitiesIn(greeting)
 
     if upstream.tls is TLSMode.STARTTLS:
-        _, tagged = await withTimeout(handshake.command(b"STARTTLS"))
+        deadline.step(timedOut)
+        _, tagged = await handshake.command(b"STARTTLS")
         if not _isOK(tagged):
             raise UpstreamError(f"upstream refused STARTTLS: {_text(tagged)}")
         if protocol.hasBufferedInput():
@@ -461,26 +532,30 @@ async def _loginHandshake(
         capabilities = None
 
     if capabilities is None:
-        untagged, _ = await withTimeout(handshake.command(b"CAPABILITY"))
+        deadline.step(timedOut)
+        untagged, _ = await handshake.command(b"CAPABILITY")
         capabilities = _capabilitiesFrom(untagged)
     upper = {name.upper() for name in capabilities}
     if upstream.forwardClientAddress:
-        await withTimeout(_forwardClientAddress(handshake, upstream, upper, clientAddress))
+        deadline.step(timedOut)
+        await _forwardClientAddress(handshake, upstream, upper, clientAddress)
 
     # The TLS handshake result only shows once data flows, so a bad
     # certificate surfaces as a closed connection in the command above.
+    deadline.step(timedOut)
     if isinstance(password, Bearer):
-        tagged = await withTimeout(_bearerLogin(handshake, upper, username, password, upstream))
+        tagged = await _bearerLogin(handshake, upper, username, password, upstream)
     else:
         # surrogateescape: a passthrough password that was not UTF-8 goes
         # back out as the very octets the client sent.
         credentials = (username.encode("utf-8", "surrogateescape"), password.encode("utf-8", "surrogateescape"))
-        tagged = await withTimeout(_login(handshake, upper, *credentials))
+        tagged = await _login(handshake, upper, *credentials)
     if not _isOK(tagged):
         raise UpstreamError(f"upstream rejected the login: {_text(tagged)}", authenticationFailed=True)
     loggedIn = capabilitiesIn(tagged)
     if loggedIn is None:
-        untagged, _ = await withTimeout(handshake.command(b"CAPABILITY"))
+        deadline.step(timedOut)
+        untagged, _ = await handshake.command(b"CAPABILITY")
         loggedIn = _capabilitiesFrom(untagged)
     return UpstreamSession(protocol, loggedIn)
 
@@ -540,10 +615,6 @@ async def _forwardClientAddress(
     _, tagged = await handshake.command(command)
     if not _isOK(tagged):
         log.warn("upstream {upstream} refused the client address: {reply}", upstream=upstream.name, reply=_text(tagged))
-
-
-async def _awaitResponse(protocol: UpstreamIMAPProtocol) -> bytes:
-    return await protocol.readResponse()
 
 
 def _capabilitiesFrom(untagged: list[bytes]) -> list[bytes]:

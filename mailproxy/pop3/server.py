@@ -36,6 +36,7 @@ from mailproxy.pop3.upstream import POP3UpstreamSession
 from mailproxy.pop3.wire import LineSplitter, LineTooLong
 from mailproxy.sasl import MECHANISMS, Challenge, Credentials, SASLError, SASLExchange, Step, exchangeFor
 from mailproxy.splice import Splice
+from mailproxy.writenow import writeNow
 
 # RFC 2449 allows 255 octets per command; be generous, and drop a client
 # whose unfinished line grows past the hard limit.
@@ -117,7 +118,7 @@ class POP3ServerProtocol(FrontDoor):
     # -- the front door's hooks ---------------------------------------------
 
     def greet(self) -> None:
-        self._send(b"+OK " + self.context.config.greeting.encode("utf-8") + b"\r\n")
+        self._send(b"+OK " + self.context.config.greeting.encode("utf-8") + b"\r\n", now=True)
 
     def refuseConnection(self, reason: bytes) -> None:
         self._send(b"-ERR [SYS/TEMP] " + reason + b", try again later\r\n")
@@ -138,15 +139,20 @@ class POP3ServerProtocol(FrontDoor):
     def octetsExchanged(self) -> tuple[int, int]:
         return self.bytesIn, self.bytesOut
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, *, now: bool = False) -> None:
         if self._firstLine is None and data:
             # The status line of the command in progress, for observers.
             self._firstLine = data.split(b"\r\n", 1)[0]
         self.bytesOut += len(data)
-        # Buffered, not writeNow: sent one by one, the replies to a flood of
-        # pipelined commands were partly lost to the reset that closing with
-        # the flood unread sends (test_prelogin_attacks, bounded_log).
-        self.transport.write(data)
+        if now:
+            # The greeting: nothing can be queued before it.
+            writeNow(self.transport, data)
+        else:
+            # Buffered, not writeNow: sent one by one, the replies to a flood
+            # of pipelined commands were partly lost to the reset that
+            # closing with the flood unread sends (test_prelogin_attacks,
+            # bounded_log).
+            self.transport.write(data)
         if self.metrics is not None and self.loggedIn:
             self.metrics.bytesToClient.inc(len(data))
 

@@ -12,18 +12,18 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.interfaces import ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailproxy.config import TLSMode, UpstreamConfig
-from mailproxy.imap.upstream import UpstreamError, closeUpstream, lostKind, openConnection, setNoDelay
+from mailproxy.imap.upstream import HandshakeReads, UpstreamError, closeUpstream, openConnection, setNoDelay
 from mailproxy.oauth.sasl import BadToken, Bearer, challengeStatus
 from mailproxy.pop3.wire import unstuff
+from mailproxy.stepdeadline import StepDeadline
 from mailproxy.tls import upstreamOptions
 from mailproxy.writenow import writeNow
 
@@ -34,7 +34,7 @@ _HANDSHAKE_LIMIT = 64 * 1024
 _NOT_CREDENTIALS = (b"[SYS/TEMP]", b"[SYS/PERM]", b"[IN-USE]", b"[LOGIN-DELAY]")
 
 
-class POP3UpstreamProtocol(Protocol):
+class POP3UpstreamProtocol(HandshakeReads, Protocol):
     """
     The connection to the upstream POP3 server.
 
@@ -46,12 +46,11 @@ class POP3UpstreamProtocol(Protocol):
     transport: ITransport
 
     def __init__(self) -> None:
+        HandshakeReads.__init__(self)
         self.connected = False
         self._buffer = bytearray()
         self._lines: deque[bytes] = deque()
         self._received = 0
-        self._waiting: Deferred[bytes] | None = None
-        self._lost: Failure | None = None
         self._onData: Callable[[bytes], None] | None = None
         self._onLost: Callable[[Failure], None] | None = None
         self.closed: Deferred[None] = Deferred()
@@ -75,18 +74,12 @@ class POP3UpstreamProtocol(Protocol):
             del self._buffer[: end + 1]
         # Deliver only once the whole read is split, so the handshake sees
         # what else came with a response (STLS injection check).
-        if self._waiting is not None and self._lines:
-            waiting, self._waiting = self._waiting, None
-            waiting.callback(self._lines.popleft())
+        if self._lines:
+            self._deliver(self._lines.popleft)
 
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
         self.connected = False
-        self._lost = reason
-        if self._waiting is not None:
-            waiting, self._waiting = self._waiting, None
-            waiting.errback(
-                UpstreamError(f"upstream closed the connection: {reason.getErrorMessage()}", kind=lostKind(reason))
-            )
+        self._lostWith(reason)
         if self._onLost is not None:
             self._onLost(reason)
         self.closed.callback(None)
@@ -95,13 +88,7 @@ class POP3UpstreamProtocol(Protocol):
         """
         The next line, with its line end, during the handshake.
         """
-        if self._lines:
-            return defer.succeed(self._lines.popleft())
-        if self._lost is not None:
-            message = f"upstream closed the connection: {self._lost.getErrorMessage()}"
-            return defer.fail(UpstreamError(message, kind=lostKind(self._lost)))
-        self._waiting = Deferred()
-        return self._waiting
+        return self._read(self._lines.popleft() if self._lines else None)
 
     def hasBufferedInput(self) -> bool:
         """
@@ -121,8 +108,8 @@ class POP3UpstreamProtocol(Protocol):
         self._buffer.clear()
         if pending:
             onData(pending)
-        if self._lost is not None:
-            onLost(self._lost)
+        if self._lostReason is not None:
+            onLost(self._lostReason)
 
 
 class POP3UpstreamSession:
@@ -152,29 +139,35 @@ async def connectPOP3Upstream(
 
     @raise UpstreamError: if any step fails; the connection is closed.
     """
-    protocol: POP3UpstreamProtocol = await openConnection(reactor, upstream, POP3UpstreamProtocol)
+    deadline = StepDeadline(reactor, upstream.connectTimeout)
     try:
-        return await loginHandshake(reactor, protocol, upstream, username, password)
-    except BaseException:
-        closeUpstream(protocol, reactor, upstream.connectTimeout)
-        raise
+        protocol: POP3UpstreamProtocol = await openConnection(reactor, upstream, POP3UpstreamProtocol, deadline)
+        try:
+            return await loginHandshake(protocol, upstream, username, password, deadline)
+        except BaseException:
+            closeUpstream(protocol, reactor, upstream.connectTimeout)
+            raise
+    finally:
+        deadline.stop()
 
 
 class _Handshake:
-    def __init__(self, clock: IReactorTime, protocol: POP3UpstreamProtocol, upstream: UpstreamConfig) -> None:
-        self.clock = clock
+    def __init__(self, protocol: POP3UpstreamProtocol, upstream: UpstreamConfig, deadline: StepDeadline) -> None:
         self.protocol = protocol
         self.upstream = upstream
+        self.deadline = deadline
 
     async def readLine(self) -> bytes:
-        reading = self.protocol.readLine()
-        reading.addTimeout(self.upstream.connectTimeout, self.clock)
-        try:
-            return await reading
-        except defer.TimeoutError:
-            raise UpstreamError(
-                f"upstream {self.upstream.host}:{self.upstream.port} did not answer in time", kind="timeout"
-            ) from None
+        """
+        The next line, within C{connect_timeout} (each line is a step).
+        """
+        self.deadline.step(self._timedOut)
+        return await self.protocol.readLine()
+
+    def _timedOut(self) -> None:
+        self.protocol.giveUp(
+            UpstreamError(f"upstream {self.upstream.host}:{self.upstream.port} did not answer in time", kind="timeout")
+        )
 
     async def command(self, line: bytes) -> bytes:
         writeNow(self.protocol.transport, line + b"\r\n")
@@ -190,14 +183,18 @@ class _Handshake:
 
 
 async def loginHandshake(
-    reactor: Any, protocol: POP3UpstreamProtocol, upstream: UpstreamConfig, username: str, password: str | Bearer
+    protocol: POP3UpstreamProtocol,
+    upstream: UpstreamConfig,
+    username: str,
+    password: str | Bearer,
+    deadline: StepDeadline,
 ) -> POP3UpstreamSession:
     """
     Greeting, STLS if configured, CAPA and login on a connected C{protocol}.
 
     @raise UpstreamError: if any step fails.
     """
-    handshake = _Handshake(reactor, protocol, upstream)
+    handshake = _Handshake(protocol, upstream, deadline)
     greeting = await handshake.readLine()
     if not _isOK(greeting):
         raise UpstreamError(f"upstream greeting was not +OK: {_text(greeting)}")
