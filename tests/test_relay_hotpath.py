@@ -126,6 +126,9 @@ _RELAYED_AS = {
     b"* CAPABILITY IMAP4rev1 STARTTLS IDLE\r\n": b"* CAPABILITY IMAP4rev1 IDLE\r\n",
     b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] still here\r\n": b"* OK [CAPABILITY IMAP4rev1] still here\r\n",
     b"* OK text that ends like {5}\r\n": b"* OK text that ends like {5}\r\n",
+    b"* ok [capability IMAP4rev1 STARTTLS] lower case\r\n": b"* ok [CAPABILITY IMAP4rev1] lower case\r\n",
+    b"* OK [UIDVALIDITY 1700000000] UIDs valid\r\n": b"* OK [UIDVALIDITY 1700000000] UIDs valid\r\n",
+    b"* BYE [UNAVAILABLE] going down\r\n": b"* BYE [UNAVAILABLE] going down\r\n",
     b"* 1 FETCH (FLAGS (\\Seen))\r\n": b"* 1 FETCH (FLAGS (\\Seen))\r\n",
 }
 _untagged = st.sampled_from(sorted(_RELAYED_AS))

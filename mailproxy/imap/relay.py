@@ -75,9 +75,12 @@ Part = bytes | StreamedLiteral
 # The response lines the passthrough relay acts on (see _fromUpstreamBatch
 # and _baseRewrite), found by the framer's scan: tagged replies and
 # continuations (not starting with "*"), and untagged ones that may be a
-# BYE, a BAD, a capability list or carry a response code (a "[" where
-# _baseRewrite looks for one).  Every other line passes untouched.
-_NOTABLE_LINE = re.compile(rb"^(?:[^*]|\*[^ ]|\* (?i:BYE|BAD |CAPABILITY)|\* [^\n]{0,8}\[)", re.MULTILINE)
+# BYE, a BAD, a capability list or carry a CAPABILITY response code (a "["
+# where _baseRewrite looks for one; a mailbox's [UIDVALIDITY ...] and the
+# like are passed over).  Every other line passes untouched.
+_NOTABLE_LINE = re.compile(
+    rb"^(?:[^*]|\*[^ ]|\* (?i:BYE|BAD |CAPABILITY)|\* [^\n]{0,8}\[(?i:CAPABILITY ))", re.MULTILINE
+)
 
 
 class _Literal(enum.Enum):
