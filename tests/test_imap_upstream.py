@@ -7,10 +7,12 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy.config import TLSMode, UpstreamConfig
 from mailproxy.imap.framer import Line
@@ -313,3 +315,31 @@ class DeferredResolver:
         self.asked.append(hostName)
         receiver.resolutionBegan(None)
         return receiver
+
+
+class _GreetAndClose(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(b"* OK ready\r\n")
+        self.transport.loseConnection()
+
+
+class PlainTCPUpstreamTests(TestCase):
+    """
+    Over a real loopback connection: the upstream protocol reads straight
+    from its TCP transport, and still gets every read and its close.
+    """
+
+    @defer.inlineCallbacks
+    def test_reads_and_the_close_reach_the_protocol_without_the_endpoints_wrapper(self) -> Any:
+        from twisted.internet import reactor
+
+        port = reactor.listenTCP(0, Factory.forProtocol(_GreetAndClose), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        upstream = UpstreamConfig("main", "127.0.0.1", port.getHost().port, TLSMode.PLAIN, connectTimeout=5)
+        deadline = StepDeadline(reactor, 5)  # type: ignore[arg-type]
+        self.addCleanup(deadline.stop)
+        protocol = yield Deferred.fromCoroutine(openConnection(reactor, upstream, UpstreamIMAPProtocol, deadline))
+        self.assertIs(protocol.transport.protocol, protocol)
+        greeting = yield protocol.readResponse()
+        yield protocol.closed
+        self.assertEqual((greeting, protocol.connected), (b"* OK ready\r\n", False))

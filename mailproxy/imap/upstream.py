@@ -199,7 +199,7 @@ class UpstreamIMAPProtocol(HandshakeReads, Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
-        setNoDelay(self.transport)
+        upstreamConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -323,6 +323,23 @@ def setReadSize(transport: Any, size: int) -> None:
     """
     if isinstance(transport, Connection) and not transport.TLS:
         transport.bufferSize = size
+
+
+def upstreamConnected(protocol: Protocol) -> None:
+    """
+    Set up a new upstream connection: no Nagle, keepalive (L{setNoDelay}),
+    and a plain TCP transport's reads handed to C{protocol} itself, not
+    through the endpoint's wrapper, which forwards each read (one more call
+    per relayed response) and nothing else an upstream protocol uses.
+    """
+    transport: Any = protocol.transport
+    setNoDelay(transport)
+    if (
+        isinstance(transport, Connection)
+        and not transport.TLS
+        and getattr(transport.protocol, "_wrappedProtocol", None) is protocol
+    ):
+        transport.protocol = protocol
 
 
 def setNoDelay(transport: Any) -> None:

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailproxy.config import TLSMode, UpstreamConfig
-from mailproxy.imap.upstream import HandshakeReads, UpstreamError, closeUpstream, openConnection, setNoDelay
+from mailproxy.imap.upstream import HandshakeReads, UpstreamError, closeUpstream, openConnection, upstreamConnected
 from mailproxy.oauth.sasl import BadToken, Bearer, challengeStatus
 from mailproxy.pop3.wire import unstuff
 from mailproxy.stepdeadline import StepDeadline
@@ -57,7 +57,7 @@ class POP3UpstreamProtocol(HandshakeReads, Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
-        setNoDelay(self.transport)
+        upstreamConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._onData is not None:
