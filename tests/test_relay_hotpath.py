@@ -23,6 +23,7 @@ from twisted.internet.tcp import Connection
 
 from mailproxy.imap.framer import FramingError, IMAPFramer, Line, LiteralChunk
 from mailproxy.imap.relay import _NOTABLE_LINE
+from mailproxy.imap.syntax import rewriteCapabilities
 from mailproxy.imap.upstream import RELAY_READ_SIZE, setReadSize
 from mailproxy.limits import LimitsConfig
 from tests.support import ProxyConnection, UpstreamScript, loggedIn
@@ -535,3 +536,31 @@ def test_relaying_reads_larger_pieces_from_a_plain_tcp_upstream() -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+_words = st.sampled_from(
+    [b"OK", b"ok", b"NO", b"BAD", b"BYE", b"bye", b"PREAUTH", b"CAPABILITY", b"capability", b"FETCH"]
+)
+_codes = st.sampled_from(
+    [b"", b"[CAPABILITY IMAP4rev1 STARTTLS IDLE] ", b"[capability STARTTLS] ", b"[READ-WRITE] ", b"[CAPABILITY] ", b"["]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    tag=st.sampled_from([b"*", b"a1", b"+", b"CAPABILITY", b"*BYE"]),
+    word=_words,
+    code=_codes,
+    text=st.sampled_from([b"", b"IMAP4rev1 STARTTLS AUTH=PLAIN", b"done", b"[CAPABILITY STARTTLS]"]),
+    separator=st.sampled_from([b" ", b"  ", b""]),
+)
+def test_the_base_rewrite_changes_a_line_exactly_as_rewriting_its_capabilities_does(
+    tmp_path_factory: Any, tag: bytes, word: bytes, code: bytes, text: bytes, separator: bytes
+) -> None:
+    """Its quick looks for a capability list skip no line that the full rewrite would change, and a BYE is noted."""
+    line = tag + separator + word + b" " + code + text + b"\r\n"
+    connection, _ = session(tmp_path_factory.mktemp("rewrite"))
+    relay = connection.protocol.relay
+    assert relay is not None and not relay.upstreamSaidBye
+    assert relay._baseRewrite(line) == rewriteCapabilities(line, relay._capabilities)
+    assert relay.upstreamSaidBye == (tag == b"*" and separator == b" " and word.upper() == b"BYE")

@@ -1120,13 +1120,18 @@ class Relay:
         space = raw.find(b" ")
         if space < 0:
             return raw
-        if raw[space + 1 : space + 4].upper() == b"BYE" and raw[:space] == b"*":
+        if space == 1 and raw[:1] == b"*" and raw[2:5].upper() == b"BYE":
             self.upstreamSaidBye = True
-        # "[" right after the status word ("PREAUTH " is the longest), or
+        # "[CAPABILITY " right after the status word ("PREAUTH " is the
+        # longest: the first "[" after the tag is where a code starts), or
         # "CAPABILITY" as the response's name: anything else lists none.
-        if raw.find(b"[", space, space + 10) >= 0 or raw[space + 1 : space + 11].upper() == b"CAPABILITY":
-            return rewriteCapabilities(raw, self._capabilities)
-        return raw
+        # (A "[" there means the response's name is not CAPABILITY.)
+        bracket = raw.find(b"[", space, space + 10)
+        if bracket >= 0:
+            listed = raw[bracket + 1 : bracket + 12].upper() == b"CAPABILITY "
+        else:
+            listed = raw[space + 1 : space + 11].upper() == b"CAPABILITY"
+        return rewriteCapabilities(raw, self._capabilities) if listed else raw
 
     def _answered(self, response: bytes) -> bool:
         """
