@@ -6,13 +6,15 @@ move by several points between runs.
 
     python -m bench.instructions        (valgrind: apt install valgrind)
 
-Each target runs under callgrind three times against one private Dovecot:
-a few logins and FETCHes, more FETCHes, more logins.  The differences
-between the runs' totals, divided by the extra work, are the
-instructions one FETCH (one at a time, C{UID FETCH n (BODY.PEEK[])} of a
-2 kB message) and one login (connect, C{LOGIN}, C{SELECT}, C{FETCH 1:4
-(FLAGS)}, C{LOGOUT}) cost the target's process in user space: start-up and
-shut-down cancel out.  The targets are mailproxy (twistd, C{workers = 1})
+Each target runs under callgrind four times against one private Dovecot:
+a few logins, FETCHes and rounds of the mixed load, then more FETCHes, more
+logins, more rounds.  The differences between the runs' totals, divided by
+the extra work, are the instructions one FETCH (one at a time, C{UID FETCH
+n (BODY.PEEK[])} of a 2 kB message), one login (connect, C{LOGIN},
+C{SELECT}, C{FETCH 1:4 (FLAGS)}, C{LOGOUT}) and one round of the mixed
+load's five commands (L{MIXED_ROUND}, as L{bench.load} sends them, on a
+mailbox of 20 messages) cost the target's process in user space: start-up
+and shut-down cancel out.  The targets are mailproxy (twistd, C{workers = 1})
 and the two Python forwarders of L{bench.forwarder}, which relay octets
 without reading them: the floor for a proxy on Twisted's reactor and for
 one in plain Python.  The kernel's share (system calls, loopback TCP) is
@@ -76,21 +78,25 @@ default_upstream = "imap"
 class Work:
     """
     What one run under callgrind does: C{fetches} FETCHes in one session,
-    then C{logins} logins one after the other.
+    then C{logins} logins one after the other, then C{rounds} rounds of
+    L{MIXED_ROUND} in one session.
     """
 
     fetches: int
     logins: int
+    rounds: int = 0
 
 
 @dataclass(frozen=True)
 class Counts:
     """
-    Instructions per FETCH and per login of one target.
+    Instructions per FETCH, per login and per mixed-load round of one
+    target.
     """
 
     perFetch: float
     perLogin: float
+    perRound: float
 
 
 def findValgrind() -> str | None:
@@ -119,6 +125,33 @@ def logins(port: int, count: int) -> None:
             client.command(b"LOGOUT")
         finally:
             client.close()
+
+
+# The mixed load's commands (bench.load), on a mailbox the size of its users'.
+MIXED_MESSAGES = 20
+
+
+def mixedRound(number: int) -> list[bytes]:
+    uid = number % MIXED_MESSAGES + 1
+    return [
+        b"SELECT " + SMALL_MAILBOX,
+        b"FETCH 1:%d (FLAGS)" % MIXED_MESSAGES,
+        b"UID FETCH %d (BODY.PEEK[])" % uid,
+        b"UID STORE %d +FLAGS (\\Seen)" % uid,
+        b"NOOP",
+    ]
+
+
+def mixedRounds(port: int, count: int) -> None:
+    client = RawClient(port)
+    try:
+        client.command(b"LOGIN %s %s" % (USER.encode(), PASSWORD.encode()))
+        for number in range(count):
+            for command in mixedRound(number):
+                client.command(command)
+        client.command(b"LOGOUT")
+    finally:
+        client.close()
 
 
 def _waitForPort(process: subprocess.Popen[bytes], port: int, output: str) -> None:
@@ -208,19 +241,21 @@ def measureTarget(name: str, directory: str, upstreamPort: int, runs: Sequence[W
         with _underCallgrind(command, profiles, cwd, port) as outputs:
             fetches(port, work.fetches)
             logins(port, work.logins)
+            mixedRounds(port, work.rounds)
         totals.append(totalInstructions(outputs))
     return totals
 
 
 def counts(totals: Sequence[int], runs: Sequence[Work]) -> Counts:
     """
-    Per FETCH and per login, from three runs: the base, more FETCHes, more
-    logins.
+    Per FETCH, per login and per mixed round, from four runs: the base,
+    more FETCHes, more logins, more rounds.
     """
-    base, moreFetches, moreLogins = totals
+    base, moreFetches, moreLogins, moreRounds = totals
     return Counts(
         (moreFetches - base) / (runs[1].fetches - runs[0].fetches),
         (moreLogins - base) / (runs[2].logins - runs[0].logins),
+        (moreRounds - base) / (runs[3].rounds - runs[0].rounds),
     )
 
 
@@ -232,16 +267,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fetches", type=int, default=1000, help="extra FETCHes in the second run")
     parser.add_argument("--logins", type=int, default=200, help="extra logins in the third run")
+    parser.add_argument("--rounds", type=int, default=200, help="extra mixed-load rounds in the fourth run")
     parser.add_argument("--target", choices=TARGETS, action="append", help="only these (default: all)")
     arguments = parser.parse_args(argv)
     if findValgrind() is None:
         print("valgrind is not installed (apt install valgrind): no instruction counts.")
         return 0
-    base = Work(fetches=100, logins=20)
+    base = Work(fetches=100, logins=20, rounds=20)
     runs = [
         base,
-        Work(base.fetches + arguments.fetches, base.logins),
-        Work(base.fetches, base.logins + arguments.logins),
+        Work(base.fetches + arguments.fetches, base.logins, base.rounds),
+        Work(base.fetches, base.logins + arguments.logins, base.rounds),
+        Work(base.fetches, base.logins, base.rounds + arguments.rounds),
     ]
     results: dict[str, Counts] = {}
     with contextlib.ExitStack() as stack:
@@ -249,15 +286,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         upstream = stack.enter_context(privateDovecot({USER: PASSWORD}))
         seed(upstream.ports["imap"], MESSAGES, MESSAGE_SIZE, SMALL_MAILBOX)
         for name in arguments.target or TARGETS:
-            print(f"{LABELS[name]}: three runs under callgrind on {HOST} ...", flush=True)
+            print(f"{LABELS[name]}: four runs under callgrind on {HOST} ...", flush=True)
             results[name] = counts(measureTarget(name, directory, upstream.ports["imap"], runs), runs)
     floor = results.get("twisted")
     rows = []
     for name, result in results.items():
-        share = "" if floor is None else f" ({result.perFetch / floor.perFetch:.2f}x)"
-        loginShare = "" if floor is None else f" ({result.perLogin / floor.perLogin:.2f}x)"
-        rows.append([LABELS[name], f"{result.perFetch:,.0f}{share}", f"{result.perLogin:,.0f}{loginShare}"])
-    header = ["target", "instructions per FETCH (x Twisted forwarder)", "instructions per login (x Twisted forwarder)"]
+        row = [LABELS[name]]
+        for value, floorValue in (
+            (result.perFetch, floor and floor.perFetch),
+            (result.perLogin, floor and floor.perLogin),
+            (result.perRound, floor and floor.perRound),
+        ):
+            row.append(f"{value:,.0f}" + ("" if not floorValue else f" ({value / floorValue:.2f}x)"))
+        rows.append(row)
+    header = ["target"] + [
+        f"instructions per {what} (x Twisted forwarder)" for what in ("FETCH", "login", "mixed-load round")
+    ]
     print(markdownTable(header, rows))
     return 0
 

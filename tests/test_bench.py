@@ -177,13 +177,19 @@ def test_file_limit_is_raised_or_explained() -> None:
 
 
 def test_instruction_counts_are_the_extra_work_of_each_run_divided_by_how_much_more_it_did(tmp_path: Any) -> None:
-    """Start-up cancels out: per FETCH from the second run, per login from the third."""
-    runs = [Work(fetches=100, logins=20), Work(fetches=1100, logins=20), Work(fetches=100, logins=220)]
-    # start-up 5e9, 150k per FETCH, 2.3M per login
-    totals = [5_000_000_000 + 100 * 150_000 + 20 * 2_300_000]
+    """Start-up cancels out: per FETCH from the second run, per login from the third, per mixed round from the fourth."""
+    runs = [
+        Work(fetches=100, logins=20, rounds=20),
+        Work(fetches=1100, logins=20, rounds=20),
+        Work(fetches=100, logins=220, rounds=20),
+        Work(fetches=100, logins=20, rounds=320),
+    ]
+    # start-up 5e9, 150k per FETCH, 2.3M per login, 600k per round
+    totals = [5_000_000_000 + 100 * 150_000 + 20 * 2_300_000 + 20 * 600_000]
     totals.append(totals[0] + 1000 * 150_000)
     totals.append(totals[0] + 200 * 2_300_000)
-    assert counts(totals, runs) == Counts(150_000, 2_300_000)
+    totals.append(totals[0] + 300 * 600_000)
+    assert counts(totals, runs) == Counts(150_000, 2_300_000, 600_000)
 
 
 def test_instruction_totals_add_up_every_profile_of_a_run(tmp_path: Any) -> None:

@@ -9,9 +9,11 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailproxy.config import TLSMode, UpstreamConfig
@@ -149,6 +151,22 @@ class HandshakeTests(SynchronousTestCase):
         clock.advance(0.2)
         self.assertIn("did not answer", str(self.error(handshake)))
 
+    def test_after_giving_up_nothing_more_is_read(self) -> None:
+        """Once the handshake gave up on a step, what arrives later is not read as the next response."""
+        protocol = UpstreamIMAPProtocol()
+        protocol.makeConnection(FakeTLSTransport())
+        protocol.giveUp(UpstreamError("did not answer in time", kind="timeout"))
+        protocol.dataReceived(b"* OK late\r\n")
+        self.assertEqual(self.error(protocol.readResponse()).kind, "timeout")
+
+    def test_responses_before_a_loss_are_read_before_it(self) -> None:
+        protocol = UpstreamIMAPProtocol()
+        protocol.makeConnection(FakeTLSTransport())
+        protocol.dataReceived(b"* OK ready\r\n")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.successResultOf(protocol.readResponse()), b"* OK ready\r\n")
+        self.assertEqual(self.error(protocol.readResponse()).kind, "closed")
+
     def test_each_step_has_the_whole_connect_timeout(self) -> None:
         """A slow greeting leaves the login its own connect_timeout; a silent step then fails."""
         handshake, protocol, transport, clock = self.begin()
@@ -242,9 +260,14 @@ class ConnectUpstreamTests(SynchronousTestCase):
         return session, protocol, reactor
 
     def test_one_timer_for_the_whole_handshake_and_none_after(self) -> None:
+        """The connector gets no timer of its own, and the deadline's one serves the connect and every step."""
         session, protocol, reactor = self.connect()
+        [(_, _, _, connectorTimeout, _)] = reactor.tcpClients
+        [timer] = reactor.getDelayedCalls()
+        self.assertIsNone(connectorTimeout)
+        reactor.advance(1)
         protocol.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
-        self.assertEqual(len(reactor.getDelayedCalls()), 1)
+        self.assertEqual(reactor.getDelayedCalls(), [timer])
         protocol.dataReceived(b"mp1 OK [CAPABILITY IMAP4rev1 IDLE] in\r\n")
         self.assertEqual(self.successResultOf(session).capabilities, [b"IMAP4rev1", b"IDLE"])
         self.assertEqual(reactor.getDelayedCalls(), [])

@@ -388,6 +388,7 @@ _UPSTREAM_LINES = [
     b"* 2 EXISTS\r\n",
     b"* OK [CAPABILITY IMAP4rev1 STARTTLS] x\r\n",
     b"* BAD [PARSE] what\r\n",
+    b"* bye [ALERT] going down\r\n",
 ]
 _steps = st.lists(
     st.tuples(st.booleans(), st.lists(st.integers(0, 12), min_size=1, max_size=4)),

@@ -38,10 +38,12 @@ class StepDeadlineTests(SynchronousTestCase):
         self.assertEqual(self.givenUp, ["login"])
 
     def test_one_timer_serves_every_step(self) -> None:
+        [timer] = self.clock.getDelayedCalls()
         for name in ("connect", "greeting", "capability", "login"):
             self.deadline.step(self.giveUp(name))
             self.clock.advance(1)
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [timer])
+        self.assertEqual(timer.getTime(), 3 + 5)  # the last step started at 3
 
     def test_stopped_leaves_nothing_on_the_clock_and_gives_up_nothing(self) -> None:
         self.deadline.step(self.giveUp("login"))

@@ -122,12 +122,15 @@ class HandshakeReads:
 
     def _read(self, ready: bytes | None) -> Deferred[bytes]:
         """
-        C{ready} if something is, else what comes next (or the failure).
+        C{ready} if something is, else what comes next; the failure once the
+        handshake gave up (even if more arrived), or after what came before
+        the connection was lost.
         """
-        if ready is not None:
-            return defer.succeed(ready)
-        if self._failure is None and self._lostReason is not None:
-            self._failure = _closedError(self._lostReason)
+        if self._failure is None:
+            if ready is not None:
+                return defer.succeed(ready)
+            if self._lostReason is not None:
+                self._failure = _closedError(self._lostReason)
         if self._failure is not None:
             return defer.fail(self._failure)
         self._waiting = Deferred()
@@ -162,7 +165,7 @@ class HandshakeReads:
     def giveUp(self, error: UpstreamError) -> None:
         """
         The handshake gave up on the upstream (it did not answer in time):
-        the waiting read fails with C{error}.
+        the waiting read and every later one fail with C{error}.
         """
         self._fail(error)
 
@@ -449,8 +452,9 @@ def upstreamEndpoint(reactor: IReactorTCP, upstream: UpstreamConfig) -> Any:
     resolver's thread.
 
     An address gets no timer of its own: the caller's L{StepDeadline}
-    bounds the connection.  A name's attempts each get one, as
-    L{HostnameEndpoint} needs to move on to the next address.
+    bounds the connection (cancelling it stops the attempt).  A name's
+    endpoint keeps its timeout, which bounds each of its attempts; they
+    start after the step does, so the deadline comes first.
     """
     version = _addressVersion(upstream.host)
     if version is None:
