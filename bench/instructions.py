@@ -173,14 +173,27 @@ def _waitForPort(process: subprocess.Popen[bytes], port: int, output: str) -> No
             time.sleep(0.2)
 
 
+class IncompleteProfile(Exception):
+    """
+    A profile holds no totals: its process did not end by itself (it was
+    killed) and callgrind never wrote them.  Counted as nothing, it would
+    throw every difference with that run off by the whole run.
+    """
+
+
 def totalInstructions(outputs: str) -> int:
     total = 0
-    for path in glob.glob(outputs):
+    paths = glob.glob(outputs)
+    if not paths:
+        raise IncompleteProfile(f"no profile matches {outputs}")
+    for path in paths:
         with open(path) as handle:
             for line in handle:
                 if line.startswith("totals:"):
                     total += int(line.split()[1])
                     break
+            else:
+                raise IncompleteProfile(f"{path} has no totals (its process was killed before callgrind wrote them)")
     return total
 
 

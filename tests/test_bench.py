@@ -20,7 +20,7 @@ import pytest
 
 from bench.common import processTree, raiseFileLimit, seed
 from bench.haproxy import HaproxyTcpProxy, findHaproxy
-from bench.instructions import Counts, Work, counts, totalInstructions
+from bench.instructions import Counts, IncompleteProfile, Work, counts, totalInstructions
 from bench.load import CHURN, MIXED, LoadClient, LoadPlan, loadGenerator, parseImaptestTotals, runClients, warmUp
 from tests.dovecot import DovecotUpstream
 
@@ -199,3 +199,13 @@ def test_instruction_totals_add_up_every_profile_of_a_run(tmp_path: Any) -> None
             f"# callgrind format\nevents: Ir\nsummary: {total}\ntotals: {total}\n"
         )
     assert totalInstructions(str(tmp_path / "callgrind.*")) == 42
+
+
+def test_a_profile_without_totals_is_an_error_not_zero_instructions(tmp_path: Any) -> None:
+    """A process killed under callgrind leaves an empty profile: that run cannot be counted."""
+    (tmp_path / "callgrind.101").write_text("# callgrind format\nevents: Ir\nsummary: 7\ntotals: 7\n")
+    (tmp_path / "callgrind.102").write_text("")
+    with pytest.raises(IncompleteProfile, match="callgrind.102 has no totals"):
+        totalInstructions(str(tmp_path / "callgrind.*"))
+    with pytest.raises(IncompleteProfile, match="no profile"):
+        totalInstructions(str(tmp_path / "nothing.*"))
