@@ -2,7 +2,7 @@
 #   DEMO_IMAP_PORT, DEMO_IMAPS_PORT, DEMO_POP3_PORT, default 10143, 10993, 10110, choose where).
 # make test: installs what the tests need (apt and pip) and runs lint, types and the whole suite.
 # make bench: the benchmark (bench/summary.py) against direct Dovecot, nginx's mail proxy and haproxy (TCP).
-# make bench-instructions: instructions per relayed FETCH and per login under callgrind (bench/instructions.py).
+# make bench-instructions: instructions per relayed FETCH, per login and per mixed-load round under callgrind (bench/instructions.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -1,8 +1,8 @@
 """
-The proxy's own work per relayed command and per login, counted in
-instructions by valgrind's callgrind: the same for the same code whatever
-else the machine is doing, where the timed figures of C{python -m bench}
-move by several points between runs.
+The proxy's own work per relayed command, per login and per round of the mixed load, counted in
+instructions by valgrind's callgrind: within about 5% for the same code
+whatever else the machine is doing, where the timed figures of C{python -m
+bench} move by several points between runs.
 
     python -m bench.instructions        (valgrind: apt install valgrind)
 
