@@ -165,6 +165,31 @@ class HandshakeTests(SynchronousTestCase):
         protocol.dataReceived(b"-ERR cancelled\r\n")
         self.assertFalse(self.error(handshake).authenticationFailed)
 
+    def test_each_command_has_the_whole_connect_timeout(self) -> None:
+        """A slow greeting leaves CAPA its own connect_timeout."""
+        handshake, protocol, transport, clock = self.begin()
+        clock.advance(4.9)
+        protocol.dataReceived(b"+OK POP3 ready\r\n")
+        self.assertEqual(self.sent(transport), b"CAPA\r\n")
+        clock.advance(4.9)
+        protocol.dataReceived(CAPA_USER)
+        self.assertEqual(self.sent(transport), b"USER alice\r\n")
+        self.assertNoResult(handshake)
+
+    def test_a_reply_trickled_a_line_at_a_time_cannot_stretch_its_step(self) -> None:
+        """CAPA and all of its reply are one step: lines 2 s apart still run out of time at 5 s."""
+        handshake, protocol, transport, clock = self.begin()
+        protocol.dataReceived(b"+OK POP3 ready\r\n")
+        self.sent(transport)
+        protocol.dataReceived(b"+OK Capability list follows\r\n")
+        for name in (b"USER", b"UIDL"):
+            clock.advance(2)
+            protocol.dataReceived(name + b"\r\n")
+        self.assertNoResult(handshake)
+        clock.advance(1.1)
+        error = self.error(handshake)
+        self.assertEqual((str(error), error.kind), ("upstream pop.example:110 did not answer in time", "timeout"))
+
     def test_timeout(self) -> None:
         """An upstream that never answers fails after connectTimeout."""
         handshake, protocol, _, clock = self.begin()

@@ -157,9 +157,9 @@ class _Handshake:
         self.upstream = upstream
         self.deadline = deadline
 
-    async def readLine(self) -> bytes:
+    async def greeting(self) -> bytes:
         """
-        The next line, within C{connect_timeout} (each line is a step).
+        The greeting, within C{connect_timeout} (a step).
         """
         self.deadline.step(self._timedOut)
         return await self.protocol.readLine()
@@ -170,13 +170,22 @@ class _Handshake:
         )
 
     async def command(self, line: bytes) -> bytes:
+        """
+        Send C{line}; its reply's first line.  The command and all of its
+        reply (the lines L{multiLine} reads too) are one step: a server
+        that trickles a long reply a line at a time cannot stretch it.
+        """
+        self.deadline.step(self._timedOut)
         writeNow(self.protocol.transport, line + b"\r\n")
-        return await self.readLine()
+        return await self.protocol.readLine()
 
     async def multiLine(self) -> list[bytes]:
+        """
+        The rest of a multi-line reply, within the step of its command.
+        """
         lines: list[bytes] = []
         while True:
-            line = (await self.readLine()).rstrip(b"\r\n")
+            line = (await self.protocol.readLine()).rstrip(b"\r\n")
             if line == b".":
                 return unstuff(lines)
             lines.append(line)
@@ -195,7 +204,7 @@ async def loginHandshake(
     @raise UpstreamError: if any step fails.
     """
     handshake = _Handshake(protocol, upstream, deadline)
-    greeting = await handshake.readLine()
+    greeting = await handshake.greeting()
     if not _isOK(greeting):
         raise UpstreamError(f"upstream greeting was not +OK: {_text(greeting)}")
 
