@@ -10,8 +10,8 @@ import base64
 import functools
 import ipaddress
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -423,6 +423,10 @@ def _isOK(tagged: bytes) -> bool:
     return len(fields) >= 2 and fields[1].upper() == b"OK"
 
 
+_Connected = TypeVar("_Connected", bound=Protocol)
+_Session = TypeVar("_Session")
+
+
 async def connectUpstream(
     reactor: Any, upstream: UpstreamConfig, username: str, password: str | Bearer, *, clientAddress: str = ""
 ) -> UpstreamSession:
@@ -432,11 +436,32 @@ async def connectUpstream(
 
     @raise UpstreamError: if any step fails; the connection is closed.
     """
+    return await connectAndLogIn(
+        reactor,
+        upstream,
+        UpstreamIMAPProtocol,
+        lambda protocol, deadline: _loginHandshake(protocol, upstream, username, password, clientAddress, deadline),
+    )
+
+
+async def connectAndLogIn(
+    reactor: Any,
+    upstream: UpstreamConfig,
+    protocolClass: type[_Connected],
+    logIn: Callable[[_Connected, StepDeadline], Awaitable[_Session]],
+) -> _Session:
+    """
+    Connect to C{upstream} with C{protocolClass} and run C{logIn} on the
+    connection, the connection and each step of the login under one
+    L{StepDeadline}; IMAP and POP3 upstreams alike.
+
+    @raise UpstreamError: if any step fails; the connection is closed.
+    """
     deadline = StepDeadline(reactor, upstream.connectTimeout)
     try:
-        protocol: UpstreamIMAPProtocol = await openConnection(reactor, upstream, UpstreamIMAPProtocol, deadline)
+        protocol = await openConnection(reactor, upstream, protocolClass, deadline)
         try:
-            return await _loginHandshake(protocol, upstream, username, password, clientAddress, deadline)
+            return await logIn(protocol, deadline)
         except BaseException:
             closeUpstream(protocol, reactor, upstream.connectTimeout)
             raise

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailproxy.config import TLSMode, UpstreamConfig
-from mailproxy.imap.upstream import HandshakeReads, UpstreamError, closeUpstream, openConnection, upstreamConnected
+from mailproxy.imap.upstream import HandshakeReads, UpstreamError, connectAndLogIn, upstreamConnected
 from mailproxy.oauth.sasl import BadToken, Bearer, challengeStatus
 from mailproxy.pop3.wire import unstuff
 from mailproxy.stepdeadline import StepDeadline
@@ -139,16 +139,12 @@ async def connectPOP3Upstream(
 
     @raise UpstreamError: if any step fails; the connection is closed.
     """
-    deadline = StepDeadline(reactor, upstream.connectTimeout)
-    try:
-        protocol: POP3UpstreamProtocol = await openConnection(reactor, upstream, POP3UpstreamProtocol, deadline)
-        try:
-            return await loginHandshake(protocol, upstream, username, password, deadline)
-        except BaseException:
-            closeUpstream(protocol, reactor, upstream.connectTimeout)
-            raise
-    finally:
-        deadline.stop()
+    return await connectAndLogIn(
+        reactor,
+        upstream,
+        POP3UpstreamProtocol,
+        lambda protocol, deadline: loginHandshake(protocol, upstream, username, password, deadline),
+    )
 
 
 class _Handshake:
