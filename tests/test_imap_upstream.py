@@ -322,6 +322,20 @@ class UpstreamAddressTests(SynchronousTestCase):
             ("cannot connect to 127.0.0.1:143: no connection within 5 s", "timeout", True),
         )
 
+    def test_a_name_that_never_resolves_times_out_as_a_timeout(self) -> None:
+        """The deadline cancels a lookup that never answers: reported as the timeout it is, not as a failed lookup."""
+        reactor = MemoryReactorClock()
+        reactor.installNameResolver(DeferredResolver())
+        upstream = UpstreamConfig("main", "imap.example", 143, TLSMode.PLAIN, connectTimeout=5)
+        connecting = Deferred.fromCoroutine(
+            openConnection(reactor, upstream, UpstreamIMAPProtocol, StepDeadline(reactor, 5))
+        )
+        reactor.advance(5.1)
+        error = self.failureResultOf(connecting, UpstreamError).value
+        self.assertEqual(
+            (str(error), error.kind), ("cannot connect to imap.example:143: no connection within 5 s", "timeout")
+        )
+
     def test_a_name_waits_for_the_resolver(self) -> None:
         self.assertEqual(self.connectionAttempts("imap.example"), ([], ["imap.example"]))
 

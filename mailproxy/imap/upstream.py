@@ -530,13 +530,14 @@ async def openConnection(
     deadline.step(connecting.cancel)
     try:
         return await connecting
-    except (defer.CancelledError, ConnectingCancelledError):
-        # Cancelled by the deadline: the endpoint reports it as its own error.
-        raise UpstreamError(
-            f"cannot connect to {upstream.host}:{upstream.port}: no connection within {upstream.connectTimeout:g} s",
-            kind="timeout",
-        ) from None
-    except (ConnectError, OSError) as error:
+    except (defer.CancelledError, ConnectingCancelledError, ConnectError, OSError) as error:
+        # Cancelled by the deadline, the endpoint reports its own error: a
+        # connector's cancellation, or (a name's) a failed lookup.
+        if deadline.expired or isinstance(error, defer.CancelledError | ConnectingCancelledError):
+            raise UpstreamError(
+                f"cannot connect to {upstream.host}:{upstream.port}: no connection within {upstream.connectTimeout:g} s",
+                kind="timeout",
+            ) from None
         timedOut = isinstance(error, TimeoutError | error_.TimeoutError)
         raise UpstreamError(
             f"cannot connect to {upstream.host}:{upstream.port}: {error}",
