@@ -169,6 +169,13 @@ class HandshakeReads:
         """
         self._fail(error)
 
+    def silent(self, upstream: UpstreamConfig) -> None:
+        """
+        A step of the handshake ran out of time: L{giveUp} with the timeout
+        C{upstream} did not answer within.
+        """
+        self.giveUp(UpstreamError(f"upstream {upstream.host}:{upstream.port} did not answer in time", kind="timeout"))
+
 
 def _closedError(reason: Failure) -> UpstreamError:
     return UpstreamError(f"upstream closed the connection: {reason.getErrorMessage()}", kind=lostKind(reason))
@@ -555,10 +562,7 @@ async def _loginHandshake(
 ) -> UpstreamSession:
     handshake = _Handshake(protocol)
 
-    def timedOut() -> None:
-        protocol.giveUp(
-            UpstreamError(f"upstream {upstream.host}:{upstream.port} did not answer in time", kind="timeout")
-        )
+    timedOut = functools.partial(protocol.silent, upstream)
 
     deadline.step(timedOut)
     greeting = await protocol.readResponse()

@@ -8,6 +8,7 @@ response stream to the relay.
 from __future__ import annotations
 
 import base64
+import functools
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -152,6 +153,7 @@ class _Handshake:
         self.protocol = protocol
         self.upstream = upstream
         self.deadline = deadline
+        self._timedOut = functools.partial(protocol.silent, upstream)
 
     async def greeting(self) -> bytes:
         """
@@ -159,11 +161,6 @@ class _Handshake:
         """
         self.deadline.step(self._timedOut)
         return await self.protocol.readLine()
-
-    def _timedOut(self) -> None:
-        self.protocol.giveUp(
-            UpstreamError(f"upstream {self.upstream.host}:{self.upstream.port} did not answer in time", kind="timeout")
-        )
 
     async def command(self, line: bytes) -> bytes:
         """
