@@ -12,8 +12,8 @@ logins, more rounds.  The differences between the runs' totals, divided by
 the extra work, are the instructions one FETCH (one at a time, C{UID FETCH
 n (BODY.PEEK[])} of a 2 kB message), one login (connect, C{LOGIN},
 C{SELECT}, C{FETCH 1:4 (FLAGS)}, C{LOGOUT}) and one round of the mixed
-load's five commands (L{MIXED_ROUND}, as L{bench.load} sends them, on a
-mailbox of 20 messages) cost the target's process in user space: start-up
+load's five commands (L{bench.load.mixedCommands}, on an INBOX of 20
+messages of 8 kB, as the load's users have) cost the target's process in user space: start-up
 and shut-down cancel out.  The targets are mailproxy (twistd, C{workers = 1})
 and the two Python forwarders of L{bench.forwarder}, which relay octets
 without reading them: the floor for a proxy on Twisted's reactor and for
@@ -47,6 +47,7 @@ from bench.common import (
     workDirectory,
     writeUsersFile,
 )
+from bench.load import LoadPlan, mixedCommands
 from tests.proxyprocess import TWISTD, tail
 
 SMALL_MAILBOX = b"Small"
@@ -79,7 +80,7 @@ class Work:
     """
     What one run under callgrind does: C{fetches} FETCHes in one session,
     then C{logins} logins one after the other, then C{rounds} rounds of
-    L{MIXED_ROUND} in one session.
+    the mixed load's commands (L{bench.load.mixedCommands}) in one session.
     """
 
     fetches: int
@@ -127,27 +128,18 @@ def logins(port: int, count: int) -> None:
             client.close()
 
 
-# The mixed load's commands (bench.load), on a mailbox the size of its users'.
+# The mixed load's rounds (bench.load) on an INBOX like its users'.
 MIXED_MESSAGES = 20
-
-
-def mixedRound(number: int) -> list[bytes]:
-    uid = number % MIXED_MESSAGES + 1
-    return [
-        b"SELECT " + SMALL_MAILBOX,
-        b"FETCH 1:%d (FLAGS)" % MIXED_MESSAGES,
-        b"UID FETCH %d (BODY.PEEK[])" % uid,
-        b"UID STORE %d +FLAGS (\\Seen)" % uid,
-        b"NOOP",
-    ]
+MIXED_MESSAGE_SIZE = 8000
 
 
 def mixedRounds(port: int, count: int) -> None:
+    plan = LoadPlan(port, ((USER, PASSWORD),), messages=MIXED_MESSAGES)
     client = RawClient(port)
     try:
         client.command(b"LOGIN %s %s" % (USER.encode(), PASSWORD.encode()))
-        for number in range(count):
-            for command in mixedRound(number):
+        for turn in range(count):
+            for command in mixedCommands(plan, 0, turn):
                 client.command(command)
         client.command(b"LOGOUT")
     finally:
@@ -298,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         directory = stack.enter_context(workDirectory("mp-instructions-"))
         upstream = stack.enter_context(privateDovecot({USER: PASSWORD}))
         seed(upstream.ports["imap"], MESSAGES, MESSAGE_SIZE, SMALL_MAILBOX)
+        seed(upstream.ports["imap"], MIXED_MESSAGES, MIXED_MESSAGE_SIZE)
         for name in arguments.target or TARGETS:
             print(f"{LABELS[name]}: four runs under callgrind on {HOST} ...", flush=True)
             results[name] = counts(measureTarget(name, directory, upstream.ports["imap"], runs), runs)

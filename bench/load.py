@@ -232,7 +232,10 @@ async def _churnClient(plan: LoadPlan, index: int, result: LoadResult, window: _
             await asyncio.sleep(ERROR_PAUSE)
 
 
-def _mixedCommands(plan: LoadPlan, index: int, turn: int) -> list[bytes]:
+def mixedCommands(plan: LoadPlan, index: int, turn: int) -> list[bytes]:
+    """
+    The commands of client C{index}'s round C{turn} of the mixed workload.
+    """
     uid = (index * 7 + turn) % plan.messages + 1
     return [
         b"SELECT INBOX",
@@ -259,7 +262,7 @@ async def _mixedClient(plan: LoadPlan, index: int, result: LoadResult, window: _
                         return
                     continue
                 await asyncio.sleep(max(0.0, window.start - time.monotonic()))
-            for text in _mixedCommands(plan, index, turn):
+            for text in mixedCommands(plan, index, turn):
                 if not window.open():
                     return
                 try:
