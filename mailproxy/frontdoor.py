@@ -42,6 +42,7 @@ from mailproxy.logs import loggedName
 from mailproxy.session import ProxySession
 from mailproxy.sharedlimits import RemoteAttempt
 from mailproxy.splice import Splice, closeClient
+from mailproxy.writenow import writeNow
 
 if TYPE_CHECKING:
     from mailproxy.imap.server import ServerContext
@@ -259,6 +260,20 @@ class FrontDoor(Protocol, Inactivity):
             "closed", bytesIn=octetsIn, bytesOut=octetsOut, duration=time.monotonic() - self.session.started
         )
         self.log.emit(self._connectionLogLevel, "{client} disconnected", client=self.clientAddress)
+
+    def writeReply(self, data: bytes, *, now: bool = False) -> None:
+        """
+        Write a reply of the proxy's own to the client: buffered, or sent
+        at once if C{now} (the greeting: nothing can be queued before it).
+        """
+        if now:
+            writeNow(self.transport, data)
+        else:
+            # Buffered, not writeNow: sent one by one, the replies to a flood
+            # of pipelined commands were partly lost to the reset that
+            # closing with the flood unread sends (test_prelogin_attacks,
+            # bounded_log).
+            self.transport.write(data)
 
     def hangUp(self, goodbye: bytes | None = None, grace: float = CLOSE_GRACE) -> None:
         """

@@ -36,7 +36,6 @@ from mailproxy.limits import Limits
 from mailproxy.oauth.settings import OAuthLogin
 from mailproxy.sasl import MECHANISMS, Challenge, Credentials, SASLError, SASLExchange, Step, exchangeFor
 from mailproxy.splice import Splice
-from mailproxy.writenow import writeNow
 
 if TYPE_CHECKING:
     from mailproxy.metrics import ListenerMetrics
@@ -172,15 +171,7 @@ class IMAPServerProtocol(FrontDoor):
                 fields = line.split(b" ", 2)
                 if len(fields) > 1 and line[:1] not in (b"*", b"+"):
                     self._lastStatus = {fields[0]: fields[1].decode("ascii", "replace")}
-        if now:
-            # The greeting: nothing can be queued before it.
-            writeNow(self.transport, data)
-        else:
-            # Buffered, not writeNow: sent one by one, the replies to a flood
-            # of pipelined commands were partly lost to the reset that
-            # closing with the flood unread sends (test_prelogin_attacks,
-            # bounded_log).
-            self.transport.write(data)
+        self.writeReply(data, now=now)
 
     def disconnect(self) -> None:
         """

@@ -36,7 +36,6 @@ from mailproxy.pop3.upstream import POP3UpstreamSession
 from mailproxy.pop3.wire import LineSplitter, LineTooLong
 from mailproxy.sasl import MECHANISMS, Challenge, Credentials, SASLError, SASLExchange, Step, exchangeFor
 from mailproxy.splice import Splice
-from mailproxy.writenow import writeNow
 
 # RFC 2449 allows 255 octets per command; be generous, and drop a client
 # whose unfinished line grows past the hard limit.
@@ -144,15 +143,7 @@ class POP3ServerProtocol(FrontDoor):
             # The status line of the command in progress, for observers.
             self._firstLine = data.split(b"\r\n", 1)[0]
         self.bytesOut += len(data)
-        if now:
-            # The greeting: nothing can be queued before it.
-            writeNow(self.transport, data)
-        else:
-            # Buffered, not writeNow: sent one by one, the replies to a flood
-            # of pipelined commands were partly lost to the reset that
-            # closing with the flood unread sends (test_prelogin_attacks,
-            # bounded_log).
-            self.transport.write(data)
+        self.writeReply(data, now=now)
         if self.metrics is not None and self.loggedIn:
             self.metrics.bytesToClient.inc(len(data))
 
