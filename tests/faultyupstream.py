@@ -24,6 +24,8 @@ MESSAGE_SIZE = 100_000
 PARTIAL = 30_000
 LIFETIME = 30.0
 _TICK = 0.2
+# Under the tests' connect_timeout (1 s): each line alone comes in time.
+TRICKLE_INTERVAL = 0.4
 
 
 class Fault(enum.Enum):
@@ -34,6 +36,7 @@ class Fault(enum.Enum):
     RESET_MID_FETCH = "reset"  # part of a message, then RST (SO_LINGER 0)
     CLOSE_MID_FETCH = "close"  # part of a message, then a clean FIN
     STALL = "stall"  # after login, never answers NOOP or a message fetch
+    TRICKLE = "trickle"  # answers the login step (IMAP LOGIN, POP3 CAPA) a line at a time, never ending it
     NONE = "none"  # behaves (bad-certificate cases fail before anything else)
 
 
@@ -140,6 +143,12 @@ class _Session:
         self.sock = self.server.context.wrap_socket(self.sock, server_side=True)
         self.sock.settimeout(_TICK)
 
+    def trickle(self, line: bytes) -> None:
+        """Send C{line} again and again, a little under a timeout apart, until the peer leaves."""
+        while self.alive():
+            self.send(line)
+            self.server._stopped.wait(TRICKLE_INTERVAL)
+
     def partialThenGone(self, head: bytes) -> None:
         self.send(head + b"x" * PARTIAL)
         if self.fault is Fault.RESET_MID_FETCH:
@@ -183,6 +192,9 @@ class _Session:
             elif name == b"CAPABILITY":
                 self.send(b"* CAPABILITY " + capabilities + b"\r\n" + tag + b" OK done\r\n")
             elif name in (b"AUTHENTICATE", b"LOGIN"):
+                if self.fault is Fault.TRICKLE:
+                    self.trickle(b"* OK still checking\r\n")
+                    return
                 if self.fault is Fault.REJECT_LOGIN:
                     self.send(tag + b" NO [AUTHENTICATIONFAILED] fake upstream rejects you\r\n")
                 else:
@@ -222,6 +234,10 @@ class _Session:
         while (line := self.readLine()) is not None:
             words = line.split()
             name = words[0].upper() if words else b""
+            if name == b"CAPA" and self.fault is Fault.TRICKLE:
+                self.send(b"+OK\r\n")
+                self.trickle(b"X-STILL-LISTING\r\n")
+                return
             if name == b"CAPA":
                 stls = b"STLS\r\n" if self.server.tls == "starttls" else b""
                 self.send(b"+OK\r\nUSER\r\nSASL PLAIN\r\nUIDL\r\nTOP\r\n" + stls + b".\r\n")

@@ -46,6 +46,7 @@ CASES = {
     "reset": (Fault.RESET_MID_FETCH, "plain", None),
     "close": (Fault.CLOSE_MID_FETCH, "plain", None),
     "stall": (Fault.STALL, "plain", None),
+    "trickle": (Fault.TRICKLE, "plain", None),  # each handshake step bounded as a whole, not per line
     "stalltls": (Fault.STALL, "implicit", "good"),
     "untrusted": (Fault.NONE, "implicit", "untrusted"),
     "untrustedstarttls": (Fault.NONE, "starttls", "untrusted"),
