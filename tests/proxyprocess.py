@@ -29,12 +29,14 @@ LOG_WAIT = 20.0
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
-def freePort() -> int:
+def freePort(host: str = HOST) -> int:
     """
-    A TCP port on 127.0.0.1 that nothing listens on right now.
+    A TCP port on C{host} (127.0.0.1 by default) that nothing listens on
+    right now.  For a listener on C{::} (both families) pass C{"::"}: a port
+    free on 127.0.0.1 may be taken on an IPv6 address.
     """
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
         return int(probe.getsockname()[1])
 
 

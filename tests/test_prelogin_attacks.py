@@ -165,8 +165,10 @@ def fullLog(directory: str) -> str:
 
 @pytest.fixture(scope="module")
 def arena(dovecot: DovecotUpstream) -> Iterator[Arena]:
-    names = ["plain", "pop3", "starttls", "implicit", "lb"] + (["dual"] if IPV6 else [])
-    ports = {name: freePort() for name in names}
+    ports = {name: freePort() for name in ["plain", "pop3", "starttls", "implicit", "lb"]}
+    if IPV6:
+        # Bound on :: (IPv6 and IPv4): free on every address, not only 127.0.0.1.
+        ports["dual"] = freePort("::")
     flakyPort = freePort()
     # An upstream that accepts TCP (the kernel does) and never says a word.
     slow = socket.socket()
@@ -174,7 +176,7 @@ def arena(dovecot: DovecotUpstream) -> Iterator[Arena]:
     slow.listen(64)
     config = arenaConfig(ports, dovecot, flakyPort, slow.getsockname()[1])
     try:
-        with runningProxy(config, USERS, [ports[name] for name in names if name != "lb"], prefix="mp-zz-") as (
+        with runningProxy(config, USERS, [port for name, port in ports.items() if name != "lb"], prefix="mp-zz-") as (
             directory,
             process,
         ):
