@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
+from mailproxy.ampcodec import LeanAMP, encodeBox
 from mailproxy.imap.upstream import OAuthRefused, OAuthUnavailable
 from mailproxy.writenow import writeNow
 
@@ -164,11 +165,14 @@ class CollectMetrics(amp.Command):
     response = [(b"text", amp.String()), (b"more", amp.Boolean())]
 
 
-class Channel(amp.AMP):
+class Channel(LeanAMP):
     """
-    AMP between the supervisor and a worker, each box sent to the socket
-    at once (L{writeNow}) rather than on the reactor's next turn: a login
-    waits for two of these round trips.
+    AMP between the supervisor and a worker (L{LeanAMP}: a login makes
+    four calls).  A question or an answer is sent to the socket at once
+    (L{writeNow}) rather than on the reactor's next turn: a login waits for
+    two round trips.  A command that wants no answer waits for the turn's
+    end, so that what a closing connection gives back (its session and its
+    place) goes in one write and wakes the supervisor once.
     """
 
     def sendBox(self, box: amp.AmpBox) -> None:
@@ -176,6 +180,14 @@ class Channel(amp.AMP):
             super().sendBox(box)
             return
         writeNow(self.transport, box.serialize())
+
+    def sendFields(self, fields: dict[bytes, bytes]) -> None:
+        if self._locked or self.transport is None or self._startingTLSBuffer is not None:
+            super().sendFields(fields)
+        elif amp.COMMAND in fields and amp.ASK not in fields:
+            self.transport.write(encodeBox(fields))
+        else:
+            writeNow(self.transport, encodeBox(fields))
 
 
 class OneProtocolFactory(Factory):

@@ -173,9 +173,7 @@ class WorkerChannel(Channel):
         super().__init__()
         self.worker = worker
         self.responder = responder
-
-    def locateResponder(self, name: bytes) -> Any:
-        return super().locateResponder(name) or self.responder.locateResponder(name)
+        self.extraLocators = (responder,)
 
     @AccessToken.responder
     def accessToken(self, user: str, provider: str) -> Deferred[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """
 Limits shared by worker processes (L{mailproxy.sharedlimits}): two workers'
-L{SharedLimits} talking AMP to one supervisor's L{Limits}, over in-memory
+L{SharedLimits} talking AMP (the workers' lean L{Channel}) to one supervisor's L{Limits}, over in-memory
 connections (L{twisted.test.iosim}); and the merged metrics.
 """
 
@@ -12,7 +12,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.protocols import amp
 from twisted.test.iosim import IOPump, connect, makeFakeClient, makeFakeServer
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,6 +19,7 @@ from mailproxy.accounts.model import Account
 from mailproxy.limits import Gate, Limits, LimitsConfig, Turn
 from mailproxy.metricsmerge import mergedExposition
 from mailproxy.sharedlimits import UNAVAILABLE, LimitsResponder, SharedLimits
+from mailproxy.workerprotocol import Channel
 
 
 class PasswordsOf:
@@ -45,8 +45,8 @@ class Worker:
 
     def __init__(self, limits: Limits, checker: Any) -> None:
         self.responder = LimitsResponder(limits, checker)
-        supervisorSide = amp.AMP(locator=self.responder)
-        self.channel = amp.AMP()
+        supervisorSide = Channel(locator=self.responder)
+        self.channel = Channel()
         self.pump: IOPump = connect(
             supervisorSide, makeFakeServer(supervisorSide), self.channel, makeFakeClient(self.channel)
         )
