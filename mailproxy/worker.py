@@ -27,7 +27,7 @@ from typing import Any
 from prometheus_client import generate_latest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ReactorNotRunning
-from twisted.logger import ILogObserver, Logger, globalLogBeginner
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogBeginner
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -111,14 +111,23 @@ class SupervisorChannel(Channel):
         stop(self.reactor)
 
 
+# A worker's log lines wait up to this long, or until this many octets,
+# to leave for the supervisor together: under load a line per event would
+# wake the supervisor several times a login.  Warnings and errors leave at
+# once, with the lines before them, so a worker that dies loses none of
+# what explains it.
+BATCH_SECONDS = 0.05
+BATCH_OCTETS = 64 * 1024
+_AT_ONCE = frozenset((LogLevel.warn, LogLevel.error, LogLevel.critical))
+
+
 @implementer(ILogObserver)
 class LogForwarder:
     """
     A log observer writing each event, formatted as the supervisor's log
     wants it (see L{mailproxy.logs.workerLineFormatter}), to the pipe the
-    supervisor reads it from.  The lines of one reactor turn are written
-    at once, at its end; a worker whose supervisor is gone writes to
-    stderr.
+    supervisor reads it from, in batches (L{BATCH_SECONDS},
+    L{BATCH_OCTETS}); a worker whose supervisor is gone writes to stderr.
 
     The pipe is blocking: a worker whose supervisor cannot keep up waits,
     as it would for a slow log file, rather than losing lines or piling
@@ -131,6 +140,7 @@ class LogForwarder:
         self.system = system
         self.reactor = reactor
         self._pending: list[str] = []
+        self._pendingLength = 0
         self._flushing: Any = None
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -139,8 +149,11 @@ class LogForwarder:
         if not text:
             return
         self._pending.append(text)
-        if self._flushing is None:
-            self._flushing = self.reactor.callLater(0, self.flush)
+        self._pendingLength += len(text)
+        if event.get("log_level") in _AT_ONCE or self._pendingLength >= BATCH_OCTETS:
+            self.flush()
+        elif self._flushing is None:
+            self._flushing = self.reactor.callLater(BATCH_SECONDS, self.flush)
 
     def flush(self) -> None:
         if self._flushing is not None and self._flushing.active():
@@ -150,6 +163,7 @@ class LogForwarder:
             return
         data = memoryview("".join(self._pending).encode("utf-8", "replace"))
         self._pending.clear()
+        self._pendingLength = 0
         try:
             while data:
                 data = data[os.write(self.fd, data) :]

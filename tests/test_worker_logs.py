@@ -1,7 +1,7 @@
 """
 Workers' log lines: each worker formats its events as the one log wants
-them and writes them, a reactor turn's worth at a time, to a pipe the
-supervisor reads; the supervisor writes whole lines only, as they came, or
+them and writes them in batches (at most 50 ms or 64 KiB; a warning or
+an error at once) to a pipe the supervisor reads; the supervisor writes whole lines only, as they came, or
 publishes them as events when it logs elsewhere (syslog).
 """
 
@@ -17,7 +17,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 
-from mailproxy.worker import LogForwarder
+from mailproxy import worker
+from mailproxy.worker import BATCH_SECONDS, LogForwarder
 from mailproxy.workers import LOG_FD, MAX_LOG_LINE, WorkerPool, WorkerProcess
 
 
@@ -51,19 +52,49 @@ def emit(forwarder: LogForwarder, text: str, **fields: Any) -> None:
     forwarder(event)
 
 
-def test_a_turns_lines_reach_the_pipe_together_at_its_end(pipe: tuple[int, int]) -> None:
+def test_lines_wait_for_the_batch_and_leave_together(pipe: tuple[int, int]) -> None:
     readEnd, writeEnd = pipe
     clock = Clock()
     forwarder = LogForwarder(writeEnd, "text", "worker 3", clock)
     emit(forwarder, "{client} connected", client="192.0.2.1:1024")
+    clock.advance(BATCH_SECONDS / 2)
     emit(forwarder, "{client} disconnected", client="192.0.2.1:1024")
     assert readAll(readEnd) == ""
-    clock.advance(0)
+    clock.advance(BATCH_SECONDS / 2)
     lines = readAll(readEnd).splitlines(keepends=True)
     assert [line.split(" ", 1)[1] for line in lines] == [
         "[worker 3] 192.0.2.1:1024 connected\n",
         "[worker 3] 192.0.2.1:1024 disconnected\n",
     ]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_warning_leaves_at_once_with_the_lines_before_it(pipe: tuple[int, int]) -> None:
+    """What explains a worker's end is never held back."""
+    readEnd, writeEnd = pipe
+    clock = Clock()
+    forwarder = LogForwarder(writeEnd, "text", "worker 3", clock)
+    emit(forwarder, "first")
+    emit(forwarder, "then trouble", log_level=LogLevel.warn)
+    assert [line.split(" ", 1)[1] for line in readAll(readEnd).splitlines()] == [
+        "[worker 3] first",
+        "[worker 3] then trouble",
+    ]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_full_batch_leaves_at_once(pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker, "BATCH_OCTETS", 4000)
+    readEnd, writeEnd = pipe
+    clock = Clock()
+    forwarder = LogForwarder(writeEnd, "text", "worker 3", clock)
+    line = "x" * 1000
+    for _ in range(3):
+        emit(forwarder, line)
+    assert readAll(readEnd) == ""
+    emit(forwarder, line)
+    assert readAll(readEnd).count(line) == 4
+    assert clock.getDelayedCalls() == []
 
 
 def test_json_lines_name_the_worker_as_their_system(pipe: tuple[int, int]) -> None:
