@@ -13,9 +13,11 @@ the extra work, are the instructions one FETCH (one at a time, C{UID FETCH
 n (BODY.PEEK[])} of a 2 kB message), one login (connect, C{LOGIN},
 C{SELECT}, C{FETCH 1:4 (FLAGS)}, C{LOGOUT}) and one round of the mixed
 load's five commands (L{bench.load.mixedCommands}, on an INBOX of 20
-messages of 8 kB, as the load's users have) cost the target's process in user space: start-up
-and shut-down cancel out.  The targets are mailproxy (twistd, C{workers = 1})
-and the two Python forwarders of L{bench.forwarder}, which relay octets
+messages of 8 kB, as the load's users have) cost the target's processes in user space: start-up
+and shut-down cancel out.  The targets are mailproxy (twistd, C{workers = 1};
+and C{workers = 2}, the supervisor and both workers counted, which is what
+sharing limits across workers costs) and the two Python forwarders of
+L{bench.forwarder}, which relay octets
 without reading them: the floor for a proxy on Twisted's reactor and for
 one in plain Python.  The kernel's share (system calls, loopback TCP) is
 not counted: it is about the same for every target.
@@ -60,7 +62,7 @@ CHEAP_LOG2_N = 1
 
 PROXY_CONFIG = """
 [server]
-workers = 1
+workers = {workers}
 [auth]
 users_file = "users"
 [[listener]]
@@ -190,10 +192,13 @@ def totalInstructions(outputs: str) -> int:
 
 
 @contextlib.contextmanager
-def _underCallgrind(command: Sequence[str], directory: str, cwd: str, port: int) -> Iterator[str]:
+def _underCallgrind(
+    command: Sequence[str], directory: str, cwd: str, port: int, children: bool = False
+) -> Iterator[str]:
     """
     Run C{command} under callgrind until it serves C{port}; stop it with
-    SIGINT (by PID) afterwards, and give the pattern of its profiles.
+    SIGINT (by PID) afterwards, and give the pattern of its profiles (one
+    a process: with C{children}, the processes it starts are counted too).
     """
     valgrind = findValgrind()
     assert valgrind is not None
@@ -202,7 +207,8 @@ def _underCallgrind(command: Sequence[str], directory: str, cwd: str, port: int)
     log = os.path.join(directory, "valgrind.log")
     with open(log, "wb") as output:
         process = subprocess.Popen(
-            [valgrind, "--tool=callgrind", f"--callgrind-out-file={outputs}", *command],
+            [valgrind, "--tool=callgrind", f"--trace-children={'yes' if children else 'no'}"]
+            + [f"--callgrind-out-file={outputs}", *command],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=output,
@@ -230,11 +236,11 @@ def measureTarget(name: str, directory: str, upstreamPort: int, runs: Sequence[W
     for index, work in enumerate(runs):
         port = freePort()
         runDirectory = os.path.join(directory, f"{name}-{index}")
-        if name == "mailproxy":
+        if name in WORKERS:
             os.makedirs(runDirectory)
             writeUsersFile(runDirectory, {USER: (PASSWORD, CHEAP_LOG2_N)})
             with open(os.path.join(runDirectory, "mailproxy.toml"), "w") as handle:
-                handle.write(PROXY_CONFIG.format(port=port, upstream=upstreamPort))
+                handle.write(PROXY_CONFIG.format(workers=WORKERS[name], port=port, upstream=upstreamPort))
             command = [sys.executable, TWISTD, "-n", "--pidfile=", "--logfile=twistd.log"]
             command += ["mailproxy", "--config", "mailproxy.toml"]
             cwd = runDirectory
@@ -243,7 +249,7 @@ def measureTarget(name: str, directory: str, upstreamPort: int, runs: Sequence[W
             command = [sys.executable, "-m", "bench.forwarder", "--engine", name, "--route", f"{port}:{upstreamPort}"]
             cwd = root
             profiles = runDirectory
-        with _underCallgrind(command, profiles, cwd, port) as outputs:
+        with _underCallgrind(command, profiles, cwd, port, children=WORKERS.get(name, 1) > 1) as outputs:
             fetches(port, work.fetches)
             logins(port, work.logins)
             mixedRounds(port, work.rounds)
@@ -264,8 +270,16 @@ def counts(totals: Sequence[int], runs: Sequence[Work]) -> Counts:
     )
 
 
-TARGETS = ("mailproxy", "twisted", "epoll")
-LABELS = {"mailproxy": "mailproxy (w=1)", "twisted": "Twisted forwarder", "epoll": "epoll forwarder"}
+# mailproxy with one process, and with two workers and their supervisor
+# (every process counted: the workers' questions and their answers).
+WORKERS = {"mailproxy": 1, "mailproxy-workers": 2}
+TARGETS = ("mailproxy", "mailproxy-workers", "twisted", "epoll")
+LABELS = {
+    "mailproxy": "mailproxy (w=1)",
+    "mailproxy-workers": "mailproxy (w=2, all processes)",
+    "twisted": "Twisted forwarder",
+    "epoll": "epoll forwarder",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

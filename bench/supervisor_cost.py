@@ -65,12 +65,12 @@ def supervise(fd: int) -> None:
             try:
                 reactor.stop()
             except ReactorNotRunning:
-                pass  # stopped by SIGTERM
+                pass  # already stopping
 
     channel = SupervisorEnd(locator=LimitsResponder(limits, Users()))
     reactor.adoptStreamConnection(fd, socket.AF_UNIX, OneProtocolFactory(channel))  # type: ignore[attr-defined]
     os.close(fd)
-    reactor.run()
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]  # SIGTERM ends it at once
 
 
 def oneLogin(limits: Any, number: int) -> Deferred[None]:
