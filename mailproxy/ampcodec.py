@@ -9,19 +9,28 @@ several layers of generic calls and L{Deferred}s.  With workers, a login
 makes four calls to the supervisor, and that machinery cost the supervisor
 more instructions than the login's relaying cost the worker.
 L{LeanAMP} is the same protocol on the wire (a peer running Twisted's
-AMP sees the same octets), with:
+AMP sees the same octets and the same answers and errors), with:
 
   - L{BoxDecoder}: whole boxes read from a buffer in one loop;
   - L{encodeBox}: a box written as L{amp.AmpBox.serialize} writes it;
   - L{CommandCodec}: a command's arguments and answer converted by a table
-    made once per command, for the simple argument types (L{amp.Integer},
-    L{amp.String}, L{amp.Unicode}, L{amp.Boolean}, L{amp.Float}), with
-    AMP's own conversions; a command with any other type takes AMP's path;
-  - calls and answers that go straight to the responder method and back.
+    made once per command, for plain commands (L{codecFor}) whose
+    arguments are of the simple types (L{amp.Integer}, L{amp.String},
+    L{amp.Unicode}, L{amp.Boolean}, L{amp.Float}), with AMP's own
+    conversions; any other command takes AMP's path;
+  - calls and answers that go straight to the responder method and back,
+    for locators that find responders as Twisted's do.
 
-It relies on a few private attributes of L{amp.AMP} (C{_nextTag},
-C{_outstandingRequests}, C{_failAllReason}, C{_commandDispatch}); the
-tests run it against Twisted's own AMP in both directions.
+One deliberate difference: an incomplete box may hold at most
+L{MAX_PENDING} octets (AMP holds any), so that a broken peer cannot grow
+the buffer without end.
+
+It relies on private parts of Twisted's AMP: C{_nextTag},
+C{_outstandingRequests}, C{_failAllReason}, C{_commandReceived},
+C{_commandDispatch}, C{_switchTo} and C{recvd}, C{innerProtocol},
+C{_justStartedTLS}, C{_keyLengthLimitExceeded} and
+C{_wireNameToPythonIdentifier}; the tests hold it to Twisted's AMP in both
+directions.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from struct import pack
-from types import MethodType
+from types import CoroutineType, MethodType
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -38,68 +47,74 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-log = Logger(namespace="mailproxy.workers")
+log = Logger()
 
 _END = b"\x00\x00"
-# A box still incomplete past this many octets ends the channel: no box
-# the supervisor and workers send comes near it (the longest is a page of
+# An incomplete box past this many octets ends the channel: no box the
+# supervisor and workers send comes near it (the longest is a page of
 # 60,000 octets, see L{mailproxy.workerprotocol.PAGE}).
 MAX_PENDING = 256 * 1024
 
 
-class BoxTooLong(Exception):
-    """
-    A key longer than AMP allows, or a box growing past L{MAX_PENDING}.
-    """
-
-
 class BoxDecoder:
     """
-    Octets in, whole boxes out (sans-IO).  What is left of an incomplete
-    box waits for the next L{feed}.
+    Octets in (L{feed}), whole boxes out (L{next}), sans-IO.
+
+    @ivar refusal: why the octets cannot be read on (a key longer than AMP
+        allows, or a box over L{MAX_PENDING} octets), once they cannot.
+    @ivar keyTooLong: whether the refusal is AMP's own (a key too long).
     """
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._buffer = b""
+        self._start = 0
+        self.refusal: str | None = None
+        self.keyTooLong = False
 
-    def feed(self, data: bytes) -> list[amp.AmpBox]:
-        """
-        The boxes C{data} completes, in order.
+    def feed(self, data: bytes) -> None:
+        if self._start:
+            self._buffer = self._buffer[self._start :]
+            self._start = 0
+        self._buffer = self._buffer + data if self._buffer else data
 
-        @raise BoxTooLong: for a key over 255 octets, or an incomplete box
-            over L{MAX_PENDING} octets.
+    def next(self) -> amp.AmpBox | None:
         """
-        buffer = self._pending + data if self._pending else data
+        The next whole box, or C{None} when there is none yet (or, after a
+        L{refusal}, ever).
+        """
+        if self.refusal is not None:
+            return None
+        buffer = self._buffer
         end = len(buffer)
-        boxes = []
-        start = 0
-        while True:
-            box = _newBox()
-            position = start
-            while position + 2 <= end:
-                keyLength = buffer[position] << 8 | buffer[position + 1]
-                if not keyLength:
-                    break
-                if keyLength > amp.MAX_KEY_LENGTH:
-                    raise BoxTooLong(f"a key of {keyLength} octets")
-                valueAt = position + 2 + keyLength
-                if valueAt + 2 > end:
-                    position = end
-                    break
-                valueEnd = valueAt + 2 + (buffer[valueAt] << 8 | buffer[valueAt + 1])
-                if valueEnd > end:
-                    position = end
-                    break
-                box[buffer[position + 2 : valueAt]] = buffer[valueAt + 2 : valueEnd]
-                position = valueEnd
-            if position + 2 > end:
+        box = _newBox()
+        position = self._start
+        while position + 2 <= end:
+            keyLength = buffer[position] << 8 | buffer[position + 1]
+            if not keyLength:
+                self._start = position + 2
+                return box
+            if keyLength > amp.MAX_KEY_LENGTH:
+                self.refusal, self.keyTooLong = f"a key of {keyLength} octets", True
+                return None
+            valueAt = position + 2 + keyLength
+            if valueAt + 2 > end:
                 break
-            boxes.append(box)
-            start = position + 2
-        self._pending = buffer[start:]
-        if len(self._pending) > MAX_PENDING:
-            raise BoxTooLong(f"a box of more than {MAX_PENDING} octets")
-        return boxes
+            valueEnd = valueAt + 2 + (buffer[valueAt] << 8 | buffer[valueAt + 1])
+            if valueEnd > end:
+                break
+            box[buffer[position + 2 : valueAt]] = buffer[valueAt + 2 : valueEnd]
+            position = valueEnd
+        if end - self._start > MAX_PENDING:
+            self.refusal = f"a box of more than {MAX_PENDING} octets"
+        return None
+
+    def rest(self) -> bytes:
+        """
+        Take what has not been read as boxes (for the protocol switched to).
+        """
+        rest = self._buffer[self._start :]
+        self._buffer, self._start = b"", 0
+        return rest
 
 
 def _newBox() -> amp.AmpBox:
@@ -172,6 +187,8 @@ def _fields(schema: Sequence[tuple[bytes, amp.Argument]]) -> tuple[_Field, ...] 
 
 
 def _encode(fields: tuple[_Field, ...], objects: dict[str, Any]) -> dict[bytes, bytes]:
+    if not isinstance(objects, dict):
+        raise TypeError(f"{objects!r} is not a dictionary of values")
     box = {}
     for field in fields:
         value = objects.get(field.name)
@@ -253,28 +270,47 @@ class CommandCodec:
 
 
 _codecs: dict[type[amp.Command], CommandCodec | None] = {}
+_COMMAND_CLASSMETHODS = ("makeArguments", "parseArguments", "makeResponse", "parseResponse")
+
+
+def _isPlain(command: type[amp.Command]) -> bool:
+    """
+    Whether C{command} is sent, answered and converted as L{amp.Command}
+    does it (no protocol switch, no TLS, no conversions of its own).
+    """
+    if issubclass(command, (amp.ProtocolSwitchCommand, amp.StartTLS)):
+        return False
+    plain: Any = amp.Command
+    if command.commandType is not amp.AmpBox or command.responseType is not amp.AmpBox:
+        return False
+    if command.__init__ is not plain.__init__ or command._doCommand is not plain._doCommand:
+        return False
+    return all(getattr(command, name).__func__ is getattr(plain, name).__func__ for name in _COMMAND_CLASSMETHODS)
 
 
 def codecFor(command: type[amp.Command]) -> CommandCodec | None:
     """
-    The codec of C{command}, or C{None} if one of its arguments or answers
-    is not of a simple type.
+    The codec of C{command}, or C{None} if it is not plain (L{_isPlain}) or
+    one of its arguments or answers is not of a simple type.
     """
     try:
         return _codecs[command]
     except KeyError:
         pass
-    arguments, response = _fields(command.arguments), _fields(command.response)
-    codec = None if arguments is None or response is None else CommandCodec(command, arguments, response)
+    codec = None
+    if _isPlain(command):
+        arguments, response = _fields(command.arguments), _fields(command.response)
+        if arguments is not None and response is not None:
+            codec = CommandCodec(command, arguments, response)
     _codecs[command] = codec
     return codec
 
 
 class LeanAMP(amp.AMP):
     """
-    L{amp.AMP} with the lean paths above; anything else (other argument
-    types, commands answered by C{amp_} methods, protocol switching) takes
-    AMP's own.
+    L{amp.AMP} with the lean paths above; anything else (other commands,
+    commands answered by C{amp_} methods or found by a locator of its own
+    kind) takes AMP's own.
 
     @ivar extraLocators: where responders are looked for after this
         protocol itself, when it is its own locator.
@@ -285,7 +321,7 @@ class LeanAMP(amp.AMP):
     def __init__(self, *arguments: Any, **keywords: Any) -> None:
         super().__init__(*arguments, **keywords)
         self._decoder = BoxDecoder()
-        self._responders: dict[bytes, tuple[CommandCodec, Callable[..., Any]] | None] = {}
+        self._responders: dict[bytes, tuple[CommandCodec, Callable[..., Any]]] = {}
 
     def locateResponder(self, name: bytes) -> Any:
         found = super().locateResponder(name)
@@ -298,19 +334,33 @@ class LeanAMP(amp.AMP):
     # Reading
 
     def dataReceived(self, data: bytes) -> None:
-        if self.innerProtocol is not None or self._justStartedTLS:
-            super().dataReceived(data)
+        self._justStartedTLS = False
+        if self.innerProtocol is not None:
+            self.innerProtocol.dataReceived(data)
             return
-        try:
-            boxes = self._decoder.feed(data)
-        except BoxTooLong:
-            # As AMP does: the connection ends, and says why.
-            self._keyLengthLimitExceeded = True
-            if self.transport is not None:
-                self.transport.loseConnection()
-            return
-        for box in boxes:
-            self.ampBoxReceived(box)
+        decoder = self._decoder
+        decoder.feed(data)
+        # A box at a time: one may switch the protocol (see _switchTo).
+        while self.innerProtocol is None:
+            box = decoder.next()
+            if box is None:
+                break
+            self.boxReceiver.ampBoxReceived(box)
+        if decoder.refusal is not None and self.transport is not None and not self._refused:
+            self._refused = True
+            if decoder.keyTooLong:
+                # As AMP: the calls still waiting fail with amp.TooLong.
+                self._keyLengthLimitExceeded = True
+            else:
+                log.error("AMP channel closed: its peer sent {what}", what=decoder.refusal)
+            self.transport.loseConnection()
+
+    _refused = False
+
+    def _switchTo(self, newProto: Any, clientFactory: Any = None) -> None:
+        # AMP hands what it has not read to the new protocol from recvd.
+        self.recvd = self._decoder.rest()
+        super()._switchTo(newProto, clientFactory)
 
     # Calling
 
@@ -323,10 +373,11 @@ class LeanAMP(amp.AMP):
             return fail(forgotten)
         fields = codec.encodeArguments(keywords)
         fields[amp.COMMAND] = commandType.commandName
+        # A tag for every command, as AMP takes one: the same octets.
+        tag = self._nextTag()
         if not commandType.requiresAnswer:
             self.sendFields(fields)
             return None
-        tag = self._nextTag()
         fields[amp.ASK] = tag
         self.sendFields(fields)
         answer: Deferred[Any] = Deferred()
@@ -344,10 +395,7 @@ class LeanAMP(amp.AMP):
 
     def _commandReceived(self, box: amp.AmpBox) -> None:
         name = box[amp.COMMAND]
-        try:
-            found = self._responders[name]
-        except KeyError:
-            found = self._responders[name] = self._leanResponder(name)
+        found = self._responders.get(name) or self._leanResponder(name)
         if found is None:
             super()._commandReceived(box)
             return
@@ -358,10 +406,16 @@ class LeanAMP(amp.AMP):
             # AMP answers a malformed box its own way.
             super()._commandReceived(box)
             return
+        # What maybeDeferred makes of the responder's result.
         try:
             result = method(**objects)
         except BaseException:
             result = fail()
+        else:
+            if isinstance(result, Failure):
+                result = fail(result)
+            elif type(result) is CoroutineType:
+                result = Deferred.fromCoroutine(result)
         if isinstance(result, Deferred):
             result.addCallbacks(self._answer, self._answerFailed, callbackArgs=(box, codec), errbackArgs=(box, codec))
             result.addErrback(self.unhandledError)
@@ -375,47 +429,56 @@ class LeanAMP(amp.AMP):
     def _leanResponder(self, name: bytes) -> tuple[CommandCodec, Callable[..., Any]] | None:
         locators = (self.locator, *self.extraLocators) if self.locator is self else (self.locator,)
         for locator in locators:
+            if type(locator).locateResponder not in _TWISTED_LOOKUPS:
+                # A locator that decides for itself: AMP's path asks it.
+                return None
             dispatch = getattr(locator, "_commandDispatch", {})
             if name in dispatch:
                 command, function = dispatch[name]
                 codec = codecFor(command)
-                return None if codec is None else (codec, MethodType(function, locator))
+                if codec is None:
+                    return None
+                found = self._responders[name] = (codec, MethodType(function, locator))
+                return found
             if isinstance(locator, amp.SimpleStringLocator) and amp.SimpleStringLocator.locateResponder(locator, name):
                 # An amp_ method answers it: AMP's path.
                 return None
         return None
 
-    def _answer(self, objects: dict[str, Any], box: amp.AmpBox, codec: CommandCodec) -> None:
-        if amp.ASK not in box:
-            return
+    def _answer(self, objects: Any, box: amp.AmpBox, codec: CommandCodec) -> None:
         try:
             fields = codec.encodeResponse(objects)
         except BaseException:
-            self._answerFailed(Failure(), box, codec)
+            unwritable = amp.BadLocalReturn(f"{codec.command.__name__} could not write {objects!r}", Failure())
+            self._answerFailed(Failure(unwritable), box, codec)
             return
-        fields[amp.ANSWER] = box[amp.ASK]
-        self._emit(fields)
+        if amp.ASK in box:
+            fields[amp.ANSWER] = box[amp.ASK]
+            self._emit(fields)
 
     def _answerFailed(self, failure: Failure, box: amp.AmpBox, codec: CommandCodec) -> None:
         """
         As AMP answers an error: with the code the command declares for it,
-        or as an unknown error that ends the connection; a command that
-        wants no answer ends the connection on any error.
+        or a remote error's own, or as an unknown error (logged) that ends
+        the connection; a command that wants no answer ends the connection
+        on any error, logged.
         """
         command: Any = codec.command
         errors = command.allErrors
         known = failure.check(*errors)
-        if amp.ASK not in box or known is None:
-            log.failure("while answering {command}", failure, command=box[amp.COMMAND].decode("ascii", "replace"))
         if amp.ASK not in box:
-            if self.transport is not None:
-                self.transport.loseConnection()
+            self.unhandledError(failure)
             return
-        if known is None:
-            code, description, fatal = amp.UNKNOWN_ERROR_CODE, b"Unknown Error", True
-        else:
+        if known is not None:
             code, fatal = errors[known], known in command.fatalErrors
             description = str(failure.value).encode("utf-8", "replace")
+        elif failure.check(amp.RemoteAmpError):
+            code, fatal, description = failure.value.errorCode, failure.value.fatal, failure.value.description
+            if isinstance(description, str):
+                description = description.encode("utf-8", "replace")
+        else:
+            log.failure("while answering {command}", failure, command=box[amp.COMMAND].decode("ascii", "replace"))
+            code, description, fatal = amp.UNKNOWN_ERROR_CODE, b"Unknown Error", True
         self._emit({amp.ERROR: box[amp.ASK], amp.ERROR_CODE: code, amp.ERROR_DESCRIPTION: description})
         if fatal and self.transport is not None:
             self.transport.loseConnection()
@@ -425,3 +488,7 @@ class LeanAMP(amp.AMP):
             self.sendFields(fields)
         except (amp.ProtocolSwitched, amp.ConnectionLost):
             pass
+
+
+# Twisted's ways of finding a responder, which the lean path follows.
+_TWISTED_LOOKUPS = (amp.CommandLocator.locateResponder, amp.AMP.locateResponder, LeanAMP.locateResponder)

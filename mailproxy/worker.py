@@ -111,11 +111,12 @@ class SupervisorChannel(Channel):
         stop(self.reactor)
 
 
-# A worker's log lines wait up to this long, or until this many octets,
-# to leave for the supervisor together: under load a line per event would
-# wake the supervisor several times a login.  Warnings and errors leave at
-# once, with the lines before them, so a worker that dies loses none of
-# what explains it.
+# A worker's log lines wait up to this long, or until about this many
+# octets (counted in characters), to leave for the supervisor together:
+# under load a line per event would wake the supervisor several times a
+# login.  Warnings and errors leave at once, with the lines before them, and
+# what is left goes when the worker ends; a worker killed outright loses at
+# most the last 50 ms of its informational lines.
 BATCH_SECONDS = 0.05
 BATCH_OCTETS = 64 * 1024
 _AT_ONCE = frozenset((LogLevel.warn, LogLevel.error, LogLevel.critical))
@@ -140,7 +141,7 @@ class LogForwarder:
         self.system = system
         self.reactor = reactor
         self._pending: list[str] = []
-        self._pendingLength = 0
+        self._pendingCharacters = 0
         self._flushing: Any = None
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -149,8 +150,8 @@ class LogForwarder:
         if not text:
             return
         self._pending.append(text)
-        self._pendingLength += len(text)
-        if event.get("log_level") in _AT_ONCE or self._pendingLength >= BATCH_OCTETS:
+        self._pendingCharacters += len(text)
+        if event.get("log_level") in _AT_ONCE or self._pendingCharacters >= BATCH_OCTETS:
             self.flush()
         elif self._flushing is None:
             self._flushing = self.reactor.callLater(BATCH_SECONDS, self.flush)
@@ -163,7 +164,7 @@ class LogForwarder:
             return
         data = memoryview("".join(self._pending).encode("utf-8", "replace"))
         self._pending.clear()
-        self._pendingLength = 0
+        self._pendingCharacters = 0
         try:
             while data:
                 data = data[os.write(self.fd, data) :]
@@ -244,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(stop, reactor))  # type: ignore[attr-defined]
     reactor.callWhenRunning(fetchAndStart)
-    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
-    forwarder.flush()
+    try:
+        reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
+    finally:
+        forwarder.flush()
     return exitCode[0]
 
 

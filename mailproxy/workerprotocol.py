@@ -175,16 +175,13 @@ class Channel(LeanAMP):
     place) goes in one write and wakes the supervisor once.
     """
 
-    def sendBox(self, box: amp.AmpBox) -> None:
-        if self._locked or self.transport is None or self._startingTLSBuffer is not None:
-            super().sendBox(box)
-            return
-        writeNow(self.transport, box.serialize())
-
     def sendFields(self, fields: dict[bytes, bytes]) -> None:
         if self._locked or self.transport is None or self._startingTLSBuffer is not None:
+            # AMP's own checks and errors.
             super().sendFields(fields)
         elif amp.COMMAND in fields and amp.ASK not in fields:
+            # A worker that exits before the turn ends loses it: harmless,
+            # the supervisor gives back all a gone worker held.
             self.transport.write(encodeBox(fields))
         else:
             writeNow(self.transport, encodeBox(fields))

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 import pytest
 from twisted.internet.address import UNIXAddress
 from twisted.internet.tcp import Connection
+from twisted.protocols import amp
 
 from mailproxy.ampcodec import BoxDecoder
-from mailproxy.workerprotocol import Admit, Channel, EndSession, Release
+from mailproxy.workerprotocol import Admit, Channel, EndSession, Release, StartSession
 from tests.test_writenow import FakeReactor
 
 
@@ -43,9 +44,12 @@ def channel() -> Iterator[tuple[Channel, Connection, socket.socket, FakeReactor]
 
 def boxesIn(peer: socket.socket) -> list[dict[bytes, bytes]]:
     try:
-        return [dict(box) for box in BoxDecoder().feed(peer.recv(65536))]
+        octets = peer.recv(65536)
     except BlockingIOError:
         return []
+    decoder = BoxDecoder()
+    decoder.feed(octets)
+    return [dict(box) for box in iter(decoder.next, None)]
 
 
 def test_a_question_is_sent_at_once(channel: tuple[Channel, Connection, socket.socket, FakeReactor]) -> None:
@@ -79,3 +83,18 @@ def test_a_question_after_a_waiting_command_keeps_the_order(
     protocol.callRemote(Admit, network="192.0.2.2")
     connection.doWrite()
     assert [box[b"_command"] for box in boxesIn(peer)] == [b"Release", b"Admit"]
+
+
+def test_an_answer_is_sent_at_once(channel: tuple[Channel, Connection, socket.socket, FakeReactor]) -> None:
+    """The supervisor's side: a worker waiting for an answer gets it without a turn's delay."""
+    protocol, connection, peer, reactor = channel
+
+    class Sessions(amp.CommandLocator):
+        @StartSession.responder
+        def startSession(self, user: str) -> dict[str, bool]:
+            return {"started": True}
+
+    protocol.locator = Sessions()
+    protocol.dataReceived(amp.AmpBox({b"_command": b"StartSession", b"_ask": b"7", b"user": b"alice"}).serialize())
+    assert boxesIn(peer) == [{b"_answer": b"7", b"started": b"True"}]
+    assert connection not in reactor.writers
