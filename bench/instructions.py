@@ -273,13 +273,13 @@ def counts(totals: Sequence[int], runs: Sequence[Work]) -> Counts:
 # mailproxy with one process, and with two workers and their supervisor
 # (every process counted: the workers' questions and their answers).
 WORKERS = {"mailproxy": 1, "mailproxy-workers": 2}
-TARGETS = ("mailproxy", "mailproxy-workers", "twisted", "epoll")
 LABELS = {
     "mailproxy": "mailproxy (w=1)",
     "mailproxy-workers": "mailproxy (w=2, all processes)",
     "twisted": "Twisted forwarder",
     "epoll": "epoll forwarder",
 }
+TARGETS = tuple(LABELS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -317,6 +317,7 @@ class LeanAMP(amp.AMP):
     """
 
     extraLocators: tuple[amp.CommandLocator, ...] = ()
+    _refused = False
 
     def __init__(self, *arguments: Any, **keywords: Any) -> None:
         super().__init__(*arguments, **keywords)
@@ -355,8 +356,6 @@ class LeanAMP(amp.AMP):
                 log.error("AMP channel closed: its peer sent {what}", what=decoder.refusal)
             self.transport.loseConnection()
 
-    _refused = False
-
     def _switchTo(self, newProto: Any, clientFactory: Any = None) -> None:
         # AMP hands what it has not read to the new protocol from recvd.
         self.recvd = self._decoder.rest()
@@ -375,11 +374,11 @@ class LeanAMP(amp.AMP):
         fields[amp.COMMAND] = commandType.commandName
         # A tag for every command, as AMP takes one: the same octets.
         tag = self._nextTag()
-        if not commandType.requiresAnswer:
-            self.sendFields(fields)
-            return None
-        fields[amp.ASK] = tag
+        if commandType.requiresAnswer:
+            fields[amp.ASK] = tag
         self.sendFields(fields)
+        if not commandType.requiresAnswer:
+            return None
         answer: Deferred[Any] = Deferred()
         outstanding: dict[bytes, Deferred[Any]] = self._outstandingRequests  # type: ignore[assignment]
         outstanding[tag] = answer

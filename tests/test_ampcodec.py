@@ -419,19 +419,7 @@ class LeanPathTests(SynchronousTestCase):
         self.assertEqual(responders.told, ["hi"])
 
 
-class WireTests(SynchronousTestCase):
-    def written(self, protocol: amp.AMP, command: type[amp.Command], **arguments: Any) -> bytes:
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        protocol.callRemote(command, **arguments)
-        return transport.value()
-
-    def test_a_lean_call_writes_the_octets_amp_writes(self) -> None:
-        arguments = {"number": 12, "octets": b"\x00\xff", "text": "é", "flag": False, "ratio": 0.5, "with_dash": 3}
-        self.assertEqual(
-            self.written(LeanAMP(), Everything, **arguments), self.written(amp.AMP(), Everything, **arguments)
-        )
-
+class EncodeBoxTests(SynchronousTestCase):
     @given(st.dictionaries(st.binary(min_size=1, max_size=255), st.binary(max_size=2000), max_size=8))
     def test_encode_box_is_amp_serialize(self, fields: dict[bytes, bytes]) -> None:
         self.assertEqual(encodeBox(fields), amp.AmpBox(fields).serialize())
