@@ -35,7 +35,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.pool import Pool
 
@@ -54,6 +54,8 @@ ERROR_PAUSE = 0.05
 # time for every client process to be ready (and, for the mixed workload,
 # logged in) before the clock starts
 START_MARGIN = {CHURN: 0.5, MIXED: 1.5}
+# how long after the deadline the mixed load's clients stay logged in
+METER_GRACE = 0.25
 READ_LIMIT = 1 << 22
 TAG = b"L"
 LITERAL = re.compile(rb"\{(\d+)\}\r\n$")
@@ -95,6 +97,11 @@ class LoadResult:
 
     @ivar operations: logins (churn) or commands (mixed) completed within
         the time.
+    @ivar clientCpuSeconds: CPU time the client processes spent within the
+        time.
+    @ivar metered: what the meter given to L{LoadGenerator.run} counted
+        within the time (its reading at the end less its reading at the
+        start), one figure for each it reads.
     """
 
     scenario: str
@@ -104,6 +111,8 @@ class LoadResult:
     seconds: float = 0.0
     firstError: str = ""
     loginSeconds: list[float] = field(default_factory=list)
+    clientCpuSeconds: float = 0.0
+    metered: tuple[float, ...] = ()
 
     @property
     def rate(self) -> float:
@@ -116,6 +125,7 @@ class LoadResult:
         self.seconds = max(self.seconds, other.seconds)
         self.firstError = self.firstError or other.firstError
         self.loginSeconds += other.loginSeconds
+        self.clientCpuSeconds += other.clientCpuSeconds
 
 
 class LoadClient:
@@ -277,6 +287,11 @@ async def _mixedClient(plan: LoadPlan, index: int, result: LoadResult, window: _
                     result.commands += 1
     finally:
         if client is not None:
+            # Logged out only once the servers' CPU time has been read at the
+            # deadline: a session's process that is exiting just then is in
+            # neither the live processes' counters nor (not yet waited for)
+            # its parent's.
+            await asyncio.sleep(max(0.0, window.deadline + METER_GRACE - time.monotonic()))
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.command(b"LOGOUT"), OPERATION_TIMEOUT)
             await client.close()
@@ -310,13 +325,46 @@ async def runClients(plan: LoadPlan, scenario: str, indices: Sequence[int], star
     result = LoadResult(scenario)
     window = _Window(start, start + plan.seconds)
     run = _churnClient if scenario == CHURN else _mixedClient
+    cpu = _readAt(window.start, window.deadline, time.process_time)
     # each client stops by itself at the deadline; this bounds a stuck one
     await asyncio.wait_for(
         asyncio.gather(*(run(plan, index, result, window) for index in indices)),
         plan.seconds + START_MARGIN[scenario] + 2 * OPERATION_TIMEOUT,
     )
     result.seconds = plan.seconds
+    result.clientCpuSeconds = cpu.difference()
     return result
+
+
+class _Readings:
+    """
+    A reading taken at each of two moments, for their difference.
+    """
+
+    def __init__(self, read: Callable[[], float]) -> None:
+        self.read = read
+        self.values: list[float] = []
+
+    def take(self) -> None:
+        self.values.append(self.read())
+
+    def difference(self) -> float:
+        # A moment not reached yet (a run cut short) is read now.
+        while len(self.values) < 2:
+            self.take()
+        return self.values[1] - self.values[0]
+
+
+def _readAt(first: float, second: float, read: Callable[[], float]) -> _Readings:
+    """
+    Read C{read} at C{first} and at C{second} (C{time.monotonic()}) on the
+    running event loop.
+    """
+    readings = _Readings(read)
+    loop = asyncio.get_running_loop()
+    for moment in (first, second):
+        loop.call_later(max(0.0, moment - time.monotonic()), readings.take)
+    return readings
 
 
 def _defaultSignals() -> None:
@@ -352,16 +400,32 @@ class LoadGenerator:
         if self.processes > 1:
             self._pool = multiprocessing.get_context("fork").Pool(self.processes, initializer=_defaultSignals)
 
-    def run(self, plan: LoadPlan, scenario: str) -> LoadResult:
+    def run(self, plan: LoadPlan, scenario: str, meter: Callable[[], Sequence[float]] | None = None) -> LoadResult:
+        """
+        @param meter: read at the start and at the end of the time (with
+            C{processes=1}, before and after the run): what it counts, say
+            the servers' CPU time, goes to L{LoadResult.metered}.
+        """
         start = time.monotonic() + START_MARGIN[scenario]
         shares = [list(range(plan.clients))[offset :: self.processes] for offset in range(self.processes)]
         shares = [share for share in shares if share]
         result = LoadResult(scenario)
+        readings: list[Sequence[float]] = []
         if self._pool is None:
+            if meter is not None:
+                readings.append(meter())
             parts = [_runShare(plan, scenario, shares[0], start)]
         else:
             pending = self._pool.starmap_async(_runShare, [(plan, scenario, share, start) for share in shares])
+            if meter is not None:
+                for moment in (start, start + plan.seconds):
+                    time.sleep(max(0.0, moment - time.monotonic()))
+                    readings.append(meter())
             parts = pending.get(timeout=plan.seconds + START_MARGIN[scenario] + 3 * OPERATION_TIMEOUT)
+        if meter is not None:
+            if len(readings) < 2:
+                readings.append(meter())
+            result.metered = tuple(after - before for before, after in zip(*readings, strict=True))
         for part in parts:
             result.merge(part)
         return result

@@ -96,6 +96,7 @@ OPEN_TIMEOUT = 300.0
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.md")
 
 DIRECT, MAILPROXY, NGINX, HAPROXY, FORWARDER = "direct", "mailproxy", "nginx", "haproxy", "forwarder"
+PROXIES = (MAILPROXY, NGINX, HAPROXY, FORWARDER)
 # the Python forwarders' columns: (engine, column)
 FORWARDERS = (("twisted", "Twisted forwarder"), ("epoll", "epoll forwarder"))
 
@@ -146,10 +147,16 @@ class Target:
     pop3Port: int
     memory: Callable[[], int]
     cpu: Callable[[], float]
+    # the CPU time counted under load: with the processes that served one
+    # session and exited (Dovecot's imap processes)
+    loadCpu: Callable[[], float] | None = None
     fetch: dict[str, list[float]] = field(default_factory=dict)
     figures: dict[str, float] = field(default_factory=dict)
     load: dict[str, list[LoadResult]] = field(default_factory=dict)
     imaptest: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def cpuUnderLoad(self) -> float:
+        return (self.loadCpu or self.cpu)()
 
     def add(self, key: str, values: list[float]) -> None:
         self.fetch.setdefault(key, []).extend(values)
@@ -306,13 +313,18 @@ def loadFigures(targets: list[Target], work: Workload, generator: LoadGenerator)
     The load generator against every target, scenario by scenario, the
     targets interleaved round by round; one warm-up login per user first.
     """
+    direct = targets[0]
     for target in targets:
         asyncio.run(warmUp(target.imapPort, LOAD_USERS))
     for scenario in (CHURN, MIXED):
         for _ in range(work.loadRounds):
             for target in targets:
                 plan = LoadPlan(target.imapPort, LOAD_USERS, work.loadClients, work.loadSeconds, work.loadMessages)
-                target.load.setdefault(scenario, []).append(generator.run(plan, scenario))
+                # Dovecot's CPU time and the proxy's, over the same window as the clients'
+                meter = (
+                    (lambda: (direct.cpu(), 0.0)) if target is direct else (lambda t=target: (direct.cpu(), t.cpu()))
+                )
+                target.load.setdefault(scenario, []).append(generator.run(plan, scenario, meter))
 
 
 def imaptestFigures(targets: list[Target], work: Workload, directory: str, notes: list[str]) -> None:
@@ -379,6 +391,7 @@ def run(
                 upstream.ports["pop3"],
                 lambda: treeMemoryKiB(dovecotPid),
                 lambda: treeCpuSeconds(dovecotPid),
+                lambda: treeCpuSeconds(dovecotPid, reaped=True),
             )
         ]
         for name, workers in proxies:
@@ -414,6 +427,7 @@ def run(
                     # workers are children of the twistd process: the whole tree
                     lambda pid=pid: treeMemoryKiB(pid),  # type: ignore[misc]
                     lambda pid=pid: treeCpuSeconds(pid),  # type: ignore[misc]
+                    lambda pid=pid: treeCpuSeconds(pid, reaped=True),  # type: ignore[misc]
                 )
             )
             stack.callback(_checkAlive, proxy, name)
@@ -569,6 +583,41 @@ def tableRows(targets: list[Target], work: Workload) -> Iterator[list[str]]:
     def tail(key: str) -> Callable[[Target], str]:
         return lambda t: f"{_ms(percentile(t.fetch[key], 0.99))} / {_ms(max(t.fetch[key]))}"
 
+    def cpuPerOperation(scenario: str, unit: float, digits: int) -> Callable[[Target], str]:
+        """
+        CPU time per operation of the load: the clients', Dovecot's and the
+        proxy's, their sum, and the sum against direct's.
+        """
+
+        def parts(t: Target) -> tuple[float, float, float]:
+            results = t.load[scenario]
+            operations = sum(result.operations for result in results) or 1
+            clients = sum(result.clientCpuSeconds for result in results)
+            dovecot = sum(result.metered[0] for result in results)
+            proxy = sum(result.metered[1] for result in results)
+            return clients / operations * unit, dovecot / operations * unit, proxy / operations * unit
+
+        def cell(t: Target) -> str:
+            clients, dovecot, proxy = parts(t)
+            shown = "-" if t is direct else f"{proxy:.{digits}f}"
+            text = f"{clients:.{digits}f} / {dovecot:.{digits}f} / {shown} = {clients + dovecot + proxy:.{digits}f}"
+            if t is direct:
+                return text
+            return f"{text} ({(clients + dovecot + proxy) / sum(parts(direct)):.2f}x)"
+
+        return cell
+
+    def proxyShare(t: Target) -> str:
+        """
+        The proxy's CPU time over the load's time: how much of a core it
+        took from what the clients and Dovecot share.
+        """
+        shares = []
+        for scenario in (CHURN, MIXED):
+            results = t.load[scenario]
+            shares.append(sum(result.metered[1] for result in results) / sum(result.seconds for result in results))
+        return " / ".join(f"{share:.2f}" for share in shares)
+
     def loginLatency(t: Target) -> str:
         values = [value for result in t.load[CHURN] for value in result.loginSeconds]
         return f"{_ms(statistics.median(values))} / {_ms(percentile(values, 0.99))}" if values else "-"
@@ -586,7 +635,15 @@ def tableRows(targets: list[Target], work: Workload) -> Iterator[list[str]]:
     clients = work.loadClients
     yield row(f"load: login churn, {clients} clients, logins/s, warm cache (% of direct)", loadShare(CHURN))
     yield row("load: login churn, connect to LOGIN OK p50 / p99, ms", loginLatency)
+    yield row(
+        "load: login churn, CPU per login, ms: clients / Dovecot / proxy = all (x direct)",
+        cpuPerOperation(CHURN, 1e3, 2),
+    )
     yield row(f"load: mixed, no logout, {clients} clients, commands/s (% of direct)", loadShare(MIXED))
+    yield row(
+        "load: mixed, CPU per command, µs: clients / Dovecot / proxy = all (x direct)", cpuPerOperation(MIXED, 1e6, 0)
+    )
+    yield row("load: the proxy's share of a core, login churn / mixed (see bench.contention)", proxyShare, PROXIES)
     if any(target.imaptest for target in targets):
         seconds = f"{work.imaptestSeconds:g} s"
         yield row(
@@ -711,6 +768,11 @@ def workloadText(work: Workload, generator: LoadGenerator) -> str:
         "CPU: user + system time of the Dovecot tree (its side of direct), the mailproxy tree, nginx's "
         "master + worker, haproxy or a forwarder during a bulk FETCH; it counts only the proxy's work (the Dovecot behind it is "
         "not counted) and depends less on the machine's load than the throughput. "
+        "CPU per login / per command under load: the CPU time, over the run's window, of the load's client processes, "
+        "of the Dovecot tree (with the imap processes that served one session and exited) and of the proxy's processes, "
+        "over the logins or commands done in it; the sum against direct's says how much more CPU time the machine "
+        "spends per operation through a proxy. On a machine the clients, Dovecot and the proxy share, the proxy's "
+        "share of the CPU slows Dovecot's own work (python -m bench.contention measures what a share costs). "
         "POP3: poplib STAT, LIST, UIDL, RETR of every INBOX message; mailproxy relays to Dovecot's POP3, "
         "nginx, haproxy and the forwarders too; the bridge row is mailproxy speaking IMAP upstream."
     )

@@ -11,6 +11,8 @@ import asyncio
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from bench.common import processTree, raiseFileLimit, seed
+from bench.common import processTree, raiseFileLimit, seed, treeCpuSeconds
 from bench.haproxy import HaproxyTcpProxy, findHaproxy
 from bench.instructions import Counts, IncompleteProfile, Work, counts, totalInstructions
 from bench.load import CHURN, MIXED, LoadClient, LoadPlan, loadGenerator, parseImaptestTotals, runClients, warmUp
@@ -76,6 +78,89 @@ def test_client_processes_add_up_their_counts(dovecot: DovecotUpstream, loadUser
     assert (result.errors, result.firstError) == (0, "")
     assert result.operations > 0
     assert result.commands == 4 * result.operations
+
+
+def test_the_meter_and_the_clients_cpu_are_read_over_the_run_window_in_forked_clients(
+    dovecot: DovecotUpstream, loadUsers: tuple[tuple[str, str], ...]
+) -> None:
+    """
+    With client processes, the caller's meter is read at the window's start
+    and end (a clock read as the meter counts the window's length, not the
+    start margin or the clients' wind-down), and each client process reports
+    the CPU time it spent within the window.
+    """
+    with loadGenerator(2) as generator:
+        result = generator.run(plan(dovecot, loadUsers, clients=3), CHURN, lambda: (time.monotonic(), 7.0))
+    assert (result.errors, result.firstError) == (0, "")
+    window, constant = result.metered
+    assert window == pytest.approx(result.seconds, abs=0.05)
+    assert constant == 0.0
+    # the clients logged in and out many times: neither nothing nor more than two CPUs' worth of the window
+    assert 0.0 < result.clientCpuSeconds <= 2 * result.seconds
+
+
+def test_mixed_load_sessions_outlast_the_meter_reading_at_the_deadline(
+    dovecot: DovecotUpstream, loadUsers: tuple[tuple[str, str], ...]
+) -> None:
+    """
+    The mixed load's clients log out only after the meter's reading at the
+    deadline: a session process exiting just then would be in neither the
+    live processes' CPU counters nor its parent's, and the servers' CPU
+    time over the window would come out short.
+    """
+    assert dovecot.pid is not None
+    root = dovecot.pid
+    readings: list[int] = []
+
+    def countSessionProcesses() -> tuple[float]:
+        readings.append(sum(_command(pid) == "imap" for pid in processTree(root)))
+        return (0.0,)
+
+    with loadGenerator(2) as generator:
+        result = generator.run(plan(dovecot, loadUsers, clients=4), MIXED, countSessionProcesses)
+    assert (result.errors, result.firstError) == (0, "")
+    # one imap process per logged-in client, at the start and still at the end
+    assert readings == [4, 4]
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def test_in_one_process_the_meter_is_read_around_the_run(
+    dovecot: DovecotUpstream, loadUsers: tuple[tuple[str, str], ...]
+) -> None:
+    """Clients in the calling process: the meter is read before and after the run, the clients' CPU within it."""
+    with loadGenerator(1) as generator:
+        result = generator.run(plan(dovecot, loadUsers), MIXED, lambda: (time.monotonic(),))
+    (elapsed,) = result.metered
+    assert elapsed >= result.seconds
+    assert 0.0 < result.clientCpuSeconds <= elapsed
+
+
+def test_tree_cpu_counts_exited_children_only_when_asked() -> None:
+    """
+    A server that forks a process per session (Dovecot's imap) has spent
+    that process's CPU time once it has exited and been waited for: counted
+    with C{reaped}, not by the live processes' counters.
+    """
+    busyChild = "import subprocess, sys, time\nsubprocess.run([sys.executable, '-c', 'sum(range(10**7))'])\nprint(flush=True)\ntime.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", busyChild], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None
+        parent.stdout.readline()
+        live, withReaped = treeCpuSeconds(parent.pid), treeCpuSeconds(parent.pid, reaped=True)
+        childCpu = withReaped - live
+        assert childCpu >= 0.05
+        # the parent only waited: far less than its child's work
+        assert live < childCpu
+    finally:
+        parent.kill()
+        parent.wait()
 
 
 def test_a_refused_login_counts_as_an_error_not_as_a_login(dovecot: DovecotUpstream) -> None:
