@@ -25,10 +25,9 @@ import time
 from collections.abc import Sequence
 from multiprocessing.synchronize import Event
 
-from bench.common import markdownTable, privateDovecot, seed
-from bench.load import CHURN, MIXED, LoadGenerator, LoadPlan, loadGenerator, warmUp
+from bench.common import markdownTable, privateDovecot, seed, treeCpuSeconds
+from bench.load import CHURN, LOAD_USERS, MIXED, LoadGenerator, LoadPlan, loadGenerator, warmUp
 
-USERS = tuple((f"load{number}", "loadpw") for number in range(1, 21))
 SLICE_SECONDS = 0.001
 # a burner outlives no run by more than this, even if nobody stops it
 BURNER_LIMIT_SECONDS = 120.0
@@ -47,9 +46,11 @@ def burn(share: float, stop: Event) -> None:
         time.sleep((1 - share) * SLICE_SECONDS)
 
 
-def rateWithBurner(generator: LoadGenerator, plan: LoadPlan, scenario: str, share: float) -> float:
+def rateWithBurner(generator: LoadGenerator, plan: LoadPlan, scenario: str, share: float) -> tuple[float, float]:
     """
-    C{scenario}'s rate with a burner taking C{share} of a core (none for 0).
+    C{scenario}'s rate with a burner asked to take C{share} of a core (none
+    for 0), and the share it took over the load's time (its CPU time over
+    the time: preempted or oversleeping, it takes less than asked).
     """
     stop = multiprocessing.get_context("fork").Event()
     burner = None
@@ -57,7 +58,8 @@ def rateWithBurner(generator: LoadGenerator, plan: LoadPlan, scenario: str, shar
         burner = multiprocessing.get_context("fork").Process(target=burn, args=(share, stop), daemon=True)
         burner.start()
     try:
-        result = generator.run(plan, scenario)
+        pid = burner.pid if burner is not None else None
+        result = generator.run(plan, scenario, lambda: (treeCpuSeconds(pid) if pid is not None else 0.0,))
     finally:
         stop.set()
         if burner is not None:
@@ -66,30 +68,35 @@ def rateWithBurner(generator: LoadGenerator, plan: LoadPlan, scenario: str, shar
                 burner.kill()
     if result.errors:
         raise RuntimeError(f"{scenario} with a burner of {share:g}: {result.errors} errors ({result.firstError})")
-    return result.rate
+    if not result.metered:
+        raise RuntimeError(f"{scenario}: the burner's CPU time was not read in time")
+    return result.rate, result.metered[0] / result.seconds
 
 
-def measure(shares: Sequence[float], rounds: int, seconds: float) -> dict[str, dict[float, list[float]]]:
+def measure(shares: Sequence[float], rounds: int, seconds: float) -> dict[str, dict[float, list[tuple[float, float]]]]:
     """
-    Per scenario and share, each round's rate over the same round's rate
-    without a burner.
+    Per scenario and share asked for, each round's (rate over the same
+    round's rate without a burner, share taken).
     """
-    ratios: dict[str, dict[float, list[float]]] = {
+    ratios: dict[str, dict[float, list[tuple[float, float]]]] = {
         scenario: {share: [] for share in shares} for scenario in (CHURN, MIXED)
     }
     # the client processes are forked before Dovecot starts (see LoadGenerator)
-    with loadGenerator() as generator, privateDovecot(dict(USERS), maxSessions=200) as upstream:
-        for user, password in USERS:
+    with loadGenerator() as generator, privateDovecot(dict(LOAD_USERS), maxSessions=200) as upstream:
+        for user, password in LOAD_USERS:
             seed(upstream.ports["imap"], 20, 8000, user=user, password=password)
-        plan = LoadPlan(upstream.ports["imap"], USERS, 20, seconds, 20)
-        asyncio.run(warmUp(plan.port, USERS))
+        plan = LoadPlan(upstream.ports["imap"], LOAD_USERS, 20, seconds, 20)
+        asyncio.run(warmUp(plan.port, LOAD_USERS))
         for scenario in (CHURN, MIXED):
             for number in range(rounds):
-                alone = rateWithBurner(generator, plan, scenario, 0.0)
+                alone, _ = rateWithBurner(generator, plan, scenario, 0.0)
                 for share in shares:
-                    rate = rateWithBurner(generator, plan, scenario, share)
-                    ratios[scenario][share].append(rate / alone)
-                    print(f"{scenario} round {number + 1}: {alone:.1f} alone, {rate:.1f} with {share:g} of a core")
+                    rate, taken = rateWithBurner(generator, plan, scenario, share)
+                    ratios[scenario][share].append((rate / alone, taken))
+                    print(
+                        f"{scenario} round {number + 1}: {alone:.1f} alone, {rate:.1f} with a burner taking "
+                        f"{taken:.2f} of a core ({share:g} asked)"
+                    )
     return ratios
 
 
@@ -103,13 +110,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not all(0 < share < 1 for share in shares):
         parser.error("each share is between 0 and 1")
     ratios = measure(shares, arguments.rounds, arguments.seconds)
-    rows = [
-        [f"{share:g} of a core"] + [f"{statistics.median(ratios[scenario][share]):.2f}x" for scenario in (CHURN, MIXED)]
-        for share in shares
-    ]
+    rows = []
+    for share in shares:
+        row = [f"{share:g}"]
+        for scenario in (CHURN, MIXED):
+            runs = ratios[scenario][share]
+            row.append(
+                f"{statistics.median(taken for _, taken in runs):.2f}: "
+                f"{statistics.median(ratio for ratio, _ in runs):.2f}x "
+                f"({min(ratio for ratio, _ in runs):.2f}x to {max(ratio for ratio, _ in runs):.2f}x)"
+            )
+        rows.append(row)
     print()
-    print(f"direct Dovecot's rate with a burner, over its rate alone (median of {arguments.rounds} rounds):")
-    print(markdownTable(["burner", "login churn", "mixed load"], rows))
+    print(
+        f"direct Dovecot's rate with a burner over its rate alone, median (and range) of {arguments.rounds} rounds, "
+        "after the share of a core the burner took:"
+    )
+    header = ["share asked", "login churn: share taken: rate", "mixed load: share taken: rate"]
+    print(markdownTable(header, rows))
     return 0
 
 

@@ -56,6 +56,8 @@ ERROR_PAUSE = 0.05
 START_MARGIN = {CHURN: 0.5, MIXED: 1.5}
 # how long after the deadline the mixed load's clients stay logged in
 METER_GRACE = 0.25
+# the benchmark's load users (make bench, bench.contention)
+LOAD_USERS = tuple((f"load{number}", "loadpw") for number in range(1, 21))
 READ_LIMIT = 1 << 22
 TAG = b"L"
 LITERAL = re.compile(rb"\{(\d+)\}\r\n$")
@@ -101,7 +103,8 @@ class LoadResult:
         time.
     @ivar metered: what the meter given to L{LoadGenerator.run} counted
         within the time (its reading at the end less its reading at the
-        start), one figure for each it reads.
+        start), one figure for each it reads; empty if the end could not be
+        read in time (see L{METER_GRACE}).
     """
 
     scenario: str
@@ -314,55 +317,82 @@ def _failed(result: LoadResult, error: BaseException) -> None:
         result.firstError = f"{type(error).__name__}: {error}"
 
 
-async def runClients(plan: LoadPlan, scenario: str, indices: Sequence[int], start: float) -> LoadResult:
+async def runClients(
+    plan: LoadPlan,
+    scenario: str,
+    indices: Sequence[int],
+    start: float,
+    meter: Callable[[], Sequence[float]] | None = None,
+) -> LoadResult:
     """
     Run clients C{indices} of C{plan} in this process from C{start}
     (C{time.monotonic()}, which is one clock for every process on Linux)
-    for C{plan.seconds}.
+    for C{plan.seconds}, reading C{meter} (if any) at the start and the
+    deadline.
     """
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}")
     result = LoadResult(scenario)
     window = _Window(start, start + plan.seconds)
     run = _churnClient if scenario == CHURN else _mixedClient
-    cpu = _readAt(window.start, window.deadline, time.process_time)
+    # (a late reading only adds the wind-down's CPU time: still counted)
+    cpu = _readAt(window, lambda: (time.process_time(),), late=True)
+    metered = _readAt(window, meter) if meter is not None else None
     # each client stops by itself at the deadline; this bounds a stuck one
     await asyncio.wait_for(
         asyncio.gather(*(run(plan, index, result, window) for index in indices)),
         plan.seconds + START_MARGIN[scenario] + 2 * OPERATION_TIMEOUT,
     )
     result.seconds = plan.seconds
-    result.clientCpuSeconds = cpu.difference()
+    result.clientCpuSeconds = sum(cpu.difference())
+    if metered is not None:
+        result.metered = metered.difference()
     return result
 
 
 class _Readings:
     """
-    A reading taken at each of two moments, for their difference.
+    A reading taken at a window's start and at its deadline, for their
+    difference.
     """
 
-    def __init__(self, read: Callable[[], float]) -> None:
+    def __init__(self, window: _Window, read: Callable[[], Sequence[float]], late: bool = False) -> None:
+        """
+        @param late: whether a reading at the end taken after L{METER_GRACE}
+            still counts.
+        """
+        self.window = window
         self.read = read
-        self.values: list[float] = []
+        self.lateCounts = late
+        self.values: list[Sequence[float]] = []
+        self.late = False
 
     def take(self) -> None:
         self.values.append(self.read())
+        if len(self.values) == 2 and time.monotonic() > self.window.deadline + METER_GRACE:
+            # The mixed load's sessions may have ended before this reading.
+            self.late = True
 
-    def difference(self) -> float:
+    def difference(self) -> tuple[float, ...]:
+        """
+        The end's reading less the start's; empty if the end was read late
+        and that does not count.
+        """
         # A moment not reached yet (a run cut short) is read now.
         while len(self.values) < 2:
             self.take()
-        return self.values[1] - self.values[0]
+        if self.late and not self.lateCounts:
+            return ()
+        return tuple(after - before for before, after in zip(*self.values, strict=True))
 
 
-def _readAt(first: float, second: float, read: Callable[[], float]) -> _Readings:
+def _readAt(window: _Window, read: Callable[[], Sequence[float]], late: bool = False) -> _Readings:
     """
-    Read C{read} at C{first} and at C{second} (C{time.monotonic()}) on the
-    running event loop.
+    Read C{read} at C{window}'s start and deadline on the running event loop.
     """
-    readings = _Readings(read)
+    readings = _Readings(window, read, late)
     loop = asyncio.get_running_loop()
-    for moment in (first, second):
+    for moment in (window.start, window.deadline):
         loop.call_later(max(0.0, moment - time.monotonic()), readings.take)
     return readings
 
@@ -380,6 +410,18 @@ def _defaultSignals() -> None:
 
 def _runShare(plan: LoadPlan, scenario: str, indices: Sequence[int], start: float) -> LoadResult:
     return asyncio.run(runClients(plan, scenario, indices, start))
+
+
+def _readWhileWaiting(window: _Window, meter: Callable[[], Sequence[float]]) -> tuple[float, ...]:
+    """
+    Read C{meter} at C{window}'s start and deadline, sleeping in between
+    (the clients run in other processes); their difference.
+    """
+    readings = _Readings(window, meter)
+    for moment in (window.start, window.deadline):
+        time.sleep(max(0.0, moment - time.monotonic()))
+        readings.take()
+    return readings.difference()
 
 
 class LoadGenerator:
@@ -402,30 +444,22 @@ class LoadGenerator:
 
     def run(self, plan: LoadPlan, scenario: str, meter: Callable[[], Sequence[float]] | None = None) -> LoadResult:
         """
-        @param meter: read at the start and at the end of the time (with
-            C{processes=1}, before and after the run): what it counts, say
-            the servers' CPU time, goes to L{LoadResult.metered}.
+        @param meter: read at the start and at the deadline of the time: what
+            it counts, say the servers' CPU time, goes to
+            L{LoadResult.metered}.
         """
         start = time.monotonic() + START_MARGIN[scenario]
         shares = [list(range(plan.clients))[offset :: self.processes] for offset in range(self.processes)]
         shares = [share for share in shares if share]
         result = LoadResult(scenario)
-        readings: list[Sequence[float]] = []
         if self._pool is None:
-            if meter is not None:
-                readings.append(meter())
-            parts = [_runShare(plan, scenario, shares[0], start)]
+            parts = [asyncio.run(runClients(plan, scenario, shares[0], start, meter))]
+            result.metered = parts[0].metered
         else:
             pending = self._pool.starmap_async(_runShare, [(plan, scenario, share, start) for share in shares])
             if meter is not None:
-                for moment in (start, start + plan.seconds):
-                    time.sleep(max(0.0, moment - time.monotonic()))
-                    readings.append(meter())
+                result.metered = _readWhileWaiting(_Window(start, start + plan.seconds), meter)
             parts = pending.get(timeout=plan.seconds + START_MARGIN[scenario] + 3 * OPERATION_TIMEOUT)
-        if meter is not None:
-            if len(readings) < 2:
-                readings.append(meter())
-            result.metered = tuple(after - before for before, after in zip(*readings, strict=True))
         for part in parts:
             result.merge(part)
         return result

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import platform
 import shutil
@@ -66,6 +67,7 @@ from bench.haproxy import HaproxyTcpProxy, findHaproxy, haproxyVersion
 from bench.idle_sessions import Session, openMany
 from bench.load import (
     CHURN,
+    LOAD_USERS,
     MIXED,
     LoadGenerator,
     LoadPlan,
@@ -91,7 +93,6 @@ SMALL_MAILBOX = b"Small"
 # the load generator's users, like imaptest's user%d with users=1-20; in
 # mailproxy's users file with the default scrypt cost, so its logins/s
 # depend on the verified-credentials cache ([auth] cache_ttl)
-LOAD_USERS = tuple((f"load{number}", "loadpw") for number in range(1, 21))
 OPEN_TIMEOUT = 300.0
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.md")
 
@@ -320,11 +321,17 @@ def loadFigures(targets: list[Target], work: Workload, generator: LoadGenerator)
         for _ in range(work.loadRounds):
             for target in targets:
                 plan = LoadPlan(target.imapPort, LOAD_USERS, work.loadClients, work.loadSeconds, work.loadMessages)
-                # Dovecot's CPU time and the proxy's, over the same window as the clients'
-                meter = (
-                    (lambda: (direct.cpu(), 0.0)) if target is direct else (lambda t=target: (direct.cpu(), t.cpu()))
-                )
-                target.load.setdefault(scenario, []).append(generator.run(plan, scenario, meter))
+                result = generator.run(plan, scenario, functools.partial(loadMeter, direct, target))
+                target.load.setdefault(scenario, []).append(result)
+
+
+def loadMeter(direct: Target, target: Target) -> tuple[float, float]:
+    """
+    What is read at the start and the end of a load run against C{target}:
+    Dovecot's CPU time and the proxy's (none for C{direct}), with the
+    processes that served a session and exited.
+    """
+    return direct.cpuUnderLoad(), 0.0 if target is direct else target.cpuUnderLoad()
 
 
 def imaptestFigures(targets: list[Target], work: Workload, directory: str, notes: list[str]) -> None:
@@ -589,21 +596,27 @@ def tableRows(targets: list[Target], work: Workload) -> Iterator[list[str]]:
         proxy's, their sum, and the sum against direct's.
         """
 
-        def parts(t: Target) -> tuple[float, float, float]:
-            results = t.load[scenario]
-            operations = sum(result.operations for result in results) or 1
+        def parts(t: Target) -> tuple[float, float, float] | None:
+            # the runs whose servers' CPU time was read in time
+            results = [result for result in t.load[scenario] if result.metered]
+            operations = sum(result.operations for result in results)
+            if not operations:
+                return None
             clients = sum(result.clientCpuSeconds for result in results)
             dovecot = sum(result.metered[0] for result in results)
             proxy = sum(result.metered[1] for result in results)
             return clients / operations * unit, dovecot / operations * unit, proxy / operations * unit
 
         def cell(t: Target) -> str:
-            clients, dovecot, proxy = parts(t)
+            own, directs = parts(t), parts(direct)
+            if own is None or directs is None:
+                return "-"
+            clients, dovecot, proxy = own
             shown = "-" if t is direct else f"{proxy:.{digits}f}"
             text = f"{clients:.{digits}f} / {dovecot:.{digits}f} / {shown} = {clients + dovecot + proxy:.{digits}f}"
             if t is direct:
                 return text
-            return f"{text} ({(clients + dovecot + proxy) / sum(parts(direct)):.2f}x)"
+            return f"{text} ({(clients + dovecot + proxy) / sum(directs):.2f}x)"
 
         return cell
 
@@ -614,9 +627,10 @@ def tableRows(targets: list[Target], work: Workload) -> Iterator[list[str]]:
         """
         shares = []
         for scenario in (CHURN, MIXED):
-            results = t.load[scenario]
-            shares.append(sum(result.metered[1] for result in results) / sum(result.seconds for result in results))
-        return " / ".join(f"{share:.2f}" for share in shares)
+            results = [result for result in t.load[scenario] if result.metered]
+            seconds = sum(result.seconds for result in results)
+            shares.append(f"{sum(result.metered[1] for result in results) / seconds:.2f}" if seconds else "-")
+        return " / ".join(shares)
 
     def loginLatency(t: Target) -> str:
         values = [value for result in t.load[CHURN] for value in result.loginSeconds]
