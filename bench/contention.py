@@ -7,12 +7,12 @@ share of one core, interleaved round by round.
     .venv/bin/python -m bench.contention [--shares 0.2,0.35,0.5] [--rounds 3] [--seconds 4]
 
 A proxy on the same machine as Dovecot and the clients takes CPU time as it
-relays. make bench's CPU-per-login and CPU-per-command rows give each
-proxy's share of a core (CPU per operation x operations per second); this
-gives what a share like that costs Dovecot's own rate, whatever the proxy
-does with it, so a load ratio can be read as the part the proxy's CPU time
-explains and the rest. The burner spins for its share of each millisecond
-and sleeps for the rest. Every loop is bounded in count and time.
+relays: make bench's row "the proxy's share of a core" gives each proxy's.
+This gives what a share like that costs Dovecot's own rate, whatever the
+proxy does with it. The burner spins for its share of each millisecond and
+sleeps for the rest; the share it really took (preempted or oversleeping,
+less than asked) is read from its CPU time over the load's window. Every
+loop is bounded in count and time.
 """
 
 from __future__ import annotations

@@ -56,7 +56,9 @@ ERROR_PAUSE = 0.05
 START_MARGIN = {CHURN: 0.5, MIXED: 1.5}
 # how long after the deadline the mixed load's clients stay logged in
 METER_GRACE = 0.25
-# the benchmark's load users (make bench, bench.contention)
+# the load users of make bench and bench.contention, like imaptest's user%d
+# with users=1-20; in mailproxy's users file with the default scrypt cost,
+# so its logins/s depend on the verified-credentials cache ([auth] cache_ttl)
 LOAD_USERS = tuple((f"load{number}", "loadpw") for number in range(1, 21))
 READ_LIMIT = 1 << 22
 TAG = b"L"

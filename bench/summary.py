@@ -90,9 +90,6 @@ CHEAP_LOG2_N = 1
 SCRYPT_USER = "benchscrypt"
 POP3_RELAY_USER = "popbench"
 SMALL_MAILBOX = b"Small"
-# the load generator's users, like imaptest's user%d with users=1-20; in
-# mailproxy's users file with the default scrypt cost, so its logins/s
-# depend on the verified-credentials cache ([auth] cache_ttl)
 OPEN_TIMEOUT = 300.0
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.md")
 

@@ -8,6 +8,7 @@ figure is compared with a threshold.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import resource
 import shutil
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from bench.common import processTree, raiseFileLimit, seed, treeCpuSeconds
+from bench.contention import burn
 from bench.haproxy import HaproxyTcpProxy, findHaproxy
 from bench.instructions import Counts, IncompleteProfile, Work, counts, totalInstructions
 from bench.load import (
@@ -233,6 +235,29 @@ def test_tree_cpu_counts_exited_children_only_when_asked() -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_the_burner_takes_about_its_share_of_a_core_and_stops_when_told() -> None:
+    """
+    bench.contention's burner spins for its share of each millisecond and
+    sleeps for the rest, until it is told to stop.
+    """
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    burner = context.Process(target=burn, args=(0.3, stop), daemon=True)
+    burner.start()
+    try:
+        assert burner.pid is not None
+        time.sleep(0.2)
+        before = treeCpuSeconds(burner.pid)
+        time.sleep(1.0)
+        taken = treeCpuSeconds(burner.pid) - before
+        # 0.3 asked; less when preempted or oversleeping, never all of a core
+        assert 0.05 < taken < 0.6
+    finally:
+        stop.set()
+        burner.join(timeout=5)
+    assert burner.exitcode == 0
 
 
 def test_a_refused_login_counts_as_an_error_not_as_a_login(dovecot: DovecotUpstream) -> None:
