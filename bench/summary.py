@@ -587,6 +587,13 @@ def tableRows(targets: list[Target], work: Workload) -> Iterator[list[str]]:
     def tail(key: str) -> Callable[[Target], str]:
         return lambda t: f"{_ms(percentile(t.fetch[key], 0.99))} / {_ms(max(t.fetch[key]))}"
 
+    def meteredRuns(t: Target, scenario: str) -> list[LoadResult]:
+        """
+        C{t}'s load runs of C{scenario} whose servers' CPU time was read in
+        time.
+        """
+        return [result for result in t.load[scenario] if result.metered]
+
     def cpuPerOperation(scenario: str, unit: float, digits: int) -> Callable[[Target], str]:
         """
         CPU time per operation of the load: the clients', Dovecot's and the
@@ -594,8 +601,7 @@ def tableRows(targets: list[Target], work: Workload) -> Iterator[list[str]]:
         """
 
         def parts(t: Target) -> tuple[float, float, float] | None:
-            # the runs whose servers' CPU time was read in time
-            results = [result for result in t.load[scenario] if result.metered]
+            results = meteredRuns(t, scenario)
             operations = sum(result.operations for result in results)
             if not operations:
                 return None
@@ -624,7 +630,7 @@ def tableRows(targets: list[Target], work: Workload) -> Iterator[list[str]]:
         """
         shares = []
         for scenario in (CHURN, MIXED):
-            results = [result for result in t.load[scenario] if result.metered]
+            results = meteredRuns(t, scenario)
             seconds = sum(result.seconds for result in results)
             shares.append(f"{sum(result.metered[1] for result in results) / seconds:.2f}" if seconds else "-")
         return " / ".join(shares)
